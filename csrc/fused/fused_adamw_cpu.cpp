@@ -1,0 +1,112 @@
+// CPU kernel of optim::fused_adamw_ (schema and reference: optim/fused/_ops.py).
+// All tensors of the call are cut into chunks of at most kChunk elements and the chunks are spread over threads
+// with one at::parallel_for, so a list of many small tensors parallelizes as well as one large tensor.
+#include "fused_adamw.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace optim {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+// Low-precision params are widened into a stack buffer of this many elements, updated in float, then rounded back.
+constexpr int64_t kTile = 512;
+
+// The update over n contiguous elements in the arithmetic type T (float or double).
+template <typename T>
+void adamw_contiguous(T* p, const T* g, T* m, T* v, int64_t n, const AdamWCoefficients<T>& c) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec grad_sign(c.grad_sign), decay_factor(c.decay_factor), one_minus_beta1(c.one_minus_beta1),
+      beta2(c.beta2), one_minus_beta2(c.one_minus_beta2), step_size(c.step_size),
+      bias_correction2_sqrt(c.bias_correction2_sqrt), eps(c.eps);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec grad = grad_sign * Vec::loadu(g + i);
+    Vec param = Vec::loadu(p + i) * decay_factor;
+    Vec exp_avg = Vec::loadu(m + i);
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg);
+    const Vec exp_avg_sq = Vec::loadu(v + i) * beta2 + one_minus_beta2 * grad * grad;
+    const Vec denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
+    param = param - step_size * exp_avg / denom;
+    param.store(p + i);
+    exp_avg.store(m + i);
+    exp_avg_sq.store(v + i);
+  }
+  for (; i < n; ++i) adamw_update(p[i], g[i], m[i], v[i], c);
+}
+
+template <typename param_t, typename T>
+void adamw_chunk(param_t* p, const param_t* g, T* m, T* v, int64_t n, const AdamWCoefficients<T>& c) {
+  if constexpr (std::is_same_v<param_t, T>) {
+    adamw_contiguous(p, g, m, v, n, c);
+  } else {
+    T p_wide[kTile];
+    T g_wide[kTile];
+    for (int64_t start = 0; start < n; start += kTile) {
+      const int64_t len = std::min(kTile, n - start);
+      at::vec::convert(p + start, p_wide, len);
+      at::vec::convert(g + start, g_wide, len);
+      adamw_contiguous(p_wide, g_wide, m + start, v + start, len, c);
+      at::vec::convert(p_wide, p + start, len);
+    }
+  }
+}
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename param_t>
+void adamw_cpu(const ElementwiseOperands& operands, at::TensorList state_steps, const AdamWHyperparameters& h) {
+  using T = std::conditional_t<std::is_same_v<param_t, double>, double, float>;
+  const auto& params = operands.work[0];
+  const auto& grads = operands.work[1];
+  const auto& exp_avgs = operands.work[2];
+  const auto& exp_avg_sqs = operands.work[3];
+  std::vector<AdamWCoefficients<T>> coefficients;
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < params.size(); ++i) {
+    float* step = state_steps[i].data_ptr<float>();
+    *step += 1.0f;
+    coefficients.push_back(adamw_coefficients<T>(h, static_cast<double>(*step)));
+    const int64_t numel = params[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(numel, begin + kChunk)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& chunk = chunks[k];
+      const int64_t i = chunk.tensor;
+      adamw_chunk(params[i].data_ptr<param_t>() + chunk.begin, grads[i].data_ptr<param_t>() + chunk.begin,
+                  exp_avgs[i].data_ptr<T>() + chunk.begin, exp_avg_sqs[i].data_ptr<T>() + chunk.begin,
+                  chunk.end - chunk.begin, coefficients[i]);
+    }
+  });
+}
+
+void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList state_steps, double lr, double beta1, double beta2, double weight_decay,
+                     double eps, bool maximize) {
+  const AdamWHyperparameters h{lr, beta1, beta2, weight_decay, eps, maximize};
+  check_fused_adamw_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, h, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  ElementwiseOperands operands =
+      elementwise_operands({params, grads, exp_avgs, exp_avg_sqs}, {true, false, true, true});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_adamw_cpu",
+                                  [&] { adamw_cpu<scalar_t>(operands, state_steps, h); });
+  operands.copy_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(optim, CPU, m) { m.impl("fused_adamw_", &fused_adamw_cpu); }
+
+}  // namespace optim

@@ -1,0 +1,14 @@
+"""optim: second-order and structured PyTorch optimizers with fused C++/CUDA kernels.
+
+Families: ``optim.fused`` (multi-tensor steps), ``optim.hessian``, ``optim.stiefel``, ``optim.lowrank``.
+"""
+
+from . import _library
+from . import fused, hessian, lowrank, stiefel  # define every op before the kernels that implement them load
+from ._library import has_kernel
+from .fused import AdamW
+
+_library.load_extension()
+
+__version__ = "0.1.0"
+__all__ = ["AdamW", "has_kernel"]

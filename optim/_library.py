@@ -1,0 +1,101 @@
+"""The op library of the package and the loader of its compiled kernels.
+
+Every op of the package is defined here, in Python, in one ``torch.library.Library`` ("optim"): its schema, a fake
+(meta) kernel for tracing, and a plain-PyTorch reference registered under ``CompositeExplicitAutograd``, i.e. as the
+default kernel of every device. The compiled extension ``optim._C`` only adds ``TORCH_LIBRARY_IMPL`` kernels for
+the ``CPU`` and ``CUDA`` dispatch keys, which the dispatcher prefers over the default. So ``import optim`` works
+without the extension (slower, same numbers), and :func:`has_kernel` tells which implementation a call will use.
+
+Environment switches read at import time:
+
+``OPTIM_REQUIRE_EXTENSION=1``
+    a missing or broken extension is an ``ImportError`` instead of a warning (CI and the test suite set it).
+``OPTIM_DISABLE_EXTENSION=1``
+    do not load the extension: every op runs its reference kernel (for debugging a kernel against its oracle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+NAMESPACE = "optim"
+LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+
+BUILD_COMMAND = 'pip install --no-build-isolation -e ".[test]"'
+
+
+class ExtensionWarning(UserWarning):
+    """The compiled kernels could not be loaded; the reference kernels are used instead."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def define_op(schema: str, *, reference: Callable, fake: Callable) -> torch._ops.OpOverloadPacket:
+    """Define ``optim::<name>`` from its schema, with ``reference`` as the default kernel of every device.
+
+    Returns ``torch.ops.optim.<name>``.
+    """
+    name = schema.split("(", 1)[0].strip()
+    LIBRARY.define(schema)
+    LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+_load_error: BaseException | None = None
+_loaded = False
+
+
+def load_extension() -> bool:
+    """Import ``optim._C`` once, after every family has defined its ops. Returns whether it is loaded."""
+    global _load_error, _loaded
+    if _loaded or _load_error is not None:
+        return _loaded
+    if _env_flag("OPTIM_DISABLE_EXTENSION"):
+        _load_error = RuntimeError("disabled by OPTIM_DISABLE_EXTENSION=1")
+        return False
+    try:
+        importlib.import_module(f"{NAMESPACE}._C")
+    except (ImportError, OSError) as error:
+        _load_error = error
+        message = (
+            f"optim: the compiled kernels (optim._C) could not be loaded ({error}). Every op falls back to its "
+            f"plain-PyTorch reference: same results, slower. To build them, run `{BUILD_COMMAND}` in the source "
+            "checkout with the torch you use already installed (add OPTIM_DEBUG=1 for a debug build)."
+        )
+        if _env_flag("OPTIM_REQUIRE_EXTENSION"):
+            raise ImportError(message + " (OPTIM_REQUIRE_EXTENSION=1 makes this an error.)") from error
+        warnings.warn(message, ExtensionWarning, stacklevel=3)
+        return False
+    _loaded = True
+    return True
+
+
+def extension_loaded() -> bool:
+    return _loaded
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(op: str | torch._ops.OpOverloadPacket | torch._ops.OpOverload, device: str | torch.device) -> bool:
+    """Whether ``op`` has a compiled kernel (not the reference) for ``device``'s type.
+
+    ``op`` is a name (``"fused_adamw_"`` or ``"optim::fused_adamw_"``) or ``torch.ops.optim.<name>``.
+    """
+    if isinstance(op, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        qualname = op._qualified_op_name if isinstance(op, torch._ops.OpOverloadPacket) else op.name()
+        qualname = qualname.split(".", 1)[0]
+    else:
+        qualname = op if "::" in op else f"{NAMESPACE}::{op}"
+    key = _DISPATCH_KEYS.get(torch.device(device).type)
+    if key is None:
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))

@@ -1,0 +1,147 @@
+"""Multi-tensor optimizer steps that every family reuses: schemas, fake kernels and plain-PyTorch references.
+
+``optim::fused_adamw_`` is the AdamW step of ``torch.optim.AdamW`` (Loshchilov & Hutter, decoupled weight decay)
+applied in place to lists of tensors. For every i, with g = -grad if ``maximize`` else grad and t the step count
+after the increment::
+
+    t      ← t + 1
+    p      ← p · (1 − lr·weight_decay)
+    m      ← m + (1 − β1)·(g − m)                    (exp_avg)
+    v      ← β2·v + (1 − β2)·g²                      (exp_avg_sq)
+    p      ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + eps)
+
+Shapes and dtypes: ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` have one shape; params and grads
+one dtype (float64, float32, bfloat16 or float16); the moments are float32 for bfloat16/float16 params (the update is
+computed in float32 and rounded once into the param) and the param's dtype otherwise; ``state_steps[i]`` is a
+float32 tensor with one element. All tensors of a call live on one device. Lists may be empty.
+
+The bias corrections are computed in float64 from the step count, as ``torch.optim.AdamW`` does; the elementwise
+update runs in the moments' dtype. Non-finite gradients are not filtered, as in ``torch.optim.AdamW``: a NaN or inf
+gradient element makes that element's moments and parameter NaN/inf. Use ``torch.amp.GradScaler`` (which skips
+steps with non-finite gradients) or gradient clipping to guard against them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .._library import define_op
+
+Tensors = Sequence[torch.Tensor]
+
+PARAM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the AdamW moments (and of the update arithmetic) for a parameter of ``param_dtype``."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def check_adamw_hyperparameters(*, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+    """Raise ``ValueError`` naming the first hyperparameter outside its valid range."""
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"fused_adamw_: {name} must be a finite number >= 0, got {value}")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not (0.0 <= value < 1.0):
+            raise ValueError(f"fused_adamw_: {name} must be in [0, 1), got {value}")
+
+
+def check_adamw_tensors(
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, state_steps: Tensors
+) -> None:
+    """Raise ``ValueError`` / ``RuntimeError`` naming the first list or tensor that does not fit the schema."""
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
+    for name, tensors in lists.items():
+        if len(tensors) != len(params):
+            raise ValueError(
+                f"fused_adamw_: {name} has {len(tensors)} tensors but params has {len(params)}; "
+                "pass one entry per parameter in every list"
+            )
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in PARAM_DTYPES:
+        raise ValueError(f"fused_adamw_: params must be float64, float32, bfloat16 or float16, got {dtype}")
+    state_dtype = moment_dtype(dtype)
+    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        if p.device != device or p.dtype != dtype:
+            raise RuntimeError(
+                f"fused_adamw_: params[{i}] is {p.dtype} on {p.device} but params[0] is {dtype} on {device}; "
+                "one call takes tensors of one device and dtype (optim.AdamW groups them for you)"
+            )
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"fused_adamw_: grads[{i}] is sparse; AdamW does not support sparse gradients")
+        if g.device != device or g.dtype != dtype:
+            raise RuntimeError(
+                f"fused_adamw_: grads[{i}] is {g.dtype} on {g.device} but params[{i}] is {dtype} on {device}"
+            )
+        for name, state in (("exp_avgs", m), ("exp_avg_sqs", v)):
+            if state.device != device or state.dtype != state_dtype:
+                raise RuntimeError(
+                    f"fused_adamw_: {name}[{i}] is {state.dtype} on {state.device}; for {dtype} params it must be "
+                    f"{state_dtype} on {device}"
+                )
+        for name, tensor in (("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
+            if tensor.shape != p.shape:
+                raise RuntimeError(
+                    f"fused_adamw_: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
+                    f"{tuple(p.shape)}"
+                )
+        if step.numel() != 1 or step.dtype != torch.float32 or step.device != device:
+            raise RuntimeError(
+                f"fused_adamw_: state_steps[{i}] must be a float32 tensor with one element on {device}, got "
+                f"{step.dtype} with {step.numel()} elements on {step.device}"
+            )
+
+
+def fused_adamw_reference(
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    state_steps: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
+    check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        step += 1
+        t = step.item()
+        # The arithmetic runs in the moments' dtype; a low-precision param is rounded once at the end.
+        p = param.to(exp_avg.dtype)
+        g = grad.to(exp_avg.dtype)
+        if maximize:
+            g = -g
+        p.mul_(1.0 - lr * weight_decay)
+        exp_avg.lerp_(g, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        step_size = lr / (1.0 - beta1**t)
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+        if p is not param:
+            param.copy_(p)
+
+
+def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
+                      maximize) -> None:
+    check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+
+
+fused_adamw_ = define_op(
+    "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
+    "bool maximize) -> ()",
+    reference=fused_adamw_reference,
+    fake=_fused_adamw_fake,
+)

@@ -1,0 +1,245 @@
+"""``optim.AdamW``: a drop-in ``torch.optim.AdamW`` whose default path is the fused multi-tensor op.
+
+The math is ``torch.optim.AdamW``'s (see ``optim/fused/_ops.py``). Differences a user can see:
+
+* bfloat16/float16 parameters keep their moments in float32 and the update is computed in float32 and rounded once
+  into the parameter (``torch.optim.AdamW`` keeps bf16 moments for bf16 params). Loading a ``torch.optim.AdamW``
+  state dict upcasts its moments; our state dicts load into ``torch.optim.AdamW`` (it casts them down).
+* ``state["step"]`` is a float32 tensor on the parameter's device, as in torch's ``fused=True`` path.
+* ``amsgrad``, ``capturable`` and ``differentiable`` are accepted for signature compatibility but only ``False`` is
+  supported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from .._library import has_kernel
+from ._ops import PARAM_DTYPES, check_adamw_hyperparameters, fused_adamw_, fused_adamw_reference, moment_dtype
+
+__all__ = ["AdamW", "adamw"]
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class AdamW(Optimizer):
+    r"""AdamW (Loshchilov & Hutter, 2019) with the signature and state of ``torch.optim.AdamW``.
+
+    For each parameter p with gradient g (negated if ``maximize``), step count t, moments m and v::
+
+        p ← p·(1 − lr·λ);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²
+        p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + eps)
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: learning rate (>= 0). betas: (β1, β2), each in [0, 1). eps: >= 0. weight_decay: λ >= 0.
+        maximize: ascend instead of descend.
+        fused: use the ``optim::fused_adamw_`` op (one multi-tensor kernel per device and dtype).
+        foreach: use ``torch._foreach_*`` ops. With neither set, ``fused`` is chosen when the compiled kernel
+            exists for every parameter's device, else ``foreach``. ``fused=False, foreach=False`` runs the
+            single-tensor loop, which is the reference implementation of the op.
+        amsgrad, capturable, differentiable: only ``False`` is supported.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ):
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("lr must be a Python float; a Tensor lr is not supported by optim.AdamW")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_adamw_hyperparameters(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps)
+        for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
+            if value:
+                raise ValueError(f"{name}=True is not supported by optim.AdamW; use torch.optim.AdamW for it")
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot be set together; choose one")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        fused=fused)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+                if dtype not in PARAM_DTYPES:
+                    raise ValueError(
+                        f"optim.AdamW: a parameter of shape {tuple(p.shape)} is {p.dtype}; only float64, float32, "
+                        "bfloat16, float16 (and complex) parameters can be optimized"
+                    )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], ...]:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            state = self.state[p]
+            if not state:
+                real = torch.view_as_real(p) if p.is_complex() else p
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for key in STATE_KEYS:
+                    state[key] = torch.zeros_like(p, dtype=_complex_or(p, moment_dtype(real.dtype)),
+                                                  memory_format=torch.preserve_format)
+            grad = p.grad
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            if p.is_complex():
+                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Gather every group before updating any, so a bad gradient in a later group changes nothing.
+        gathered = [(group, self._init_group(group)) for group in self.param_groups]
+        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in gathered:
+            beta1, beta2 = group["betas"]
+            adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                  foreach=group["foreach"], fused=group["fused"])
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ``optim.AdamW`` or ``torch.optim.AdamW``.
+
+        Checks that every saved moment has its parameter's shape before changing anything. Moments are kept in
+        their working dtype (float32 for bf16/fp16 params) and ``step`` as a float32 tensor on the param's device.
+        """
+        saved_groups = state_dict.get("param_groups", [])
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) == len(current):
+            for saved_id, p in zip(saved_ids, current):
+                saved = state_dict["state"].get(saved_id, {})
+                for key in STATE_KEYS:
+                    if key in saved and tuple(saved[key].shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"optim.AdamW.load_state_dict: state[{saved_id}][{key!r}] has shape "
+                            f"{tuple(saved[key].shape)} but the parameter it maps to has shape {tuple(p.shape)}; "
+                            "the state dict was saved for a different model or parameter order"
+                        )
+        super().load_state_dict(state_dict)  # checks group and parameter counts, then casts
+        # torch casts every float state tensor to the param's dtype; restore our working dtypes from the source.
+        for saved_id, p in zip(saved_ids, current):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            state = self.state[p]
+            real_dtype = (torch.view_as_real(p) if p.is_complex() else p).dtype
+            for key in STATE_KEYS:
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=_complex_or(p, moment_dtype(real_dtype)),
+                                               copy=True)
+            if "step" in saved:
+                step = saved["step"]
+                step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+                state["step"] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+
+
+def _complex_or(p: torch.Tensor, real_dtype: torch.dtype) -> torch.dtype:
+    if not p.is_complex():
+        return real_dtype
+    return torch.complex128 if real_dtype == torch.float64 else torch.complex64
+
+
+def adamw(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """Functional AdamW step over lists (one entry per parameter), updating params, moments and steps in place."""
+    if fused is None and foreach is None:
+        fused = all(has_kernel(fused_adamw_, p.device) for p in params)
+        foreach = not fused
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)
+    if fused:
+        for index in _group_by_device_and_dtype(params).values():
+            fused_adamw_(*_select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index), **hyper)
+    elif foreach:
+        check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
+        groups = _group_by_device_and_dtype(params).values()
+        for index in groups:
+            _multi_tensor_adamw(*_select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index), **hyper)
+    else:
+        fused_adamw_reference(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+
+
+def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    return groups
+
+
+def _select(lists: Sequence[Sequence[torch.Tensor]], index: list[int]) -> list[list[torch.Tensor]]:
+    return [[tensors[i] for i in index] for tensors in lists]
+
+
+def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
+                        maximize):
+    """The foreach path: the same step as the op, with ``torch._foreach_*`` ops over one device and dtype."""
+    torch._foreach_add_(state_steps, 1)
+    # One device-to-host transfer per group for the bias corrections, computed in float64 like the op's kernels.
+    steps = torch.stack(state_steps).tolist()
+    work_dtype = exp_avgs[0].dtype
+    low_precision = params[0].dtype != work_dtype
+    work_params = [p.to(work_dtype) for p in params] if low_precision else params
+    work_grads = [g.to(work_dtype) for g in grads] if low_precision else grads
+    if maximize:
+        work_grads = torch._foreach_neg(work_grads)
+    torch._foreach_mul_(work_params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, work_grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, work_grads, work_grads, 1.0 - beta2)
+    step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+    bias_corrections2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_corrections2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(work_params, exp_avgs, denom, step_sizes)
+    if low_precision:
+        torch._foreach_copy_(params, work_params)

@@ -1,0 +1,1 @@
+"""Hessian-vector products and the estimators built on them (issue #3). Nothing is public yet."""

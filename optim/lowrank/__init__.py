@@ -1,0 +1,1 @@
+"""Low-rank pre-training with refactorization and momentum reset (issue #6). Nothing is public yet."""

@@ -1,0 +1,69 @@
+"""Builds optim._C: the C++ CPU kernels always, the CUDA kernels when CUDA can be compiled.
+
+CUDA kernels are compiled when the installed torch is a CUDA build (torch.version.cuda) and a CUDA toolkit is found
+(CUDA_HOME); whether a GPU is visible is irrelevant, so a GPU-less build machine produces the same extension.
+
+Environment switches:
+  OPTIM_NO_EXTENSION=1   pure-Python install: no compiled kernels, every op uses its reference.
+  OPTIM_NO_CUDA=1        build only the CPU kernels even where CUDA could be compiled.
+  OPTIM_DEBUG=1          -O0 -g (and -G for device code) instead of optimized code.
+  TORCH_CUDA_ARCH_LIST   CUDA targets; default "9.0a;8.0+PTX": Hopper machine code (sm_90a) plus PTX that any
+                         GPU from Ampere on can JIT-compile.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def get_extensions():
+    if _flag("OPTIM_NO_EXTENSION"):
+        return []
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    debug = _flag("OPTIM_DEBUG")
+    root = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not _flag("OPTIM_NO_CUDA")
+
+    optimization = ["-O0", "-g"] if debug else ["-O3"]
+    extra_compile_args = {"cxx": optimization + ["-fdiagnostics-color=always"]}
+    define_macros = []
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a;8.0+PTX")
+        extra_compile_args["nvcc"] = optimization + ["--expt-relaxed-constexpr", "-lineinfo"]
+        if debug:
+            extra_compile_args["nvcc"].append("-G")
+        define_macros.append(("OPTIM_WITH_CUDA", None))
+        extension = CUDAExtension
+        sources = cpp_sources + cuda_sources
+    else:
+        extension = CppExtension
+        sources = cpp_sources
+    return [
+        extension(
+            name="optim._C",
+            sources=sources,
+            include_dirs=[os.path.join(root, "csrc")],
+            extra_compile_args=extra_compile_args,
+            define_macros=define_macros,
+        )
+    ]
+
+
+def get_cmdclass():
+    if _flag("OPTIM_NO_EXTENSION"):
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(ext_modules=get_extensions(), cmdclass=get_cmdclass())

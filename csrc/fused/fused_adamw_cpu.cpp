@@ -4,7 +4,6 @@
 #include "fused_adamw.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,29 +14,15 @@ namespace {
 
 constexpr int64_t kChunk = 16384;
 // Low-precision params are widened into a stack buffer of this many elements, updated in float, then rounded back.
+// The bf16 conversions are bit operations that vectorize; fp16 conversions stay scalar unless the build targets F16C.
 constexpr int64_t kTile = 512;
 
-// The update over n contiguous elements in the arithmetic type T (float or double).
+// The update over n contiguous elements in the arithmetic type T (float or double). A plain loop over restrict
+// pointers: with -O3 -fno-math-errno the compiler vectorizes it (sqrt and division included).
 template <typename T>
-void adamw_contiguous(T* p, const T* g, T* m, T* v, int64_t n, const AdamWCoefficients<T>& c) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec grad_sign(c.grad_sign), decay_factor(c.decay_factor), one_minus_beta1(c.one_minus_beta1),
-      beta2(c.beta2), one_minus_beta2(c.one_minus_beta2), step_size(c.step_size),
-      bias_correction2_sqrt(c.bias_correction2_sqrt), eps(c.eps);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec grad = grad_sign * Vec::loadu(g + i);
-    Vec param = Vec::loadu(p + i) * decay_factor;
-    Vec exp_avg = Vec::loadu(m + i);
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg);
-    const Vec exp_avg_sq = Vec::loadu(v + i) * beta2 + one_minus_beta2 * grad * grad;
-    const Vec denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
-    param = param - step_size * exp_avg / denom;
-    param.store(p + i);
-    exp_avg.store(m + i);
-    exp_avg_sq.store(v + i);
-  }
-  for (; i < n; ++i) adamw_update(p[i], g[i], m[i], v[i], c);
+void adamw_contiguous(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, int64_t n,
+                      const AdamWCoefficients<T> c) {
+  for (int64_t i = 0; i < n; ++i) adamw_update(p[i], g[i], m[i], v[i], c);
 }
 
 template <typename param_t, typename T>
@@ -49,10 +34,12 @@ void adamw_chunk(param_t* p, const param_t* g, T* m, T* v, int64_t n, const Adam
     T g_wide[kTile];
     for (int64_t start = 0; start < n; start += kTile) {
       const int64_t len = std::min(kTile, n - start);
-      at::vec::convert(p + start, p_wide, len);
-      at::vec::convert(g + start, g_wide, len);
+      for (int64_t i = 0; i < len; ++i) {
+        p_wide[i] = static_cast<T>(p[start + i]);
+        g_wide[i] = static_cast<T>(g[start + i]);
+      }
       adamw_contiguous(p_wide, g_wide, m + start, v + start, len, c);
-      at::vec::convert(p_wide, p + start, len);
+      for (int64_t i = 0; i < len; ++i) p[start + i] = static_cast<param_t>(p_wide[i]);
     }
   }
 }

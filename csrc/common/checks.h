@@ -47,8 +47,10 @@ struct ElementwiseOperands {
   }
 };
 
-// Makes every tensor i of every list addressable with one flat index over params[i]'s dense layout.
-inline ElementwiseOperands elementwise_operands(std::vector<at::TensorList> lists, std::vector<bool> written) {
+// Makes every tensor i of every list addressable with one flat index over lists[0][i]'s dense layout, or, with
+// row_major, over the row-major (logical) order, for kernels whose result depends on the element's index.
+inline ElementwiseOperands elementwise_operands(std::vector<at::TensorList> lists, std::vector<bool> written,
+                                               bool row_major = false) {
   ElementwiseOperands operands;
   operands.written = std::move(written);
   for (auto list : lists) {
@@ -58,7 +60,7 @@ inline ElementwiseOperands elementwise_operands(std::vector<at::TensorList> list
   const size_t count = lists.empty() ? 0 : lists[0].size();
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& param = lists[0][i];
-    bool shared_layout = param.is_non_overlapping_and_dense();
+    bool shared_layout = row_major ? param.is_contiguous() : param.is_non_overlapping_and_dense();
     for (size_t list = 1; list < lists.size() && shared_layout; ++list) {
       if (operands.written[list]) shared_layout = lists[list][i].strides() == param.strides();
     }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define OPTIM_HOST_DEVICE __host__ __device__ __forceinline__
@@ -62,6 +63,31 @@ OPTIM_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWCoefficien
   v = v * c.beta2 + c.one_minus_beta2 * g * g;
   const T denom = square_root(v) / c.bias_correction2_sqrt + c.eps;
   p = p - c.step_size * m / denom;
+}
+
+}  // namespace optim
+
+namespace optim {
+
+// Counter-based random numbers: the value for (seed, counter) is a pure function of the two, so any device, thread
+// layout or rank produces the same stream. It is SplitMix64 (Steele, Lea, Flood 2014) with state
+// mix64(seed) + (counter + 1) * golden: consecutive counters are consecutive SplitMix64 outputs.
+constexpr uint64_t kGoldenGamma = 0x9E3779B97F4A7C15ull;
+
+OPTIM_HOST_DEVICE uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+OPTIM_HOST_DEVICE uint64_t counter_hash(uint64_t mixed_seed, uint64_t counter) {
+  return mix64(mixed_seed + (counter + 1) * kGoldenGamma);
+}
+
+// A Rademacher value (±1, each with probability 1/2) from the top bit of the hash. mixed_seed is mix64(seed).
+template <typename T>
+OPTIM_HOST_DEVICE T rademacher_value(uint64_t mixed_seed, uint64_t counter) {
+  return (counter_hash(mixed_seed, counter) >> 63) ? T(-1) : T(1);
 }
 
 }  // namespace optim

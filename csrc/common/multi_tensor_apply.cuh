@@ -23,13 +23,19 @@ constexpr int kChunkSize = 65536;
 constexpr int kMaxBlocks = 320;
 
 // Tensor count per launch for a given list depth, chosen so that the metadata stays under 4 KiB.
-constexpr int max_tensors(int depth) { return depth <= 2 ? 64 : depth <= 3 ? 48 : depth <= 4 ? 32 : 24; }
+constexpr int max_tensors(int depth) {
+  return depth <= 1 ? 56 : depth <= 2 ? 48 : depth <= 3 ? 36 : depth <= 4 ? 30 : 24;
+}
 
 template <int kDepth>
 struct TensorListMetadata {
+  static_assert(kDepth * max_tensors(kDepth) * 8 + 3 * max_tensors(kDepth) * 8 + kMaxBlocks * 5 <= 4000,
+                "kernel parameters must stay under 4 KiB");
   static constexpr int kMaxTensors = max_tensors(kDepth);
   void* addresses[kDepth][kMaxTensors];
   int64_t numel[kMaxTensors];
+  // Elements of the list before this tensor: a global element index is first_index[t] + index within tensor t.
+  int64_t first_index[kMaxTensors];
   // One optional pointer per tensor to per-tensor state the functor reads (e.g. AdamW's step count).
   const void* per_tensor[kMaxTensors];
   uint8_t block_to_tensor[kMaxBlocks];
@@ -56,6 +62,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
   TORCH_INTERNAL_ASSERT(lists.size() == kDepth);
   const size_t count = lists[0].size();
   if (count == 0) return;
+  int64_t elements_before = 0;
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -69,9 +76,12 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
   };
   for (size_t i = 0; i < count; ++i) {
     const int64_t numel = lists[0][i].numel();
+    const int64_t first_index = elements_before;
+    elements_before += numel;
     if (numel == 0) continue;
     for (int d = 0; d < kDepth; ++d) metadata.addresses[d][tensors] = lists[d][i].data_ptr();
     metadata.numel[tensors] = numel;
+    metadata.first_index[tensors] = first_index;
     metadata.per_tensor[tensors] = per_tensor.empty() ? nullptr : per_tensor[i];
     ++tensors;
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
@@ -87,6 +97,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
         } else {  // the current tensor continues in the next batch, in slot 0
           for (int d = 0; d < kDepth; ++d) metadata.addresses[d][0] = metadata.addresses[d][tensors - 1];
           metadata.numel[0] = metadata.numel[tensors - 1];
+          metadata.first_index[0] = metadata.first_index[tensors - 1];
           metadata.per_tensor[0] = metadata.per_tensor[tensors - 1];
           tensors = 1;
         }

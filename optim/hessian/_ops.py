@@ -1,5 +1,14 @@
 """Ops of the Hessian family: schemas, fake kernels and plain-PyTorch references.
 
+``optim::cross_entropy_hvp(logits, tangent, scale)`` multiplies the Hessian of softmax cross-entropy with respect
+to the logits by a tangent, row by row (the last dimension is the class dimension V)::
+
+    p = softmax(z),   out = scale · p ⊙ (u − ⟨p, u⟩)      i.e. scale · (diag(p) − p pᵀ) u
+
+For ``F.cross_entropy(z, y, reduction="mean")`` over N rows the Hessian block of row i is (diag(pᵢ) − pᵢpᵢᵀ)/N, so
+``scale = 1/N``. It is also the Gauss-Newton product of any model with a cross-entropy loss. Computed in float32
+(float64 for float64 logits) with one read of z and u to reduce and one to write; no N×V intermediate is stored.
+
 ``optim::rademacher_(out, seed, offset)`` fills tensors with Rademacher probes (±1, each with probability 1/2) from
 a counter-based generator. Element j (row-major) of ``out[i]`` gets counter ``offset + numel(out[0..i-1]) + j``, so a
 list of param-shaped tensors holds exactly the values of one flat vector of the same total length, and the value is
@@ -12,11 +21,12 @@ multiplication wraps mod 2⁶⁴ (two's complement), with logical right shifts e
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from .._library import define_op
+from .._library import LIBRARY, define_op
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -84,3 +94,53 @@ rademacher_ = define_op(
     reference=rademacher_reference,
     fake=_rademacher_fake,
 )
+
+
+# --- cross-entropy Hessian-vector product -----------------------------------------------------------------------
+
+def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, scale: float) -> None:
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"cross_entropy_hvp: logits must have a non-empty class dimension, got shape "
+                         f"{tuple(logits.shape)}")
+    if tangent.shape != logits.shape:
+        raise ValueError(f"cross_entropy_hvp: tangent has shape {tuple(tangent.shape)} but logits has shape "
+                         f"{tuple(logits.shape)}; they must match")
+    if logits.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"cross_entropy_hvp: logits must be floating point, got {logits.dtype}")
+    if tangent.dtype != logits.dtype or tangent.device != logits.device:
+        raise RuntimeError(f"cross_entropy_hvp: tangent is {tangent.dtype} on {tangent.device} but logits is "
+                           f"{logits.dtype} on {logits.device}")
+    if not math.isfinite(scale):
+        raise ValueError(f"cross_entropy_hvp: scale must be finite, got {scale}")
+
+
+def cross_entropy_hvp_reference(logits: torch.Tensor, tangent: torch.Tensor, scale: float) -> torch.Tensor:
+    check_cross_entropy_hvp_args(logits, tangent, scale)
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z, u = logits.to(work_dtype), tangent.to(work_dtype)
+    p = torch.softmax(z, dim=-1)
+    return (scale * p * (u - (p * u).sum(dim=-1, keepdim=True))).to(logits.dtype)
+
+
+def _cross_entropy_hvp_fake(logits, tangent, scale):
+    check_cross_entropy_hvp_args(logits, tangent, scale)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+cross_entropy_hvp = define_op(
+    "cross_entropy_hvp(Tensor logits, Tensor tangent, float scale) -> Tensor",
+    reference=cross_entropy_hvp_reference,
+    fake=_cross_entropy_hvp_fake,
+)
+
+
+def _cross_entropy_hvp_vmap(info, in_dims, logits, tangent, scale):
+    """The op is row-wise over every leading dimension, so a vmapped batch dimension is just one more of them."""
+    logits_dim, tangent_dim = in_dims[0], in_dims[1]
+    size = info.batch_size
+    logits = logits.movedim(logits_dim, 0) if logits_dim is not None else logits.expand(size, *logits.shape)
+    tangent = tangent.movedim(tangent_dim, 0) if tangent_dim is not None else tangent.expand(size, *tangent.shape)
+    return cross_entropy_hvp(logits, tangent, scale), 0
+
+
+torch.library.register_vmap("optim::cross_entropy_hvp", _cross_entropy_hvp_vmap, lib=LIBRARY)

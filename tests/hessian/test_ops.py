@@ -110,3 +110,83 @@ def test_bad_input(implementation):
     with pytest.raises(RuntimeError, match=r"out\[1\] is torch.float64"):
         implementation(out, 0, 0)
     assert all(torch.equal(t, torch.zeros_like(t)) for t in out), "a rejected call wrote its output"
+
+
+# --- cross_entropy_hvp ---------------------------------------------------------------------------------------------
+
+CE_OP = torch.ops.optim.cross_entropy_hvp
+# atol covers the cancellation in u − ⟨p, u⟩ (|out| ≤ |u| · p, so absolute error ~ eps · |u|).
+CE_TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-4),
+    torch.float16: dict(rtol=2**-10, atol=1e-5),
+}
+CE_SHAPES = [(1, 1), (3, 4097), (70000, 3), (2, 5, 33), (0, 7)]
+
+
+def exact_cross_entropy_hessian_product(logits, tangent, scale):
+    """scale · H u per row with H = ∂²/∂z² logsumexp(z), from autograd in float64 (independent of the op)."""
+    z = logits.double().reshape(-1, logits.shape[-1]).requires_grad_(True)
+    u = tangent.double().reshape(z.shape)
+    (grad,) = torch.autograd.grad(torch.logsumexp(z, dim=-1).sum(), z, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad, z, grad_outputs=u) if z.numel() else (torch.zeros_like(z),)
+    return (scale * hvp).reshape(logits.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_hvp_kernel_is_registered(device):
+    if not REQUIRE_EXTENSION:
+        pytest.skip("OPTIM_REQUIRE_EXTENSION is off")
+    assert optim.has_kernel("cross_entropy_hvp", device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+def test_cross_entropy_hvp_matches_float64_autograd(device, dtype, shape):
+    logits = (torch.randn(shape, device=device) * 4).to(dtype)
+    tangent = torch.randn(shape, device=device).to(dtype)
+    scale = 0.37
+    got = CE_OP(logits, tangent, scale)
+    assert got.dtype == dtype and got.shape == logits.shape
+    want = exact_cross_entropy_hessian_product(logits, tangent, scale)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), **CE_TOLERANCES[dtype])
+    if dtype == torch.float64:
+        from optim.hessian._ops import cross_entropy_hvp_reference
+        torch.testing.assert_close(cross_entropy_hvp_reference(logits, tangent, scale), want,
+                                   **CE_TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_hvp_masked_classes_and_strides(device):
+    """Classes at −inf (masked) get exactly 0 and do not disturb the others; non-contiguous inputs are fine."""
+    logits = torch.randn(6, 40, device=device, dtype=torch.float64)
+    logits[:, :3] = float("-inf")
+    tangent = torch.randn(40, 6, device=device, dtype=torch.float64).t()
+    got = CE_OP(logits, tangent, 1.0)
+    assert torch.equal(got[:, :3], torch.zeros(6, 3, dtype=torch.float64, device=device))
+    want = exact_cross_entropy_hessian_product(logits[:, 3:], tangent[:, 3:], 1.0)
+    torch.testing.assert_close(got[:, 3:], want, **CE_TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_hvp_opcheck(device):
+    logits = torch.randn(5, 300, device=device)
+    torch.library.opcheck(CE_OP.default, args=(logits, torch.randn_like(logits), 0.5))
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "reference"])
+def test_cross_entropy_hvp_bad_input(implementation):
+    from optim.hessian._ops import cross_entropy_hvp_reference
+    call = CE_OP if implementation == "kernel" else cross_entropy_hvp_reference
+    z = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="tangent has shape"):
+        call(z, torch.randn(4, 6), 1.0)
+    with pytest.raises(ValueError, match="non-empty class dimension"):
+        call(torch.randn(4, 0), torch.randn(4, 0), 1.0)
+    with pytest.raises(RuntimeError, match="tangent is torch.float64"):
+        call(z, torch.randn(4, 5, dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        call(z, torch.randn(4, 5), float("inf"))

@@ -1,0 +1,104 @@
+"""optim.hessian.cross_entropy: same loss, gradient and Hessian as F.cross_entropy, through the fused op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import optim.hessian.losses as losses
+from optim.hessian.losses import cross_entropy
+
+from ..conftest import DEVICES
+
+
+def mlp_loss(loss_fn, inputs, target):
+    """A two-layer network's loss as a function of its flat parameter vector (so the Hessian is a matrix)."""
+    sizes = [(7, 5), (7,), (4, 7), (4,)]
+
+    def loss(flat):
+        tensors, start = [], 0
+        for shape in sizes:
+            count = torch.Size(shape).numel()
+            tensors.append(flat[start:start + count].view(shape))
+            start += count
+        w1, b1, w2, b2 = tensors
+        return loss_fn(torch.tanh(inputs @ w1.T + b1) @ w2.T + b2, target)
+
+    return loss, sum(torch.Size(s).numel() for s in sizes)
+
+
+@pytest.fixture
+def counted_op(monkeypatch):
+    """Counts the calls of the fused op made through the loss, to show the fused path is the one taken."""
+    calls = []
+    op = losses.cross_entropy_hvp
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return op(*args)
+
+    monkeypatch.setattr(losses, "cross_entropy_hvp", counting)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_gradient_and_hessian_match_torch(device, reduction, counted_op):
+    inputs = torch.randn(9, 5, dtype=torch.float64, device=device)
+    target = torch.randint(0, 4, (9,), device=device)
+    ours, n = mlp_loss(lambda z, y: cross_entropy(z, y, reduction=reduction), inputs, target)
+    torch_loss, _ = mlp_loss(lambda z, y: F.cross_entropy(z, y, reduction=reduction), inputs, target)
+    flat = torch.randn(n, dtype=torch.float64, device=device)
+    torch.testing.assert_close(ours(flat), torch_loss(flat), rtol=1e-13, atol=0)
+    torch.testing.assert_close(torch.func.grad(ours)(flat), torch.func.grad(torch_loss)(flat), rtol=1e-12,
+                               atol=1e-14)
+    hessian = torch.autograd.functional.hessian(torch_loss, flat)
+    torch.testing.assert_close(torch.autograd.functional.hessian(ours, flat), hessian, rtol=1e-10, atol=1e-12)
+    assert counted_op, "the fused op did not run in the double backward"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_hvp_mode_matches_the_exact_hessian(device, counted_op):
+    inputs = torch.randn(9, 5, dtype=torch.float64, device=device)
+    target = torch.randint(0, 4, (9,), device=device)
+    ours, n = mlp_loss(cross_entropy, inputs, target)
+    flat = torch.randn(n, dtype=torch.float64, device=device)
+    probes = torch.randn(3, n, dtype=torch.float64, device=device)
+    exact = probes @ torch.autograd.functional.hessian(ours, flat)
+    # forward-over-reverse, one probe and vmapped probes
+    fr = torch.func.vmap(lambda v: torch.func.jvp(torch.func.grad(ours), (flat,), (v,))[1])(probes)
+    torch.testing.assert_close(fr, exact, rtol=1e-10, atol=1e-12)
+    # reverse-over-reverse with batched grad outputs (shared forward and first backward)
+    point = flat.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ours(point), point, create_graph=True)
+    (rr,) = torch.autograd.grad(grad, point, grad_outputs=probes, is_grads_batched=True)
+    torch.testing.assert_close(rr, exact, rtol=1e-10, atol=1e-12)
+    assert len(counted_op) >= 2
+
+
+def test_class_dimension_last_with_leading_dimensions():
+    logits = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 6, (2, 3))
+    loss = cross_entropy(logits, target)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 6), target.reshape(-1)))
+
+
+def test_bfloat16_logits_are_reduced_in_float32():
+    logits = torch.randn(64, 1000) * 3
+    target = torch.randint(0, 1000, (64,))
+    loss = cross_entropy(logits.bfloat16(), target)
+    assert loss.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.float(), F.cross_entropy(logits.bfloat16().float(), target), rtol=2**-7, atol=0)
+
+
+def test_bad_input():
+    logits = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="target has shape"):
+        cross_entropy(logits, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="class indices"):
+        cross_entropy(logits, torch.zeros(4))
+    with pytest.raises(ValueError, match="reduction must be"):
+        cross_entropy(logits, torch.zeros(4, dtype=torch.int64), reduction="none")
+    with pytest.raises(ValueError, match="empty batch"):
+        cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.int64))

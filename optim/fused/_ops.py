@@ -40,14 +40,15 @@ def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def check_adamw_hyperparameters(*, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
-    """Raise ``ValueError`` naming the first hyperparameter outside its valid range."""
+def check_adamw_hyperparameters(*, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+                                caller: str = "fused_adamw_") -> None:
+    """Raise ``ValueError`` naming ``caller`` and the first hyperparameter outside its valid range."""
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"fused_adamw_: {name} must be a finite number >= 0, got {value}")
+            raise ValueError(f"{caller}: {name} must be a finite number >= 0, got {value}")
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not (0.0 <= value < 1.0):
-            raise ValueError(f"fused_adamw_: {name} must be in [0, 1), got {value}")
+            raise ValueError(f"{caller}: {name} must be in [0, 1), got {value}")
 
 
 def check_adamw_tensors(

@@ -63,14 +63,15 @@ class AdamW(Optimizer):
     ):
         if isinstance(lr, torch.Tensor):
             raise ValueError("lr must be a Python float; a Tensor lr is not supported by optim.AdamW")
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_adamw_hyperparameters(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"optim.AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+        check_adamw_hyperparameters(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
+                                    caller="optim.AdamW")
         for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
             if value:
-                raise ValueError(f"{name}=True is not supported by optim.AdamW; use torch.optim.AdamW for it")
+                raise ValueError(f"optim.AdamW: {name}=True is not supported; use torch.optim.AdamW for it")
         if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot be set together; choose one")
+            raise ValueError("optim.AdamW: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused)
         super().__init__(params, defaults)
@@ -90,13 +91,17 @@ class AdamW(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], ...]:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> bool:
+        """Append the group's tensors that have a gradient to the lists, creating their state on first use.
+
+        The signature (lists filled in place) is torch.optim's: torch.compile special-cases ``_init_group``.
+        Returns whether the group has complex parameters.
+        """
+        has_complex = False
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            has_complex |= p.is_complex()
             state = self.state[p]
             if not state:
                 real = torch.view_as_real(p) if p.is_complex() else p
@@ -114,7 +119,7 @@ class AdamW(Optimizer):
             exp_avgs.append(exp_avg)
             exp_avg_sqs.append(exp_avg_sq)
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+        return has_complex
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -123,9 +128,17 @@ class AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Gather every group before updating any, so a bad gradient in a later group changes nothing.
-        gathered = [(group, self._init_group(group)) for group in self.param_groups]
-        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in gathered:
+        # Check every group before creating state or updating anything, so a bad one changes nothing.
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            check_adamw_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                        eps=group["eps"], caller="optim.AdamW")
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             beta1, beta2 = group["betas"]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
@@ -193,19 +206,13 @@ def adamw(
 ) -> None:
     """Functional AdamW step over lists (one entry per parameter), updating params, moments and steps in place."""
     if fused is None and foreach is None:
-        fused = all(has_kernel(fused_adamw_, p.device) for p in params)
+        fused = all(has_kernel("fused_adamw_", p.device) for p in params)
         foreach = not fused
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)
-    if fused:
-        for index in _group_by_device_and_dtype(params).values():
-            fused_adamw_(*_select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index), **hyper)
-    elif foreach:
-        check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
-        groups = _group_by_device_and_dtype(params).values()
-        for index in groups:
-            _multi_tensor_adamw(*_select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index), **hyper)
-    else:
-        fused_adamw_reference(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+    check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, caller="adamw")
+    step_one_device_and_dtype = fused_adamw_ if fused else _multi_tensor_adamw if foreach else fused_adamw_reference
+    for index in _group_by_device_and_dtype(params).values():
+        step_one_device_and_dtype(*_select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index), **hyper)
 
 
 def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

@@ -1,0 +1,13 @@
+"""Benchmarks of ``optim`` against its peers: ``python -m benchmarks <name> [--quick] [--device D] [--out DIR]``.
+
+Each benchmark module exposes ``run(device, quick) -> dict``: it times ours and the peer on the same inputs in one
+process, prints a table and returns the rows, which ``python -m benchmarks`` writes to ``DIR/<name>.json`` together
+with the device, the torch version, the date and the command line.
+"""
+
+# name -> module under ``benchmarks``; ``all`` runs them in this order.
+BENCHMARKS = {
+    "steps": "steps",
+}
+
+__all__ = ["BENCHMARKS"]

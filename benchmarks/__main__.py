@@ -1,0 +1,89 @@
+"""Command line: ``python -m benchmarks <name|all> [--quick] [--device D] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import shlex
+import sys
+
+import torch
+
+from . import BENCHMARKS
+from ._timing import OtherProcessesLoad, busy_cpu_fraction, device_name
+
+
+# Above this share of the CPUs used by other processes, the timings are flagged as unreliable.
+BUSY_WARNING = 0.1
+
+
+def _warn_busy(fraction: float, when: str) -> None:
+    print(f"warning: other processes used {100 * fraction:.0f}% of the {os.cpu_count()} CPUs {when}; timings "
+          "(multi-threaded CPU code above all) can be many times slower than on an idle machine", file=sys.stderr)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time optim's kernels against their peers on the same inputs and write the results as JSON.",
+    )
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="the benchmark to run; 'all' runs every one")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats (a demo that finishes in seconds on a laptop CPU)")
+    parser.add_argument("--device", default=_default_device(),
+                        help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default="bench_out", help="directory for <name>.json (default: bench_out/)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device} was asked for but CUDA is not available", file=sys.stderr)
+        return 2
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    os.makedirs(args.out, exist_ok=True)
+    command = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for name in names:
+        module = importlib.import_module(f"{__package__}.{BENCHMARKS[name]}")
+        busy_before = busy_cpu_fraction()
+        if busy_before is not None and busy_before > BUSY_WARNING:
+            _warn_busy(busy_before, "just before this run")
+        with OtherProcessesLoad() as load:
+            result = module.run(device, quick=args.quick)
+        if load.fraction is not None and load.fraction > BUSY_WARNING:
+            _warn_busy(load.fraction, "during this run")
+        record = {
+            "benchmark": name,
+            "device": str(device),
+            "device_name": device_name(device),
+            "cpu_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "python_version": platform.python_version(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "quick": args.quick,
+            # CPU time of other processes as a fraction of all CPUs' time: a busy machine distorts the timings
+            "other_processes_cpu_fraction": {"before": busy_before, "during": load.fraction},
+            **result,
+        }
+        path = os.path.join(args.out, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(record, file, indent=2)
+            file.write("\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

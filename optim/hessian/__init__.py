@@ -1,7 +1,13 @@
 """Hessian-vector products and the estimators built on them (issue #3)."""
 
 from . import _ops
+from .hvp import hvp
 from .losses import cross_entropy
+from .operator import HessianOperator
 from .probes import rademacher, rademacher_like
+from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOperator, SpectralDensity, TraceEstimate,
+                       diagonal, plot_density, spectral_density, top_eigenvalues, trace)
 
-__all__ = ["cross_entropy", "rademacher", "rademacher_like"]
+__all__ = ["DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SpectralDensity",
+           "TraceEstimate", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
+           "spectral_density", "top_eigenvalues", "trace"]

@@ -1,0 +1,294 @@
+"""The Hessian of a model's loss on a data set, as a linear operator on its parameters.
+
+For a model with parameters ``θ`` (the in-scope subset, flattened: ``θ ∈ ℝⁿ``), a criterion ``ℓ`` and batches
+``(X_b, Y_b)`` with ``N_b`` rows each, the operator is the Hessian of the size-weighted mean of the batch losses::
+
+    L(θ) = Σ_b (N_b / N) · ℓ(model(X_b; θ), Y_b),        N = Σ_b N_b,
+    H    = ∇²L(θ) = Σ_b (N_b / N) · ∇²ℓ_b(θ)              (n × n, symmetric, never materialized)
+
+With a criterion that averages over its batch (``reduction="mean"``, the PyTorch default) ``L`` is the mean loss
+over all the rows of the data, whatever the batch sizes; ``N_b`` is the number of rows of the target
+(``targets.shape[0]``; 1 for a 0-dim target). ``H @ v`` costs one Hessian-vector product per batch (see
+:func:`optim.hessian.hvp.hvp` for the modes), evaluated at the model's parameters as they are when it is called.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .hvp import MODES, auto_choice, check_params, check_vectors, compute_hvp, loss_and_gradient
+
+__all__ = ["HessianOperator"]
+
+
+def _is_batch(data) -> bool:
+    """One ``(inputs, targets)`` batch: a 2-tuple or 2-list whose second entry (the targets) is a tensor."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+
+
+class HessianOperator:
+    """``H``, the Hessian of ``loss_fn(model(inputs), targets)`` averaged over ``data``, for ``H @ v`` products.
+
+    Args:
+        model: an ``nn.Module``. Its parameters are read at each product (after an optimizer step, ``H`` is the
+            Hessian at the new point); the operator never writes to the model.
+        loss_fn: ``loss_fn(output, target)`` returns a scalar, like a PyTorch criterion; use one that averages
+            over the batch.
+        data: one ``(inputs, targets)`` batch, or an iterable of such batches (a list, a ``DataLoader``): the
+            products and :meth:`loss_and_grad` are averages over the batches weighted by their row counts (see the
+            module docstring). A list or a ``DataLoader`` is iterated again at every product (a shuffling loader
+            changes the order, not the average, unless it drops a last partial batch or augments randomly); a
+            one-shot iterator (a generator) is stored as a list on construction. ``inputs`` is passed to the model
+            as its one positional argument; tensors are moved to the parameters' device. Batches with no rows are
+            skipped.
+        param_filter: ``param_filter(name, param) -> bool`` picks the parameters in scope among
+            ``model.named_parameters()`` that require grad (e.g. one layer, for a per-layer Hessian); the others are
+            held fixed at their current values. Default: every parameter that requires grad.
+        mode: how each Hessian-vector product is computed: ``"auto"``, ``"rr"``, ``"fr"`` or ``"fd"``
+            (:func:`optim.hessian.hvp.hvp`). ``"auto"`` settles on one mode for this operator at the first product.
+
+    The model is evaluated in its current mode, as set by ``model.train()`` / ``model.eval()``: in train mode
+    dropout draws a new mask at every product (all the probes of one ``(k, n)`` block share a mask) and BatchNorm
+    normalizes with the statistics of each batch, which is the Hessian of the training loss but a random operator
+    with dropout. Call ``model.eval()`` for a deterministic, symmetric Hessian (dropout off, BatchNorm with its
+    running statistics). In train mode the operator hands the model copies of the buffers of its training-mode
+    modules, so products do not update BatchNorm's running statistics (nor its batch counter); ``mode="fr"``
+    cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
+
+    Attributes:
+        params: the in-scope parameters (the model's own tensors, in ``named_parameters()`` order).
+        names: their names.
+        n: the total number of their elements; ``shape == (n, n)``.
+        dtype, device: the parameters' dtype and device (one of each; filter the parameters to get there).
+        num_matvecs: the number of Hessian-vector products done so far, each probe counting one, each over all of
+            ``data`` (so a ``(k, n)`` block adds k). Reset it freely.
+
+    Vectors: ``H @ v`` (or ``H.matvec(v)``, or ``v @ H``, the same since H is symmetric) takes
+
+    * a flat vector of shape ``(n,)`` and returns ``(n,)``;
+    * a block of k row vectors of shape ``(k, n)`` and returns ``(k, n)``, row i being ``H v_i``; the k probes share
+      each batch's forward and first backward;
+    * a list shaped like ``params`` (optionally with a leading k on every entry) and returns a list shaped like it.
+
+    The flat order is ``params`` order, each parameter row-major: :meth:`flatten` and :meth:`unflatten` convert.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data,
+        *,
+        param_filter: Callable[[str, torch.Tensor], bool] | None = None,
+        mode: str = "auto",
+    ):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"HessianOperator: model must be a torch.nn.Module, got a {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(
+                f"HessianOperator: loss_fn must be callable as loss_fn(output, target), got a {type(loss_fn).__name__}"
+            )
+        if param_filter is not None and not callable(param_filter):
+            raise ValueError(
+                "HessianOperator: param_filter must be callable as param_filter(name, param) -> bool, got a "
+                f"{type(param_filter).__name__}"
+            )
+        if mode not in MODES:
+            raise ValueError(
+                f"HessianOperator: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}"
+            )
+        selected = [
+            (name, p)
+            for name, p in model.named_parameters()
+            if p.requires_grad and (param_filter is None or param_filter(name, p))
+        ]
+        if not selected:
+            raise ValueError(
+                "HessianOperator: no parameters in scope: the model has no parameter that requires grad"
+                + (" and passes param_filter" if param_filter is not None else "")
+            )
+        self.names = [name for name, _ in selected]
+        self.params = [p for _, p in selected]
+        check_params(self.params, where="HessianOperator")
+        dtypes = {p.dtype for p in self.params}
+        devices = {p.device for p in self.params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                "HessianOperator: the parameters in scope mix dtypes or devices "
+                f"({sorted(map(str, dtypes))} on {sorted(map(str, devices))}); flat vectors need one of each: "
+                "convert the model, or restrict the scope with param_filter"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self._shapes = [p.shape for p in self.params]
+        self._numels = [p.numel() for p in self.params]
+        self.n = sum(self._numels)
+        self.shape = (self.n, self.n)
+        self.num_matvecs = 0
+        if _is_batch(data):
+            self._data = [data]
+        elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, dict)):
+            # A one-shot iterator would be empty at the second product.
+            self._data = list(data) if iter(data) is data else data
+        else:
+            raise ValueError(
+                "HessianOperator: data must be one (inputs, targets) batch or an iterable of such batches, got a "
+                f"{type(data).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(n={self.n}, params={len(self.params)}, dtype={self.dtype}, device={self.device}, "
+            f"mode={self.mode!r})"
+        )
+
+    @property
+    def resolved_mode(self) -> str | None:
+        """The mode the products use: ``mode``, or for ``"auto"`` the one it settled on (None before a product)."""
+        return auto_choice(self) if self.mode == "auto" else self.mode
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Flat vectors
+
+    def flatten(self, tensors) -> torch.Tensor:
+        """A param-shaped list as one vector ``(n,)``; with a leading k on every entry, a ``(k, n)`` block."""
+        tensors = list(tensors)
+        _, k = check_vectors(
+            [p.detach() for p in self.params], tensors, where="HessianOperator.flatten", check_finite=False
+        )
+        if k is None:
+            return torch.cat([t.reshape(-1) for t in tensors])
+        return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A vector ``(n,)`` as a param-shaped list, or a ``(k, n)`` block as a list with a leading k on every entry.
+
+        The pieces are views of ``flat`` when its layout allows it (any contiguous ``flat`` does).
+        """
+        if not isinstance(flat, torch.Tensor) or flat.dim() not in (1, 2) or flat.shape[-1] != self.n:
+            shape = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
+            raise ValueError(
+                f"HessianOperator.unflatten: expected a tensor of shape ({self.n},) or (k, {self.n}), got {shape}"
+            )
+        pieces = flat.split(self._numels, dim=-1)
+        lead = tuple(flat.shape[:-1])
+        return [piece.reshape(lead + tuple(shape)) for piece, shape in zip(pieces, self._shapes)]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Products
+
+    def matvec(self, v):
+        """``H v`` for a flat vector ``(n,)``, a block ``(k, n)`` of row vectors, or a param-shaped list."""
+        if isinstance(v, torch.Tensor):
+            if v.dim() not in (1, 2) or v.shape[-1] != self.n:
+                raise ValueError(
+                    f"HessianOperator: v has shape {tuple(v.shape)}; expected a flat vector ({self.n},), a block "
+                    f"(k, {self.n}) of k row vectors, or a list shaped like params"
+                )
+            if v.dtype != self.dtype or v.device != self.device:
+                raise ValueError(
+                    f"HessianOperator: v is {v.dtype} on {v.device} but the parameters are {self.dtype} on "
+                    f"{self.device}; convert v with .to(dtype=H.dtype, device=H.device)"
+                )
+            return self.flatten(self._product(self.unflatten(v)))
+        if isinstance(v, (list, tuple)):
+            product = self._product(list(v))
+            return tuple(product) if isinstance(v, tuple) else product
+        raise ValueError(
+            f"HessianOperator: v must be a tensor of shape ({self.n},) or (k, {self.n}), or a list of tensors shaped "
+            f"like params, got a {type(v).__name__}"
+        )
+
+    def __matmul__(self, v):
+        return self.matvec(v)
+
+    def __rmatmul__(self, v):
+        # vᵀH = (Hv)ᵀ: H is symmetric, and a (k, n) block times H is its rows times H.
+        return self.matvec(v)
+
+    def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, ∇L)``: the weighted mean loss (a 0-dim tensor) and its gradient as a flat ``(n,)`` vector."""
+        params = check_params(self.params, where="HessianOperator")
+        total_loss, total_grad, total_weight = None, None, 0
+        for inputs, targets, weight in self._batches():
+            loss, grad = loss_and_gradient(self._loss_of(inputs, targets), params, at="the model's parameters")
+            flat = torch.cat([g.reshape(-1) for g in grad])
+            if total_grad is None:
+                total_loss, total_grad = weight * loss, weight * flat
+            else:
+                total_loss, total_grad = total_loss + weight * loss, total_grad.add_(flat, alpha=weight)
+            total_weight += weight
+        self._check_some_rows(total_weight)
+        return total_loss / total_weight, total_grad.div_(total_weight)
+
+    def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        params = check_params(self.params, where="HessianOperator")
+        v, k = check_vectors(params, v, where="HessianOperator")
+        total, total_weight = None, 0
+        for inputs, targets, weight in self._batches():
+            hv, _ = compute_hvp(
+                self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False, auto_key=self
+            )
+            if total is None:
+                total = [weight * t for t in hv]
+            else:
+                for acc, t in zip(total, hv):
+                    acc.add_(t, alpha=weight)
+            total_weight += weight
+        self._check_some_rows(total_weight)
+        self.num_matvecs += 1 if k is None else k
+        return [t.div_(total_weight) for t in total]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loss as a function of the in-scope parameters
+
+    def _batches(self):
+        """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
+        for index, batch in enumerate(self._data):
+            if not _is_batch(batch):
+                raise ValueError(
+                    f"HessianOperator: data batch {index} is a {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                    + "; each batch must be an (inputs, targets) pair with targets a tensor"
+                )
+            inputs, targets = batch
+            rows = targets.shape[0] if targets.dim() > 0 else 1
+            if rows == 0:
+                continue
+            if isinstance(inputs, torch.Tensor):
+                inputs = inputs.to(self.device, non_blocking=True)
+            yield inputs, targets.to(self.device, non_blocking=True), rows
+
+    @staticmethod
+    def _check_some_rows(total_weight: int) -> None:
+        if total_weight == 0:
+            raise ValueError("HessianOperator: data has no batch with at least one row; the average is undefined")
+
+    def _buffer_copies(self) -> dict[str, torch.Tensor]:
+        """Copies of the buffers of modules in train mode, which BatchNorm would otherwise update in place."""
+        copies = {}
+        for module_name, module in self.model.named_modules():
+            if module.training:
+                for buffer_name, buffer in module.named_buffers(recurse=False):
+                    if buffer is not None:
+                        name = f"{module_name}.{buffer_name}" if module_name else buffer_name
+                        copies[name] = buffer.clone()
+        return copies
+
+    def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
+        """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
+        model, loss_fn, names = self.model, self.loss_fn, self.names
+
+        def loss(*params: torch.Tensor) -> torch.Tensor:
+            state = self._buffer_copies()
+            state.update(zip(names, params))
+            output = torch.func.functional_call(model, state, (inputs,))
+            return loss_fn(output, targets)
+
+        return loss

@@ -1,0 +1,831 @@
+"""Spectral estimators of a symmetric linear operator H: top eigenpairs, trace, diagonal and spectral density.
+
+Everything here touches H only through products ``H @ V``, so it works for an explicit matrix (wrapped in
+:class:`MatrixOperator`) and for a model's Hessian (``optim.hessian.HessianOperator``) alike. The contract is the
+:class:`LinearOperator` protocol:
+
+* ``H.shape == (n, n)``, ``H.dtype``, ``H.device``;
+* ``H @ v`` for a flat vector ``v`` of shape ``(n,)`` returns ``H v`` of shape ``(n,)``;
+* ``H @ V`` for a block ``V`` of shape ``(k, n)`` (k row vectors) returns ``(k, n)``, row i being ``H V[i]``.
+
+A block product is assumed to be cheaper than k single products (a Hessian shares its forward and first backward
+pass between the k probes), so the stochastic estimators hand H blocks of up to ``batch_size`` probes at once.
+
+Numerics: vectors live in the operator's dtype and device; every scalar that is a sum over n entries (dot
+products, norms, Rayleigh quotients, probe values zᵀHz) is accumulated in float64, and the small dense problems
+(the Lanczos tridiagonal, the statistics over probes) are solved in float64 on the CPU.
+
+Probes: Rademacher vectors (±1) come from :func:`optim.hessian.probes.rademacher`, probe i of length n drawn from
+counters ``[i·n, (i+1)·n)`` of ``seed``, so an estimate does not depend on ``batch_size``, nor on the device or
+rank it runs on. Gaussian vectors (Lanczos and power-iteration start vectors) are drawn on the CPU in float64 from
+``torch.Generator().manual_seed(seed)`` and then moved to H's device and dtype, for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .probes import rademacher
+
+__all__ = [
+    "LinearOperator",
+    "MatrixOperator",
+    "Eigenpairs",
+    "TraceEstimate",
+    "DiagonalEstimate",
+    "SpectralDensity",
+    "top_eigenvalues",
+    "trace",
+    "diagonal",
+    "spectral_density",
+    "plot_density",
+]
+
+# Default number of probes (rows) handed to H in one block: enough to amortize a Hessian's shared forward and
+# backward passes, small enough that a (batch, n) block of a large model's parameters stays a few GiB at most.
+DEFAULT_BATCH_SIZE = 32
+# Float32-or-narrower dot products are upcast to float64 a chunk at a time; this bounds the transient copy.
+_UPCAST_CHUNK_ELEMENTS = 1 << 24
+# spectral_density runs this many Lanczos processes side by side only while their bases fit in this many elements.
+_SLQ_BASIS_ELEMENTS = 1 << 28
+
+_NONFINITE_HINT = (
+    "the operator is not finite there (for a model's Hessian: check the loss and the parameters for NaN/inf, try "
+    "a smaller lr, or call model.eval() so that dropout and BatchNorm statistics do not change between products)"
+)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The operator protocol and the dense-matrix operator
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """A symmetric linear map on Rⁿ, known through its products.
+
+    ``shape == (n, n)``; ``dtype`` and ``device`` are those of the vectors it accepts and returns.
+    ``H @ v`` maps a flat ``(n,)`` vector to ``(n,)``; ``H @ V`` maps a ``(k, n)`` block of k row vectors to
+    ``(k, n)``, row i being ``H V[i]`` (one call for k vectors should cost less than k calls).
+    The estimators assume H is symmetric; they do not (cannot cheaply) check it.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __matmul__(self, v: Tensor) -> Tensor: ...
+
+
+class MatrixOperator:
+    """A dense symmetric matrix ``A`` (n, n) as a :class:`LinearOperator`.
+
+    ``A @ V`` on a raw tensor would multiply a (k, n) block from the wrong side (and fail for k ≠ n); this wrapper
+    computes ``(A Vᵀ)ᵀ``, i.e. each row of V multiplied by A, and ``A v`` for a flat vector.
+
+    The constructor checks that A is a 2-D, square, real floating-point, finite tensor and symmetric to
+    ``max|A − Aᵀ| ≤ rtol · max|A|``; ``rtol`` defaults to √eps of A's dtype (1.5e-8 in float64, 3.5e-4 in float32),
+    loose enough for a Hessian assembled by autograd, tight enough to catch a non-symmetric matrix.
+    """
+
+    def __init__(self, A: Tensor, *, rtol: float | None = None) -> None:
+        if not isinstance(A, Tensor):
+            raise TypeError(f"MatrixOperator: A must be a torch.Tensor, got {type(A).__name__}")
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"MatrixOperator: A must be a square matrix (n, n), got shape {tuple(A.shape)}")
+        if A.shape[0] == 0:
+            raise ValueError("MatrixOperator: A must not be empty (n = 0)")
+        if not A.is_floating_point():
+            raise ValueError(f"MatrixOperator: A must be a real floating-point matrix, got dtype {A.dtype}")
+        if not torch.isfinite(A).all():
+            raise ValueError("MatrixOperator: A contains NaN or inf")
+        if rtol is None:
+            rtol = math.sqrt(torch.finfo(A.dtype).eps)
+        if not rtol >= 0:
+            raise ValueError(f"MatrixOperator: rtol must be >= 0, got {rtol}")
+        scale = A.abs().max().item()
+        asymmetry = (A - A.mT).abs().max().item()
+        if asymmetry > rtol * scale:
+            raise ValueError(
+                f"MatrixOperator: A must be symmetric, but max|A - A^T| = {asymmetry:.3g} exceeds "
+                f"rtol * max|A| = {rtol:.3g} * {scale:.3g}; symmetrize it with (A + A.T) / 2 if that is intended"
+            )
+        self.matrix = A
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        n = self.matrix.shape[0]
+        if not isinstance(v, Tensor) or v.ndim not in (1, 2) or v.shape[-1] != n:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"MatrixOperator @ v: v must have shape ({n},) or (k, {n}), got {shape}")
+        if v.ndim == 1:
+            return self.matrix @ v
+        return (self.matrix @ v.mT).mT
+
+    def __repr__(self) -> str:
+        n = self.matrix.shape[0]
+        return f"MatrixOperator(n={n}, dtype={self.dtype}, device={self.device})"
+
+
+def _as_operator(H) -> LinearOperator:
+    """H itself if it follows the protocol, a :class:`MatrixOperator` if it is a tensor; else a clear error."""
+    if isinstance(H, Tensor):
+        return MatrixOperator(H)
+    missing = [name for name in ("shape", "dtype", "device", "__matmul__") if not hasattr(H, name)]
+    if missing:
+        raise TypeError(
+            f"H must be a square symmetric torch.Tensor or a LinearOperator (shape, dtype, device, H @ v); "
+            f"{type(H).__name__} lacks {', '.join(missing)}"
+        )
+    shape = tuple(H.shape)
+    if len(shape) != 2 or shape[0] != shape[1] or not all(isinstance(s, int) for s in shape):
+        raise ValueError(f"H must have shape (n, n), got {shape}")
+    if shape[0] < 1:
+        raise ValueError("H must not be empty (n = 0)")
+    if not H.dtype.is_floating_point:
+        raise ValueError(f"H must have a real floating-point dtype, got {H.dtype}")
+    return H
+
+
+def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
+    """``H @ V`` with its shape and finiteness checked; ``what`` names the probe or iteration for the error."""
+    out = H @ V
+    if not isinstance(out, Tensor) or out.shape != V.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"H @ v returned {got} for an input of shape {tuple(V.shape)} ({what}); a LinearOperator must map "
+            "(n,) to (n,) and (k, n) to (k, n)"
+        )
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"H @ v produced NaN or inf at {what}: {_NONFINITE_HINT}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Argument checks
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_batch_size(batch_size, default: int) -> int:
+    if batch_size is None:
+        return default
+    return _check_int("batch_size", batch_size, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Float64-accumulated reductions and Gram-Schmidt
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _dot64(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products ``Σ_j a[..., j] b[..., j]`` accumulated in float64 (the product in a's dtype)."""
+    return (a * b).sum(dim=-1, dtype=torch.float64)
+
+
+def _norm64(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a, dim=-1, dtype=torch.float64)
+
+
+def _basis_dots64(basis: Tensor, w: Tensor) -> Tensor:
+    """``c[b, i] = basis[b, i] · w[b]`` in float64 for basis (B, m, n) and w (B, n)."""
+    if basis.dtype == torch.float64:
+        return torch.bmm(basis, w.unsqueeze(-1)).squeeze(-1)
+    # Narrower dtypes: an elementwise product summed in float64, a chunk of basis vectors at a time so the
+    # transient product stays bounded whatever m and n are.
+    B, m, n = basis.shape
+    chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, B * n))
+    parts = [(basis[:, i : i + chunk] * w.unsqueeze(1)).sum(-1, dtype=torch.float64) for i in range(0, m, chunk)]
+    return torch.cat(parts, dim=1)
+
+
+def _orthogonalize(basis: Tensor, w: Tensor) -> Tensor:
+    """w minus its projection on the orthonormal rows of ``basis`` (B, m, n), for w (B, n).
+
+    Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005): one pass leaves an error
+    proportional to the loss of orthogonality, the second brings it to the rounding level.
+    """
+    if basis.shape[1] == 0:
+        return w
+    for _ in range(2):
+        c = _basis_dots64(basis, w).to(w.dtype)
+        w = w - torch.bmm(c.unsqueeze(1), basis).squeeze(1)
+    return w
+
+
+def _gaussian(generator: torch.Generator, shape: tuple[int, ...], H: LinearOperator) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=H.device, dtype=H.dtype)
+
+
+def _tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
+    """The symmetric tridiagonal T (float64, CPU) with diagonal ``alphas`` and off-diagonal ``betas``."""
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
+def _breakdown_tol(dtype: torch.dtype, n: int, alphas: Sequence[float], betas: Sequence[float]) -> float:
+    """β below this means the Krylov space is (numerically) invariant: ‖T‖ estimate × eps × a dimension factor."""
+    scale = max([abs(a) for a in alphas] + [abs(b) for b in betas] + [0.0])
+    return max(10.0, math.sqrt(n)) * torch.finfo(dtype).eps * scale
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Top eigenpairs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Eigenpairs(NamedTuple):
+    """``eigenvalues`` (k,) in descending order and ``eigenvectors`` (k, n), row i the unit vector of eigenvalue i.
+
+    Both in H's dtype and on H's device. Each eigenvector's sign is fixed so that its largest-magnitude entry is
+    positive, which makes results comparable between methods and runs.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+
+
+def top_eigenvalues(
+    H, k: int = 1, *, method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100, seed: int = 0
+) -> Eigenpairs:
+    """The k largest (algebraic) eigenvalues of a symmetric H and their eigenvectors.
+
+    Args:
+        H: a :class:`LinearOperator` (shape (n, n)) or a symmetric (n, n) tensor.
+        k: how many eigenpairs, 1 ≤ k ≤ n.
+        method: ``"lanczos"`` or ``"power"``.
+        tol: convergence tolerance, > 0 (see below).
+        max_iter: the most H@v products either method may use, ≥ k.
+        seed: seeds the Gaussian start vectors.
+
+    ``"lanczos"``: from a Gaussian unit vector q₀, the Lanczos recurrence β_j q_{j+1} = H q_j − α_j q_j −
+    β_{j−1} q_{j−1} builds an orthonormal basis Q_m of the Krylov space and the tridiagonal T_m = Q_mᵀ H Q_m;
+    every basis vector is reorthogonalized against all previous ones (classical Gram-Schmidt, twice, dots in
+    float64), which keeps Q_m orthonormal and prevents the spurious copies of converged eigenvalues that plain
+    Lanczos produces. With T_m = S Θ Sᵀ, the Ritz pairs (θ_i, Q_m s_i) satisfy ‖H Q_m s_i − θ_i Q_m s_i‖ =
+    |β_m · s_i[m−1]|; the iteration is extended one product at a time until this residual is ≤ tol·|θ_i| for each
+    of the top k Ritz values (or ≤ the rounding level ~eps·‖H‖, for eigenvalues at 0), until m = n, or until
+    max_iter products. If the Krylov space becomes invariant before k pairs are found (β ≈ 0, e.g. a low-rank H),
+    the process restarts from a new Gaussian vector orthogonal to the basis (T gets a zero off-diagonal entry).
+    Eigenvalue error is about residual²/gap, far below tol. Like every single-vector Krylov method it finds one
+    copy of an exactly repeated eigenvalue per invariant block; rounding usually reveals the others later.
+    Memory: up to min(max_iter, n) basis vectors of length n.
+
+    ``"power"``: for i = 1..k, power iteration v ← P(H + sI)P v / ‖·‖ with P the projector orthogonal to the
+    eigenvectors already found (deflation by projection), until the Rayleigh quotient λ = vᵀHv changes by
+    ≤ tol·|λ| between iterations. Power iteration finds the eigenvalue of largest magnitude; when that turns out to
+    be negative, the shift s = −λ_min (making H + sI positive semidefinite, its largest eigenvalue the largest of H)
+    is applied and the eigenpair is recomputed. To be declared converged the residual ‖PHPv − λv‖ must also be
+    ≤ 10·√tol·|λ| (the quotient alone stalls when λ_max ≈ −λ_min, the iterate oscillating). The budget max_iter is shared: eigenpair i may use the unspent
+    budget divided by the pairs still to find. Convergence is linear with ratio (λ_{i+1} + s)/(λ_i + s), so use it
+    for well-separated top eigenvalues; the eigenvalue error is about tol/(1 − ratio²).
+
+    If the tolerance is not reached within max_iter products a RuntimeWarning says so and the current estimates are
+    returned.
+
+    Returns:
+        :class:`Eigenpairs` ``(eigenvalues (k,), eigenvectors (k, n))``, unpacking as a pair.
+    """
+    H = _as_operator(H)
+    n = H.shape[0]
+    k = _check_int("k", k, 1)
+    if k > n:
+        raise ValueError(f"k must be <= n = {n} (the operator's size), got {k}")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    tol = _check_positive("tol", tol)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    if max_iter < k:
+        raise ValueError(f"max_iter must be >= k = {k} (each eigenpair needs at least one H@v product), got {max_iter}")
+    seed = _check_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if method == "lanczos":
+        values, vectors = _lanczos_top(H, k, tol, max_iter, generator)
+    else:
+        values, vectors = _power_top(H, k, tol, max_iter, generator)
+    # Sign convention: the largest-magnitude entry of each eigenvector is positive.
+    index = vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(vectors.gather(1, index) < 0, -1.0, 1.0).to(vectors.dtype)
+    vectors = vectors * signs
+    return Eigenpairs(values.to(device=H.device, dtype=H.dtype), vectors)
+
+
+def _lanczos_top(
+    H: LinearOperator, k: int, tol: float, max_iter: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    n = H.shape[0]
+    max_steps = min(max_iter, n)
+    eps = torch.finfo(H.dtype).eps
+    # The basis grows by doubling, so an early convergence does not pay for max_iter vectors of length n.
+    basis = torch.zeros(1, min(max_steps, max(2 * k + 20, 32)), n, dtype=H.dtype, device=H.device)
+    q = _gaussian(generator, (1, n), H)
+    basis[:, 0] = q / _norm64(q).to(H.dtype).unsqueeze(-1)
+    alphas: list[float] = []
+    betas: list[float] = []
+
+    def ritz(m: int) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        """Eigen-decomposition of T_m, the indices of its top k Ritz values, their residuals and convergence."""
+        theta, S = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        top = torch.arange(m - 1, m - 1 - k, -1)
+        residuals = (betas[-1] * S[-1, top]).abs()
+        # tol·|θ| cannot be met below the rounding level of H@v (~eps·‖H‖), e.g. for an eigenvalue at 0.
+        bounds = torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
+        return theta, S, top, residuals / bounds, bool((residuals <= bounds).all())
+
+    for j in range(max_steps):
+        v = basis[:, j]
+        w = _apply(H, v, f"Lanczos iteration {j}")
+        alpha = _dot64(v, w)
+        w = w - alpha.to(H.dtype).unsqueeze(-1) * v
+        if j > 0:
+            w = w - betas[-1] * basis[:, j - 1]
+        w = _orthogonalize(basis[:, : j + 1], w)
+        beta = _norm64(w).item()
+        alphas.append(alpha.item())
+        betas.append(beta)
+        m = j + 1
+        if m == max_steps:
+            break
+        # eigh of the m×m tridiagonal costs O(m³): checking every step is free for m < 100; beyond, every m/20
+        # steps keeps the checks small next to the H@v products.
+        if m >= k and (m < 100 or m % max(1, m // 20) == 0) and ritz(m)[-1]:
+            break
+        if beta <= _breakdown_tol(H.dtype, n, alphas, betas):
+            # Invariant subspace: restart from a fresh direction orthogonal to everything found so far.
+            w = _orthogonalize(basis[:, :m], _gaussian(generator, (1, n), H))
+            beta = _norm64(w).item()
+            if beta <= math.sqrt(eps):  # the basis spans Rⁿ numerically: T's eigenvalues are H's
+                break
+            betas[-1] = 0.0
+        if m == basis.shape[1]:
+            grown = torch.zeros(1, min(max_steps, 2 * m), n, dtype=H.dtype, device=H.device)
+            grown[:, :m] = basis
+            basis = grown
+        basis[:, m] = w / beta
+    m = len(alphas)
+    theta, S, top, ratio, converged = ritz(m)
+    if not converged and m < n:
+        warnings.warn(
+            f"top_eigenvalues: Lanczos did not converge within max_iter={max_iter} H@v products (largest residual "
+            f"is {ratio.max().item():.3g} x tol*|eigenvalue| with tol={tol:g}); increase max_iter or tol",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    coefficients = S[:, top].T.to(device=H.device, dtype=H.dtype)  # (k, m)
+    vectors = coefficients @ basis[0, :m]
+    vectors = vectors / _norm64(vectors).to(H.dtype).unsqueeze(-1)
+    return theta[top], vectors
+
+
+def _power_top(
+    H: LinearOperator, k: int, tol: float, max_iter: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    n = H.shape[0]
+    eps = torch.finfo(H.dtype).eps
+    found = torch.zeros(1, 0, n, dtype=H.dtype, device=H.device)  # (1, i, n): deflation basis
+    values: list[float] = []
+    used = 0
+    shift = 0.0  # s ≥ 0: iterate with H + sI once a negative eigenvalue is seen to dominate
+    scale = 0.0  # the largest |λ| seen: sets the absolute floor of the convergence test for λ ≈ 0
+    unconverged: list[int] = []
+    i = 0
+    while i < k:
+        budget = (max_iter - used) // (k - i)
+        v = _orthogonalize(found, _gaussian(generator, (1, n), H))
+        v = v / _norm64(v).to(H.dtype).unsqueeze(-1)
+        lam_prev = None
+        converged = False
+        restart = False
+        for it in range(budget):
+            w = _apply(H, v, f"power iteration {it} of eigenpair {i}")
+            used += 1
+            if shift:
+                w = w + shift * v
+            w = _orthogonalize(found, w)
+            rq = _dot64(v, w).item()  # Rayleigh quotient of P(H + sI)P at v (v ⟂ found, so Pv = v)
+            lam = rq - shift
+            scale = max(scale, abs(lam))
+            norm = _norm64(w).item()
+            if lam_prev is not None and abs(lam - lam_prev) <= max(tol * abs(lam), 10 * eps * scale):
+                # A settled Rayleigh quotient alone can mislead: with λ_max = −λ_min the iterate oscillates between
+                # the two eigenvectors at a constant quotient. Also require a residual ‖P(H + sI)Pv − (λ + s)v‖
+                # (= ‖PHPv − λv‖) consistent with the tolerance: about √tol·|λ| when the quotient has converged.
+                residual = _norm64(w - rq * v).item()
+                converged = residual <= max(10 * math.sqrt(tol) * abs(lam), 100 * eps * max(scale, shift))
+            if norm <= eps * max(scale, shift):
+                converged = True  # v is (numerically) in the null space of the shifted, deflated operator
+            if converged:
+                break
+            lam_prev = lam
+            v = w / norm
+        if converged and lam < 0 and shift == 0.0:
+            # The dominant eigenvalue of the remaining space is negative, i.e. it is λ_min: shift by it so the
+            # largest algebraic eigenvalue becomes the dominant one, and recompute this pair.
+            shift = -lam
+            restart = True
+        if restart:
+            if max_iter - used >= k - i:
+                continue
+            converged = False  # no budget left to recompute the pair with the shift: λ is not the top one
+        if not converged:
+            unconverged.append(i)
+        values.append(lam)
+        found = torch.cat([found, v.unsqueeze(1)], dim=1)
+        i += 1
+    if unconverged:
+        warnings.warn(
+            f"top_eigenvalues: power iteration did not converge within max_iter={max_iter} H@v products for "
+            f"eigenpair(s) {unconverged}; increase max_iter or tol, or use method='lanczos'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    lams = torch.tensor(values, dtype=torch.float64)
+    order = torch.argsort(lams, descending=True)
+    return lams[order], found[0, order.to(H.device)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Trace
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class TraceEstimate(NamedTuple):
+    """``estimate`` of tr(H), its ``std_error`` (NaN when it cannot be estimated from one sample) and
+    ``num_matvecs``, the number of H@v products spent."""
+
+    estimate: float
+    std_error: float
+    num_matvecs: int
+
+
+def _probe_blocks(
+    H: LinearOperator, first: int, count: int, batch_size: int, seed: int
+) -> Iterator[tuple[int, Tensor]]:
+    """Rademacher probes ``first .. first+count−1`` as (start, (b, n) block) pairs; probe i uses counters i·n..."""
+    n = H.shape[0]
+    for start in range(first, first + count, batch_size):
+        b = min(batch_size, first + count - start)
+        yield start, rademacher((b, n), seed=seed, offset=start * n, dtype=H.dtype, device=H.device)
+
+
+def _mean_and_std_error(values: Tensor) -> tuple[float, float]:
+    mean = values.mean().item()
+    if values.numel() < 2:
+        return mean, float("nan")
+    return mean, (values.std(correction=1) / math.sqrt(values.numel())).item()
+
+
+def trace(
+    H, *, num_probes: int = 100, method: str = "hutchinson", seed: int = 0, batch_size: int | None = None
+) -> TraceEstimate:
+    """A stochastic estimate of tr(H) from ``num_probes`` H@v products.
+
+    ``"hutchinson"`` (Hutchinson 1989): tr(H) = E[zᵀHz] for Rademacher z (i.i.d. ±1); the estimate is the mean of
+    zᵢᵀHzᵢ over the probes, the standard error the sample standard deviation / √num_probes. Its variance per
+    probe is 2 Σ_{i≠j} H_ij² = 2(‖H‖_F² − Σ H_ii²).
+
+    ``"hutch++"`` (Meyer, Musco, Musco & Woodruff 2021): spends the products in thirds. With s = ⌊num_probes/3⌋
+    Rademacher probes S (n × s): Q = orth(H S) (n × s, thin QR), then tr(H) = tr(QᵀHQ) + tr(P H P) with
+    P = I − QQᵀ; the first term is computed exactly with s products, the second by Hutchinson on the remaining
+    num_probes − 2s probes projected by P. When H is dominated by a few large eigenvalues Q captures them and the
+    residual variance 2‖PHP‖_F² (roughly) is far below Hutchinson's. The reported standard error is that of the
+    residual Hutchinson part (the deflated part is exact given Q). Needs num_probes ≥ 3.
+
+    Probes go to H in blocks of ``batch_size`` rows (default min(num_probes, 32)); the result does not depend on
+    it. Sums are accumulated in float64.
+    """
+    H = _as_operator(H)
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+    num_probes = _check_int("num_probes", num_probes, 3 if method == "hutch++" else 1)
+    seed = _check_seed(seed)
+    batch_size = _check_batch_size(batch_size, DEFAULT_BATCH_SIZE)
+
+    if method == "hutchinson":
+        values = []
+        for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
+            HZ = _apply(H, Z, f"Hutchinson probes {start}..{start + Z.shape[0] - 1}")
+            values.append(_dot64(Z, HZ).cpu())
+        mean, se = _mean_and_std_error(torch.cat(values))
+        return TraceEstimate(mean, se, num_probes)
+
+    s = num_probes // 3
+    blocks = []
+    for start, S in _probe_blocks(H, 0, s, batch_size, seed):
+        blocks.append(_apply(H, S, f"Hutch++ sketch probes {start}..{start + S.shape[0] - 1}"))
+    Y = torch.cat(blocks)  # (s, n): rows H S_i
+    # QR needs float32 at least; any orthonormal Q keeps the estimator unbiased, so its precision only affects
+    # how much of H's top range is deflated.
+    qr_dtype = torch.promote_types(H.dtype, torch.float32)
+    Q = torch.linalg.qr(Y.to(qr_dtype).mT, mode="reduced").Q.mT.to(H.dtype).contiguous()  # (s, n), orthonormal rows
+    exact = 0.0
+    for start in range(0, s, batch_size):
+        block = Q[start : start + batch_size]
+        HQ = _apply(H, block, f"Hutch++ basis vectors {start}..{start + block.shape[0] - 1}")
+        exact += _dot64(block, HQ).sum().item()
+    values = []
+    for start, G in _probe_blocks(H, s, num_probes - 2 * s, batch_size, seed):
+        G = G - (G @ Q.mT) @ Q  # P G: the probes with the sketched range removed
+        HG = _apply(H, G, f"Hutch++ residual probes {start}..{start + G.shape[0] - 1}")
+        values.append(_dot64(G, HG).cpu())
+    mean, se = _mean_and_std_error(torch.cat(values))
+    return TraceEstimate(exact + mean, se, num_probes)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Diagonal
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class DiagonalEstimate(NamedTuple):
+    """``estimate`` of diag(H) and its per-entry ``std_error`` (NaN with one probe), both flat (n,) tensors in H's
+    dtype and on H's device."""
+
+    estimate: Tensor
+    std_error: Tensor
+
+
+def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None = None) -> DiagonalEstimate:
+    """Hutchinson's estimate of diag(H) (Bekas, Kokiopoulou & Saad 2007): diag(H) = E[z ⊙ Hz] for Rademacher z.
+
+    Entry j of one sample is z_j (Hz)_j = H_jj + Σ_{l≠j} z_j z_l H_jl, so the estimator is unbiased (z_j² = 1) with
+    per-entry variance Σ_{l≠j} H_jl² per probe. The estimate is the mean over ``num_probes`` probes and the
+    standard error the per-entry sample standard deviation / √num_probes (running mean and sum of squared
+    deviations in float64, updated probe by probe with Welford's recurrence, so memory stays O(n)).
+
+    Probes go to H in blocks of ``batch_size`` rows (default min(num_probes, 32)).
+
+    Returns:
+        :class:`DiagonalEstimate` ``(estimate (n,), std_error (n,))``, flat.
+    """
+    H = _as_operator(H)
+    num_probes = _check_int("num_probes", num_probes, 1)
+    seed = _check_seed(seed)
+    batch_size = _check_batch_size(batch_size, DEFAULT_BATCH_SIZE)
+    n = H.shape[0]
+    mean = torch.zeros(n, dtype=torch.float64, device=H.device)
+    m2 = torch.zeros(n, dtype=torch.float64, device=H.device)
+    count = 0
+    for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
+        HZ = _apply(H, Z, f"diagonal probes {start}..{start + Z.shape[0] - 1}")
+        for x in (Z * HZ).unbind(0):
+            x = x.to(torch.float64)  # one row at a time: O(n) float64 memory whatever the batch size
+            count += 1
+            delta = x - mean
+            mean += delta / count
+            m2 += delta * (x - mean)
+    if count > 1:
+        std_error = torch.sqrt(m2 / (count - 1) / count)
+    else:
+        std_error = torch.full_like(mean, float("nan"))
+    return DiagonalEstimate(mean.to(H.dtype), std_error.to(H.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Spectral density (stochastic Lanczos quadrature)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """The result of :func:`spectral_density`; unpacks as ``grid, density = spectral_density(H)``.
+
+    Attributes:
+        grid: (G,) float64 CPU tensor, increasing.
+        density: (G,) float64 CPU tensor, the smoothed spectral density on the grid (integrates to ≈ 1).
+        nodes: (num_runs, m) float64 CPU tensor, the Ritz values θ_j of each run (m = the Lanczos steps actually
+            taken, at most min(lanczos_steps, n)); a run that stopped early on an invariant Krylov space is padded
+            with copies of its first node carrying weight 0.
+        weights: (num_runs, m) float64 CPU tensor, the quadrature weights τ_j = U[0, j]²; each row sums to 1.
+        sigma: the Gaussian smoothing width used.
+        num_matvecs: the H@v products spent.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+    num_matvecs: int
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.grid, self.density))
+
+    @property
+    def mean(self) -> float:
+        """Σ_j τ_j θ_j averaged over runs: an estimate of tr(H)/n (each run's term is zᵀHz/n, a Hutchinson sample)."""
+        return (self.weights * self.nodes).sum(dim=1).mean().item()
+
+
+def spectral_density(
+    H,
+    *,
+    num_runs: int = 10,
+    lanczos_steps: int = 80,
+    grid: Tensor | Sequence[float] | None = None,
+    sigma: float | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> SpectralDensity:
+    """The eigenvalue density φ(t) = (1/n) Σ_i δ(t − λ_i) of H by stochastic Lanczos quadrature, smoothed.
+
+    (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019.) For a unit vector v, vᵀ f(H) v = Σ_i (vᵀu_i)² f(λ_i)
+    is an integral against a spectral measure whose expectation over v = z/√n (z Rademacher) is φ. m steps of
+    Lanczos from v (with full reorthogonalization) give T = U Θ Uᵀ, and the Gauss quadrature
+    vᵀ f(H) v ≈ Σ_j τ_j f(θ_j) with nodes θ_j and weights τ_j = U[0, j]² (exact for polynomials of degree < 2m).
+    Averaging over ``num_runs`` start vectors and taking f = the Gaussian kernel of width σ gives
+    φ_σ(t) = (1/num_runs) Σ_runs Σ_j τ_j exp(−(t − θ_j)²/2σ²) / (σ√(2π)).
+    Since Σ_j τ_j = 1 the density integrates to 1 (on a grid that covers the nodes by a few σ), and
+    Σ_j τ_j θ_j = T_00 = vᵀHv = zᵀHz/n, so the mean of the density is a Hutchinson estimate of tr(H)/n (with the
+    same probes as :func:`trace` with ``num_probes=num_runs``).
+
+    Args:
+        num_runs: start vectors (≥ 1).
+        lanczos_steps: Lanczos steps per run (≥ 1; capped at n); each costs one H@v product per run.
+        grid: where to evaluate the density (1-D, increasing, ≥ 2 points). Default: 1000 points over
+            [min θ − 5σ, max θ + 5σ], so the trapezoid rule over the grid integrates it to 1 within ~1e-6.
+        sigma: smoothing width (> 0). Default: 1% of the node span max θ − min θ (of max|θ| if the span is 0,
+            1 if H = 0). Smaller σ resolves the bulk better; keep σ ≳ the grid spacing.
+        seed: seeds the Rademacher start vectors (run i uses probe i, as :func:`trace` does).
+        batch_size: Lanczos runs advanced side by side, their products sent to H as one block. Default: as many
+            as keep their bases within 2²⁸ elements (1 GiB in float32), at least 1.
+
+    Returns:
+        :class:`SpectralDensity`, unpacking as ``(grid, density)``; ``nodes``, ``weights``, ``sigma``,
+        ``num_matvecs`` and ``mean`` are attributes.
+    """
+    H = _as_operator(H)
+    n = H.shape[0]
+    num_runs = _check_int("num_runs", num_runs, 1)
+    lanczos_steps = _check_int("lanczos_steps", lanczos_steps, 1)
+    if sigma is not None:
+        sigma = _check_positive("sigma", sigma)
+    if grid is not None:
+        grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError(f"grid must be a 1-D sequence of at least 2 points, got shape {tuple(grid.shape)}")
+        if not torch.isfinite(grid).all() or not bool((grid[1:] > grid[:-1]).all()):
+            raise ValueError("grid must be finite and strictly increasing")
+    seed = _check_seed(seed)
+    m = min(lanczos_steps, n)
+    batch_size = _check_batch_size(batch_size, max(1, min(num_runs, _SLQ_BASIS_ELEMENTS // (m * n))))
+
+    all_nodes: list[Tensor] = []
+    all_weights: list[Tensor] = []
+    for start, Z in _probe_blocks(H, 0, num_runs, batch_size, seed):
+        for theta, tau in _slq_runs(H, Z, m, start):
+            pad = m - theta.numel()
+            all_nodes.append(torch.cat([theta, theta[:1].expand(pad)]))
+            all_weights.append(torch.cat([tau, tau.new_zeros(pad)]))
+    nodes = torch.stack(all_nodes)
+    weights = torch.stack(all_weights)
+
+    lo, hi = nodes.min().item(), nodes.max().item()
+    if sigma is None:
+        span = hi - lo
+        if span <= 0:
+            span = max(abs(lo), abs(hi)) or 1.0
+        sigma = 0.01 * span
+    if grid is None:
+        grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, 1000, dtype=torch.float64)
+    density = _gaussian_mixture(grid, nodes, weights, sigma)
+    return SpectralDensity(grid, density, nodes, weights, sigma, num_runs * m)
+
+
+def _slq_runs(H: LinearOperator, Z: Tensor, m: int, first: int) -> list[tuple[Tensor, Tensor]]:
+    """m-step Lanczos from each row of Z at once; per run the Gauss nodes θ and weights τ (float64, CPU)."""
+    B, n = Z.shape
+    basis = torch.zeros(B, m, n, dtype=H.dtype, device=H.device)
+    basis[:, 0] = Z / math.sqrt(n)  # a Rademacher vector has norm √n exactly
+    alphas = torch.zeros(B, m, dtype=torch.float64)
+    betas = torch.zeros(B, m, dtype=torch.float64)
+    lengths = torch.full((B,), m, dtype=torch.int64)  # steps each run keeps; shorter after a breakdown
+    active = torch.ones(B, dtype=torch.bool)
+    for j in range(m):
+        v = basis[:, j]
+        w = _apply(H, v, f"spectral_density Lanczos iteration {j} of runs {first}..{first + B - 1}")
+        alpha = _dot64(v, w)
+        w = w - alpha.to(H.dtype).unsqueeze(-1) * v
+        if j > 0:
+            w = w - betas[:, j - 1].to(device=H.device, dtype=H.dtype).unsqueeze(-1) * basis[:, j - 1]
+        w = _orthogonalize(basis[:, : j + 1], w)
+        beta = _norm64(w).cpu()
+        alphas[:, j] = alpha.cpu()
+        betas[:, j] = beta
+        if j + 1 == m:
+            break
+        for b in range(B):
+            tol = _breakdown_tol(H.dtype, n, alphas[b, : j + 1].tolist(), betas[b, : j + 1].tolist())
+            if active[b] and beta[b] <= tol:
+                # The Krylov space of this run is invariant: its quadrature is exact with j + 1 nodes.
+                active[b] = False
+                lengths[b] = j + 1
+        scale = torch.where(active, 1.0 / beta.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+        basis[:, j + 1] = w * scale.to(device=H.device, dtype=H.dtype).unsqueeze(-1)  # finished runs feed zeros
+        if not active.any():
+            break
+    out = []
+    for b in range(B):
+        length = int(lengths[b])
+        theta, U = torch.linalg.eigh(_tridiagonal(alphas[b, :length].tolist(), betas[b, :length].tolist()))
+        out.append((theta, U[0] ** 2))
+    return out
+
+
+def _gaussian_mixture(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -> Tensor:
+    """(1/R) Σ_r Σ_j w_rj N(t; θ_rj, σ²) on the grid, a chunk of grid points at a time."""
+    theta = nodes.reshape(-1)
+    tau = weights.reshape(-1) / nodes.shape[0]
+    norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
+    chunk = max(1, (1 << 22) // max(1, theta.numel()))
+    parts = []
+    for i in range(0, grid.numel(), chunk):
+        t = grid[i : i + chunk, None]
+        parts.append((torch.exp(-0.5 * ((t - theta) / sigma) ** 2) * tau).sum(dim=1) * norm)
+    return torch.cat(parts)
+
+
+def plot_density(density_result, path, *, log: bool = True, title: str | None = None):
+    """Save the spectral density as a PNG at ``path`` and return the path.
+
+    ``density_result`` is a :class:`SpectralDensity` or a ``(grid, density)`` pair. ``log=True`` plots the density
+    on a log axis (a Hessian's outliers carry a tiny mass next to the bulk at 0), clipped below at 1e-12 × its
+    maximum so the empty tails do not dominate. Needs matplotlib (an optional extra); it draws on an Agg canvas
+    without touching pyplot's global state or the user's backend.
+    """
+    grid, density = density_result
+    grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
+    density = torch.as_tensor(density, dtype=torch.float64).cpu()
+    if grid.ndim != 1 or density.shape != grid.shape:
+        raise ValueError(
+            f"density_result must hold a 1-D grid and a density of the same shape, got {tuple(grid.shape)} and "
+            f"{tuple(density.shape)}"
+        )
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "plot_density needs matplotlib, an optional extra: pip install matplotlib"
+        ) from error
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if log:
+        floor = max(density.max().item(), 1e-300) * 1e-12
+        axes.semilogy(grid.numpy(), density.clamp(min=floor).numpy())
+    else:
+        axes.plot(grid.numpy(), density.numpy())
+    axes.set_xlabel("eigenvalue")
+    axes.set_ylabel("density (log scale)" if log else "density")
+    if title is not None:
+        axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path

@@ -1,0 +1,351 @@
+"""optim.hessian.operator.HessianOperator against the exact Hessian of small float64 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from optim.hessian.hvp import fd_rtol
+from optim.hessian.operator import HessianOperator
+
+from ..conftest import DEVICES
+from .test_hvp import EXACT_RTOL, MODEL_NAMES, build_case, cached_case, dense_hessian, relative_error
+
+
+def operator_of(case, **kwargs) -> HessianOperator:
+    return HessianOperator(case.model, case.loss_fn, (case.inputs, case.targets), **kwargs)
+
+
+def flat_random(H, k=None):
+    return torch.randn(((k,) if k is not None else ()) + (H.n,), dtype=H.dtype, device=H.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Products
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_products_equal_dense_hessian_times_v(device, model_name):
+    case, hessian = cached_case(model_name, device)
+    H = operator_of(case)
+    v = flat_random(H)
+    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+    assert relative_error(H.matvec(v), hessian @ v) <= EXACT_RTOL
+    assert relative_error(v @ H, hessian @ v) <= EXACT_RTOL
+
+    block = flat_random(H, 3)
+    product = H @ block
+    assert product.shape == (3, H.n)
+    assert relative_error(product, block @ hessian) <= EXACT_RTOL
+
+    as_list = H.unflatten(v)
+    product = H @ as_list
+    assert isinstance(product, list) and [t.shape for t in product] == [p.shape for p in H.params]
+    assert relative_error(H.flatten(product), hessian @ v) <= EXACT_RTOL
+    assert isinstance(H @ tuple(as_list), tuple)
+
+
+@pytest.mark.parametrize("mode", ["rr", "fr", "fd", "auto"])
+def test_every_mode(mode):
+    case, hessian = cached_case("conv")
+    H = operator_of(case, mode=mode)
+    block = flat_random(H, 2)
+    tol = EXACT_RTOL if mode != "fd" else fd_rtol(torch.float64)
+    for row, expected in zip(H @ block, block @ hessian):
+        assert relative_error(row, expected) <= tol
+    assert H.resolved_mode == ("rr" if mode == "auto" else mode)
+
+
+def test_k_probes_per_list():
+    case, hessian = cached_case("mlp")
+    H = operator_of(case)
+    block = flat_random(H, 4)
+    product = H @ H.unflatten(block)  # a list whose entries carry the leading k
+    assert [t.shape for t in product] == [(4,) + tuple(p.shape) for p in H.params]
+    assert relative_error(H.flatten(product), block @ hessian) <= EXACT_RTOL
+
+
+def test_batches_are_averaged_by_row_count():
+    case = build_case("mlp", rows=8)
+    batches = [(case.inputs[:3], case.targets[:3]), (case.inputs[3:], case.targets[3:])]  # 3 and 5 rows
+    H = HessianOperator(case.model, F.cross_entropy, batches)
+    # (3·L_1 + 5·L_2)/8 is the mean over the 8 rows: the full-batch loss.
+    hessian = dense_hessian(case.f, case.params)
+    block = flat_random(H, 2)
+    assert relative_error(H @ block, block @ hessian) <= EXACT_RTOL
+
+    loss, grad = H.loss_and_grad()
+    leaves = [p.clone().requires_grad_(True) for p in case.params]
+    full_loss = case.f(*leaves)
+    expected_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(full_loss, leaves)])
+    torch.testing.assert_close(loss, full_loss.detach(), rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_dataloader_and_generator_data():
+    case = build_case("mlp", rows=8)
+    hessian = dense_hessian(case.f, case.params)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(case.inputs, case.targets), batch_size=3, shuffle=True
+    )  # batches of 3, 3 and 2 rows
+    v = torch.randn(sum(p.numel() for p in case.params), dtype=torch.float64)
+    for data in (loader, ((case.inputs[i:i + 4], case.targets[i:i + 4]) for i in (0, 4))):
+        H = HessianOperator(case.model, F.cross_entropy, data)
+        for _ in range(2):  # a generator is kept, not exhausted by the first product
+            assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+
+
+def test_empty_batches_are_skipped():
+    case, hessian = cached_case("mlp")
+    empty = (case.inputs[:0], case.targets[:0])
+    H = HessianOperator(case.model, case.loss_fn, [empty, (case.inputs, case.targets)])
+    v = flat_random(H)
+    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+
+
+def test_param_filter_gives_the_sub_block():
+    case, hessian = cached_case("attention")
+    in_scope = {"query.weight", "norm_bias", "down.bias"}
+    H = operator_of(case, param_filter=lambda name, p: name in in_scope)
+    assert H.names == [name for name in case.names if name in in_scope]  # model order
+    offsets, index = 0, []
+    for name, p in zip(case.names, case.params):
+        if name in in_scope:
+            index.extend(range(offsets, offsets + p.numel()))
+        offsets += p.numel()
+    index = torch.tensor(index)
+    sub_block = hessian[index][:, index]
+    assert H.n == len(index) and H.shape == (H.n, H.n)
+    block = flat_random(H, 2)
+    assert relative_error(H @ block, block @ sub_block) <= EXACT_RTOL
+
+
+def test_params_without_grad_are_out_of_scope():
+    case = build_case("mlp")
+    case.model[0].weight.requires_grad_(False)
+    H = operator_of(case)
+    assert H.names == ["0.bias", "2.weight", "2.bias"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attributes, helpers, counters
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attributes(device):
+    case, _ = cached_case("conv", device)
+    H = operator_of(case)
+    assert H.names == case.names
+    assert all(a is b for a, b in zip(H.params, case.model.parameters()))  # the model's own tensors
+    assert H.n == case.n == 2 * 9 + 2 + 32 * 3 + 3
+    assert H.shape == (H.n, H.n)
+    assert H.dtype == torch.float64
+    assert H.device == torch.device(device)
+    assert "n=119" in repr(H)
+
+
+def test_flatten_unflatten():
+    case, _ = cached_case("conv")
+    H = operator_of(case)
+    v = flat_random(H)
+    pieces = H.unflatten(v)
+    assert [t.shape for t in pieces] == [p.shape for p in H.params]
+    assert all(t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for t in pieces)  # views
+    assert torch.equal(H.flatten(pieces), v)
+
+    block = flat_random(H, 3)
+    pieces = H.unflatten(block)
+    assert [t.shape for t in pieces] == [(3,) + tuple(p.shape) for p in H.params]
+    assert all(t.untyped_storage().data_ptr() == block.untyped_storage().data_ptr() for t in pieces)
+    assert torch.equal(H.flatten(pieces), block)
+    assert torch.equal(pieces[1][2], block[2, 18:20])  # conv bias follows the 18 conv weights
+
+
+def test_num_matvecs_counts_probes():
+    case = build_case("mlp", rows=6)
+    H = HessianOperator(case.model, case.loss_fn, [(case.inputs[:3], case.targets[:3]),
+                                                   (case.inputs[3:], case.targets[3:])])
+    assert H.num_matvecs == 0
+    H @ flat_random(H)
+    assert H.num_matvecs == 1  # one product with H, whatever the number of batches
+    H @ flat_random(H, 5)
+    assert H.num_matvecs == 6
+    H @ H.unflatten(flat_random(H))
+    assert H.num_matvecs == 7
+    H.loss_and_grad()
+    assert H.num_matvecs == 7
+
+
+def test_loss_and_grad_single_batch():
+    case, _ = cached_case("attention")
+    H = operator_of(case)
+    loss, grad = H.loss_and_grad()
+    leaves = [p.clone().requires_grad_(True) for p in case.params]
+    expected = case.f(*leaves)
+    grads = torch.autograd.grad(expected, leaves)
+    assert loss.shape == () and grad.shape == (H.n,)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(grad, torch.cat([g.reshape(-1) for g in grads]), rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: left alone, read at each product, evaluated in its current mode
+
+
+@pytest.mark.parametrize("mode", ["rr", "fr", "fd", "auto"])
+def test_model_unchanged(mode):
+    case = build_case("conv")
+    before = {name: t.detach().clone() for name, t in case.model.state_dict().items()}
+    H = operator_of(case, mode=mode)
+    H @ flat_random(H, 2)
+    H.loss_and_grad()
+    for name, t in case.model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_products_follow_the_current_parameters():
+    case = build_case("mlp")
+    H = operator_of(case)
+    v = flat_random(H)
+    with torch.no_grad():
+        for p in case.model.parameters():
+            p.mul_(0.5)
+    moved = build_case("mlp")
+    with torch.no_grad():
+        for p in moved.model.parameters():
+            p.mul_(0.5)
+    hessian = dense_hessian(moved.f, [p.detach() for p in moved.model.parameters()])
+    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+
+
+def _batchnorm_case():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2))
+        model = model.double()
+        with torch.no_grad():
+            model[1].running_mean.normal_()
+            model[1].running_var.uniform_(0.5, 2.0)
+        inputs, targets = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    return model, inputs, targets
+
+
+def _functional_loss(model, inputs, targets):
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    def f(*ps):
+        state = dict(buffers)
+        state.update(zip(names, ps))
+        return F.cross_entropy(torch.func.functional_call(model, state, (inputs,)), targets)
+
+    return f, params
+
+
+def test_eval_mode_is_deterministic_and_exact():
+    model, inputs, targets = _batchnorm_case()
+    model.eval()
+    H = HessianOperator(model, F.cross_entropy, (inputs, targets))
+    f, params = _functional_loss(model, inputs, targets)
+    hessian = dense_hessian(f, params)
+    v = flat_random(H)
+    first = H @ v
+    assert torch.equal(first, H @ v)
+    assert relative_error(first, hessian @ v) <= EXACT_RTOL
+
+
+def test_train_mode_batchnorm_uses_batch_statistics_and_keeps_running_stats():
+    model, inputs, targets = _batchnorm_case()
+    model[3].p = 0.0  # keep dropout's train-mode path but make it deterministic for the comparison
+    model.train()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    H = HessianOperator(model, F.cross_entropy, (inputs, targets))
+    f, params = _functional_loss(model, inputs, targets)
+    hessian = dense_hessian(f, params)
+    block = flat_random(H, 2)
+    assert relative_error(H @ block, block @ hessian) <= EXACT_RTOL
+    assert H.resolved_mode == "rr"
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+    # Batch statistics, not the running ones: the eval-mode Hessian differs.
+    model.eval()
+    eval_f, _ = _functional_loss(model, inputs, targets)
+    assert relative_error(block @ dense_hessian(eval_f, params), block @ hessian) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_construction_errors():
+    case, _ = cached_case("mlp")
+    batch = (case.inputs, case.targets)
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got a method"):
+        HessianOperator(case.f, case.loss_fn, batch)
+    with pytest.raises(ValueError, match="loss_fn must be callable"):
+        HessianOperator(case.model, "cross_entropy", batch)
+    with pytest.raises(ValueError, match="param_filter must be callable"):
+        HessianOperator(case.model, case.loss_fn, batch, param_filter="0.weight")
+    with pytest.raises(ValueError, match="no parameters in scope.*passes param_filter"):
+        HessianOperator(case.model, case.loss_fn, batch, param_filter=lambda name, p: False)
+    with pytest.raises(ValueError, match="unknown mode 'exact'"):
+        HessianOperator(case.model, case.loss_fn, batch, mode="exact")
+    with pytest.raises(ValueError, match="data must be one \\(inputs, targets\\) batch or an iterable"):
+        HessianOperator(case.model, case.loss_fn, 3)
+
+
+def test_mixed_dtypes_need_a_filter():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    batch = (torch.randn(3, 2), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="mix dtypes or devices.*param_filter"):
+        HessianOperator(model, F.mse_loss, batch)
+    H = HessianOperator(model, F.mse_loss, batch, param_filter=lambda name, p: name.startswith("0."))
+    assert H.dtype == torch.float32 and H.n == 6
+
+
+def test_bad_batches():
+    case, _ = cached_case("mlp")
+    H = HessianOperator(case.model, case.loss_fn, [(case.inputs, case.targets), (case.inputs,)])
+    with pytest.raises(ValueError, match="data batch 1 is a tuple of length 1; each batch must be an "
+                                         "\\(inputs, targets\\) pair"):
+        H @ flat_random(H)
+    H = HessianOperator(case.model, case.loss_fn, [])
+    with pytest.raises(ValueError, match="no batch with at least one row"):
+        H @ flat_random(H)
+    with pytest.raises(ValueError, match="no batch with at least one row"):
+        H.loss_and_grad()
+
+
+def test_bad_vectors():
+    case, _ = cached_case("mlp")
+    H = operator_of(case)
+    with pytest.raises(ValueError, match=r"v has shape \(67,\); expected a flat vector \(66,\), a block \(k, 66\)"):
+        H @ torch.randn(67, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"v has shape \(2, 3, 66\)"):
+        H @ torch.randn(2, 3, 66, dtype=torch.float64)
+    with pytest.raises(ValueError, match="v is torch.float32 on cpu but the parameters are torch.float64"):
+        H @ torch.randn(66)
+    with pytest.raises(ValueError, match=r"v\[0\] contains non-finite"):
+        H @ torch.full((66,), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"v has 1 tensors but params has 4"):
+        H @ [torch.randn(7, 5, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="got a dict"):
+        H @ {"0.weight": torch.randn(7, 5, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"expected a tensor of shape \(66,\) or \(k, 66\), got \(65,\)"):
+        H.unflatten(torch.randn(65, dtype=torch.float64))
+
+
+def test_non_finite_loss():
+    case, _ = cached_case("mlp")
+    bad_inputs = case.inputs.clone()
+    bad_inputs[0, 0] = float("nan")
+    H = HessianOperator(case.model, case.loss_fn, (bad_inputs, case.targets))
+    with pytest.raises(ValueError, match="non-finite loss"):
+        H @ flat_random(H)
+    with pytest.raises(ValueError, match="non-finite loss"):
+        H.loss_and_grad()

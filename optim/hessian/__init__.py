@@ -3,11 +3,13 @@
 from . import _ops
 from .hvp import hvp
 from .losses import cross_entropy
+from .monitor import SharpnessMonitor
 from .operator import HessianOperator
 from .probes import rademacher, rademacher_like
 from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOperator, SpectralDensity, TraceEstimate,
                        diagonal, plot_density, spectral_density, top_eigenvalues, trace)
 
-__all__ = ["DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SpectralDensity",
+__all__ = ["DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SharpnessMonitor",
+           "SpectralDensity",
            "TraceEstimate", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
            "spectral_density", "top_eigenvalues", "trace"]

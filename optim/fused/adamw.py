@@ -77,7 +77,7 @@ class AdamW(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
-                dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+                dtype = _real_dtype(p)
                 if dtype not in PARAM_DTYPES:
                     raise ValueError(
                         f"optim.AdamW: a parameter of shape {tuple(p.shape)} is {p.dtype}; only float64, float32, "
@@ -104,11 +104,9 @@ class AdamW(Optimizer):
             has_complex |= p.is_complex()
             state = self.state[p]
             if not state:
-                real = torch.view_as_real(p) if p.is_complex() else p
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 for key in STATE_KEYS:
-                    state[key] = torch.zeros_like(p, dtype=_complex_or(p, moment_dtype(real.dtype)),
-                                                  memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(p, dtype=_moment_dtype_of(p), memory_format=torch.preserve_format)
             grad = p.grad
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             if p.is_complex():
@@ -171,18 +169,23 @@ class AdamW(Optimizer):
             if not saved:
                 continue
             state = self.state[p]
-            real_dtype = (torch.view_as_real(p) if p.is_complex() else p).dtype
             for key in STATE_KEYS:
                 if key in saved:
-                    state[key] = saved[key].to(device=p.device, dtype=_complex_or(p, moment_dtype(real_dtype)),
-                                               copy=True)
+                    state[key] = saved[key].to(device=p.device, dtype=_moment_dtype_of(p), copy=True)
             if "step" in saved:
                 step = saved["step"]
                 step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
                 state["step"] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
 
 
-def _complex_or(p: torch.Tensor, real_dtype: torch.dtype) -> torch.dtype:
+def _real_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels see: complex parameters are stepped as their real view."""
+    return torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+
+
+def _moment_dtype_of(p: torch.Tensor) -> torch.dtype:
+    """The dtype of p's moments: float32/float64 (complex64/complex128 for complex p), see ``moment_dtype``."""
+    real_dtype = moment_dtype(_real_dtype(p))
     if not p.is_complex():
         return real_dtype
     return torch.complex128 if real_dtype == torch.float64 else torch.complex64

@@ -29,10 +29,11 @@ def splitmix64_sign(seed: int, counter: int) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_kernel_is_registered(device):
+@pytest.mark.parametrize("op", ["rademacher_", "cross_entropy_hvp"])
+def test_compiled_kernel_is_registered(device, op):
     if not REQUIRE_EXTENSION:
         pytest.skip("OPTIM_REQUIRE_EXTENSION is off")
-    assert optim.has_kernel("rademacher_", device)
+    assert optim.has_kernel(op, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,13 +133,6 @@ def exact_cross_entropy_hessian_product(logits, tangent, scale):
     (grad,) = torch.autograd.grad(torch.logsumexp(z, dim=-1).sum(), z, create_graph=True)
     (hvp,) = torch.autograd.grad(grad, z, grad_outputs=u) if z.numel() else (torch.zeros_like(z),)
     return (scale * hvp).reshape(logits.shape)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_hvp_kernel_is_registered(device):
-    if not REQUIRE_EXTENSION:
-        pytest.skip("OPTIM_REQUIRE_EXTENSION is off")
-    assert optim.has_kernel("cross_entropy_hvp", device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,6 +13,7 @@ Environment switches:
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -36,6 +37,12 @@ def get_extensions():
     optimization = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-math-errno: sqrt need not set errno, which is what lets the CPU update loops vectorize.
     extra_compile_args = {"cxx": optimization + ["-fno-math-errno", "-fdiagnostics-color=always"]}
+    extra_link_args = []
+    # at::parallel_for is header code: without -fopenmp its `omp parallel` is ignored and every CPU kernel runs on
+    # one thread. Only where torch itself runs on OpenMP (Linux wheels; macOS clang has no -fopenmp).
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     define_macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a;8.0+PTX")
@@ -54,6 +61,7 @@ def get_extensions():
             sources=sources,
             include_dirs=[os.path.join(root, "csrc")],
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
             define_macros=define_macros,
         )
     ]

@@ -1,0 +1,212 @@
+"""Hessian-vector products: time and peak memory relative to one gradient, per mode, one probe and k probes.
+
+For each model (an MLP and a GPT-2-shaped transformer with math attention, :mod:`benchmarks._models`) and one batch,
+in one process:
+
+* ``gradient``: ``torch.autograd.grad`` of the loss (forward + backward), the unit of every ratio;
+* ``rr`` / ``fr`` / ``fd``: ``optim.hvp(f, params, v, mode=...)`` with PyTorch's ``F.cross_entropy``. ``rr`` with one
+  probe is what ``torch.autograd.functional.hvp``-style double backward costs; ``fr`` is ``torch.func``'s
+  forward-over-reverse; ``fd`` is the central difference of two gradients;
+* ``fused``: ``mode="rr"`` with ``optim.hessian.cross_entropy``, whose second derivative is the fused kernel
+  ``optim::cross_entropy_hvp`` instead of the autograd graph of softmax + log + gather.
+
+Then the loss's own second derivative alone, ``optim::cross_entropy_hvp`` (the fused kernel: the product of the
+softmax cross-entropy Hessian ``scale·(diag(p) − p pᵀ)`` with a tangent, row by row, for logits (N, V)) against what
+eager PyTorch users run for it: the double backward through ``F.cross_entropy`` (``grad`` with ``create_graph`` then
+a vector-Jacobian product of the gradient), and the formula ``p ⊙ (u − ⟨p, u⟩)`` in eager ops. Time and peak memory
+(CUDA) at N = 16384, V = 50304 (GPT-2's vocabulary), float32.
+
+k = 1 and k = 8 probes per call (the k probes share one forward and first backward). ``x grad`` is the time per
+probe divided by the gradient's time. Peak memory (CUDA only) is the largest allocation above what was allocated
+before the call (model, batch and probes already there), divided by the gradient's. ``rel err`` is
+``‖Hv − Hv_rr‖ / ‖Hv_rr‖`` against ``rr`` with PyTorch's loss on the same probes (the fused kernel agrees to
+float32 rounding; ``fd`` to its documented tolerance).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+import optim
+
+from ._models import Case, fused_sequence_cross_entropy, gpt_case, mlp_case, sequence_cross_entropy
+from ._timing import device_name, synchronize, time_interleaved_ms
+
+PROBE_COUNTS = (1, 8)
+
+
+def peak_extra_bytes(fn, device: torch.device):
+    """Run ``fn`` once; on CUDA also return the peak bytes allocated above the level before the call."""
+    if device.type != "cuda":
+        return fn(), None
+    gc.collect()
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - before
+
+
+def _relative_error(result, reference) -> float:
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(result, reference))
+    den = sum(float(b.double().pow(2).sum()) for b in reference)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def _probes(params, k: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    lead = () if k == 1 else (k,)
+    return [torch.randn(lead + tuple(p.shape), generator=generator).to(p) for p in params]
+
+
+def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
+    params = [p.detach() for p in case.params]
+    f_torch = case.loss_of_params(sequence_cross_entropy)
+    f_fused = case.loss_of_params(fused_sequence_cross_entropy)
+
+    def gradient():
+        leaves = [p.requires_grad_() for p in (q.detach() for q in params)]
+        return torch.autograd.grad(f_torch(*leaves), leaves)
+
+    methods = {"gradient": (gradient, 1)}
+    probes = {k: _probes(params, k, seed=k) for k in PROBE_COUNTS}
+    for k in PROBE_COUNTS:
+        v = probes[k]
+        for mode in ("rr", "fr", "fd"):
+            methods[f"{mode} k={k}"] = (lambda mode=mode, v=v: optim.hvp(f_torch, params, v, mode=mode), k)
+        methods[f"fused k={k}"] = (lambda v=v: optim.hvp(f_fused, params, v, mode="rr"), k)
+
+    # One untimed run each: the result (for the error column), the peak memory, and whether the method works here.
+    outputs, peaks, failures = {}, {}, {}
+    for name, (fn, _) in methods.items():
+        try:
+            outputs[name], peaks[name] = peak_extra_bytes(fn, device)
+        except (RuntimeError, NotImplementedError) as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for name in list(outputs):
+        if name != "gradient":
+            outputs[name] = [t.detach() for t in outputs[name]]
+    working = {name: fn for name, (fn, _) in methods.items() if name not in failures}
+    repeats = 3 if quick else 7
+    timings = time_interleaved_ms(working, device, warmup=1 if quick else 2, repeats=repeats)
+
+    grad_ms = timings["gradient"].median_ms
+    grad_peak = peaks.get("gradient")
+    rows = []
+    for name, (_, k) in methods.items():
+        method, _, probe_part = name.partition(" k=")
+        row = {"model": case.name, "method": method, "probes": k}
+        if name in failures:
+            row["error"] = failures[name]
+            rows.append(row)
+            continue
+        timing = timings[name]
+        row.update(
+            ms=timing.median_ms,
+            ms_per_probe=timing.median_ms / k,
+            x_gradient_per_probe=timing.median_ms / k / grad_ms,
+            repeat_ms=timing.repeat_ms,
+            peak_bytes=peaks[name],
+            peak_x_gradient=(peaks[name] / grad_peak) if (peaks[name] is not None and grad_peak) else None,
+        )
+        reference = outputs.get(f"rr k={k}")
+        if method != "gradient" and reference is not None:
+            row["relative_error_vs_rr"] = _relative_error(outputs[name], reference)
+        rows.append(row)
+    return rows
+
+
+def cross_entropy_kernel_rows(device: torch.device, quick: bool) -> dict:
+    rows_count, vocab = (1024, 8192) if quick else (16384, 50304)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows_count, vocab, generator=generator).to(device)
+    tangent = torch.randn(rows_count, vocab, generator=generator).to(device)
+    targets = torch.randint(0, vocab, (rows_count,), generator=generator).to(device)
+    scale = 1.0 / rows_count
+
+    def fused():
+        return torch.ops.optim.cross_entropy_hvp(logits, tangent, scale)
+
+    def double_backward():
+        z = logits.detach().requires_grad_()
+        (gradient,) = torch.autograd.grad(torch.nn.functional.cross_entropy(z, targets), z, create_graph=True)
+        (product,) = torch.autograd.grad(gradient, z, tangent)
+        return product
+
+    def eager_formula():
+        p = torch.softmax(logits, dim=-1)
+        return scale * p * (tangent - (p * tangent).sum(dim=-1, keepdim=True))
+
+    methods = {"fused kernel": fused, "eager double backward": double_backward, "eager formula": eager_formula}
+    outputs, peaks = {}, {}
+    for name, fn in methods.items():
+        outputs[name], peaks[name] = peak_extra_bytes(fn, device)
+    reference = outputs["eager double backward"].double()
+    timings = time_interleaved_ms(methods, device, warmup=1 if quick else 3, repeats=5 if quick else 15)
+    base = timings["eager double backward"].median_ms
+    rows = []
+    for name in methods:
+        error = float((outputs[name].double() - reference).norm() / reference.norm())
+        rows.append({"method": name, "ms": timings[name].median_ms, "speedup_vs_double_backward": base / timings[name].median_ms,
+                     "peak_bytes": peaks[name], "relative_error_vs_double_backward": error,
+                     "repeat_ms": timings[name].repeat_ms})
+    del logits, tangent, outputs
+    return {"rows": rows_count, "vocab": vocab, "dtype": "float32", "methods": rows,
+            "extension_kernel": optim.has_kernel("cross_entropy_hvp", device)}
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for case in result["cases"]:
+        lines.append(f"\n{case['description']}  ({case['numel'] / 1e6:.2f}M parameters)")
+        lines.append(f"{'method':<10}{'k':>3}{'ms':>11}{'ms/probe':>11}{'x grad':>9}{'peak mem':>12}{'mem x grad':>12}"
+                     f"{'rel err':>10}")
+        for row in case["rows"]:
+            if "error" in row:
+                lines.append(f"{row['method']:<10}{row['probes']:>3}  failed: {row['error']}")
+                continue
+            peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f} MiB"
+            ratio = "-" if row["peak_x_gradient"] is None else f"{row['peak_x_gradient']:.2f}"
+            err = f"{row['relative_error_vs_rr']:.1e}" if "relative_error_vs_rr" in row else "-"
+            lines.append(f"{row['method']:<10}{row['probes']:>3}{row['ms']:>11.2f}{row['ms_per_probe']:>11.2f}"
+                         f"{row['x_gradient_per_probe']:>9.2f}{peak:>12}{ratio:>12}{err:>10}")
+    kernel = result["cross_entropy_kernel"]
+    lines.append(f"\ncross-entropy Hessian times a tangent, logits {kernel['rows']} x {kernel['vocab']} float32"
+                 f" (compiled kernel: {kernel['extension_kernel']})")
+    lines.append(f"{'method':<24}{'ms':>10}{'speedup':>10}{'peak mem':>12}{'rel err':>10}")
+    for row in kernel["methods"]:
+        peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"{row['method']:<24}{row['ms']:>10.3f}{row['speedup_vs_double_backward']:>9.2f}x{peak:>12}"
+                     f"{row['relative_error_vs_double_backward']:>10.1e}")
+    return "\n".join(lines)
+
+
+def run(device: torch.device, quick: bool = False) -> dict:
+    cases = []
+    for make in (mlp_case, gpt_case):
+        case = make(device, quick)
+        rows = run_case(case, device, quick)
+        cases.append({"name": case.name, "description": case.description, "numel": case.numel, "rows": rows})
+        del case
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "device_name": device_name(device),
+        "extension_kernel": optim.has_kernel("cross_entropy_hvp", device),
+        "conventions": {
+            "x_gradient_per_probe": "median time of the call / k / median time of one gradient (forward + backward)",
+            "peak_x_gradient": "CUDA peak bytes allocated above the level before the call, over the gradient's",
+            "relative_error_vs_rr": "||Hv - Hv_rr|| / ||Hv_rr|| on the same probes, rr with F.cross_entropy",
+        },
+        "cases": cases,
+        "cross_entropy_kernel": cross_entropy_kernel_rows(device, quick),
+    }
+    print(format_table(result))
+    return result

@@ -9,6 +9,7 @@ with the device, the torch version, the date and the command line.
 BENCHMARKS = {
     "steps": "steps",
     "hvp": "hvp",
+    "spectrum": "spectrum",
 }
 
 __all__ = ["BENCHMARKS"]

@@ -2,17 +2,28 @@
 # One call on the GPU machine (device tool, repo root): build the extension with CUDA, run the CUDA tests with
 # OPTIM_REQUIRE_CUDA=1 (a skipped CUDA test is a failure), then the benchmarks. Logs and JSON go to $OUT
 # (the device tool's output folder) or ./bench_out. The machine's own torch is used (build isolation off).
-#   usage: bash benchmarks/gpu_check.sh [benchmark names...]   (default: steps)
+#   usage: bash benchmarks/gpu_check.sh [benchmark names...]   (default: every registered benchmark)
+# The peers (pyhessian, geoopt, pytorch-optimizer, galore-torch) are not on that machine and it has no network:
+# download their wheels into .whl/ here (see benchmarks/RESULTS.md) and name .whl in the device tool's carry.
 set -uo pipefail  # pipefail: a pipeline fails when pytest does, whatever tee/tail do
 out=${OUT:-bench_out}
 mkdir -p "$out"
-benchmarks=("${@:-steps}")
+if [ $# -eq 0 ]; then
+  set -- $(python3 -c 'import benchmarks; print(" ".join(benchmarks.BENCHMARKS))')
+fi
+benchmarks=("$@")
 status=0
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0a;8.0+PTX"}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$out/device.txt"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  echo "== peer wheels: $(ls .whl | tr '\n' ' ')"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "peer wheels did not install; peers will be reported missing"
+fi
 
 echo "== build"
 start=$(date +%s)

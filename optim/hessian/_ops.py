@@ -17,6 +17,15 @@ a pure function of (seed, counter): identical on CPU and CUDA, for any thread la
 The generator is SplitMix64 (Steele, Lea & Flood 2014): ``value = +1 if top bit of mix64(mix64(seed) + (counter + 1)
 · 0x9E3779B97F4A7C15) is 0 else -1``, arithmetic mod 2⁶⁴. The reference evaluates it with int64 tensor ops, whose
 multiplication wraps mod 2⁶⁴ (two's complement), with logical right shifts emulated by masking.
+
+``optim::krylov_dots(basis, w)`` gives the inner products of the Krylov loops (Lanczos, SLQ, Gram-Schmidt,
+Rayleigh quotients, Hutchinson's zᵀHz) for basis (B, m, n) and w (B, n)::
+
+    c[b, i] = Σ_j basis[b, i, j] · w[b, j]        (B, m) float64: products and sums in float64
+
+The vectors are flat over every parameter (n = all parameters' elements), so one call covers every parameter tensor
+and every basis vector. The kernels read basis and w once, with no float64 copy of basis (the reference makes one
+in chunks); float32 inner products over n ~ 10⁸ entries would otherwise lose ~1e-4 of their value to rounding.
 """
 
 from __future__ import annotations
@@ -144,3 +153,42 @@ def _cross_entropy_hvp_vmap(info, in_dims, logits, tangent, scale):
 
 
 torch.library.register_vmap("optim::cross_entropy_hvp", _cross_entropy_hvp_vmap, lib=LIBRARY)
+
+
+def check_krylov_dots_args(basis: torch.Tensor, w: torch.Tensor) -> None:
+    if basis.dim() != 3:
+        raise ValueError(f"krylov_dots: basis must have shape (B, m, n), got {tuple(basis.shape)}")
+    if w.dim() != 2 or w.shape[0] != basis.shape[0] or w.shape[1] != basis.shape[2]:
+        raise ValueError(f"krylov_dots: w must have shape (B, n) = ({basis.shape[0]}, {basis.shape[2]}) to match basis "
+                         f"{tuple(basis.shape)}, got {tuple(w.shape)}")
+    if basis.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"krylov_dots: basis must be floating point, got {basis.dtype}")
+    if w.dtype != basis.dtype or w.device != basis.device:
+        raise RuntimeError(f"krylov_dots: w is {w.dtype} on {w.device} but basis is {basis.dtype} on {basis.device}")
+
+
+# Columns per float64 chunk in the reference: bounds its float64 copies to about 2^24 elements whatever m and n are.
+_REFERENCE_CHUNK_ELEMENTS = 1 << 24
+
+
+def krylov_dots_reference(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    check_krylov_dots_args(basis, w)
+    batch, rows, n = basis.shape
+    out = torch.zeros(batch, rows, dtype=torch.float64, device=basis.device)
+    chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // max(1, batch * rows))
+    for start in range(0, n, chunk):
+        piece = basis[..., start : start + chunk].to(torch.float64)
+        out += torch.bmm(piece, w[:, start : start + chunk].to(torch.float64).unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _krylov_dots_fake(basis, w):
+    check_krylov_dots_args(basis, w)
+    return basis.new_empty((basis.shape[0], basis.shape[1]), dtype=torch.float64)
+
+
+krylov_dots = define_op(
+    "krylov_dots(Tensor basis, Tensor w) -> Tensor",
+    reference=krylov_dots_reference,
+    fake=_krylov_dots_fake,
+)

@@ -31,6 +31,7 @@ from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._ops import krylov_dots
 from .probes import rademacher
 
 __all__ = [
@@ -50,8 +51,6 @@ __all__ = [
 # Default number of probes (rows) handed to H in one block: enough to amortize a Hessian's shared forward and
 # backward passes, small enough that a (batch, n) block of a large model's parameters stays a few GiB at most.
 DEFAULT_BATCH_SIZE = 32
-# Float32-or-narrower dot products are upcast to float64 a chunk at a time; this bounds the transient copy.
-_UPCAST_CHUNK_ELEMENTS = 1 << 24
 # spectral_density runs this many Lanczos processes side by side only while their bases fit in this many elements.
 _SLQ_BASIS_ELEMENTS = 1 << 28
 
@@ -222,24 +221,19 @@ def _check_batch_size(batch_size, default: int) -> int:
 
 
 def _dot64(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products ``Σ_j a[..., j] b[..., j]`` accumulated in float64 (the product in a's dtype)."""
-    return (a * b).sum(dim=-1, dtype=torch.float64)
+    """Row-wise dot products ``Σ_j a[..., j] b[..., j]`` with float64 products and sums (``optim::krylov_dots``)."""
+    n = a.shape[-1]
+    rows = a.reshape(-1, 1, n)
+    return krylov_dots(rows, b.reshape(-1, n)).reshape(a.shape[:-1])
 
 
 def _norm64(a: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(a, dim=-1, dtype=torch.float64)
+    return _dot64(a, a).sqrt()
 
 
 def _basis_dots64(basis: Tensor, w: Tensor) -> Tensor:
-    """``c[b, i] = basis[b, i] · w[b]`` in float64 for basis (B, m, n) and w (B, n)."""
-    if basis.dtype == torch.float64:
-        return torch.bmm(basis, w.unsqueeze(-1)).squeeze(-1)
-    # Narrower dtypes: an elementwise product summed in float64, a chunk of basis vectors at a time so the
-    # transient product stays bounded whatever m and n are.
-    B, m, n = basis.shape
-    chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, B * n))
-    parts = [(basis[:, i : i + chunk] * w.unsqueeze(1)).sum(-1, dtype=torch.float64) for i in range(0, m, chunk)]
-    return torch.cat(parts, dim=1)
+    """``c[b, i] = basis[b, i] · w[b]`` in float64 for basis (B, m, n) and w (B, n): one ``optim::krylov_dots``."""
+    return krylov_dots(basis, w)
 
 
 def _orthogonalize(basis: Tensor, w: Tensor) -> Tensor:

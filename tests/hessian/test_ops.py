@@ -1,4 +1,4 @@
-"""optim::rademacher_: compiled kernels against the reference, the generator against SplitMix64, and bad input."""
+"""Hessian-family ops (rademacher_, cross_entropy_hvp, krylov_dots): compiled kernels against the references, and bad input."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def splitmix64_sign(seed: int, counter: int) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["rademacher_", "cross_entropy_hvp"])
+@pytest.mark.parametrize("op", ["rademacher_", "cross_entropy_hvp", "krylov_dots"])
 def test_compiled_kernel_is_registered(device, op):
     if not REQUIRE_EXTENSION:
         pytest.skip("OPTIM_REQUIRE_EXTENSION is off")
@@ -184,3 +184,74 @@ def test_cross_entropy_hvp_bad_input(implementation):
         call(z, torch.randn(4, 5, dtype=torch.float64), 1.0)
     with pytest.raises(ValueError, match="scale must be finite"):
         call(z, torch.randn(4, 5), float("inf"))
+
+
+# --- krylov_dots ---------------------------------------------------------------------------------------------------
+
+KD_OP = torch.ops.optim.krylov_dots
+# (B, m, n): one row, a block over 4097 columns, columns beyond one thread block and 64 CUDA slices, empties.
+KD_SHAPES = [(1, 1, 1), (2, 3, 4097), (1, 2, 3 * 65536 + 5), (3, 0, 10), (2, 4, 0), (0, 3, 5)]
+
+
+def exact_dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Float64 dot products of the float64 values, computed by a different route from the reference (einsum)."""
+    return torch.einsum("bij,bj->bi", basis.cpu().double(), w.cpu().double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", KD_SHAPES, ids=str)
+def test_krylov_dots_matches_float64(device, dtype, shape):
+    B, m, n = shape
+    basis = torch.randn(B, m, n, device=device).to(dtype)
+    w = torch.randn(B, n, device=device).to(dtype)
+    got = KD_OP(basis, w)
+    assert got.dtype == torch.float64 and got.shape == (B, m) and got.device.type == device
+    # Products of two floats are exact in float64, so only the float64 summation order differs: ~n·2⁻⁵³ relative.
+    torch.testing.assert_close(got.cpu(), exact_dots(basis, w), rtol=1e-12, atol=1e-12 * max(n, 1) ** 0.5)
+    from optim.hessian._ops import krylov_dots_reference
+    torch.testing.assert_close(krylov_dots_reference(basis, w).cpu(), exact_dots(basis, w), rtol=1e-12,
+                               atol=1e-12 * max(n, 1) ** 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krylov_dots_keeps_cancelling_sums(device):
+    """Float32 vectors whose dot product cancels to a tiny value next to its terms: still right to float64 rounding."""
+    generator = torch.Generator().manual_seed(5)
+    n = 1 << 20
+    a = torch.randn(1, 1, n, generator=generator)
+    b = torch.randn(1, n, generator=generator)
+    b = b - (a[0, 0] @ b[0]) / (a[0, 0] @ a[0, 0]) * a[0, 0]  # nearly orthogonal
+    exact = exact_dots(a, b)
+    got = KD_OP(a.to(device), b.to(device)).cpu()
+    assert (got - exact).abs().item() <= 1e-9 * (a.double().abs() * b.double().abs()).sum().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krylov_dots_strided_basis(device):
+    """A slice basis[:, :m] of a larger buffer (row stride ≠ n·m), and non-unit column strides (copied)."""
+    buffer = torch.randn(2, 10, 300, device=device, dtype=torch.float64)
+    w = torch.randn(300, 2, device=device, dtype=torch.float64).t()  # column stride 2
+    got = KD_OP(buffer[:, :4], w)
+    torch.testing.assert_close(got.cpu(), exact_dots(buffer[:, :4], w), rtol=1e-13, atol=1e-13)
+    transposed = torch.randn(2, 300, 4, device=device, dtype=torch.float64).transpose(1, 2)
+    torch.testing.assert_close(KD_OP(transposed, w).cpu(), exact_dots(transposed, w), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krylov_dots_opcheck(device):
+    torch.library.opcheck(KD_OP.default, args=(torch.randn(2, 3, 700, device=device), torch.randn(2, 700, device=device)))
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "reference"])
+def test_krylov_dots_bad_input(implementation):
+    from optim.hessian._ops import krylov_dots_reference
+    call = KD_OP if implementation == "kernel" else krylov_dots_reference
+    with pytest.raises(ValueError, match=r"basis must have shape \(B, m, n\)"):
+        call(torch.randn(3, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"w must have shape \(B, n\) = \(2, 5\)"):
+        call(torch.randn(2, 3, 5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="floating point"):
+        call(torch.ones(1, 1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="w is torch.float64"):
+        call(torch.randn(1, 2, 3), torch.randn(1, 3, dtype=torch.float64))

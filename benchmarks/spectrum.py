@@ -1,0 +1,190 @@
+"""Top Hessian eigenvalue, trace and spectral density of a model: ``optim`` vs PyHessian, same model, same batch.
+
+For each model of :mod:`benchmarks._models` (an MLP and a GPT-2-shaped transformer), one batch, in one process:
+
+* **top eigenvalue** to a 1e-3 relative tolerance: ``optim.top_eigenvalues(H, k=1, tol=1e-3)`` (Lanczos with full
+  reorthogonalization on ``optim.HessianOperator``) vs PyHessian's ``hessian(...).eigenvalues(tol=1e-3)`` (power
+  iteration, stopping when two successive estimates differ by less than tol relative). Both are compared with a
+  tight reference (Lanczos at tol=1e-8): ``rel err`` is what each actually achieved.
+* **trace** with the same number of Rademacher probes: ``optim.trace(H, num_probes=P)`` (probes in blocks of 32
+  sharing one forward/backward) vs PyHessian's ``trace(maxIter=P, tol=-inf)`` (one probe per second backward, its
+  stopping test disabled so both use P probes: with tol=0 it still stops at once when the running mean is
+  negative, since it divides by the signed mean). ``std err`` is the estimate's standard error relative to it.
+* **density** by stochastic Lanczos quadrature with one start vector and m steps: ``optim.spectral_density``
+  vs PyHessian's ``density(iter=m, n_v=1)`` (which calls ``torch.eig``, removed in PyTorch 1.13: its row then
+  reports the error).
+
+Times include building the operator (PyHessian's first backward with ``create_graph``). ``speedup`` is PyHessian's
+time over ours in the same run. PyHessian (``pip install pyhessian``, optional) missing: its rows say so. PyHessian
+puts the model in eval mode; the models here have no dropout or BatchNorm, so both see the same function.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+import optim
+
+from ._models import Case, gpt_case, mlp_case, sequence_cross_entropy
+from ._timing import device_name, synchronize
+
+
+def _pyhessian():
+    try:
+        from pyhessian import hessian
+    except ImportError as error:  # reported, not faked
+        return None, f"pyhessian is not installed ({error}); pip install pyhessian"
+    return hessian, None
+
+
+def _timed(fn, device: torch.device, repeats: int) -> tuple[object, float, list[float]]:
+    """Run ``fn`` ``repeats`` times; the result of the last run and the median and all wall-clock seconds."""
+    times, result = [], None
+    for _ in range(repeats):
+        gc.collect()
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return result, sorted(times)[len(times) // 2], times
+
+
+def run_case(case: Case, device: torch.device, quick: bool) -> dict:
+    model, batch = case.model, (case.inputs, case.targets)
+    probes = 32 if quick else 100
+    steps = 30 if quick else 80
+    repeats = 1 if quick else 3
+    pyhessian, missing = _pyhessian()
+
+    def operator():
+        return optim.HessianOperator(model, sequence_cross_entropy, batch)
+
+    reference = optim.top_eigenvalues(operator(), k=1, tol=1e-8, max_iter=300).eigenvalues[0].item()
+    rows = []
+
+    def add(task, method, result_time, value, extra):
+        rows.append({"task": task, "method": method, "seconds": result_time[1], "repeat_seconds": result_time[2],
+                     "value": value, **extra})
+
+    # Top eigenvalue.
+    def ours_eig():
+        H = operator()
+        pair = optim.top_eigenvalues(H, k=1, tol=1e-3, seed=0)
+        return pair.eigenvalues[0].item(), H.num_matvecs
+
+    timed = _timed(ours_eig, device, repeats)
+    (value, matvecs) = timed[0]
+    add("top eigenvalue", "optim (Lanczos)", timed, value,
+        {"hvps": matvecs, "relative_error": abs(value - reference) / abs(reference)})
+    if pyhessian is not None:
+        def theirs_eig():
+            torch.manual_seed(0)
+            values, _ = pyhessian(model, sequence_cross_entropy, data=batch, cuda=device.type == "cuda").eigenvalues(
+                maxIter=100, tol=1e-3, top_n=1)
+            model.zero_grad(set_to_none=True)  # PyHessian leaves create_graph gradients in .grad
+            return values[0]
+
+        timed = _timed(theirs_eig, device, repeats)
+        add("top eigenvalue", "PyHessian (power)", timed, timed[0],
+            {"relative_error": abs(timed[0] - reference) / abs(reference)})
+
+    # Trace.
+    def ours_trace():
+        estimate = optim.trace(operator(), num_probes=probes, seed=0)
+        return estimate.estimate, estimate.std_error
+
+    timed = _timed(ours_trace, device, repeats)
+    value, std_error = timed[0]
+    add("trace", f"optim (Hutchinson, {probes} probes)", timed, value,
+        {"hvps": probes, "relative_std_error": std_error / abs(value)})
+    if pyhessian is not None:
+        def theirs_trace():
+            torch.manual_seed(0)
+            samples = pyhessian(model, sequence_cross_entropy, data=batch, cuda=device.type == "cuda").trace(
+                maxIter=probes, tol=float("-inf"))
+            model.zero_grad(set_to_none=True)
+            return sum(samples) / len(samples), len(samples)
+
+        timed = _timed(theirs_trace, device, repeats)
+        value, count = timed[0]
+        add("trace", f"PyHessian (Hutchinson, {count} probes)", timed, value, {"hvps": count})
+
+    # Spectral density, one start vector.
+    def ours_density():
+        return optim.spectral_density(operator(), num_runs=1, lanczos_steps=steps, seed=0).mean
+
+    timed = _timed(ours_density, device, repeats)
+    add("density", f"optim (SLQ, {steps} steps)", timed, timed[0], {"hvps": steps, "value_is": "mean of the density"})
+    if pyhessian is not None:
+        def theirs_density():
+            torch.manual_seed(0)
+            eigen_list, weight_list = pyhessian(model, sequence_cross_entropy, data=batch,
+                                                cuda=device.type == "cuda").density(iter=steps, n_v=1)
+            model.zero_grad(set_to_none=True)
+            return sum(e * w for e, w in zip(eigen_list[0], weight_list[0]))
+
+        try:
+            timed = _timed(theirs_density, device, repeats)
+        except RuntimeError as error:  # PyHessian's density calls torch.eig, removed from PyTorch in 1.13
+            model.zero_grad(set_to_none=True)
+            rows.append({"task": "density", "method": f"PyHessian (SLQ, {steps} steps)",
+                         "error": f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"})
+        else:
+            add("density", f"PyHessian (SLQ, {steps} steps)", timed, timed[0],
+                {"hvps": steps, "value_is": "mean of the density"})
+
+    # Ratios: PyHessian's time over ours, per task.
+    for task in ("top eigenvalue", "trace", "density"):
+        task_rows = [row for row in rows if row["task"] == task]
+        ours = task_rows[0]["seconds"]
+        for row in task_rows[1:]:
+            if "error" not in row:
+                row["speedup_of_optim"] = row["seconds"] / ours
+    return {"name": case.name, "description": case.description, "numel": case.numel,
+            "reference_top_eigenvalue": reference, "pyhessian_missing": missing, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for case in result["cases"]:
+        lines.append(f"\n{case['description']}  ({case['numel'] / 1e6:.2f}M parameters); "
+                     f"reference lambda_max = {case['reference_top_eigenvalue']:.6g}")
+        if case["pyhessian_missing"]:
+            lines.append(f"  PyHessian rows missing: {case['pyhessian_missing']}")
+        lines.append(f"{'task':<16}{'method':<34}{'seconds':>9}{'HVPs':>6}{'value':>13}{'accuracy':>16}"
+                     f"{'optim faster':>14}")
+        for row in case["rows"]:
+            if "error" in row:
+                lines.append(f"{row['task']:<16}{row['method']:<34} failed: {row['error']}")
+                continue
+            if "relative_error" in row:
+                accuracy = f"err {row['relative_error']:.1e}"
+            elif "relative_std_error" in row:
+                accuracy = f"s.e. {100 * row['relative_std_error']:.2f}%"
+            else:
+                accuracy = "-"
+            hvps = row.get("hvps", "-")
+            speedup = f"{row['speedup_of_optim']:.2f}x" if "speedup_of_optim" in row else "-"
+            lines.append(f"{row['task']:<16}{row['method']:<34}{row['seconds']:>9.3f}{hvps!s:>6}"
+                         f"{row['value']:>13.5g}{accuracy:>16}{speedup:>14}")
+    return "\n".join(lines)
+
+
+def run(device: torch.device, quick: bool = False) -> dict:
+    cases = []
+    for make in (mlp_case, gpt_case):
+        case = make(device, quick)
+        cases.append(run_case(case, device, quick))
+        del case
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {"device_name": device_name(device), "cases": cases,
+              "conventions": {"seconds": "median wall-clock seconds of the whole call, operator construction included",
+                              "optim faster": "PyHessian seconds / optim seconds, same run"}}
+    print(format_table(result))
+    return result

@@ -46,6 +46,12 @@ Four ways to compute it (``mode``):
     backward is not implemented. ``ValueError`` from the input checks is never caught. A failed attempt has run f
     once: a function with side effects sees them twice on the first call.
 
+Mixed precision: the exact modes run in the parameters' dtype, so their error is that dtype's rounding. On the
+test models (an MLP, a conv net and an attention block, entries of order one) ``‖Hv − Hv₆₄‖ ≤ 8·ε·‖Hv₆₄‖``, where
+``Hv₆₄`` is the float64 product at the same (rounded) inputs and ε = ``torch.finfo(dtype).eps``; measured
+1.0–1.4·ε in float32 (ε = 1.2e-7), float16 (9.8e-4) and bfloat16 (7.8e-3: about 1% relative in bfloat16). For
+curvature studies evaluate in float32 or float64; bfloat16 products are fine for optimizer preconditioners.
+
 The result is detached: no graph is built through ``Hv`` (the product is for estimators and optimizers, not for
 third derivatives).
 """

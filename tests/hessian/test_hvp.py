@@ -147,6 +147,24 @@ def test_exact_modes_match_dense_hessian(device, model_name, mode, k):
     assert relative_error(flatten(hv, k), expected) <= EXACT_RTOL
 
 
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["rr", "fr"])
+def test_exact_modes_in_low_precision_within_documented_tolerance(model_name, dtype, mode):
+    """The hvp module docstring's mixed-precision bound: 8·eps(dtype) relative to the float64 product."""
+    case = build_case(model_name, dtype=dtype)
+    case64 = build_case(model_name)
+    # The float64 product at the same rounded point (params and float inputs); float64 rr is exact to 1e-10 (above).
+    case64.params = [p.double() for p in case.params]
+    case64.inputs = case.inputs.double()
+    case64.targets = case.targets.double() if case.targets.dtype.is_floating_point else case.targets
+    v = [t.to(dtype) for t in random_like(case64.params)]
+    hv = hvp(case.f, case.params, v, mode=mode)
+    assert all(t.dtype == dtype for t in hv)
+    expected = flatten(hvp(case64.f, case64.params, [t.double() for t in v], mode="rr"))
+    assert relative_error(flatten([t.double() for t in hv]), expected) <= 8 * torch.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_fd_within_documented_tolerance_float64(device, model_name):

@@ -578,11 +578,12 @@ def trace(
 
 
 class DiagonalEstimate(NamedTuple):
-    """``estimate`` of diag(H) and its per-entry ``std_error`` (NaN with one probe), both flat (n,) tensors in H's
-    dtype and on H's device."""
+    """``estimate`` of diag(H) and its per-entry ``std_error`` (NaN with one probe), in H's dtype and on H's device:
+    lists shaped like ``H.params`` for a :class:`~optim.hessian.operator.HessianOperator` (``H.flatten`` makes them
+    flat), flat (n,) tensors for any other operator."""
 
-    estimate: Tensor
-    std_error: Tensor
+    estimate: Tensor | list[Tensor]
+    std_error: Tensor | list[Tensor]
 
 
 def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None = None) -> DiagonalEstimate:
@@ -596,7 +597,8 @@ def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None 
     Probes go to H in blocks of ``batch_size`` rows (default min(num_probes, 32)).
 
     Returns:
-        :class:`DiagonalEstimate` ``(estimate (n,), std_error (n,))``, flat.
+        :class:`DiagonalEstimate` ``(estimate, std_error)``: param-shaped lists for a ``HessianOperator`` (entry i
+        is the diagonal of the Hessian block of ``H.params[i]``, shaped like it), flat (n,) tensors otherwise.
     """
     H = _as_operator(H)
     num_probes = _check_int("num_probes", num_probes, 1)
@@ -618,7 +620,11 @@ def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None 
         std_error = torch.sqrt(m2 / (count - 1) / count)
     else:
         std_error = torch.full_like(mean, float("nan"))
-    return DiagonalEstimate(mean.to(H.dtype), std_error.to(H.dtype))
+    estimate, std_error = mean.to(H.dtype), std_error.to(H.dtype)
+    unflatten = getattr(H, "unflatten", None)  # a HessianOperator: give the diagonal the parameters' shapes
+    if callable(unflatten):
+        return DiagonalEstimate(unflatten(estimate), unflatten(std_error))
+    return DiagonalEstimate(estimate, std_error)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -148,3 +148,18 @@ def gpt_case(device: torch.device, quick: bool, seed: int = 0) -> Case:
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator).to(device)
     description = f"GPT-2 shape: {layers} layers, d={d_model}, {heads} heads, seq {seq}, batch {batch}, vocab {vocab}"
     return Case("gpt", description, model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+
+def run_cases(device: torch.device, quick: bool, run_case: Callable[[Case], dict]) -> list[dict]:
+    """``run_case`` on the MLP case, then the GPT case, freeing each model before the next is built."""
+    import gc
+
+    results = []
+    for make in (mlp_case, gpt_case):
+        case = make(device, quick)
+        results.append(run_case(case))
+        del case
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results

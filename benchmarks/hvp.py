@@ -31,7 +31,7 @@ import torch
 
 import optim
 
-from ._models import Case, fused_sequence_cross_entropy, gpt_case, mlp_case, sequence_cross_entropy
+from ._models import Case, fused_sequence_cross_entropy, run_cases, sequence_cross_entropy
 from ._timing import device_name, synchronize, time_interleaved_ms
 
 PROBE_COUNTS = (1, 8)
@@ -188,15 +188,8 @@ def format_table(result: dict) -> str:
 
 
 def run(device: torch.device, quick: bool = False) -> dict:
-    cases = []
-    for make in (mlp_case, gpt_case):
-        case = make(device, quick)
-        rows = run_case(case, device, quick)
-        cases.append({"name": case.name, "description": case.description, "numel": case.numel, "rows": rows})
-        del case
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    cases = run_cases(device, quick, lambda case: {"name": case.name, "description": case.description,
+                                                   "numel": case.numel, "rows": run_case(case, device, quick)})
     result = {
         "device_name": device_name(device),
         "extension_kernel": optim.has_kernel("cross_entropy_hvp", device),

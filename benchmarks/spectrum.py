@@ -28,7 +28,7 @@ import torch
 
 import optim
 
-from ._models import Case, gpt_case, mlp_case, sequence_cross_entropy
+from ._models import Case, run_cases, sequence_cross_entropy
 from ._timing import device_name, synchronize
 
 
@@ -175,14 +175,7 @@ def format_table(result: dict) -> str:
 
 
 def run(device: torch.device, quick: bool = False) -> dict:
-    cases = []
-    for make in (mlp_case, gpt_case):
-        case = make(device, quick)
-        cases.append(run_case(case, device, quick))
-        del case
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    cases = run_cases(device, quick, lambda case: run_case(case, device, quick))
     result = {"device_name": device_name(device), "cases": cases,
               "conventions": {"seconds": "median wall-clock seconds of the whole call, operator construction included",
                               "optim faster": "PyHessian seconds / optim seconds, same run"}}

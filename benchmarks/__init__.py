@@ -10,6 +10,7 @@ BENCHMARKS = {
     "steps": "steps",
     "hvp": "hvp",
     "spectrum": "spectrum",
+    "sophia": "sophia",
 }
 
 __all__ = ["BENCHMARKS"]

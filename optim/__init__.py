@@ -7,10 +7,11 @@ from . import _library
 from . import fused, hessian, lowrank, stiefel  # define every op before the kernels that implement them load
 from ._library import has_kernel
 from .fused import AdamW
-from .hessian import HessianOperator, SharpnessMonitor, diagonal, hvp, spectral_density, top_eigenvalues, trace
+from .hessian import (AdaHessian, HessianOperator, SharpnessMonitor, SophiaH, diagonal, hvp, spectral_density,
+                      top_eigenvalues, trace)
 
 _library.load_extension()
 
 __version__ = "0.1.0"
-__all__ = ["AdamW", "HessianOperator", "SharpnessMonitor", "diagonal", "has_kernel", "hvp", "spectral_density", "top_eigenvalues",
+__all__ = ["AdaHessian", "AdamW", "HessianOperator", "SharpnessMonitor", "SophiaH", "diagonal", "has_kernel", "hvp", "spectral_density", "top_eigenvalues",
            "trace"]

@@ -1,15 +1,17 @@
 """Hessian-vector products and the estimators built on them (issue #3)."""
 
 from . import _ops
+from .adahessian import AdaHessian
 from .hvp import hvp
 from .losses import cross_entropy
 from .monitor import SharpnessMonitor
 from .operator import HessianOperator
 from .probes import rademacher, rademacher_like
+from .sophia import SophiaH
 from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOperator, SpectralDensity, TraceEstimate,
                        diagonal, plot_density, spectral_density, top_eigenvalues, trace)
 
-__all__ = ["DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SharpnessMonitor",
+__all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH",
            "SpectralDensity",
            "TraceEstimate", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
            "spectral_density", "top_eigenvalues", "trace"]

@@ -192,3 +192,233 @@ krylov_dots = define_op(
     reference=krylov_dots_reference,
     fake=_krylov_dots_fake,
 )
+
+
+# --- second-order optimizer steps (Sophia-H, AdaHessian) ----------------------------------------------------------
+#
+# ``optim::fused_sophia_`` is one step of Sophia (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order
+# Optimizer for Language Model Pre-training", Algorithm 3) applied in place to lists of tensors. For every element,
+# with g = -grad and u = -u if ``maximize`` (the curvature of -L is -H), u the new diagonal estimate::
+#
+#     m ← β1·m + (1 − β1)·g
+#     h ← β2·h + (1 − β2)·u                              (only when ``hessian_products`` is given: a refresh step)
+#     p ← p·(1 − lr·weight_decay)
+#     p ← p − lr·clamp(m / max(ρ·h, eps), −1, 1)
+#
+# ``u = probes ⊙ hessian_products`` (the Hutchinson estimate z⊙Hz) when ``probes`` is given, else
+# ``u = hessian_products`` (an estimate the caller already formed, e.g. an external diagonal). Both lists are empty
+# on steps that do not refresh the curvature. ``max(ρ·h, eps)`` is the paper's max{γ·h, ε} with ρ = γ: a
+# non-positive estimate (Hutchinson's can be negative) gives the denominator eps, so that coordinate moves by
+# lr·sign(m), which is the paper's rule. The official code divides by ``ρ·bs·h + 1e-15`` instead, where ``bs`` (the
+# tokens per batch) belongs to its Gauss-Newton-Bartlett estimator, whose estimate scales as 1/bs; the Hutchinson
+# estimate of the mean loss's Hessian carries no such factor, and adding eps (rather than taking the max) lets a
+# negative h flip the update's sign, so we follow the paper.
+#
+# ``optim::fused_adahessian_`` is one step of AdaHessian (Yao et al. 2021, Algorithm 1) with the official code's
+# decoupled weight decay. With t = ``step`` (after the increment), t_h = ``hessian_step`` (refreshes so far, the
+# current one included), k = ``hessian_power`` and D the (spatially averaged) |z⊙Hz| diagonal::
+#
+#     m ← β1·m + (1 − β1)·g
+#     v ← β2·v + (1 − β2)·D²                             (only when ``hessian_diagonals`` is given)
+#     p ← p·(1 − lr·weight_decay)
+#     p ← p − lr/(1 − β1ᵗ) · m / ((√v / √(1 − β2^t_h))ᵏ + eps)
+#
+# Shapes and dtypes (both ops): params and grads share a shape and a dtype (float64, float32, bfloat16, float16); the
+# states (exp_avgs, hessians / exp_hessian_diag_sqs) are float32 for bfloat16/float16 params and the param's dtype
+# otherwise, and the arithmetic runs in that dtype; the curvature lists (hessian_products, probes,
+# hessian_diagonals), when given, have one tensor per param of the param's shape and either the param's dtype or the
+# state dtype (one dtype per list; probes the dtype of hessian_products). All tensors of a call live on one device.
+# Non-finite inputs are not filtered (the optimizer classes check them before calling the ops).
+
+Tensors = Sequence[torch.Tensor]
+SECOND_ORDER_PARAM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def second_order_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer state (and of the update arithmetic) for a parameter of ``param_dtype``."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def _check_finite_at_least(caller: str, name: str, value: float, low: float, *, strict: bool = False) -> None:
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise ValueError(f"{caller}: {name} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def _check_beta(caller: str, name: str, value: float) -> None:
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{caller}: {name} must be in [0, 1), got {value}")
+
+
+def check_sophia_hyperparameters(*, lr: float, beta1: float, beta2: float, rho: float, weight_decay: float,
+                                 eps: float, caller: str = "fused_sophia_") -> None:
+    """``ValueError`` naming ``caller`` and the first hyperparameter outside its range (eps > 0: with h = 0 and
+    m = 0 the ratio would be 0/0)."""
+    _check_finite_at_least(caller, "lr", lr, 0.0)
+    _check_beta(caller, "beta1", beta1)
+    _check_beta(caller, "beta2", beta2)
+    _check_finite_at_least(caller, "rho", rho, 0.0)
+    _check_finite_at_least(caller, "weight_decay", weight_decay, 0.0)
+    _check_finite_at_least(caller, "eps", eps, 0.0, strict=True)
+
+
+def check_adahessian_hyperparameters(*, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+                                     hessian_power: float, caller: str = "fused_adahessian_") -> None:
+    _check_finite_at_least(caller, "lr", lr, 0.0)
+    _check_beta(caller, "beta1", beta1)
+    _check_beta(caller, "beta2", beta2)
+    _check_finite_at_least(caller, "weight_decay", weight_decay, 0.0)
+    _check_finite_at_least(caller, "eps", eps, 0.0)
+    if not (0.0 <= hessian_power <= 1.0):
+        raise ValueError(f"{caller}: hessian_power must be in [0, 1], got {hessian_power}")
+
+
+def check_second_order_tensors(op: str, params: Tensors, grads: Tensors, states: dict[str, Tensors],
+                               curvature: dict[str, Tensors]) -> None:
+    """Raise ``ValueError`` / ``RuntimeError`` naming the first list or tensor that does not fit the schemas above.
+
+    ``states`` are the written state lists (state dtype); ``curvature`` the optional read-only lists (empty, or one
+    tensor per param in the param's or the state dtype, one dtype per list).
+    """
+    n = len(params)
+    for name, tensors in {"grads": grads, **states}.items():
+        if len(tensors) != n:
+            raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {n}; pass one entry per "
+                             "parameter in every list")
+    for name, tensors in curvature.items():
+        if len(tensors) not in (0, n):
+            raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {n}; pass one per parameter, "
+                             "or an empty list on steps without a curvature update")
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in SECOND_ORDER_PARAM_DTYPES:
+        raise ValueError(f"{op}: params must be float64, float32, bfloat16 or float16, got {dtype}")
+    state_dtype = second_order_state_dtype(dtype)
+    curvature_dtypes = {}
+    for name, tensors in curvature.items():
+        if tensors:
+            curvature_dtypes[name] = tensors[0].dtype
+            if tensors[0].dtype not in (dtype, state_dtype):
+                allowed = f"{dtype}" if dtype == state_dtype else f"{dtype} or {state_dtype}"
+                raise RuntimeError(f"{op}: {name}[0] is {tensors[0].dtype}; for {dtype} params it must be {allowed}")
+
+    def check_like(name: str, i: int, tensor: torch.Tensor, param: torch.Tensor, want: torch.dtype) -> None:
+        if tensor.layout != torch.strided:
+            raise RuntimeError(f"{op}: {name}[{i}] is sparse; dense tensors are required")
+        if tensor.device != device or tensor.dtype != want:
+            raise RuntimeError(f"{op}: {name}[{i}] is {tensor.dtype} on {tensor.device}; it must be {want} on {device}")
+        if tensor.shape != param.shape:
+            raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
+                               f"{tuple(param.shape)}")
+
+    for i, p in enumerate(params):
+        if p.device != device or p.dtype != dtype:
+            raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {dtype} on {device}; "
+                               "one call takes tensors of one device and dtype (the optimizers group them for you)")
+        check_like("grads", i, grads[i], p, dtype)
+        for name, tensors in states.items():
+            check_like(name, i, tensors[i], p, state_dtype)
+        for name, tensors in curvature.items():
+            if tensors:
+                check_like(name, i, tensors[i], p, curvature_dtypes[name])
+
+
+def _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes) -> None:
+    check_second_order_tensors("fused_sophia_", params, grads, {"exp_avgs": exp_avgs, "hessians": hessians},
+                               {"hessian_products": hessian_products, "probes": probes})
+    if probes and not hessian_products:
+        raise ValueError("fused_sophia_: probes were given without hessian_products; the probes multiply the "
+                         "Hessian-vector products, pass both or neither")
+    if probes and probes[0].dtype != hessian_products[0].dtype:
+        raise RuntimeError(f"fused_sophia_: probes are {probes[0].dtype} but hessian_products are "
+                           f"{hessian_products[0].dtype}; they must match")
+
+
+def fused_sophia_reference(params: Tensors, grads: Tensors, exp_avgs: Tensors, hessians: Tensors,
+                           hessian_products: Tensors, probes: Tensors, *, lr: float, beta1: float, beta2: float,
+                           rho: float, weight_decay: float, eps: float, maximize: bool) -> None:
+    check_sophia_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps)
+    _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes)
+    sign = -1.0 if maximize else 1.0
+    for i, (param, grad, exp_avg, hessian) in enumerate(zip(params, grads, exp_avgs, hessians)):
+        work = exp_avg.dtype  # the arithmetic runs in the state's dtype; a low-precision param is rounded once
+        p, g = param.to(work), grad.to(work)
+        if maximize:
+            g = -g
+        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        if hessian_products:
+            estimate = hessian_products[i].to(work)
+            if probes:
+                estimate = estimate * probes[i].to(work)
+            hessian.mul_(beta2).add_(estimate, alpha=sign * (1.0 - beta2))
+        p.mul_(1.0 - lr * weight_decay)
+        ratio = (exp_avg / (rho * hessian).clamp_min(eps)).clamp_(-1.0, 1.0)
+        p.add_(ratio, alpha=-lr)
+        if p is not param:
+            param.copy_(p)
+
+
+def _fused_sophia_fake(params, grads, exp_avgs, hessians, hessian_products, probes, *, lr, beta1, beta2, rho,
+                       weight_decay, eps, maximize) -> None:
+    _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes)
+
+
+fused_sophia_ = define_op(
+    "fused_sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] hessians, "
+    "Tensor[] hessian_products, Tensor[] probes, *, float lr, float beta1, float beta2, float rho, "
+    "float weight_decay, float eps, bool maximize) -> ()",
+    reference=fused_sophia_reference,
+    fake=_fused_sophia_fake,
+)
+
+
+def _check_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, step,
+                           hessian_step) -> None:
+    if step < 1 or hessian_step < 1:
+        raise ValueError(f"fused_adahessian_: step and hessian_step are the counts after this step's increment and "
+                         f"must be >= 1, got step={step}, hessian_step={hessian_step}")
+    check_second_order_tensors("fused_adahessian_", params, grads,
+                               {"exp_avgs": exp_avgs, "exp_hessian_diag_sqs": exp_hessian_diag_sqs},
+                               {"hessian_diagonals": hessian_diagonals})
+
+
+def fused_adahessian_reference(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_hessian_diag_sqs: Tensors,
+                               hessian_diagonals: Tensors, *, lr: float, beta1: float, beta2: float,
+                               weight_decay: float, eps: float, hessian_power: float, step: int, hessian_step: int,
+                               maximize: bool) -> None:
+    check_adahessian_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                                     hessian_power=hessian_power)
+    _check_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, step, hessian_step)
+    step_size = lr / (1.0 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**hessian_step)
+    for i, (param, grad, exp_avg, exp_hessian_diag_sq) in enumerate(zip(params, grads, exp_avgs,
+                                                                        exp_hessian_diag_sqs)):
+        work = exp_avg.dtype
+        p, g = param.to(work), grad.to(work)
+        if maximize:
+            g = -g
+        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        if hessian_diagonals:
+            d = hessian_diagonals[i].to(work)
+            exp_hessian_diag_sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
+        p.mul_(1.0 - lr * weight_decay)
+        scaled = exp_hessian_diag_sq.sqrt() / bias_correction2_sqrt
+        if hessian_power != 1.0:
+            scaled = scaled.pow(hessian_power)
+        p.addcdiv_(exp_avg, scaled.add_(eps), value=-step_size)
+        if p is not param:
+            param.copy_(p)
+
+
+def _fused_adahessian_fake(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, *, lr, beta1, beta2,
+                           weight_decay, eps, hessian_power, step, hessian_step, maximize) -> None:
+    _check_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, step, hessian_step)
+
+
+fused_adahessian_ = define_op(
+    "fused_adahessian_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_hessian_diag_sqs, Tensor[] hessian_diagonals, *, float lr, float beta1, float beta2, "
+    "float weight_decay, float eps, float hessian_power, int step, int hessian_step, bool maximize) -> ()",
+    reference=fused_adahessian_reference,
+    fake=_fused_adahessian_fake,
+)

@@ -1,0 +1,187 @@
+// CPU kernels of optim::fused_sophia_ and optim::fused_adahessian_ (schemas and references: optim/hessian/_ops.py).
+// Both ops live in one translation unit (compile time on small machines). As in the AdamW kernel, every tensor of
+// the call is cut into chunks of at most kChunk elements and one at::parallel_for spreads the chunks over threads,
+// so many small tensors parallelize as well as one large one. The per-element math is fused_second_order.h's,
+// shared with the CUDA kernels.
+#include "fused_second_order.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace optim {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& params) {
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t numel = params[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(numel, begin + kChunk)});
+    }
+  }
+  return chunks;
+}
+
+template <typename Scalar>
+const Scalar* maybe_data(const std::vector<std::vector<at::Tensor>>& work, size_t list, int64_t i, int64_t begin) {
+  return list < work.size() ? work[list][i].data_ptr<Scalar>() + begin : nullptr;
+}
+
+// The state (and arithmetic) type of a param type.
+template <typename param_t>
+using StateType = std::conditional_t<std::is_same_v<param_t, double>, double, float>;
+
+// Runs body.template operator()<curv_t>() with curv_t the C++ type of the curvature lists (param or state type).
+template <typename param_t, typename Body>
+void dispatch_curvature(bool curvature_has_param_dtype, Body&& body) {
+  using T = StateType<param_t>;
+  if (curvature_has_param_dtype) {
+    body.template operator()<param_t>();
+  } else {
+    body.template operator()<T>();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------ Sophia
+
+template <bool kRefresh, bool kProbes, typename param_t, typename curv_t, typename T>
+void sophia_chunk(param_t* __restrict p, const param_t* __restrict g, T* __restrict m, T* __restrict h,
+                  const curv_t* __restrict hz, const curv_t* __restrict z, int64_t n, const SophiaCoefficients<T> c) {
+  for (int64_t i = 0; i < n; ++i) {
+    T p_wide = static_cast<T>(p[i]);
+    T u = T(0);
+    if constexpr (kRefresh) {
+      u = static_cast<T>(hz[i]);
+      if constexpr (kProbes) u = u * static_cast<T>(z[i]);
+    }
+    sophia_update<kRefresh>(p_wide, static_cast<T>(g[i]), m[i], h[i], u, c);
+    p[i] = static_cast<param_t>(p_wide);
+  }
+}
+
+template <bool kRefresh, bool kProbes, typename param_t, typename curv_t>
+void sophia_cpu(const ElementwiseOperands& operands, const SophiaHyperparameters& hyper) {
+  using T = StateType<param_t>;
+  const auto& work = operands.work;
+  const auto coefficients = sophia_coefficients<T>(hyper);
+  const std::vector<Chunk> chunks = make_chunks(work[0]);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& chunk = chunks[k];
+      const int64_t i = chunk.tensor;
+      sophia_chunk<kRefresh, kProbes>(
+          work[0][i].data_ptr<param_t>() + chunk.begin, work[1][i].data_ptr<param_t>() + chunk.begin,
+          work[2][i].data_ptr<T>() + chunk.begin, work[3][i].data_ptr<T>() + chunk.begin,
+          kRefresh ? maybe_data<curv_t>(work, 4, i, chunk.begin) : nullptr,
+          kProbes ? maybe_data<curv_t>(work, 5, i, chunk.begin) : nullptr, chunk.end - chunk.begin, coefficients);
+    }
+  });
+}
+
+void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
+                      at::TensorList hessian_products, at::TensorList probes, double lr, double beta1, double beta2,
+                      double rho, double weight_decay, double eps, bool maximize) {
+  const SophiaHyperparameters hyper{lr, beta1, beta2, rho, weight_decay, eps, maximize};
+  check_fused_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, hyper, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  const bool refresh = !hessian_products.empty();
+  const bool with_probes = !probes.empty();
+  std::vector<at::TensorList> lists{params, grads, exp_avgs, hessians};
+  std::vector<bool> written{true, false, true, true};
+  if (refresh) lists.push_back(hessian_products), written.push_back(false);
+  if (with_probes) lists.push_back(probes), written.push_back(false);
+  ElementwiseOperands operands = elementwise_operands(lists, written);
+  const bool curvature_has_param_dtype = refresh && hessian_products[0].scalar_type() == params[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_sophia_cpu", [&] {
+    dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&]<typename curv_t>() {
+      if (!refresh) {
+        sophia_cpu<false, false, scalar_t, curv_t>(operands, hyper);
+      } else if (!with_probes) {
+        sophia_cpu<true, false, scalar_t, curv_t>(operands, hyper);
+      } else {
+        sophia_cpu<true, true, scalar_t, curv_t>(operands, hyper);
+      }
+    });
+  });
+  operands.copy_back();
+}
+
+// -------------------------------------------------------------------------------------------------- AdaHessian
+
+template <bool kRefresh, typename param_t, typename curv_t, typename T>
+void adahessian_chunk(param_t* __restrict p, const param_t* __restrict g, T* __restrict m, T* __restrict v,
+                      const curv_t* __restrict d, int64_t n, const AdaHessianCoefficients<T> c) {
+  for (int64_t i = 0; i < n; ++i) {
+    T p_wide = static_cast<T>(p[i]);
+    const T d_wide = kRefresh ? static_cast<T>(d[i]) : T(0);
+    adahessian_update<kRefresh>(p_wide, static_cast<T>(g[i]), m[i], v[i], d_wide, c);
+    p[i] = static_cast<param_t>(p_wide);
+  }
+}
+
+template <bool kRefresh, typename param_t, typename curv_t>
+void adahessian_cpu(const ElementwiseOperands& operands, const AdaHessianHyperparameters& hyper) {
+  using T = StateType<param_t>;
+  const auto& work = operands.work;
+  const auto coefficients = adahessian_coefficients<T>(hyper);
+  const std::vector<Chunk> chunks = make_chunks(work[0]);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& chunk = chunks[k];
+      const int64_t i = chunk.tensor;
+      adahessian_chunk<kRefresh>(
+          work[0][i].data_ptr<param_t>() + chunk.begin, work[1][i].data_ptr<param_t>() + chunk.begin,
+          work[2][i].data_ptr<T>() + chunk.begin, work[3][i].data_ptr<T>() + chunk.begin,
+          kRefresh ? maybe_data<curv_t>(work, 4, i, chunk.begin) : nullptr, chunk.end - chunk.begin, coefficients);
+    }
+  });
+}
+
+void fused_adahessian_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_hessian_diag_sqs, at::TensorList hessian_diagonals, double lr,
+                          double beta1, double beta2, double weight_decay, double eps, double hessian_power,
+                          int64_t step, int64_t hessian_step, bool maximize) {
+  const AdaHessianHyperparameters hyper{lr, beta1, beta2, weight_decay, eps, hessian_power, step, hessian_step,
+                                        maximize};
+  check_fused_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, hyper,
+                              c10::DeviceType::CPU);
+  if (params.empty()) return;
+  const bool refresh = !hessian_diagonals.empty();
+  std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_hessian_diag_sqs};
+  std::vector<bool> written{true, false, true, true};
+  if (refresh) lists.push_back(hessian_diagonals), written.push_back(false);
+  ElementwiseOperands operands = elementwise_operands(lists, written);
+  const bool curvature_has_param_dtype = refresh && hessian_diagonals[0].scalar_type() == params[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_adahessian_cpu", [&] {
+    dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&]<typename curv_t>() {
+      if (refresh) {
+        adahessian_cpu<true, scalar_t, curv_t>(operands, hyper);
+      } else {
+        adahessian_cpu<false, scalar_t, curv_t>(operands, hyper);
+      }
+    });
+  });
+  operands.copy_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(optim, CPU, m) {
+  m.impl("fused_sophia_", &fused_sophia_cpu);
+  m.impl("fused_adahessian_", &fused_adahessian_cpu);
+}
+
+}  // namespace optim

@@ -1,0 +1,198 @@
+"""``optim.AdaHessian``: AdaHessian (Yao et al. 2021), Adam with the squared Hutchinson Hessian diagonal.
+
+The elementwise step is the op ``optim::fused_adahessian_`` (math: ``optim/hessian/_ops.py``); this module adds the
+optimizer class, the spatial averaging of the diagonal over convolution kernels, and its foreach path. The
+closure protocol and the probes are ``second_order.py``'s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from ._ops import (check_adahessian_hyperparameters, fused_adahessian_, fused_adahessian_reference,
+                   second_order_state_dtype)
+from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
+
+__all__ = ["AdaHessian", "adahessian", "spatially_averaged"]
+
+
+def spatially_averaged(hessian_product: torch.Tensor) -> torch.Tensor:
+    """D for a 4-D convolution kernel (out, in, kh, kw): the mean of |z⊙Hz| = |Hz| over (kh, kw), broadcast back
+    to the kernel's shape (the paper's spatial averaging). Other shapes: Hz itself (only D² is used)."""
+    if hessian_product.dim() != 4:
+        return hessian_product
+    return hessian_product.abs().mean(dim=(2, 3), keepdim=True).expand_as(hessian_product)
+
+
+class AdaHessian(SecondOrderOptimizer):
+    r"""AdaHessian: Adam whose second moment is the EMA of the squared Hessian-diagonal estimate.
+
+    For each parameter p with gradient g (negated if ``maximize``), step count t, refresh count t_h, and
+    D = |z⊙Hz| (averaged over the spatial dimensions of 4-D convolution kernels when ``spatial_average``)::
+
+        m ← β1·m + (1 − β1)·g
+        v ← β2·v + (1 − β2)·D²                 on refresh steps (every ``update_period`` steps, from the first)
+        p ← p·(1 − lr·weight_decay)
+        p ← p − lr/(1 − β1ᵗ) · m / ((√v/√(1 − β2^t_h))ᵏ + eps)         k = hessian_power
+
+    Since z = ±1, z⊙Hz has the magnitude of Hz, so the probe itself is not needed after the Hessian-vector product.
+    The weight decay is decoupled, as in the authors' reference code (p − lr·(update + λ·p)).
+
+    Closure protocol: as :class:`SophiaH` (``step(closure)``, the closure returns the loss without calling
+    ``backward()``; ``hessian_diagonal=`` / :meth:`set_hessian_diagonal` for an external diagonal, used as D
+    without spatial averaging).
+
+    Example::
+
+        opt = optim.AdaHessian(model.parameters(), lr=0.15, seed=0)
+        for x, y in loader:
+            loss = opt.step(lambda: F.cross_entropy(model(x), y))
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: learning rate (>= 0). betas: (β1, β2) in [0, 1). eps: >= 0 (added to the denominator).
+        weight_decay: decoupled weight decay λ >= 0.
+        hessian_power: k in [0, 1].
+        update_period: refresh the curvature every this many steps (int >= 1).
+        spatial_average: average |Hz| over the spatial dimensions of 4-D (convolution) parameters.
+        maximize, seed, check_finite, foreach, fused: as in :class:`SophiaH`.
+
+    State per parameter: ``step`` and ``hessian_step`` (CPU float32 counts), ``exp_avg`` (m) and
+    ``exp_hessian_diag_sq`` (v), float32 for bf16/fp16 parameters.
+    """
+
+    _name = "AdaHessian"
+    _state_dtype_keys = ("exp_avg", "exp_hessian_diag_sq")
+    _count_keys = ("step", "hessian_step")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        *,
+        update_period: int = 1,
+        spatial_average: bool = True,
+        maximize: bool = False,
+        seed: int | None = None,
+        check_finite: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("AdaHessian: lr must be a Python float; a Tensor lr is not supported")
+        if fused and foreach:
+            raise ValueError("AdaHessian: fused=True and foreach=True cannot be set together; choose one")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+                        update_period=update_period, spatial_average=spatial_average, maximize=maximize, seed=seed,
+                        check_finite=check_finite, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = check_betas("AdaHessian", group["betas"])
+        check_adahessian_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                         eps=group["eps"], hessian_power=group["hessian_power"], caller="AdaHessian")
+        check_update_period("AdaHessian", group["update_period"])
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["hessian_step"] = torch.zeros((), dtype=torch.float32)
+        dtype = second_order_state_dtype(p.dtype)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _update(self, work: list[dict[str, Any]]) -> None:
+        for entry in work:
+            group = entry["group"]
+            diagonals = []
+            for hz, diagonal in zip(entry["hessian_products"], entry["diagonals"]):
+                if diagonal is not None:
+                    diagonals.append(diagonal)
+                elif hz is not None:
+                    diagonals.append(spatially_averaged(hz) if group["spatial_average"] else hz)
+                else:
+                    diagonals.append(None)
+            steps, hessian_steps = [], []
+            for state, diagonal in zip(entry["states"], diagonals):
+                state["step"] += 1
+                if diagonal is not None:
+                    state["hessian_step"] += 1
+                steps.append(int(state["step"].item()))
+                hessian_steps.append(int(state["hessian_step"].item()))
+            beta1, beta2 = group["betas"]
+            adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
+                       [s["exp_hessian_diag_sq"] for s in entry["states"]], diagonals, steps, hessian_steps,
+                       lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                       eps=group["eps"], hessian_power=group["hessian_power"], maximize=group["maximize"],
+                       foreach=group["foreach"], fused=group["fused"])
+
+
+def adahessian(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_hessian_diag_sqs: list[torch.Tensor],
+    hessian_diagonals: list[torch.Tensor | None],
+    steps: list[int],
+    hessian_steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    hessian_power: float,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """Functional AdaHessian step over lists, in place. ``hessian_diagonals[i]`` (D) is None for a parameter whose
+    curvature is not refreshed; ``steps`` / ``hessian_steps`` are the counts after this step's increments."""
+    check_adahessian_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                                     hessian_power=hessian_power, caller="adahessian")
+    path = choose_path(params, "fused_adahessian_", foreach, fused)
+    implementation = {"fused": fused_adahessian_, "foreach": _multi_tensor_adahessian,
+                      "single": fused_adahessian_reference}[path]
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, hessian_power=hessian_power,
+                 maximize=maximize)
+    keys = [(p.device, p.dtype, None if d is None else d.dtype, t, t_h)
+            for p, d, t, t_h in zip(params, hessian_diagonals, steps, hessian_steps)]
+    for (_, _, diagonal_dtype, step, hessian_step), index in group_indices(keys).items():
+        implementation(select(params, index), select(grads, index), select(exp_avgs, index),
+                       select(exp_hessian_diag_sqs, index),
+                       select(hessian_diagonals, index) if diagonal_dtype is not None else [], step=step,
+                       hessian_step=hessian_step, **hyper)
+
+
+def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, *, lr, beta1, beta2,
+                             weight_decay, eps, hessian_power, step, hessian_step, maximize):
+    """The foreach path: the op's step with ``torch._foreach_*`` ops over one device, dtype and pair of counts."""
+    if step < 1 or hessian_step < 1:
+        raise ValueError(f"adahessian: step and hessian_step must be >= 1, got {step} and {hessian_step}")
+    work_dtype = exp_avgs[0].dtype
+    low_precision = params[0].dtype != work_dtype
+    work_params = [p.to(work_dtype) for p in params] if low_precision else params
+    work_grads = [g.to(work_dtype) for g in grads] if low_precision else grads
+    if maximize:
+        work_grads = torch._foreach_neg(work_grads)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, work_grads, alpha=1.0 - beta1)
+    if hessian_diagonals:
+        diagonals = [d.to(work_dtype) for d in hessian_diagonals]
+        torch._foreach_mul_(exp_hessian_diag_sqs, beta2)
+        torch._foreach_addcmul_(exp_hessian_diag_sqs, diagonals, diagonals, value=1.0 - beta2)
+    torch._foreach_mul_(work_params, 1.0 - lr * weight_decay)
+    denominators = torch._foreach_sqrt(exp_hessian_diag_sqs)
+    torch._foreach_div_(denominators, math.sqrt(1.0 - beta2**hessian_step))
+    if hessian_power != 1.0:
+        torch._foreach_pow_(denominators, hessian_power)
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_addcdiv_(work_params, exp_avgs, denominators, value=-lr / (1.0 - beta1**step))
+    if low_precision:
+        torch._foreach_copy_(params, work_params)

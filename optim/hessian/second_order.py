@@ -1,0 +1,374 @@
+"""What Sophia-H and AdaHessian share: the closure protocol, the Hutchinson curvature estimate and its probes.
+
+The closure protocol (``step(closure)``)
+    ``closure()`` computes the loss and **returns** it without calling ``backward()``. The optimizer calls it under
+    ``torch.enable_grad()`` and differentiates the returned loss itself with ``torch.autograd.grad``, building a
+    second-order graph (``create_graph=True``) only on the steps that refresh the curvature estimate. On those steps
+    it draws one Rademacher probe z per refresh (see *Probes*), computes the Hessian-vector product
+    ``Hz = ∇(∇L·z)`` by a second ``torch.autograd.grad`` through that graph, and forms the Hutchinson estimate
+    ``diag(H) ≈ z⊙Hz``. The graph is released before the step returns, and ``p.grad`` is set to the plain
+    (graph-free) gradient for users who inspect it.
+
+    Also accepted:
+
+    * On steps that do **not** refresh, a closure that calls ``loss.backward()`` itself (the usual torch.optim
+      closure), or no closure at all after ``loss.backward()``: the optimizer then uses ``p.grad`` like a first-order
+      optimizer. It tells the two kinds of closure apart by whether ``p.grad`` changed during the call. On a
+      refresh step such a closure is an error (the graph it freed is the one the Hessian-vector product needs).
+    * ``loss.backward(create_graph=True)`` followed by ``step()`` without a closure (the protocol of other Hessian
+      optimizers): on a refresh step the Hessian-vector product is taken through the graph the gradients carry,
+      and ``p.grad`` is then replaced by a detached copy, which breaks the reference cycle
+      parameter → grad → graph → parameter that otherwise leaks memory.
+    * An externally computed Hessian diagonal, ``step(closure, hessian_diagonal=...)`` or
+      :meth:`set_hessian_diagonal` before the step: it replaces the Hutchinson estimate for the parameters it
+      covers (no Hessian-vector product is computed for them) and counts as a refresh for them.
+
+Probes
+    The probe of parameter p at a refresh is drawn by the counter-based generator ``optim::rademacher_`` (identical
+    on CPU and CUDA, on every rank) with seed ``probe_seed(group["seed"], step)`` and counters starting at the total
+    number of elements of the parameters before p in ``param_groups`` order, so the probe of a step is one
+    Rademacher vector over all parameters. ``step`` is p's step count before the step, kept in the state, so a run
+    resumed from a ``state_dict`` draws the same probes as the uninterrupted run. Give every rank of a data-parallel
+    run the same ``seed``; with ``seed=None`` one is drawn from torch's default generator at construction (the same
+    on ranks that called ``torch.manual_seed`` with the same value) and kept in the param groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from ._ops import GOLDEN_GAMMA, SECOND_ORDER_PARAM_DTYPES, UINT64, _as_int64, mix64_int, second_order_state_dtype
+from .probes import rademacher_like
+
+__all__ = ["probe_seed"]
+
+
+def probe_seed(seed: int, step: int) -> int:
+    """The ``optim::rademacher_`` seed of the probes of the refresh at ``step`` (a hash of both, as an int64)."""
+    return _as_int64(mix64_int((seed + step * GOLDEN_GAMMA) % UINT64))
+
+
+def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return groups
+
+
+def select(tensors: Sequence, index: list[int]) -> list:
+    return [tensors[i] for i in index]
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one max-abs reduction per tensor, one sync per device."""
+    by_device = group_indices([t.device for t in tensors])
+    for index in by_device.values():
+        maxima = torch._foreach_norm([tensors[i] for i in index], ord=math.inf)
+        if not bool(torch.stack([m.float() for m in maxima]).isfinite().all()):
+            return False
+    return True
+
+
+class SecondOrderOptimizer(Optimizer):
+    """Base class of :class:`SophiaH` and :class:`AdaHessian`: the closure protocol of the module docstring.
+
+    Subclasses define ``_name``, ``_check_group(group)``, ``_init_state(p, state)`` and
+    ``_update(groups_work)``; the base computes gradients, curvature and probes and checks them.
+    """
+
+    _name = "SecondOrderOptimizer"
+    _state_dtype_keys: tuple[str, ...] = ()  # floating state tensors kept in the state dtype
+    _count_keys: tuple[str, ...] = ("step",)  # counts kept as CPU float32 tensors
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        if defaults.get("seed") is None:
+            defaults["seed"] = int(torch.randint(0, 2**62, ()).item())
+        elif not isinstance(defaults["seed"], int):
+            raise ValueError(f"{self._name}: seed must be an int or None, got {defaults['seed']!r}")
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.dtype not in SECOND_ORDER_PARAM_DTYPES:
+                    raise ValueError(f"{self._name}: a parameter of shape {tuple(p.shape)} is {p.dtype}; only "
+                                     "float64, float32, bfloat16 and float16 parameters can be optimized")
+        self._pending_diagonal: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------ interface
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update(self, work: list[dict[str, Any]]) -> None:
+        """Apply the step. ``work`` has one entry per param group with the lists of the parameters that step:
+        ``params``, ``grads``, ``states`` (their state dicts), ``hessian_products`` (Hz, None where not refreshed),
+        ``probes`` (z or None), ``diagonals`` (an external estimate or None) and ``group``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- external diagonal
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _parse_diagonal(self, diagonal) -> dict[int, torch.Tensor]:
+        params = self._all_params()
+        if isinstance(diagonal, dict):
+            items = []
+            known = {id(p): p for p in params}
+            for p, d in diagonal.items():
+                if id(p) not in known:
+                    raise ValueError(f"{self._name}: hessian_diagonal has a key that is not a parameter of this "
+                                     "optimizer")
+                items.append((p, d))
+        else:
+            diagonal = list(diagonal)
+            if len(diagonal) != len(params):
+                raise ValueError(f"{self._name}: hessian_diagonal has {len(diagonal)} entries but the optimizer has "
+                                 f"{len(params)} parameters; pass one per parameter in param_groups order (None to "
+                                 "leave one to the Hutchinson estimate), or a dict {parameter: diagonal}")
+            items = list(zip(params, diagonal))
+        parsed = {}
+        for i, (p, d) in enumerate(items):
+            if d is None:
+                continue
+            if not isinstance(d, torch.Tensor) or d.shape != p.shape or not d.dtype.is_floating_point:
+                what = f"shape {tuple(d.shape)} and dtype {d.dtype}" if isinstance(d, torch.Tensor) else type(d)
+                raise ValueError(f"{self._name}: hessian_diagonal entry {i} has {what}; it must be a floating-point "
+                                 f"tensor of its parameter's shape {tuple(p.shape)}")
+            d = d.detach().to(device=p.device, dtype=second_order_state_dtype(p.dtype))
+            parsed[id(p)] = d
+        if parsed and not all_finite(list(parsed.values())):
+            raise ValueError(f"{self._name}: hessian_diagonal has non-finite values; nothing was changed")
+        return parsed
+
+    def set_hessian_diagonal(self, diagonal) -> None:
+        """Use ``diagonal`` (the diagonal of the Hessian of the loss, one tensor per parameter in ``param_groups``
+        order with None for parameters left to the Hutchinson estimate, or a dict ``{parameter: tensor}``) as the
+        curvature estimate of the next :meth:`step`, instead of a Hessian-vector product."""
+        self._pending_diagonal = self._parse_diagonal(diagonal)
+
+    # ----------------------------------------------------------------------------------------------------- step
+
+    def _refresh_due(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        state = self.state.get(p)
+        step = int(state["step"].item()) if state else 0
+        return step % group["update_period"] == 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, hessian_diagonal=None):
+        """One step; see the class docstring for the closure protocol. Returns the closure's loss (or None)."""
+        for group in self.param_groups:
+            self._check_group(group)
+        external = self._parse_diagonal(hessian_diagonal) if hessian_diagonal is not None else self._pending_diagonal
+        self._pending_diagonal = {}
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+
+        def needs_hvp(p: torch.Tensor) -> bool:
+            return id(p) not in external and self._refresh_due(p, group_of[id(p)])
+
+        loss = None
+        hvp_graph_grads: list[torch.Tensor] | None = None  # grads that carry a graph, for the HVP
+        if closure is None:
+            stepping = [p for p in self._all_params() if p.grad is not None]
+            grads = [p.grad for p in stepping]
+            if any(needs_hvp(p) for p in stepping):
+                if not all(g.requires_grad for p, g in zip(stepping, grads) if needs_hvp(p)):
+                    raise ValueError(
+                        f"{self._name}.step: this step refreshes the Hessian estimate (every update_period steps, "
+                        "and at the first step) but no closure was given. Pass step(closure) where closure() "
+                        "returns the loss without calling backward(), or call loss.backward(create_graph=True) "
+                        "before step(), or give the diagonal with step(hessian_diagonal=...)")
+                hvp_graph_grads = grads
+        else:
+            candidates = [p for p in self._all_params() if p.requires_grad]
+            before = {id(p): (p.grad, None if p.grad is None else p.grad._version) for p in candidates}
+            with torch.enable_grad():
+                loss = closure()
+            did_backward = any(p.grad is not None and (p.grad is not before[id(p)][0]
+                                                       or p.grad._version != before[id(p)][1]) for p in candidates)
+            if did_backward:
+                stepping = [p for p in candidates if p.grad is not None]
+                if any(needs_hvp(p) for p in stepping):
+                    raise ValueError(
+                        f"{self._name}.step: the closure called backward(), but this step refreshes the Hessian "
+                        "estimate and needs the graph of the loss. Return the loss from the closure without calling "
+                        "backward() (the optimizer differentiates it), at least on refresh steps")
+                grads = [p.grad for p in stepping]
+            else:
+                self._check_loss(loss)
+                refresh = any(needs_hvp(p) for p in candidates)
+                all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
+                stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
+                grads = [g for g in all_grads if g is not None]
+                if refresh:
+                    hvp_graph_grads = grads
+        if loss is not None and isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+
+        hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
+        probes: list[torch.Tensor | None] = [None] * len(stepping)
+        if hvp_graph_grads is not None:
+            hvp_index = [i for i, p in enumerate(stepping) if needs_hvp(p)]
+            probe_list = self._draw_probes([stepping[i] for i in hvp_index])
+            with torch.enable_grad():
+                outputs = [(hvp_graph_grads[i], probe_list[k]) for k, i in enumerate(hvp_index)
+                           if hvp_graph_grads[i].requires_grad]
+                products = (torch.autograd.grad([o for o, _ in outputs], [stepping[i] for i in hvp_index],
+                                                grad_outputs=[z for _, z in outputs], allow_unused=True)
+                            if outputs else [None] * len(hvp_index))
+            for k, i in enumerate(hvp_index):
+                hz = products[k]
+                hessian_products[i] = torch.zeros_like(stepping[i]) if hz is None else hz.detach()
+                probes[i] = probe_list[k]
+            del outputs, products
+        grads = [g.detach() for g in grads]
+        del hvp_graph_grads  # the second-order graph dies here
+
+        diagonals = [external.get(id(p)) for p in stepping]
+        checking = [group_of[id(p)].get("check_finite", True) for p in stepping]
+        checked = [g for g, check in zip(grads, checking) if check]
+        checked += [t for t, check in zip(hessian_products, checking) if t is not None and check]
+        if checked and not all_finite(checked):
+            self._raise_non_finite(stepping, grads, hessian_products)
+
+        # Nothing has been modified up to here: every error above leaves parameters and state as they were.
+        for p, g in zip(stepping, grads):
+            if closure is not None or p.grad is None or p.grad.requires_grad:
+                p.grad = g
+        work = []
+        position = {id(p): i for i, p in enumerate(stepping)}
+        for group in self.param_groups:
+            entry = {"group": group, "params": [], "grads": [], "states": [], "hessian_products": [], "probes": [],
+                     "diagonals": []}
+            for p in group["params"]:
+                i = position.get(id(p))
+                if i is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                entry["params"].append(p)
+                entry["grads"].append(grads[i])
+                entry["states"].append(state)
+                entry["hessian_products"].append(hessian_products[i])
+                entry["probes"].append(probes[i])
+                entry["diagonals"].append(diagonals[i])
+            if entry["params"]:
+                work.append(entry)
+        self._update(work)
+        return loss
+
+    def _check_loss(self, loss) -> None:
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"{self._name}.step: the closure must return the loss as a tensor (without calling "
+                             f"backward()), got {type(loss).__name__}")
+        if loss.numel() != 1 or not loss.dtype.is_floating_point:
+            raise ValueError(f"{self._name}.step: the closure must return a scalar floating-point loss, got a "
+                             f"{loss.dtype} tensor of shape {tuple(loss.shape)}; reduce it (e.g. .mean()) first")
+        if not loss.requires_grad:
+            raise ValueError(f"{self._name}.step: the loss returned by the closure does not require grad; compute "
+                             "it from the parameters with autograd enabled (not under torch.no_grad())")
+
+    def _raise_non_finite(self, stepping, grads, hessian_products) -> None:
+        names = {id(p): i for i, p in enumerate(self._all_params())}
+        for kind, tensors in (("gradient", grads), ("Hessian-vector product", hessian_products)):
+            for p, t in zip(stepping, tensors):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"{self._name}.step: the {kind} of parameter {names[id(p)]} (shape {tuple(p.shape)}) has "
+                        "non-finite values; parameters and optimizer state were left unchanged. Check the loss for "
+                        "overflow (lower the learning rate, use gradient clipping or a GradScaler)")
+
+    def _draw_probes(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rademacher probes for ``params`` (see the module docstring): one ``rademacher_`` call per run of
+        parameters that are consecutive in ``param_groups`` order and share the seed and the step count."""
+        start, group_of = {}, {}
+        offset = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                start[id(p)] = offset
+                group_of[id(p)] = group
+                offset += p.numel()
+        order = {id(p): i for i, p in enumerate(self._all_params())}
+
+        def key(p):
+            state = self.state.get(p)
+            return group_of[id(p)]["seed"], int(state["step"].item()) if state else 0
+
+        out: dict[int, torch.Tensor] = {}
+        run: list[torch.Tensor] = []
+        for p in sorted(params, key=lambda q: order[id(q)]) + [None]:
+            if run and (p is None or order[id(p)] != order[id(run[-1])] + 1 or key(p) != key(run[-1])):
+                seed, step = key(run[0])
+                for q, z in zip(run, rademacher_like(run, seed=probe_seed(seed, step), offset=start[id(run[0])])):
+                    out[id(q)] = z
+                run = []
+            if p is not None:
+                run.append(p)
+        return [out[id(p)] for p in params]
+
+    # ------------------------------------------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class; checks every saved state tensor's shape against its parameter first.
+
+        State tensors are restored in their working dtype (float32 for bf16/fp16 parameters) and the counts as
+        float32 tensors on the CPU (torch's loader would cast both to the parameter's dtype and device).
+        """
+        saved_groups = state_dict.get("param_groups", [])
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        current = self._all_params()
+        if len(saved_ids) == len(current):
+            for saved_id, p in zip(saved_ids, current):
+                saved = state_dict["state"].get(saved_id, {})
+                for key in self._state_dtype_keys:
+                    if key in saved and tuple(saved[key].shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"{self._name}.load_state_dict: state[{saved_id}][{key!r}] has shape "
+                            f"{tuple(saved[key].shape)} but the parameter it maps to has shape {tuple(p.shape)}; "
+                            "the state dict was saved for a different model or parameter order")
+        super().load_state_dict(state_dict)
+        for saved_id, p in zip(saved_ids, current):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            state = self.state[p]
+            for key in self._state_dtype_keys:
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=second_order_state_dtype(p.dtype), copy=True)
+            for key in self._count_keys:
+                if key in saved:
+                    value = saved[key]
+                    value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                    state[key] = value.to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+
+
+def check_betas(name: str, betas) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
+def check_update_period(name: str, update_period) -> None:
+    if isinstance(update_period, bool) or not isinstance(update_period, int) or update_period < 1:
+        raise ValueError(f"{name}: update_period must be an int >= 1, got {update_period!r}")
+
+
+def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, fused: bool | None) -> str:
+    """"fused", "foreach" or "single", as optim.AdamW chooses: with neither flag set, fused when the compiled
+    kernel exists for every parameter's device, else foreach; ``fused=False, foreach=False`` is the single-tensor
+    loop (the reference implementation of the op)."""
+    from .._library import has_kernel
+
+    if fused is None and foreach is None:
+        return "fused" if all(has_kernel(op, p.device) for p in params) else "foreach"
+    return "fused" if fused else "foreach" if foreach else "single"
+

@@ -7,7 +7,7 @@ from . import _library
 from . import fused, hessian, lowrank, stiefel  # define every op before the kernels that implement them load
 from ._library import has_kernel
 from .fused import AdamW
-from .lowrank import LowRankLinear, to_low_rank
+from .lowrank import LowRankAdamW, LowRankLinear, Refactorizer, to_low_rank
 from .hessian import HessianOperator, SharpnessMonitor, diagonal, hvp, spectral_density, top_eigenvalues, trace
 
 _library.load_extension()
@@ -15,4 +15,4 @@ _library.load_extension()
 __version__ = "0.1.0"
 __all__ = ["AdamW", "HessianOperator", "SharpnessMonitor", "diagonal", "has_kernel", "hvp", "spectral_density", "top_eigenvalues",
            "trace"]
-__all__ += ["LowRankLinear", "to_low_rank"]
+__all__ += ["LowRankAdamW", "LowRankLinear", "Refactorizer", "to_low_rank"]

@@ -260,8 +260,9 @@ def adamw(
             step_one_device_and_dtype(*lists, **hyper, reset=[bool(reset[i]) for i in index])
         else:
             restarted = [i for i in index if reset[i]]
-            for tensors in (exp_avgs, exp_avg_sqs, state_steps):
-                torch._foreach_zero_([tensors[i] for i in restarted])
+            if restarted:
+                for tensors in (exp_avgs, exp_avg_sqs, state_steps):
+                    torch._foreach_zero_([tensors[i] for i in restarted])
             step_one_device_and_dtype(*lists, **hyper)
 
 

@@ -223,9 +223,9 @@ class Refactorizer:
                              "Refactorizer.state_dict()")
         for key in ("every", "reset", "recovery_steps", "recovery_start"):
             if state_dict[key] != getattr(self, key):
-                raise ValueError(f"Refactorizer.load_state_dict: the checkpoint has {key}={state_dict[key]!r} but this "
-                                 f"refactorizer has {key}={getattr(self, key)!r}; construct it with the settings of the "
-                                 "run being resumed")
+                raise ValueError(f"Refactorizer.load_state_dict: the checkpoint has {key}={state_dict[key]!r} but "
+                                 f"this refactorizer has {key}={getattr(self, key)!r}; construct it with the settings "
+                                 "of the run being resumed")
         params = self._optimizer_params()
         pending = [int(i) for i in state_dict["pending_resets"]]
         if any(not 0 <= i < len(params) for i in pending):

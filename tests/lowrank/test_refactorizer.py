@@ -375,3 +375,19 @@ def test_bad_state_dicts_change_nothing():
 def test_exports():
     assert optim.Refactorizer is Refactorizer and optim.LowRankAdamW is LowRankAdamW
     assert optim.lowrank.memory_report is memory_report
+
+
+@pytest.mark.cuda
+def test_cuda_fused_reset_and_refactorization_match_torch_adamw():
+    ours_model = low_rank_mlp(dtype=torch.float64).cuda()
+    torch_model = copy.deepcopy(ours_model)
+    ours = optim.AdamW(ours_model.parameters(), lr=1e-2, fused=True)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=False)
+    ours_refactorizer = Refactorizer(ours_model, ours, every=3, recovery_steps=2)
+    theirs_refactorizer = Refactorizer(torch_model, theirs, every=3, recovery_steps=2)
+    data = [(x.cuda(), y.cuda()) for x, y in batches(7, dtype=torch.float64)]
+    train(ours_model, ours, data, ours_refactorizer)
+    train(torch_model, theirs, data, theirs_refactorizer)
+    assert optim.has_kernel("lowrank_refactorize_", "cuda")
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "hvp": "hvp",
     "spectrum": "spectrum",
     "sophia": "sophia",
+    "lowrank": "lowrank",
 }
 
 __all__ = ["BENCHMARKS"]

@@ -9,9 +9,19 @@ from ._library import has_kernel
 from .fused import AdamW
 from .hessian import (AdaHessian, HessianOperator, SharpnessMonitor, SophiaH, diagonal, hvp, spectral_density,
                       top_eigenvalues, trace)
+from .lowrank import LowRankAdamW, LowRankLinear, Refactorizer, to_low_rank
 
 _library.load_extension()
 
 __version__ = "0.1.0"
-__all__ = ["AdaHessian", "AdamW", "HessianOperator", "SharpnessMonitor", "SophiaH", "diagonal", "has_kernel", "hvp", "spectral_density", "top_eigenvalues",
-           "trace"]
+__all__ = [
+    # fused multi-tensor steps
+    "AdamW",
+    # Hessian family
+    "AdaHessian", "HessianOperator", "SharpnessMonitor", "SophiaH", "diagonal", "hvp", "spectral_density",
+    "top_eigenvalues", "trace",
+    # low-rank family
+    "LowRankAdamW", "LowRankLinear", "Refactorizer", "to_low_rank",
+    # library
+    "has_kernel",
+]

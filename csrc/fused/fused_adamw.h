@@ -5,9 +5,24 @@
 #include "../common/checks.h"
 #include "../common/device_math.h"
 
+#include <ATen/core/List.h>
+
 #include <cmath>
+#include <optional>
+#include <vector>
 
 namespace optim {
+
+// The optional per-tensor reset flags of the op ("treat m, v and the step as zero before this step") as a vector
+// of params.size() bools, all false when reset is None.
+inline std::vector<bool> adamw_reset_flags(const std::optional<c10::List<bool>>& reset, size_t count) {
+  std::vector<bool> flags(count, false);
+  if (!reset.has_value()) return flags;
+  TORCH_CHECK_VALUE(reset->size() == count, "fused_adamw_: reset has ", reset->size(), " flags but params has ",
+                    count, "; pass one flag per parameter (or reset=None)");
+  for (size_t i = 0; i < count; ++i) flags[i] = reset->get(i);
+  return flags;
+}
 
 inline at::ScalarType adamw_moment_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -15,6 +15,11 @@ one dtype (float64, float32, bfloat16 or float16); the moments are float32 for b
 computed in float32 and rounded once into the param) and the param's dtype otherwise; ``state_steps[i]`` is a
 float32 tensor with one element. All tensors of a call live on one device. Lists may be empty.
 
+``reset`` (optional, keyword-only, one bool per tensor) folds a momentum reset into the step: for every i with
+``reset[i]`` the step runs as if ``exp_avgs[i]``, ``exp_avg_sqs[i]`` and ``state_steps[i]`` were zero before it
+(t = 1, m = (1 − β1)·g, v = (1 − β2)·g²; their old values are not read, so they may hold anything, NaN included).
+A reset costs no extra pass over memory. ``reset=None`` (the default) is all False.
+
 The bias corrections are computed in float64 from the step count, as ``torch.optim.AdamW`` does; the elementwise
 update runs in the moments' dtype. Non-finite gradients are not filtered, as in ``torch.optim.AdamW``: a NaN or inf
 gradient element makes that element's moments and parameter NaN/inf. Use ``torch.amp.GradScaler`` (which skips
@@ -52,9 +57,13 @@ def check_adamw_hyperparameters(*, lr: float, beta1: float, beta2: float, weight
 
 
 def check_adamw_tensors(
-    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, state_steps: Tensors
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, state_steps: Tensors,
+    reset: Sequence[bool] | None = None,
 ) -> None:
     """Raise ``ValueError`` / ``RuntimeError`` naming the first list or tensor that does not fit the schema."""
+    if reset is not None and len(reset) != len(params):
+        raise ValueError(f"fused_adamw_: reset has {len(reset)} flags but params has {len(params)}; pass one flag per "
+                         "parameter (or reset=None)")
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
     for name, tensors in lists.items():
         if len(tensors) != len(params):
@@ -112,10 +121,17 @@ def fused_adamw_reference(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    reset: Sequence[bool] | None = None,
 ) -> None:
     check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
-    check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, reset)
+    flags = [False] * len(params) if reset is None else reset
+    for param, grad, exp_avg, exp_avg_sq, step, restart in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                                                flags):
+        if restart:  # the definition of the flag: the step starts from zero state
+            exp_avg.zero_()
+            exp_avg_sq.zero_()
+            step.zero_()
         step += 1
         t = step.item()
         # The arithmetic runs in the moments' dtype; a low-precision param is rounded once at the end.
@@ -135,14 +151,14 @@ def fused_adamw_reference(
 
 
 def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
-                      maximize) -> None:
-    check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+                      maximize, reset=None) -> None:
+    check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, reset)
 
 
 fused_adamw_ = define_op(
     "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
-    "bool maximize) -> ()",
+    "bool maximize, bool[]? reset=None) -> ()",
     reference=fused_adamw_reference,
     fake=_fused_adamw_fake,
 )

@@ -8,6 +8,7 @@ The math is ``torch.optim.AdamW``'s (see ``optim/fused/_ops.py``). Differences a
 * ``state["step"]`` is a float32 tensor on the parameter's device, as in torch's ``fused=True`` path.
 * ``amsgrad``, ``capturable`` and ``differentiable`` are accepted for signature compatibility but only ``False`` is
   supported.
+* ``reset_moments(params)`` asks for a momentum reset that is folded into the next step (the op's ``reset`` flag).
 """
 
 from __future__ import annotations
@@ -84,6 +85,29 @@ class AdamW(Optimizer):
                         "bfloat16, float16 (and complex) parameters can be optimized"
                     )
 
+    def reset_moments(self, params: Iterable[torch.Tensor] | None = None) -> None:
+        """Restart AdamW for ``params`` (default: every parameter) at their next step, as if newly added.
+
+        The moments ``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter are treated as zero by its next
+        ``step()`` (bias correction restarts at t = 1), which the fused kernel does in its normal pass (the op's
+        ``reset`` flag) instead of a pass of its own. Until that step the state keeps its old values; the pending
+        requests are not part of ``state_dict()`` (``optim.Refactorizer`` saves its own) and survive
+        ``load_state_dict``. Unknown parameters raise ``ValueError``.
+        """
+        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        chosen = [p for group in self.param_groups for p in group["params"]] if params is None else list(params)
+        for p in chosen:
+            if id(p) not in owned:
+                raise ValueError(f"optim.AdamW.reset_moments: a tensor of shape {tuple(p.shape)} is not a parameter "
+                                 "of this optimizer")
+        pending = self.__dict__.setdefault("_reset_pending", {})
+        for p in chosen:
+            pending[id(p)] = p
+
+    def pending_resets(self) -> list[torch.Tensor]:
+        """The parameters whose moments the next step restarts (see ``reset_moments``)."""
+        return list(self.__dict__.get("_reset_pending", {}).values())
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -134,13 +158,18 @@ class AdamW(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+        pending = self.__dict__.get("_reset_pending")
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            reset = None
+            if pending:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                reset = [pending.pop(id(p), None) is not None for p in stepped]
             beta1, beta2 = group["betas"]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                  foreach=group["foreach"], fused=group["fused"])
+                  foreach=group["foreach"], fused=group["fused"], reset=reset)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -206,16 +235,35 @@ def adamw(
     maximize: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
+    reset: Sequence[bool] | None = None,
 ) -> None:
-    """Functional AdamW step over lists (one entry per parameter), updating params, moments and steps in place."""
+    """Functional AdamW step over lists (one entry per parameter), updating params, moments and steps in place.
+
+    ``reset[i]``: treat ``exp_avgs[i]``, ``exp_avg_sqs[i]`` and ``state_steps[i]`` as zero before this step (fused
+    into the kernel's pass on the fused path; zeroed in place first on the others).
+    """
     if fused is None and foreach is None:
         fused = all(has_kernel("fused_adamw_", p.device) for p in params)
         foreach = not fused
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)
     check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, caller="adamw")
+    if reset is not None and len(reset) != len(params):
+        raise ValueError(f"adamw: reset has {len(reset)} flags but params has {len(params)}")
+    if reset is not None and not any(reset):
+        reset = None
     step_one_device_and_dtype = fused_adamw_ if fused else _multi_tensor_adamw if foreach else fused_adamw_reference
     for index in _group_by_device_and_dtype(params).values():
-        step_one_device_and_dtype(*_select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index), **hyper)
+        lists = _select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index)
+        if reset is None:
+            step_one_device_and_dtype(*lists, **hyper)
+        elif fused or not foreach:
+            step_one_device_and_dtype(*lists, **hyper, reset=[bool(reset[i]) for i in index])
+        else:
+            restarted = [i for i in index if reset[i]]
+            if restarted:
+                for tensors in (exp_avgs, exp_avg_sqs, state_steps):
+                    torch._foreach_zero_([tensors[i] for i in restarted])
+            step_one_device_and_dtype(*lists, **hyper)
 
 
 def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

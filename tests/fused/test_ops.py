@@ -257,3 +257,76 @@ def test_non_finite_gradients_propagate_like_torch():
     nan_positions = lists["params"][0].isnan().nonzero().flatten().tolist()
     assert nan_positions == [5]
     assert lists["exp_avgs"][0][5].isnan() and lists["exp_avg_sqs"][0][5].isnan()
+
+
+# --- the reset flag: "treat m, v and the step of this tensor as zero before this step" ----------------------------
+
+def _poison_state(lists, flags):
+    """The old moments and step of flagged tensors are never read: make them NaN to prove it."""
+    for i, flag in enumerate(flags):
+        if flag:
+            lists["exp_avgs"][i].fill_(float("nan"))
+            lists["exp_avg_sqs"][i].fill_(float("nan"))
+            lists["state_steps"][i].fill_(float("nan"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shapes", [[4097], [1, 3 * 65536 + 5, 0, 7, (33, 65)]], ids=str)
+def test_reset_kernel_matches_float64_reference(device, dtype, shapes):
+    flags = [i % 2 == 0 for i in range(len(shapes))]
+    lists, buffers = make_inputs(shapes, dtype, device)
+    _poison_state(lists, flags)
+    reference = as_float64(lists)
+    OP(**lists, **HYPER, reset=flags)
+    fused_adamw_reference(**reference, **HYPER, reset=flags)
+    assert_matches_reference(lists, reference, dtype)
+    assert_guards_intact(buffers)
+    for flag, step in zip(flags, lists["state_steps"]):
+        if flag:
+            assert step.item() == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reset_equals_zeroing_the_state_then_stepping(device, dtype):
+    """Bit for bit: the flag gives what zeroing m, v, step in place and then stepping gives."""
+    shapes = [4097, 5, (33, 65)]
+    flags = [True, False, True]
+    flagged, _ = make_inputs(shapes, dtype, device)
+    zeroed = {name: [t.clone() for t in tensors] for name, tensors in flagged.items()}
+    for i, flag in enumerate(flags):
+        if flag:
+            for name in ("exp_avgs", "exp_avg_sqs", "state_steps"):
+                zeroed[name][i].zero_()
+    OP(**flagged, **HYPER, reset=flags)
+    OP(**zeroed, **HYPER)
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "state_steps"):
+        for got, want in zip(flagged[name], zeroed[name]):
+            assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reset_all_false_or_none_is_the_plain_step(device):
+    lists, _ = make_inputs([4097, 3], torch.float32, device)
+    copies = {name: [t.clone() for t in tensors] for name, tensors in lists.items()}
+    OP(**lists, **HYPER, reset=[False, False])
+    OP(**copies, **HYPER)
+    for name in lists:
+        for got, want in zip(lists[name], copies[name]):
+            assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reset_opcheck(device):
+    lists, _ = make_inputs([4097, 3], torch.float32, device)
+    torch.library.opcheck(OP.default, args=(), kwargs=dict(**lists, **HYPER, reset=[True, False]))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_reset_of_wrong_length_raises_and_changes_nothing(implementation):
+    lists, _ = make_inputs([4097, 3], torch.float32, "cpu")
+    snapshot = _snapshot(lists)
+    with pytest.raises(ValueError, match="reset has 1 flags but params has 2"):
+        IMPLEMENTATIONS[implementation](**lists, **HYPER, reset=[True])
+    _assert_unchanged(lists, snapshot)

@@ -1,0 +1,65 @@
+"""``LowRankAdamW``: ``to_low_rank`` + ``optim.AdamW`` + ``Refactorizer`` in one optimizer object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..fused.adamw import AdamW
+from .layers import Target, low_rank_modules, to_low_rank
+from .refactorizer import Refactorizer
+
+__all__ = ["LowRankAdamW"]
+
+
+class LowRankAdamW(AdamW):
+    r"""Low-rank pre-training in one object: factor the model, step it with the fused AdamW, refactorize on schedule.
+
+    What it does to ``model`` (in place, in ``__init__``): with ``rank`` given, ``optim.to_low_rank(model, rank,
+    target=target, scale=scale, init=init)`` replaces the targeted ``nn.Linear`` layers (by default the attention and
+    MLP projections) with ``LowRankLinear`` layers W = scale·B·A; with ``rank=None`` the model must already hold
+    ``LowRankLinear`` layers. Then it optimizes every parameter of the model (``model.parameters()`` after the
+    conversion: factors, embeddings, head, norms) with ``optim.AdamW(lr, betas, eps, weight_decay, ...)`` and, after
+    each ``step()``, lets an ``optim.Refactorizer(model, self, every=..., reset=..., recovery_steps=...,
+    recovery_start=...)`` act (available as ``.refactorizer``): every ``every`` steps the factors are balanced,
+    the moments of the chosen parameters restart inside the next fused step, and the LR ramps back from
+    ``recovery_start``. ``state_dict()`` holds the refactorizer's state under ``"refactorizer"``.
+
+    Use ``optim.AdamW`` + ``optim.Refactorizer`` directly for param groups (e.g. no weight decay on norms).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None, every: int = 200,
+                 reset: str = "factors", recovery_steps: int = 10, recovery_start: float = 1e-3,
+                 target: Target = None, scale: float = 1.0, init: str = "random", **adamw_options: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LowRankAdamW: model must be an nn.Module (it is converted in place), got "
+                            f"{type(model).__name__}")
+        if rank is None:
+            if not low_rank_modules(model):
+                raise ValueError("LowRankAdamW: rank=None but the model has no LowRankLinear layer; pass rank= to "
+                                 "convert its projections")
+        else:
+            to_low_rank(model, rank, target=target, scale=scale, init=init)
+        super().__init__(model.parameters(), lr, betas, eps, weight_decay, **adamw_options)
+        self.refactorizer = Refactorizer(model, self, every=every, reset=reset, recovery_steps=recovery_steps,
+                                         recovery_start=recovery_start)
+        # A post hook rather than an overridden step(): one hooked step() per call, and a step that raises does not
+        # advance the schedule.
+        self._refactorizer_hook = self.register_step_post_hook(lambda optimizer, args, kwargs:
+                                                               self.refactorizer.step())
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["refactorizer"] = self.refactorizer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        refactorizer_state = state_dict.pop("refactorizer", None)
+        if refactorizer_state is None:
+            raise ValueError("LowRankAdamW.load_state_dict: the state dict has no 'refactorizer' entry; it was not "
+                             "saved by LowRankAdamW (load a plain optim.AdamW state dict into optim.AdamW)")
+        super().load_state_dict(state_dict)
+        self.refactorizer.load_state_dict(refactorizer_state)

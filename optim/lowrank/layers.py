@@ -1,0 +1,257 @@
+"""``LowRankLinear`` (W = scale·B·A), ``to_low_rank`` (nn.Linear → LowRankLinear) and ``merge`` (the reverse).
+
+A low-rank layer of rank r stores B (out_features × r) and A (r × in_features) instead of W (out_features ×
+in_features): r·(m + n) parameters instead of m·n, and its forward ``scale·B(Ax)`` costs 2·r·(m + n) flops per
+token instead of 2·m·n.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DEFAULT_TARGETS", "EXCLUDED_NAMES", "LowRankLinear", "merge", "to_low_rank"]
+
+# Attention and MLP projections of the common transformer implementations (matched against the last component of a
+# module's name): LLaMA/Mistral (q/k/v/o_proj, gate/up/down_proj), GPT-2 (c_attn, c_proj, c_fc), BERT (query, key,
+# value), OPT/ViT/CLIP (fc1, fc2; q/k/v/out_proj of their own attention modules).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj",
+                   "c_fc", "query", "key", "value", "fc1", "fc2")
+# Never factored by the default targets: token/position embeddings and the output head.
+EXCLUDED_NAMES = ("lm_head", "embed_out", "output", "head", "classifier", "wte", "wpe", "embed_tokens", "embeddings")
+
+Target = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
+
+
+class LowRankLinear(nn.Module):
+    r"""A linear layer whose weight is the product of two trained factors: ``y = scale·B(A x) + bias``.
+
+    Shapes: x (..., in_features) → y (..., out_features); ``A`` (rank × in_features), ``B`` (out_features × rank),
+    ``bias`` (out_features). The dense weight ``scale·B·A`` is never formed.
+
+    Initialization (variance of ``nn.Linear``'s default, Var W_ij = 1/(3·in_features)):
+    ``A ~ U(−√(3/in), √(3/in))`` (Var 1/in, so A x keeps the scale of x) and
+    ``B ~ U(−1/(scale·√r), 1/(scale·√r))`` (Var 1/(3·r·scale²)); then
+    Var(scale·Σ_k B_ik A_kj) = scale²·r·(1/(3·r·scale²))·(1/in) = 1/(3·in). The bias is ``nn.Linear``'s,
+    U(−1/√in, 1/√in).
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        rank: r, with 1 <= r < min(in_features, out_features) (a factorization of rank >= min(m, n) saves nothing).
+        bias: add a learned bias.
+        scale: a constant multiplier of the product (not trained); with AdamW it sets the effective learning rate of
+            W relative to the factors' (the update of W is about scale·(ΔB·A + B·ΔA)).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, scale: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        _check_rank(rank, out_features, in_features, "LowRankLinear")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"LowRankLinear: scale must be a finite number > 0, got {scale!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.scale = float(scale)
+        self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw A, B (and bias) as described in the class docstring."""
+        a_bound = math.sqrt(3.0 / self.in_features)
+        b_bound = 1.0 / (self.scale * math.sqrt(self.rank))
+        nn.init.uniform_(self.A, -a_bound, a_bound)
+        nn.init.uniform_(self.B, -b_bound, b_bound)
+        if self.bias is not None:
+            bias_bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bias_bound, bias_bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(F.linear(x, self.A), self.B)
+        if self.scale != 1.0:
+            y = y * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    @torch.no_grad()
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight scale·B·A (out_features × in_features), computed in float32 at least."""
+        work = torch.promote_types(self.B.dtype, torch.float32)
+        dense = (self.B.to(work) @ self.A.to(work)) * self.scale
+        return dense.to(dtype or self.B.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}, scale={self.scale:g}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, *, scale: float = 1.0, init: str = "random") -> "LowRankLinear":
+        """A LowRankLinear on ``linear``'s device and dtype, with its bias copied.
+
+        ``init="random"`` draws fresh factors (pre-training from scratch); ``init="svd"`` sets scale·B·A to the best
+        rank-r approximation of ``linear.weight`` (truncated SVD in float32 or float64: W ≈ U_r Σ_r V_rᵀ,
+        B = U_r √Σ_r / √scale, A = √Σ_r V_rᵀ / √scale).
+        """
+        if init not in ("random", "svd"):
+            raise ValueError(f"init must be 'random' or 'svd', got {init!r}")
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None, scale=scale,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+            if init == "svd":
+                work = torch.promote_types(weight.dtype, torch.float32)
+                U, S, Vh = torch.linalg.svd(weight.detach().to(work), full_matrices=False)
+                root = (S[:rank] / layer.scale).sqrt()
+                layer.B.copy_(U[:, :rank] * root)
+                layer.A.copy_(root[:, None] * Vh[:rank])
+        layer.train(linear.training)
+        return layer
+
+
+def _check_rank(rank, out_features: int, in_features: int, where: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{where}: rank must be an int, got {type(rank).__name__}")
+    smallest = min(out_features, in_features)
+    if rank <= 0 or rank >= smallest:
+        raise ValueError(
+            f"{where}: rank must satisfy 1 <= rank < min(out_features, in_features) = {smallest} for a "
+            f"{out_features}x{in_features} weight, got rank={rank}; a factorization of rank >= {smallest} has more "
+            "parameters than the dense weight (choose a smaller rank or leave this layer out of target)"
+        )
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+
+
+def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.Linear]]:
+    """The ``(qualified name, nn.Linear)`` pairs of ``model`` that ``to_low_rank`` would replace, in module order.
+
+    ``target`` is ``None`` (``DEFAULT_TARGETS``, excluding ``EXCLUDED_NAMES``), a name pattern or a list of them
+    (``fnmatch`` patterns matched against the full name, e.g. ``"layers.*.mlp.*"``, or against its last component,
+    e.g. ``"q_proj"``), or a predicate ``(name, module) -> bool``. Matched modules that are not ``nn.Linear`` but
+    hold a weight (embeddings, convolutions) are an error; matched containers are looked into by their children's
+    own names only. A linear layer whose weight is shared with an embedding (a tied output head) is never replaced.
+    """
+    if isinstance(target, str):
+        target = [target]
+    if target is None:
+        def matched(name, module):
+            return _matches(name, DEFAULT_TARGETS) and not _matches(name, EXCLUDED_NAMES)
+    elif callable(target):
+        matched = target
+    else:
+        patterns = list(target)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"to_low_rank: target must be a non-empty list of name patterns or a predicate, got "
+                            f"{target!r}")
+
+        def matched(name, module):
+            return _matches(name, patterns)
+    tied = _embedding_weights(model)
+    found = []
+    for name, module in model.named_modules():
+        if not name or not matched(name, module):
+            continue
+        if isinstance(module, nn.Linear):
+            if id(module.weight) in tied:
+                continue
+            found.append((name, module))
+        elif isinstance(module, LowRankLinear):
+            continue
+        elif isinstance(getattr(module, "weight", None), torch.Tensor):
+            weight = module.weight
+            raise ValueError(
+                f"to_low_rank: target matched {name!r}, a {type(module).__name__} with a {weight.dim()}-D weight of "
+                f"shape {tuple(weight.shape)}; only nn.Linear layers (2-D weights) can be factored. Narrow target "
+                "(a list of name patterns or a predicate) so that it selects linear layers only"
+            )
+    return found
+
+
+def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: float = 1.0,
+                init: str = "random") -> nn.Module:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``LowRankLinear`` of the given rank, in place.
+
+    Returns ``model``. Default targets: the attention and MLP projections named in ``DEFAULT_TARGETS``; embeddings
+    and the output head are never chosen by default (see ``find_targets`` for ``target``). ``init="random"``
+    (default, pre-training from scratch) or ``"svd"`` (truncated SVD of the existing weight). Every target is checked
+    before any module is replaced: a rank outside [1, min(m, n)) for some layer, or a model without targets, raises
+    and leaves the model unchanged. Build the optimizer after this call: the replaced weights are new parameters.
+    """
+    if init not in ("random", "svd"):
+        raise ValueError(f"to_low_rank: init must be 'random' or 'svd', got {init!r}")
+    targets = find_targets(model, target)
+    if not targets:
+        described = "the default targets " + ", ".join(DEFAULT_TARGETS) if target is None else f"target={target!r}"
+        raise ValueError(f"to_low_rank: no nn.Linear module of {type(model).__name__} matches {described}; pass "
+                         "target= a list of name patterns (see model.named_modules()) or a predicate")
+    for name, linear in targets:
+        _check_rank(rank, linear.out_features, linear.in_features, f"to_low_rank ({name})")
+    for name, linear in targets:
+        _replace(model, name, LowRankLinear.from_linear(linear, rank, scale=scale, init=init))
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every ``LowRankLinear`` of ``model`` by an ``nn.Linear`` with weight scale·B·A, in place.
+
+    Returns ``model`` (or a new ``nn.Linear`` when ``model`` itself is a LowRankLinear). The product is computed in
+    float32 (float64 for float64 factors) and rounded once to the factors' dtype.
+    """
+    if isinstance(model, LowRankLinear):
+        return _to_linear(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            _replace(model, name, _to_linear(module))
+    return model
+
+
+def _to_linear(layer: LowRankLinear) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.B.device,
+                       dtype=layer.B.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(layer.dense_weight())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    linear.train(layer.training)
+    return linear
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def low_rank_modules(model_or_modules: nn.Module | Iterable[nn.Module]) -> list[LowRankLinear]:
+    """Every distinct ``LowRankLinear`` in a model (or in an iterable of modules), in module order."""
+    roots = [model_or_modules] if isinstance(model_or_modules, nn.Module) else list(model_or_modules)
+    found, seen = [], set()
+    for root in roots:
+        if not isinstance(root, nn.Module):
+            raise TypeError(f"expected an nn.Module or an iterable of them, got {type(root).__name__}")
+        for module in root.modules():
+            if isinstance(module, LowRankLinear) and id(module) not in seen:
+                seen.add(id(module))
+                found.append(module)
+    return found

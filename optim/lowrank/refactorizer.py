@@ -1,0 +1,257 @@
+"""Weight refactorization, momentum reset and LR recovery for low-rank training (Glentis et al. 2025).
+
+Every ``every`` optimizer steps, :class:`Refactorizer`
+
+1. rewrites the factors of every ``LowRankLinear`` into balanced form (``optim::lowrank_refactorize_``, one batched
+   call per group of layers with the same shapes, dtype and device; B·A is unchanged),
+2. resets the optimizer state of the chosen parameters (their moments refer to the old coordinates of B and A),
+3. scales the learning rate of the next ``recovery_steps`` optimizer steps by a factor that ramps linearly from
+   ``recovery_start`` (0.1%) back to 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ._ops import lowrank_refactorize_
+from .layers import LowRankLinear, low_rank_modules
+
+__all__ = ["RESET_SCOPES", "Refactorizer", "refactorize", "reset_moments"]
+
+RESET_SCOPES = ("factors", "all", "none")
+
+
+@torch.no_grad()
+def refactorize(modules: nn.Module | Iterable[nn.Module]) -> int:
+    """Balance the factors of every ``LowRankLinear`` in ``modules`` in place (B·A unchanged); returns the op calls.
+
+    Layers with the same (B shape, A shape, dtype, device) go to one batched ``optim::lowrank_refactorize_`` call.
+    """
+    groups: dict[tuple, list[LowRankLinear]] = defaultdict(list)
+    for layer in low_rank_modules(modules):
+        groups[(tuple(layer.B.shape), tuple(layer.A.shape), layer.B.dtype, layer.B.device)].append(layer)
+    for layers in groups.values():
+        lowrank_refactorize_([layer.B for layer in layers], [layer.A for layer in layers])
+    return len(groups)
+
+
+@torch.no_grad()
+def reset_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> None:
+    """Restart the optimizer for ``params`` (default: all of its parameters) as if they were new.
+
+    * ``optim.AdamW`` (and anything with a ``reset_moments(params)`` method): the reset is folded into the next
+      step, whose fused kernel treats exp_avg, exp_avg_sq and step as zero (no pass of its own).
+    * any other optimizer (``torch.optim.AdamW``, Adam, SGD with momentum, ...): in place, now. For each parameter,
+      every tensor in ``optimizer.state[p]`` with the parameter's shape is zeroed (``exp_avg``, ``exp_avg_sq``,
+      ``max_exp_avg_sq``, ``momentum_buffer``, ...) and ``step`` is set to 0 (a tensor is zeroed in place, a number
+      replaced), so bias corrections restart at t = 1. State of other shapes (factored second moments such as
+      Adafactor's, scalars other than ``step``) is left alone: such optimizers are not "exp_avg-like".
+    """
+    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    chosen = owned if params is None else list(params)
+    owned_ids = {id(p) for p in owned}
+    for p in chosen:
+        if id(p) not in owned_ids:
+            raise ValueError(f"reset_moments: a tensor of shape {tuple(p.shape)} is not a parameter of the optimizer")
+    deferred = getattr(optimizer, "reset_moments", None)
+    if callable(deferred):
+        deferred(chosen)
+        return
+    for p in chosen:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key, value in state.items():
+            if key == "step":
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+                else:
+                    state[key] = 0
+            elif isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value.zero_()
+
+
+class Refactorizer:
+    r"""Refactorize the low-rank layers, reset the moments and ramp the LR back, every ``every`` optimizer steps.
+
+    Call ``step()`` once after every ``optimizer.step()``. After the every-th, 2·every-th, ... call it
+
+    * refactorizes every ``LowRankLinear`` of ``model_or_modules`` (B ← Q_B U √Σ, A ← √Σ Vᵀ Q_Aᵀ; B·A unchanged;
+      see ``optim/lowrank/_ops.py``),
+    * resets the optimizer state (``reset_moments``) of the B and A parameters (``reset="factors"``, the default),
+      of every parameter of the optimizer (``"all"``, what the paper's code does by rebuilding the optimizer) or of
+      none (``"none"``),
+    * multiplies each group's LR, during the next ``recovery_steps`` optimizer steps k = 0, 1, ..., by
+      ``recovery_start + (1 − recovery_start)·k/recovery_steps`` (0.1% of the scheduled LR at first).
+
+    The LR factor is applied by optimizer step hooks only while ``optimizer.step()`` runs, and the group's ``lr`` is
+    restored right after it, so ``param_groups[i]["lr"]`` always holds the scheduled value: any
+    ``torch.optim.lr_scheduler`` composes with the recovery, in any order of ``scheduler.step()`` and
+    ``refactorizer.step()``. ``remove()`` takes the hooks off.
+
+    Works with ``optim.AdamW`` (the reset is the fused kernel's reset flag on the next step) and in place with any
+    optimizer whose per-parameter state is tensors of the parameter's shape plus ``step`` (``torch.optim.AdamW``,
+    Adam, SGD with momentum, ...). ``state_dict()`` / ``load_state_dict()`` carry the step count and the pending
+    resets, so a resumed run refactorizes on the same steps and continues bit for bit.
+
+    Args:
+        model_or_modules: a model, or an iterable of modules, holding ``LowRankLinear`` layers.
+        optimizer: the optimizer stepping their parameters.
+        every: refactorize after every ``every``-th call of ``step()`` (>= 1; the paper uses 200).
+        reset: ``"factors"``, ``"all"`` or ``"none"``.
+        recovery_steps: optimizer steps of LR ramp after each refactorization (>= 0; 0 turns it off; paper: 10).
+        recovery_start: the ramp's first factor, in (0, 1].
+    """
+
+    def __init__(self, model_or_modules: nn.Module | Iterable[nn.Module], optimizer: torch.optim.Optimizer, *,
+                 every: int = 200, reset: str = "factors", recovery_steps: int = 10, recovery_start: float = 1e-3):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Refactorizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_settings(every, reset, recovery_steps, recovery_start)
+        modules = low_rank_modules(model_or_modules)
+        if not modules:
+            raise ValueError("Refactorizer: no LowRankLinear layer found; convert the model first with "
+                             "optim.to_low_rank(model, rank) and build the optimizer after that")
+        self.modules = modules
+        self.optimizer = optimizer
+        self.every = every
+        self.reset = reset
+        self.recovery_steps = recovery_steps
+        self.recovery_start = float(recovery_start)
+        self.step_count = 0
+        self.refactorizations = 0
+        self.seconds = 0.0  # wall time spent in refactorize + reset (for the "<= 1% of training time" figure)
+        owned = {id(p) for p in self._optimizer_params()}
+        missing = [i for i, layer in enumerate(modules) for p in (layer.B, layer.A) if id(p) not in owned]
+        if missing and reset == "factors":
+            raise ValueError(f"Refactorizer: the factors of {len(set(missing))} LowRankLinear layer(s) are not "
+                             "parameters of the optimizer, so their moments cannot be reset; build the optimizer "
+                             "after optim.to_low_rank(...) from model.parameters()")
+        self._saved_lrs: list[Any] | None = None
+        self._hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
+                       optimizer.register_step_post_hook(self._after_optimizer_step)]
+
+    # ---------------------------------------------------------------------------------------------- the schedule
+
+    def lr_factor(self) -> float:
+        """The factor the LR of the next optimizer step is multiplied by (1.0 outside the recovery ramps)."""
+        last = (self.step_count // self.every) * self.every
+        since = self.step_count - last
+        if last == 0 or since >= self.recovery_steps:
+            return 1.0
+        return self.recovery_start + (1.0 - self.recovery_start) * since / self.recovery_steps
+
+    def step(self) -> bool:
+        """Count one optimizer step; refactorize and reset after every ``every``-th. Returns whether it acted."""
+        self.step_count += 1
+        if self.step_count % self.every:
+            return False
+        self.refactorize_now()
+        return True
+
+    @torch.no_grad()
+    def refactorize_now(self) -> None:
+        """Refactorize every layer and reset the chosen moments now (``step()`` calls this on schedule)."""
+        start = time.perf_counter()
+        refactorize(self.modules)
+        if self.reset == "factors":
+            reset_moments(self.optimizer, [p for layer in self.modules for p in (layer.B, layer.A)])
+        elif self.reset == "all":
+            reset_moments(self.optimizer)
+        if self.modules[0].B.device.type == "cuda":
+            torch.cuda.synchronize(self.modules[0].B.device)
+        self.seconds += time.perf_counter() - start
+        self.refactorizations += 1
+
+    # ----------------------------------------------------------------------------------------------------- hooks
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._saved_lrs is not None:  # the previous step raised before its post hook could restore the LR
+            self._restore_lrs()
+        factor = self.lr_factor()
+        if factor != 1.0:
+            self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._saved_lrs is not None:
+            self._restore_lrs()
+
+    def _restore_lrs(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self._saved_lrs):
+            group["lr"] = lr
+        self._saved_lrs = None
+
+    def remove(self) -> None:
+        """Take the LR hooks off the optimizer (the refactorizer stops scaling the LR)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def _optimizer_params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values (``torch.load(weights_only=True)`` loads them): the settings, the step count, and the
+        positions (in the optimizer's parameter order) of the resets the optimizer has not applied yet."""
+        pending = getattr(self.optimizer, "pending_resets", None)
+        pending_ids = {id(p) for p in pending()} if callable(pending) else set()
+        return {
+            "every": self.every,
+            "reset": self.reset,
+            "recovery_steps": self.recovery_steps,
+            "recovery_start": self.recovery_start,
+            "step_count": self.step_count,
+            "refactorizations": self.refactorizations,
+            "pending_resets": [i for i, p in enumerate(self._optimizer_params()) if id(p) in pending_ids],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; the settings must equal this refactorizer's (checked before anything changes)."""
+        required = ("every", "reset", "recovery_steps", "recovery_start", "step_count", "pending_resets")
+        missing = [key for key in required if key not in state_dict]
+        if missing:
+            raise ValueError(f"Refactorizer.load_state_dict: the state dict lacks {missing}; it was not produced by "
+                             "Refactorizer.state_dict()")
+        for key in ("every", "reset", "recovery_steps", "recovery_start"):
+            if state_dict[key] != getattr(self, key):
+                raise ValueError(f"Refactorizer.load_state_dict: the checkpoint has {key}={state_dict[key]!r} but "
+                                 f"this refactorizer has {key}={getattr(self, key)!r}; construct it with the settings "
+                                 "of the run being resumed")
+        params = self._optimizer_params()
+        pending = [int(i) for i in state_dict["pending_resets"]]
+        if any(not 0 <= i < len(params) for i in pending):
+            raise ValueError(f"Refactorizer.load_state_dict: pending reset positions {pending} do not fit an optimizer "
+                             f"with {len(params)} parameters; the checkpoint belongs to another model")
+        if pending and not callable(getattr(self.optimizer, "reset_moments", None)):
+            raise ValueError("Refactorizer.load_state_dict: the checkpoint has pending fused resets but this optimizer "
+                             f"({type(self.optimizer).__name__}) has no reset_moments(); resume with the optimizer "
+                             "class the run was saved with")
+        self.step_count = int(state_dict["step_count"])
+        self.refactorizations = int(state_dict.get("refactorizations", 0))
+        if pending:
+            self.optimizer.reset_moments([params[i] for i in pending])
+
+    def __repr__(self) -> str:
+        return (f"Refactorizer(layers={len(self.modules)}, every={self.every}, reset={self.reset!r}, "
+                f"recovery_steps={self.recovery_steps}, recovery_start={self.recovery_start:g}, "
+                f"step_count={self.step_count})")
+
+
+def _check_settings(every, reset, recovery_steps, recovery_start) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"Refactorizer: every must be an int >= 1, got {every!r}")
+    if reset not in RESET_SCOPES:
+        raise ValueError(f"Refactorizer: reset must be one of {RESET_SCOPES}, got {reset!r}")
+    if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 0:
+        raise ValueError(f"Refactorizer: recovery_steps must be an int >= 0, got {recovery_steps!r}")
+    if not (isinstance(recovery_start, (int, float)) and 0.0 < recovery_start <= 1.0):
+        raise ValueError(f"Refactorizer: recovery_start must be in (0, 1], got {recovery_start!r}")

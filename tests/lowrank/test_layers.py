@@ -1,0 +1,161 @@
+"""LowRankLinear, to_low_rank and merge: shapes, forward math, initialization variance, targeting, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import optim
+from optim.lowrank import LowRankLinear, find_targets, merge, to_low_rank
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) + self.k_proj(x) * self.v_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.self_attn = Attention(d)
+        self.mlp = nn.ModuleDict(dict(gate_proj=nn.Linear(d, f), up_proj=nn.Linear(d, f), down_proj=nn.Linear(f, d)))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.norm(x))
+        mlp = self.mlp
+        return x + mlp["down_proj"](torch.nn.functional.silu(mlp["gate_proj"](x)) * mlp["up_proj"](x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, d=16, f=24, layers=2, tie=False):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d, f) for _ in range(layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens):
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def test_shapes_parameters_and_repr():
+    layer = LowRankLinear(12, 7, 3, scale=0.5)
+    assert layer.B.shape == (7, 3) and layer.A.shape == (3, 12) and layer.bias.shape == (7,)
+    assert [name for name, _ in layer.named_parameters()] == ["B", "A", "bias"]
+    assert repr(layer) == "LowRankLinear(in_features=12, out_features=7, rank=3, bias=True, scale=0.5)"
+    no_bias = LowRankLinear(12, 7, 3, bias=False, dtype=torch.float64)
+    assert no_bias.bias is None and no_bias.A.dtype == torch.float64
+    assert [name for name, _ in no_bias.named_parameters()] == ["B", "A"]
+
+
+def test_forward_is_scaled_product_plus_bias():
+    layer = LowRankLinear(10, 6, 2, scale=0.25, dtype=torch.float64)
+    x = torch.randn(4, 5, 10, dtype=torch.float64)
+    expected = x @ (0.25 * layer.B @ layer.A).T + layer.bias
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.dense_weight(), 0.25 * layer.B @ layer.A)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_init_has_nn_linear_variance(scale):
+    """Var(W_ij) of the product matches nn.Linear's default 1/(3·in) (checked over many entries)."""
+    fan_in, fan_out, rank = 256, 512, 32
+    layer = LowRankLinear(fan_in, fan_out, rank, scale=scale)
+    variance = layer.dense_weight().var().item()
+    linear_variance = nn.Linear(fan_in, fan_out).weight.var().item()
+    assert variance == pytest.approx(1.0 / (3 * fan_in), rel=0.05)
+    assert variance == pytest.approx(linear_variance, rel=0.05)
+    bound = 1 / math.sqrt(fan_in)
+    assert layer.bias.abs().max() <= bound
+
+
+def test_to_low_rank_default_targets_skip_embedding_and_head():
+    model = TinyLM()
+    names = [name for name, _ in find_targets(model)]
+    assert len(names) == 2 * 7 and all(".self_attn." in n or ".mlp." in n for n in names)
+    to_low_rank(model, 4)
+    low = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    assert low == names
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.embed_tokens, nn.Embedding)
+    assert model(torch.randint(0, 50, (2, 5))).shape == (2, 5, 50)
+    assert model.layers[0].mlp["gate_proj"].bias is not None  # biases follow the replaced layer
+
+
+def test_to_low_rank_target_patterns_and_predicate():
+    model = to_low_rank(TinyLM(), 3, target=["layers.0.mlp.*"])
+    assert [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)] == [
+        "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"]
+    model = to_low_rank(TinyLM(), 3, target=lambda name, module: name.endswith("q_proj"))
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 2
+    # An explicit pattern may select the output head; a head tied to the embedding is never replaced.
+    assert isinstance(to_low_rank(TinyLM(), 3, target="lm_head").lm_head, LowRankLinear)
+    with pytest.raises(ValueError, match="no nn.Linear module"):
+        to_low_rank(TinyLM(tie=True), 3, target="lm_head")
+
+
+def test_svd_init_is_best_rank_r_approximation_and_merge_roundtrip():
+    torch.manual_seed(0)
+    model = TinyLM()
+    dense = copy.deepcopy(model)
+    to_low_rank(model, 8, init="svd", scale=0.5)
+    layer = model.layers[1].self_attn.k_proj
+    weight = dense.layers[1].self_attn.k_proj.weight.detach()
+    U, S, Vh = torch.linalg.svd(weight)
+    best = U[:, :8] @ torch.diag(S[:8]) @ Vh[:8]
+    torch.testing.assert_close(layer.dense_weight(), best, atol=1e-5, rtol=1e-5)
+    merged = merge(model)
+    assert not any(isinstance(m, LowRankLinear) for m in merged.modules())
+    torch.testing.assert_close(merged.layers[1].self_attn.k_proj.weight, best, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.layers[1].mlp["up_proj"].bias, dense.layers[1].mlp["up_proj"].bias)
+
+
+def test_merge_keeps_the_function():
+    model = to_low_rank(TinyLM(), 5)
+    tokens = torch.randint(0, 50, (3, 6))
+    before = model(tokens)
+    merge(model)
+    torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
+    single = LowRankLinear(6, 4, 2)
+    assert isinstance(merge(single), nn.Linear)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 16, 17])
+def test_bad_rank_raises_and_changes_nothing(rank):
+    model = TinyLM()  # smallest target is 16x16
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"1 <= rank < min\(out_features, in_features\) = 16"):
+        to_low_rank(model, rank)
+    assert [type(m) for m in model.modules()] == before
+    with pytest.raises(ValueError, match="rank"):
+        LowRankLinear(16, 16, rank)
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="rank must be an int"):
+        to_low_rank(TinyLM(), 2.5)
+    with pytest.raises(ValueError, match="no nn.Linear module of Sequential matches the default targets"):
+        to_low_rank(nn.Sequential(nn.Linear(4, 4)), 2)
+    with pytest.raises(ValueError, match="only nn.Linear layers"):
+        to_low_rank(TinyLM(), 2, target=["embed_tokens", "q_proj"])
+    with pytest.raises(ValueError, match="init must be"):
+        to_low_rank(TinyLM(), 2, init="zeros")
+    with pytest.raises(ValueError, match="scale"):
+        LowRankLinear(8, 8, 2, scale=0.0)
+
+
+def test_exported():
+    assert optim.LowRankLinear is LowRankLinear and optim.to_low_rank is to_low_rank
+    assert optim.lowrank.merge is merge

@@ -14,9 +14,13 @@
 namespace optim {
 namespace {
 
+constexpr int64_t kGrainWork = 1 << 17;
+
 void sample_rows_into(int64_t* out, int64_t batch, int64_t n, int64_t r, int64_t seed, int64_t offset) {
   const uint64_t mixed_seed = mix64(static_cast<uint64_t>(seed));
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Small problems stay on one thread: waking a thread pool costs more than sampling a few hundred indices.
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(r + n / 32, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> bitmap((n + 31) / 32);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(bitmap.begin(), bitmap.end(), 0u);
@@ -134,7 +138,10 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
   const int64_t row_stride = flip ? 1 : p, column_stride = flip ? p : 1;
   const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   (void)n_rows;
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
+  const int64_t work_per_matrix = 2 * r * r * n_cols + 2 * r * r * r + 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / work_per_matrix);
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     at::Tensor x_rows = at::empty({r, n_cols}, options), g_rows = at::empty({r, n_cols}, options);
     at::Tensor core_matrix = at::empty({r, r}, options), moved = at::empty({r, n_cols}, options);
     T* xr = x_rows.data_ptr<T>();

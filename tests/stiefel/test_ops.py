@@ -216,3 +216,19 @@ def test_bad_indices_are_rejected_on_cpu():
     with pytest.raises(ValueError, match="outside"):
         STEP(x, g, torch.tensor([1, 5, 20]), **args)
     assert torch.equal(x, x0)
+
+
+def test_multithreaded_cpu_kernel_matches_reference():
+    """A batch large enough to be split over threads (the other tests run on one thread, see conftest.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _point((300, 24, 6), torch.float64, "cpu")
+        g = torch.randn(300, 24, 6, dtype=torch.float64)
+        want_x, want_g = x.clone(), g.clone()
+        STEP(x, g, None, rank=9, seed=1, offset=0, lr=0.2, core="qr", transport=True)
+        rsdm_step_reference(want_x, want_g, None, rank=9, seed=1, offset=0, lr=0.2, core="qr", transport=True)
+        torch.testing.assert_close(x, want_x, atol=1e-12, rtol=0)
+        torch.testing.assert_close(g, want_g, atol=1e-11, rtol=0)
+    finally:
+        torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ with the device, the torch version, the date and the command line.
 # name -> module under ``benchmarks``; ``all`` runs them in this order.
 BENCHMARKS = {
     "steps": "steps",
+    "stiefel": "stiefel",
 }
 
 __all__ = ["BENCHMARKS"]

@@ -2,11 +2,11 @@
 # One call on the GPU machine (device tool, repo root): build the extension with CUDA, run the CUDA tests with
 # OPTIM_REQUIRE_CUDA=1 (a skipped CUDA test is a failure), then the benchmarks. Logs and JSON go to $OUT
 # (the device tool's output folder) or ./bench_out. The machine's own torch is used (build isolation off).
-#   usage: bash benchmarks/gpu_check.sh [benchmark names...]   (default: steps)
+#   usage: bash benchmarks/gpu_check.sh [benchmark names...]   (default: steps stiefel)
 set -uo pipefail  # pipefail: a pipeline fails when pytest does, whatever tee/tail do
 out=${OUT:-bench_out}
 mkdir -p "$out"
-benchmarks=("${@:-steps}")
+if (( $# )); then benchmarks=("$@"); else benchmarks=(steps stiefel); fi
 status=0
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0a;8.0+PTX"}

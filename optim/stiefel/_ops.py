@@ -15,6 +15,8 @@ its gradient G and an index set I of r distinct rows::
     X_I ← Y X_I                     (rows outside I are untouched)
     G_I ← Y G_I                     (only with transport=True: moves a momentum buffer with X, see optim.RSDM)
 
+Only the rows I of G are read, so a caller that can compute the gradient row by row (e.g. G_I = −A_I X for PCA)
+may fill just those rows, after drawing I with ``rsdm_sample_rows_`` and passing it as ``indices``.
 Since ⟨G_I, −MX_I⟩ = −lr‖Ω‖², a small step decreases F; a negative ``lr`` ascends. The cost is O(r²P + r³) and
 only the r rows of X (and G) are touched.
 

@@ -1,6 +1,6 @@
 """Benchmarks of ``optim`` against its peers: ``python -m benchmarks <name> [--quick] [--device D] [--out DIR]``.
 
-Each benchmark module exposes ``run(device, quick) -> dict``: it times ours and the peer on the same inputs in one
+Each benchmark module exposes ``run(device, quick, out_dir) -> dict`` (pictures go to ``out_dir``): it times ours and the peer on the same inputs in one
 process, prints a table and returns the rows, which ``python -m benchmarks`` writes to ``DIR/<name>.json`` together
 with the device, the torch version, the date and the command line.
 """
@@ -11,6 +11,7 @@ BENCHMARKS = {
     "hvp": "hvp",
     "spectrum": "spectrum",
     "sophia": "sophia",
+    "stiefel": "stiefel",
     "lowrank": "lowrank",
 }
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if busy_before is not None and busy_before > BUSY_WARNING:
             _warn_busy(busy_before, "just before this run")
         with OtherProcessesLoad() as load:
-            result = module.run(device, quick=args.quick)
+            result = module.run(device, quick=args.quick, out_dir=args.out)
         if load.fraction is not None and load.fraction > BUSY_WARNING:
             _warn_busy(load.fraction, "during this run")
         record = {

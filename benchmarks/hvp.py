@@ -187,7 +187,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, quick: bool = False) -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
     cases = run_cases(device, quick, lambda case: {"name": case.name, "description": case.description,
                                                    "numel": case.numel, "rows": run_case(case, device, quick)})
     result = {

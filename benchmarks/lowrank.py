@@ -16,8 +16,8 @@ byte-level tokens (ids < 256 of the 32000-token vocabulary), 90%/10% train/valid
 optimizer state, is not timed; the mean over all timed steps is in the JSON), validation perplexity after training
 (a few steps: a smoke figure, not a converged result), ``optim.lowrank.memory_report`` (weights / gradients /
 optimizer state) and, on CUDA, peak allocated memory; for the refactorizing run, the share of the training time
-spent refactorizing. A loss-curve PNG goes to
-``$OUT`` or ``bench_out/``. GaLore (``galore_torch``) imports ``transformers`` and ``bitsandbytes`` at import time;
+spent refactorizing. A loss-curve PNG goes to the
+output folder (``--out``). GaLore (``galore_torch``) imports ``transformers`` and ``bitsandbytes`` at import time;
 when they are missing, empty stand-ins are put in ``sys.modules`` for that import only; if it still fails the peer
 is reported missing.
 """
@@ -416,7 +416,7 @@ def plot(rows: list[dict], path: str) -> str | None:
     return path
 
 
-def run(device: torch.device, quick: bool = False) -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
     device = torch.device(device)
     if quick:
         op_config, train_configs = CONFIGS["tiny"], [CONFIGS["tiny"]]
@@ -455,8 +455,7 @@ def run(device: torch.device, quick: bool = False) -> dict:
                 continue
             train_rows.append(train_one(method, c, memory_schedule, train_batches, eval_batches, device,
                                         galore_class))
-    out = os.environ.get("OUT") or "bench_out"
-    png = plot([r for r in train_rows if r["config"] != "1B"], os.path.join(out, "lowrank_loss.png"))
+    png = plot([r for r in train_rows if r["config"] != "1B"], os.path.join(out_dir, "lowrank_loss.png"))
     result = {
         "device": str(device), "device_name": device_name(device), "quick": quick,
         "ours_compiled_kernel": optim.has_kernel("lowrank_refactorize_", device),

@@ -86,7 +86,7 @@ def _torch_adamw(params):
         return torch.optim.AdamW(params, foreach=True, **ADAMW_HYPER), "foreach"
 
 
-def run(device: torch.device, quick: bool = False) -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
     device = torch.device(device)
     config = model_config(quick)
     torch.manual_seed(0)

@@ -174,7 +174,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, quick: bool = False) -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
     cases = run_cases(device, quick, lambda case: run_case(case, device, quick))
     result = {"device_name": device_name(device), "cases": cases,
               "conventions": {"seconds": "median wall-clock seconds of the whole call, operator construction included",

@@ -300,7 +300,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, quick: bool = False) -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
     device = torch.device(device)
     settings = settings_for(device, quick)
     kernel = optim.has_kernel(OUR_OP, device)

@@ -10,6 +10,7 @@ from .fused import AdamW
 from .hessian import (AdaHessian, HessianOperator, SharpnessMonitor, SophiaH, diagonal, hvp, spectral_density,
                       top_eigenvalues, trace)
 from .lowrank import LowRankAdamW, LowRankLinear, Refactorizer, to_low_rank
+from .stiefel import RSDM, RiemannianAdam, RiemannianSGD
 
 _library.load_extension()
 
@@ -22,6 +23,8 @@ __all__ = [
     "top_eigenvalues", "trace",
     # low-rank family
     "LowRankAdamW", "LowRankLinear", "Refactorizer", "to_low_rank",
+    # Stiefel family
+    "RSDM", "RiemannianAdam", "RiemannianSGD",
     # library
     "has_kernel",
 ]

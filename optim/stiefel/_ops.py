@@ -1,1 +1,188 @@
-"""Ops of the Stiefel family: schemas, fake kernels and references. Empty until the RSDM step lands (#5)."""
+r"""Ops of the Stiefel family: the fused RSDM step with permutation sampling, and its row sampler.
+
+``optim::rsdm_step_(X, G, indices, *, rank, seed, offset, lr, core, transport)`` performs one step of the
+randomized Riemannian submanifold method (Han, Poirion & Takeda, ICML 2025) with permutation sampling on every
+matrix of a batch, in place. For one oriented matrix X (N×P, N >= P, X̃ᵀX̃ = I; see ``manifold.orient``: for a tensor
+(..., n, p) with n < p the roles of rows and columns swap, i.e. the op samples *columns* of the stored matrix),
+its gradient G and an index set I of r distinct rows::
+
+    A = G_I X_Iᵀ                    (r×r)
+    Ω = (A − Aᵀ)/2                  ∈ so(r)
+    M = −lr·Ω
+    Y = core(M) ∈ SO(r):  "cayley": (I − M/2)⁻¹(I + M/2)
+                          "exp":    the matrix exponential e^M
+                          "qr":     Q of the QR factorization of I + M, with diag(R) > 0
+    X_I ← Y X_I                     (rows outside I are untouched)
+    G_I ← Y G_I                     (only with transport=True: moves a momentum buffer with X, see optim.RSDM)
+
+Only the rows I of G are read, so a caller that can compute the gradient row by row (e.g. G_I = −A_I X for PCA)
+may fill just those rows, after drawing I with ``rsdm_sample_rows_`` and passing it as ``indices``.
+Since ⟨G_I, −MX_I⟩ = −lr‖Ω‖², a small step decreases F; a negative ``lr`` ascends. The cost is O(r²P + r³) and
+only the r rows of X (and G) are touched.
+
+Shapes and dtypes: X and G (..., n, p) of one dtype (float32 or float64) and device, X̃ᵀX̃ = I expected (not
+checked: the optimizer checks it once). ``indices``: None, or int64 (..., r) with the batch shape of X, distinct
+values in [0, N) per matrix (not checked on CUDA, which would need a host sync; duplicates break orthogonality).
+With ``indices=None`` each matrix b (row-major over the batch dims) gets the index set drawn by
+``rsdm_sample_rows_`` from counters ``offset + b·rank + k``, k < rank; then ``rank`` is r. When ``indices`` is
+given, ``rank`` must equal its last size and seed/offset are unused.
+
+Kernels compute in X's dtype (float32 arithmetic for float32). The CPU and CUDA kernels use Gauss–Jordan
+inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is needed),
+scaling-and-squaring with a Taylor polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass for QR
+(which equals the sign-fixed Householder Q in exact arithmetic). The reference uses ``torch.linalg``.
+
+``optim::rsdm_sample_rows_(out, n, seed, offset)`` fills int64 ``out`` (..., r) with, per matrix b (row-major over
+the batch dims), r distinct indices of [0, n) in increasing order: Floyd's algorithm (Bentley & Floyd 1987) run on
+the counter-based generator of ``optim::rademacher_`` (SplitMix64)::
+
+    S = {}
+    for k in 0..r-1:  j = n − r + k
+                      t = (hash(seed, offset + b·r + k) >> 11) mod (j + 1)
+                      S ← S ∪ {j if t ∈ S else t}
+
+which draws every r-subset with probability 1/C(n, r) (up to the 2⁻⁵³ bias of the modulo). Sorted output makes the
+set canonical, so CPU, CUDA and the reference return the same tensor bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._library import define_op
+from ..hessian._ops import GOLDEN_GAMMA, _as_int64, _logical_shift_right, _mix64_tensor, mix64_int
+
+CORES = ("qr", "cayley", "exp")
+STEP_DTYPES = (torch.float32, torch.float64)
+
+
+# --- row sampling -------------------------------------------------------------------------------------------------
+
+def check_sample_rows_args(out: torch.Tensor, n: int, seed: int, offset: int) -> None:
+    if out.dtype != torch.int64:
+        raise ValueError(f"rsdm_sample_rows_: out must be int64, got {out.dtype}")
+    if out.dim() < 1:
+        raise ValueError("rsdm_sample_rows_: out must have at least one dimension (..., r)")
+    r = out.shape[-1]
+    if not 0 < r <= n:
+        raise ValueError(f"rsdm_sample_rows_: the rank r = out.shape[-1] = {r} must be in [1, n = {n}]")
+    if offset < 0:
+        raise ValueError(f"rsdm_sample_rows_: offset must be >= 0, got {offset}")
+
+
+def rsdm_sample_rows_reference(out: torch.Tensor, n: int, seed: int, offset: int) -> None:
+    check_sample_rows_args(out, n, seed, offset)
+    r = out.shape[-1]
+    batch = out.numel() // r
+    if batch == 0:
+        return
+    device = out.device
+    mixed_seed = _as_int64(mix64_int(seed))
+    chosen = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+    base = torch.arange(batch, dtype=torch.int64, device=device) * r + offset
+    for k in range(r):
+        j = n - r + k
+        counters = base + (k + 1)  # counter_hash uses (counter + 1) · golden
+        hashed = _mix64_tensor(counters * _as_int64(GOLDEN_GAMMA) + mixed_seed)
+        t = _logical_shift_right(hashed, 11) % (j + 1)
+        taken = chosen[rows, t]
+        pick = torch.where(taken, torch.full_like(t, j), t)
+        chosen[rows, pick] = True
+    indices = chosen.nonzero()[:, 1].view(out.shape)
+    out.copy_(indices)
+
+
+def _sample_rows_fake(out, n, seed, offset) -> None:
+    check_sample_rows_args(out, n, seed, offset)
+
+
+rsdm_sample_rows_ = define_op(
+    "rsdm_sample_rows_(Tensor(a!) out, int n, int seed, int offset) -> ()",
+    reference=rsdm_sample_rows_reference,
+    fake=_sample_rows_fake,
+)
+
+
+# --- the RSDM step ------------------------------------------------------------------------------------------------
+
+def check_rsdm_step_args(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor | None, rank: int, offset: int,
+                         lr: float, core: str) -> None:
+    """Raise ``ValueError``/``RuntimeError`` naming the first argument that does not fit the schema."""
+    if x.dim() < 2:
+        raise ValueError(f"rsdm_step_: X has shape {tuple(x.shape)}; it must be a (batch of) matrix (..., n, p)")
+    if x.dtype not in STEP_DTYPES:
+        raise ValueError(f"rsdm_step_: X is {x.dtype}; the step (and its r×r core) runs in float32 or float64 only "
+                         "(bfloat16/float16 cannot keep X on the manifold); keep the parameter in float32")
+    if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+        raise RuntimeError(f"rsdm_step_: G is {g.dtype} {tuple(g.shape)} on {g.device} but X is {x.dtype} "
+                           f"{tuple(x.shape)} on {x.device}; they must match")
+    if core not in CORES:
+        raise ValueError(f"rsdm_step_: core must be one of {CORES}, got {core!r}")
+    if not math.isfinite(lr):
+        raise ValueError(f"rsdm_step_: lr must be finite, got {lr}")
+    n_rows = max(x.shape[-2], x.shape[-1])
+    if indices is None:
+        if not 0 < rank <= n_rows:
+            raise ValueError(f"rsdm_step_: rank must be in [1, {n_rows}] (max(n, p) of X {tuple(x.shape)}), got "
+                             f"{rank}")
+        if offset < 0:
+            raise ValueError(f"rsdm_step_: offset must be >= 0, got {offset}")
+        return
+    if indices.dtype != torch.int64 or indices.device != x.device:
+        raise RuntimeError(f"rsdm_step_: indices must be int64 on {x.device}, got {indices.dtype} on "
+                           f"{indices.device}")
+    if tuple(indices.shape[:-1]) != tuple(x.shape[:-2]) or indices.dim() != x.dim() - 1:
+        raise ValueError(f"rsdm_step_: indices has shape {tuple(indices.shape)}; for X {tuple(x.shape)} it must "
+                         f"be {tuple(x.shape[:-2])} + (r,)")
+    r = indices.shape[-1]
+    if not 0 < r <= n_rows or rank != r:
+        raise ValueError(f"rsdm_step_: indices.shape[-1] = {r} must be in [1, {n_rows}] and equal rank = {rank}")
+
+
+def _core_reference(m: torch.Tensor, core: str) -> torch.Tensor:
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    if core == "cayley":
+        return torch.linalg.solve(eye - 0.5 * m, eye + 0.5 * m)
+    if core == "exp":
+        return torch.linalg.matrix_exp(m)
+    q, r = torch.linalg.qr(eye + m)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    return q * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2)
+
+
+def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor | None, *, rank: int, seed: int,
+                        offset: int, lr: float, core: str, transport: bool) -> None:
+    check_rsdm_step_args(x, g, indices, rank, offset, lr, core)
+    flip = x.shape[-2] < x.shape[-1]
+    xo, go = (x.mT, g.mT) if flip else (x, g)
+    n_rows, n_cols = xo.shape[-2:]
+    batch_shape = x.shape[:-2]
+    if indices is None:
+        indices = torch.empty(*batch_shape, rank, dtype=torch.int64, device=x.device)
+        rsdm_sample_rows_reference(indices, n_rows, seed, offset)
+    if indices.numel() == 0 or xo.numel() == 0:
+        return
+    gather = indices.unsqueeze(-1).expand(*batch_shape, indices.shape[-1], n_cols)
+    x_rows = torch.gather(xo, -2, gather)
+    g_rows = torch.gather(go, -2, gather)
+    a = g_rows @ x_rows.mT
+    m = -lr * 0.5 * (a - a.mT)
+    y = _core_reference(m, core)
+    xo.scatter_(-2, gather, y @ x_rows)
+    if transport:
+        go.scatter_(-2, gather, y @ g_rows)
+
+
+def _rsdm_step_fake(x, g, indices, *, rank, seed, offset, lr, core, transport) -> None:
+    check_rsdm_step_args(x, g, indices, rank, offset, lr, core)
+
+
+rsdm_step_ = define_op(
+    "rsdm_step_(Tensor(a!) X, Tensor(b!) G, Tensor? indices, *, int rank, int seed, int offset, float lr, str core, "
+    "bool transport) -> ()",
+    reference=rsdm_step_reference,
+    fake=_rsdm_step_fake,
+)

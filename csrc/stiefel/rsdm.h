@@ -1,0 +1,104 @@
+// Shared by the CPU and CUDA kernels of optim::rsdm_step_ and optim::rsdm_sample_rows_ (schemas, math and
+// references: optim/stiefel/_ops.py): argument checks that mirror the Python ones, and the row sampler.
+#pragma once
+
+#include "../common/checks.h"
+#include "../common/device_math.h"
+
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace optim {
+
+enum class RsdmCore : int { kQR = 0, kCayley = 1, kExp = 2 };
+
+inline RsdmCore parse_rsdm_core(c10::string_view core) {
+  if (core == "qr") return RsdmCore::kQR;
+  if (core == "cayley") return RsdmCore::kCayley;
+  if (core == "exp") return RsdmCore::kExp;
+  TORCH_CHECK_VALUE(false, "rsdm_step_: core must be one of ('qr', 'cayley', 'exp'), got '", std::string(core), "'");
+}
+
+// Taylor degree of the exponential core after scaling ‖M‖₁ below kExpNormBound: the truncation error is below
+// kExpNormBound^(d+1)/(d+1)!, i.e. 5e-9 for float (d = 8) and 2e-17 for double (d = 14).
+constexpr double kExpNormBound = 0.5;
+template <typename T>
+constexpr int exp_taylor_degree() {
+  return sizeof(T) == 8 ? 14 : 8;
+}
+
+inline void check_sample_rows_args(const at::Tensor& out, int64_t n, int64_t offset) {
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kLong, "rsdm_sample_rows_: out must be int64, got ",
+                    dtype_name(out.scalar_type()));
+  TORCH_CHECK_VALUE(out.dim() >= 1, "rsdm_sample_rows_: out must have at least one dimension (..., r)");
+  const int64_t r = out.size(-1);
+  TORCH_CHECK_VALUE(r > 0 && r <= n, "rsdm_sample_rows_: the rank r = out.shape[-1] = ", r, " must be in [1, n = ",
+                    n, "]");
+  TORCH_CHECK_VALUE(offset >= 0, "rsdm_sample_rows_: offset must be >= 0, got ", offset);
+}
+
+// Returns r, the number of rows each matrix updates.
+inline int64_t check_rsdm_step_args(const at::Tensor& x, const at::Tensor& g, const std::optional<at::Tensor>& indices,
+                                    int64_t rank, int64_t offset, double lr, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, "rsdm_step_: X has shape ", x.sizes(),
+                    "; it must be a (batch of) matrix (..., n, p)");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "rsdm_step_: X is ",
+                    dtype_name(x.scalar_type()),
+                    "; the step (and its r×r core) runs in float32 or float64 only (bfloat16/float16 cannot keep X "
+                    "on the manifold); keep the parameter in float32");
+  TORCH_CHECK(x.device().type() == device_type, "rsdm_step_: X is on ", x.device(), " but this kernel runs on ",
+              device_type);
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && g.device() == x.device(),
+              "rsdm_step_: G is ", dtype_name(g.scalar_type()), " ", g.sizes(), " on ", g.device(), " but X is ",
+              dtype_name(x.scalar_type()), " ", x.sizes(), " on ", x.device(), "; they must match");
+  TORCH_CHECK_VALUE(std::isfinite(lr), "rsdm_step_: lr must be finite, got ", lr);
+  const int64_t n_rows = std::max(x.size(-2), x.size(-1));
+  if (!indices.has_value()) {
+    TORCH_CHECK_VALUE(rank > 0 && rank <= n_rows, "rsdm_step_: rank must be in [1, ", n_rows, "] (max(n, p) of X ",
+                      x.sizes(), "), got ", rank);
+    TORCH_CHECK_VALUE(offset >= 0, "rsdm_step_: offset must be >= 0, got ", offset);
+    return rank;
+  }
+  const at::Tensor& idx = *indices;
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.device() == x.device(), "rsdm_step_: indices must be int64 on ",
+              x.device(), ", got ", dtype_name(idx.scalar_type()), " on ", idx.device());
+  TORCH_CHECK_VALUE(idx.dim() == x.dim() - 1 && idx.sizes().slice(0, idx.dim() - 1) == x.sizes().slice(0, x.dim() - 2),
+                    "rsdm_step_: indices has shape ", idx.sizes(), "; for X ", x.sizes(),
+                    " it must be X.shape[:-2] + (r,)");
+  const int64_t r = idx.size(-1);
+  TORCH_CHECK_VALUE(r > 0 && r <= n_rows && r == rank, "rsdm_step_: indices.shape[-1] = ", r, " must be in [1, ",
+                    n_rows, "] and equal rank = ", rank);
+  return r;
+}
+
+// One draw of Floyd's algorithm: an integer uniform on [0, bound) from counter `counter` (53 high bits mod bound).
+OPTIM_HOST_DEVICE uint64_t floyd_draw(uint64_t mixed_seed, uint64_t counter, uint64_t bound) {
+  return (counter_hash(mixed_seed, counter) >> 11) % bound;
+}
+
+// Floyd's algorithm for r distinct indices of [0, n) using counters first_counter + k, k < r, recorded in `bitmap`
+// ((n + 31) / 32 zeroed words), then written in increasing order to out[0..r). Serial: one thread per matrix.
+template <typename index_t>
+OPTIM_HOST_DEVICE void floyd_sample(uint32_t* bitmap, int64_t n, int64_t r, uint64_t mixed_seed,
+                                    uint64_t first_counter, index_t* out) {
+  for (int64_t k = 0; k < r; ++k) {
+    const int64_t j = n - r + k;
+    int64_t t = static_cast<int64_t>(floyd_draw(mixed_seed, first_counter + k, static_cast<uint64_t>(j + 1)));
+    if (bitmap[t >> 5] & (1u << (t & 31))) t = j;
+    bitmap[t >> 5] |= 1u << (t & 31);
+  }
+  int64_t written = 0;
+  const int64_t words = (n + 31) / 32;
+  for (int64_t w = 0; w < words && written < r; ++w) {
+    uint32_t bits = bitmap[w];
+    while (bits) {
+      int bit = 0;
+      while (!((bits >> bit) & 1u)) ++bit;
+      out[written++] = static_cast<index_t>(w * 32 + bit);
+      bits &= bits - 1;
+    }
+  }
+}
+
+}  // namespace optim

@@ -1,0 +1,232 @@
+// CPU kernels of optim::rsdm_sample_rows_ and optim::rsdm_step_ (schemas, math and references:
+// optim/stiefel/_ops.py). Matrices of a batch are spread over threads; each matrix gathers its r rows of X and G
+// into contiguous buffers, forms A = G_I X_Iᵀ and X_I ← Y X_I with at::mm (BLAS) and computes the r×r core Y with
+// the loops below (the same algorithms as the CUDA kernel), then scatters the rows back.
+#include "rsdm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace optim {
+namespace {
+
+constexpr int64_t kGrainWork = 1 << 17;
+
+void sample_rows_into(int64_t* out, int64_t batch, int64_t n, int64_t r, int64_t seed, int64_t offset) {
+  const uint64_t mixed_seed = mix64(static_cast<uint64_t>(seed));
+  // Small problems stay on one thread: waking a thread pool costs more than sampling a few hundred indices.
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(r + n / 32, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> bitmap((n + 31) / 32);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(bitmap.begin(), bitmap.end(), 0u);
+      floyd_sample(bitmap.data(), n, r, mixed_seed, static_cast<uint64_t>(offset) + static_cast<uint64_t>(b * r),
+                   out + b * r);
+    }
+  });
+}
+
+void rsdm_sample_rows_cpu(at::Tensor out, int64_t n, int64_t seed, int64_t offset) {
+  check_sample_rows_args(out, n, offset);
+  TORCH_CHECK(out.device().is_cpu(), "rsdm_sample_rows_: out is on ", out.device(), " but this kernel runs on cpu");
+  const int64_t r = out.size(-1);
+  at::Tensor work = out.contiguous();
+  sample_rows_into(work.data_ptr<int64_t>(), work.numel() / r, n, r, seed, offset);
+  if (!work.is_same(out)) out.copy_(work);
+}
+
+// C = A·B for row-major r×r matrices, through BLAS.
+template <typename T>
+void matmul(const T* a, const T* b, T* c, int64_t r, const at::TensorOptions& options) {
+  at::Tensor out = at::from_blob(c, {r, r}, options);
+  at::mm_out(out, at::from_blob(const_cast<T*>(a), {r, r}, options), at::from_blob(const_cast<T*>(b), {r, r}, options));
+}
+
+// In-place Gauss–Jordan inversion without pivoting; valid here because I − M/2 (M skew) has identity symmetric
+// part, so every pivot is >= 1 in the Schur-complement sense.
+template <typename T>
+void invert_in_place(T* b, int64_t r) {
+  for (int64_t k = 0; k < r; ++k) {
+    T* row_k = b + k * r;
+    const T inverse_pivot = T(1) / row_k[k];
+    row_k[k] = T(1);
+    for (int64_t j = 0; j < r; ++j) row_k[j] *= inverse_pivot;
+    for (int64_t i = 0; i < r; ++i) {
+      if (i == k) continue;
+      T* row_i = b + i * r;
+      const T factor = row_i[k];
+      if (factor == T(0)) continue;
+      row_i[k] = T(0);
+      for (int64_t j = 0; j < r; ++j) row_i[j] -= factor * row_k[j];
+    }
+  }
+}
+
+// Y = core(M), M skew r×r (row-major, overwritten by Y).
+template <typename T>
+void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& options) {
+  const int64_t rr = r * r;
+  if (core == RsdmCore::kCayley) {
+    // Y = (I − M/2)⁻¹(I + M/2) = 2(I − M/2)⁻¹ − I
+    for (int64_t e = 0; e < rr; ++e) m[e] = (e / r == e % r ? T(1) : T(0)) - T(0.5) * m[e];
+    invert_in_place(m, r);
+    for (int64_t e = 0; e < rr; ++e) m[e] = T(2) * m[e] - (e / r == e % r ? T(1) : T(0));
+  } else if (core == RsdmCore::kQR) {
+    // Gram–Schmidt with one re-orthogonalization pass on the columns of I + M, i.e. the rows of C = I − M.
+    for (int64_t e = 0; e < rr; ++e) m[e] = (e / r == e % r ? T(1) : T(0)) - m[e];
+    std::vector<T> dots(r);
+    for (int64_t k = 0; k < r; ++k) {
+      T* row_k = m + k * r;
+      for (int pass = 0; pass < 2; ++pass) {
+        for (int64_t j = 0; j < k; ++j) {
+          const T* row_j = m + j * r;
+          T dot = 0;
+          for (int64_t c = 0; c < r; ++c) dot += row_j[c] * row_k[c];
+          dots[j] = dot;
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          const T* row_j = m + j * r;
+          const T dot = dots[j];
+          for (int64_t c = 0; c < r; ++c) row_k[c] -= dot * row_j[c];
+        }
+      }
+      T norm2 = 0;
+      for (int64_t c = 0; c < r; ++c) norm2 += row_k[c] * row_k[c];
+      const T inverse_norm = T(1) / std::sqrt(norm2);
+      for (int64_t c = 0; c < r; ++c) row_k[c] *= inverse_norm;
+    }
+    // Q's columns are C's rows: Y = Cᵀ.
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = i + 1; j < r; ++j) std::swap(m[i * r + j], m[j * r + i]);
+  } else {
+    // Scaling and squaring: e^M = (e^{M/2^s})^{2^s} with ‖M/2^s‖₁ <= kExpNormBound, Taylor by Horner's rule.
+    T norm1 = 0;
+    for (int64_t j = 0; j < r; ++j) {
+      T column = 0;
+      for (int64_t i = 0; i < r; ++i) column += std::abs(m[i * r + j]);
+      norm1 = std::max(norm1, column);
+    }
+    int squarings = 0;
+    if (norm1 > T(kExpNormBound)) squarings = static_cast<int>(std::ceil(std::log2(norm1 / T(kExpNormBound))));
+    const T scale = std::ldexp(T(1), -squarings);
+    for (int64_t e = 0; e < rr; ++e) m[e] *= scale;
+    std::vector<T> power(rr), product(rr);
+    constexpr int degree = exp_taylor_degree<T>();
+    for (int64_t e = 0; e < rr; ++e) power[e] = (e / r == e % r ? T(1) : T(0)) + m[e] / T(degree);
+    for (int k = degree - 1; k >= 1; --k) {
+      matmul(m, power.data(), product.data(), r, options);
+      for (int64_t e = 0; e < rr; ++e) power[e] = (e / r == e % r ? T(1) : T(0)) + product[e] / T(k);
+    }
+    for (int s = 0; s < squarings; ++s) {
+      matmul(power.data(), power.data(), product.data(), r, options);
+      std::swap(power, product);
+    }
+    std::copy(power.begin(), power.end(), m);
+  }
+}
+
+template <typename T>
+void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64_t n, int64_t p, int64_t r, T lr,
+                        RsdmCore core, bool transport) {
+  // Oriented matrix X̃ (N×P, N >= P): X̃(i, j) = x[i·row_stride + j·column_stride] within one matrix.
+  const bool flip = n < p;
+  const int64_t n_rows = flip ? p : n, n_cols = flip ? n : p;
+  const int64_t row_stride = flip ? 1 : p, column_stride = flip ? p : 1;
+  const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  (void)n_rows;
+  // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
+  const int64_t work_per_matrix = 2 * r * r * n_cols + 2 * r * r * r + 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / work_per_matrix);
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    at::Tensor x_rows = at::empty({r, n_cols}, options), g_rows = at::empty({r, n_cols}, options);
+    at::Tensor core_matrix = at::empty({r, r}, options), moved = at::empty({r, n_cols}, options);
+    T* xr = x_rows.data_ptr<T>();
+    T* gr = g_rows.data_ptr<T>();
+    for (int64_t b = begin; b < end; ++b) {
+      T* xb = x + b * n * p;
+      T* gb = g + b * n * p;
+      const int64_t* rows = indices + b * r;
+      for (int64_t a = 0; a < r; ++a) {
+        const T* xs = xb + rows[a] * row_stride;
+        const T* gs = gb + rows[a] * row_stride;
+        for (int64_t j = 0; j < n_cols; ++j) {
+          xr[a * n_cols + j] = xs[j * column_stride];
+          gr[a * n_cols + j] = gs[j * column_stride];
+        }
+      }
+      at::mm_out(core_matrix, g_rows, x_rows.t());
+      T* m = core_matrix.data_ptr<T>();
+      // M = −lr·(A − Aᵀ)/2, written pairwise so the upper and lower triangles are read before either is written.
+      for (int64_t i = 0; i < r; ++i) {
+        m[i * r + i] = T(0);
+        for (int64_t j = i + 1; j < r; ++j) {
+          const T value = -lr * T(0.5) * (m[i * r + j] - m[j * r + i]);
+          m[i * r + j] = value;
+          m[j * r + i] = -value;
+        }
+      }
+      core_in_place(m, r, core, options);
+      for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
+        at::mm_out(moved, core_matrix, pass == 0 ? x_rows : g_rows);
+        T* target = pass == 0 ? xb : gb;
+        const T* source = moved.data_ptr<T>();
+        for (int64_t a = 0; a < r; ++a) {
+          T* row = target + rows[a] * row_stride;
+          for (int64_t j = 0; j < n_cols; ++j) row[j * column_stride] = source[a * n_cols + j];
+        }
+      }
+    }
+  });
+}
+
+void rsdm_step_cpu(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>& indices, int64_t rank, int64_t seed,
+                   int64_t offset, double lr, c10::string_view core, bool transport) {
+  const int64_t r = check_rsdm_step_args(x, g, indices, rank, offset, lr, c10::DeviceType::CPU);
+  const RsdmCore core_kind = parse_rsdm_core(core);
+  const int64_t n = x.size(-2), p = x.size(-1);
+  const int64_t batch = n * p == 0 ? 0 : x.numel() / (n * p);
+  if (batch == 0 || n * p == 0) return;
+  at::Tensor index_work;
+  if (indices.has_value()) {
+    index_work = indices->contiguous();
+    const int64_t* data = index_work.data_ptr<int64_t>();
+    const int64_t n_rows = std::max(n, p);
+    // Validate every index set before anything is written: out-of-range or repeated rows would corrupt X.
+    std::vector<uint8_t> seen(n_rows);
+    for (int64_t b = 0; b < batch; ++b) {
+      std::fill(seen.begin(), seen.end(), 0);
+      for (int64_t a = 0; a < r; ++a) {
+        const int64_t row = data[b * r + a];
+        TORCH_CHECK_VALUE(row >= 0 && row < n_rows, "rsdm_step_: indices[", b, "] holds ", row,
+                          ", outside [0, ", n_rows, ")");
+        TORCH_CHECK_VALUE(!seen[row], "rsdm_step_: indices[", b, "] holds row ", row,
+                          " twice; the r indices of a matrix must be distinct");
+        seen[row] = 1;
+      }
+    }
+  } else {
+    index_work = at::empty({batch, r}, x.options().dtype(at::kLong));
+    sample_rows_into(index_work.data_ptr<int64_t>(), batch, std::max(n, p), r, seed, offset);
+  }
+  at::Tensor x_work = x.contiguous(), g_work = g.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rsdm_step_cpu", [&] {
+    rsdm_step_matrices<scalar_t>(x_work.data_ptr<scalar_t>(), g_work.data_ptr<scalar_t>(),
+                                 index_work.data_ptr<int64_t>(), batch, n, p, r, static_cast<scalar_t>(lr), core_kind,
+                                 transport);
+  });
+  if (!x_work.is_same(x)) x.copy_(x_work);
+  if (transport && !g_work.is_same(g)) g.copy_(g_work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(optim, CPU, m) {
+  m.impl("rsdm_sample_rows_", &rsdm_sample_rows_cpu);
+  m.impl("rsdm_step_", &rsdm_step_cpu);
+}
+
+}  // namespace optim

@@ -1,0 +1,415 @@
+r"""Optimizers with orthogonality constraints: ``RSDM``, ``RiemannianSGD``, ``RiemannianAdam``.
+
+Constrained parameters are marked by their param group, no Parameter subclass needed::
+
+    opt = optim.RSDM([{"params": [W], "manifold": "stiefel"},          # or "grassmann"
+                      {"params": [b], "manifold": None}], lr=1e-2, rank=64)
+
+``manifold`` defaults to ``"stiefel"``; groups with ``manifold=None`` get the unconstrained update (SGD with
+momentum for RSDM / RiemannianSGD, Adam for RiemannianAdam). A constrained tensor of shape (..., n, p) is a batch of
+matrices with orthonormal columns (n >= p) or rows (n < p, the ``nn.Linear`` layout); it must be on the manifold
+when the optimizer is built (``optim.stiefel.orthogonal_`` initializes one). Every step checks all gradients for
+NaN/inf first (one host sync) and raises without touching any parameter or state.
+
+State dicts hold tensors and Python ints only, so they round-trip through ``torch.load(weights_only=True)``; RSDM's
+random row sets are a pure function of the per-parameter (seed, offset) kept in the state, so a resumed run draws
+the same rows. ``lr`` is read from the group at every step, so ``torch.optim.lr_scheduler`` works.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .._library import has_kernel
+from ._ops import CORES, _core_reference, rsdm_step_, rsdm_step_reference
+from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
+                       project_to_manifold, retract, riemannian_gradient)
+
+__all__ = ["RSDM", "RiemannianAdam", "RiemannianSGD"]
+
+SAMPLINGS = ("permutation", "orthogonal")
+_SEED_MODULUS = 1 << 63
+
+
+def _check_lr(lr, caller: str) -> None:
+    if isinstance(lr, torch.Tensor) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
+        raise ValueError(f"{caller}: lr must be a finite Python float >= 0, got {lr!r}")
+
+
+def _check_unit_interval(value, name: str, caller: str) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ValueError(f"{caller}: {name} must be in [0, 1), got {value!r}")
+
+
+def _check_reorthonormalize_every(value, caller: str) -> None:
+    if value is not None and not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"{caller}: reorthonormalize_every must be None or an int >= 0 (0 = never), got {value!r}")
+
+
+def _matrix_count(p: torch.Tensor) -> int:
+    return p.numel() // max(p.shape[-2] * p.shape[-1], 1) if p.shape[-2] * p.shape[-1] else 0
+
+
+def _reorthonormalize_(p: torch.Tensor) -> None:
+    """Replace p by the sign-fixed Q factor of its oriented matrix (QR in float64): removes accumulated drift."""
+    p.copy_(project_to_manifold(p, method="qr"))
+
+
+class _ManifoldOptimizer(Optimizer):
+    """Param-group validation, the finite-gradient check and the step loop shared by the three optimizers."""
+
+    _name = "optim.stiefel"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group.setdefault("manifold", self.defaults.get("manifold", "stiefel"))
+        check_manifold_name(param_group["manifold"], self._name)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        self._check_group(param_group, params)
+        if param_group["manifold"] is not None:
+            for i, p in enumerate(params):
+                check_on_manifold(p.detach(), caller=self._name, name=f"parameter {i} of the group")
+        super().add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Hyperparameters of a group (the keys may be missing: defaults are filled in afterwards)."""
+
+    def _check_gradients(self) -> None:
+        flags, where = [], []
+        for g_index, group in enumerate(self.param_groups):
+            self._check_group({**self.defaults, **group}, group["params"])
+            for p_index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self._name} does not support sparse gradients")
+                flags.append(torch.isfinite(p.grad).all())
+                where.append((g_index, p_index, tuple(p.shape)))
+        if not flags:
+            return
+        finite = torch.stack([f.to(flags[0].device) for f in flags])
+        if not bool(finite.all()):
+            g_index, p_index, shape = where[int((~finite).nonzero()[0, 0])]
+            raise ValueError(
+                f"{self._name}: the gradient of parameter {p_index} of param group {g_index} (shape {shape}) has "
+                "NaN or inf entries; no parameter or state was changed. Skip this step (torch.amp.GradScaler does "
+                "that for you), clip the gradients, or lower the learning rate")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_gradients()  # everything is validated before anything changes
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    self._init_state(group, p, state)
+                state["step"] += 1
+                if group["manifold"] is None:
+                    self._plain_update(group, p, state)
+                else:
+                    self._manifold_update(group, p, state)
+                    every = self._reorthonormalize_period(group)
+                    if every and state["step"] % every == 0:
+                        _reorthonormalize_(p)
+        return loss
+
+    def _reorthonormalize_period(self, group) -> int:
+        return group["reorthonormalize_every"] or 0
+
+    def _init_state(self, group, p, state) -> None:
+        state["step"] = 0
+
+    def _sgd_plain_update(self, group, p, state) -> None:
+        """torch.optim.SGD's update (momentum, dampening, nesterov, maximize) for an unconstrained parameter."""
+        grad = -p.grad if group["maximize"] else p.grad
+        momentum = group["momentum"]
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1.0 - group.get("dampening", 0.0))
+            grad = grad.add(buf, alpha=momentum) if group.get("nesterov", False) else buf
+        p.add_(grad, alpha=-group["lr"])
+
+
+class RSDM(_ManifoldOptimizer):
+    r"""Randomized Riemannian submanifold descent (Han, Poirion & Takeda, ICML 2025) on St(n, p) / Gr(n, p).
+
+    Every step moves each constrained matrix X (oriented N×P, N >= P) by an orthogonal matrix that is the identity
+    except on a random r-dimensional subspace spanned by the rows of P_r (r×N)::
+
+        Ω = skew((P_r D)(P_r X)ᵀ) ∈ so(r),   Y = core(−lr·Ω) ∈ SO(r),   X ← X + P_rᵀ(Y − I)(P_r X)
+
+    with D the Euclidean gradient (or the momentum buffer). ``sampling="permutation"``: P_r selects r random rows
+    I (drawn without replacement from (seed, offset) by ``optim::rsdm_sample_rows_``) and the step is X_I ← Y X_I,
+    one fused op (``optim::rsdm_step_``) costing O(r²P + r³) and touching r rows only. ``sampling="orthogonal"``:
+    P_r has r Haar-random orthonormal rows (QR of an N×r Gaussian from a ``torch.Generator`` seeded by
+    (seed, offset)), plain PyTorch, O(NPr). ``core``: ``"qr"`` (Q of I − lrΩ, diag(R) > 0, the paper's choice),
+    ``"cayley"`` ((I + lrΩ/2)⁻¹(I − lrΩ/2)) or ``"exp"`` (e^{−lrΩ}).
+
+    Momentum (``momentum`` = μ > 0): a buffer B in the ambient space, B ← μB + G, is used in place of G, and after
+    each step it is *transported with X by the same rotation*: B ← B + P_rᵀ(Y − I)(P_r B) (B_I ← Y B_I for
+    permutation sampling). The left action of O(N) maps tangent vectors at X to tangent vectors at the new X
+    isometrically (XᵀB is unchanged), costs what the step costs, and keeps Ω equivariant: rotating the problem
+    rotates the iterates.
+
+    Grassmann groups take the same steps (the update X ← QX commutes with X → XR, so the quotient iterates agree);
+    the manifold name only changes what the utilities of ``optim.stiefel`` measure.
+
+    Drift: each step is an exact rotation in exact arithmetic; rounding makes ‖XᵀX − I‖ grow slowly, so every
+    ``reorthonormalize_every`` steps (default 100; 0 = never) X is replaced by the Q factor (sign-fixed, float64) of
+    itself, which keeps the defect below 1e-5 in float32.
+
+    Args:
+        params: parameters or param groups (keys: any argument below, plus ``manifold``).
+        lr: step size (>= 0). rank: r, 1 <= r <= N = max(n, p) of every constrained parameter of the group.
+        sampling, core: see above. momentum: μ in [0, 1). seed: int >= 0 (None: drawn from torch's global RNG,
+        so ``torch.manual_seed`` makes runs reproducible). maximize: ascend.
+    Unconstrained groups (``manifold=None``) get SGD with the same lr and momentum.
+    """
+
+    _name = "optim.RSDM"
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2, *,
+                 rank: int, sampling: str = "permutation", core: str = "qr", momentum: float = 0.0,
+                 reorthonormalize_every: int | None = 100, seed: int | None = None, maximize: bool = False,
+                 manifold: str | None = "stiefel"):
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        defaults = dict(lr=lr, rank=rank, sampling=sampling, core=core, momentum=momentum,
+                        reorthonormalize_every=reorthonormalize_every, seed=seed, maximize=maximize,
+                        manifold=manifold)
+        self._check_group(defaults, [])
+        super().__init__(params, defaults)
+
+    def _check_group(self, group, params) -> None:
+        name = self._name
+        if "lr" in group:
+            _check_lr(group["lr"], name)
+        if "momentum" in group:
+            _check_unit_interval(group["momentum"], "momentum", name)
+        if "sampling" in group and group["sampling"] not in SAMPLINGS:
+            raise ValueError(f"{name}: sampling must be one of {SAMPLINGS}, got {group['sampling']!r}")
+        if "core" in group and group["core"] not in CORES:
+            raise ValueError(f"{name}: core must be one of {CORES}, got {group['core']!r} (the core always runs in "
+                             "the parameter's dtype, float32 or float64)")
+        if "reorthonormalize_every" in group:
+            _check_reorthonormalize_every(group["reorthonormalize_every"], name)
+        if "seed" in group and not (isinstance(group["seed"], int) and group["seed"] >= 0):
+            raise ValueError(f"{name}: seed must be an int >= 0 or None, got {group['seed']!r}")
+        rank = group.get("rank", self.defaults.get("rank") if hasattr(self, "defaults") else None)
+        if rank is None:
+            return
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"{name}: rank must be an int >= 1, got {rank!r}")
+        if group.get("manifold", "stiefel") is None:
+            return
+        for i, p in enumerate(params):
+            if p.dim() >= 2 and rank > max(p.shape[-2:]):
+                raise ValueError(f"{name}: rank={rank} is larger than N = max(n, p) = {max(p.shape[-2:])} of "
+                                 f"parameter {i} (shape {tuple(p.shape)}); use 1 <= rank <= {max(p.shape[-2:])}")
+
+    def _init_state(self, group, p, state) -> None:
+        super()._init_state(group, p, state)
+        if group["manifold"] is None:
+            return
+        ordinal = sum(1 for _ in self.state) - 1  # parameters with state so far: distinct streams per parameter
+        state["seed"] = (group["seed"] + 0x9E3779B97F4A7C15 * (ordinal + 1)) % _SEED_MODULUS
+        state["offset"] = 0
+        if group["momentum"]:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _plain_update(self, group, p, state) -> None:
+        self._sgd_plain_update(group, p, state)
+
+    def _manifold_update(self, group, p, state) -> None:
+        lr = -group["lr"] if group["maximize"] else group["lr"]
+        momentum = group["momentum"]
+        if momentum:
+            direction = state["momentum_buffer"]
+            direction.mul_(momentum).add_(p.grad)
+        else:
+            direction = p.grad
+        rank, core = group["rank"], group["core"]
+        if group["sampling"] == "permutation":
+            step = rsdm_step_ if has_kernel("rsdm_step_", p.device) else rsdm_step_reference
+            step(p, direction, None, rank=rank, seed=state["seed"], offset=state["offset"], lr=lr, core=core,
+                 transport=bool(momentum))
+            state["offset"] += _matrix_count(p) * rank
+        else:
+            generator = torch.Generator(device=p.device)
+            generator.manual_seed((state["seed"] + 0x9E3779B97F4A7C15 * state["offset"]) % _SEED_MODULUS)
+            orthogonal_sampling_step_(p, direction, rank=rank, lr=lr, core=core, generator=generator,
+                                      transport=bool(momentum))
+            state["offset"] += 1
+
+
+@torch.no_grad()
+def orthogonal_sampling_step_(x: torch.Tensor, direction: torch.Tensor, *, rank: int, lr: float, core: str,
+                              generator: torch.Generator | None = None, transport: bool = False) -> None:
+    """One RSDM step with orthogonal sampling, in place: X ← X + P_rᵀ(Y − I)(P_r X), P_r Haar (r×N) per matrix.
+
+    ``direction`` (G or a momentum buffer, shape of x) gets the same rotation when ``transport`` is set.
+    """
+    xo, do = orient(x), orient(direction)
+    n_rows = xo.shape[-2]
+    gaussian = torch.randn(*xo.shape[:-2], n_rows, rank, dtype=x.dtype, device=x.device, generator=generator)
+    q, r = torch.linalg.qr(gaussian)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    basis = q * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2)  # N×r, = P_rᵀ
+    px = basis.mT @ xo
+    pd = basis.mT @ do
+    a = pd @ px.mT
+    y = _core_reference(-lr * 0.5 * (a - a.mT), core)
+    y.diagonal(dim1=-2, dim2=-1).sub_(1.0)  # Y − I
+    xo.add_(basis @ (y @ px))
+    if transport:
+        do.add_(basis @ (y @ pd))
+
+
+class RiemannianSGD(_ManifoldOptimizer):
+    r"""Riemannian gradient descent with momentum and a full retraction, on St(n, p) or Gr(n, p).
+
+    For a constrained X with Euclidean gradient G (negated if ``maximize``)::
+
+        ξ = grad F(X)          Stiefel: G − X sym(XᵀG) (Euclidean metric); Grassmann: G − X XᵀG
+        B ← μB + (1 − dampening)ξ     (B = ξ on the first step)
+        D = ξ + μB if nesterov else B
+        X ← R_X(−lr·D)                ``retraction``: "qr" | "cayley" | "polar" (see optim.stiefel.manifold)
+        B ← P_X(B)                    momentum transported by projection onto the new tangent space
+
+    QR and polar retractions re-normalize X at every step; the Cayley retraction is an exact rotation that keeps
+    whatever drift X had, so with ``reorthonormalize_every=None`` (default) it is re-orthonormalized every 100 steps
+    and the other two never. Unconstrained groups (``manifold=None``) get ``torch.optim.SGD``'s update.
+    """
+
+    _name = "optim.RiemannianSGD"
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, *, retraction: str = "qr", reorthonormalize_every: int | None = None,
+                 maximize: bool = False, manifold: str | None = "stiefel"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, retraction=retraction,
+                        reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold)
+        self._check_group(defaults, [])
+        super().__init__(params, defaults)
+
+    def _check_group(self, group, params) -> None:
+        name = self._name
+        if "lr" in group:
+            _check_lr(group["lr"], name)
+        if "momentum" in group:
+            _check_unit_interval(group["momentum"], "momentum", name)
+        if "dampening" in group:
+            _check_unit_interval(group["dampening"], "dampening", name)
+        if group.get("nesterov") and (group.get("momentum", 0.0) <= 0 or group.get("dampening", 0.0) != 0):
+            raise ValueError(f"{name}: nesterov=True requires momentum > 0 and dampening = 0")
+        if "retraction" in group and group["retraction"] not in RETRACTIONS:
+            raise ValueError(f"{name}: retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
+        if "reorthonormalize_every" in group:
+            _check_reorthonormalize_every(group["reorthonormalize_every"], name)
+
+    def _reorthonormalize_period(self, group) -> int:
+        every = group["reorthonormalize_every"]
+        if every is None:
+            return 100 if group["retraction"] == "cayley" else 0
+        return every
+
+    def _plain_update(self, group, p, state) -> None:
+        self._sgd_plain_update(group, p, state)
+
+    def _manifold_update(self, group, p, state) -> None:
+        grad = -p.grad if group["maximize"] else p.grad
+        manifold = group["manifold"]
+        xi = riemannian_gradient(p, grad, manifold=manifold)
+        momentum = group["momentum"]
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = xi.clone(memory_format=torch.contiguous_format)
+            else:
+                buf.mul_(momentum).add_(xi, alpha=1.0 - group["dampening"])
+            xi = xi.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p.copy_(retract(p, -group["lr"] * xi, method=group["retraction"]))
+        if momentum:
+            buf.copy_(project_tangent(p, buf, manifold=manifold))
+
+
+class RiemannianAdam(_ManifoldOptimizer):
+    r"""Riemannian Adam (Bécigneul & Ganea, ICLR 2019) with a full retraction, on St(n, p) or Gr(n, p).
+
+    For a constrained X with Euclidean gradient G (negated if ``maximize``) and step count t::
+
+        ξ = grad F(X)                      (as in RiemannianSGD)
+        m ← β1·m + (1 − β1)·ξ;  v ← β2·v + (1 − β2)·ξ⊙ξ      (v elementwise, in the ambient coordinates)
+        D = P_X( m/(1 − β1ᵗ) / (√(v/(1 − β2ᵗ)) + eps) )     (elementwise scaling leaves the tangent space: project)
+        X ← R_X(−lr·D);   m ← P_X(m)      (first moment transported by projection; v is not a tangent vector)
+
+    Retraction and re-orthonormalization as in ``RiemannianSGD``. Unconstrained groups (``manifold=None``) get
+    Adam's update (no weight decay).
+    """
+
+    _name = "optim.RiemannianAdam"
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
+                 retraction: str = "qr", reorthonormalize_every: int | None = None, maximize: bool = False,
+                 manifold: str | None = "stiefel"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, retraction=retraction,
+                        reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold)
+        self._check_group(defaults, [])
+        super().__init__(params, defaults)
+
+    def _check_group(self, group, params) -> None:
+        name = self._name
+        if "lr" in group:
+            _check_lr(group["lr"], name)
+        if "betas" in group:
+            betas = group["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+            _check_unit_interval(betas[0], "beta1", name)
+            _check_unit_interval(betas[1], "beta2", name)
+        if "eps" in group and not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0):
+            raise ValueError(f"{name}: eps must be >= 0, got {group['eps']!r}")
+        if "retraction" in group and group["retraction"] not in RETRACTIONS:
+            raise ValueError(f"{name}: retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
+        if "reorthonormalize_every" in group:
+            _check_reorthonormalize_every(group["reorthonormalize_every"], name)
+
+    _reorthonormalize_period = RiemannianSGD._reorthonormalize_period
+
+    def _init_state(self, group, p, state) -> None:
+        super()._init_state(group, p, state)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _adam_direction(self, group, state, grad) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        state["exp_avg"].lerp_(grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
+        return state["exp_avg"] / (1.0 - beta1**t) / denom
+
+    def _plain_update(self, group, p, state) -> None:
+        grad = -p.grad if group["maximize"] else p.grad
+        p.add_(self._adam_direction(group, state, grad), alpha=-group["lr"])
+
+    def _manifold_update(self, group, p, state) -> None:
+        grad = -p.grad if group["maximize"] else p.grad
+        manifold = group["manifold"]
+        xi = riemannian_gradient(p, grad, manifold=manifold)
+        direction = project_tangent(p, self._adam_direction(group, state, xi), manifold=manifold)
+        p.copy_(retract(p, -group["lr"] * direction, method=group["retraction"]))
+        state["exp_avg"].copy_(project_tangent(p, state["exp_avg"], manifold=manifold))

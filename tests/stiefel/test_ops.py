@@ -1,0 +1,234 @@
+"""optim::rsdm_step_ and optim::rsdm_sample_rows_: compiled kernels against the float64 reference, opcheck, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optim
+from optim.stiefel import distance_to_manifold, orthogonal_
+from optim.stiefel._ops import rsdm_sample_rows_reference, rsdm_step_reference
+
+from ..conftest import DEVICES, REQUIRE_EXTENSION
+
+STEP = torch.ops.optim.rsdm_step_
+SAMPLE = torch.ops.optim.rsdm_sample_rows_
+CORES = ["qr", "cayley", "exp"]
+GUARD = 3
+
+# (shape of X, r). Covers r = 1, r = N, batches (1-D and 2-D batch shapes), the n < p orientation, and on CUDA the
+# three paths: many matrices (fused launch), one large matrix with r <= 128 (gemm + shared-memory core), and a core
+# too large for shared memory (r > 128: torch.linalg core).
+CASES = [
+    ((30, 8), 5),
+    ((3, 30, 8), 30),
+    ((8, 30), 7),
+    ((40, 6), 1),
+    ((2, 3, 25, 4), 12),
+    ((70, 24, 6), 9),
+    ((600, 300), 100),
+    ((200, 40), 150),
+]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 3e-5}
+
+
+def _point(shape, dtype, device):
+    return orthogonal_(torch.empty(shape, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def _guarded(values: torch.Tensor):
+    """A copy of ``values`` inside a NaN-filled buffer (catches writes out of bounds)."""
+    buffer = torch.full((2 * GUARD + values.numel(),), float("nan"), dtype=values.dtype, device=values.device)
+    view = buffer[GUARD:GUARD + values.numel()].view(values.shape)
+    view.copy_(values)
+    return view, buffer
+
+
+def _assert_guards(buffer):
+    assert buffer[:GUARD].isnan().all() and buffer[-GUARD:].isnan().all(), "a kernel wrote out of bounds"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_kernels_are_registered(device):
+    if not REQUIRE_EXTENSION:
+        pytest.skip("OPTIM_REQUIRE_EXTENSION is off: the reference kernel may be what runs")
+    assert optim.has_kernel("rsdm_step_", device)
+    assert optim.has_kernel(SAMPLE, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_shape, n, r", [((), 10, 1), ((4,), 10, 10), ((3, 5), 1000, 37), ((2,), 70, 33)])
+def test_sampled_rows_match_reference_bitwise(device, batch_shape, n, r):
+    for seed, offset in [(0, 0), (12345, 987), (2**62 + 3, 2**40)]:
+        out = torch.full((*batch_shape, r), -7, dtype=torch.int64, device=device)
+        SAMPLE(out, n, seed, offset)
+        want = torch.empty((*batch_shape, r), dtype=torch.int64)
+        rsdm_sample_rows_reference(want, n, seed, offset)
+        assert torch.equal(out.cpu(), want)
+        flat = out.reshape(-1, r).cpu()
+        assert (flat >= 0).all() and (flat < n).all()
+        assert (flat[:, 1:] > flat[:, :-1]).all(), "indices must be distinct and increasing"
+
+
+def test_sampled_rows_are_uniform():
+    """Every row is drawn with probability r/n: frequencies over 4000 draws within 5 standard deviations."""
+    n, r, draws = 12, 4, 4000
+    out = torch.empty(draws, r, dtype=torch.int64)
+    SAMPLE(out, n, 99, 0)
+    counts = torch.bincount(out.flatten(), minlength=n).double()
+    expected = draws * r / n
+    spread = (draws * (r / n) * (1 - r / n)) ** 0.5
+    assert ((counts - expected).abs() < 5 * spread).all(), counts
+    # consecutive offsets give different sets (the counters advance by r per matrix)
+    a, b = torch.empty(1, r, dtype=torch.int64), torch.empty(1, r, dtype=torch.int64)
+    SAMPLE(a, 1000, 5, 0)
+    SAMPLE(b, 1000, 5, r)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("shape, r", CASES, ids=str)
+def test_step_matches_float64_reference(device, dtype, core, shape, r):
+    if device == "cpu" and shape[-2] * shape[-1] > 50000 and dtype == torch.float32:
+        pytest.skip("the large cases exercise the CUDA paths; float64 covers them on CPU")
+    x0 = _point(shape, dtype, device)
+    g0 = torch.randn(shape, dtype=dtype, device=device)
+    lr = 0.3
+    for transport in (False, True):
+        x, x_buffer = _guarded(x0)
+        g, g_buffer = _guarded(g0)
+        want_x, want_g = x0.double().clone(), g0.double().clone()
+        STEP(x, g, None, rank=r, seed=17, offset=5, lr=lr, core=core, transport=transport)
+        rsdm_step_reference(want_x, want_g, None, rank=r, seed=17, offset=5, lr=lr, core=core, transport=transport)
+        _assert_guards(x_buffer)
+        _assert_guards(g_buffer)
+        assert not x.isnan().any()
+        scale = TOLERANCE[dtype] * max(1.0, g0.abs().max().item())
+        torch.testing.assert_close(x.double(), want_x, rtol=0, atol=scale)
+        if transport:
+            torch.testing.assert_close(g.double(), want_g, rtol=0, atol=scale * g0.abs().max().item())
+        else:
+            assert torch.equal(g, g0), "G must not be written without transport"
+        assert distance_to_manifold(x).max() < (1e-12 if dtype == torch.float64 else 1e-5) * max(1, r) ** 0.5 * 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("core", CORES)
+def test_only_the_sampled_rows_move_and_given_indices_agree(device, core):
+    shape, r = (5, 50, 6), 8
+    x0 = _point(shape, torch.float64, device)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    indices = torch.empty(5, r, dtype=torch.int64, device=device)
+    SAMPLE(indices, 50, 3, 11)
+    sampled, given = x0.clone(), x0.clone()
+    STEP(sampled, g, None, rank=r, seed=3, offset=11, lr=0.5, core=core, transport=False)
+    STEP(given, g, indices, rank=r, seed=0, offset=0, lr=0.5, core=core, transport=False)
+    torch.testing.assert_close(sampled, given, rtol=0, atol=1e-13)
+    moved = (sampled - x0).abs().amax(-1) > 0
+    rows = torch.zeros_like(moved)
+    rows.scatter_(1, indices, True)
+    assert not (moved & ~rows).any(), "a row outside the index set changed"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_orientation_samples_columns(device):
+    """For n < p the op updates columns of the stored matrix: X ← (step of Xᵀ)ᵀ."""
+    x = _point((6, 40), torch.float64, device)
+    g = torch.randn(6, 40, dtype=torch.float64, device=device)
+    xt, gt = x.mT.contiguous(), g.mT.contiguous()
+    STEP(x, g, None, rank=9, seed=1, offset=0, lr=0.4, core="cayley", transport=True)
+    STEP(xt, gt, None, rank=9, seed=1, offset=0, lr=0.4, core="cayley", transport=True)
+    torch.testing.assert_close(x, xt.mT, rtol=0, atol=1e-13)
+    torch.testing.assert_close(g, gt.mT, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_is_a_rotation_that_transports_the_direction(device):
+    """X_I ← Y X_I and G_I ← Y G_I with Y orthogonal: XᵀX and XᵀG are unchanged, and a small step descends."""
+    x = _point((60, 5), torch.float64, device)
+    g = torch.randn(60, 5, dtype=torch.float64, device=device)
+    before_xg = x.mT @ g
+    direction = g.clone()
+    STEP(x, direction, None, rank=20, seed=4, offset=0, lr=1e-3, core="qr", transport=True)
+    torch.testing.assert_close(x.mT @ direction, before_xg, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    base = _point((8, 30), torch.float64, device)
+    x = base.mT  # (30, 8), not contiguous
+    g = torch.randn(8, 30, dtype=torch.float64, device=device).mT
+    want_x, want_g = x.clone(), g.clone()
+    STEP(x, g, None, rank=6, seed=2, offset=1, lr=0.3, core="exp", transport=True)
+    rsdm_step_reference(want_x, want_g, None, rank=6, seed=2, offset=1, lr=0.3, core="exp", transport=True)
+    torch.testing.assert_close(base.mT, want_x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, want_g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("indices", [False, True])
+def test_opcheck(device, indices):
+    x = _point((2, 20, 5), torch.float32, device)
+    g = torch.randn(2, 20, 5, device=device)
+    idx = torch.tensor([[0, 3, 7], [1, 2, 19]], device=device) if indices else None
+    torch.library.opcheck(STEP.default, args=(x, g, idx),
+                          kwargs=dict(rank=3, seed=1, offset=2, lr=0.1, core="cayley", transport=True))
+    out = torch.empty(3, 4, dtype=torch.int64, device=device)
+    torch.library.opcheck(SAMPLE.default, args=(out, 10, 5, 0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("implementation", ["kernel", "reference"])
+def test_bad_input_is_rejected_and_nothing_changes(device, implementation):
+    step = STEP if implementation == "kernel" else rsdm_step_reference
+    x = _point((20, 4), torch.float32, device)
+    g = torch.randn(20, 4, device=device)
+    x0, g0 = x.clone(), g.clone()
+    args = dict(seed=0, offset=0, lr=0.1, core="qr", transport=True)
+    with pytest.raises(ValueError, match="rank must be in"):
+        step(x, g, None, **{**args, "rank": 21})
+    with pytest.raises(ValueError, match="rank must be in"):
+        step(x, g, None, **{**args, "rank": 0})
+    with pytest.raises(ValueError, match="core must be one of"):
+        step(x, g, None, **{**args, "rank": 3, "core": "svd"})
+    with pytest.raises(ValueError, match="float32 or float64"):
+        step(x.bfloat16(), g.bfloat16(), None, **{**args, "rank": 3})
+    with pytest.raises(ValueError, match="matrix"):
+        step(x[:, 0], g[:, 0], None, **{**args, "rank": 3})
+    with pytest.raises(RuntimeError, match="must match"):
+        step(x, g[:10], None, **{**args, "rank": 3})
+    with pytest.raises(ValueError, match="lr must be finite"):
+        step(x, g, None, **{**args, "rank": 3, "lr": float("nan")})
+    with pytest.raises(ValueError, match="equal rank"):
+        step(x, g, torch.tensor([0, 1], device=device), **{**args, "rank": 3})
+    assert torch.equal(x, x0) and torch.equal(g, g0)
+
+
+def test_bad_indices_are_rejected_on_cpu():
+    x = _point((20, 4), torch.float64, "cpu")
+    g = torch.randn(20, 4, dtype=torch.float64)
+    x0 = x.clone()
+    args = dict(rank=3, seed=0, offset=0, lr=0.1, core="qr", transport=False)
+    with pytest.raises(ValueError, match="twice"):
+        STEP(x, g, torch.tensor([1, 5, 1]), **args)
+    with pytest.raises(ValueError, match="outside"):
+        STEP(x, g, torch.tensor([1, 5, 20]), **args)
+    assert torch.equal(x, x0)
+
+
+def test_multithreaded_cpu_kernel_matches_reference():
+    """A batch large enough to be split over threads (the other tests run on one thread, see conftest.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _point((300, 24, 6), torch.float64, "cpu")
+        g = torch.randn(300, 24, 6, dtype=torch.float64)
+        want_x, want_g = x.clone(), g.clone()
+        STEP(x, g, None, rank=9, seed=1, offset=0, lr=0.2, core="qr", transport=True)
+        rsdm_step_reference(want_x, want_g, None, rank=9, seed=1, offset=0, lr=0.2, core="qr", transport=True)
+        torch.testing.assert_close(x, want_x, atol=1e-12, rtol=0)
+        torch.testing.assert_close(g, want_g, atol=1e-11, rtol=0)
+    finally:
+        torch.set_num_threads(threads)

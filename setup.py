@@ -35,8 +35,9 @@ def get_extensions():
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not _flag("OPTIM_NO_CUDA")
 
     optimization = ["-O0", "-g"] if debug else ["-O3"]
-    # -fno-math-errno: sqrt need not set errno, which is what lets the CPU update loops vectorize.
-    extra_compile_args = {"cxx": optimization + ["-fno-math-errno", "-fdiagnostics-color=always"]}
+    # -fno-math-errno: sqrt need not set errno; -fno-trapping-math: a comparison may run speculatively (no code here
+    # reads floating-point exception flags). Without them the update loops (sqrt, clamps, selects) stay scalar.
+    extra_compile_args = {"cxx": optimization + ["-fno-math-errno", "-fno-trapping-math", "-fdiagnostics-color=always"]}
     extra_link_args = []
     # at::parallel_for is header code: without -fopenmp its `omp parallel` is ignored and every CPU kernel runs on
     # one thread. Only where torch itself runs on OpenMP (Linux wheels; macOS clang has no -fopenmp).

@@ -35,7 +35,6 @@ Probes
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -65,12 +64,18 @@ def select(tensors: Sequence, index: list[int]) -> list:
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one max-abs reduction per tensor, one sync per device."""
+    """Whether every element of every tensor is finite: one multi-tensor reduction and one sync per device.
+
+    The reduction is the sum of |x| (``_foreach_norm(ord=1)``, about 4× cheaper than the max-abs one on CPU): it is
+    finite exactly when every element is, unless the sum overflows, so a non-finite sum is confirmed element-wise.
+    """
     by_device = group_indices([t.device for t in tensors])
     for index in by_device.values():
-        maxima = torch._foreach_norm([tensors[i] for i in index], ord=math.inf)
-        if not bool(torch.stack([m.float() for m in maxima]).isfinite().all()):
-            return False
+        group = [tensors[i] for i in index]
+        sums = torch._foreach_norm(group, ord=1)
+        if not bool(torch.stack([s.float() for s in sums]).isfinite().all()):
+            if not all(bool(torch.isfinite(t).all()) for t in group):
+                return False
     return True
 
 

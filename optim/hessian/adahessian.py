@@ -12,8 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ._ops import (check_adahessian_hyperparameters, fused_adahessian_, fused_adahessian_reference,
-                   second_order_state_dtype)
+from ._ops import check_adahessian_hyperparameters, fused_adahessian_, fused_adahessian_reference
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
 
 __all__ = ["AdaHessian", "adahessian", "spatially_averaged"]
@@ -99,13 +98,6 @@ class AdaHessian(SecondOrderOptimizer):
         check_adahessian_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                                          eps=group["eps"], hessian_power=group["hessian_power"], caller="AdaHessian")
         check_update_period("AdaHessian", group["update_period"])
-
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["hessian_step"] = torch.zeros((), dtype=torch.float32)
-        dtype = second_order_state_dtype(p.dtype)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:

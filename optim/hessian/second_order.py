@@ -82,7 +82,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 class SecondOrderOptimizer(Optimizer):
     """Base class of :class:`SophiaH` and :class:`AdaHessian`: the closure protocol of the module docstring.
 
-    Subclasses define ``_name``, ``_check_group(group)``, ``_init_state(p, state)`` and
+    Subclasses define ``_name``, ``_state_dtype_keys``, ``_count_keys``, ``_check_group(group)`` and
     ``_update(groups_work)``; the base computes gradients, curvature and probes and checks them.
     """
 
@@ -110,7 +110,12 @@ class SecondOrderOptimizer(Optimizer):
         raise NotImplementedError
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Zero counts (CPU float32 scalars) and zero state tensors shaped like ``p`` in the state dtype."""
+        for key in self._count_keys:
+            state[key] = torch.zeros((), dtype=torch.float32)
+        dtype = second_order_state_dtype(p.dtype)
+        for key in self._state_dtype_keys:
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _update(self, work: list[dict[str, Any]]) -> None:
         """Apply the step. ``work`` has one entry per param group with the lists of the parameters that step:

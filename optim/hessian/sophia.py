@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference, second_order_state_dtype
+from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
 
 __all__ = ["SophiaH", "sophia"]
@@ -97,12 +97,6 @@ class SophiaH(SecondOrderOptimizer):
         check_sophia_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, rho=group["rho"],
                                      weight_decay=group["weight_decay"], eps=group["eps"], caller="SophiaH")
         check_update_period("SophiaH", group["update_period"])
-
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        dtype = second_order_state_dtype(p.dtype)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["hessian"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from .._library import has_kernel
 from ._ops import PARAM_DTYPES, check_adamw_hyperparameters, fused_adamw_, fused_adamw_reference, moment_dtype
+from .distributed import local_tensors
 
 __all__ = ["AdamW", "adamw"]
 
@@ -254,6 +255,10 @@ def adamw(
     step_one_device_and_dtype = fused_adamw_ if fused else _multi_tensor_adamw if foreach else fused_adamw_reference
     for index in _group_by_device_and_dtype(params).values():
         lists = _select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index)
+        if fused:
+            # FSDP2 (DTensor) parameters: the op has no sharding rule, and the step is elementwise, so it runs on
+            # the local shards (the foreach and single-tensor paths go through DTensor's own dispatch).
+            lists = local_tensors(lists, caller="optim.AdamW")
         if reset is None:
             step_one_device_and_dtype(*lists, **hyper)
         elif fused or not foreach:

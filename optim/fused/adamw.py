@@ -9,6 +9,10 @@ The math is ``torch.optim.AdamW``'s (see ``optim/fused/_ops.py``). Differences a
 * ``amsgrad``, ``capturable`` and ``differentiable`` are accepted for signature compatibility but only ``False`` is
   supported.
 * ``reset_moments(params)`` asks for a momentum reset that is folded into the next step (the op's ``reset`` flag).
+* Works under DDP (plain tensors) and FSDP2 (``fully_shard``: DTensor params, grads and moments): the fused op
+  steps each parameter's local shard, which is exact for an elementwise step when the parameter, its gradient and
+  its moments are sharded alike (checked; otherwise a ValueError suggests ``foreach=True``, which goes through
+  DTensor's dispatch).
 """
 
 from __future__ import annotations

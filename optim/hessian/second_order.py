@@ -55,6 +55,10 @@ Data parallel (DDP)
     gradient on some ranks gets a zero local gradient there; one without gradient on every rank does not step.
     An external ``hessian_diagonal`` is used as given (give the same on every rank). The parameters must start
     equal on every rank (DDP broadcasts them when it wraps the model).
+    Caveat: with ``DDP(..., gradient_as_bucket_view=True)`` DDP's forward replaces ``p.grad`` by bucket views after
+    its first backward, which the optimizer cannot tell from a ``backward()`` in the closure (it would take the old
+    gradient). There, let the closure return the loss on every step, or keep DDP's default
+    ``gradient_as_bucket_view=False``.
 
 FSDP2
     Not supported: with ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in

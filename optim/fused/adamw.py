@@ -9,6 +9,10 @@ The math is ``torch.optim.AdamW``'s (see ``optim/fused/_ops.py``). Differences a
 * ``amsgrad``, ``capturable`` and ``differentiable`` are accepted for signature compatibility but only ``False`` is
   supported.
 * ``reset_moments(params)`` asks for a momentum reset that is folded into the next step (the op's ``reset`` flag).
+* Works under DDP (plain tensors) and FSDP2 (``fully_shard``: DTensor params, grads and moments): the fused op
+  steps each parameter's local shard, which is exact for an elementwise step when the parameter, its gradient and
+  its moments are sharded alike (checked; otherwise a ValueError suggests ``foreach=True``, which goes through
+  DTensor's dispatch).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.optim import Optimizer
 
 from .._library import has_kernel
 from ._ops import PARAM_DTYPES, check_adamw_hyperparameters, fused_adamw_, fused_adamw_reference, moment_dtype
+from .distributed import local_tensors
 
 __all__ = ["AdamW", "adamw"]
 
@@ -254,6 +259,10 @@ def adamw(
     step_one_device_and_dtype = fused_adamw_ if fused else _multi_tensor_adamw if foreach else fused_adamw_reference
     for index in _group_by_device_and_dtype(params).values():
         lists = _select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index)
+        if fused:
+            # FSDP2 (DTensor) parameters: the op has no sharding rule, and the step is elementwise, so it runs on
+            # the local shards (the foreach and single-tensor paths go through DTensor's own dispatch).
+            lists = local_tensors(lists, caller="optim.AdamW")
         if reset is None:
             step_one_device_and_dtype(*lists, **hyper)
         elif fused or not foreach:

@@ -57,7 +57,8 @@ class AdaHessian(SecondOrderOptimizer):
         hessian_power: k in [0, 1].
         update_period: refresh the curvature every this many steps (int >= 1).
         spatial_average: average |Hz| over the spatial dimensions of 4-D (convolution) parameters.
-        maximize, seed, check_finite, foreach, fused: as in :class:`SophiaH`.
+        maximize, seed, check_finite, foreach, fused, process_group: as in :class:`SophiaH` (``process_group``
+            for data-parallel training: the optimizer averages its gradients and Hz over it).
 
     State per parameter: ``step`` and ``hessian_step`` (CPU float32 counts), ``exp_avg`` (m) and
     ``exp_hessian_diag_sq`` (v), float32 for bf16/fp16 parameters.
@@ -83,6 +84,7 @@ class AdaHessian(SecondOrderOptimizer):
         check_finite: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
+        process_group=None,
     ):
         if isinstance(lr, torch.Tensor):
             raise ValueError("AdaHessian: lr must be a Python float; a Tensor lr is not supported")
@@ -91,7 +93,7 @@ class AdaHessian(SecondOrderOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         update_period=update_period, spatial_average=spatial_average, maximize=maximize, seed=seed,
                         check_finite=check_finite, foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = check_betas("AdaHessian", group["betas"])

@@ -30,7 +30,40 @@ Probes
     Rademacher vector over all parameters. ``step`` is p's step count before the step, kept in the state, so a run
     resumed from a ``state_dict`` draws the same probes as the uninterrupted run. Give every rank of a data-parallel
     run the same ``seed``; with ``seed=None`` one is drawn from torch's default generator at construction (the same
-    on ranks that called ``torch.manual_seed`` with the same value) and kept in the param groups.
+    on ranks that called ``torch.manual_seed`` with the same value) and kept in the param groups. With a
+    ``process_group`` the ranks agree on the seeds at construction (see below).
+
+Data parallel (DDP)
+    DDP averages gradients in hooks that only ``loss.backward()`` runs: the ``torch.autograd.grad`` calls of the
+    closure protocol bypass them (each rank would step on its local gradient, and silently diverge), and DDP's
+    backward with ``create_graph=True`` cannot build the second-order graph (it raises, or its gradients lose the
+    graph). The recipe: wrap the model in DDP as usual, pass ``process_group=torch.distributed.group.WORLD`` (or a
+    subgroup) and let the closure return the loss::
+
+        model = DDP(net)
+        opt = optim.SophiaH(model.parameters(), lr=1e-3, seed=0, process_group=dist.group.WORLD)
+        loss = opt.step(lambda: F.cross_entropy(model(x_local), y_local))
+
+    The optimizer then averages over the group, in one all-reduce per dtype, everything it differentiates itself:
+    the gradients of the closure's loss and the Hessian-vector products Hz (gradients that carry a graph, after
+    ``loss.backward(create_graph=True)`` on a model that is not wrapped in DDP, count as its own). Gradients left in
+    ``p.grad`` by a plain ``backward()`` (a closure that calls it on a step that does not refresh, DDP's usual
+    path) are used as they are: DDP has averaged them. The probes are the same on every rank (the seeds are
+    broadcast from the group's rank 0 at construction when drawn, and a ValueError is raised on every rank when
+    explicitly given seeds differ), so the mean of the ranks' z⊙H_r z is z⊙Hz of the mean loss: with equal
+    per-rank batches, the step is the single-process step on the global batch up to rounding. A parameter without
+    gradient on some ranks gets a zero local gradient there; one without gradient on every rank does not step.
+    An external ``hessian_diagonal`` is used as given (give the same on every rank). The parameters must start
+    equal on every rank (DDP broadcasts them when it wraps the model).
+    Caveat: with ``DDP(..., gradient_as_bucket_view=True)`` DDP's forward replaces ``p.grad`` by bucket views after
+    its first backward, which the optimizer cannot tell from a ``backward()`` in the closure (it would take the old
+    gradient). There, let the closure return the loss on every step, or keep DDP's default
+    ``gradient_as_bucket_view=False``.
+
+FSDP2
+    Not supported: with ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in
+    ``loss.backward()`` (``torch.autograd.grad`` returns None for them), so there is no Hessian-vector product to
+    take. The constructor raises on DTensor parameters.
 """
 
 from __future__ import annotations
@@ -42,6 +75,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._ops import GOLDEN_GAMMA, SECOND_ORDER_PARAM_DTYPES, UINT64, _as_int64, mix64_int, second_order_state_dtype
+from ..fused.distributed import average_, check_process_group, reject_dtensors
 from .probes import rademacher_like
 
 __all__ = ["probe_seed"]
@@ -90,12 +124,20 @@ class SecondOrderOptimizer(Optimizer):
     _state_dtype_keys: tuple[str, ...] = ()  # floating state tensors kept in the state dtype
     _count_keys: tuple[str, ...] = ("step",)  # counts kept as CPU float32 tensors
 
-    def __init__(self, params, defaults: dict[str, Any]):
+    def __init__(self, params, defaults: dict[str, Any], *, process_group=None):
+        check_process_group(process_group, caller=self._name)
+        self._process_group = process_group  # not in defaults: state dicts hold plain values only
+        drawn_seed = defaults.get("seed") is None
         if defaults.get("seed") is None:
             defaults["seed"] = int(torch.randint(0, 2**62, ()).item())
         elif not isinstance(defaults["seed"], int):
             raise ValueError(f"{self._name}: seed must be an int or None, got {defaults['seed']!r}")
         super().__init__(params, defaults)
+        reject_dtensors(self._all_params(), caller=self._name,
+                        why="FSDP2 produces the gradients of sharded parameters only in loss.backward() and "
+                            "torch.autograd.grad cannot differentiate through its hooks, so there is no "
+                            "Hessian-vector product to take. Use DDP with process_group=torch.distributed.group."
+                            "WORLD (see optim.hessian.second_order)")
         for group in self.param_groups:
             self._check_group(group)
             for p in group["params"]:
@@ -103,6 +145,27 @@ class SecondOrderOptimizer(Optimizer):
                     raise ValueError(f"{self._name}: a parameter of shape {tuple(p.shape)} is {p.dtype}; only "
                                      "float64, float32, bfloat16 and float16 parameters can be optimized")
         self._pending_diagonal: dict[int, torch.Tensor] = {}
+        if process_group is not None:
+            self._agree_on_seeds(drawn_seed)
+
+    def _agree_on_seeds(self, drawn: bool) -> None:
+        """Make the probe seeds of every param group equal on all ranks of the process group: rank 0's seeds win
+        where they were drawn (``seed=None``); explicitly given seeds that differ raise on every rank."""
+        import torch.distributed as dist
+
+        group = self._process_group
+        device = self._all_params()[0].device if self._all_params() else torch.device("cpu")
+        local = torch.tensor([g["seed"] for g in self.param_groups], dtype=torch.int64, device=device)
+        first = local.clone()
+        dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
+        mismatch = torch.tensor([0 if drawn else int(bool((local != first).any()))], device=device)
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=group)
+        if int(mismatch.item()):
+            raise ValueError(f"{self._name}: the probe seeds differ between the ranks of process_group (this rank: "
+                             f"{local.tolist()}, rank 0: {first.tolist()}); pass the same seed on every rank (or "
+                             "seed=None, and rank 0's is used), or the ranks' Hutchinson probes would differ")
+        for g, seed in zip(self.param_groups, first.tolist()):
+            g["seed"] = int(seed)
 
     # ------------------------------------------------------------------------------------------------ interface
 
@@ -186,9 +249,15 @@ class SecondOrderOptimizer(Optimizer):
 
         loss = None
         hvp_graph_grads: list[torch.Tensor] | None = None  # grads that carry a graph, for the HVP
+        averaging = False  # whether grads and HVPs are averaged over self._process_group (module docstring)
         if closure is None:
             stepping = [p for p in self._all_params() if p.grad is not None]
             grads = [p.grad for p in stepping]
+            if self._process_group is not None and any(g.requires_grad for g in grads):
+                # Gradients with a graph come from backward(create_graph=True), which DDP cannot have averaged.
+                averaging = True
+                stepping, grads = self._zero_filled([p for p in self._all_params() if p.requires_grad],
+                                                    [p.grad for p in self._all_params() if p.requires_grad])
             if any(needs_hvp(p) for p in stepping):
                 if not all(g.requires_grad for p, g in zip(stepping, grads) if needs_hvp(p)):
                     raise ValueError(
@@ -216,8 +285,12 @@ class SecondOrderOptimizer(Optimizer):
                 self._check_loss(loss)
                 refresh = any(needs_hvp(p) for p in candidates)
                 all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
-                stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
-                grads = [g for g in all_grads if g is not None]
+                if self._process_group is not None:
+                    averaging = True
+                    stepping, grads = self._zero_filled(candidates, all_grads)
+                else:
+                    stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
+                    grads = [g for g in all_grads if g is not None]
                 if refresh:
                     hvp_graph_grads = grads
         if loss is not None and isinstance(loss, torch.Tensor):
@@ -241,6 +314,8 @@ class SecondOrderOptimizer(Optimizer):
             del outputs, products
         grads = [g.detach() for g in grads]
         del hvp_graph_grads  # the second-order graph dies here
+        if averaging:
+            stepping, grads, hessian_products, probes = self._average(stepping, grads, hessian_products, probes)
 
         diagonals = [external.get(id(p)) for p in stepping]
         checking = [group_of[id(p)].get("check_finite", True) for p in stepping]
@@ -275,6 +350,24 @@ class SecondOrderOptimizer(Optimizer):
                 work.append(entry)
         self._update(work)
         return loss
+
+    def _zero_filled(self, params, grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every parameter, with zeros for a missing gradient, so that all ranks all-reduce the same tensors; the
+        gradients that exist are remembered for ``_average``."""
+        self._has_local_grad = [g is not None for g in grads]
+        return list(params), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def _average(self, stepping, grads, hessian_products, probes):
+        """Average gradients and Hessian-vector products over the process group in place (one all-reduce per
+        dtype), then drop the parameters that had no gradient on any rank."""
+        used = torch.tensor(self._has_local_grad, dtype=grads[0].dtype, device=grads[0].device) if grads else None
+        tensors = grads + [hz for hz in hessian_products if hz is not None] + ([used] if used is not None else [])
+        average_(tensors, self._process_group)
+        if used is None or bool((used > 0).all()):
+            return stepping, grads, hessian_products, probes
+        keep = (used > 0).tolist()
+        return tuple([t for t, k in zip(tensors_, keep) if k] for tensors_ in (stepping, grads, hessian_products,
+                                                                               probes))
 
     def _check_loss(self, loss) -> None:
         if not isinstance(loss, torch.Tensor):

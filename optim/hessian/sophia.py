@@ -58,6 +58,11 @@ class SophiaH(SecondOrderOptimizer):
             stepping, and raise with parameters and state unchanged; costs one reduction over the gradients and
             one host synchronization per step.
         foreach, fused: implementation, as in ``optim.AdamW`` (fused: the ``optim::fused_sophia_`` kernel).
+        process_group: data-parallel training: a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``) over which the gradients the optimizer computes and the
+            Hessian-vector products are averaged, since ``torch.autograd.grad`` bypasses DDP's all-reduce; the
+            ranks' probe seeds are made equal at construction. None (default): no communication. DDP recipe and
+            FSDP2 (not supported): ``optim.hessian.second_order``.
 
     State per parameter: ``step`` (CPU float32 count), ``exp_avg`` (m) and ``hessian`` (h), float32 for
     bf16/fp16 parameters.
@@ -82,6 +87,7 @@ class SophiaH(SecondOrderOptimizer):
         check_finite: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
+        process_group=None,
     ):
         if isinstance(lr, torch.Tensor):
             raise ValueError("SophiaH: lr must be a Python float; a Tensor lr is not supported")
@@ -90,7 +96,7 @@ class SophiaH(SecondOrderOptimizer):
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, update_period=update_period,
                         eps=eps, maximize=maximize, seed=seed, check_finite=check_finite, foreach=foreach,
                         fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = check_betas("SophiaH", group["betas"])

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..fused.distributed import reject_dtensors
 from ._ops import lowrank_refactorize_
 from .layers import LowRankLinear, low_rank_modules
 
@@ -117,6 +118,11 @@ class Refactorizer:
         if not modules:
             raise ValueError("Refactorizer: no LowRankLinear layer found; convert the model first with "
                              "optim.to_low_rank(model, rank) and build the optimizer after that")
+        reject_dtensors([p for layer in modules for p in (layer.B, layer.A)], caller="Refactorizer",
+                        why="refactorization needs the whole factors B and A on every rank (QR and SVD of each), "
+                            "and FSDP2 holds a shard of each. Train with DDP (torch.nn.parallel."
+                            "DistributedDataParallel), or without refactorization (optim.AdamW alone works "
+                            "under FSDP2)")
         self.modules = modules
         self.optimizer = optimizer
         self.every = every

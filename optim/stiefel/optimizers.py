@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._library import has_kernel
+from ..fused.distributed import reject_dtensors
 from ._ops import CORES, _core_reference, rsdm_step_, rsdm_step_reference
 from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
                        project_to_manifold, retract, riemannian_gradient)
@@ -71,6 +72,10 @@ class _ManifoldOptimizer(Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         self._check_group(param_group, params)
         if param_group["manifold"] is not None:
+            reject_dtensors(params, caller=self._name,
+                            why="a constrained parameter must be a whole matrix on every rank (the retraction mixes "
+                                "all of its rows and columns), and FSDP2 holds a shard of it. Train the model with "
+                                "DDP (torch.nn.parallel.DistributedDataParallel) instead")
             for i, p in enumerate(params):
                 check_on_manifold(p.detach(), caller=self._name, name=f"parameter {i} of the group")
         super().add_param_group(param_group)

@@ -1,0 +1,101 @@
+"""What the optimizers need from ``torch.distributed``: DTensor detection and unwrapping, and gradient averaging.
+
+* FSDP2 (``torch.distributed.fsdp.fully_shard``) turns parameters, their gradients and (through ``zeros_like``) the
+  optimizer state into DTensors. An elementwise step is correct on the local shards when every tensor of a
+  parameter has the same mesh and placements (``local_tensors``); the compiled ops have no DTensor sharding rule,
+  so the optimizers hand them the local shards. Optimizers that need whole matrices reject DTensor parameters
+  (``reject_dtensors``) instead of computing on a shard.
+* ``average_`` is the all-reduce of the data-parallel recipe of the second-order optimizers (``optim.SophiaH``,
+  ``optim.AdaHessian``): one flat buffer per dtype and device, summed over the group and divided by its size.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["average_", "is_dtensor", "local_tensors", "reject_dtensors"]
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensors(lists: Sequence[Sequence[torch.Tensor]], *, caller: str) -> list[list[torch.Tensor]]:
+    """The lists with every DTensor replaced by its local shard, for an elementwise in-place op.
+
+    ``lists[k][i]`` are the tensors of parameter i (param, grad, moments, ...). Correct only when all DTensors of a
+    parameter share the mesh and the placements and none is ``Partial`` (a partial sum is not an elementwise
+    operand); anything else raises instead of stepping on mismatched shards. Plain tensors (the step counts) pass
+    through. Without DTensors the lists are returned as they are.
+    """
+    if not any(is_dtensor(t) for tensors in lists for t in tensors):
+        return [list(tensors) for tensors in lists]
+    out: list[list[torch.Tensor]] = [[] for _ in lists]
+    for i in range(len(lists[0])):
+        specs = {(t.device_mesh, tuple(t.placements)) for tensors in lists if is_dtensor(t := tensors[i])}
+        if len(specs) > 1 or any(placement.is_partial() for _, placements in specs for placement in placements):
+            described = ", ".join(sorted(str(placements) for _, placements in specs))
+            raise ValueError(
+                f"{caller}: the DTensors of parameter {i} (the parameter, its gradient and its optimizer state) have "
+                f"different or partial placements ({described}); the fused step works on local shards and needs "
+                "them all sharded alike. Redistribute the gradient to the parameter's placements, or pass "
+                "foreach=True (DTensor's own dispatch)")
+        for k, tensors in enumerate(lists):
+            t = tensors[i]
+            out[k].append(t.to_local() if is_dtensor(t) else t)
+    return out
+
+
+def reject_dtensors(params: Sequence[torch.Tensor], *, caller: str, why: str) -> None:
+    """Raise a ValueError naming ``caller`` and ``why`` if any parameter is a DTensor (FSDP2, tensor parallel)."""
+    for i, p in enumerate(params):
+        if is_dtensor(p):
+            raise ValueError(
+                f"{caller}: parameter {i} (shape {tuple(p.shape)}) is a DTensor with placements {tuple(p.placements)} "
+                f"(FSDP2's fully_shard or tensor parallelism); {why}")
+
+
+def check_process_group(process_group, *, caller: str) -> None:
+    if process_group is None:
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{caller}: process_group was given but torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group(...) first, or pass process_group=None")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(f"{caller}: process_group must be a torch.distributed.ProcessGroup (for example "
+                         f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}")
+
+
+@torch.no_grad()
+def average_(tensors: Sequence[torch.Tensor], process_group) -> None:
+    """Replace every tensor by its mean over the ranks of ``process_group``, in place.
+
+    One all-reduce (sum) of a flat buffer per (device, dtype), then a division by the group size; every rank must
+    pass tensors of the same shapes, dtypes and devices in the same order. The result is the same on every rank
+    (the sum is one collective), but it differs from a single-process computation on the whole batch in the last
+    bits: the sum of per-rank means is rounded in another order.
+    """
+    world = dist.get_world_size(process_group)
+    if world == 1 or not tensors:
+        return
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    for index in groups.values():
+        chosen = [tensors[i] for i in index]
+        flat = torch.cat([t.reshape(-1) for t in chosen])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        flat.div_(world)
+        start = 0
+        for t in chosen:
+            t.copy_(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()

@@ -1,0 +1,291 @@
+"""The training runs of ``tests/test_distributed.py``, in one process or as one rank of a 2-process gloo job.
+
+``python -m tests._distributed_job OUT_DIR HOST PORT RANK WORLD_SIZE`` joins the job through the TCPStore that the
+test holds at HOST:PORT, runs every case of ``DDP_CASES`` and ``FSDP_CASES`` and writes
+``OUT_DIR/<case>.rank<RANK>.pt`` per case: the final parameters (whole, also under FSDP2), the Hutchinson probes the
+optimizer drew, or the error the case raised (a failing case does not stop the others, so one launch serves every
+test). ``run_ddp_case(name, None, 1)`` is the single-process run on the whole global batch that the ranks are
+compared with.
+
+Each rank of the distributed runs takes one half of every global batch; the loss is a mean over the batch, so the
+mean of the ranks' gradients (and Hessian-vector products) is the single-process one, up to the rounding of the
+summation order. Everything runs in float64 so that this rounding stays near 1e-16.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import optim
+
+STEPS = 4
+GLOBAL_BATCH = 8
+IN_FEATURES, CLASSES = 6, 3
+DTYPE = torch.float64
+
+
+class TinyMLP(nn.Module):
+    """Two hidden projections (``fc1``, ``fc2``: default low-rank targets) and a classifier ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class PartlyUsedNet(TinyMLP):
+    """A TinyMLP with ``extra``, a logit offset that only the samples flagged by ``uses_extra`` get (so on a rank
+    without such samples it has no gradient at all), and ``never``, used by no sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Parameter(torch.zeros(CLASSES))
+        self.never = nn.Parameter(torch.ones(2))
+
+    def forward(self, x, uses_extra):
+        logits = super().forward(x)
+        if uses_extra.any():
+            logits = logits + uses_extra[:, None].to(logits.dtype) * self.extra
+        return logits
+
+
+class TinyConvNet(nn.Module):
+    """A 3×3 convolution (AdaHessian's spatial averaging) and a linear head, on 1×4×4 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(2 * 2 * 2, CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.view(-1, 1, 4, 4))).flatten(1))
+
+
+class OrthogonalNet(nn.Module):
+    """``proj.weight`` (4×6, orthonormal rows: the constrained matrix) and an unconstrained head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(IN_FEATURES, 4, bias=False, dtype=DTYPE)  # orthonormal in float64, not just float32
+        optim.stiefel.orthogonal_(self.proj.weight.data)
+        self.head = nn.Linear(4, CLASSES, dtype=DTYPE)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)))
+
+
+def global_batches(in_features: int = IN_FEATURES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [(torch.randn(GLOBAL_BATCH, in_features, generator=generator, dtype=DTYPE),
+             torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
+
+
+def local_part(batch, rank: int | None, world_size: int):
+    """Rank ``rank``'s contiguous share of a global batch (the whole batch for the single-process run)."""
+    if rank is None:
+        return batch
+    size = GLOBAL_BATCH // world_size
+    return tuple(t[rank * size:(rank + 1) * size] for t in batch)
+
+
+def record_probes(optimizer, probes: list) -> None:
+    """Keep a copy of every probe list the second-order optimizer draws (in the order it draws them)."""
+    draw = optimizer._draw_probes
+
+    def recording(params):
+        drawn = draw(params)
+        probes.append([z.clone() for z in drawn])
+        return drawn
+
+    optimizer._draw_probes = recording
+
+
+def run_ddp_case(name: str, rank: int | None, world_size: int) -> dict:
+    """Train case ``name`` for ``STEPS`` steps; with ``rank`` set, as that rank of a DDP job over the default group.
+
+    Returns ``{"params": [...], "probes": [...]}`` (parameters in ``model.parameters()`` order, detached copies).
+    """
+    distributed = rank is not None
+    torch.manual_seed(0)
+    group = torch.distributed.group.WORLD if distributed else None
+    probes: list = []
+    net = TinyConvNet() if name == "adahessian" else OrthogonalNet() if name in ("rsdm", "riemannian_adam") \
+        else PartlyUsedNet() if name == "sophia_partly_used" else TinyMLP()
+    net = net.to(DTYPE)
+    if name == "lowrank":  # converts net in place: before DDP registers the parameters
+        optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=3, every=2, recovery_steps=1)
+    model = nn.parallel.DistributedDataParallel(net) if distributed else net
+    if name in ("sophia", "adahessian") and distributed and rank != 0:
+        torch.manual_seed(1000 + rank)  # the ranks draw different probe seeds: the optimizer must agree on rank 0's
+    if name == "adamw":
+        optimizer = optim.AdamW(model.parameters(), lr=2e-2)
+    elif name == "sophia":
+        optimizer = optim.SophiaH(model.parameters(), lr=2e-2, rho=0.05, weight_decay=0.1, update_period=2,
+                                  process_group=group)
+    elif name == "sophia_partly_used":
+        optimizer = optim.SophiaH(model.parameters(), lr=2e-2, rho=0.05, update_period=1, seed=3,
+                                  process_group=group)
+    elif name == "adahessian":
+        optimizer = optim.AdaHessian(model.parameters(), lr=0.1, update_period=1, process_group=group)
+    elif name == "rsdm":
+        optimizer = optim.RSDM([{"params": [net.proj.weight], "manifold": "stiefel"},
+                                {"params": list(net.head.parameters()), "manifold": None}],
+                               lr=0.2, rank=2, momentum=0.5)
+    elif name == "riemannian_adam":
+        optimizer = optim.RiemannianAdam([{"params": [net.proj.weight], "manifold": "stiefel"},
+                                          {"params": list(net.head.parameters()), "manifold": None}], lr=2e-2)
+    elif name != "lowrank":
+        raise ValueError(f"unknown case {name!r}")
+    if name in ("sophia", "adahessian"):
+        record_probes(optimizer, probes)
+
+    in_features = 16 if name == "adahessian" else IN_FEATURES
+    for step, batch in enumerate(global_batches(in_features)):
+        x, y = local_part(batch, rank, world_size)
+        if name == "sophia" and step % 2 == 1:
+            # Between curvature refreshes, the usual closure: DDP's backward averages p.grad, used as it is.
+            def closure():
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            optimizer.step(closure)
+        elif name in ("sophia", "adahessian"):
+            # The closure returns the loss; the optimizer differentiates it and averages gradient and Hz.
+            optimizer.step(lambda: F.cross_entropy(model(x), y))
+        elif name == "sophia_partly_used":
+            # Only the first half of the global batch (rank 0's) uses net.extra: rank 1 has no gradient for it.
+            uses_extra = local_part((torch.arange(GLOBAL_BATCH) < GLOBAL_BATCH // 2,), rank, world_size)[0]
+            optimizer.step(lambda: F.cross_entropy(model(x, uses_extra), y))
+        else:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    result = {"params": [p.detach().clone() for p in net.parameters()], "probes": probes}
+    if name == "sophia_partly_used":
+        result["stepped"] = [p in optimizer.state for p in net.parameters()]
+    if name == "lowrank":
+        result["refactorizations"] = optimizer.refactorizer.refactorizations
+    return result
+
+
+DDP_CASES = ("adamw", "sophia", "adahessian", "rsdm", "riemannian_adam", "lowrank", "sophia_partly_used")
+
+
+def seed_mismatch(rank: int, world_size: int) -> dict:
+    """SophiaH with explicitly different seeds on the ranks: the error message of each rank (None: no error)."""
+    p = nn.Parameter(torch.randn(3, dtype=DTYPE))
+    try:
+        optim.SophiaH([p], seed=rank, process_group=torch.distributed.group.WORLD)
+    except ValueError as error:
+        return {"message": str(error)}
+    return {"message": None}
+
+
+def shard(net: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in net.children():
+        if any(True for _ in module.parameters()):
+            fully_shard(module)
+    return fully_shard(net)
+
+
+def run_fsdp_adamw(rank: int | None, world_size: int, **adamw_options) -> dict:
+    """optim.AdamW on a TinyMLP sharded with FSDP2 (rank set) or whole (rank None); whole final parameters."""
+    torch.manual_seed(0)
+    net = TinyMLP().to(DTYPE)
+    if rank is not None:
+        shard(net)
+    optimizer = optim.AdamW(net.parameters(), lr=2e-2, **adamw_options)
+    for batch in global_batches():
+        x, y = local_part(batch, rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
+    local = [p.to_local().shape for p in net.parameters()] if rank is not None else []
+    kinds = [type(optimizer.state[p]["exp_avg"]).__name__ for p in net.parameters()]
+    return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds}
+
+
+def fsdp_errors(rank: int, world_size: int) -> dict:
+    """The ValueError message of each optimizer that cannot work on FSDP2-sharded parameters (None: no error)."""
+    messages = {}
+
+    def message_of(build):
+        try:
+            build()
+        except ValueError as error:
+            return str(error)
+        return None
+
+    torch.manual_seed(0)
+    mlp = shard(TinyMLP().to(DTYPE))
+    messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0))
+    messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0))
+    orthogonal = shard(OrthogonalNet().to(DTYPE))
+    messages["rsdm"] = message_of(lambda: optim.RSDM([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}],
+                                                     lr=0.1, rank=2))
+    messages["riemannian_adam"] = message_of(
+        lambda: optim.RiemannianAdam([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}], lr=0.1))
+    low_rank = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
+    shard(low_rank)
+    adamw = optim.AdamW(low_rank.parameters(), lr=1e-3)
+    messages["refactorizer"] = message_of(lambda: optim.Refactorizer(low_rank, adamw, every=2))
+
+    # optim.AdamW steps local shards only when a parameter's DTensors are sharded alike: a gradient redistributed to
+    # another placement must raise, parameters untouched, instead of pairing mismatched shards.
+    from torch.distributed.tensor import Replicate
+
+    x, y = local_part(global_batches()[0], rank, world_size)
+    F.cross_entropy(mlp(x), y).backward()
+    weight = mlp.fc1.weight
+    weight.grad = weight.grad.redistribute(placements=[Replicate()])
+    before = [p.to_local().clone() for p in mlp.parameters()]
+    messages["adamw_mismatched_grad"] = message_of(optim.AdamW(mlp.parameters(), lr=1e-2, fused=True).step)
+    messages["adamw_params_untouched"] = all(torch.equal(p.to_local(), b) for p, b in zip(mlp.parameters(), before))
+    return messages
+
+
+FSDP_CASES = {
+    "fsdp_adamw_fused": lambda rank, world: run_fsdp_adamw(rank, world, fused=True),
+    "fsdp_adamw_default": lambda rank, world: run_fsdp_adamw(rank, world),
+    "fsdp_adamw_foreach": lambda rank, world: run_fsdp_adamw(rank, world, foreach=True),
+    "fsdp_errors": fsdp_errors,
+    "seed_mismatch": seed_mismatch,
+}
+
+
+def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=60)  # a collective that waits longer fails instead of hanging
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
+    cases.update({name: (lambda run=run: run(rank, world_size)) for name, run in FSDP_CASES.items()})
+    for name, run in cases.items():
+        try:
+            result = run()
+        except Exception:  # reported by the test of this case; the other cases still run
+            result = {"error": traceback.format_exc()}
+        torch.save(result, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        dist.barrier()  # a case that failed on one rank only must not leave the other inside a collective
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,191 @@
+"""Data-parallel training on 2 CPU processes (gloo): DDP for every optimizer, FSDP2 for the elementwise ones.
+
+One 2-process job (``tests/_distributed_job.py``) runs every case, so process start-up is paid once; each test
+below checks one case's output against the single-process run on the whole global batch, computed here.
+
+Why not bitwise: each rank averages the loss over its half of the batch and the ranks' gradients are summed and
+halved, while the single process averages over the whole batch: the same numbers summed in another order. In
+float64 the parameters agree to ~1e-15 relative after the steps; the tolerance below is loose enough for that and
+far tighter than any real divergence (a rank stepping on its local gradient differs at ~1e-2). The ranks agree with
+each other bitwise (the all-reduce gives every rank the same sum), which is what keeps DDP replicas identical.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import optim
+
+from . import _distributed_job as job
+
+WORLD_SIZE = 2
+JOB_TIMEOUT_S = 150  # start-up and every case take ~15 s on a 2-core machine; a hang fails the tests instead
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with the gloo backend")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Launch the 2-process job once; ``{case: [rank 0 result, rank 1 result]}``, or ``{"__failure__": text}``."""
+    out = tmp_path_factory.mktemp("distributed")
+    # The store lives in this process on a port the OS picked (port 0), so there is no race for a free port; the
+    # workers join it as clients.
+    store = dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
+                                                                                                         ""))
+    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(WORLD_SIZE)]
+    workers = [subprocess.Popen([sys.executable, "-m", "tests._distributed_job", str(out), "127.0.0.1",
+                                 str(store.port), str(rank), str(WORLD_SIZE)],
+                                cwd=REPO_ROOT, env=env, stdout=logs[rank], stderr=subprocess.STDOUT)
+               for rank in range(WORLD_SIZE)]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    failure = None
+    for rank, worker in enumerate(workers):
+        try:
+            code = worker.wait(timeout=max(deadline - time.monotonic(), 1.0))
+            if code != 0 and failure is None:
+                failure = f"rank {rank} exited with status {code}"
+        except subprocess.TimeoutExpired:
+            failure = f"the job did not finish within {JOB_TIMEOUT_S} s (a hang in a collective?)"
+            break
+    for worker in workers:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    del store
+    collected: dict = {}
+    for name in (*job.DDP_CASES, *job.FSDP_CASES):
+        files = [out / f"{name}.rank{rank}.pt" for rank in range(WORLD_SIZE)]
+        if all(f.exists() for f in files):
+            collected[name] = [torch.load(f, weights_only=False) for f in files]
+    if failure is not None:
+        text = []
+        for rank, log in enumerate(logs):
+            log.seek(0)
+            text.append(f"--- rank {rank} ---\n{log.read()[-4000:]}")
+        collected["__failure__"] = failure + "\n" + "\n".join(text)
+    for log in logs:
+        log.close()
+    return collected
+
+
+def case_results(results: dict, name: str) -> list[dict]:
+    if name not in results:
+        pytest.fail(f"case {name!r} produced no output. {results.get('__failure__', '')}")
+    for rank, result in enumerate(results[name]):
+        if "error" in result:
+            pytest.fail(f"case {name!r} raised on rank {rank}:\n{result['error']}")
+    return results[name]
+
+
+def assert_close_to_single_process(ranks: list[dict], single: dict) -> None:
+    for i, (p0, p1) in enumerate(zip(ranks[0]["params"], ranks[1]["params"])):
+        assert torch.equal(p0, p1), f"parameter {i} differs between the ranks (the replicas diverged)"
+    assert len(ranks[0]["params"]) == len(single["params"])
+    for i, (p, expected) in enumerate(zip(ranks[0]["params"], single["params"])):
+        torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"parameter {i}: {m}")
+
+
+@pytest.mark.parametrize("name", job.DDP_CASES)
+def test_ddp_matches_single_process(results, name):
+    """DDP on 2 ranks, each with half of every global batch, ends where one process on the whole batch does."""
+    ranks = case_results(results, name)
+    single = job.run_ddp_case(name, None, 1)
+    # The run must have moved the parameters, or the comparison says nothing.
+    torch.manual_seed(0)
+    start = {"adahessian": job.TinyConvNet, "rsdm": job.OrthogonalNet, "riemannian_adam": job.OrthogonalNet,
+             "sophia_partly_used": job.PartlyUsedNet}.get(name, job.TinyMLP)().to(job.DTYPE)
+    if name != "lowrank":
+        moved = max((p - q).abs().max().item() for p, q in zip(single["params"], start.parameters()))
+        assert moved > 1e-3
+    assert_close_to_single_process(ranks, single)
+    if name == "lowrank":
+        assert ranks[0]["refactorizations"] == ranks[1]["refactorizations"] == single["refactorizations"] == 2
+    if name == "sophia_partly_used":
+        # net.extra (used by rank 0's samples only) stepped on both ranks with the global gradient; net.never, used
+        # by no sample, did not step anywhere, as in the single process.
+        start_params = list(start.parameters())
+        assert ranks[0]["stepped"] == ranks[1]["stepped"] == single["stepped"] == [True, False] + [True] * 6
+        assert not torch.equal(ranks[1]["params"][0], start_params[0])  # extra
+        assert torch.equal(ranks[1]["params"][1], start_params[1])  # never
+    if name in ("rsdm", "riemannian_adam"):
+        w = ranks[0]["params"][0]
+        torch.testing.assert_close(w @ w.T, torch.eye(w.shape[0], dtype=w.dtype), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sophia", "adahessian"])
+def test_ddp_hutchinson_probes_identical_on_every_rank(results, name):
+    """Each rank drew different seeds (the job re-seeds rank 1); the optimizer's process_group made them agree on
+    rank 0's, so every refresh used the same probes on both ranks, and the ones of the single-process run."""
+    ranks = case_results(results, name)
+    single = job.run_ddp_case(name, None, 1)
+    refreshes = {"sophia": 2, "adahessian": job.STEPS}[name]  # update_period 2 and 1
+    assert len(ranks[0]["probes"]) == len(ranks[1]["probes"]) == len(single["probes"]) == refreshes
+    for draw0, draw1, expected in zip(ranks[0]["probes"], ranks[1]["probes"], single["probes"]):
+        assert len(draw0) == len(draw1) == len(expected) > 0
+        for z0, z1, z in zip(draw0, draw1, expected):
+            assert torch.equal(z0, z1) and torch.equal(z0, z)
+            assert set(z0.unique().tolist()) <= {-1.0, 1.0}
+    assert not torch.equal(ranks[0]["probes"][0][0], ranks[0]["probes"][1][0])  # a fresh probe at every refresh
+
+
+@pytest.mark.parametrize("name", ["fsdp_adamw_fused", "fsdp_adamw_default", "fsdp_adamw_foreach"])
+def test_fsdp2_adamw_matches_single_process(results, name):
+    """optim.AdamW on FSDP2-sharded parameters: the fused op steps the local shards (it has no DTensor sharding
+    rule), the foreach path goes through DTensor; both match one process on the whole batch."""
+    ranks = case_results(results, name)
+    options = {"fsdp_adamw_fused": dict(fused=True), "fsdp_adamw_default": {},
+               "fsdp_adamw_foreach": dict(foreach=True)}[name]
+    single = job.run_fsdp_adamw(None, 1, **options)
+    assert_close_to_single_process(ranks, single)
+    # Really sharded: each rank held half of fc1's weight, and the moments are DTensors like the parameters.
+    assert tuple(ranks[0]["local_shapes"][0]) == tuple(ranks[1]["local_shapes"][0]) == (8, job.IN_FEATURES)
+    assert set(ranks[0]["state_types"]) == {"DTensor"}
+
+
+@pytest.mark.parametrize("name, words", [
+    ("sophia", "Hessian-vector product"),
+    ("adahessian", "Hessian-vector product"),
+    ("rsdm", "whole matrix"),
+    ("riemannian_adam", "whole matrix"),
+    ("refactorizer", "whole factors"),
+])
+def test_fsdp2_unsupported_optimizers_raise(results, name, words):
+    """Optimizers that need whole tensors (or a second-order graph) refuse FSDP2's DTensor shards at construction."""
+    messages = case_results(results, "fsdp_errors")[0]
+    assert messages[name] is not None, f"{name} accepted FSDP2-sharded parameters"
+    assert "DTensor" in messages[name] and words in messages[name]
+
+
+def test_fsdp2_adamw_refuses_mismatched_shards(results):
+    """A gradient whose placements differ from its parameter's cannot be stepped shard by shard: clear error, and
+    no parameter changed."""
+    messages = case_results(results, "fsdp_errors")[0]
+    assert messages["adamw_mismatched_grad"] is not None, "optim.AdamW stepped mismatched shards"
+    assert "different or partial placements" in messages["adamw_mismatched_grad"]
+    assert messages["adamw_params_untouched"] is True
+
+
+def test_second_order_seeds_given_differently_on_the_ranks_raise_on_every_rank(results):
+    for rank, result in enumerate(case_results(results, "seed_mismatch")):
+        assert result["message"] is not None, f"rank {rank} accepted a seed that differs from rank 0's"
+        assert "seeds differ between the ranks" in result["message"]
+
+
+def test_process_group_needs_initialized_distributed():
+    p = torch.nn.Parameter(torch.randn(3))
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="init_process_group"):
+            optim.SophiaH([p], process_group=object())

@@ -85,10 +85,13 @@ def extension_loaded() -> bool:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str | torch._ops.OpOverloadPacket | torch._ops.OpOverload, device: str | torch.device) -> bool:
     """Whether ``op`` has a compiled kernel (not the reference) for ``device``'s type.
 
     ``op`` is a name (``"fused_adamw_"`` or ``"optim::fused_adamw_"``) or ``torch.ops.optim.<name>``.
+    The answer is fixed once the extension is loaded (at import), so ``torch.compile`` takes it as a constant
+    instead of breaking the graph on the dispatcher query (which it cannot trace).
     """
     if isinstance(op, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
         qualname = op._qualified_op_name if isinstance(op, torch._ops.OpOverloadPacket) else op.name()

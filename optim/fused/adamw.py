@@ -81,6 +81,7 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused)
         super().__init__(params, defaults)
+        self._reset_pending: dict[int, torch.Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 dtype = _real_dtype(p)
@@ -105,16 +106,16 @@ class AdamW(Optimizer):
             if id(p) not in owned:
                 raise ValueError(f"optim.AdamW.reset_moments: a tensor of shape {tuple(p.shape)} is not a parameter "
                                  "of this optimizer")
-        pending = self.__dict__.setdefault("_reset_pending", {})
         for p in chosen:
-            pending[id(p)] = p
+            self._reset_pending[id(p)] = p
 
     def pending_resets(self) -> list[torch.Tensor]:
         """The parameters whose moments the next step restarts (see ``reset_moments``)."""
-        return list(self.__dict__.get("_reset_pending", {}).values())
+        return list(self._reset_pending.values())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_reset_pending", {})
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -163,7 +164,7 @@ class AdamW(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-        pending = self.__dict__.get("_reset_pending")
+        pending = self._reset_pending
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)

@@ -235,6 +235,14 @@ class SecondOrderOptimizer(Optimizer):
         step = int(state["step"].item()) if state else 0
         return step % group["update_period"] == 0
 
+    def next_step_refreshes(self) -> bool:
+        """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the
+        closure's loss: some trainable parameter is due for a refresh and no diagonal was set for it with
+        :meth:`set_hessian_diagonal`. A closure can use a ``torch.compile``'d model only when this is False (the
+        compiled autograd graph cannot be differentiated twice; see ``tests/test_compile.py``)."""
+        return any(id(p) not in self._pending_diagonal and self._refresh_due(p, group)
+                   for group in self.param_groups for p in group["params"] if p.requires_grad)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, hessian_diagonal=None):
         """One step; see the class docstring for the closure protocol. Returns the closure's loss (or None)."""
@@ -284,7 +292,12 @@ class SecondOrderOptimizer(Optimizer):
             else:
                 self._check_loss(loss)
                 refresh = any(needs_hvp(p) for p in candidates)
-                all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
+                try:
+                    all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
+                except RuntimeError as error:
+                    if refresh:
+                        self._raise_if_compiled(error)
+                    raise
                 if self._process_group is not None:
                     averaging = True
                     stepping, grads = self._zero_filled(candidates, all_grads)
@@ -304,9 +317,13 @@ class SecondOrderOptimizer(Optimizer):
             with torch.enable_grad():
                 outputs = [(hvp_graph_grads[i], probe_list[k]) for k, i in enumerate(hvp_index)
                            if hvp_graph_grads[i].requires_grad]
-                products = (torch.autograd.grad([o for o, _ in outputs], [stepping[i] for i in hvp_index],
-                                                grad_outputs=[z for _, z in outputs], allow_unused=True)
-                            if outputs else [None] * len(hvp_index))
+                try:
+                    products = (torch.autograd.grad([o for o, _ in outputs], [stepping[i] for i in hvp_index],
+                                                    grad_outputs=[z for _, z in outputs], allow_unused=True)
+                                if outputs else [None] * len(hvp_index))
+                except RuntimeError as error:
+                    self._raise_if_compiled(error)
+                    raise
             for k, i in enumerate(hvp_index):
                 hz = products[k]
                 hessian_products[i] = torch.zeros_like(stepping[i]) if hz is None else hz.detach()
@@ -368,6 +385,19 @@ class SecondOrderOptimizer(Optimizer):
         keep = (used > 0).tolist()
         return tuple([t for t, k in zip(tensors_, keep) if k] for tensors_ in (stepping, grads, hessian_products,
                                                                                probes))
+
+    # What AOTAutograd (every torch.compile backend but "eager") raises when its backward is asked for a graph.
+    _COMPILED_BACKWARD_ERRORS = ("does not currently support double backward", "non-empty donated buffers")
+
+    def _raise_if_compiled(self, error: RuntimeError) -> None:
+        """Re-raise torch.compile's double-backward errors with what to do instead (nothing was modified yet)."""
+        if any(text in str(error) for text in self._COMPILED_BACKWARD_ERRORS):
+            raise RuntimeError(
+                f"{self._name}.step: this step refreshes the Hessian estimate, which differentiates the gradient a "
+                "second time, but the loss came through torch.compile, whose autograd graphs cannot be "
+                "differentiated twice; parameters and optimizer state were left unchanged. On refresh steps compute "
+                "the loss with the eager model (opt.next_step_refreshes() says which steps), or give the diagonal "
+                "with step(hessian_diagonal=...)") from error
 
     def _check_loss(self, loss) -> None:
         if not isinstance(loss, torch.Tensor):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..fused.adamw import AdamW
 from .layers import Target, low_rank_modules, to_low_rank
 from .refactorizer import Refactorizer
+from .refactorizer import _check_settings as check_refactorizer_settings
 
 __all__ = ["LowRankAdamW"]
 
@@ -36,6 +38,9 @@ class LowRankAdamW(AdamW):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LowRankAdamW: model must be an nn.Module (it is converted in place), got "
                             f"{type(model).__name__}")
+        # Validate every setting before to_low_rank changes the model: a throwaway AdamW runs AdamW's own checks.
+        AdamW([torch.zeros(1, requires_grad=True)], lr, betas, eps, weight_decay, **adamw_options)
+        check_refactorizer_settings(every, reset, recovery_steps, recovery_start)
         if rank is None:
             if not low_rank_modules(model):
                 raise ValueError("LowRankAdamW: rank=None but the model has no LowRankLinear layer; pass rank= to "

@@ -198,6 +198,8 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
     before any module is replaced: a rank outside [1, min(m, n)) for some layer, or a model without targets, raises
     and leaves the model unchanged. Build the optimizer after this call: the replaced weights are new parameters.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_low_rank: model must be an nn.Module (converted in place), got {type(model).__name__}")
     if init not in ("random", "svd"):
         raise ValueError(f"to_low_rank: init must be 'random' or 'svd', got {init!r}")
     targets = find_targets(model, target)

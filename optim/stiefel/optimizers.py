@@ -83,6 +83,22 @@ class _ManifoldOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """Hyperparameters of a group (the keys may be missing: defaults are filled in afterwards)."""
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, after checking that every saved state tensor of a parameter's rank has its shape (torch
+        checks only the counts, so a state dict of another model would load and fail, or silently broadcast, at
+        the next step). Nothing is changed when a check fails."""
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        current = [p for group in self.param_groups for p in group["params"]]
+        if len(saved_ids) == len(current):
+            for index, (saved_id, p) in enumerate(zip(saved_ids, current)):
+                for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(
+                            f"{self._name}.load_state_dict: state[{saved_id}][{key!r}] has shape "
+                            f"{tuple(value.shape)} but parameter {index} has shape {tuple(p.shape)}; the state dict "
+                            "was saved for a different model or parameter order. Nothing was loaded")
+        super().load_state_dict(state_dict)
+
     def _check_gradients(self) -> None:
         flags, where = [], []
         for g_index, group in enumerate(self.param_groups):

@@ -243,7 +243,11 @@ def live_tensors() -> tuple[int, int]:
         count += 1
         if obj.layout == torch.strided and obj.device.type != "meta":
             storage = obj.untyped_storage()
-            storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+            try:
+                pointer = storage.data_ptr()
+            except RuntimeError:  # a FakeTensor / FunctionalTensor left by torch.compile: no memory of its own
+                continue
+            storages[(pointer, storage.nbytes())] = storage.nbytes()
     del objects
     return count, sum(storages.values())
 

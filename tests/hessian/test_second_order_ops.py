@@ -27,7 +27,8 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # land one ulp from the float64 result rounded to their dtype.
 TOLERANCES = {
     torch.float64: dict(rtol=1e-12, atol=1e-14),
-    torch.float32: dict(rtol=2e-6, atol=1e-7),
+    # atol: a few float32 ulps of O(1) terms; a moving average whose terms cancel keeps their absolute rounding
+    torch.float32: dict(rtol=2e-6, atol=5e-7),
     torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
     torch.float16: dict(rtol=2**-10, atol=1e-5),
 }

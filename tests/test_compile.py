@@ -1,10 +1,11 @@
 """torch.compile and the package: every custom op inside a compiled graph, and compiled training steps of every
 optimizer compared with eager on CPU (inductor, PyTorch 2.13).
 
-Every op already passes ``torch.library.opcheck`` (schema, fake kernel, autograd registration, AOT dispatch) in its
-family's ``tests/<family>/test_ops.py``. Here each op also runs inside ``torch.compile(fullgraph=True)``, i.e.
-traced through its fake kernel, functionalized (the mutating ops become ``auto_functionalized``) and re-inplaced by
-inductor, and must give eager's result; a new op without a case here fails ``test_every_op_has_a_compile_case``.
+Every op passes ``torch.library.opcheck`` (schema, fake kernel, autograd registration, AOT dispatch) here and, on
+more shapes, dtypes and devices, in its family's ``tests/<family>/test_ops.py``; each op also runs inside
+``torch.compile(fullgraph=True)``, i.e. traced through its fake kernel, functionalized (the mutating ops become
+``auto_functionalized``) and re-inplaced by inductor, and must give eager's result. A new op without a case here
+fails ``test_every_op_has_a_case``.
 
 What compiles (each case is a test below; results equal eager to float32 rounding):
 
@@ -66,93 +67,47 @@ def compiled(fn, **kwargs):
 
 # --------------------------------------------------------------------------------------- every op in a graph
 
-def _adamw_case():
-    shapes = [(5, 3), (7,)]
-    lists = dict(params=[torch.randn(s) for s in shapes], grads=[torch.randn(s) for s in shapes],
-                 exp_avgs=[torch.randn(s) for s in shapes], exp_avg_sqs=[torch.rand(s) for s in shapes],
-                 state_steps=[torch.tensor(3.0), torch.tensor(1.0)])
-
-    def call(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        torch.ops.optim.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=1e-2, beta1=0.9,
-                                     beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False, reset=[False, True])
-    return call, lists
+def _lists(shapes, **factories):
+    return {name: [factory(shape) for shape in shapes] for name, factory in factories.items()}
 
 
-def _rademacher_case():
-    def call(out):
-        torch.ops.optim.rademacher_(out, 7, 11)
-    return call, dict(out=[torch.full((4, 3), float("nan")), torch.full((5,), float("nan"))])
+SHAPES = [(5, 3), (7,)]
 
-
-def _cross_entropy_hvp_case():
-    def call(logits, tangent):
-        return torch.ops.optim.cross_entropy_hvp(logits, tangent, 0.25)
-    return call, dict(logits=torch.randn(4, 9), tangent=torch.randn(4, 9))
-
-
-def _krylov_dots_case():
-    def call(basis, w):
-        return torch.ops.optim.krylov_dots(basis, w)
-    return call, dict(basis=torch.randn(2, 3, 50), w=torch.randn(2, 50))
-
-
-def _sophia_case():
-    shapes = [(5, 3), (7,)]
-    lists = dict(params=[torch.randn(s) for s in shapes], grads=[torch.randn(s) for s in shapes],
-                 exp_avgs=[torch.randn(s) for s in shapes], hessians=[torch.rand(s) for s in shapes],
-                 hessian_products=[torch.randn(s) for s in shapes],
-                 probes=[torch.randint(0, 2, s).float() * 2 - 1 for s in shapes])
-
-    def call(params, grads, exp_avgs, hessians, hessian_products, probes):
-        torch.ops.optim.fused_sophia_(params, grads, exp_avgs, hessians, hessian_products, probes, lr=1e-2,
-                                      beta1=0.9, beta2=0.99, rho=0.05, weight_decay=0.1, eps=1e-12, maximize=False)
-    return call, lists
-
-
-def _adahessian_case():
-    shapes = [(5, 3), (7,)]
-    lists = dict(params=[torch.randn(s) for s in shapes], grads=[torch.randn(s) for s in shapes],
-                 exp_avgs=[torch.randn(s) for s in shapes], exp_hessian_diag_sqs=[torch.rand(s) for s in shapes],
-                 hessian_diagonals=[torch.randn(s) for s in shapes])
-
-    def call(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals):
-        torch.ops.optim.fused_adahessian_(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals,
-                                          lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-4,
-                                          hessian_power=1.0, step=3, hessian_step=2, maximize=False)
-    return call, lists
-
-
-def _rsdm_step_case():
-    x = orthogonal_(torch.empty(2, 9, 3))
-
-    def call(X, G):
-        torch.ops.optim.rsdm_step_(X, G, None, rank=4, seed=5, offset=8, lr=0.1, core="cayley", transport=True)
-    return call, dict(X=x, G=torch.randn(2, 9, 3))
-
-
-def _rsdm_sample_rows_case():
-    def call(out):
-        torch.ops.optim.rsdm_sample_rows_(out, 10, 3, 4)
-    return call, dict(out=torch.full((2, 4), -1, dtype=torch.int64))
-
-
-def _lowrank_refactorize_case():
-    def call(B, A):
-        torch.ops.optim.lowrank_refactorize_(B, A)
-    return call, dict(B=[torch.randn(8, 3) for _ in range(2)], A=[torch.randn(3, 6) for _ in range(2)])
-
-
+# name -> () -> (tensor arguments, other arguments), all by schema name. Fresh random values (never zeros).
 OP_CASES = {
-    "fused_adamw_": _adamw_case,
-    "rademacher_": _rademacher_case,
-    "cross_entropy_hvp": _cross_entropy_hvp_case,
-    "krylov_dots": _krylov_dots_case,
-    "fused_sophia_": _sophia_case,
-    "fused_adahessian_": _adahessian_case,
-    "rsdm_step_": _rsdm_step_case,
-    "rsdm_sample_rows_": _rsdm_sample_rows_case,
-    "lowrank_refactorize_": _lowrank_refactorize_case,
+    "fused_adamw_": lambda: (
+        {**_lists(SHAPES, params=torch.randn, grads=torch.randn, exp_avgs=torch.randn, exp_avg_sqs=torch.rand),
+         "state_steps": [torch.tensor(3.0), torch.tensor(1.0)]},
+        dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False, reset=[False, True])),
+    "rademacher_": lambda: (
+        dict(out=[torch.full((4, 3), float("nan")), torch.full((5,), float("nan"))]), dict(seed=7, offset=11)),
+    "cross_entropy_hvp": lambda: (dict(logits=torch.randn(4, 9), tangent=torch.randn(4, 9)), dict(scale=0.25)),
+    "krylov_dots": lambda: (dict(basis=torch.randn(2, 3, 50), w=torch.randn(2, 50)), {}),
+    "fused_sophia_": lambda: (
+        {**_lists(SHAPES, params=torch.randn, grads=torch.randn, exp_avgs=torch.randn, hessians=torch.rand,
+                  hessian_products=torch.randn),
+         "probes": [torch.randint(0, 2, s).float() * 2 - 1 for s in SHAPES]},
+        dict(lr=1e-2, beta1=0.9, beta2=0.99, rho=0.05, weight_decay=0.1, eps=1e-12, maximize=False)),
+    "fused_adahessian_": lambda: (
+        _lists(SHAPES, params=torch.randn, grads=torch.randn, exp_avgs=torch.randn, exp_hessian_diag_sqs=torch.rand,
+               hessian_diagonals=torch.randn),
+        dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-4, hessian_power=1.0, step=3, hessian_step=2,
+             maximize=False)),
+    "rsdm_step_": lambda: (
+        dict(X=orthogonal_(torch.empty(2, 9, 3)), G=torch.randn(2, 9, 3)),
+        dict(indices=None, rank=4, seed=5, offset=8, lr=0.1, core="cayley", transport=True)),
+    "rsdm_sample_rows_": lambda: (dict(out=torch.full((2, 4), -1, dtype=torch.int64)), dict(n=10, seed=3, offset=4)),
+    "lowrank_refactorize_": lambda: (dict(B=[torch.randn(8, 3) for _ in range(2)],
+                                          A=[torch.randn(3, 6) for _ in range(2)]), {}),
 }
+
+
+def op_call(name, constants):
+    op = getattr(torch.ops.optim, name)
+
+    def call(**tensors):
+        return op(**tensors, **constants)
+    return call
 
 
 def defined_ops() -> set[str]:
@@ -161,8 +116,16 @@ def defined_ops() -> set[str]:
     return {name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)}
 
 
-def test_every_op_has_a_compile_case():
-    assert defined_ops() == set(OP_CASES), f"ops without a compile case: {defined_ops() - set(OP_CASES)}"
+def test_every_op_has_a_case():
+    assert defined_ops() == set(OP_CASES), f"ops without a case here: {defined_ops() - set(OP_CASES)}"
+
+
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_op_passes_opcheck(name):
+    """Schema, fake kernel, autograd registration and AOT dispatch, for every op of the namespace in one place (the
+    families' test_ops.py files run it on more shapes, dtypes and devices)."""
+    inputs, constants = OP_CASES[name]()
+    torch.library.opcheck(getattr(torch.ops.optim, name).default, args=(), kwargs={**inputs, **constants})
 
 
 def _flat(value):
@@ -173,7 +136,8 @@ def _flat(value):
 def test_op_in_a_fullgraph_compiled_function_equals_eager(name):
     """Inductor, fullgraph: the fake kernel traces, mutated lists are functionalized and written back in place."""
     assert optim.has_kernel(name, "cpu")
-    call, inputs = OP_CASES[name]()
+    inputs, constants = OP_CASES[name]()
+    call = op_call(name, constants)
     original = copy.deepcopy(inputs)
     eager_inputs = copy.deepcopy(inputs)
     expected = call(**eager_inputs)

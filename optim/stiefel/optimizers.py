@@ -84,7 +84,7 @@ class _ManifoldOptimizer(Optimizer):
         """Hyperparameters of a group (the keys may be missing: defaults are filled in afterwards)."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, after checking that every saved state tensor of a parameter's rank has its shape (torch
+        """torch's loader, after checking that every saved non-scalar state tensor has its parameter's shape (torch
         checks only the counts, so a state dict of another model would load and fail, or silently broadcast, at
         the next step). Nothing is changed when a check fails."""
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]

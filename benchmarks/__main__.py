@@ -10,10 +10,12 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 import torch
 
 from . import BENCHMARKS
+from ._report import write_summary
 from ._timing import OtherProcessesLoad, busy_cpu_fraction, device_name
 
 
@@ -24,6 +26,15 @@ BUSY_WARNING = 0.1
 def _warn_busy(fraction: float, when: str) -> None:
     print(f"warning: other processes used {100 * fraction:.0f}% of the {os.cpu_count()} CPUs {when}; timings "
           "(multi-threaded CPU code above all) can be many times slower than on an idle machine", file=sys.stderr)
+
+
+def _progress(done: int, total: int, name: str, elapsed_s: float) -> None:
+    """One status line on stderr per benchmark (the runs print their own tables on stdout in between)."""
+    width = 24
+    filled = round(width * done / total)
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} benchmarks, {minutes}:{seconds:02d} elapsed"
+          + (f": running {name}" if done < total else ""), file=sys.stderr, flush=True)
 
 
 def _default_device() -> str:
@@ -40,7 +51,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small sizes and few repeats (a demo that finishes in seconds on a laptop CPU)")
     parser.add_argument("--device", default=_default_device(),
                         help="device to run on (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default="bench_out", help="directory for <name>.json (default: bench_out/)")
+    parser.add_argument("--out", default="bench_out", help="directory for <name>.json, the PNGs and, for 'all', summary.md/.json and ratios.png (default: bench_out/)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     os.makedirs(args.out, exist_ok=True)
     command = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
-    for name in names:
+    started = time.perf_counter()
+    for index, name in enumerate(names):
+        _progress(index, len(names), name, time.perf_counter() - started)
         module = importlib.import_module(f"{__package__}.{BENCHMARKS[name]}")
         busy_before = busy_cpu_fraction()
         if busy_before is not None and busy_before > BUSY_WARNING:
@@ -82,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(record, file, indent=2)
             file.write("\n")
         print(f"wrote {path}")
+    _progress(len(names), len(names), "done", time.perf_counter() - started)
+    if len(names) > 1:
+        summary = write_summary(args.out, names)
+        for kind, path in summary["paths"].items():
+            if path:
+                print(f"wrote {path}")
     return 0
 
 

@@ -14,6 +14,10 @@ For each model of :mod:`benchmarks._models` (an MLP and a GPT-2-shaped transform
   vs PyHessian's ``density(iter=m, n_v=1)`` (which calls ``torch.eig``, removed in PyTorch 1.13: its row then
   reports the error).
 
+Then a training run with ``optim.SharpnessMonitor`` (full-batch SGD on a small MLP, λ_max and the trace every few
+steps against the stability limit 2/lr) and what the monitor costs as a share of the run. Plots in the output
+folder: ``spectrum_density.png`` (our SLQ densities, one panel per model) and ``spectrum_sharpness.png``.
+
 Times include building the operator (PyHessian's first backward with ``create_graph``). ``speedup`` is PyHessian's
 time over ours in the same run. PyHessian (``pip install pyhessian``, optional) missing: its rows say so. PyHessian
 puts the model in eval mode; the models here have no dropout or BatchNorm, so both see the same function.
@@ -22,6 +26,8 @@ puts the model in eval mode; the models here have no dropout or BatchNorm, so bo
 from __future__ import annotations
 
 import gc
+import math
+import os
 import time
 
 import torch
@@ -55,6 +61,9 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[object, float, list[
 
 def run_case(case: Case, device: torch.device, quick: bool) -> dict:
     model, batch = case.model, (case.inputs, case.targets)
+    # PyHessian switches the model to eval mode; so do we (same function, and our operator then keeps the
+    # gradient's graph between products, as PyHessian does).
+    model.eval()
     probes = 32 if quick else 100
     steps = 30 if quick else 80
     repeats = 1 if quick else 3
@@ -70,16 +79,19 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
         rows.append({"task": task, "method": method, "seconds": result_time[1], "repeat_seconds": result_time[2],
                      "value": value, **extra})
 
-    # Top eigenvalue.
-    def ours_eig():
-        H = operator()
-        pair = optim.top_eigenvalues(H, k=1, tol=1e-3, seed=0)
-        return pair.eigenvalues[0].item(), H.num_matvecs
+    # Top eigenvalue. Our tol bounds the Ritz residual (the eigenvalue error is about its square over the gap),
+    # PyHessian's the change of the estimate, so the same tol is not the same accuracy: ours also runs at the
+    # looser tol=0.01, and the summary compares the fastest of ours that is at least as accurate as PyHessian.
+    for tol, label in ((1e-3, "optim (Lanczos)"), (1e-2, "optim (Lanczos, tol=0.01)")):
+        def ours_eig(tol=tol):
+            H = operator()
+            pair = optim.top_eigenvalues(H, k=1, tol=tol, seed=0)
+            return pair.eigenvalues[0].item(), H.num_matvecs
 
-    timed = _timed(ours_eig, device, repeats)
-    (value, matvecs) = timed[0]
-    add("top eigenvalue", "optim (Lanczos)", timed, value,
-        {"hvps": matvecs, "relative_error": abs(value - reference) / abs(reference)})
+        timed = _timed(ours_eig, device, repeats)
+        (value, matvecs) = timed[0]
+        add("top eigenvalue", label, timed, value,
+            {"tol": tol, "hvps": matvecs, "relative_error": abs(value - reference) / abs(reference)})
     if pyhessian is not None:
         def theirs_eig():
             torch.manual_seed(0)
@@ -90,7 +102,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
 
         timed = _timed(theirs_eig, device, repeats)
         add("top eigenvalue", "PyHessian (power)", timed, timed[0],
-            {"relative_error": abs(timed[0] - reference) / abs(reference)})
+            {"tol": 1e-3, "relative_error": abs(timed[0] - reference) / abs(reference)})
 
     # Trace.
     def ours_trace():
@@ -115,10 +127,12 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
 
     # Spectral density, one start vector.
     def ours_density():
-        return optim.spectral_density(operator(), num_runs=1, lanczos_steps=steps, seed=0).mean
+        return optim.spectral_density(operator(), num_runs=1, lanczos_steps=steps, seed=0)
 
     timed = _timed(ours_density, device, repeats)
-    add("density", f"optim (SLQ, {steps} steps)", timed, timed[0], {"hvps": steps, "value_is": "mean of the density"})
+    density = timed[0]
+    add("density", f"optim (SLQ, {steps} steps)", timed, density.mean,
+        {"hvps": steps, "value_is": "mean of the density"})
     if pyhessian is not None:
         def theirs_density():
             torch.manual_seed(0)
@@ -137,15 +151,22 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
             add("density", f"PyHessian (SLQ, {steps} steps)", timed, timed[0],
                 {"hvps": steps, "value_is": "mean of the density"})
 
-    # Ratios: PyHessian's time over ours, per task.
+    # Ratios: PyHessian's time over ours, per task; for the top eigenvalue, over the fastest of ours that is at
+    # least as accurate as PyHessian (the first of ours when none is).
     for task in ("top eigenvalue", "trace", "density"):
-        task_rows = [row for row in rows if row["task"] == task]
-        ours = task_rows[0]["seconds"]
-        for row in task_rows[1:]:
-            if "error" not in row:
-                row["speedup_of_optim"] = row["seconds"] / ours
+        task_rows = [row for row in rows if row["task"] == task and "error" not in row]
+        ours_rows = [row for row in task_rows if row["method"].startswith("optim")]
+        for row in task_rows:
+            if not row["method"].startswith("PyHessian"):
+                continue
+            candidates = [ours for ours in ours_rows
+                          if ours.get("relative_error", 0.0) <= row.get("relative_error", math.inf)]
+            ours = min(candidates, key=lambda ours: ours["seconds"]) if candidates else ours_rows[0]
+            row["speedup_of_optim"] = row["seconds"] / ours["seconds"]
+            row["compared_with"] = ours["method"]
     return {"name": case.name, "description": case.description, "numel": case.numel,
-            "reference_top_eigenvalue": reference, "pyhessian_missing": missing, "rows": rows}
+            "reference_top_eigenvalue": reference, "pyhessian_missing": missing, "rows": rows,
+            "density": {"grid": density.grid.tolist(), "density": density.density.tolist()}}
 
 
 def format_table(result: dict) -> str:
@@ -174,10 +195,95 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def sharpness_run(device: torch.device, quick: bool, out_dir: str) -> dict:
+    """Full-batch gradient descent on a small MLP with ``optim.SharpnessMonitor``: λ_max and trace against 2/lr.
+
+    Full-batch GD at a fixed lr typically sharpens until λ_max reaches the stability limit 2/lr, then hovers around
+    or oscillates across it while the loss keeps falling non-monotonically (the edge of stability, Cohen et al.
+    2021); the curves show what the monitor records in a training loop, and what it costs.
+    """
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    width, samples, classes = (32, 256, 4) if quick else (256, 2048, 10)
+    steps, every = (60, 5) if quick else (2000, 50)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
+                                torch.nn.Tanh(), torch.nn.Linear(width, classes)).to(device)
+    inputs = torch.randn(samples, width, generator=generator).to(device)
+    targets = torch.randint(0, classes, (samples,), generator=generator).to(device)
+    lr = 1.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    monitor = optim.SharpnessMonitor(model, torch.nn.functional.cross_entropy, every=every, lr_from=optimizer,
+                                     probes=8 if quick else 32, lanczos_iters=30)
+    losses, monitor_seconds = [], 0.0
+    start = time.perf_counter()
+    for step in range(steps + 1):
+        synchronize(device)
+        before = time.perf_counter()
+        monitor.step(step, (inputs, targets))
+        synchronize(device)
+        monitor_seconds += time.perf_counter() - before
+        if step == steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # diverged (lr far above 2/λ_max): stop, and say so in the result
+            break
+        loss.backward()
+        optimizer.step()
+    total_seconds = time.perf_counter() - start
+    png = os.path.join(out_dir, "spectrum_sharpness.png")
+    try:
+        monitor.plot(png)
+    except ImportError as error:
+        print(f"spectrum: no sharpness plot ({error})")
+        png = None
+    return {"model": f"MLP 3 layers, width {width}, tanh, {samples} samples, {classes} classes, full-batch SGD",
+            "lr": lr, "stability_limit": 2 / lr, "steps": steps, "every": every, "records": monitor.records,
+            "losses": losses, "diverged": not math.isfinite(losses[-1]),
+            "monitor_share_of_time": monitor_seconds / total_seconds, "png": png}
+
+
+def plot_densities(cases: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("spectrum: matplotlib is not installed, no density plot (pip install matplotlib)")
+        return None
+    figure, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 3.8), squeeze=False)
+    for axis, case in zip(axes[0], cases):
+        grid = torch.tensor(case["density"]["grid"], dtype=torch.float64)
+        density = torch.tensor(case["density"]["density"], dtype=torch.float64)
+        floor = max(density.max().item(), 1e-300) * 1e-12
+        axis.semilogy(grid.numpy(), density.clamp(min=floor).numpy())
+        axis.set_title(f"{case['description']}", fontsize=8)
+        axis.set_xlabel("eigenvalue")
+        axis.set_ylabel("density (SLQ, log scale)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
     cases = run_cases(device, quick, lambda case: run_case(case, device, quick))
     result = {"device_name": device_name(device), "cases": cases,
               "conventions": {"seconds": "median wall-clock seconds of the whole call, operator construction included",
                               "optim faster": "PyHessian seconds / optim seconds, same run"}}
     print(format_table(result))
+    result["density_png"] = plot_densities(cases, os.path.join(out_dir, "spectrum_density.png"))
+    sharpness = sharpness_run(device, quick, out_dir)
+    result["sharpness"] = sharpness
+    last = sharpness["records"][-1]
+    print(f"\nsharpness monitor, {sharpness['model']}, lr {sharpness['lr']}: lambda_max "
+          f"{sharpness['records'][0]['lambda_max']:.3g} -> {last['lambda_max']:.3g} (limit 2/lr = "
+          f"{sharpness['stability_limit']:.3g}), trace {last['trace']:.3g}; the monitor took "
+          f"{100 * sharpness['monitor_share_of_time']:.0f}% of the run (every {sharpness['every']} steps)")
+    for key in ("density_png",):
+        if result[key]:
+            print(f"plot: {result[key]}")
+    if sharpness["png"]:
+        print(f"plot: {sharpness['png']}")
     return result

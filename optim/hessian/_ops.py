@@ -14,9 +14,8 @@ a counter-based generator. Element j (row-major) of ``out[i]`` gets counter ``of
 list of param-shaped tensors holds exactly the values of one flat vector of the same total length, and the value is
 a pure function of (seed, counter): identical on CPU and CUDA, for any thread layout, on every rank.
 
-The generator is SplitMix64 (Steele, Lea & Flood 2014): ``value = +1 if top bit of mix64(mix64(seed) + (counter + 1)
-· 0x9E3779B97F4A7C15) is 0 else -1``, arithmetic mod 2⁶⁴. The reference evaluates it with int64 tensor ops, whose
-multiplication wraps mod 2⁶⁴ (two's complement), with logical right shifts emulated by masking.
+The generator is SplitMix64 (Steele, Lea & Flood 2014) used as a counter-based hash (``optim/_counter_hash.py``):
+``value = +1 if the top bit of hash(seed, counter) is 0 else -1``.
 
 ``optim::krylov_dots(basis, w)`` gives the inner products of the Krylov loops (Lanczos, SLQ, Gram-Schmidt,
 Rayleigh quotients, Hutchinson's zᵀHz) for basis (B, m, n) and w (B, n)::
@@ -35,36 +34,8 @@ from typing import Sequence
 
 import torch
 
+from .._counter_hash import counter_hash_tensor
 from .._library import LIBRARY, define_op
-
-GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-UINT64 = 1 << 64
-
-
-def _as_int64(value: int) -> int:
-    """The int64 whose two's-complement bits are ``value`` mod 2⁶⁴."""
-    value %= UINT64
-    return value - UINT64 if value >= 1 << 63 else value
-
-
-def mix64_int(value: int) -> int:
-    """SplitMix64's finalizer on a Python int, mod 2⁶⁴ (used for the seed)."""
-    z = value % UINT64
-    z = ((z ^ (z >> 30)) * MIX_MULTIPLIERS[0]) % UINT64
-    z = ((z ^ (z >> 27)) * MIX_MULTIPLIERS[1]) % UINT64
-    return z ^ (z >> 31)
-
-
-def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix64_tensor(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _logical_shift_right(z, 30)) * _as_int64(MIX_MULTIPLIERS[0])
-    z = (z ^ _logical_shift_right(z, 27)) * _as_int64(MIX_MULTIPLIERS[1])
-    return z ^ _logical_shift_right(z, 31)
-
 
 def check_rademacher_args(out: Sequence[torch.Tensor], seed: int, offset: int) -> None:
     if offset < 0:
@@ -84,11 +55,10 @@ def check_rademacher_args(out: Sequence[torch.Tensor], seed: int, offset: int) -
 
 def rademacher_reference(out: Sequence[torch.Tensor], seed: int, offset: int) -> None:
     check_rademacher_args(out, seed, offset)
-    mixed_seed = _as_int64(mix64_int(seed))
     first = offset
     for tensor in out:
-        counters = torch.arange(first + 1, first + 1 + tensor.numel(), dtype=torch.int64, device=tensor.device)
-        hashed = _mix64_tensor(counters * _as_int64(GOLDEN_GAMMA) + mixed_seed)
+        counters = torch.arange(first, first + tensor.numel(), dtype=torch.int64, device=tensor.device)
+        hashed = counter_hash_tensor(seed, counters)
         negative = hashed < 0  # the top bit
         tensor.copy_((1 - 2 * negative.to(tensor.dtype)).view(tensor.shape))
         first += tensor.numel()

@@ -64,6 +64,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .._finite import first_nonfinite
+
 __all__ = ["hvp", "fd_rtol", "MODES", "AUTO_ORDER"]
 
 MODES = ("auto", "rr", "fr", "fd")
@@ -202,17 +204,9 @@ def check_vectors(
                 "convert v with .to(param)"
             )
     if check_finite:
-        # One host sync per device rather than one per tensor.
-        by_device: dict[torch.device, list[int]] = {}
-        for i, t in enumerate(v):
-            by_device.setdefault(t.device, []).append(i)
-        for index in by_device.values():
-            finite = torch.stack([torch.isfinite(v[i]).all() for i in index]).cpu()
-            if not bool(finite.all()):
-                i = index[int((~finite).nonzero()[0])]
-                raise ValueError(
-                    f"{where}: v[{i}] contains non-finite values (nan or inf); the product would be undefined"
-                )
+        i = first_nonfinite(v)
+        if i is not None:
+            raise ValueError(f"{where}: v[{i}] contains non-finite values (nan or inf); the product would be undefined")
     return [t.detach() for t in v], k
 
 
@@ -310,11 +304,30 @@ def _hvp_auto(f, params, v, k, key):
 
 
 def _hvp_rr(f, params, v, k):
+    leaves, grads = first_order_graph(f, params)
+    hv = second_backward(leaves, grads, v, k, keep_graph=False)
+    grad = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    return hv, grad
+
+
+def first_order_graph(f, params) -> tuple[list[torch.Tensor], tuple]:
+    """``(leaves, ∇f(leaves))`` with the gradient's graph (``create_graph``): the first half of a "rr" product.
+
+    ``leaves`` are detached aliases of ``params`` (same storage) that require grad.
+    """
     leaves = [p.detach().requires_grad_(True) for p in params]
     with torch.enable_grad():
         loss = _scalar_loss(f(*leaves))
         _check_finite_loss(loss)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    return leaves, grads
+
+
+def second_backward(leaves, grads, v, k, *, keep_graph: bool) -> list[torch.Tensor]:
+    """``H v`` from the gradient's graph: one backward of ``⟨∇f, v⟩`` (vmapped over the k probes of a block).
+
+    ``keep_graph=True`` keeps the graph for further products (a :class:`HessianOperator` reusing it).
+    """
     # A gradient entry that is None or carries no graph does not depend on params: its row of H is zero.
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     products = [None] * len(leaves)
@@ -322,16 +335,14 @@ def _hvp_rr(f, params, v, k):
         outputs = [grads[i] for i in live]
         directions = [v[i] for i in live]
         if k is None:
-            products = torch.autograd.grad(outputs, leaves, directions, allow_unused=True)
+            products = torch.autograd.grad(outputs, leaves, directions, retain_graph=keep_graph, allow_unused=True)
         else:
-            products = _batched_second_backward(outputs, leaves, directions, k)
+            products = _batched_second_backward(outputs, leaves, directions, k, keep_graph)
     # A param the second backward does not reach has a zero column of H.
-    hv = [product if product is not None else torch.zeros_like(t) for product, t in zip(products, v)]
-    grad = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-    return hv, grad
+    return [product if product is not None else torch.zeros_like(t) for product, t in zip(products, v)]
 
 
-def _batched_second_backward(outputs, leaves, directions, k):
+def _batched_second_backward(outputs, leaves, directions, k, keep_graph=False):
     """``vᵀ ∂g/∂x`` for the k probes stacked in ``directions``: one vmapped backward, else k backwards."""
     try:
         # retain_graph: if vmap gives up half-way, the loop below still needs the graph.
@@ -344,7 +355,7 @@ def _batched_second_backward(outputs, leaves, directions, k):
         pass
     per_probe = [
         torch.autograd.grad(
-            outputs, leaves, [d[j] for d in directions], retain_graph=j < k - 1, allow_unused=True
+            outputs, leaves, [d[j] for d in directions], retain_graph=keep_graph or j < k - 1, allow_unused=True
         )
         for j in range(k)
     ]

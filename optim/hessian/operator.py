@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .hvp import MODES, auto_choice, check_params, check_vectors, compute_hvp, loss_and_gradient
+from .hvp import (MODES, auto_choice, check_params, check_vectors, compute_hvp, first_order_graph, loss_and_gradient,
+                  second_backward)
 
 __all__ = ["HessianOperator"]
 
@@ -49,6 +50,16 @@ class HessianOperator:
             held fixed at their current values. Default: every parameter that requires grad.
         mode: how each Hessian-vector product is computed: ``"auto"``, ``"rr"``, ``"fr"`` or ``"fd"``
             (:func:`optim.hessian.hvp.hvp`). ``"auto"`` settles on one mode for this operator at the first product.
+        reuse_graph: keep the graph of the gradient (forward and first backward, ``create_graph``) between products,
+            so that each further product costs only the second backward (about 2/3 of a fresh "rr" product; what
+            Lanczos, Hutchinson and SLQ do dozens of times). It applies to one-batch ``data`` with the "rr" mode
+            (or "auto" once it has settled on it), and the graph is rebuilt whenever a parameter or the batch is
+            modified in place (an optimizer step), replaced, or the model's train/eval modes change. ``None``
+            (default): reuse when no module is in training mode (``model.eval()``), where the loss is a
+            deterministic function of the parameters; ``True`` also in training mode, where a dropout mask is then
+            drawn once and kept for every product (a fixed, symmetric random operator); ``False``: never. The
+            graph holds the activations (the memory of one training step's backward) until the operator is
+            deleted or :meth:`release_graph` is called.
 
     The model is evaluated in its current mode, as set by ``model.train()`` / ``model.eval()``: in train mode
     dropout draws a new mask at every product (all the probes of one ``(k, n)`` block share a mask) and BatchNorm
@@ -84,6 +95,7 @@ class HessianOperator:
         *,
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         mode: str = "auto",
+        reuse_graph: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"HessianOperator: model must be a torch.nn.Module, got a {type(model).__name__}")
@@ -105,6 +117,8 @@ class HessianOperator:
             for name, p in model.named_parameters()
             if p.requires_grad and (param_filter is None or param_filter(name, p))
         ]
+        if reuse_graph not in (None, True, False):
+            raise ValueError(f"HessianOperator: reuse_graph must be None, True or False, got {reuse_graph!r}")
         if not selected:
             raise ValueError(
                 "HessianOperator: no parameters in scope: the model has no parameter that requires grad"
@@ -131,6 +145,8 @@ class HessianOperator:
         self.n = sum(self._numels)
         self.shape = (self.n, self.n)
         self.num_matvecs = 0
+        self.reuse_graph = reuse_graph
+        self._graph = None  # (key, leaves, gradients) of the reused first-order graph
         if _is_batch(data):
             self._data = [data]
         elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, dict)):
@@ -227,23 +243,62 @@ class HessianOperator:
         self._check_some_rows(total_weight)
         return total_loss / total_weight, total_grad.div_(total_weight)
 
+    def release_graph(self) -> None:
+        """Free the reused gradient graph (its activations); the next product rebuilds it. See ``reuse_graph``."""
+        self._graph = None
+
+    def _graph_key(self, batch) -> tuple | None:
+        """What the reused graph depends on; None when it must not be reused (see ``reuse_graph``)."""
+        if self.reuse_graph is False or len(self._data) != 1:
+            return None
+        if (self.mode if self.mode != "auto" else auto_choice(self)) != "rr":
+            return None
+        training = tuple(module.training for module in self.model.modules())
+        if self.reuse_graph is None and any(training):
+            return None
+        inputs, targets = batch
+        tensors = [*self.params, targets] + ([inputs] if isinstance(inputs, torch.Tensor) else [])
+        if not isinstance(inputs, torch.Tensor):
+            return None  # a structured input: its contents cannot be checked for changes
+        # In-place updates bump _version; a replaced tensor (p.data = ..., a new batch) changes its identity.
+        return training, tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
     def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         params = check_params(self.params, where="HessianOperator")
         v, k = check_vectors(params, v, where="HessianOperator")
-        total, total_weight = None, 0
+        batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
+        key = None if batch is None or not _is_batch(batch) else self._graph_key(batch)
+        if key is None:
+            self._graph = None
+        else:
+            if self._graph is None or self._graph[0] != key:
+                self._graph = None  # free the old graph before building the new one
+                batches = list(self._batches())
+                self._check_some_rows(len(batches))
+                inputs, targets, _ = batches[0]
+                self._graph = (key, *first_order_graph(self._loss_of(inputs, targets), params))
+            _, leaves, gradients = self._graph
+            self.num_matvecs += 1 if k is None else k
+            return second_backward(leaves, gradients, v, k, keep_graph=True)
+        total, total_weight, count = None, 0, 0
         for inputs, targets, weight in self._batches():
             hv, _ = compute_hvp(
                 self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False, auto_key=self
             )
             if total is None:
-                total = [weight * t for t in hv]
+                total = hv
             else:
+                if count == 1:
+                    total = [first_weight * t for t in total]
                 for acc, t in zip(total, hv):
                     acc.add_(t, alpha=weight)
+            first_weight = weight if count == 0 else None
             total_weight += weight
+            count += 1
         self._check_some_rows(total_weight)
         self.num_matvecs += 1 if k is None else k
-        return [t.div_(total_weight) for t in total]
+        # One batch: its product as it is, bit for bit what a reused graph gives (a weight w·t/w may round).
+        return total if count == 1 else [t.div_(total_weight) for t in total]
 
     # ------------------------------------------------------------------------------------------------------------
     # The loss as a function of the in-scope parameters

@@ -74,7 +74,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._ops import GOLDEN_GAMMA, SECOND_ORDER_PARAM_DTYPES, UINT64, _as_int64, mix64_int, second_order_state_dtype
+from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
+from .._finite import all_finite
+from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
 from ..fused.distributed import average_, check_process_group, reject_dtensors
 from .probes import rademacher_like
 
@@ -83,7 +85,7 @@ __all__ = ["probe_seed"]
 
 def probe_seed(seed: int, step: int) -> int:
     """The ``optim::rademacher_`` seed of the probes of the refresh at ``step`` (a hash of both, as an int64)."""
-    return _as_int64(mix64_int((seed + step * GOLDEN_GAMMA) % UINT64))
+    return as_int64(mix64_int((seed + step * GOLDEN_GAMMA) % UINT64))
 
 
 def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
@@ -95,22 +97,6 @@ def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
 
 def select(tensors: Sequence, index: list[int]) -> list:
     return [tensors[i] for i in index]
-
-
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one multi-tensor reduction and one sync per device.
-
-    The reduction is the sum of |x| (``_foreach_norm(ord=1)``, about 4× cheaper than the max-abs one on CPU): it is
-    finite exactly when every element is, unless the sum overflows, so a non-finite sum is confirmed element-wise.
-    """
-    by_device = group_indices([t.device for t in tensors])
-    for index in by_device.values():
-        group = [tensors[i] for i in index]
-        sums = torch._foreach_norm(group, ord=1)
-        if not bool(torch.stack([s.float() for s in sums]).isfinite().all()):
-            if not all(bool(torch.isfinite(t).all()) for t in group):
-                return False
-    return True
 
 
 class SecondOrderOptimizer(Optimizer):

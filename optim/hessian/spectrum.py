@@ -31,6 +31,7 @@ from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
+from .._finite import all_finite
 from ._ops import krylov_dots
 from .probes import rademacher
 
@@ -177,7 +178,7 @@ def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
             f"H @ v returned {got} for an input of shape {tuple(V.shape)} ({what}); a LinearOperator must map "
             "(n,) to (n,) and (k, n) to (k, n)"
         )
-    if not torch.isfinite(out).all():
+    if not all_finite([out]):
         raise RuntimeError(f"H @ v produced NaN or inf at {what}: {_NONFINITE_HINT}")
     return out
 

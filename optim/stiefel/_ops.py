@@ -52,7 +52,7 @@ import math
 import torch
 
 from .._library import define_op
-from ..hessian._ops import GOLDEN_GAMMA, _as_int64, _logical_shift_right, _mix64_tensor, mix64_int
+from .._counter_hash import counter_hash_tensor, logical_shift_right
 
 CORES = ("qr", "cayley", "exp")
 STEP_DTYPES = (torch.float32, torch.float64)
@@ -79,15 +79,13 @@ def rsdm_sample_rows_reference(out: torch.Tensor, n: int, seed: int, offset: int
     if batch == 0:
         return
     device = out.device
-    mixed_seed = _as_int64(mix64_int(seed))
     chosen = torch.zeros(batch, n, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
     base = torch.arange(batch, dtype=torch.int64, device=device) * r + offset
     for k in range(r):
         j = n - r + k
-        counters = base + (k + 1)  # counter_hash uses (counter + 1) · golden
-        hashed = _mix64_tensor(counters * _as_int64(GOLDEN_GAMMA) + mixed_seed)
-        t = _logical_shift_right(hashed, 11) % (j + 1)
+        hashed = counter_hash_tensor(seed, base + k)
+        t = logical_shift_right(hashed, 11) % (j + 1)
         taken = chosen[rows, t]
         pick = torch.where(taken, torch.full_like(t, j), t)
         chosen[rows, pick] = True

@@ -222,6 +222,77 @@ def test_products_follow_the_current_parameters():
     assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Reusing the gradient's graph between products
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reused_graph_gives_the_same_products_with_one_build(device, monkeypatch):
+    import optim.hessian.operator as operator_module
+
+    case, hessian = cached_case("mlp", device)
+    case.model.eval()
+    builds = []
+    build = operator_module.first_order_graph
+    monkeypatch.setattr(operator_module, "first_order_graph", lambda *a: builds.append(1) or build(*a))
+    H, fresh = operator_of(case, mode="rr"), operator_of(case, mode="rr", reuse_graph=False)
+    for v in (flat_random(H), flat_random(H, 3), flat_random(H)):
+        product = H @ v
+        assert relative_error(product, v @ hessian) <= EXACT_RTOL
+        assert torch.allclose(product, fresh @ v, rtol=1e-12, atol=1e-12)
+    assert len(builds) == 1 and H._graph is not None and fresh._graph is None
+    assert H.num_matvecs == 5
+    H.release_graph()
+    assert H._graph is None
+    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL and len(builds) == 2
+
+
+def test_reused_graph_follows_in_place_updates_and_new_parameters():
+    case = build_case("mlp")
+    case.model.eval()
+    H = operator_of(case, mode="rr")
+    v = flat_random(H)
+    H @ v  # builds the graph at the first point
+    with torch.no_grad():
+        for p in case.model.parameters():
+            p.mul_(0.5)  # what an optimizer step does
+    moved = build_case("mlp")
+    with torch.no_grad():
+        for p in moved.model.parameters():
+            p.mul_(0.5)
+    hessian = dense_hessian(moved.f, [p.detach() for p in moved.model.parameters()])
+    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+    inputs = case.inputs
+    with torch.no_grad():
+        inputs.mul_(2.0)  # the batch changed in place: not the same loss any more
+    moved.inputs.mul_(2.0)
+    hessian = dense_hessian(moved.f, [p.detach() for p in moved.model.parameters()])
+    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+
+
+def test_graph_reuse_needs_eval_mode_unless_asked():
+    model, inputs, targets = _batchnorm_case()  # has Dropout
+    model.train()
+    v = None
+    for reuse, kept in ((None, False), (True, True), (False, False)):
+        H = HessianOperator(model, F.cross_entropy, (inputs, targets), mode="rr", reuse_graph=reuse)
+        v = flat_random(H) if v is None else v
+        first = H @ v
+        assert (H._graph is not None) == kept
+        if kept:  # one dropout mask for every product: the same operator each time
+            assert torch.equal(first, H @ v)
+    model.eval()  # a mode change invalidates a kept graph
+    H = HessianOperator(model, F.cross_entropy, (inputs, targets), mode="rr", reuse_graph=True)
+    model.train()
+    H @ v
+    key = H._graph[0]
+    model.eval()
+    H @ v
+    assert H._graph[0] != key
+    with pytest.raises(ValueError, match="reuse_graph must be None, True or False"):
+        HessianOperator(model, F.cross_entropy, (inputs, targets), reuse_graph="yes")
+
+
 def _batchnorm_case():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)

@@ -7,7 +7,8 @@ import torch
 
 import optim
 from optim.hessian import rademacher, rademacher_like
-from optim.hessian._ops import GOLDEN_GAMMA, mix64_int, rademacher_reference
+from optim._counter_hash import GOLDEN_GAMMA, mix64_int
+from optim.hessian._ops import rademacher_reference
 
 from ..conftest import DEVICES, REQUIRE_EXTENSION
 
@@ -190,7 +191,9 @@ def test_cross_entropy_hvp_bad_input(implementation):
 
 KD_OP = torch.ops.optim.krylov_dots
 # (B, m, n): one row, a block over 4097 columns, columns beyond one thread block and 64 CUDA slices, empties.
-KD_SHAPES = [(1, 1, 1), (2, 3, 4097), (1, 2, 3 * 65536 + 5), (3, 0, 10), (2, 4, 0), (0, 3, 5)]
+# Rows 9 = two groups of four plus one (the CPU kernel sums four rows per pass) and a remainder of 1 to 3 rows.
+KD_SHAPES = [(1, 1, 1), (2, 3, 4097), (1, 2, 3 * 65536 + 5), (2, 9, 2051), (1, 6, 70000), (3, 0, 10), (2, 4, 0),
+             (0, 3, 5)]
 
 
 def exact_dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,266 @@
+"""The combined report of ``python -m benchmarks``: one headline table over every benchmark, and its ratio bars.
+
+Each benchmark writes its own JSON with every row it measured; this module picks from each the comparisons a user
+asks about first (ours against what they run today, in the same run) and writes them as ``summary.md`` and
+``summary.json``, plus ``ratios.png``: one bar per comparison, the peer's time over ours on a log axis (right of 1 =
+ours faster). A benchmark whose JSON lacks a row (a peer not installed, a row that failed) just has fewer headlines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Iterable
+
+Headline = dict
+
+
+def _headline(benchmark: str, case: str, what: str, ours: tuple[str, float | None],
+              peer: tuple[str, float | None], unit: str) -> Headline | None:
+    """A comparison of two times (smaller is better); ``ratio`` = peer / ours, so > 1 means ours is faster."""
+    (ours_label, ours_value), (peer_label, peer_value) = ours, peer
+    if ours_value is None or peer_value is None or not ours_value > 0 or not peer_value > 0:
+        return None
+    return {"benchmark": benchmark, "case": case, "what": what, "ours": ours_label, "ours_value": ours_value,
+            "peer": peer_label, "peer_value": peer_value, "unit": unit, "ratio": peer_value / ours_value}
+
+
+def _first(rows: Iterable[dict], **match) -> dict | None:
+    return next((row for row in rows if all(row.get(key) == value for key, value in match.items())), None)
+
+
+def _value(row: dict | None, key: str) -> float | None:
+    return None if row is None else row.get(key)
+
+
+def _steps(result: dict) -> list[Headline | None]:
+    rows = result.get("rows", [])
+    out = []
+    for key in dict.fromkeys((row["set"], row["dtype"]) for row in rows):
+        subset = [row for row in rows if (row["set"], row["dtype"]) == key]
+        ours = _first(subset, impl="optim.AdamW")
+        for peer in ("torch fused", "torch foreach"):
+            out.append(_headline("steps", f"{key[0]} {key[1]}", "AdamW step",
+                                 ("optim.AdamW", _value(ours, "median_ms")),
+                                 (f"torch.optim.AdamW ({peer.split()[1]})", _value(_first(subset, impl=peer),
+                                                                                  "median_ms")), "ms"))
+    return out
+
+
+def _hvp(result: dict) -> list[Headline | None]:
+    out = []
+    for case in result.get("cases", []):
+        for probes in (1, 8):
+            rows = [row for row in case["rows"] if row.get("probes") == probes]
+            out.append(_headline("hvp", case["name"], f"{probes} HVP{'s' if probes > 1 else ''}, one call",
+                                 ("optim.hvp + fused CE", _value(_first(rows, method="fused"), "ms")),
+                                 (f"{probes} x one-probe double backward (forward each time)" if probes > 1 else "double backward",
+                                  None if _first(case["rows"], method="rr", probes=1) is None
+                                  else probes * _first(case["rows"], method="rr", probes=1)["ms"]), "ms"))
+    kernel = result.get("cross_entropy_kernel") or {}
+    methods = kernel.get("methods", [])
+    if methods:
+        out.append(_headline("hvp", f"CE Hessian, {kernel.get('rows')}x{kernel.get('vocab')}", "H·u of the loss",
+                             ("optim::cross_entropy_hvp", _value(_first(methods, method="fused kernel"), "ms")),
+                             ("eager double backward", _value(_first(methods, method="eager double backward"), "ms")),
+                             "ms"))
+    return out
+
+
+def _spectrum(result: dict) -> list[Headline | None]:
+    out = []
+    for case in result.get("cases", []):
+        for task in ("top eigenvalue", "trace"):
+            rows = [row for row in case["rows"] if row.get("task") == task]
+            peer = next((row for row in rows if row["method"].startswith("PyHessian") and "seconds" in row), None)
+            # the benchmark names which of ours it compared with (the fastest at least as accurate as PyHessian)
+            compared = None if peer is None else peer.get("compared_with")
+            ours = next((row for row in rows if row["method"] == compared or
+                         (compared is None and row["method"].startswith("optim"))), None)
+            if ours is None or peer is None:
+                continue
+            what = task
+            if task == "trace" and ours.get("hvps") != peer.get("hvps", ours.get("hvps")):
+                what += f" (PyHessian stopped after {peer['hvps']} of {ours['hvps']} probes: not comparable)"
+            if task == "top eigenvalue" and "relative_error" in ours and "relative_error" in peer:
+                what += f" (rel. err {ours['relative_error']:.1e} vs {peer['relative_error']:.1e})"
+            out.append(_headline("spectrum", case["name"], what, (ours["method"], ours["seconds"]),
+                                 (peer["method"], peer["seconds"]), "s"))
+    return out
+
+
+def _sophia(result: dict) -> list[Headline | None]:
+    rows = result.get("rows", [])
+    model = result.get("model", "")
+    if isinstance(model, dict):  # GPT-shaped: layers, width, vocabulary
+        default_case = (model.get("name") or f"GPT {model.get('layers')}L d={model.get('d')} "
+                        f"vocab {model.get('vocab')}")
+    else:
+        default_case = str(model)
+    out = []
+    for case in dict.fromkeys(row.get("case", default_case) for row in rows):
+        subset = [row for row in rows if row.get("case", default_case) == case]
+        adamw = _first(subset, impl="torch.optim.AdamW (fused)")
+        for name in ("SophiaH", "AdaHessian"):
+            pairs = ((f"optim.{name} refresh step", f"pytorch_optimizer.{name} update_period=1", "refresh step"),
+                     (f"optim.{name} update_period=10 (mean of 10)",
+                      f"pytorch_optimizer.{name} update_period=10 (mean of 10)", "update_period=10, mean step"))
+            for ours_impl, peer_impl, what in pairs:
+                out.append(_headline("sophia", str(case), f"{name} {what}",
+                                     (ours_impl, _value(_first(subset, impl=ours_impl), "ms_per_step")),
+                                     (peer_impl, _value(_first(subset, impl=peer_impl), "ms_per_step")), "ms"))
+            between = _first(subset, impl=f"optim.{name} between refreshes")
+            out.append(_headline("sophia", str(case), f"{name} between refreshes vs AdamW",
+                                 (f"optim.{name} between refreshes", _value(between, "ms_per_step")),
+                                 ("torch.optim.AdamW (fused)", _value(adamw, "ms_per_step")), "ms"))
+    return out
+
+
+def _stiefel(result: dict) -> list[Headline | None]:
+    rows = result.get("step_rows", [])
+    out = []
+    for size in dict.fromkeys(row["size"] for row in rows):
+        subset = [row for row in rows if row["size"] == size]
+        ours = _first(subset, impl="ours: RSDM-P step")
+        for peer in ("geoopt Stiefel (cayley)", "naive RSDM-P (PyTorch)"):
+            out.append(_headline("stiefel", size, "one step", ("optim.RSDM (permutation)", _value(ours, "median_ms")),
+                                 (peer, _value(_first(subset, impl=peer), "median_ms")), "ms"))
+    gaps = result.get("gap_rows", [])
+    ours = next((row for row in gaps if row["impl"].startswith("RSDM-P (optim")), None)
+    for peer in (next((row for row in gaps if row["impl"].startswith("RGD-QR")), None),
+                 next((row for row in gaps if row["impl"].startswith("RSDM-P (naive")), None)):
+        if ours is not None and peer is not None:
+            out.append(_headline("stiefel", f"PCA n={ours.get('n')} p={ours.get('p')}", "time to 1e-6 gap",
+                                 (ours["impl"], ours.get("seconds_to_gap")),
+                                 (peer["impl"], peer.get("seconds_to_gap")), "s"))
+    return out
+
+
+def _lowrank(result: dict) -> list[Headline | None]:
+    out = []
+    rows = result.get("refactorize_rows", [])
+    for key in dict.fromkeys((row["config"], row["layers"], row["m"], row["r"], row["n"]) for row in rows):
+        subset = [row for row in rows if (row["config"], row["layers"], row["m"], row["r"], row["n"]) == key]
+        out.append(_headline("lowrank", f"{key[1]} x ({key[2]}, {key[3]}, {key[4]})", "refactorization",
+                             ("optim::lowrank_refactorize_", _value(_first(subset, impl="optim op"), "median_ms")),
+                             ("dense SVD of W", _value(_first(subset, impl="dense SVD of W"), "median_ms")), "ms"))
+    train = result.get("train_rows", [])
+    for config in dict.fromkeys(row["config"] for row in train):
+        subset = [row for row in train if row["config"] == config]
+        ours = _first(subset, method="low-rank + refactor/reset")
+        for peer in ("full-rank AdamW", "GaLore"):
+            # seconds per token, so that the ratio reads like the time ratios (> 1: ours faster)
+            out.append(_headline("lowrank", config, "training time per token",
+                                 ("low-rank + refactor/reset", _per_token(ours)),
+                                 (peer, _per_token(_first(subset, method=peer))), "µs/token"))
+    return out
+
+
+def _per_token(row: dict | None) -> float | None:
+    if row is None or not row.get("tokens_per_s"):
+        return None
+    return 1e6 / row["tokens_per_s"]
+
+
+EXTRACTORS: dict[str, Callable[[dict], list[Headline | None]]] = {
+    "steps": _steps, "hvp": _hvp, "spectrum": _spectrum, "sophia": _sophia, "stiefel": _stiefel,
+    "lowrank": _lowrank,
+}
+
+
+def headlines(records: dict[str, dict]) -> list[Headline]:
+    """The headline comparisons of every benchmark record (name -> the JSON that benchmark wrote)."""
+    out = []
+    for name, record in records.items():
+        extractor = EXTRACTORS.get(name)
+        if extractor is None:
+            continue
+        try:
+            out.extend(row for row in extractor(record) if row is not None)
+        except (KeyError, TypeError) as error:  # a result written by another version of a benchmark
+            print(f"summary: skipped {name}: its JSON lacks {error}")
+    return out
+
+
+def _format(value: float, unit: str) -> str:
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:,.0f} {unit}"
+
+
+def markdown(rows: list[Headline], records: dict[str, dict]) -> str:
+    first = next(iter(records.values()), {})
+    loads = {name: (record.get("other_processes_cpu_fraction") or {}).get("during")
+             for name, record in records.items()}
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Device: {first.get('device_name', '?')} ({first.get('device', '?')}), torch {first.get('torch_version', '?')}, "
+        f"{first.get('date_utc', '?')}, `{first.get('command', '?')}`"
+        + (" (quick mode: small sizes, a smoke run)" if first.get("quick") else "") + ".",
+        "",
+        "`ratio` = the peer's time over ours, measured in the same run: above 1, ours is faster.",
+        "",
+    ]
+    busy = {name: fraction for name, fraction in loads.items() if fraction is not None and fraction > 0.1}
+    if busy:
+        lines += ["Other processes used " + ", ".join(f"{100 * f:.0f}% ({n})" for n, f in busy.items())
+                  + " of the CPUs during these runs: absolute times are inflated.", ""]
+    lines += ["| benchmark | case | what | ours | peer | ours | peer | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['benchmark']} | {row['case']} | {row['what']} | {row['ours']} | {row['peer']} | "
+                     f"{_format(row['ours_value'], row['unit'])} | {_format(row['peer_value'], row['unit'])} | "
+                     f"{row['ratio']:.2f}× |")
+    if not rows:
+        lines.append("| (no comparison: every peer missing?) | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ratios(rows: list[Headline], path: str) -> str | None:
+    """Horizontal bars of peer time / our time on a log axis; None (and a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("summary: matplotlib is not installed, no ratios.png (pip install matplotlib)")
+        return None
+    if not rows:
+        return None
+    labels = [f"{row['benchmark']}: {row['case']}, {row['what']} vs {row['peer']}" for row in rows]
+    ratios = [row["ratio"] for row in rows]
+    figure, axes = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.2))
+    colors = ["tab:green" if ratio >= 1 else "tab:red" for ratio in ratios]
+    axes.barh(range(len(rows)), ratios, color=colors, left=0)
+    axes.set_xscale("log")
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("peer time / our time (log scale; right of 1: ours faster)")
+    low, high = min(ratios), max(ratios)
+    axes.set_xlim(min(0.5, low / 1.5), max(2.0, high * 1.5))
+    for index, ratio in enumerate(ratios):
+        axes.text(ratio, index, f" {ratio:.2g}×", va="center", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_summary(out_dir: str, names: Iterable[str]) -> dict:
+    """Read ``out_dir/<name>.json`` of each benchmark that wrote one; write summary.md, summary.json, ratios.png."""
+    records = {}
+    for name in names:
+        path = os.path.join(out_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as file:
+                records[name] = json.load(file)
+    rows = headlines(records)
+    rows = [row for row in rows if math.isfinite(row["ratio"])]
+    paths = {"markdown": os.path.join(out_dir, "summary.md"), "json": os.path.join(out_dir, "summary.json")}
+    with open(paths["markdown"], "w", encoding="utf-8") as file:
+        file.write(markdown(rows, records))
+    with open(paths["json"], "w", encoding="utf-8") as file:
+        json.dump({"headlines": rows}, file, indent=2)
+        file.write("\n")
+    paths["png"] = plot_ratios(rows, os.path.join(out_dir, "ratios.png"))
+    return {"rows": rows, "paths": paths}

@@ -19,8 +19,9 @@ steps against the stability limit 2/lr) and what the monitor costs as a share of
 folder: ``spectrum_density.png`` (our SLQ densities, one panel per model) and ``spectrum_sharpness.png``.
 
 Times include building the operator (PyHessian's first backward with ``create_graph``). ``speedup`` is PyHessian's
-time over ours in the same run. PyHessian (``pip install pyhessian``, optional) missing: its rows say so. PyHessian
-puts the model in eval mode; the models here have no dropout or BatchNorm, so both see the same function.
+time over ours in the same run. PyHessian (``pip install pyhessian``, optional) missing: its rows say so. Both run
+in eval mode (PyHessian sets it; the models have no dropout or BatchNorm, so it is also their training function),
+where ``optim.HessianOperator`` keeps the gradient's graph between products, as PyHessian does.
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ def _lowrank(result: dict) -> list[Headline | None]:
         ours = _first(subset, method="low-rank + refactor/reset")
         for peer in ("full-rank AdamW", "GaLore"):
             # seconds per token, so that the ratio reads like the time ratios (> 1: ours faster)
-            out.append(_headline("lowrank", config, "training time per token",
+            out.append(_headline("lowrank", config, "training time per token (runs one after another, not "
+                                 "interleaved: sensitive to load)",
                                  ("low-rank + refactor/reset", _per_token(ours)),
                                  (peer, _per_token(_first(subset, method=peer))), "µs/token"))
     return out

@@ -36,3 +36,39 @@ def _run_and_check(name, tmp_path, capsys):
     assert record["command"].startswith("python -m benchmarks ")
     assert record["torch_version"] and record["date_utc"]
     assert capsys.readouterr().out.strip(), "the benchmark printed no table"
+
+
+def test_summary_picks_the_headlines_and_their_ratios(tmp_path):
+    """``all``'s summary: ratios are the peer's time over ours, and a record without a peer row adds no headline."""
+    from benchmarks._report import write_summary
+
+    common = {"device": "cpu", "device_name": "test CPU", "torch_version": "x", "date_utc": "now",
+              "command": "python -m benchmarks all", "quick": True}
+    records = {
+        "steps": {**common, "rows": [
+            {"set": "s", "dtype": "float32", "impl": "optim.AdamW", "median_ms": 2.0},
+            {"set": "s", "dtype": "float32", "impl": "torch fused", "median_ms": 3.0},
+        ]},
+        "stiefel": {**common, "step_rows": [
+            {"size": "8x4", "impl": "ours: RSDM-P step", "median_ms": 0.5},
+            {"size": "8x4", "impl": "geoopt Stiefel (cayley)", "median_ms": 5.0},
+        ], "gap_rows": []},
+        "spectrum": {**common, "cases": [{"name": "mlp", "rows": [
+            {"task": "top eigenvalue", "method": "optim (Lanczos)", "seconds": 2.0, "relative_error": 1e-6},
+            {"task": "top eigenvalue", "method": "optim (Lanczos, tol=0.01)", "seconds": 1.0,
+             "relative_error": 1e-4},
+            {"task": "top eigenvalue", "method": "PyHessian (power)", "seconds": 4.0, "relative_error": 1e-3,
+             "compared_with": "optim (Lanczos, tol=0.01)"},
+        ]}]},
+    }
+    for name, record in records.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    summary = write_summary(str(tmp_path), ["steps", "hvp", "spectrum", "stiefel"])  # no hvp.json: skipped
+    ratios = {(row["benchmark"], row["peer"]): row["ratio"] for row in summary["rows"]}
+    assert ratios == {("steps", "torch.optim.AdamW (fused)"): 1.5, ("stiefel", "geoopt Stiefel (cayley)"): 10.0,
+                      ("spectrum", "PyHessian (power)"): 4.0}
+    table = (tmp_path / "summary.md").read_text()
+    assert "test CPU" in table and "| 1.50× |" in table and "| 10.00× |" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["headlines"] == summary["rows"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "ratios.png").stat().st_size > 0

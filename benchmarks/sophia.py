@@ -31,7 +31,8 @@ protocol, ``update_period=1``, its published algorithm), each at its own learnin
 cosine schedule. Sizes: on CUDA the LLaMA-60M shape (vocabulary 32000), 2000 steps of 8 × 256 tokens, after a
 200-step learning-rate sweep per method (``SWEEP_LRS``; the lowest validation loss wins); on CPU without ``--quick``
 4 layers of hidden 128, 400 steps after a 100-step sweep; ``--quick``: 2 layers of hidden 64, 100 steps at fixed
-learning rates (``QUICK_LRS``, from a sweep documented there). Reported: the final validation loss, the training
+learning rates (``QUICK_LRS``, from a sweep documented there); ``$OPTIM_SOPHIA_TRAIN_STEPS`` overrides the full
+modes' step count. Reported: the final validation loss, the training
 wall time (device synchronized every step, evaluation excluded) and ``sophia_loss.png`` in the output folder:
 training loss and validation points against step and against wall time.
 """
@@ -42,7 +43,7 @@ import gc
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -261,13 +262,21 @@ SWEEP_LRS = {"AdamW": [3e-4, 1e-3, 3e-3], "SophiaH": [1e-4, 3e-4, 1e-3], "AdaHes
 
 
 def train_schedule(device: torch.device, quick: bool) -> TrainSchedule:
+    """The run's sizes; ``$OPTIM_SOPHIA_TRAIN_STEPS`` overrides the step count of the full modes (the sweep then
+    runs a tenth of it, the evaluation every twentieth), e.g. to fit a time limit on the GPU machine."""
     if quick:
         return TrainSchedule(TRAIN_TINY, batch=8, steps=100, eval_every=25, eval_batches=2, lrs=QUICK_LRS)
     if device.type == "cuda":
-        return TrainSchedule(LLAMA_60M, batch=8, steps=2000, eval_every=100, eval_batches=8, lrs=SWEEP_LRS,
-                             sweep_steps=200)
-    return TrainSchedule(TRAIN_SMALL, batch=8, steps=400, eval_every=50, eval_batches=4, lrs=SWEEP_LRS,
-                         sweep_steps=100)
+        s = TrainSchedule(LLAMA_60M, batch=8, steps=2000, eval_every=100, eval_batches=8, lrs=SWEEP_LRS,
+                          sweep_steps=200)
+    else:
+        s = TrainSchedule(TRAIN_SMALL, batch=8, steps=400, eval_every=50, eval_batches=4, lrs=SWEEP_LRS,
+                          sweep_steps=100)
+    steps = os.environ.get("OPTIM_SOPHIA_TRAIN_STEPS")
+    if steps:
+        steps = int(steps)
+        s = replace(s, steps=steps, sweep_steps=max(1, steps // 10), eval_every=max(1, steps // 20))
+    return s
 
 
 def _lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
@@ -368,6 +377,8 @@ def train_run(device: torch.device, quick: bool, tokens: torch.Tensor, data: str
             finite = [t for t in trials if t["val_loss"] is not None]
             lr = min(finite, key=lambda t: t["val_loss"])["lr"] if finite else min(grid)
             how = f"lowest validation loss after {s.sweep_steps} steps over {grid}"
+            if finite and lr in (min(grid), max(grid)):
+                how += " (at the edge of the grid: widen it)"
         row = train_one(method, lr, s, s.steps, train_batches, eval_batches, device, initial_state)
         row["lr_picked_by"] = how
         rows.append(row)

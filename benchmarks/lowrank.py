@@ -36,11 +36,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import optim
 from optim.lowrank import memory_report
 
+from ._text import (  # noqa: F401 - re-exported: the model and the data live in _text.py (shared with sophia.py)
+    MLP, Attention, Block, Llama, LlamaConfig, RMSNorm, cache_dir, corpus, make_batches, rotate)
 from ._timing import device_name, synchronize, time_interleaved_ms
 
 MIB = 1 << 20
@@ -48,130 +49,13 @@ MIB = 1 << 20
 
 # ------------------------------------------------------------------------------------------------------ model
 
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    name: str
-    hidden: int
-    ffn: int
-    heads: int
-    layers: int
-    vocab: int = 32000
-    seq: int = 256
-    rank: int = 128
-
-
+# LLaMA shapes; the model itself is benchmarks/_text.py's Llama (SDPA attention here: no double backward needed).
 CONFIGS = {
     "60M": LlamaConfig("60M", hidden=512, ffn=1376, heads=8, layers=8, rank=128),
     "1B": LlamaConfig("1B", hidden=2048, ffn=5461, heads=32, layers=24, rank=512),
     # --quick: a 4096-token vocabulary so that the factored projections, not the head, dominate a step
     "tiny": LlamaConfig("tiny", hidden=128, ffn=344, heads=4, layers=2, vocab=4096, seq=128, rank=32),
 }
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.heads = c.heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(c.hidden, c.hidden, bias=False)
-                                                              for _ in range(4))
-
-    def forward(self, x, cos, sin):
-        b, t, d = x.shape
-        q, k, v = (proj(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden, c.ffn, bias=False)
-        self.up_proj = nn.Linear(c.hidden, c.ffn, bias=False)
-        self.down_proj = nn.Linear(c.ffn, c.hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(c.hidden), RMSNorm(c.hidden)
-        self.self_attn, self.mlp = Attention(c), MLP(c)
-
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Llama(nn.Module):
-    """A LLaMA-style decoder: embed_tokens, blocks (q/k/v/o_proj, gate/up/down_proj), final norm, lm_head."""
-
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab, c.hidden)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.layers))
-        self.norm = RMSNorm(c.hidden)
-        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
-        head_dim = c.hidden // c.heads
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        angles = torch.outer(torch.arange(c.seq).float(), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, tokens):
-        x = self.embed_tokens(tokens)
-        cos, sin = self.cos[: tokens.shape[1]], self.sin[: tokens.shape[1]]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
-
-
-# ------------------------------------------------------------------------------------------------------- data
-
-
-def cache_dir() -> str:
-    path = os.environ.get("OPTIM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "optim")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def corpus() -> tuple[torch.Tensor, str]:
-    """Byte tokens of the Python documentation's help topics (stdlib ``pydoc_data.topics``), cached on disk."""
-    path = os.path.join(cache_dir(), "pydoc_topics_bytes.pt")
-    description = "Python stdlib pydoc_data.topics (the Python documentation's help pages), byte-level tokens"
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True), description
-    topics = importlib.import_module("pydoc_data.topics").topics
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    tokens = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
-    torch.save(tokens, path)
-    return tokens, description
-
-
-def make_batches(tokens: torch.Tensor, count: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
-    """``count`` batches of ``batch`` windows of seq + 1 tokens at positions drawn from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq - 1, (count, batch), generator=generator)
-    return [torch.stack([tokens[s: s + seq + 1] for s in row.tolist()]).long() for row in starts]
 
 
 # ------------------------------------------------------------------------------------------------ peers / ours

@@ -1,13 +1,19 @@
-"""Full training step (forward, backward, curvature, update) of the second-order optimizers against AdamW.
+"""Second-order optimizers against AdamW: full training step times, and a short training run with loss curves.
 
-``python -m benchmarks sophia``: a GPT-2-small-shaped causal language model (12 layers, d = 768, 12 heads, vocabulary
-50257, sequence 512, batch 8; ``--quick``: 2 layers, d = 64, vocabulary 1024, sequence 32, batch 2) trained on one
-fixed batch of random tokens. Attention is written out (softmax(QKᵀ/√d)V), because the fused attention kernels
-have no double backward. Every implementation starts from the same weights and is timed in one process, with the
-repeats of all implementations interleaved; the table gives milliseconds per training step and the ratio to
-``torch.optim.AdamW(fused=True)``'s step (forward + backward + step) measured in the same run.
+``python -m benchmarks sophia [--quick] [--device cuda]``. Attention is written out (softmax(QKᵀ/√d)V) in every
+model, because the fused attention kernels have no double backward.
 
-Rows:
+Part 1, step times (``rows``, one table per ``case``): forward, backward, curvature and update on one fixed batch.
+
+* ``gpt2``: a GPT-2-small-shaped causal language model (12 layers, d = 768, 12 heads, vocabulary 50257, sequence
+  512, batch 8; ``--quick``: 2 layers, d = 64, vocabulary 1024, sequence 32, batch 2), random tokens.
+* ``llama``: the LLaMA-60M shape of the low-rank benchmark (hidden 512, FFN 1376, 8 heads, 8 layers, vocabulary
+  32000, sequence 256, batch 16; ``--quick``: hidden 64, FFN 172, 4 heads, 2 layers, vocabulary 1024, sequence 32,
+  batch 2), a batch of real text (``benchmarks/_text.py``: model and data shared with ``benchmarks/lowrank.py``).
+
+Every implementation starts from the same weights and is timed in one process, with the repeats of all
+implementations interleaved; the table gives milliseconds per training step and the ratio to
+``torch.optim.AdamW(fused=True)``'s step (forward + backward + step) measured in the same run. Rows:
 
 * ``optim.AdamW`` and ``torch.optim.AdamW`` (fused where torch supports it): ``zero_grad``, ``backward``, ``step``.
 * ``optim.SophiaH`` / ``optim.AdaHessian`` (ours; closure protocol, fused kernel): the refresh step (every step
@@ -16,12 +22,28 @@ Rows:
 * pytorch-optimizer's ``SophiaH`` / ``AdaHessian`` (when ``pytorch_optimizer`` is installed; otherwise reported as
   missing): their protocol, ``loss.backward(create_graph=True)`` on every step then ``step()``, at update_period 1
   and 10 (mean over 10 consecutive steps). Their default Sophia probe is Gaussian; we pass Rademacher to both.
+
+Part 2, training run (``train``, ``train_rows``, ``lr_sweep``, ``png``): a LLaMA-style model trained from the same
+initial weights (seed 0) on the same batches of the same text (byte tokens of the standard library's
+``pydoc_data.topics``, 90/10 train/validation split) by ``optim.AdamW`` (backward, step), ``optim.SophiaH``
+(closure protocol, ``update_period=10``: a second-order graph on 1 step in 10) and ``optim.AdaHessian`` (closure
+protocol, ``update_period=1``, its published algorithm), each at its own learning rate with the same warm-up +
+cosine schedule. Sizes: on CUDA the LLaMA-60M shape (vocabulary 32000), 2000 steps of 8 × 256 tokens, after a
+200-step learning-rate sweep per method (``SWEEP_LRS``; the lowest validation loss wins); on CPU without ``--quick``
+4 layers of hidden 128, 400 steps after a 100-step sweep; ``--quick``: 2 layers of hidden 64, 100 steps at fixed
+learning rates (``QUICK_LRS``, from a sweep documented there); ``$OPTIM_SOPHIA_TRAIN_STEPS`` overrides the full
+modes' step count. Reported: the final validation loss, the training
+wall time (device synchronized every step, evaluation excluded) and ``sophia_loss.png`` in the output folder:
+training loss and validation points against step and against wall time.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +51,18 @@ from torch import nn
 
 import optim
 
-from ._timing import device_name, time_interleaved_ms
+from ._text import Llama, LlamaConfig, corpus, make_batches
+from ._timing import device_name, synchronize, time_interleaved_ms
 
 SOPHIA_HYPER = dict(lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
 # Small learning rates: the benchmark repeats steps on one batch, and only the time is measured.
 ADAHESSIAN_HYPER = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0)
 ADAMW_HYPER = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1)
 NEVER = 10**9  # an update_period that never comes round again after the first step
+LLAMA_60M = LlamaConfig("60M", hidden=512, ffn=1376, heads=8, layers=8, vocab=32000, seq=256)
+# (config, batch) of the LLaMA case of the step-time table, by --quick
+LLAMA_STEP = {False: (LLAMA_60M, 16),
+              True: (LlamaConfig("tiny", hidden=64, ffn=172, heads=4, layers=2, vocab=1024, seq=32), 2)}
 
 
 class Block(nn.Module):
@@ -86,24 +113,38 @@ def _torch_adamw(params):
         return torch.optim.AdamW(params, foreach=True, **ADAMW_HYPER), "foreach"
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
-    device = torch.device(device)
+
+# ------------------------------------------------------------------------------------------------- step times
+
+
+def _step_cases(device: torch.device, quick: bool, tokens: torch.Tensor) -> list[dict]:
+    """The models of the step-time table: (case name, description, model factory, inputs, targets)."""
     config = model_config(quick)
-    torch.manual_seed(0)
-    base = GPT(config["vocab"], config["positions"], config["d"], config["layers"], config["heads"]).to(device)
     generator = torch.Generator(device="cpu").manual_seed(1)
-    tokens = torch.randint(0, config["vocab"], (config["batch"], config["sequence"] + 1), generator=generator)
-    inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    random_tokens = torch.randint(0, config["vocab"], (config["batch"], config["sequence"] + 1), generator=generator)
+    gpt = dict(case="gpt2", config=config,
+               make=lambda: GPT(config["vocab"], config["positions"], config["d"], config["layers"], config["heads"]),
+               batch=random_tokens,
+               description=(f"GPT-2-shaped, {config['layers']} layers, d={config['d']}, vocab {config['vocab']}, batch "
+                            f"{config['batch']} x {config['sequence']} random tokens"))
+    c, batch = LLAMA_STEP[quick]
+    text_batch = make_batches(tokens, 1, batch, c.seq, seed=2)[0]
+    llama = dict(case="llama", config={**asdict(c), "batch": batch},
+                 make=lambda: Llama(c, attention="math"), batch=text_batch,
+                 description=(f"LLaMA-{c.name}-shaped, {c.layers} layers, hidden {c.hidden}, FFN {c.ffn}, {c.heads} "
+                              f"heads, vocab {c.vocab}, batch {batch} x {c.seq} text tokens"))
+    return [gpt, llama]
+
+
+def time_steps(case: dict, device: torch.device, quick: bool, pytorch_optimizer) -> tuple[list[dict], str, int]:
+    """The rows of one model's step-time table (see the module docstring), its anchor and its parameter count."""
+    torch.manual_seed(0)
+    base = case["make"]().to(device)
+    inputs, targets = case["batch"][:, :-1].to(device), case["batch"][:, 1:].to(device)
 
     def loss_of(model):
         logits = model(inputs)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    try:
-        import pytorch_optimizer
-        peer_error = None
-    except ImportError as error:
-        pytorch_optimizer, peer_error = None, f"pytorch_optimizer is not installed ({error})"
 
     cases = {}  # name -> (step function, steps per call)
 
@@ -115,7 +156,7 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -
         return step
 
     def add(name, make_opt, protocol, steps_per_call=1):
-        model = GPT(config["vocab"], config["positions"], config["d"], config["layers"], config["heads"]).to(device)
+        model = case["make"]().to(device)
         model.load_state_dict(base.state_dict())
         opt = make_opt(list(model.parameters()))
         if protocol == "first-order":
@@ -147,7 +188,6 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -
             "closure")
         add(f"optim.{name} update_period=10 (mean of 10)",
             lambda p, c=cls, h=hyper: c(p, **h, update_period=10, seed=0), "closure", steps_per_call=10)
-    peers_missing = []
     if pytorch_optimizer is not None:
         peer_hyper = {"SophiaH": dict(lr=SOPHIA_HYPER["lr"], betas=SOPHIA_HYPER["betas"],
                                       weight_decay=SOPHIA_HYPER["weight_decay"], hessian_distribution="rademacher"),
@@ -158,55 +198,321 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -
                 p, **h, update_period=1), "create_graph")
             add(f"pytorch_optimizer.{name} update_period=10 (mean of 10)", lambda p, c=cls, h=peer_hyper[name]: c(
                 p, **h, update_period=10), "create_graph", steps_per_call=10)
-    else:
-        peers_missing.append(peer_error)
 
-    repeats = 3 if quick else 10
+    repeats = 5 if quick else 10
     timings = time_interleaved_ms({name: call for name, (call, _) in cases.items()}, device, warmup=1,
                                   repeats=repeats)
     anchor_ms = timings[anchor].median_ms
     rows = []
     for name, (_, steps) in cases.items():
         per_step = timings[name].median_ms / steps
-        rows.append({"impl": name, "ms_per_step": per_step, "ratio_to_torch_adamw": per_step / (anchor_ms / 1),
-                     "steps_per_timed_call": steps, "repeat_ms": timings[name].repeat_ms})
-    del cases
+        rows.append({"case": case["case"], "impl": name, "ms_per_step": per_step,
+                     "ratio_to_torch_adamw": per_step / anchor_ms, "steps_per_timed_call": steps,
+                     "repeat_ms": timings[name].repeat_ms})
+    params = sum(p.numel() for p in base.parameters())
+    del cases, base
+    _release(device)
+    return rows, anchor, params
+
+
+def _release(device: torch.device) -> None:
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- training run
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """A training run: model, batch, steps, evaluation, learning rates (``lrs``: the picked one per method, or the
+    grid swept over ``sweep_steps`` steps when the grid has more than one value)."""
+
+    config: LlamaConfig
+    batch: int
+    steps: int
+    eval_every: int
+    eval_batches: int
+    lrs: dict
+    sweep_steps: int = 0
+    warmup_fraction: float = 0.05  # linear warm-up, then cosine decay to 10% of the peak (every method)
+
+
+# Methods of the training run: their class, fixed hyperparameters and protocol. Weight decay is 0 for all three
+# (a short run: the comparison is of the preconditioners); no gradient clipping (the closure protocol computes
+# the gradient inside step()). SophiaH refreshes its curvature every 10 steps, AdaHessian on every step (its
+# published algorithm and default).
+TRAIN_METHODS = {
+    "AdamW": (optim.AdamW, dict(betas=(0.9, 0.95), weight_decay=0.0), "first-order"),
+    "SophiaH": (optim.SophiaH, dict(betas=(0.965, 0.99), rho=0.04, weight_decay=0.0, update_period=10, seed=0),
+                "closure"),
+    "AdaHessian": (optim.AdaHessian, dict(betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0, update_period=1,
+                                          seed=0), "closure"),
+}
+TRAIN_TINY = LlamaConfig("train-tiny", hidden=64, ffn=172, heads=4, layers=2, vocab=256, seq=64)
+TRAIN_SMALL = LlamaConfig("train-small", hidden=128, ffn=344, heads=4, layers=4, vocab=256, seq=128)
+# Learning rates. --quick: fixed, picked by a sweep of 100-step runs of the tiny model on CPU, the lowest final
+# validation loss (AdamW over {1e-3, 3e-3, 1e-2, 2e-2, 3e-2}: 2.60, 2.14, 2.06, 2.10, 2.12; SophiaH over {3e-4,
+# 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2}: 3.68, 2.40, 2.17, 2.19, 2.26, 2.25, 2.72; AdaHessian over {0.03, 0.1, 0.3}:
+# 2.23, 2.04, 2.09). Full mode: a grid around those ratios is swept with short runs of the trained model, and the
+# full run uses the learning rate of the lowest validation loss (every trial is in the JSON's lr_sweep).
+QUICK_LRS = {"AdamW": [1e-2], "SophiaH": [2e-3], "AdaHessian": [0.1]}
+SWEEP_LRS = {"AdamW": [3e-4, 1e-3, 3e-3], "SophiaH": [1e-4, 3e-4, 1e-3], "AdaHessian": [0.03, 0.1, 0.3]}
+
+
+def train_schedule(device: torch.device, quick: bool) -> TrainSchedule:
+    """The run's sizes; ``$OPTIM_SOPHIA_TRAIN_STEPS`` overrides the step count of the full modes (the sweep then
+    runs a tenth of it, the evaluation every twentieth), e.g. to fit a time limit on the GPU machine."""
+    if quick:
+        return TrainSchedule(TRAIN_TINY, batch=8, steps=100, eval_every=25, eval_batches=2, lrs=QUICK_LRS)
+    if device.type == "cuda":
+        s = TrainSchedule(LLAMA_60M, batch=8, steps=2000, eval_every=100, eval_batches=8, lrs=SWEEP_LRS,
+                          sweep_steps=200)
+    else:
+        s = TrainSchedule(TRAIN_SMALL, batch=8, steps=400, eval_every=50, eval_batches=4, lrs=SWEEP_LRS,
+                          sweep_steps=100)
+    steps = os.environ.get("OPTIM_SOPHIA_TRAIN_STEPS")
+    if steps:
+        steps = int(steps)
+        s = replace(s, steps=steps, sweep_steps=max(1, steps // 10), eval_every=max(1, steps // 20))
+    return s
+
+
+def _lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
+    warmup = max(1, int(warmup_fraction * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_one(method: str, lr: float, s: TrainSchedule, steps: int, train_batches, eval_batches,
+              device: torch.device, initial_state: dict) -> dict:
+    """``steps`` steps of ``method`` from ``initial_state`` on ``train_batches``; the validation loss every
+    ``eval_every`` steps and at the end. Wall time counts the training steps only (device synchronized per step)."""
+    cls, hyper, protocol = TRAIN_METHODS[method]
+    model = Llama(s.config, attention="math").to(device)
+    model.load_state_dict(initial_state)
+    opt = cls(model.parameters(), lr=lr, **hyper)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps, s.warmup_fraction))
+
+    def loss_on(batch):
+        logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def validation_loss():
+        return sum(loss_on(b).item() for b in eval_batches) / len(eval_batches)
+
+    losses, seconds, val_points = [], [], []
+    elapsed, diverged = 0.0, None
+    for step in range(steps):
+        batch = train_batches[step % len(train_batches)]
+        synchronize(device)
+        start = time.perf_counter()
+        try:
+            if protocol == "first-order":
+                opt.zero_grad(set_to_none=True)
+                loss = loss_on(batch)
+                loss.backward()
+                opt.step()
+            else:  # the closure returns the loss; the optimizer differentiates it (twice on refresh steps)
+                loss = opt.step(lambda: loss_on(batch))
+        except ValueError as error:  # a non-finite gradient or curvature: nothing was stepped
+            diverged = f"step {step + 1}: {error}"
+            break
+        scheduler.step()
+        value = loss.item()  # synchronizes
+        elapsed += time.perf_counter() - start
+        losses.append(value)
+        seconds.append(elapsed)
+        if not math.isfinite(value):
+            diverged = f"step {step + 1}: the training loss is {value}"
+            break
+        if (step + 1) % s.eval_every == 0 or step + 1 == steps:
+            model.eval()
+            val_points.append({"step": step + 1, "seconds": elapsed, "val_loss": validation_loss()})
+            model.train()
+    row = {
+        "method": method, "lr": lr, "steps": len(losses), "steps_planned": steps,
+        "update_period": hyper.get("update_period"), "hyperparameters": _plain(hyper),
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "val_loss": val_points[-1]["val_loss"] if val_points and not diverged else None,
+        "wall_s": elapsed, "ms_per_step": 1e3 * elapsed / len(losses) if losses else None,
+        "diverged": diverged, "losses": losses, "seconds": seconds, "val_points": val_points,
+    }
+    del model, opt, scheduler
+    _release(device)
+    return row
+
+
+def _plain(hyper: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()}
+
+
+def train_run(device: torch.device, quick: bool, tokens: torch.Tensor, data: str) -> dict:
+    s = train_schedule(device, quick)
+    split = int(0.9 * tokens.numel())
+    steps = max(s.steps, s.sweep_steps)
+    train_batches = make_batches(tokens[:split], steps, s.batch, s.config.seq, seed=0)
+    eval_batches = make_batches(tokens[split:], s.eval_batches, s.batch, s.config.seq, seed=1)
+    train_batches = [b.to(device) for b in train_batches]
+    eval_batches = [b.to(device) for b in eval_batches]
+    torch.manual_seed(0)
+    initial_state = {k: v.clone() for k, v in Llama(s.config, attention="math").state_dict().items()}
+    sweep, rows = [], []
+    for method in TRAIN_METHODS:
+        grid = s.lrs[method]
+        if len(grid) == 1:
+            lr, how = grid[0], "fixed (--quick; see QUICK_LRS in benchmarks/sophia.py)"
+        else:
+            trials = []
+            for candidate in grid:
+                trial = train_one(method, candidate, s, s.sweep_steps, train_batches, eval_batches, device,
+                                  initial_state)
+                trials.append(trial)
+                sweep.append({k: trial[k] for k in ("method", "lr", "steps", "val_loss", "final_train_loss",
+                                                     "wall_s", "diverged")})
+            finite = [t for t in trials if t["val_loss"] is not None]
+            lr = min(finite, key=lambda t: t["val_loss"])["lr"] if finite else min(grid)
+            how = f"lowest validation loss after {s.sweep_steps} steps over {grid}"
+            if finite and lr in (min(grid), max(grid)):
+                how += " (at the edge of the grid: widen it)"
+        row = train_one(method, lr, s, s.steps, train_batches, eval_batches, device, initial_state)
+        row["lr_picked_by"] = how
+        rows.append(row)
+    params = sum(v.numel() for v in initial_state.values())
+    return {
+        "train": {"config": asdict(s.config), "params": params, "batch": s.batch, "steps": s.steps,
+                  "eval_every": s.eval_every, "eval_batches": s.eval_batches, "sweep_steps": s.sweep_steps,
+                  "data": data + f", {tokens.numel()} tokens, 90/10 train/validation split",
+                  "schedule": (f"linear warm-up over {100 * s.warmup_fraction:.0f}% of the steps, then cosine decay "
+                               "to 10% of the peak lr (torch.optim.lr_scheduler.LambdaLR); same initial weights "
+                               "(seed 0) and batches for every method; float32; written-out attention")},
+        "train_rows": rows, "lr_sweep": sweep,
+    }
+
+
+def plot(train: dict, rows: list[dict], path: str) -> str | None:
+    """Training loss (and validation points) against step and against wall time; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        print(f"no loss-curve PNG: matplotlib is not installed ({error})")
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row, color in zip(rows, ("tab:blue", "tab:orange", "tab:green")):
+        label = f"{row['method']} lr={row['lr']:g}"
+        steps = range(1, len(row["losses"]) + 1)
+        for axis, x, val_x in ((axes[0], steps, "step"), (axes[1], row["seconds"], "seconds")):
+            axis.plot(x, row["losses"], color=color, alpha=0.6, linewidth=0.8, label=f"{label} (train)")
+            points = row["val_points"]
+            axis.plot([p[val_x] for p in points], [p["val_loss"] for p in points], "o-", color=color,
+                      markersize=4, label=f"{label} (validation)")
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training wall time (s)")
+    for axis in axes:
+        axis.set_ylabel("loss (byte-level cross-entropy)")
+        axis.legend(fontsize=7)
+    c = train["config"]
+    figure.suptitle(f"LLaMA-style {c['layers']} layers, hidden {c['hidden']}, {train['params'] / 1e6:.1f}M params, "
+                    f"batch {train['batch']} x {c['seq']} tokens", fontsize=9)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
+    device = torch.device(device)
+    tokens, data = corpus()
+    try:
+        import pytorch_optimizer
+        peer_error = None
+    except ImportError as error:
+        pytorch_optimizer, peer_error = None, f"pytorch_optimizer is not installed ({error})"
+
+    rows, cases = [], {}
+    for case in _step_cases(device, quick, tokens):
+        case_rows, anchor, params = time_steps(case, device, quick, pytorch_optimizer)
+        rows += case_rows
+        cases[case["case"]] = {"description": case["description"], "model": case["config"], "params": params,
+                               "anchor": anchor}
+    gpt = cases["gpt2"]
     result = {
         "device": str(device),
         "device_name": device_name(device),
         "quick": quick,
-        "model": config,
-        "params": sum(p.numel() for p in base.parameters()),
-        "anchor": anchor,
+        "model": gpt["model"],
+        "params": gpt["params"],
+        "anchor": gpt["anchor"],
         "fused_kernels": {op: optim.has_kernel(op, device) for op in ("fused_sophia_", "fused_adahessian_")},
-        "peers_missing": peers_missing,
+        "peers_missing": [] if pytorch_optimizer is not None else [peer_error],
         "hyperparameters": {"SophiaH": {**SOPHIA_HYPER, "betas": list(SOPHIA_HYPER["betas"])},
                             "AdaHessian": {**ADAHESSIAN_HYPER, "betas": list(ADAHESSIAN_HYPER["betas"])}},
         "rows": rows,
+        "cases": cases,
     }
     print(format_table(result), flush=True)
+    result.update(train_run(device, quick, tokens, data))
+    result["png"] = plot(result["train"], result["train_rows"], os.path.join(out_dir, "sophia_loss.png"))
+    print("\n" + format_training(result), flush=True)
     return result
 
 
 def format_table(result: dict) -> str:
-    config = result["model"]
     lines = [
         f"Training step (forward + backward + curvature + update) on {result['device']} ({result['device_name']}), "
-        f"torch {torch.__version__}{', --quick sizes' if result['quick'] else ''}",
-        f"model: GPT-2-shaped, {config['layers']} layers, d={config['d']}, vocab {config['vocab']}, batch "
-        f"{config['batch']} x {config['sequence']} tokens, {result['params'] / 1e6:.1f}M params; written-out attention",
-        f"ratio: ms per step / {result['anchor']} ms per step, same run",
-        "",
+        f"torch {torch.__version__}{', --quick sizes' if result['quick'] else ''}; written-out attention",
     ]
     width = max(len(row["impl"]) for row in result["rows"])
-    lines.append(f"{'implementation'.ljust(width)}  {'ms/step':>9}  {'ratio':>6}")
-    lines.append(f"{'-' * width}  {'-' * 9}  {'-' * 6}")
-    for row in result["rows"]:
-        lines.append(f"{row['impl'].ljust(width)}  {row['ms_per_step']:9.2f}  {row['ratio_to_torch_adamw']:5.2f}x")
+    for name, case in result["cases"].items():
+        lines += ["", f"model: {case['description']}, {case['params'] / 1e6:.1f}M params",
+                  f"ratio: ms per step / {case['anchor']} ms per step, same run", ""]
+        lines.append(f"{'implementation'.ljust(width)}  {'ms/step':>9}  {'ratio':>6}")
+        lines.append(f"{'-' * width}  {'-' * 9}  {'-' * 6}")
+        for row in result["rows"]:
+            if row["case"] == name:
+                lines.append(f"{row['impl'].ljust(width)}  {row['ms_per_step']:9.2f}  "
+                             f"{row['ratio_to_torch_adamw']:5.2f}x")
     for missing in result["peers_missing"]:
         lines.append(f"peer missing: {missing}")
     if not all(result["fused_kernels"].values()):
         lines.append(f"NOTE: compiled kernels for {result['device']}: {result['fused_kernels']} (missing ones fall "
                      "back to the foreach path)")
+    return "\n".join(lines)
+
+
+def format_training(result: dict) -> str:
+    train = result["train"]
+    c = train["config"]
+    lines = [f"Training run: LLaMA-style {c['layers']} layers, hidden {c['hidden']}, FFN {c['ffn']}, {c['heads']} "
+             f"heads, vocab {c['vocab']}, {train['params'] / 1e6:.2f}M params; {train['steps']} steps of "
+             f"{train['batch']} x {c['seq']} tokens; {train['data']}; {train['schedule']}", ""]
+    adamw = next((r for r in result["train_rows"] if r["method"] == "AdamW"), None)
+    header = f"{'method':<11} {'lr':>8} {'period':>6} {'train loss':>10} {'val loss':>9} {'wall s':>8} " \
+             f"{'ms/step':>8} {'x AdamW':>8}"
+    lines += [header, "-" * len(header)]
+    for row in result["train_rows"]:
+        ratio = (row["wall_s"] / adamw["wall_s"]) if adamw and adamw["wall_s"] and row["steps"] == adamw["steps"] \
+            else None
+        val = "diverged" if row["diverged"] else f"{row['val_loss']:.4f}"
+        lines.append(f"{row['method']:<11} {row['lr']:>8g} {row['update_period'] or '-':>6} "
+                     f"{row['final_train_loss']:>10.4f} {val:>9} {row['wall_s']:>8.1f} {row['ms_per_step']:>8.2f} "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x':>8}")
+    lines += ["", "train loss: mean of the last 10 steps; val loss: mean over the validation batches at the end; "
+              "wall s: training steps only (evaluation excluded); period: curvature refresh period.",
+              "lr: " + "; ".join(f"{r['method']} {r['lr']:g} ({r['lr_picked_by']})" for r in result["train_rows"])]
+    for row in result["train_rows"]:
+        if row["diverged"]:
+            lines.append(f"{row['method']} diverged at {row['diverged']}")
+    if result.get("png"):
+        lines.append(f"loss curves: {result['png']}")
     return "\n".join(lines)

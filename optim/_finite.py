@@ -10,16 +10,17 @@ import torch
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite: one multi-tensor reduction and one sync per device.
 
-    The reduction is the sum of |x| (``_foreach_norm(ord=1)``: on CPU about 8× cheaper than
-    ``torch.isfinite(x).all()``, which materializes bool tensors, and 4× cheaper than the max-abs norm): it is finite
-    exactly when every element is, unless the sum overflows, so a non-finite sum is confirmed element-wise.
+    The reduction is the 2-norm (``_foreach_norm``, ord=2: on CPU about 5× cheaper than ord=1, 20× cheaper than the
+    max-abs one and ~8× cheaper than ``torch.isfinite(x).all()``, which materializes bool tensors; torch 2.13): a
+    non-finite element makes it non-finite, and a finite norm means every element is finite. A norm that overflows
+    (‖x‖ > ~1.8e19 in float32) is confirmed element-wise.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         by_device.setdefault(tensor.device, []).append(tensor)
     for group in by_device.values():
-        sums = torch._foreach_norm(group, ord=1)
-        if not bool(torch.stack([s.float() for s in sums]).isfinite().all()):
+        norms = torch._foreach_norm(group, ord=2)
+        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
             if not all(bool(torch.isfinite(t).all()) for t in group):
                 return False
     return True

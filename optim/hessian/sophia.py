@@ -112,8 +112,8 @@ class SophiaH(SecondOrderOptimizer):
                 # an external diagonal wins over a Hutchinson estimate of the same step
                 products.append(diagonal if diagonal is not None else hz)
                 probes.append(None if diagonal is not None else z)
-            for state in entry["states"]:
-                state["step"] += 1
+            # one multi-tensor call rather than one tiny op per parameter (a measurable share of a small step)
+            torch._foreach_add_([state["step"] for state in entry["states"]], 1.0)
             beta1, beta2 = group["betas"]
             sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
                    [s["hessian"] for s in entry["states"]], products, probes, lr=group["lr"], beta1=beta1,

@@ -543,3 +543,20 @@ def test_bad_step_raises_and_changes_nothing(name, case):
     with pytest.raises(ValueError, match=message):
         call()
     _assert_untouched(model, opt, params_before, state_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_is_exact_where_the_norm_overflows(dtype):
+    """The finite check reduces with the 2-norm: a non-finite element anywhere is caught, and gradients whose norm
+    overflows but whose elements are finite are not rejected (the overflow is confirmed element-wise)."""
+    from optim._finite import all_finite
+
+    big = torch.finfo(dtype).max / 2  # finite, but its square (and the norm of two of them) overflows
+    tensors = [torch.randn(5, 7, dtype=dtype), torch.full((4097,), big, dtype=dtype), torch.zeros(0, dtype=dtype)]
+    assert all_finite(tensors)
+    assert all_finite([torch.randn(3, dtype=dtype)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for index in range(2):
+            poisoned = [t.clone() for t in tensors]
+            poisoned[index].view(-1)[-1] = bad
+            assert not all_finite(poisoned), (bad, index)

@@ -1,6 +1,7 @@
 """Train a tiny causal language model with ``transformers.Trainer`` and the optimizers of ``optim``.
 
-Run (CPU, no network, no downloads; needs ``pip install "optim[hf]"``, i.e. transformers and accelerate)::
+Run from the checkout, with the package installed with its ``hf`` extra (transformers and accelerate:
+``pip install --no-build-isolation -e ".[hf]"``); CPU, no network, nothing downloaded::
 
     python examples/hf_trainer.py --optimizer adamw      # or sophia | adahessian | lowrank
     python examples/hf_trainer.py --optimizer sophia --steps 60
@@ -236,6 +237,7 @@ def main(optimizer: str = "adamw", steps: int = 40, seed: int = 0, batch_size: i
     final = evaluation_loss(model, held_out)
     result = {"optimizer": optimizer, "steps": steps, "train_losses": recorder.losses, "initial_loss": initial,
               "final_loss": final, "optimizer_steps": trainer.state.global_step,
+              "low_rank_layers": sum(isinstance(m, optim.LowRankLinear) for m in model.modules()),
               "refactorizations": refactorizer.refactorizations if refactorizer is not None else None,
               "curvature_norm": curvature_norm(opt)}
     if verbose:

@@ -1,6 +1,8 @@
 """Train a small classifier with PyTorch Lightning and the optimizers of ``optim``.
 
-Run (CPU, synthetic data; needs ``pip install "optim[lightning]"``, or an existing ``pytorch_lightning``)::
+Run from the checkout, with the package installed with its ``lightning`` extra
+(``pip install --no-build-isolation -e ".[lightning]"``; an existing ``pytorch_lightning`` works too); CPU,
+synthetic data::
 
     python examples/lightning_module.py --optimizer adamw     # or rsdm | sophia | adahessian
     python examples/lightning_module.py --optimizer rsdm --steps 80
@@ -116,7 +118,7 @@ def main(optimizer: str = "adamw", steps: int = 60, seed: int = 0, batch_size: i
          verbose: bool = True) -> dict:
     """Train for ``steps`` optimizer steps; returns the training losses, the held-out loss before and after, and
     the encoder's distance to the Stiefel manifold ‖WᵀW − I‖ at the end."""
-    L.seed_everything(seed, verbose=False)
+    torch.manual_seed(seed)  # the student's initialization and the loader's shuffling
     model = Classifier(optimizer, steps, seed)
     train_x, train_y = teacher_data(steps * batch_size, seed)
     held_out = teacher_data(1024, seed + 1)

@@ -86,3 +86,45 @@ def test_lightning_example(optimizer):
         assert result["stiefel_distance"] < 1e-4  # ‖WᵀW − I‖ of the constrained encoder weight
     else:
         assert result["stiefel_distance"] > 1e-2  # unconstrained: W leaves the manifold it started on
+
+
+@pytest.mark.parametrize("optimizer", ["sophia", "adahessian"])
+def test_hf_hessian_trainer_steps_like_the_closure_protocol(optimizer, tmp_path):
+    """HessianTrainer's steps (backward(create_graph=True) on refresh steps, then the Trainer's plain step()) give
+    the parameters of opt.step(closure) on the same batches: same gradients, same probes, same Hz."""
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    pytest.importorskip("accelerate", reason="needs the hf extra: pip install '.[hf]'")
+    import copy
+
+    import torch
+    from transformers import TrainingArguments
+
+    example = load_example("hf_trainer")
+    HessianTrainer, _, _ = example._trainer_classes()
+    batches = []
+
+    class RecordingTrainer(HessianTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            batches.append({key: value.clone() for key, value in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    steps, batch_size = 3, 4  # Sophia (update_period=5): a refresh step, then two plain ones; AdaHessian: 3 refreshes
+    model = example.tiny_llama(seed=0)
+    reference = copy.deepcopy(model)
+    opt, scheduler, _ = example.build_optimizer(optimizer, model, steps, seed=0)
+    reference_opt, _, _ = example.build_optimizer(optimizer, reference, steps, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch_size,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_grad_norm=0.0,
+                             logging_steps=steps, seed=0)
+    train_set = example.ByteWindows(example.corpus(), count=steps * batch_size, seed=0)
+    RecordingTrainer(model=model, args=args, train_dataset=train_set, optimizers=(opt, scheduler)).train()
+    assert len(batches) == steps
+    for batch in batches:
+        reference_opt.step(lambda: reference(**batch).loss)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        for key, value in opt.state[p].items():
+            torch.testing.assert_close(value, reference_opt.state[q][key], rtol=1e-5, atol=1e-8)
+    # No gradient keeps the second-order graph alive after training (the reference cycle create_graph warns of).
+    assert all(p.grad is None or not p.grad.requires_grad for p in model.parameters())

@@ -18,6 +18,18 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and multi-threaded kernels on a busy 2-core
+    machine stall (the same run took 4 s or 80 s depending on the load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"optim_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

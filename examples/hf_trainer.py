@@ -73,7 +73,7 @@ def corpus() -> bytes:
         parts += [getattr(module, name).__doc__ or "" for name in sorted(vars(module)) if not name.startswith("_")
                   and callable(getattr(module, name))]
     text = "\n".join(textwrap.dedent(p).strip() for p in parts if p)
-    if len(text) < 20_000:  # docstrings stripped (-OO): a deterministic stand-in with the same byte statistics
+    if len(text) < 20_000:  # docstrings stripped (python -OO): a deterministic stand-in of common English words
         words = "the a of to and in is that for it with as on be by this are or from at which an".split()
         generator = torch.Generator().manual_seed(0)
         picks = torch.randint(len(words), (8000,), generator=generator).tolist()
@@ -111,9 +111,8 @@ def tiny_llama(seed: int):
 
 def build_optimizer(name: str, model, steps: int, seed: int):
     """``(optimizer, scheduler, refactorizer or None)`` for ``name``; ``lowrank`` converts ``model`` in place."""
-    from transformers import get_cosine_schedule_with_warmup, get_constant_schedule
+    from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
-    refactorizer = None
     if name == "adamw":
         opt = optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         return opt, get_cosine_schedule_with_warmup(opt, num_warmup_steps=steps // 10, num_training_steps=steps), None
@@ -147,6 +146,8 @@ def _trainer_classes():
             second_order = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
             if not second_order.next_step_refreshes():
                 return super().training_step(model, inputs, num_items_in_batch)
+            # Trainer.training_step runs self.accelerator.backward(loss), which passes keyword arguments on to
+            # loss.backward(); for this one call, make it build the graph of the gradients.
             accelerator = self.accelerator
             plain_backward = accelerator.backward
             accelerator.backward = lambda loss, **kwargs: plain_backward(loss, create_graph=True, **kwargs)
@@ -247,7 +248,7 @@ def main(optimizer: str = "adamw", steps: int = 40, seed: int = 0, batch_size: i
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,142 @@
+"""The integration examples run: ``examples/hf_trainer.py`` (Hugging Face Trainer) and
+``examples/lightning_module.py`` (PyTorch Lightning), each optimizer choice, in-process on CPU with a fixed seed.
+
+The frameworks are optional extras (``pip install ".[hf]"`` / ``".[lightning]"``); without them these tests skip.
+Each run must lower the held-out loss by a clear margin with finite losses throughout, and show that the part of
+``optim`` it demonstrates acted (curvature refreshed through the Trainer, refactorizations fired, W stayed on the
+Stiefel manifold).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and multi-threaded kernels on a busy 2-core
+    machine stall (the same run took 4 s or 80 s depending on the load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"optim_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def require_lightning() -> None:
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        pytest.importorskip("pytorch_lightning", reason="needs the lightning extra: pip install '.[lightning]'")
+
+
+def check_losses(result: dict, steps: int, margin: float) -> None:
+    losses = result["train_losses"]
+    assert len(losses) == steps, f"{len(losses)} training losses recorded for {steps} steps"
+    assert all(math.isfinite(x) for x in losses + [result["initial_loss"], result["final_loss"]]), result
+    assert result["optimizer_steps"] == steps
+    assert result["final_loss"] < result["initial_loss"] - margin, (
+        f"{result['optimizer']}: held-out loss {result['initial_loss']:.4f} -> {result['final_loss']:.4f}, expected "
+        f"a drop of more than {margin}")
+
+
+HF_STEPS = 16
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sophia", "adahessian", "lowrank"])
+def test_hf_trainer_example(optimizer):
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    pytest.importorskip("accelerate", reason="needs the hf extra: pip install '.[hf]'")
+    example = load_example("hf_trainer")
+    result = example.main(optimizer, steps=HF_STEPS, seed=0, batch_size=16, verbose=False)
+    # From ln 256 ≈ 5.55 (uniform bytes); every optimizer reaches < 4.2 in 16 steps with this seed.
+    check_losses(result, HF_STEPS, margin=1.0)
+    if optimizer in ("sophia", "adahessian"):
+        # Refresh steps took Hessian-vector products through the Trainer's create_graph backward.
+        assert result["curvature_norm"] is not None and 0.0 < result["curvature_norm"] < math.inf
+    else:
+        assert result["curvature_norm"] is None
+    if optimizer == "lowrank":
+        assert result["low_rank_layers"] == 2 * 7  # q/k/v/o_proj and gate/up/down_proj of both layers
+        every = max(HF_STEPS // 3, 1)
+        assert result["refactorizations"] == HF_STEPS // every  # the callback's step() fired on schedule
+    else:
+        assert result["low_rank_layers"] == 0 and result["refactorizations"] is None
+
+
+def test_hf_trainer_example_rejects_unknown_optimizer():
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        load_example("hf_trainer").main("sgd", steps=1, verbose=False)
+
+
+LIGHTNING_STEPS = 40
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rsdm", "sophia", "adahessian"])
+def test_lightning_example(optimizer):
+    require_lightning()
+    example = load_example("lightning_module")
+    result = example.main(optimizer, steps=LIGHTNING_STEPS, seed=0, verbose=False)
+    # From about 1.48 (4 classes, random student); every optimizer reaches < 0.62 in 40 steps with this seed.
+    check_losses(result, LIGHTNING_STEPS, margin=0.5)
+    if optimizer == "rsdm":
+        assert result["stiefel_distance"] < 1e-4  # ‖WᵀW − I‖ of the constrained encoder weight
+    else:
+        assert result["stiefel_distance"] > 1e-2  # unconstrained: W leaves the manifold it started on
+
+
+@pytest.mark.parametrize("optimizer", ["sophia", "adahessian"])
+def test_hf_hessian_trainer_steps_like_the_closure_protocol(optimizer, tmp_path):
+    """HessianTrainer's steps (backward(create_graph=True) on refresh steps, then the Trainer's plain step()) give
+    the parameters of opt.step(closure) on the same batches: same gradients, same probes, same Hz."""
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    pytest.importorskip("accelerate", reason="needs the hf extra: pip install '.[hf]'")
+    import copy
+
+    import torch
+    from transformers import TrainingArguments
+
+    example = load_example("hf_trainer")
+    HessianTrainer, _, _ = example._trainer_classes()
+    batches = []
+
+    class RecordingTrainer(HessianTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            batches.append({key: value.clone() for key, value in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    steps, batch_size = 3, 4  # Sophia (update_period=5): a refresh step, then two plain ones; AdaHessian: 3 refreshes
+    model = example.tiny_llama(seed=0)
+    reference = copy.deepcopy(model)
+    opt, scheduler, _ = example.build_optimizer(optimizer, model, steps, seed=0)
+    reference_opt, _, _ = example.build_optimizer(optimizer, reference, steps, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch_size,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_grad_norm=0.0,
+                             logging_steps=steps, seed=0)
+    train_set = example.ByteWindows(example.corpus(), count=steps * batch_size, seed=0)
+    RecordingTrainer(model=model, args=args, train_dataset=train_set, optimizers=(opt, scheduler)).train()
+    assert len(batches) == steps
+    for batch in batches:
+        reference_opt.step(lambda: reference(**batch).loss)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        for key, value in opt.state[p].items():
+            torch.testing.assert_close(value, reference_opt.state[q][key], rtol=1e-5, atol=1e-8)
+    # No gradient keeps the second-order graph alive after training (the reference cycle create_graph warns of).
+    assert all(p.grad is None or not p.grad.requires_grad for p in model.parameters())

@@ -100,14 +100,18 @@ class LowRankLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int, *, scale: float = 1.0, init: str = "random") -> "LowRankLinear":
         """A LowRankLinear on ``linear``'s device and dtype, with its bias copied.
 
+        ``linear`` is an ``nn.Linear`` or a Hugging Face GPT-2 ``Conv1D`` (``x @ W + b`` with W (in, out): its
+        transpose is the linear weight).
+
         ``init="random"`` draws fresh factors (pre-training from scratch); ``init="svd"`` sets scale·B·A to the best
         rank-r approximation of ``linear.weight`` (truncated SVD in float32 or float64: W ≈ U_r Σ_r V_rᵀ,
         B = U_r √Σ_r / √scale, A = √Σ_r V_rᵀ / √scale).
         """
         if init not in ("random", "svd"):
             raise ValueError(f"init must be 'random' or 'svd', got {init!r}")
-        weight = linear.weight
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None, scale=scale,
+        weight = linear_weight(linear)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, rank, bias=linear.bias is not None, scale=scale,
                     device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             if linear.bias is not None:
@@ -139,12 +143,26 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's c_attn, c_proj, c_fc): a linear layer ``x @ W + b`` with W (in, out)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out_features, in_features) weight of an ``nn.Linear``, or the transposed view of a ``Conv1D``'s."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
-def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.Linear]]:
-    """The ``(qualified name, nn.Linear)`` pairs of ``model`` that ``to_low_rank`` would replace, in module order.
+def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.Module]]:
+    """The ``(qualified name, module)`` pairs of ``model`` that ``to_low_rank`` would replace, in module order.
+
+    The modules are ``nn.Linear`` layers, or Hugging Face GPT-2 ``Conv1D`` layers (linear with a transposed weight).
 
     ``target`` is ``None`` (``DEFAULT_TARGETS``, excluding ``EXCLUDED_NAMES``), a name pattern or a list of them
     (``fnmatch`` patterns matched against the full name, e.g. ``"layers.*.mlp.*"``, or against its last component,
@@ -172,7 +190,7 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
     for name, module in model.named_modules():
         if not name or not matched(name, module):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
             if id(module.weight) in tied:
                 continue
             found.append((name, module))
@@ -192,6 +210,9 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
                 init: str = "random") -> nn.Module:
     """Replace the targeted ``nn.Linear`` modules of ``model`` by ``LowRankLinear`` of the given rank, in place.
 
+    GPT-2's ``Conv1D`` layers (Hugging Face) count as linear layers: they become ``LowRankLinear`` too (and
+    ``merge`` turns them into ``nn.Linear``, the same function).
+
     Returns ``model``. Default targets: the attention and MLP projections named in ``DEFAULT_TARGETS``; embeddings
     and the output head are never chosen by default (see ``find_targets`` for ``target``). ``init="random"``
     (default, pre-training from scratch) or ``"svd"`` (truncated SVD of the existing weight). Every target is checked
@@ -208,7 +229,7 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
         raise ValueError(f"to_low_rank: no nn.Linear module of {type(model).__name__} matches {described}; pass "
                          "target= a list of name patterns (see model.named_modules()) or a predicate")
     for name, linear in targets:
-        _check_rank(rank, linear.out_features, linear.in_features, f"to_low_rank ({name})")
+        _check_rank(rank, *linear_weight(linear).shape, f"to_low_rank ({name})")
     for name, linear in targets:
         _replace(model, name, LowRankLinear.from_linear(linear, rank, scale=scale, init=init))
     return model

@@ -132,6 +132,60 @@ def test_merge_keeps_the_function():
     assert isinstance(merge(single), nn.Linear)
 
 
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D`` layout (``transformers.pytorch_utils.Conv1D``): x @ W + b, W of (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) / nx**0.5)
+        self.bias = nn.Parameter(torch.randn(nf, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, d, rank):
+        super().__init__()
+        self.c_attn, self.c_proj = Conv1D(3 * d, d), Conv1D(d, 3 * d)
+        with torch.no_grad():  # c_attn of exact rank `rank`: the SVD initialization then reproduces it
+            self.c_attn.weight.copy_(torch.randn(d, rank, dtype=torch.float64) @ torch.randn(rank, 3 * d,
+                                                                                          dtype=torch.float64))
+
+    def forward(self, x):
+        return self.c_proj(torch.tanh(self.c_attn(x)))
+
+
+def test_gpt2_conv1d_layers_are_linear_targets():
+    torch.manual_seed(0)
+    block = GPT2Block(8, 4)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    attn_before = block.c_attn(x)
+    assert [name for name, _ in find_targets(block)] == ["c_attn", "c_proj"]
+    to_low_rank(block, 4, init="svd")
+    assert isinstance(block.c_attn, LowRankLinear) and (block.c_attn.in_features, block.c_attn.out_features) == (8, 24)
+    assert (block.c_proj.in_features, block.c_proj.out_features) == (24, 8)
+    torch.testing.assert_close(block.c_attn(x), attn_before, atol=1e-10, rtol=1e-10)  # exact rank 4
+    low_rank_out = block(x)
+    merge(block)
+    assert isinstance(block.c_attn, nn.Linear) and isinstance(block.c_proj, nn.Linear)
+    torch.testing.assert_close(block(x), low_rank_out, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="rank"):
+        to_low_rank(GPT2Block(8, 4), 8)  # c_proj is 24 -> 8: rank 8 is not below min(m, n)
+
+
+def test_real_gpt2_converts_when_transformers_is_installed():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 64, (2, 8))
+    to_low_rank(model, 8)
+    names = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    assert sorted(n.rsplit(".", 1)[-1] for n in names) == ["c_attn", "c_fc", "c_proj", "c_proj"]
+    assert torch.isfinite(model(tokens).logits).all()
+
+
 @pytest.mark.parametrize("rank", [0, -1, 16, 17])
 def test_bad_rank_raises_and_changes_nothing(rank):
     model = TinyLM()  # smallest target is 16x16

@@ -11,10 +11,50 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define OPTIM_RSDM_MXCSR 1
+#endif
+
 namespace optim {
 namespace {
 
 constexpr int64_t kGrainWork = 1 << 17;
+
+// Flush-to-zero and denormals-are-zero for the current thread while in scope, restored on exit (the caller's
+// floating-point mode is never changed). Near convergence Ω is tiny (~1e-8 in float32): the Gram–Schmidt dots of
+// I − M and the products in the core then fall below 1.2e-38, and x86 handles such subnormals in microcode,
+// 3–4× slower per step (measured: 0.30 ms vs 0.08 ms at r = 40). Values that small are far below the rounding of
+// the O(1) entries they are added to, so flushing them leaves the result unchanged at fp32/fp64 precision.
+class FlushDenormalsGuard {
+ public:
+  FlushDenormalsGuard() {
+#if defined(OPTIM_RSDM_MXCSR)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+#elif defined(__aarch64__)
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t flushed = saved_ | (uint64_t(1) << 24);  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(flushed));
+#endif
+  }
+  ~FlushDenormalsGuard() {
+#if defined(OPTIM_RSDM_MXCSR)
+    _mm_setcsr(saved_);
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  FlushDenormalsGuard(const FlushDenormalsGuard&) = delete;
+  FlushDenormalsGuard& operator=(const FlushDenormalsGuard&) = delete;
+
+ private:
+#if defined(OPTIM_RSDM_MXCSR)
+  unsigned int saved_ = 0;
+#elif defined(__aarch64__)
+  uint64_t saved_ = 0;
+#endif
+};
 
 void sample_rows_into(int64_t* out, int64_t batch, int64_t n, int64_t r, int64_t seed, int64_t offset) {
   const uint64_t mixed_seed = mix64(static_cast<uint64_t>(seed));
@@ -142,6 +182,7 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
   const int64_t work_per_matrix = 2 * r * r * n_cols + 2 * r * r * r + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainWork / work_per_matrix);
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormalsGuard flush_denormals;  // per thread: the floating-point mode is thread-local
     at::Tensor x_rows = at::empty({r, n_cols}, options), g_rows = at::empty({r, n_cols}, options);
     at::Tensor core_matrix = at::empty({r, r}, options), moved = at::empty({r, n_cols}, options);
     T* xr = x_rows.data_ptr<T>();

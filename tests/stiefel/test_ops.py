@@ -18,7 +18,7 @@ GUARD = 3
 
 # (shape of X, r). Covers r = 1, r = N, batches (1-D and 2-D batch shapes), the n < p orientation, and on CUDA the
 # three paths: many matrices (fused launch), one large matrix with r <= 128 (gemm + shared-memory core), and a core
-# too large for shared memory (r > 128: torch.linalg core).
+# too large for shared memory (r > 128: torch.linalg core); on CPU the loop core (r < 48) and the LAPACK core.
 CASES = [
     ((30, 8), 5),
     ((3, 30, 8), 30),
@@ -28,6 +28,7 @@ CASES = [
     ((70, 24, 6), 9),
     ((600, 300), 100),
     ((200, 40), 150),
+    ((3, 60, 10), 48),
 ]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 3e-5}
 

@@ -18,7 +18,7 @@ GUARD = 3
 
 # (shape of X, r). Covers r = 1, r = N, batches (1-D and 2-D batch shapes), the n < p orientation, and on CUDA the
 # three paths: many matrices (fused launch), one large matrix with r <= 128 (gemm + shared-memory core), and a core
-# too large for shared memory (r > 128: torch.linalg core).
+# too large for shared memory (r > 128: torch.linalg core); on CPU the loop core (r < 48) and the LAPACK core.
 CASES = [
     ((30, 8), 5),
     ((3, 30, 8), 30),
@@ -28,6 +28,7 @@ CASES = [
     ((70, 24, 6), 9),
     ((600, 300), 100),
     ((200, 40), 150),
+    ((3, 60, 10), 48),
 ]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 3e-5}
 
@@ -232,3 +233,19 @@ def test_multithreaded_cpu_kernel_matches_reference():
         torch.testing.assert_close(g, want_g, atol=1e-11, rtol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_tiny_steps_near_convergence_match_reference_and_keep_the_callers_float_mode(core):
+    """Near convergence Ω ~ 1e-8, where the CPU core's intermediate products fall below float32's smallest normal
+    number; the kernel flushes them (a scoped FTZ/DAZ, for speed) and must still match the reference, and must leave
+    subnormal arithmetic in the caller's thread as it was."""
+    x = _point((120, 60), torch.float32, "cpu")
+    g = (torch.randn(120, 60, dtype=torch.float64) * 1e-8).float()
+    rows = torch.arange(0, 120, 3)
+    want_x = x.double()
+    rsdm_step_reference(want_x, g.double(), rows, rank=40, seed=0, offset=0, lr=0.2, core=core, transport=False)
+    STEP(x, g, rows, rank=40, seed=0, offset=0, lr=0.2, core=core, transport=False)
+    torch.testing.assert_close(x.double(), want_x, atol=3e-7, rtol=0)
+    subnormal = torch.tensor([1e-38], dtype=torch.float32) * torch.tensor([1e-3], dtype=torch.float32)
+    assert subnormal.item() != 0.0, "the op changed the caller's floating-point mode (subnormals flushed)"

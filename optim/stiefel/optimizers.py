@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from .._finite import all_finite
 from .._library import has_kernel
 from ..fused.distributed import reject_dtensors
 from ._ops import CORES, _core_reference, rsdm_step_, rsdm_step_reference
@@ -112,11 +113,9 @@ class _ManifoldOptimizer(Optimizer):
                 where.append((g_index, p_index, tuple(p.shape)))
         if not grads:
             return
-        # One fused reduction (sum of |g| per tensor, finite iff g is, up to overflow) and one host sync, instead of
-        # a boolean copy of every gradient: the check was half of a small RSDM step's time. A non-finite sum is
-        # confirmed tensor by tensor, so a finite gradient whose |g| sum overflows is not rejected.
-        sums = torch._foreach_norm(grads, ord=1)
-        if bool(torch.stack([s.to(sums[0].device, torch.float64) for s in sums]).isfinite().all()):
+        # One fused reduction per device and one host sync (optim._finite.all_finite), instead of a boolean copy of
+        # every gradient: the check was half of a small RSDM step's time.
+        if all_finite(grads):
             return
         for grad, (g_index, p_index, shape) in zip(grads, where):
             if not bool(torch.isfinite(grad).all()):

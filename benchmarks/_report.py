@@ -126,14 +126,15 @@ def _stiefel(result: dict) -> list[Headline | None]:
         for peer in ("geoopt Stiefel (cayley)", "naive RSDM-P (PyTorch)"):
             out.append(_headline("stiefel", size, "one step", ("optim.RSDM (permutation)", _value(ours, "median_ms")),
                                  (peer, _value(_first(subset, impl=peer), "median_ms")), "ms"))
-    gaps = result.get("gap_rows", [])
-    ours = next((row for row in gaps if row["impl"].startswith("RSDM-P (optim")), None)
-    for peer in (next((row for row in gaps if row["impl"].startswith("RGD-QR")), None),
-                 next((row for row in gaps if row["impl"].startswith("RSDM-P (naive")), None)):
-        if ours is not None and peer is not None:
-            out.append(_headline("stiefel", f"PCA n={ours.get('n')} p={ours.get('p')}", "time to 1e-6 gap",
-                                 (ours["impl"], ours.get("seconds_to_gap")),
-                                 (peer["impl"], peer.get("seconds_to_gap")), "s"))
+    for key, problem in (("gap_rows", "PCA"), ("procrustes_gap_rows", "Procrustes")):
+        gaps = result.get(key, [])
+        ours = next((row for row in gaps if row["impl"].startswith("RSDM-P (optim")), None)
+        for prefix in ("RGD-QR", "RSDM-P (naive", "geoopt"):
+            peer = next((row for row in gaps if row["impl"].startswith(prefix)), None)
+            if ours is not None and peer is not None:
+                out.append(_headline("stiefel", f"{problem} n={ours.get('n')} p={ours.get('p')}", "time to 1e-6 gap",
+                                     (ours["impl"], ours.get("seconds_to_gap")),
+                                     (peer["impl"], peer.get("seconds_to_gap")), "s"))
     return out
 
 

@@ -21,7 +21,11 @@ inline float exp_nonpositive(float x) {
   constexpr float kSmallest = -87.3f;
   const bool underflow = x < kSmallest;  // false for NaN: it flows through the arithmetic below
   const float clamped = underflow ? 0.0f : x;
-  const float n = __builtin_floorf(clamped * kLog2e + 0.5f);
+  // Round to nearest by adding and subtracting 1.5·2²³ (exact for |t| < 2²²): floorf would be a libm call
+  // without SSE4.1, which keeps the loop scalar in the baseline x86-64 build. Ties may go either way; either n
+  // keeps |r| ≤ ln2/2.
+  constexpr float kRoundMagic = 12582912.0f;
+  const float n = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
   const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

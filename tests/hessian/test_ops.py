@@ -155,6 +155,21 @@ def test_cross_entropy_hvp_matches_float64_autograd(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_hvp_float32_exp_over_its_whole_range(device):
+    """z − max over [−87, 0] (the CPU kernel's own exp covers it): each normal output within a few float32 ulps."""
+    logits = torch.linspace(0.0, -87.0, 40961, device=device).unsqueeze(0)
+    tangent = 5.0 + 10.0 * torch.linspace(0.0, 1.0, 40961, device=device).unsqueeze(0)
+    got = CE_OP(logits, tangent, 1.0).double()
+    want = exact_cross_entropy_hessian_product(logits, tangent, 1.0)
+    p = torch.softmax(logits.double(), dim=-1)
+    clear = (tangent.double() - (p * tangent.double()).sum()).abs() > 1.0  # no cancellation in u − ⟨p, u⟩
+    clear &= want.abs() > 1e-30  # outputs that are normal float32 numbers (below ~1e-38 they lose digits)
+    assert clear.sum() > 30000
+    relative = ((got - want).abs() / want.abs())[clear]
+    assert relative.max() < 8 * torch.finfo(torch.float32).eps, relative.max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_cross_entropy_hvp_masked_classes_and_strides(device):
     """Classes at −inf (masked) get exactly 0 and do not disturb the others; non-contiguous inputs are fine."""
     logits = torch.randn(6, 40, device=device, dtype=torch.float64)

@@ -163,7 +163,7 @@ def test_cross_entropy_hvp_float32_exp_over_its_whole_range(device):
     want = exact_cross_entropy_hessian_product(logits, tangent, 1.0)
     p = torch.softmax(logits.double(), dim=-1)
     clear = (tangent.double() - (p * tangent.double()).sum()).abs() > 1.0  # no cancellation in u − ⟨p, u⟩
-    clear &= want.abs() > 1e-30  # outputs that are normal float32 numbers (below ~1e-38 they lose digits)
+    clear &= want.abs() > 1e-36  # normal float32 outputs (below ~1.2e-38 they are subnormal and lose digits)
     assert clear.sum() > 30000
     relative = ((got - want).abs() / want.abs())[clear]
     assert relative.max() < 8 * torch.finfo(torch.float32).eps, relative.max()

@@ -14,6 +14,7 @@ over all the rows of the data, whatever the batch sizes; ``N_b`` is the number o
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -180,7 +181,7 @@ class HessianOperator:
         )
         if k is None:
             return torch.cat([t.reshape(-1) for t in tensors])
-        return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
+        return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)  # k may be 0
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """A vector ``(n,)`` as a param-shaped list, or a ``(k, n)`` block as a list with a leading k on every entry.
@@ -249,7 +250,7 @@ class HessianOperator:
 
     def _graph_key(self, batch) -> tuple | None:
         """What the reused graph depends on; None when it must not be reused (see ``reuse_graph``)."""
-        if self.reuse_graph is False or len(self._data) != 1:
+        if self.reuse_graph is False:
             return None
         if (self.mode if self.mode != "auto" else auto_choice(self)) != "rr":
             return None
@@ -267,7 +268,7 @@ class HessianOperator:
         params = check_params(self.params, where="HessianOperator")
         v, k = check_vectors(params, v, where="HessianOperator")
         batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
-        key = None if batch is None or not _is_batch(batch) else self._graph_key(batch)
+        key = None if batch is None or not _is_batch(batch) or k == 0 else self._graph_key(batch)
         if key is None:
             self._graph = None
         else:
@@ -280,25 +281,23 @@ class HessianOperator:
             _, leaves, gradients = self._graph
             self.num_matvecs += 1 if k is None else k
             return second_backward(leaves, gradients, v, k, keep_graph=True)
-        total, total_weight, count = None, 0, 0
+        total, first_weight, total_weight = None, 0, 0
         for inputs, targets, weight in self._batches():
             hv, _ = compute_hvp(
                 self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False, auto_key=self
             )
             if total is None:
-                total = hv
+                total, first_weight = hv, weight
             else:
-                if count == 1:
+                if total_weight == first_weight:  # the second batch: weight the first one now
                     total = [first_weight * t for t in total]
                 for acc, t in zip(total, hv):
                     acc.add_(t, alpha=weight)
-            first_weight = weight if count == 0 else None
             total_weight += weight
-            count += 1
         self._check_some_rows(total_weight)
         self.num_matvecs += 1 if k is None else k
-        # One batch: its product as it is, bit for bit what a reused graph gives (a weight w·t/w may round).
-        return total if count == 1 else [t.div_(total_weight) for t in total]
+        # One batch: its product as it is, bit for bit what a reused graph gives (w·t/w may round).
+        return total if total_weight == first_weight else [t.div_(total_weight) for t in total]
 
     # ------------------------------------------------------------------------------------------------------------
     # The loss as a function of the in-scope parameters

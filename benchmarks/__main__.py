@@ -51,7 +51,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small sizes and few repeats (a demo that finishes in seconds on a laptop CPU)")
     parser.add_argument("--device", default=_default_device(),
                         help="device to run on (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default="bench_out", help="directory for <name>.json, the PNGs and, for 'all', summary.md/.json and ratios.png (default: bench_out/)")
+    parser.add_argument("--out", default="bench_out",
+                        help="directory for <name>.json, the PNGs and, for 'all', summary.md/.json and ratios.png "
+                             "(default: bench_out/)")
     return parser.parse_args(argv)
 
 

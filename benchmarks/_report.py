@@ -51,13 +51,13 @@ def _steps(result: dict) -> list[Headline | None]:
 def _hvp(result: dict) -> list[Headline | None]:
     out = []
     for case in result.get("cases", []):
+        one_probe = _first(case["rows"], method="rr", probes=1)
         for probes in (1, 8):
             rows = [row for row in case["rows"] if row.get("probes") == probes]
+            peer = (f"{probes} x one-probe double backward (forward each time)" if probes > 1 else "double backward",
+                    None if one_probe is None else probes * one_probe["ms"])
             out.append(_headline("hvp", case["name"], f"{probes} HVP{'s' if probes > 1 else ''}, one call",
-                                 ("optim.hvp + fused CE", _value(_first(rows, method="fused"), "ms")),
-                                 (f"{probes} x one-probe double backward (forward each time)" if probes > 1 else "double backward",
-                                  None if _first(case["rows"], method="rr", probes=1) is None
-                                  else probes * _first(case["rows"], method="rr", probes=1)["ms"]), "ms"))
+                                 ("optim.hvp + fused CE", _value(_first(rows, method="fused"), "ms")), peer, "ms"))
     kernel = result.get("cross_entropy_kernel") or {}
     methods = kernel.get("methods", [])
     if methods:
@@ -196,8 +196,8 @@ def markdown(rows: list[Headline], records: dict[str, dict]) -> str:
     lines = [
         "# Benchmark summary",
         "",
-        f"Device: {first.get('device_name', '?')} ({first.get('device', '?')}), torch {first.get('torch_version', '?')}, "
-        f"{first.get('date_utc', '?')}, `{first.get('command', '?')}`"
+        f"Device: {first.get('device_name', '?')} ({first.get('device', '?')}), "
+        f"torch {first.get('torch_version', '?')}, {first.get('date_utc', '?')}, `{first.get('command', '?')}`"
         + (" (quick mode: small sizes, a smoke run)" if first.get("quick") else "") + ".",
         "",
         "`ratio` = the peer's time over ours, measured in the same run: above 1, ours is faster.",

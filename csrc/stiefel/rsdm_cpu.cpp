@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
@@ -129,6 +130,24 @@ void lapack_core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOption
   skew.copy_(y);
 }
 
+// float32 rows at r ≥ kFloat64RotationMinRank: A = G_I X_Iᵀ, M, Y = core(M) and Y·X_I (and Y·G_I) in float64, rounded
+// once into moved (moved_g). The float64 core is torch.linalg's (the same formulas as the reference).
+void rotate_rows_in_float64(const at::Tensor& x_rows, const at::Tensor& g_rows, int64_t r, double lr, RsdmCore core,
+                            bool transport, at::Tensor& moved, at::Tensor& moved_g) {
+  const at::Tensor x64 = x_rows.to(at::kDouble), g64 = g_rows.to(at::kDouble);
+  const at::Tensor a = at::mm(g64, x64.t());
+  const at::Tensor m = (a - a.t()) * (-0.5 * lr);
+  at::Tensor y;
+  if (core == RsdmCore::kExp) {
+    y = at::linalg_matrix_exp(m);
+  } else {
+    y = m.contiguous();
+    lapack_core_in_place(y.data_ptr<double>(), r, core, y.options());
+  }
+  moved.copy_(at::mm(y, x64));
+  if (transport) moved_g.copy_(at::mm(y, g64));
+}
+
 // Y = core(M), M skew r×r (row-major, overwritten by Y).
 template <typename T>
 void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& options) {
@@ -210,6 +229,7 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
     const FlushDenormalsGuard flush_denormals;  // per thread: the floating-point mode is thread-local
     at::Tensor x_rows = at::empty({r, n_cols}, options), g_rows = at::empty({r, n_cols}, options);
     at::Tensor core_matrix = at::empty({r, r}, options), moved = at::empty({r, n_cols}, options);
+    at::Tensor moved_g = transport ? at::empty({r, n_cols}, options) : at::Tensor();
     T* xr = x_rows.data_ptr<T>();
     T* gr = g_rows.data_ptr<T>();
     for (int64_t b = begin; b < end; ++b) {
@@ -223,6 +243,18 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
           xr[a * n_cols + j] = xs[j * column_stride];
           gr[a * n_cols + j] = gs[j * column_stride];
         }
+      }
+      if (std::is_same_v<T, float> && r >= kFloat64RotationMinRank) {
+        rotate_rows_in_float64(x_rows, g_rows, r, static_cast<double>(lr), core, transport, moved, moved_g);
+        for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
+          T* target = pass == 0 ? xb : gb;
+          const T* source = (pass == 0 ? moved : moved_g).data_ptr<T>();
+          for (int64_t a = 0; a < r; ++a) {
+            T* row = target + rows[a] * row_stride;
+            for (int64_t j = 0; j < n_cols; ++j) row[j * column_stride] = source[a * n_cols + j];
+          }
+        }
+        continue;
       }
       at::mm_out(core_matrix, g_rows, x_rows.t());
       T* m = core_matrix.data_ptr<T>();

@@ -336,6 +336,10 @@ def second_backward(leaves, grads, v, k, *, keep_graph: bool) -> list[torch.Tens
         directions = [v[i] for i in live]
         if k is None:
             products = torch.autograd.grad(outputs, leaves, directions, retain_graph=keep_graph, allow_unused=True)
+        elif k == 1:  # one probe in a block (Lanczos, power iteration): a plain backward, vmap only adds overhead
+            products = torch.autograd.grad(outputs, leaves, [d[0] for d in directions], retain_graph=keep_graph,
+                                           allow_unused=True)
+            products = [None if product is None else product.unsqueeze(0) for product in products]
         else:
             products = _batched_second_backward(outputs, leaves, directions, k, keep_graph)
     # A param the second backward does not reach has a zero column of H.

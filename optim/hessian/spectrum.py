@@ -240,15 +240,27 @@ def _basis_dots64(basis: Tensor, w: Tensor) -> Tensor:
 def _orthogonalize(basis: Tensor, w: Tensor) -> Tensor:
     """w minus its projection on the orthonormal rows of ``basis`` (B, m, n), for w (B, n).
 
-    Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005): one pass leaves an error
-    proportional to the loss of orthogonality, the second brings it to the rounding level.
+    Classical Gram-Schmidt with the DGKS test (Daniel, Gragg, Kaufman & Stewart 1976, as in ARPACK): one pass leaves
+    an error proportional to the loss of orthogonality, which matters only when the pass removed most of w; a
+    second pass ("twice is enough", Giraud et al. 2005) runs when ‖w‖ fell below 1/√2 of its value in some row.
     """
     if basis.shape[1] == 0:
         return w
-    for _ in range(2):
+    before = _norm64(w)
+    for second_pass in (False, True):
         c = _basis_dots64(basis, w).to(w.dtype)
-        w = w - torch.bmm(c.unsqueeze(1), basis).squeeze(1)
+        w = torch.baddbmm(w.unsqueeze(1), c.unsqueeze(1), basis, alpha=-1).squeeze(1)  # w − cᵀ·basis, one pass
+        if second_pass:
+            break
+        after = _norm64(w)
+        if bool((after >= _DGKS_ETA * before).all()):
+            break
+        before = after
     return w
+
+
+# DGKS threshold: reorthogonalize again when one pass kept less than 1/√2 of ‖w‖.
+_DGKS_ETA = 2 ** -0.5
 
 
 def _gaussian(generator: torch.Generator, shape: tuple[int, ...], H: LinearOperator) -> Tensor:
@@ -358,7 +370,8 @@ def _lanczos_top(
     max_steps = min(max_iter, n)
     eps = torch.finfo(H.dtype).eps
     # The basis grows by doubling, so an early convergence does not pay for max_iter vectors of length n.
-    basis = torch.zeros(1, min(max_steps, max(2 * k + 20, 32)), n, dtype=H.dtype, device=H.device)
+    # empty, not zeros: only the rows written so far (basis[:, :m]) are ever read.
+    basis = torch.empty(1, min(max_steps, max(2 * k + 20, 32)), n, dtype=H.dtype, device=H.device)
     q = _gaussian(generator, (1, n), H)
     basis[:, 0] = q / _norm64(q).to(H.dtype).unsqueeze(-1)
     alphas: list[float] = []
@@ -399,7 +412,7 @@ def _lanczos_top(
                 break
             betas[-1] = 0.0
         if m == basis.shape[1]:
-            grown = torch.zeros(1, min(max_steps, 2 * m), n, dtype=H.dtype, device=H.device)
+            grown = torch.empty(1, min(max_steps, 2 * m), n, dtype=H.dtype, device=H.device)
             grown[:, :m] = basis
             basis = grown
         basis[:, m] = w / beta

@@ -71,6 +71,9 @@ class _ManifoldOptimizer(Optimizer):
         check_manifold_name(param_group["manifold"], self._name)
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        check_finite = param_group.get("check_finite", self.defaults.get("check_finite", True))
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"{self._name}: check_finite must be True or False, got {check_finite!r}")
         self._check_group(param_group, params)
         if param_group["manifold"] is not None:
             reject_dtensors(params, caller=self._name,
@@ -104,11 +107,14 @@ class _ManifoldOptimizer(Optimizer):
         grads, where = [], []
         for g_index, group in enumerate(self.param_groups):
             self._check_group({**self.defaults, **group}, group["params"])
+            checked = group.get("check_finite", True)  # groups of state dicts saved before the option: on
             for p_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._name} does not support sparse gradients")
+                if not checked:
+                    continue
                 grads.append(p.grad)
                 where.append((g_index, p_index, tuple(p.shape)))
         if not grads:
@@ -201,7 +207,9 @@ class RSDM(_ManifoldOptimizer):
         params: parameters or param groups (keys: any argument below, plus ``manifold``).
         lr: step size (>= 0). rank: r, 1 <= r <= N = max(n, p) of every constrained parameter of the group.
         sampling, core: see above. momentum: μ in [0, 1). seed: int >= 0 (None: drawn from torch's global RNG,
-        so ``torch.manual_seed`` makes runs reproducible). maximize: ascend.
+        so ``torch.manual_seed`` makes runs reproducible). maximize: ascend. check_finite: before anything changes,
+        raise if a gradient has NaN or inf entries (one reduction and one host sync per step; ``False`` skips it,
+        e.g. under ``torch.amp.GradScaler``, which skips such steps itself, or to keep a GPU loop free of syncs).
     Unconstrained groups (``manifold=None``) get SGD with the same lr and momentum.
     """
 
@@ -210,12 +218,12 @@ class RSDM(_ManifoldOptimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2, *,
                  rank: int, sampling: str = "permutation", core: str = "qr", momentum: float = 0.0,
                  reorthonormalize_every: int | None = 100, seed: int | None = None, maximize: bool = False,
-                 manifold: str | None = "stiefel"):
+                 manifold: str | None = "stiefel", check_finite: bool = True):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         defaults = dict(lr=lr, rank=rank, sampling=sampling, core=core, momentum=momentum,
                         reorthonormalize_every=reorthonormalize_every, seed=seed, maximize=maximize,
-                        manifold=manifold)
+                        manifold=manifold, check_finite=check_finite)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
 
@@ -318,15 +326,17 @@ class RiemannianSGD(_ManifoldOptimizer):
     QR and polar retractions re-normalize X at every step; the Cayley retraction is an exact rotation that keeps
     whatever drift X had, so with ``reorthonormalize_every=None`` (default) it is re-orthonormalized every 100 steps
     and the other two never. Unconstrained groups (``manifold=None``) get ``torch.optim.SGD``'s update.
+    ``check_finite`` as in :class:`RSDM`.
     """
 
     _name = "optim.RiemannianSGD"
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, *, retraction: str = "qr", reorthonormalize_every: int | None = None,
-                 maximize: bool = False, manifold: str | None = "stiefel"):
+                 maximize: bool = False, manifold: str | None = "stiefel", check_finite: bool = True):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, retraction=retraction,
-                        reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold)
+                        reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold,
+                        check_finite=check_finite)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
 
@@ -382,16 +392,17 @@ class RiemannianAdam(_ManifoldOptimizer):
         X ← R_X(−lr·D);   m ← P_X(m)      (first moment transported by projection; v is not a tangent vector)
 
     Retraction and re-orthonormalization as in ``RiemannianSGD``. Unconstrained groups (``manifold=None``) get
-    Adam's update (no weight decay).
+    Adam's update (no weight decay). ``check_finite`` as in :class:`RSDM`.
     """
 
     _name = "optim.RiemannianAdam"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
                  retraction: str = "qr", reorthonormalize_every: int | None = None, maximize: bool = False,
-                 manifold: str | None = "stiefel"):
+                 manifold: str | None = "stiefel", check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, retraction=retraction,
-                        reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold)
+                        reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold,
+                        check_finite=check_finite)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
 

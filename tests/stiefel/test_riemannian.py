@@ -202,3 +202,24 @@ def test_sgd_argument_checks():
         optim.RiemannianSGD([x], lr=0.1, momentum=-0.1)
     with pytest.raises(ValueError, match="betas"):
         optim.RiemannianAdam([x], betas=(0.9,))
+
+
+@pytest.mark.parametrize("make", [
+    lambda params, **kw: optim.RSDM(params, lr=0.1, rank=2, seed=0, **kw),
+    lambda params, **kw: optim.RiemannianSGD(params, lr=0.1, **kw),
+    lambda params, **kw: optim.RiemannianAdam(params, lr=0.1, **kw),
+], ids=["RSDM", "RiemannianSGD", "RiemannianAdam"])
+def test_check_finite_false_skips_the_check_per_group(make):
+    """check_finite=False (per group): no finiteness check (no host sync); NaN goes where the math takes it."""
+    x, y = _point((8, 3)), _point((8, 3))
+    opt = make([{"params": [x], "check_finite": False}, {"params": [y]}])
+    assert opt.param_groups[0]["check_finite"] is False and opt.param_groups[1]["check_finite"] is True
+    x.grad = torch.full((8, 3), float("nan"), dtype=F64)
+    y.grad = torch.randn(8, 3, dtype=F64)
+    opt.step()  # the unchecked group's NaN gradient is not an error
+    assert not torch.isfinite(x.detach()).all() and torch.isfinite(y.detach()).all()
+    y.grad = torch.full((8, 3), float("inf"), dtype=F64)
+    with pytest.raises(ValueError, match="NaN or inf"):  # the checked group still raises
+        opt.step()
+    with pytest.raises(ValueError, match="check_finite must be True or False"):
+        make([_point((8, 3))], check_finite="no")

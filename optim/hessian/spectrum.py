@@ -247,16 +247,16 @@ def _orthogonalize(basis: Tensor, w: Tensor) -> Tensor:
     if basis.shape[1] == 0:
         return w
     before = _norm64(w)
-    for second_pass in (False, True):
-        c = _basis_dots64(basis, w).to(w.dtype)
-        w = torch.baddbmm(w.unsqueeze(1), c.unsqueeze(1), basis, alpha=-1).squeeze(1)  # w − cᵀ·basis, one pass
-        if second_pass:
-            break
-        after = _norm64(w)
-        if bool((after >= _DGKS_ETA * before).all()):
-            break
-        before = after
+    w = _project_out(basis, w)
+    if not bool((_norm64(w) >= _DGKS_ETA * before).all()):
+        w = _project_out(basis, w)
     return w
+
+
+def _project_out(basis: Tensor, w: Tensor) -> Tensor:
+    """One classical Gram-Schmidt pass: w − cᵀ·basis with c = basis·w in float64, the update as one baddbmm."""
+    c = _basis_dots64(basis, w).to(w.dtype)
+    return torch.baddbmm(w.unsqueeze(1), c.unsqueeze(1), basis, alpha=-1).squeeze(1)
 
 
 # DGKS threshold: reorthogonalize again when one pass kept less than 1/√2 of ‖w‖.

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Callable, Iterable
 
+from ._plots import pyplot, save
+
 Headline = dict
 
 
@@ -219,12 +221,8 @@ def markdown(rows: list[Headline], records: dict[str, dict]) -> str:
 
 def plot_ratios(rows: list[Headline], path: str) -> str | None:
     """Horizontal bars of peer time / our time on a log axis; None (and a message) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("summary: matplotlib is not installed, no ratios.png (pip install matplotlib)")
+    plt = pyplot("ratios.png")
+    if plt is None:
         return None
     if not rows:
         return None
@@ -242,10 +240,7 @@ def plot_ratios(rows: list[Headline], path: str) -> str | None:
     axes.set_xlim(min(0.5, low / 1.5), max(2.0, high * 1.5))
     for index, ratio in enumerate(ratios):
         axes.text(ratio, index, f" {ratio:.2g}×", va="center", fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def write_summary(out_dir: str, names: Iterable[str]) -> dict:

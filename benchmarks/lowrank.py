@@ -42,6 +42,7 @@ from optim.lowrank import memory_report
 
 from ._text import (  # noqa: F401 - re-exported: the model and the data live in _text.py (shared with sophia.py)
     MLP, Attention, Block, Llama, LlamaConfig, RMSNorm, cache_dir, corpus, make_batches, rotate)
+from ._plots import pyplot, save
 from ._timing import device_name, synchronize, time_interleaved_ms
 
 MIB = 1 << 20
@@ -280,11 +281,8 @@ def _render(header, body, left):
 
 
 def plot(rows: list[dict], path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("lowrank_loss.png")
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
     for row in rows:
@@ -293,11 +291,7 @@ def plot(rows: list[dict], path: str) -> str | None:
     axis.set_xlabel("step")
     axis.set_ylabel("train loss (byte-level cross-entropy)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:

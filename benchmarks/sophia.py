@@ -52,6 +52,7 @@ from torch import nn
 import optim
 
 from ._text import Llama, LlamaConfig, corpus, make_batches
+from ._plots import pyplot, save
 from ._timing import device_name, synchronize, time_interleaved_ms
 
 SOPHIA_HYPER = dict(lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
@@ -396,12 +397,8 @@ def train_run(device: torch.device, quick: bool, tokens: torch.Tensor, data: str
 
 def plot(train: dict, rows: list[dict], path: str) -> str | None:
     """Training loss (and validation points) against step and against wall time; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        print(f"no loss-curve PNG: matplotlib is not installed ({error})")
+    plt = pyplot("sophia_loss.png")
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for row, color in zip(rows, ("tab:blue", "tab:orange", "tab:green")):
@@ -420,11 +417,7 @@ def plot(train: dict, rows: list[dict], path: str) -> str | None:
     c = train["config"]
     figure.suptitle(f"LLaMA-style {c['layers']} layers, hidden {c['hidden']}, {train['params'] / 1e6:.1f}M params, "
                     f"batch {train['batch']} x {c['seq']} tokens", fontsize=9)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 # ------------------------------------------------------------------------------------------------------- run

@@ -37,6 +37,7 @@ import torch
 import optim
 
 from ._models import Case, run_cases, sequence_cross_entropy
+from ._plots import pyplot, save
 from ._timing import device_name, synchronize
 
 
@@ -270,12 +271,8 @@ def sharpness_run(device: torch.device, quick: bool, out_dir: str) -> dict:
 
 
 def plot_densities(cases: list[dict], path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("spectrum: matplotlib is not installed, no density plot (pip install matplotlib)")
+    plt = pyplot("spectrum_density.png")
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 3.8), squeeze=False)
     for axis, case in zip(axes[0], cases):
@@ -286,10 +283,7 @@ def plot_densities(cases: list[dict], path: str) -> str | None:
         axis.set_title(f"{case['description']}", fontsize=8)
         axis.set_xlabel("eigenvalue")
         axis.set_ylabel("density (SLQ, log scale)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:

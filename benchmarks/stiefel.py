@@ -44,6 +44,7 @@ import torch
 import optim
 from optim.stiefel import distance_to_manifold, orthogonal_, project_to_manifold
 
+from ._plots import pyplot, save
 from ._timing import device_name, synchronize, time_interleaved_ms
 
 SIZES = [("4096x4096", (4096, 4096)), ("8192x512", (8192, 512)), ("16384x2048", (16384, 2048)),
@@ -456,13 +457,9 @@ def deep_learning_rows(device: torch.device, quick: bool) -> list[dict]:
 
 
 def _plot(panels: list[tuple[str, list[dict]]], path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as error:
-        return f"no plot (matplotlib unavailable: {error})"
+    plt = pyplot("stiefel_gap.png")
+    if plt is None:
+        return None
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for axis, (title, results) in zip(axes[0], panels):
         for row in results:
@@ -473,10 +470,7 @@ def _plot(panels: list[tuple[str, list[dict]]], path: str) -> str | None:
         axis.set_ylabel("relative gap at the projected point")
         axis.set_title(f"{title} n={results[0]['n']}, p={results[0]['p']}, r={results[0]['rank']}")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def _format_gap_rows(title: str, rows: list[dict]) -> list[str]:
@@ -518,7 +512,8 @@ def format_tables(result: dict) -> str:
         lines.append(f"  {row['impl']:<36} test acc {100 * row['test_accuracy']:5.1f}%  train acc "
                      f"{100 * row['train_accuracy']:5.1f}%  {row['train_s']:6.2f} s  |WtW-I| "
                      f"{row['distance_to_manifold']:.0e}  ({row['settings']})")
-    lines.append(f"plot: {result['plot']}")
+    if result["plot"]:
+        lines.append(f"plot: {result['plot']}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .._finite import all_finite
+from .._finite import first_nonfinite
 from .._library import has_kernel
 from ..fused.distributed import reject_dtensors
 from ._ops import CORES, _core_reference, rsdm_step_, rsdm_step_reference
@@ -119,16 +119,15 @@ class _ManifoldOptimizer(Optimizer):
                 where.append((g_index, p_index, tuple(p.shape)))
         if not grads:
             return
-        # One fused reduction per device and one host sync (optim._finite.all_finite), instead of a boolean copy of
-        # every gradient: the check was half of a small RSDM step's time.
-        if all_finite(grads):
-            return
-        for grad, (g_index, p_index, shape) in zip(grads, where):
-            if not bool(torch.isfinite(grad).all()):
-                raise ValueError(
-                    f"{self._name}: the gradient of parameter {p_index} of param group {g_index} (shape {shape}) "
-                    "has NaN or inf entries; no parameter or state was changed. Skip this step (torch.amp.GradScaler "
-                    "does that for you), clip the gradients, or lower the learning rate")
+        # One fused reduction per device and one host sync (optim._finite), instead of a boolean copy of every
+        # gradient: the check was half of a small RSDM step's time.
+        index = first_nonfinite(grads)
+        if index is not None:
+            g_index, p_index, shape = where[index]
+            raise ValueError(
+                f"{self._name}: the gradient of parameter {p_index} of param group {g_index} (shape {shape}) has NaN "
+                "or inf entries; no parameter or state was changed. Skip this step (torch.amp.GradScaler does that "
+                "for you), clip the gradients, or lower the learning rate")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -104,9 +104,9 @@ def record_probes(optimizer, probes: list) -> None:
     draw = optimizer._draw_probes
 
     def recording(params):
-        drawn = draw(params)
+        drawn, counters = draw(params)
         probes.append([z.clone() for z in drawn])
-        return drawn
+        return drawn, counters
 
     optimizer._draw_probes = recording
 

@@ -122,6 +122,14 @@ OPTIM_HOST_DEVICE void adahessian_update(T& p, T g, T& m, T& v, T d, const AdaHe
   p = p - c.step_size * m / (scaled + c.eps);
 }
 
+// Where a Sophia refresh step's probe z comes from: none (Hz is the estimate itself), a tensor read by the kernel, or
+// regenerated in the kernel from its (seed, counter) as optim::rademacher_ draws it.
+enum class ProbeSource { kNone, kTensor, kCounter };
+
+inline ProbeSource probe_source(at::TensorList probes, at::IntArrayRef probe_seeds) {
+  return !probes.empty() ? ProbeSource::kTensor : !probe_seeds.empty() ? ProbeSource::kCounter : ProbeSource::kNone;
+}
+
 // ------------------------------------------------------------------------------------------------------ checks
 
 inline at::ScalarType second_order_state_dtype(at::ScalarType param_dtype) {
@@ -181,6 +189,7 @@ inline void check_second_order_tensors(const char* op, at::TensorList params, at
 
 inline void check_fused_sophia_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                     at::TensorList hessians, at::TensorList hessian_products, at::TensorList probes,
+                                    at::IntArrayRef probe_seeds, at::IntArrayRef probe_offsets,
                                     const SophiaHyperparameters& h, c10::DeviceType device_type) {
   constexpr const char* op = "fused_sophia_";
   check_range(op, "lr", h.lr, 0.0, false);
@@ -198,6 +207,19 @@ inline void check_fused_sophia_args(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(probes[0].scalar_type() == hessian_products[0].scalar_type(), op, ": probes are ",
                 dtype_name(probes[0].scalar_type()), " but hessian_products are ",
                 dtype_name(hessian_products[0].scalar_type()), "; they must match");
+  }
+  TORCH_CHECK_VALUE(probe_seeds.size() == probe_offsets.size() &&
+                        (probe_seeds.empty() || probe_seeds.size() == params.size()),
+                    op, ": probe_seeds has ", probe_seeds.size(), " entries and probe_offsets ", probe_offsets.size(),
+                    " but params has ", params.size(), "; give one seed and one offset per parameter, or neither");
+  TORCH_CHECK_VALUE(probe_seeds.empty() || !hessian_products.empty(), op,
+                    ": probe_seeds were given without hessian_products; the probes multiply the Hessian-vector "
+                    "products, pass both or neither");
+  TORCH_CHECK_VALUE(probe_seeds.empty() || probes.empty(), op,
+                    ": both probes and probe_seeds were given; pass the probe tensors or the (seed, offset) pairs "
+                    "that regenerate them, not both");
+  for (size_t i = 0; i < probe_offsets.size(); ++i) {
+    TORCH_CHECK_VALUE(probe_offsets[i] >= 0, op, ": probe_offsets[", i, "] must be >= 0, got ", probe_offsets[i]);
   }
 }
 

@@ -57,9 +57,9 @@ void dispatch_curvature(bool curvature_has_param_dtype, Body&& body) {
 
 // ------------------------------------------------------------------------------------------------------ Sophia
 
-template <bool kRefresh, bool kProbes, typename param_t, typename curv_t, typename T>
-void sophia_chunk(param_t* __restrict p, const param_t* __restrict g, T* __restrict m, T* __restrict h,
-                  const curv_t* __restrict hz, const curv_t* __restrict z, int64_t n, const SophiaCoefficients<T> c) {
+template <bool kRefresh, bool kProbes, typename param_t, typename curv_t, typename z_t, typename T>
+void sophia_elements(param_t* __restrict p, const param_t* __restrict g, T* __restrict m, T* __restrict h,
+                     const curv_t* __restrict hz, const z_t* __restrict z, int64_t n, const SophiaCoefficients<T> c) {
   for (int64_t i = 0; i < n; ++i) {
     T p_wide = static_cast<T>(p[i]);
     T u = T(0);
@@ -72,8 +72,27 @@ void sophia_chunk(param_t* __restrict p, const param_t* __restrict g, T* __restr
   }
 }
 
-template <bool kRefresh, bool kProbes, typename param_t, typename curv_t>
-void sophia_cpu(const ElementwiseOperands& operands, const SophiaHyperparameters& hyper) {
+template <bool kRefresh, ProbeSource kProbes, typename param_t, typename curv_t, typename T>
+void sophia_chunk(param_t* p, const param_t* g, T* m, T* h, const curv_t* hz, const curv_t* z, uint64_t mixed_seed,
+                  uint64_t first_counter, int64_t n, const SophiaCoefficients<T> c) {
+  if constexpr (kProbes == ProbeSource::kCounter) {
+    // The hash stays out of the update loop, which then vectorizes as with a probe tensor; the block of signs
+    // stays in L1.
+    constexpr int64_t kBlock = 1024;
+    T signs[kBlock];
+    for (int64_t begin = 0; begin < n; begin += kBlock) {
+      const int64_t count = std::min(kBlock, n - begin);
+      for (int64_t i = 0; i < count; ++i) signs[i] = rademacher_value<T>(mixed_seed, first_counter + begin + i);
+      sophia_elements<kRefresh, true>(p + begin, g + begin, m + begin, h + begin, hz + begin, signs, count, c);
+    }
+  } else {
+    sophia_elements<kRefresh, kProbes == ProbeSource::kTensor>(p, g, m, h, hz, z, n, c);
+  }
+}
+
+template <bool kRefresh, ProbeSource kProbes, typename param_t, typename curv_t>
+void sophia_cpu(const ElementwiseOperands& operands, const SophiaHyperparameters& hyper,
+                const std::vector<uint64_t>& mixed_seeds, at::IntArrayRef probe_offsets) {
   using T = StateType<param_t>;
   const auto& work = operands.work;
   const auto coefficients = sophia_coefficients<T>(hyper);
@@ -82,37 +101,54 @@ void sophia_cpu(const ElementwiseOperands& operands, const SophiaHyperparameters
     for (int64_t k = first; k < last; ++k) {
       const Chunk& chunk = chunks[k];
       const int64_t i = chunk.tensor;
+      uint64_t mixed_seed = 0;
+      uint64_t first_counter = 0;
+      if constexpr (kProbes == ProbeSource::kCounter) {
+        mixed_seed = mixed_seeds[i];
+        first_counter = static_cast<uint64_t>(probe_offsets[i] + chunk.begin);
+      }
       sophia_chunk<kRefresh, kProbes>(
           work[0][i].data_ptr<param_t>() + chunk.begin, work[1][i].data_ptr<param_t>() + chunk.begin,
           work[2][i].data_ptr<T>() + chunk.begin, work[3][i].data_ptr<T>() + chunk.begin,
           kRefresh ? maybe_data<curv_t>(work, 4, i, chunk.begin) : nullptr,
-          kProbes ? maybe_data<curv_t>(work, 5, i, chunk.begin) : nullptr, chunk.end - chunk.begin, coefficients);
+          kProbes == ProbeSource::kTensor ? maybe_data<curv_t>(work, 5, i, chunk.begin) : nullptr, mixed_seed,
+          first_counter, chunk.end - chunk.begin, coefficients);
     }
   });
 }
 
 void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
                       at::TensorList hessian_products, at::TensorList probes, double lr, double beta1, double beta2,
-                      double rho, double weight_decay, double eps, bool maximize) {
+                      double rho, double weight_decay, double eps, bool maximize, at::IntArrayRef probe_seeds,
+                      at::IntArrayRef probe_offsets) {
   const SophiaHyperparameters hyper{lr, beta1, beta2, rho, weight_decay, eps, maximize};
-  check_fused_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, hyper, c10::DeviceType::CPU);
+  check_fused_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, probe_seeds, probe_offsets,
+                          hyper, c10::DeviceType::CPU);
   if (params.empty()) return;
   const bool refresh = !hessian_products.empty();
-  const bool with_probes = !probes.empty();
+  const ProbeSource source = probe_source(probes, probe_seeds);
   std::vector<at::TensorList> lists{params, grads, exp_avgs, hessians};
   std::vector<bool> written{true, false, true, true};
   if (refresh) lists.push_back(hessian_products), written.push_back(false);
-  if (with_probes) lists.push_back(probes), written.push_back(false);
-  ElementwiseOperands operands = elementwise_operands(lists, written);
+  if (source == ProbeSource::kTensor) lists.push_back(probes), written.push_back(false);
+  // A regenerated probe is indexed by the row-major position, so the kernel must walk every tensor in that order.
+  ElementwiseOperands operands = elementwise_operands(lists, written, /*row_major=*/source == ProbeSource::kCounter);
+  std::vector<uint64_t> mixed_seeds;
+  for (const int64_t seed : probe_seeds) mixed_seeds.push_back(mix64(static_cast<uint64_t>(seed)));
   const bool curvature_has_param_dtype = refresh && hessian_products[0].scalar_type() == params[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_sophia_cpu", [&] {
     dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&]<typename curv_t>() {
+      const auto run = [&]<bool kRefresh, ProbeSource kProbes>() {
+        sophia_cpu<kRefresh, kProbes, scalar_t, curv_t>(operands, hyper, mixed_seeds, probe_offsets);
+      };
       if (!refresh) {
-        sophia_cpu<false, false, scalar_t, curv_t>(operands, hyper);
-      } else if (!with_probes) {
-        sophia_cpu<true, false, scalar_t, curv_t>(operands, hyper);
+        run.template operator()<false, ProbeSource::kNone>();
+      } else if (source == ProbeSource::kNone) {
+        run.template operator()<true, ProbeSource::kNone>();
+      } else if (source == ProbeSource::kTensor) {
+        run.template operator()<true, ProbeSource::kTensor>();
       } else {
-        sophia_cpu<true, true, scalar_t, curv_t>(operands, hyper);
+        run.template operator()<true, ProbeSource::kCounter>();
       }
     });
   });

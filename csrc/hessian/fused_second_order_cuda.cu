@@ -3,7 +3,8 @@
 // thread moves kILP elements of every operand per iteration with aligned vector loads (16 bytes for float32),
 // computes in float32 (float64 for float64 params) with fused_second_order.h's math, and stores p and the two state
 // tensors. Steps without a curvature update read p, g, m, h and write p, m, h (28 B per float32 element, as AdamW);
-// refresh steps also read the Hessian-vector product and, for Sophia, the probe.
+// refresh steps also read the Hessian-vector product and, for Sophia, the probe, unless the probe is regenerated
+// from its counters (32 B per float32 element then, against 36).
 #include "fused_second_order.h"
 #include "../common/multi_tensor_apply.cuh"
 
@@ -34,13 +35,24 @@ __device__ __forceinline__ void store_vector(Scalar* pointer, int64_t k, const V
 }
 
 // The operand lists are, in order: p, g, m, h (or v), then the curvature lists the step reads. kCurvatureLists is
-// 0 (no refresh), 1 (a diagonal estimate or Hz) or 2 (Hz and the probe z, multiplied here).
-template <int kCurvatureLists, typename param_t, typename curv_t, typename Update>
+// 0 (no refresh), 1 (a diagonal estimate or Hz) or 2 (Hz and the probe z, multiplied here). With kCounterProbes
+// (and one curvature list, Hz) the probe is regenerated: the tensor's per_tensor pointer holds (mix64(seed),
+// offset) and element i's probe is the Rademacher value of counter offset + i (i row-major).
+template <int kCurvatureLists, bool kCounterProbes, typename param_t, typename curv_t, typename Update>
 struct SecondOrderFunctor {
+  static_assert(!kCounterProbes || kCurvatureLists == 1, "regenerated probes multiply the one list Hz");
+
   template <typename Metadata>
   __device__ __forceinline__ void operator()(const Metadata& metadata, int tensor, int64_t start, int64_t count,
                                              Update update) const {
     using T = StateType<param_t>;
+    uint64_t mixed_seed = 0;
+    uint64_t first_counter = 0;
+    if constexpr (kCounterProbes) {
+      const auto* counter = static_cast<const uint64_t*>(metadata.per_tensor[tensor]);
+      mixed_seed = counter[0];
+      first_counter = counter[1] + static_cast<uint64_t>(start);
+    }
     param_t* p = static_cast<param_t*>(metadata.addresses[0][tensor]) + start;
     const param_t* g = static_cast<const param_t*>(metadata.addresses[1][tensor]) + start;
     T* m = static_cast<T*>(metadata.addresses[2][tensor]) + start;
@@ -72,6 +84,7 @@ struct SecondOrderFunctor {
           T u = T(0);
           if constexpr (kCurvatureLists >= 1) u = static_cast<T>(c0_vec.value[j]);
           if constexpr (kCurvatureLists >= 2) u = u * static_cast<T>(c1_vec.value[j]);
+          if constexpr (kCounterProbes) u = u * rademacher_value<T>(mixed_seed, first_counter + k * kILP + j);
           update(p_wide, static_cast<T>(g_vec.value[j]), m_vec.value[j], h_vec.value[j], u);
           p_vec.value[j] = static_cast<param_t>(p_wide);
         }
@@ -86,6 +99,7 @@ struct SecondOrderFunctor {
       T u = T(0);
       if constexpr (kCurvatureLists >= 1) u = static_cast<T>(c0[i]);
       if constexpr (kCurvatureLists >= 2) u = u * static_cast<T>(c1[i]);
+      if constexpr (kCounterProbes) u = u * rademacher_value<T>(mixed_seed, first_counter + i);
       update(p_wide, static_cast<T>(g[i]), m[i], h[i], u);
       p[i] = static_cast<param_t>(p_wide);
     }
@@ -108,24 +122,41 @@ struct AdaHessianUpdate {
   }
 };
 
-template <int kCurvatureLists, typename param_t, typename curv_t, typename Update>
-void launch(const ElementwiseOperands& operands, Update update) {
-  mta::multi_tensor_apply<4 + kCurvatureLists>(operands.work, {},
-                                               SecondOrderFunctor<kCurvatureLists, param_t, curv_t, Update>{},
-                                               update);
+template <int kCurvatureLists, typename param_t, typename curv_t, bool kCounterProbes = false, typename Update>
+void launch(const ElementwiseOperands& operands, Update update, const std::vector<const void*>& per_tensor = {}) {
+  mta::multi_tensor_apply<4 + kCurvatureLists>(
+      operands.work, per_tensor, SecondOrderFunctor<kCurvatureLists, kCounterProbes, param_t, curv_t, Update>{},
+      update);
 }
 
 template <typename param_t, typename curv_t>
-void sophia_launch(const ElementwiseOperands& operands, const SophiaHyperparameters& hyper, int curvature_lists) {
+void sophia_launch(const ElementwiseOperands& operands, const SophiaHyperparameters& hyper, bool refresh,
+                   ProbeSource source, const std::vector<const void*>& counters) {
   using T = StateType<param_t>;
   const auto c = sophia_coefficients<T>(hyper);
-  if (curvature_lists == 0) {
+  if (!refresh) {
     launch<0, param_t, curv_t>(operands, SophiaUpdate<false, T>{c});
-  } else if (curvature_lists == 1) {
+  } else if (source == ProbeSource::kNone) {
     launch<1, param_t, curv_t>(operands, SophiaUpdate<true, T>{c});
-  } else {
+  } else if (source == ProbeSource::kTensor) {
     launch<2, param_t, curv_t>(operands, SophiaUpdate<true, T>{c});
+  } else {
+    launch<1, param_t, curv_t, /*kCounterProbes=*/true>(operands, SophiaUpdate<true, T>{c}, counters);
   }
+}
+
+// One (mix64(seed), offset) pair per tensor on the device, for SecondOrderFunctor's per_tensor pointers. The pinned
+// staging buffer lets the copy run asynchronously on the current stream (the caching host allocator keeps it alive
+// until the copy is done).
+at::Tensor probe_counters_on_device(at::IntArrayRef seeds, at::IntArrayRef offsets, const at::Device& device) {
+  const int64_t n = static_cast<int64_t>(seeds.size());
+  at::Tensor host = at::empty({n, 2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto* values = host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    values[2 * i] = static_cast<int64_t>(mix64(static_cast<uint64_t>(seeds[i])));
+    values[2 * i + 1] = offsets[i];
+  }
+  return host.to(device, /*non_blocking=*/true);
 }
 
 template <typename param_t, typename curv_t>
@@ -141,25 +172,34 @@ void adahessian_launch(const ElementwiseOperands& operands, const AdaHessianHype
 
 void fused_sophia_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
                        at::TensorList hessian_products, at::TensorList probes, double lr, double beta1, double beta2,
-                       double rho, double weight_decay, double eps, bool maximize) {
+                       double rho, double weight_decay, double eps, bool maximize, at::IntArrayRef probe_seeds,
+                       at::IntArrayRef probe_offsets) {
   const SophiaHyperparameters hyper{lr, beta1, beta2, rho, weight_decay, eps, maximize};
-  check_fused_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, hyper, c10::DeviceType::CUDA);
+  check_fused_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, probe_seeds, probe_offsets,
+                          hyper, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
+  const bool refresh = !hessian_products.empty();
+  const ProbeSource source = probe_source(probes, probe_seeds);
   std::vector<at::TensorList> lists{params, grads, exp_avgs, hessians};
   std::vector<bool> written{true, false, true, true};
-  if (!hessian_products.empty()) lists.push_back(hessian_products), written.push_back(false);
-  if (!probes.empty()) lists.push_back(probes), written.push_back(false);
-  const int curvature_lists = static_cast<int>(lists.size()) - 4;
-  ElementwiseOperands operands = elementwise_operands(lists, written);
-  const bool curvature_has_param_dtype =
-      !hessian_products.empty() && hessian_products[0].scalar_type() == params[0].scalar_type();
+  if (refresh) lists.push_back(hessian_products), written.push_back(false);
+  if (source == ProbeSource::kTensor) lists.push_back(probes), written.push_back(false);
+  // A regenerated probe is indexed by the row-major position, so every tensor is walked in that order.
+  ElementwiseOperands operands = elementwise_operands(lists, written, /*row_major=*/source == ProbeSource::kCounter);
+  at::Tensor counters_buffer;
+  std::vector<const void*> counters;
+  if (source == ProbeSource::kCounter) {
+    counters_buffer = probe_counters_on_device(probe_seeds, probe_offsets, params[0].device());
+    for (size_t i = 0; i < params.size(); ++i) counters.push_back(counters_buffer.data_ptr<int64_t>() + 2 * i);
+  }
+  const bool curvature_has_param_dtype = refresh && hessian_products[0].scalar_type() == params[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_sophia_cuda", [&] {
     using T = StateType<scalar_t>;
     if (curvature_has_param_dtype) {
-      sophia_launch<scalar_t, scalar_t>(operands, hyper, curvature_lists);
+      sophia_launch<scalar_t, scalar_t>(operands, hyper, refresh, source, counters);
     } else {
-      sophia_launch<scalar_t, T>(operands, hyper, curvature_lists);
+      sophia_launch<scalar_t, T>(operands, hyper, refresh, source, counters);
     }
   });
   operands.copy_back();

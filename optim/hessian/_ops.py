@@ -177,7 +177,12 @@ krylov_dots = define_op(
 #
 # ``u = probes ⊙ hessian_products`` (the Hutchinson estimate z⊙Hz) when ``probes`` is given, else
 # ``u = hessian_products`` (an estimate the caller already formed, e.g. an external diagonal). Both lists are empty
-# on steps that do not refresh the curvature. ``max(ρ·h, eps)`` is the paper's max{γ·h, ε} with ρ = γ: a
+# on steps that do not refresh the curvature. Instead of the probe tensors the caller may give, for every tensor i,
+# ``probe_seeds[i]`` and ``probe_offsets[i]``: the kernel then regenerates z[i] itself, element j (row-major) being
+# the ``rademacher_`` value of seed ``probe_seeds[i]`` and counter ``probe_offsets[i] + j`` (so z[i] is
+# ``rademacher_([z[i]], probe_seeds[i], probe_offsets[i])``, bit for bit). That saves reading z: a refresh step
+# reads p, g, m, h, Hz and writes p, m, h (32 B per float32 element instead of 36), and z can be freed as soon as
+# the Hessian-vector product is taken. ``max(ρ·h, eps)`` is the paper's max{γ·h, ε} with ρ = γ: a
 # non-positive estimate (Hutchinson's can be negative) gives the denominator eps, so that coordinate moves by
 # lr·sign(m), which is the paper's rule. The official code divides by ``ρ·bs·h + 1e-15`` instead, where ``bs`` (the
 # tokens per batch) belongs to its Gauss-Newton-Bartlett estimator, whose estimate scales as 1/bs; the Hutchinson
@@ -293,7 +298,8 @@ def check_second_order_tensors(op: str, params: Tensors, grads: Tensors, states:
                 check_like(name, i, tensors[i], p, curvature_dtypes[name])
 
 
-def _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes) -> None:
+def _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, probe_seeds,
+                       probe_offsets) -> None:
     check_second_order_tensors("fused_sophia_", params, grads, {"exp_avgs": exp_avgs, "hessians": hessians},
                                {"hessian_products": hessian_products, "probes": probes})
     if probes and not hessian_products:
@@ -302,13 +308,41 @@ def _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, prob
     if probes and probes[0].dtype != hessian_products[0].dtype:
         raise RuntimeError(f"fused_sophia_: probes are {probes[0].dtype} but hessian_products are "
                            f"{hessian_products[0].dtype}; they must match")
+    if len(probe_seeds) != len(probe_offsets) or len(probe_seeds) not in (0, len(params)):
+        raise ValueError(f"fused_sophia_: probe_seeds has {len(probe_seeds)} entries and probe_offsets "
+                         f"{len(probe_offsets)} but params has {len(params)}; give one seed and one offset per "
+                         "parameter, or neither")
+    if probe_seeds and not hessian_products:
+        raise ValueError("fused_sophia_: probe_seeds were given without hessian_products; the probes multiply the "
+                         "Hessian-vector products, pass both or neither")
+    if probe_seeds and probes:
+        raise ValueError("fused_sophia_: both probes and probe_seeds were given; pass the probe tensors or the "
+                         "(seed, offset) pairs that regenerate them, not both")
+    for i, offset in enumerate(probe_offsets):
+        if offset < 0:
+            raise ValueError(f"fused_sophia_: probe_offsets[{i}] must be >= 0, got {offset}")
+
+
+def regenerated_probes(tensors: Tensors, seeds: Sequence[int], offsets: Sequence[int],
+                       dtype: torch.dtype) -> list[torch.Tensor]:
+    """The probes ``fused_sophia_`` regenerates from (``seeds[i]``, ``offsets[i]``): tensors shaped like
+    ``tensors[i]``, in ``dtype``."""
+    probes = []
+    for tensor, seed, offset in zip(tensors, seeds, offsets):
+        probe = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+        rademacher_reference([probe], seed, offset)
+        probes.append(probe)
+    return probes
 
 
 def fused_sophia_reference(params: Tensors, grads: Tensors, exp_avgs: Tensors, hessians: Tensors,
                            hessian_products: Tensors, probes: Tensors, *, lr: float, beta1: float, beta2: float,
-                           rho: float, weight_decay: float, eps: float, maximize: bool) -> None:
+                           rho: float, weight_decay: float, eps: float, maximize: bool,
+                           probe_seeds: Sequence[int] = (), probe_offsets: Sequence[int] = ()) -> None:
     check_sophia_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps)
-    _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes)
+    _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, probe_seeds, probe_offsets)
+    if probe_seeds:
+        probes = regenerated_probes(params, probe_seeds, probe_offsets, hessian_products[0].dtype)
     sign = -1.0 if maximize else 1.0
     for i, (param, grad, exp_avg, hessian) in enumerate(zip(params, grads, exp_avgs, hessians)):
         work = exp_avg.dtype  # the arithmetic runs in the state's dtype; a low-precision param is rounded once
@@ -329,14 +363,14 @@ def fused_sophia_reference(params: Tensors, grads: Tensors, exp_avgs: Tensors, h
 
 
 def _fused_sophia_fake(params, grads, exp_avgs, hessians, hessian_products, probes, *, lr, beta1, beta2, rho,
-                       weight_decay, eps, maximize) -> None:
-    _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes)
+                       weight_decay, eps, maximize, probe_seeds=(), probe_offsets=()) -> None:
+    _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, probe_seeds, probe_offsets)
 
 
 fused_sophia_ = define_op(
     "fused_sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] hessians, "
     "Tensor[] hessian_products, Tensor[] probes, *, float lr, float beta1, float beta2, float rho, "
-    "float weight_decay, float eps, bool maximize) -> ()",
+    "float weight_decay, float eps, bool maximize, int[] probe_seeds=[], int[] probe_offsets=[]) -> ()",
     reference=fused_sophia_reference,
     fake=_fused_sophia_fake,
 )

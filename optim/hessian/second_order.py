@@ -169,7 +169,8 @@ class SecondOrderOptimizer(Optimizer):
     def _update(self, work: list[dict[str, Any]]) -> None:
         """Apply the step. ``work`` has one entry per param group with the lists of the parameters that step:
         ``params``, ``grads``, ``states`` (their state dicts), ``hessian_products`` (Hz, None where not refreshed),
-        ``probes`` (z or None), ``diagonals`` (an external estimate or None) and ``group``."""
+        ``probes`` (z or None), ``probe_counters`` (the ``(seed, offset)`` z was drawn from, or None),
+        ``diagonals`` (an external estimate or None) and ``group``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- external diagonal
@@ -297,9 +298,11 @@ class SecondOrderOptimizer(Optimizer):
 
         hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
         probes: list[torch.Tensor | None] = [None] * len(stepping)
+        probe_counters: dict[int, tuple[int, int]] = {}  # id(p) -> the (seed, offset) its probe was drawn from
         if hvp_graph_grads is not None:
             hvp_index = [i for i, p in enumerate(stepping) if needs_hvp(p)]
-            probe_list = self._draw_probes([stepping[i] for i in hvp_index])
+            probe_list, counter_list = self._draw_probes([stepping[i] for i in hvp_index])
+            probe_counters = {id(stepping[i]): counter for i, counter in zip(hvp_index, counter_list)}
             with torch.enable_grad():
                 outputs = [(hvp_graph_grads[i], probe_list[k]) for k, i in enumerate(hvp_index)
                            if hvp_graph_grads[i].requires_grad]
@@ -335,7 +338,7 @@ class SecondOrderOptimizer(Optimizer):
         position = {id(p): i for i, p in enumerate(stepping)}
         for group in self.param_groups:
             entry = {"group": group, "params": [], "grads": [], "states": [], "hessian_products": [], "probes": [],
-                     "diagonals": []}
+                     "probe_counters": [], "diagonals": []}
             for p in group["params"]:
                 i = position.get(id(p))
                 if i is None:
@@ -348,6 +351,7 @@ class SecondOrderOptimizer(Optimizer):
                 entry["states"].append(state)
                 entry["hessian_products"].append(hessian_products[i])
                 entry["probes"].append(probes[i])
+                entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
                 entry["diagonals"].append(diagonals[i])
             if entry["params"]:
                 work.append(entry)
@@ -406,9 +410,11 @@ class SecondOrderOptimizer(Optimizer):
                         "non-finite values; parameters and optimizer state were left unchanged. Check the loss for "
                         "overflow (lower the learning rate, use gradient clipping or a GradScaler)")
 
-    def _draw_probes(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Rademacher probes for ``params`` (see the module docstring): one ``rademacher_`` call per run of
-        parameters that are consecutive in ``param_groups`` order and share the seed and the step count."""
+    def _draw_probes(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Rademacher probes for ``params`` (see the module docstring), and for each the ``(seed, offset)`` of
+        ``rademacher_`` that draws it alone (a fused kernel can regenerate it from them): one ``rademacher_`` call
+        per run of parameters that are consecutive in ``param_groups`` order and share the seed and the step
+        count."""
         start, group_of = {}, {}
         offset = 0
         for group in self.param_groups:
@@ -423,16 +429,18 @@ class SecondOrderOptimizer(Optimizer):
             return group_of[id(p)]["seed"], int(state["step"].item()) if state else 0
 
         out: dict[int, torch.Tensor] = {}
+        counters: dict[int, tuple[int, int]] = {}
         run: list[torch.Tensor] = []
         for p in sorted(params, key=lambda q: order[id(q)]) + [None]:
             if run and (p is None or order[id(p)] != order[id(run[-1])] + 1 or key(p) != key(run[-1])):
                 seed, step = key(run[0])
                 for q, z in zip(run, rademacher_like(run, seed=probe_seed(seed, step), offset=start[id(run[0])])):
                     out[id(q)] = z
+                    counters[id(q)] = (probe_seed(seed, step), start[id(q)])
                 run = []
             if p is not None:
                 run.append(p)
-        return [out[id(p)] for p in params]
+        return [out[id(p)] for p in params], [counters[id(p)] for p in params]
 
     # ------------------------------------------------------------------------------------------------ state dict
 

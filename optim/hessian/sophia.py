@@ -12,9 +12,14 @@ from typing import Any, Iterable
 import torch
 
 from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference
+from .probes import rademacher_like
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
 
 __all__ = ["SophiaH", "sophia"]
+
+# Device types on which the fused kernel regenerates a probe from its counters instead of reading the tensor (see
+# ``sophia``'s ``regenerate_probes``).
+REGENERATE_PROBES_ON = ("cuda",)
 
 
 class SophiaH(SecondOrderOptimizer):
@@ -57,7 +62,9 @@ class SophiaH(SecondOrderOptimizer):
         check_finite: check the gradient (and the curvature on refresh steps) for non-finite values before
             stepping, and raise with parameters and state unchanged; costs one reduction over the gradients and
             one host synchronization per step.
-        foreach, fused: implementation, as in ``optim.AdamW`` (fused: the ``optim::fused_sophia_`` kernel).
+        foreach, fused: implementation, as in ``optim.AdamW`` (fused: the ``optim::fused_sophia_`` kernel, which on
+            CUDA regenerates each probe from its seed and counters instead of reading it: 32 B per float32 element
+            on a refresh step instead of 36).
         process_group: data-parallel training: a ``torch.distributed`` process group (e.g.
             ``torch.distributed.group.WORLD``) over which the gradients the optimizer computes and the
             Hessian-vector products are averaged, since ``torch.autograd.grad`` bypasses DDP's all-reduce; the
@@ -107,18 +114,21 @@ class SophiaH(SecondOrderOptimizer):
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:
             group = entry["group"]
-            products, probes = [], []
-            for hz, z, diagonal in zip(entry["hessian_products"], entry["probes"], entry["diagonals"]):
+            products, probes, counters = [], [], []
+            for hz, z, counter, diagonal in zip(entry["hessian_products"], entry["probes"], entry["probe_counters"],
+                                                entry["diagonals"]):
                 # an external diagonal wins over a Hutchinson estimate of the same step
                 products.append(diagonal if diagonal is not None else hz)
                 probes.append(None if diagonal is not None else z)
+                counters.append(None if diagonal is not None else counter)
             # one multi-tensor call rather than one tiny op per parameter (a measurable share of a small step)
             torch._foreach_add_([state["step"] for state in entry["states"]], 1.0)
             beta1, beta2 = group["betas"]
             sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
                    [s["hessian"] for s in entry["states"]], products, probes, lr=group["lr"], beta1=beta1,
                    beta2=beta2, rho=group["rho"], weight_decay=group["weight_decay"], eps=group["eps"],
-                   maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
+                   maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
+                   probe_counters=counters)
 
 
 def sophia(
@@ -138,21 +148,54 @@ def sophia(
     maximize: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
+    probe_counters: list[tuple[int, int] | None] | None = None,
+    regenerate_probes: bool | None = None,
 ) -> None:
     """Functional Sophia step over lists, in place. ``hessian_products[i]`` is None for a parameter whose curvature
-    is not refreshed this step; with ``probes[i]`` the estimate is ``probes[i]·hessian_products[i]``, without it
-    ``hessian_products[i]`` is the estimate itself."""
+    is not refreshed this step; with a probe z the estimate is ``z·hessian_products[i]``, without one
+    ``hessian_products[i]`` is the estimate itself.
+
+    The probe of parameter i is ``probes[i]``, or, when ``probe_counters[i] = (seed, offset)`` is given, the
+    ``rademacher_`` probe of that seed and first counter, i.e. ``rademacher_like([params[i]], seed=seed,
+    offset=offset)[0]`` (``probes[i]`` may then be None; when both are given they must be that same probe). The
+    fused kernel regenerates a probe from its counters instead of reading it where ``regenerate_probes`` says so:
+    None (default) on CUDA, where the step is memory-bound and the hash is free (a refresh step then moves 32 B per
+    float32 element, not 36); on CPU the hash costs more than the read (4M float32 on 2 threads: 5.5 ms against
+    3.7 ms), so it reads the tensor there.
+    """
     check_sophia_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps,
                                  caller="sophia")
     path = choose_path(params, "fused_sophia_", foreach, fused)
     implementation = {"fused": fused_sophia_, "foreach": _multi_tensor_sophia, "single": fused_sophia_reference}[path]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize)
-    keys = [(p.device, p.dtype, None if hz is None else hz.dtype, z is not None)
-            for p, hz, z in zip(params, hessian_products, probes)]
-    for (_, _, product_dtype, with_probes), index in group_indices(keys).items():
+    counters = probe_counters if probe_counters is not None else [None] * len(params)
+    if len(counters) != len(params):
+        raise ValueError(f"sophia: probe_counters has {len(counters)} entries but params has {len(params)}")
+
+    def probe_source(p: torch.Tensor, hz, z, counter) -> str | None:
+        if hz is None or (z is None and counter is None):
+            return None
+        regenerate = regenerate_probes if regenerate_probes is not None else p.device.type in REGENERATE_PROBES_ON
+        if counter is not None and path != "foreach" and (regenerate or z is None):
+            return "counter"
+        return "tensor"
+
+    sources = [probe_source(p, hz, z, c) for p, hz, z, c in zip(params, hessian_products, probes, counters)]
+    keys = [(p.device, p.dtype, None if hz is None else hz.dtype, source)
+            for p, hz, source in zip(params, hessian_products, sources)]
+    for (_, _, product_dtype, source), index in group_indices(keys).items():
+        selected_probes, seeds, offsets = [], [], []
+        if source == "counter":
+            seeds = [counters[i][0] for i in index]
+            offsets = [counters[i][1] for i in index]
+        elif source == "tensor":
+            selected_probes = [probes[i] if probes[i] is not None
+                               else rademacher_like([hessian_products[i]], seed=counters[i][0],
+                                                    offset=counters[i][1])[0] for i in index]
+        extra = dict(probe_seeds=seeds, probe_offsets=offsets) if seeds else {}
         implementation(select(params, index), select(grads, index), select(exp_avgs, index),
                        select(hessians, index), select(hessian_products, index) if product_dtype is not None else [],
-                       select(probes, index) if with_probes else [], **hyper)
+                       selected_probes, **hyper, **extra)
 
 
 def _multi_tensor_sophia(params, grads, exp_avgs, hessians, hessian_products, probes, *, lr, beta1, beta2, rho,

@@ -1,5 +1,6 @@
 """optim::fused_sophia_ and optim::fused_adahessian_: compiled kernels against the float64 reference, opcheck, the
-probe-multiplying variant against an explicitly formed z⊙Hz (bitwise), and bad input."""
+probe-multiplying variants (probe tensors, probes regenerated from counters) against an explicitly formed z⊙Hz
+(bitwise), and bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 
 import optim
 from optim.hessian import rademacher_like
-from optim.hessian._ops import fused_adahessian_reference, fused_sophia_reference, second_order_state_dtype
+from optim.hessian._ops import (fused_adahessian_reference, fused_sophia_reference, regenerated_probes,
+                                second_order_state_dtype)
 
 from ..conftest import DEVICES, REQUIRE_EXTENSION
 
@@ -33,8 +35,9 @@ TOLERANCES = {
     torch.float16: dict(rtol=2**-10, atol=1e-5),
 }
 GUARD = 3  # NaN elements around every tensor, to catch writes out of bounds
-# Curvature inputs of one call: none (a step between refreshes), a diagonal estimate, or Hz with the probes z.
-SOPHIA_MODES = ["none", "estimate", "probes"]
+# Curvature inputs of one call: none (a step between refreshes), a diagonal estimate, Hz with the probes z, or Hz
+# with the (seed, offset) pairs the kernel regenerates z from.
+SOPHIA_MODES = ["none", "estimate", "probes", "counters"]
 ADAHESSIAN_MODES = ["none", "diagonal"]
 STATE_NAMES = {"sophia": ("exp_avgs", "hessians"), "adahessian": ("exp_avgs", "exp_hessian_diag_sqs")}
 CURVATURE_NAMES = {"sophia": ("hessian_products", "probes"), "adahessian": ("hessian_diagonals",)}
@@ -79,11 +82,26 @@ def make_inputs(op: str, shapes, dtype, device, *, mode: str, curvature_dtype=No
     if mode == "probes":
         lists["probes"] = rademacher_like([torch.empty(s, dtype=curvature_dtype, device=device) for s in shapes],
                                           seed=seed, offset=11)
+    if mode == "counters":
+        # Per-tensor seeds of both signs and offsets that are not the running element count, so that a kernel
+        # taking the wrong tensor's counters (or counting from 0) is caught.
+        lists["probe_seeds"] = [(-1) ** i * (seed * 1_000_003 + 977 * i) for i in range(len(shapes))]
+        lists["probe_offsets"] = [11 + 100_003 * i for i in range(len(shapes))]
     return lists, buffers
 
 
+def probes_of(lists) -> list[torch.Tensor]:
+    """The probes a call multiplies Hz by: the probe tensors, or the ones regenerated from the counters."""
+    if lists.get("probe_seeds"):
+        return regenerated_probes(lists["params"], lists["probe_seeds"], lists["probe_offsets"],
+                                  lists["hessian_products"][0].dtype)
+    return lists.get("probes", [])
+
+
 def as_float64(lists):
-    return {name: [t.to(torch.float64, copy=True) for t in tensors] for name, tensors in lists.items()}
+    """A float64 copy of every tensor (the counter lists, plain ints, are kept)."""
+    return {name: [t.to(torch.float64, copy=True) if isinstance(t, torch.Tensor) else t for t in tensors]
+            for name, tensors in lists.items()}
 
 
 def call(op: str, implementation: str, lists, hyper):
@@ -116,7 +134,8 @@ def cancellation_allowance(op, before, hyper, dtype):
             h0 = before["hessians"][i]
             u = torch.zeros_like(h0)
             if before["hessian_products"]:
-                u = before["hessian_products"][i] * (before["probes"][i] if before["probes"] else 1.0)
+                probes = probes_of(before)
+                u = before["hessian_products"][i] * (probes[i] if probes else 1.0)
             h = beta2 * h0 + (1 - beta2) * u
             relative = relative + ((beta2 * h0).abs() + ((1 - beta2) * u).abs()) / (h.abs() + tiny)
             allowance = (hyper["lr"] * 8 * eps * relative).clamp(max=2 * hyper["lr"])
@@ -200,13 +219,19 @@ def test_float32_curvature_for_low_precision_params(device, dtype, op, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sophia_probe_product_is_exact(device, dtype):
-    """Passing (Hz, z) gives bit for bit the step of passing the product z⊙Hz formed beforehand (z = ±1)."""
-    with_probes, _ = make_inputs("sophia", [4097, 3 * 65536 + 5], dtype, device, mode="probes")
-    with_product = {name: [t.clone() for t in tensors] for name, tensors in with_probes.items()}
-    with_product["hessian_products"] = [hz * z for hz, z in zip(with_probes["hessian_products"],
-                                                                with_probes["probes"])]
-    with_product["probes"] = []
+@pytest.mark.parametrize("mode", ["probes", "counters"])
+def test_sophia_probe_product_is_exact(device, dtype, mode):
+    """Passing (Hz, z), or Hz and z's counters, gives bit for bit the step of passing the product z⊙Hz formed
+    beforehand (z = ±1); the regenerated z is rademacher_'s for each tensor's (seed, offset)."""
+    with_probes, _ = make_inputs("sophia", [(3, 4097), 3 * 65536 + 5, 1], dtype, device, mode=mode)
+    with_product = _snapshot(with_probes)
+    probes = [z.to(device) for z in probes_of(with_probes)]
+    if mode == "counters":
+        drawn = [rademacher_like([hz], seed=seed, offset=offset)[0] for hz, seed, offset in
+                 zip(with_probes["hessian_products"], with_probes["probe_seeds"], with_probes["probe_offsets"])]
+        assert all(torch.equal(a, b) for a, b in zip(drawn, probes))
+    with_product["hessian_products"] = [hz * z for hz, z in zip(with_probes["hessian_products"], probes)]
+    with_product.update(probes=[], probe_seeds=[], probe_offsets=[])
     SOPHIA(**with_probes, **SOPHIA_HYPER)
     SOPHIA(**with_product, **SOPHIA_HYPER)
     for name in ("params", "exp_avgs", "hessians"):
@@ -239,11 +264,12 @@ def test_several_steps_in_a_row(device, op):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,mode", [("sophia", "probes"), ("adahessian", "diagonal")])
+@pytest.mark.parametrize("op,mode", [("sophia", "probes"), ("sophia", "counters"), ("adahessian", "diagonal")])
 def test_strided_operands(device, op, mode):
-    """Transposed params and states, with contiguous read-only operands, are updated in place."""
+    """Transposed params and states, with contiguous read-only operands, are updated in place (a regenerated probe
+    follows the row-major order of the transposed view, as rademacher_ fills it)."""
     base, _ = make_inputs(op, [(65, 33)], torch.float32, device, mode=mode)
-    lists = {name: [t.t() for t in tensors] for name, tensors in base.items()}
+    lists = {name: [t.t() if isinstance(t, torch.Tensor) else t for t in tensors] for name, tensors in base.items()}
     lists["grads"] = [lists["grads"][0].contiguous()]
     lists[CURVATURE_NAMES[op][0]] = [lists[CURVATURE_NAMES[op][0]][0].contiguous()]
     reference = as_float64(lists)
@@ -325,6 +351,14 @@ BAD_TENSORS = {
                      lambda l: l.update(hessian_products=[])),
     "probe dtype": ("sophia", "probes", RuntimeError, r"probes(\[0\] is| are) torch.float64",
                     lambda l: l.update(probes=[z.double() for z in l["probes"]])),
+    "short counters": ("sophia", "counters", ValueError, "probe_seeds has 1 entries and probe_offsets 2",
+                       lambda l: l["probe_seeds"].pop()),
+    "counters alone": ("sophia", "counters", ValueError, "probe_seeds were given without hessian_products",
+                       lambda l: l.update(hessian_products=[])),
+    "probes and counters": ("sophia", "counters", ValueError, "both probes and probe_seeds",
+                            lambda l: l.update(probes=[torch.ones_like(p) for p in l["params"]])),
+    "negative offset": ("sophia", "counters", ValueError, r"probe_offsets\[1\] must be >= 0",
+                        _set("probe_offsets", 1, lambda o: -1)),
     "grad dtype": ("sophia", "none", RuntimeError, r"grads\[1\] is torch.float64", _set("grads", 1, lambda t: t.double())),
     "state dtype": ("adahessian", "none", RuntimeError, r"exp_avgs\[0\] is torch.float64",
                     _set("exp_avgs", 0, lambda t: t.double())),
@@ -355,13 +389,14 @@ BAD_HYPER = {
 
 
 def _snapshot(lists):
-    return {name: [t.clone() for t in tensors] for name, tensors in lists.items()}
+    return {name: [t.clone() if isinstance(t, torch.Tensor) else t for t in tensors]
+            for name, tensors in lists.items()}
 
 
 def _assert_unchanged(lists, snapshot):
     for name, tensors in snapshot.items():
         for now, before in zip(lists[name], tensors):
-            if now.shape == before.shape and now.dtype == before.dtype:
+            if isinstance(now, torch.Tensor) and now.shape == before.shape and now.dtype == before.dtype:
                 assert torch.equal(now, before), f"{name} was modified by a rejected call"
 
 

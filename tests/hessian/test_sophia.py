@@ -167,6 +167,54 @@ def test_paths_agree_on_params_and_state(device, name, dtype):
                     **(dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_probes_regenerated_in_the_kernel_give_the_same_steps(device, dtype, monkeypatch):
+    """SophiaH's fused path with the probes regenerated from their counters (the default on CUDA) steps bit for bit
+    as with the probe tensors read (the default on CPU): the counters the optimizer passes are those of its probes,
+    for two param groups with different seeds, an unused parameter and a parameter joining late."""
+    from optim.hessian import sophia as sophia_module
+
+    model = TinyNet().to(device, dtype)
+    late = nn.Parameter(torch.randn(3, 4, device=device, dtype=dtype))
+    batches = [make_batch(device, dtype, seed=s) for s in range(5)]
+    runs = {}
+    for regenerate_on in ((), ("cpu", "cuda")):
+        monkeypatch.setattr(sophia_module, "REGENERATE_PROBES_ON", regenerate_on)
+        copied, copied_late = copy.deepcopy(model), copy.deepcopy(late)
+        groups = [{"params": [copied.conv.weight, copied.unused, copied.conv.bias]},
+                  {"params": [*copied.head.parameters(), copied_late], "seed": 11}]
+        opt = make_opt("SophiaH", groups, fused=True)
+        for step, batch in enumerate(batches):
+            extra = (copied_late.square().sum() if step >= 2 else 0.0)  # gets a gradient from step 3 on
+            opt.step(lambda: F.cross_entropy(copied(batch[0]).float(), batch[1]) + extra)
+        runs[regenerate_on] = [*copied.parameters(), copied_late] + state_tensors(opt, "SophiaH")
+    assert_same(runs[("cpu", "cuda")], runs[()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_functional_sophia_takes_probe_counters(device, path):
+    """``sophia(..., probe_counters=...)``: with the probe tensors left out (None) every path regenerates them, and
+    the result equals passing the tensors; ``regenerate_probes`` only chooses where the kernel gets them."""
+    shapes = [(5, 7), (4097,), (3,)]
+    g = torch.Generator().manual_seed(0)
+    base = {name: [torch.randn(s, generator=g).to(device) for s in shapes]
+            for name in ("params", "grads", "exp_avgs", "hessians", "hessian_products")}
+    counters = [(-5, 0), (123_456_789_012, 35), None]  # the last parameter takes its estimate without a probe
+    probes = [rademacher_like([hz], seed=c[0], offset=c[1])[0] if c else None
+              for hz, c in zip(base["hessian_products"], counters)]
+    hyper = dict(lr=3e-2, beta1=0.9, beta2=0.95, rho=0.05, weight_decay=0.1, eps=1e-12, **path)
+    results = []
+    for given_probes, regenerate in ((probes, False), (probes, True), ([None] * 3, False), ([None] * 3, None)):
+        lists = {name: [t.clone() for t in tensors] for name, tensors in base.items()}
+        optim.hessian.sophia.sophia(*lists.values(), given_probes, probe_counters=counters,
+                                    regenerate_probes=regenerate, **hyper)
+        results.append(lists["params"] + lists["exp_avgs"] + lists["hessians"])
+    for other in results[1:]:
+        assert_same(other, results[0])
+
+
 # ---------------------------------------------------------------------------- 3. the curvature estimate converges
 
 

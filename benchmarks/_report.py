@@ -116,6 +116,16 @@ def _sophia(result: dict) -> list[Headline | None]:
             out.append(_headline("sophia", str(case), f"{name} between refreshes vs AdamW",
                                  (f"optim.{name} between refreshes", _value(between, "ms_per_step")),
                                  ("torch.optim.AdamW (fused)", _value(adamw, "ms_per_step")), "ms"))
+    kernels = result.get("kernel_rows", [])
+    adamw_kernel = _first(kernels, impl="torch.optim.AdamW step")
+    for op in ("fused_sophia_", "fused_adahessian_"):
+        row = _first(kernels, impl=f"{op} between refreshes")
+        what = "update alone, between refreshes"
+        if row is not None:
+            what += f" ({100 * row['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth)"
+        out.append(_headline("sophia", (result.get("kernel_case") or {}).get("description", "kernels"), what,
+                             (f"optim::{op}", _value(row, "median_ms")),
+                             ("torch.optim.AdamW(fused=True).step()", _value(adamw_kernel, "median_ms")), "ms"))
     return out
 
 

@@ -23,7 +23,14 @@ implementations interleaved; the table gives milliseconds per training step and 
   missing): their protocol, ``loss.backward(create_graph=True)`` on every step then ``step()``, at update_period 1
   and 10 (mean over 10 consecutive steps). Their default Sophia probe is Gaussian; we pass Rademacher to both.
 
-Part 2, training run (``train``, ``train_rows``, ``lr_sweep``, ``png``): a LLaMA-style model trained from the same
+Part 2, the update kernels alone (``kernel_rows``): one call of ``optim::fused_sophia_`` / ``fused_adahessian_``
+on the parameter shapes of GPT-2 small in float32 (``--quick``: 2 layers, vocabulary 8192), between refreshes and
+on a refresh (Sophia: probe tensors read, or probes regenerated from their counters in the kernel), against
+``torch.optim.AdamW(fused=True).step()`` on the same shapes and the device's ``dst.copy_(src)`` bandwidth, all
+measured in one run. Bytes per float32 element: read p, g, m, h and write p, m, h = 28 B between refreshes (as
+AdamW); a refresh also reads Hz (32 B), and z when it is a tensor (36 B).
+
+Part 3, training run (``train``, ``train_rows``, ``lr_sweep``, ``png``): a LLaMA-style model trained from the same
 initial weights (seed 0) on the same batches of the same text (byte tokens of the standard library's
 ``pydoc_data.topics``, 90/10 train/validation split) by ``optim.AdamW`` (backward, step), ``optim.SophiaH``
 (closure protocol, ``update_period=10``: a second-order graph on 1 step in 10) and ``optim.AdaHessian`` (closure
@@ -53,7 +60,8 @@ import optim
 
 from ._text import Llama, LlamaConfig, corpus, make_batches
 from ._plots import pyplot, save
-from ._timing import device_name, synchronize, time_interleaved_ms
+from ._timing import GB, device_name, measure_copy_bandwidth, synchronize, time_interleaved_ms
+from .steps import gpt2_shapes, settings_for
 
 SOPHIA_HYPER = dict(lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
 # Small learning rates: the benchmark repeats steps on one batch, and only the time is measured.
@@ -420,6 +428,97 @@ def plot(train: dict, rows: list[dict], path: str) -> str | None:
     return save(figure, path)
 
 
+# ------------------------------------------------------------------------------------------- update kernels alone
+
+
+def kernel_shapes(quick: bool) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    if quick:
+        return "GPT-2 small shapes, 2 layers, vocabulary 8192", gpt2_shapes(n_layer=2, vocab_size=8192)
+    return "GPT-2 small (124M) shapes", gpt2_shapes()
+
+
+def time_update_kernels(device: torch.device, quick: bool) -> dict:
+    """Part 2 of the module docstring: each update kernel alone, in float32, against AdamW's fused step."""
+    description, shapes = kernel_shapes(quick)
+    settings = settings_for(device, quick)
+    copy = measure_copy_bandwidth(device, settings.copy_nbytes)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def tensors(scale: float = 1.0, positive: bool = False) -> list[torch.Tensor]:
+        out = [scale * torch.randn(shape, generator=generator, device=device) for shape in shapes]
+        return [t.abs_() for t in out] if positive else out
+
+    params, grads = tensors(0.02), tensors()
+    numel = sum(p.numel() for p in params)
+    sophia = dict(params=[p.clone() for p in params], grads=grads, exp_avgs=tensors(0.1), hessians=tensors(positive=True))
+    adahessian = dict(params=[p.clone() for p in params], grads=grads, exp_avgs=tensors(0.1),
+                      exp_hessian_diag_sqs=tensors(positive=True))
+    products = tensors()
+    probes = optim.hessian.rademacher_like(products, seed=1)
+    offsets, offset = [], 0
+    for p in params:
+        offsets.append(offset)
+        offset += p.numel()
+    sophia_hyper = dict(lr=1e-6, beta1=0.965, beta2=0.99, rho=0.04, weight_decay=0.1, eps=1e-12, maximize=False)
+    adahessian_hyper = dict(lr=1e-6, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-4, hessian_power=1.0,
+                            step=10, hessian_step=10, maximize=False)
+    sophia_op, adahessian_op = torch.ops.optim.fused_sophia_, torch.ops.optim.fused_adahessian_
+    adamw_params = [torch.nn.Parameter(p.clone()) for p in params]
+    for p, g in zip(adamw_params, grads):
+        p.grad = g
+    adamw = torch.optim.AdamW(adamw_params, lr=1e-6, fused=True)
+    adamw.step()  # creates the state
+
+    calls = {  # name: (function, bytes moved per float32 element)
+        "torch.optim.AdamW step": (adamw.step, 28),
+        "fused_sophia_ between refreshes": (lambda: sophia_op(**sophia, hessian_products=[], probes=[],
+                                                              **sophia_hyper), 28),
+        "fused_sophia_ refresh, probe tensors": (lambda: sophia_op(**sophia, hessian_products=products,
+                                                                   probes=probes, **sophia_hyper), 36),
+        "fused_sophia_ refresh, regenerated probes": (
+            lambda: sophia_op(**sophia, hessian_products=products, probes=[], probe_seeds=[1] * len(params),
+                              probe_offsets=offsets, **sophia_hyper), 32),
+        "fused_adahessian_ between refreshes": (lambda: adahessian_op(**adahessian, hessian_diagonals=[],
+                                                                      **adahessian_hyper), 28),
+        "fused_adahessian_ refresh": (lambda: adahessian_op(**adahessian, hessian_diagonals=products,
+                                                            **adahessian_hyper), 32),
+    }
+    timings = time_interleaved_ms({name: fn for name, (fn, _) in calls.items()}, device, warmup=settings.warmup,
+                                  repeats=settings.repeats, min_repeat_ms=settings.min_repeat_ms)
+    adamw_ms = timings["torch.optim.AdamW step"].median_ms
+    rows = []
+    for name, (_, bytes_per_element) in calls.items():
+        ms = timings[name].median_ms
+        gb_per_s = numel * bytes_per_element / (ms * 1e-3) / GB
+        rows.append({"impl": name, "bytes_per_element": bytes_per_element, "median_ms": ms, "gb_per_s": gb_per_s,
+                     "fraction_of_copy_bandwidth": gb_per_s / copy.gb_per_s, "ratio_to_adamw": ms / adamw_ms,
+                     "repeat_spread": max(timings[name].repeat_ms) / min(timings[name].repeat_ms)})
+    del sophia, adahessian, products, probes, adamw, adamw_params
+    _release(device)
+    return {"kernel_case": {"description": description, "params": numel, "tensors": len(shapes),
+                            "dtype": "float32", "copy_gb_per_s": copy.gb_per_s, "copy_nbytes": copy.nbytes},
+            "kernel_rows": rows}
+
+
+def format_kernels(result: dict) -> str:
+    case = result["kernel_case"]
+    width = max(len(row["impl"]) for row in result["kernel_rows"])
+    lines = [f"Update kernels alone: {case['description']}, {case['params'] / 1e6:.1f}M float32 params in "
+             f"{case['tensors']} tensors; copy bandwidth {case['copy_gb_per_s']:.1f} GB/s (dst.copy_(src), "
+             f"{case['copy_nbytes'] >> 20} MiB); AdamW: torch.optim.AdamW(fused=True).step()", "",
+             f"{'kernel'.ljust(width)}  {'B/elem':>6}  {'ms':>8}  {'GB/s':>7}  {'of copy':>7}  {'x AdamW':>7}",
+             f"{'-' * width}  {'-' * 6}  {'-' * 8}  {'-' * 7}  {'-' * 7}  {'-' * 7}"]
+    for row in result["kernel_rows"]:
+        lines.append(f"{row['impl'].ljust(width)}  {row['bytes_per_element']:>6}  {row['median_ms']:8.3f}  "
+                     f"{row['gb_per_s']:7.1f}  {100 * row['fraction_of_copy_bandwidth']:6.0f}%  "
+                     f"{row['ratio_to_adamw']:6.2f}x")
+    lines.append("B/elem: bytes read + written per element (28: p, g, m, h read, p, m, h written; a refresh adds Hz, "
+                 "and z when read); GB = 1e9 B")
+    if result["device"] == "cpu":
+        lines.append("CPU: GB/s can exceed the copy figure (the copy also reads dst's lines before writing them).")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------- run
 
 
@@ -454,6 +553,8 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -
         "cases": cases,
     }
     print(format_table(result), flush=True)
+    result.update(time_update_kernels(device, quick))
+    print("\n" + format_kernels(result), flush=True)
     result.update(train_run(device, quick, tokens, data))
     result["png"] = plot(result["train"], result["train_rows"], os.path.join(out_dir, "sophia_loss.png"))
     print("\n" + format_training(result), flush=True)

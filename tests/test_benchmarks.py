@@ -60,13 +60,21 @@ def test_summary_picks_the_headlines_and_their_ratios(tmp_path):
             {"task": "top eigenvalue", "method": "PyHessian (power)", "seconds": 4.0, "relative_error": 1e-3,
              "compared_with": "optim (Lanczos, tol=0.01)"},
         ]}]},
+        "sophia": {**common, "rows": [], "kernel_case": {"description": "GPT-2 shapes"}, "kernel_rows": [
+            {"impl": "torch.optim.AdamW step", "median_ms": 1.2, "fraction_of_copy_bandwidth": 0.8},
+            {"impl": "fused_sophia_ between refreshes", "median_ms": 1.0, "fraction_of_copy_bandwidth": 0.9},
+        ]},
     }
     for name, record in records.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
-    summary = write_summary(str(tmp_path), ["steps", "hvp", "spectrum", "stiefel"])  # no hvp.json: skipped
+    # no hvp.json: skipped
+    summary = write_summary(str(tmp_path), ["steps", "hvp", "spectrum", "sophia", "stiefel"])
     ratios = {(row["benchmark"], row["peer"]): row["ratio"] for row in summary["rows"]}
     assert ratios == {("steps", "torch.optim.AdamW (fused)"): 1.5, ("stiefel", "geoopt Stiefel (cayley)"): 10.0,
-                      ("spectrum", "PyHessian (power)"): 4.0}
+                      ("spectrum", "PyHessian (power)"): 4.0,
+                      ("sophia", "torch.optim.AdamW(fused=True).step()"): pytest.approx(1.2)}
+    sophia_kernel = next(row for row in summary["rows"] if row["benchmark"] == "sophia")
+    assert sophia_kernel["what"] == "update alone, between refreshes (90% of copy bandwidth)"
     table = (tmp_path / "summary.md").read_text()
     assert "test CPU" in table and "| 1.50× |" in table and "| 10.00× |" in table
     assert json.loads((tmp_path / "summary.json").read_text())["headlines"] == summary["rows"]

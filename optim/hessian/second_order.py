@@ -60,6 +60,22 @@ Data parallel (DDP)
     gradient). There, let the closure return the loss on every step, or keep DDP's default
     ``gradient_as_bucket_view=False``.
 
+Mixed precision (``torch.amp.GradScaler``)
+    bfloat16 autocast needs nothing. With float16 and a ``GradScaler``, differentiate the scaled loss yourself and
+    let the scaler call the step (GradScaler does not take closures)::
+
+        scaler.scale(loss).backward(create_graph=opt.next_step_refreshes())
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    The optimizers declare ``_step_supports_amp_scaling``, so the scaler passes its scale and its overflow flag
+    instead of unscaling ``p.grad`` itself: the step divides both the gradient and the Hessian-vector product by
+    the scale (the HVP through the scaled gradient's graph carries the scale too, which GradScaler's own unscaling
+    would miss), and a step whose scaled gradients overflowed is skipped with nothing changed (the gradients'
+    graph released); the scaler then lowers the scale. ``scaler.unscale_(opt)`` before a refresh step (e.g. for
+    clipping) is rejected for that reason; on the other steps it works as with any optimizer.
+
 FSDP2
     Not supported: with ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in
     ``loss.backward()`` (``torch.autograd.grad`` returns None for them), so there is no Hessian-vector product to
@@ -230,11 +246,25 @@ class SecondOrderOptimizer(Optimizer):
         return any(id(p) not in self._pending_diagonal and self._refresh_due(p, group)
                    for group in self.param_groups for p in group["params"] if p.requires_grad)
 
+    # torch.amp.GradScaler.step sets ``grad_scale`` and ``found_inf`` on the optimizer and calls step() without
+    # unscaling the gradients first (module docstring, *Mixed precision*).
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, hessian_diagonal=None):
         """One step; see the class docstring for the closure protocol. Returns the closure's loss (or None)."""
         for group in self.param_groups:
             self._check_group(group)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None:
+            if closure is not None:
+                raise ValueError(
+                    f"{self._name}.step: a closure was given through torch.amp.GradScaler.step, which cannot scale "
+                    "the loss the optimizer differentiates; with a GradScaler call scaler.scale(loss).backward() "
+                    "(create_graph=True on refresh steps, see opt.next_step_refreshes()) and scaler.step(opt)")
+            if bool(found_inf.item()):  # the host sync GradScaler's own skip makes too
+                self._release_grad_graphs()  # GradScaler skips this step and lowers the scale
+                return None
         external = self._parse_diagonal(hessian_diagonal) if hessian_diagonal is not None else self._pending_diagonal
         self._pending_diagonal = {}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -260,6 +290,13 @@ class SecondOrderOptimizer(Optimizer):
                         "and at the first step) but no closure was given. Pass step(closure) where closure() "
                         "returns the loss without calling backward(), or call loss.backward(create_graph=True) "
                         "before step(), or give the diagonal with step(hessian_diagonal=...)")
+                if found_inf is not None and grad_scale is None:
+                    raise ValueError(
+                        f"{self._name}.step: GradScaler.unscale_(optimizer) was called before this step, which "
+                        "refreshes the Hessian estimate: it unscaled the gradients but not their graph, so the "
+                        "Hessian-vector product would still carry the loss scale. On refresh steps (see "
+                        "opt.next_step_refreshes()) call scaler.step(opt) without unscale_ first; gradient clipping, "
+                        "which needs unscale_, can run on the other steps")
                 hvp_graph_grads = grads
         else:
             candidates = [p for p in self._all_params() if p.requires_grad]
@@ -322,6 +359,10 @@ class SecondOrderOptimizer(Optimizer):
         del hvp_graph_grads  # the second-order graph dies here
         if averaging:
             stepping, grads, hessian_products, probes = self._average(stepping, grads, hessian_products, probes)
+        if grad_scale is not None:
+            # The loss was multiplied by the scale, and with it the gradient and every Hessian-vector product.
+            grads = _unscaled(grads, grad_scale)
+            hessian_products = _unscaled(hessian_products, grad_scale)
 
         diagonals = [external.get(id(p)) for p in stepping]
         checking = [group_of[id(p)].get("check_finite", True) for p in stepping]
@@ -357,6 +398,13 @@ class SecondOrderOptimizer(Optimizer):
                 work.append(entry)
         self._update(work)
         return loss
+
+    def _release_grad_graphs(self) -> None:
+        """Detach gradients that carry a graph (``backward(create_graph=True)``) on a step that is skipped, so that
+        the parameter → grad → graph → parameter cycle does not keep the graph alive."""
+        for p in self._all_params():
+            if p.grad is not None and p.grad.requires_grad:
+                p.grad = p.grad.detach()
 
     def _zero_filled(self, params, grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every parameter, with zeros for a missing gradient, so that all ranks all-reduce the same tensors; the
@@ -476,6 +524,22 @@ class SecondOrderOptimizer(Optimizer):
                     value = saved[key]
                     value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     state[key] = value.to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+
+
+def _unscaled(tensors: list[torch.Tensor | None], grad_scale: torch.Tensor) -> list[torch.Tensor | None]:
+    """``t / grad_scale`` for every tensor (None kept), out of place: a rejected step must leave ``p.grad`` as it
+    was. One multi-tensor multiply per device and dtype, by the reciprocal computed in float64."""
+    out: list[torch.Tensor | None] = list(tensors)
+    keys = [None if t is None else (t.device, t.dtype) for t in tensors]
+    for key, index in group_indices(keys).items():
+        if key is None:
+            continue
+        device, dtype = key
+        inverse = grad_scale.to(device=device, dtype=torch.float64).reciprocal().to(
+            torch.float64 if dtype == torch.float64 else torch.float32)
+        for i, t in zip(index, torch._foreach_mul([tensors[i] for i in index], inverse)):
+            out[i] = t
+    return out
 
 
 def check_betas(name: str, betas) -> tuple[float, float]:

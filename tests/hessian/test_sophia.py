@@ -462,6 +462,70 @@ def test_load_state_dict_rejects_a_different_model(name):
         opt_other.load_state_dict(opt.state_dict())
 
 
+def _train_with_scaler(name, model, batches, scaler, *, unscale_before_step=False):
+    """The GradScaler recipe of ``optim.hessian.second_order`` (*Mixed precision*): a second-order graph only on
+    refresh steps; returns the optimizer."""
+    opt = make_opt(name, model.parameters())
+    for batch in batches:
+        refresh = opt.next_step_refreshes()
+        scaler.scale(loss_closure(model, batch)()).backward(create_graph=refresh)
+        if unscale_before_step:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_scaler_steps_as_without_scaling(name):
+    """With torch.amp.GradScaler the gradient and the Hessian-vector product of the scaled loss are both unscaled
+    (a power-of-two scale: bit for bit the unscaled run); without the unscaling of Hz the curvature would be 2¹⁰×."""
+    model = TinyNet()
+    batches = [make_batch("cpu", seed=s) for s in range(5)]
+    runs = {}
+    for enabled in (False, True):
+        copied = copy.deepcopy(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=enabled)
+        opt = _train_with_scaler(name, copied, batches, scaler)
+        runs[enabled] = list(copied.parameters()) + state_tensors(opt, name)
+    assert_same(runs[True], runs[False])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_scaler_skips_an_overflowing_step(name):
+    """A step whose scaled gradient overflowed is skipped: parameters and state unchanged, the graph released, and
+    GradScaler lowers its scale."""
+    model = TinyNet()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batch = make_batch("cpu")
+    opt = _train_with_scaler(name, model, [batch, batch], scaler)
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    assert opt.next_step_refreshes()  # update_period=2: step 3 refreshes
+    scaler.scale(loss_closure(model, batch)() * 1e36).backward(create_graph=True)
+    scaler.step(opt)
+    scaler.update()
+    _assert_untouched(model, opt, params_before, state_before)
+    assert scaler.get_scale() == 2.0**9
+    assert all(p.grad is None or not p.grad.requires_grad for p in model.parameters()), "the graph was kept"
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_scaler_rejects_unscale_before_a_refresh_and_closures(name):
+    model = TinyNet()
+    batch = make_batch("cpu")
+    with pytest.raises(ValueError, match="unscale_"):
+        _train_with_scaler(name, model, [batch], torch.amp.GradScaler("cpu"), unscale_before_step=True)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    opt = make_opt(name, model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_closure(model, batch)()).backward()
+    with pytest.raises(ValueError, match="closure"):
+        scaler.step(opt, loss_closure(model, batch))
+    assert not opt.state
+
+
 # ------------------------------------------------------------------------------------------ 7. memory, no cycles
 
 

@@ -159,9 +159,9 @@ def sophia(
     ``rademacher_`` probe of that seed and first counter, i.e. ``rademacher_like([params[i]], seed=seed,
     offset=offset)[0]`` (``probes[i]`` may then be None; when both are given they must be that same probe). The
     fused kernel regenerates a probe from its counters instead of reading it where ``regenerate_probes`` says so:
-    None (default) on CUDA, where the step is memory-bound and the hash is free (a refresh step then moves 32 B per
-    float32 element, not 36); on CPU the hash costs more than the read (4M float32 on 2 threads: 5.5 ms against
-    3.7 ms), so it reads the tensor there.
+    None (default) on CUDA, where the step is memory-bound, so that a refresh step moves 32 B per float32 element
+    instead of 36 (the hash's integer work should hide under the loads; not yet timed on a GPU); on CPU the hash
+    costs more than the read (4M float32 on 2 threads: 5.5 ms against 3.7 ms), so it reads the tensor there.
     """
     check_sophia_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps,
                                  caller="sophia")
@@ -176,7 +176,8 @@ def sophia(
         if hz is None or (z is None and counter is None):
             return None
         regenerate = regenerate_probes if regenerate_probes is not None else p.device.type in REGENERATE_PROBES_ON
-        if counter is not None and path != "foreach" and (regenerate or z is None):
+        # only the fused kernel gains from regenerating; the foreach path has no op that does it
+        if counter is not None and path != "foreach" and (z is None or (path == "fused" and regenerate)):
             return "counter"
         return "tensor"
 

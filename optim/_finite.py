@@ -20,7 +20,9 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         by_device.setdefault(tensor.device, []).append(tensor)
     for group in by_device.values():
         norms = torch._foreach_norm(group, ord=2)
-        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.float() for n in norms]
+        if not bool(torch.stack(norms).isfinite().all()):
             if not all(bool(torch.isfinite(t).all()) for t in group):
                 return False
     return True

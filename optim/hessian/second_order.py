@@ -268,9 +268,12 @@ class SecondOrderOptimizer(Optimizer):
         external = self._parse_diagonal(hessian_diagonal) if hessian_diagonal is not None else self._pending_diagonal
         self._pending_diagonal = {}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        # once per step: the schedule reads each parameter's step count (a host read), asked several times below
+        hvp_due = {id(p) for group in self.param_groups for p in group["params"]
+                   if id(p) not in external and self._refresh_due(p, group)}
 
         def needs_hvp(p: torch.Tensor) -> bool:
-            return id(p) not in external and self._refresh_due(p, group_of[id(p)])
+            return id(p) in hvp_due
 
         loss = None
         hvp_graph_grads: list[torch.Tensor] | None = None  # grads that carry a graph, for the HVP

@@ -530,12 +530,23 @@ def test_grad_scaler_rejects_unscale_before_a_refresh_and_closures(name):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_no_reference_cycles_and_no_growth(name):
-    """250 steps with refreshes every other step, the cyclic garbage collector off: the number of live tensors
-    does not grow after warm-up, and the loss (with its graph) dies as soon as the caller drops it."""
+@pytest.mark.parametrize("protocol", ["closure", "backward(create_graph=True)"])
+def test_no_reference_cycles_and_no_growth(name, protocol):
+    """500 steps with refreshes every other step, the cyclic garbage collector off: the number of live tensors
+    does not grow after warm-up, and the loss (with its graph) dies as soon as the caller drops it; with the
+    backward(create_graph=True) protocol too, where the step detaches the graph-carrying p.grad."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     opt = make_opt(name, model.parameters())
     batch = (torch.randn(16, 8), torch.randint(0, 4, (16,)))
+
+    def one_step():
+        if protocol == "closure":
+            return opt.step(loss_closure(model, batch))
+        # no zero_grad: were p.grad left carrying its graph, each backward would chain a new graph onto it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss_closure(model, batch)().backward(create_graph=opt.next_step_refreshes())
+        return opt.step()
 
     def live_tensors():
         with warnings.catch_warnings():  # isinstance on some of torch's module-level objects warns (deprecations)
@@ -546,9 +557,9 @@ def test_no_reference_cycles_and_no_growth(name):
     gc.disable()
     try:
         counts = []
-        for step in range(250):
-            loss = opt.step(loss_closure(model, batch))
-            if step in (9, 249):
+        for step in range(500):
+            loss = one_step()
+            if step in (9, 499):
                 counts.append(live_tensors())
         graph_probe = []
 

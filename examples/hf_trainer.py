@@ -39,8 +39,10 @@ The Trainer accepts a ready optimizer and scheduler, ``Trainer(..., optimizers=(
   ``opt.next_step_refreshes()`` is true, and leaves the others alone; loss scaling, gradient accumulation,
   clipping, logging and the scheduler stay the Trainer's. Two requirements: the model must be twice
   differentiable (``attn_implementation="eager"``: the SDPA kernels have no double backward; no
-  ``torch_compile``), and no mixed precision (``fp16``/``bf16`` scale the loss through a GradScaler or autocast
-  the optimizers do not see). The other route, an externally computed diagonal via
+  ``torch_compile``), and no mixed precision here (not tested with this subclass; ``fp16`` needs CUDA. The
+  optimizers take the scale and the overflow flag from a ``GradScaler`` and unscale Hz too, but they reject
+  ``scaler.unscale_`` before a refresh step, which the Trainer's gradient clipping calls: fp16 would need
+  ``max_grad_norm=0``; see ``optim.hessian.second_order``, *Mixed precision*). The other route, an externally computed diagonal via
   ``opt.set_hessian_diagonal(...)`` from a ``on_pre_optimizer_step`` callback, needs a batch and a loss the
   callback does not get, so it is not shown.
 """

@@ -478,6 +478,29 @@ def _train_with_scaler(name, model, batches, scaler, *, unscale_before_step=Fals
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bfloat16_autocast_closure(name):
+    """A closure that runs the forward under bfloat16 autocast needs nothing else: the refresh differentiates
+    through the autocast graph, and the curvature state matches the float32 run to bfloat16 accuracy (0.3–0.7%
+    here; bfloat16 keeps 8 bits)."""
+    model = TinyNet()
+    batch = make_batch("cpu")
+    states = {}
+    for autocast in (False, True):
+        copied = copy.deepcopy(model)
+        opt = make_opt(name, copied.parameters())
+
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return loss_closure(copied, batch)()
+
+        opt.step(closure)  # a refresh step
+        states[autocast] = [opt.state[p][STATE_KEYS[name][1]] for p in copied.parameters() if p in opt.state]
+    for got, want in zip(states[True], states[False], strict=True):
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+        assert (got - want).norm() <= 0.02 * want.norm()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_grad_scaler_steps_as_without_scaling(name):
     """With torch.amp.GradScaler the gradient and the Hessian-vector product of the scaled loss are both unscaled
     (a power-of-two scale: bit for bit the unscaled run); without the unscaling of Hz the curvature would be 2¹⁰×."""

@@ -58,6 +58,8 @@ import optim
 from optim._library import NAMESPACE
 from optim.stiefel import orthogonal_
 
+from ._models import TanhMLP
+
 
 def compiled(fn, **kwargs):
     """``torch.compile`` on a fresh dynamo cache, so a test's recompile counts do not depend on earlier tests."""
@@ -154,22 +156,12 @@ def test_op_in_a_fullgraph_compiled_function_equals_eager(name):
 
 # ------------------------------------------------------------------------------------- optimizers, end to end
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [(torch.randn(16, 6, generator=generator), torch.randn(16, 3, generator=generator)) for _ in range(steps)]
 
 
-def stiefel_groups(model: MLP) -> list[dict]:
+def stiefel_groups(model: TanhMLP) -> list[dict]:
     with torch.no_grad():
         orthogonal_(model.fc1.weight)
         orthogonal_(model.fc2.weight)
@@ -200,7 +192,7 @@ FIRST_ORDER = {
 
 def build(name):
     torch.manual_seed(0)
-    model = MLP()
+    model = TanhMLP()
     opt, refactorizer = FIRST_ORDER[name][0](model)
     return model, opt, refactorizer
 
@@ -282,7 +274,7 @@ def test_compiled_low_rank_step_applies_the_fused_reset():
 def test_adamw_step_is_one_graph():
     """The fused path has no graph break: ``has_kernel`` is a compile-time constant and the op has a fake kernel."""
     torch.manual_seed(0)
-    model = MLP()
+    model = TanhMLP()
     eager_model = copy.deepcopy(model)
     opt, eager_opt = optim.AdamW(model.parameters(), lr=1e-2), optim.AdamW(eager_model.parameters(), lr=1e-2)
     step = compiled(opt.step, fullgraph=True)
@@ -298,7 +290,7 @@ def test_adamw_step_is_one_graph():
 def test_compiled_step_under_an_lr_scheduler_equals_eager():
     """A new lr every step recompiles until dynamo's recompile limit, then runs eagerly: same numbers throughout."""
     torch.manual_seed(0)
-    model = MLP()
+    model = TanhMLP()
     eager_model = copy.deepcopy(model)
     runs = []
     for m in (model, eager_model):
@@ -322,7 +314,7 @@ SECOND_ORDER = {"SophiaH": optim.SophiaH, "AdaHessian": optim.AdaHessian}
 
 def build_second_order(name, **kwargs):
     torch.manual_seed(0)
-    model = MLP()
+    model = TanhMLP()
     return model, SECOND_ORDER[name](model.parameters(), lr=1e-2, update_period=3, seed=0, **kwargs)
 
 
@@ -393,7 +385,7 @@ def test_next_step_refreshes_follows_the_schedule_and_external_diagonals():
 
 def test_hessian_operator_of_a_compiled_model_needs_finite_differences():
     torch.manual_seed(0)
-    model = MLP().double()
+    model = TanhMLP().double()
     x, y = (t.double() for t in batches(1)[0])
     exact = optim.HessianOperator(model, F.mse_loss, (x, y), mode="rr")
     v = torch.randn(exact.shape[0], dtype=torch.float64)

@@ -27,6 +27,8 @@ from optim.lowrank._ops import lowrank_refactorize_reference
 from optim.stiefel import distance_to_manifold, orthogonal_
 from optim.stiefel._ops import rsdm_sample_rows_reference, rsdm_step_reference
 
+from ._models import TanhMLP
+
 PROPERTY = settings(max_examples=15, deadline=None)
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Relative accuracy of one rounding to the dtype (the kernels compute in float32/float64 and round once).
@@ -164,16 +166,6 @@ def test_refactorize_keeps_the_product_and_balances(layers, m, n, data, dtype, s
 
 # ------------------------------------------------------------------------------------ bad input, nothing changed
 
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), "lr must be a finite number >= 0"),
     (dict(betas=(1.5, 0.9)), "beta1 must be in"),
@@ -185,7 +177,7 @@ class TwoLayers(nn.Module):
     (dict(rank=8), "rank"),
 ])
 def test_low_rank_adamw_validates_before_converting_the_model(kwargs, message):
-    model = TwoLayers()
+    model = TanhMLP()
     before = {name: t.clone() for name, t in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         optim.LowRankAdamW(model, **{"rank": 2, "target": ["fc1", "fc2"], **kwargs})
@@ -254,7 +246,7 @@ def live_tensors() -> tuple[int, int]:
 
 def _mlp():
     torch.manual_seed(0)
-    return TwoLayers()
+    return TanhMLP()
 
 
 def _stiefel_mlp(cls, **options):

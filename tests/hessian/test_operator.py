@@ -22,6 +22,24 @@ def flat_random(H, k=None):
     return torch.randn(((k,) if k is not None else ()) + (H.n,), dtype=H.dtype, device=H.device)
 
 
+def halve_parameters(model) -> None:
+    """Move the model in place, as an optimizer step does."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+
+
+def halved_mlp_case():
+    """A fresh "mlp" case after ``halve_parameters``: where an operator of a halved "mlp" case must now be."""
+    moved = build_case("mlp")
+    halve_parameters(moved.model)
+    return moved
+
+
+def dense_hessian_of(case) -> torch.Tensor:
+    return dense_hessian(case.f, [p.detach() for p in case.model.parameters()])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Products
 
@@ -212,15 +230,8 @@ def test_products_follow_the_current_parameters():
     case = build_case("mlp")
     H = operator_of(case)
     v = flat_random(H)
-    with torch.no_grad():
-        for p in case.model.parameters():
-            p.mul_(0.5)
-    moved = build_case("mlp")
-    with torch.no_grad():
-        for p in moved.model.parameters():
-            p.mul_(0.5)
-    hessian = dense_hessian(moved.f, [p.detach() for p in moved.model.parameters()])
-    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+    halve_parameters(case.model)
+    assert relative_error(H @ v, dense_hessian_of(halved_mlp_case()) @ v) <= EXACT_RTOL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,20 +267,14 @@ def test_reused_graph_follows_in_place_updates_and_new_parameters():
     H = operator_of(case, mode="rr")
     v = flat_random(H)
     H @ v  # builds the graph at the first point
-    with torch.no_grad():
-        for p in case.model.parameters():
-            p.mul_(0.5)  # what an optimizer step does
-    moved = build_case("mlp")
-    with torch.no_grad():
-        for p in moved.model.parameters():
-            p.mul_(0.5)
-    hessian = dense_hessian(moved.f, [p.detach() for p in moved.model.parameters()])
-    assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
+    halve_parameters(case.model)
+    moved = halved_mlp_case()
+    assert relative_error(H @ v, dense_hessian_of(moved) @ v) <= EXACT_RTOL
     inputs = case.inputs
     with torch.no_grad():
         inputs.mul_(2.0)  # the batch changed in place: not the same loss any more
     moved.inputs.mul_(2.0)
-    hessian = dense_hessian(moved.f, [p.detach() for p in moved.model.parameters()])
+    hessian = dense_hessian_of(moved)
     assert relative_error(H @ v, hessian @ v) <= EXACT_RTOL
 
 

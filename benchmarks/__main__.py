@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks <name|all> [--quick] [--device D] [--out DIR]``."""
+"""Command line: ``python -m benchmarks <name|all> [--quick] [--gpu-headline] [--device D] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="the benchmark to run; 'all' runs every one")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats (a demo that finishes in seconds on a laptop CPU)")
+    parser.add_argument("--gpu-headline", action="store_true",
+                        help="only the headline comparisons, at sizes a GPU finishes in <= 45 s per benchmark "
+                             "(what benchmarks/gpu_check.sh runs); with --quick, at the --quick sizes")
     parser.add_argument("--device", default=_default_device(),
                         help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="bench_out",
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if busy_before is not None and busy_before > BUSY_WARNING:
             _warn_busy(busy_before, "just before this run")
         with OtherProcessesLoad() as load:
-            result = module.run(device, quick=args.quick, out_dir=args.out)
+            result = module.run(device, quick=args.quick, out_dir=args.out, headline=args.gpu_headline)
         if load.fraction is not None and load.fraction > BUSY_WARNING:
             _warn_busy(load.fraction, "during this run")
         record = {
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "quick": args.quick,
+            "headline": args.gpu_headline,
             # CPU time of other processes as a fraction of all CPUs' time: a busy machine distorts the timings
             "other_processes_cpu_fraction": {"before": busy_before, "during": load.fraction},
             **result,

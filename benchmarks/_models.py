@@ -137,11 +137,13 @@ def mlp_case(device: torch.device, quick: bool, seed: int = 0) -> Case:
     return Case("mlp", f"MLP {depth}x{width}, batch {batch}, {classes} classes", model, inputs, targets)
 
 
-def gpt_case(device: torch.device, quick: bool, seed: int = 0) -> Case:
+def gpt_case(device: torch.device, quick: bool, seed: int = 0, batch: int | None = None) -> Case:
+    """GPT-2-small shapes (``quick``: a 2-layer d = 128 toy); ``batch`` overrides the batch size (default 8, quick 2)."""
     if quick:
-        vocab, seq, d_model, layers, heads, batch = 1024, 64, 128, 2, 4, 2
+        vocab, seq, d_model, layers, heads, default_batch = 1024, 64, 128, 2, 4, 2
     else:
-        vocab, seq, d_model, layers, heads, batch = 50304, 512, 768, 12, 12, 8
+        vocab, seq, d_model, layers, heads, default_batch = 50304, 512, 768, 12, 12, 8
+    batch = default_batch if batch is None else batch
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = GPT(vocab, seq, d_model, layers, heads).to(device)

@@ -42,8 +42,11 @@ def _steps(result: dict) -> list[Headline | None]:
     for key in dict.fromkeys((row["set"], row["dtype"]) for row in rows):
         subset = [row for row in rows if (row["set"], row["dtype"]) == key]
         ours = _first(subset, impl="optim.AdamW")
+        what = "AdamW step"
+        if ours is not None and ours.get("fraction_of_copy_bandwidth") is not None:
+            what += f" ({100 * ours['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth)"
         for peer in ("torch fused", "torch foreach"):
-            out.append(_headline("steps", f"{key[0]} {key[1]}", "AdamW step",
+            out.append(_headline("steps", f"{key[0]} {key[1]}", what,
                                  ("optim.AdamW", _value(ours, "median_ms")),
                                  (f"torch.optim.AdamW ({peer.split()[1]})", _value(_first(subset, impl=peer),
                                                                                   "median_ms")), "ms"))
@@ -135,9 +138,11 @@ def _stiefel(result: dict) -> list[Headline | None]:
     for size in dict.fromkeys(row["size"] for row in rows):
         subset = [row for row in rows if row["size"] == size]
         ours = _first(subset, impl="ours: RSDM-P step")
-        for peer in ("geoopt Stiefel (cayley)", "naive RSDM-P (PyTorch)"):
+        for peer, label in (("geoopt Stiefel (cayley)", "geoopt Stiefel (cayley)"),
+                            ("ours: RGD qr", "RGD-QR (full QR retraction)"),
+                            ("naive RSDM-P (PyTorch)", "naive RSDM-P (PyTorch)")):
             out.append(_headline("stiefel", size, "one step", ("optim.RSDM (permutation)", _value(ours, "median_ms")),
-                                 (peer, _value(_first(subset, impl=peer), "median_ms")), "ms"))
+                                 (label, _value(_first(subset, impl=peer), "median_ms")), "ms"))
     for key, problem in (("gap_rows", "PCA"), ("procrustes_gap_rows", "Procrustes")):
         gaps = result.get(key, [])
         ours = next((row for row in gaps if row["impl"].startswith("RSDM-P (optim")), None)

@@ -1,47 +1,12 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (device tool, repo root): build the extension with CUDA, run the CUDA tests with
-# OPTIM_REQUIRE_CUDA=1 (a skipped CUDA test is a failure), then the benchmarks. Logs and JSON go to $OUT
-# (the device tool's output folder) or ./bench_out. The machine's own torch is used (build isolation off).
-#   usage: bash benchmarks/gpu_check.sh [benchmark names...]   (default: every registered benchmark)
-# The peers (pyhessian, geoopt, pytorch-optimizer, galore-torch) are not on that machine and it has no network:
-# download their wheels into .whl/ here (see benchmarks/RESULTS.md) and name .whl in the device tool's carry.
-set -uo pipefail  # pipefail: a pipeline fails when pytest does, whatever tee/tail do
-out=${OUT:-bench_out}
-mkdir -p "$out"
-if [ $# -eq 0 ]; then
-  set -- $(python3 -c 'import benchmarks; print(" ".join(benchmarks.BENCHMARKS))')
-fi
-benchmarks=("$@")
-status=0
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0a;8.0+PTX"}
-
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$out/device.txt"
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  echo "== peer wheels: $(ls .whl | tr '\n' ' ')"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "peer wheels did not install; peers will be reported missing"
-fi
-
-echo "== build"
-start=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "BUILD FAILED"; exit 1
-fi
-echo "built in $(( $(date +%s) - start )) s"
-
-echo "== CUDA tests"
-OPTIM_REQUIRE_EXTENSION=1 OPTIM_REQUIRE_CUDA=1 python3 -m pytest -m cuda -q -p no:cacheprovider 2>&1 \
-  | tee "$out/cuda_tests.log" | tail -15 || status=1
-
-echo "== all tests on the GPU machine (CPU ones too)"
-OPTIM_REQUIRE_EXTENSION=1 OPTIM_REQUIRE_CUDA=1 python3 -m pytest -q -p no:cacheprovider -x 2>&1 \
-  | tee "$out/all_tests.log" | tail -5 || status=1
-
-for name in "${benchmarks[@]}"; do
-  echo "== benchmark $name"
-  python3 -m benchmarks "$name" --device cuda --out "$out" 2>&1 | tee "$out/$name.txt" || status=1
-done
-exit $status
+# One budgeted call on the GPU machine (device tool, repo root): build for sm_90a, the CUDA tests, the headline
+# benchmarks, summary.md; everything under $OUT (or ./bench_out), appended stage by stage. The stages, deadlines
+# and environment switches are documented in benchmarks/gpu_check.py.
+#   usage: bash benchmarks/gpu_check.sh [headline benchmark names...]   (default: all, in order of value)
+#   GPU_CHECK_BUDGET_S=480   wall-time budget of the whole call, seconds
+#   GPU_CHECK_DRY=1          the same stages on a CPU machine with CPU stand-ins (what tests/test_gpu_check.py runs)
+# Peers: download the wheels of benchmarks/peer-wheels.txt into .whl/ (the command is in that file) and name .whl
+# in the device tool's carry; they are installed from there when the folder holds any.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+exec "${PYTHON:-python3}" -m benchmarks.gpu_check "$@"

@@ -16,6 +16,10 @@ eager PyTorch users run for it: the double backward through ``F.cross_entropy`` 
 a vector-Jacobian product of the gradient), and the formula ``p ⊙ (u − ⟨p, u⟩)`` in eager ops. Time and peak memory
 (CUDA) at N = 16384, V = 50304 (GPT-2's vocabulary), float32.
 
+Headline set (``--gpu-headline``): the GPT case alone at GPT-2-small shapes with batch 4 (2048 tokens; a k = 8 call
+is about half a second on an H200, so every mode fits in 45 s with 5 repeats) and the cross-entropy kernel at
+N = 16384, V = 50304; the MLP case is left out.
+
 k = 1 and k = 8 probes per call (the k probes share one forward and first backward). ``x grad`` is the time per
 probe divided by the gradient's time. Peak memory (CUDA only) is the largest allocation above what was allocated
 before the call (model, batch and probes already there), divided by the gradient's. ``rel err`` is
@@ -31,7 +35,7 @@ import torch
 
 import optim
 
-from ._models import Case, fused_sequence_cross_entropy, run_cases, sequence_cross_entropy
+from ._models import Case, fused_sequence_cross_entropy, gpt_case, run_cases, sequence_cross_entropy
 from ._timing import device_name, synchronize, time_interleaved_ms
 
 PROBE_COUNTS = (1, 8)
@@ -62,7 +66,7 @@ def _probes(params, k: int, seed: int) -> list[torch.Tensor]:
     return [torch.randn(lead + tuple(p.shape), generator=generator).to(p) for p in params]
 
 
-def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
+def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None = None) -> list[dict]:
     params = [p.detach() for p in case.params]
     f_torch = case.loss_of_params(sequence_cross_entropy)
     f_fused = case.loss_of_params(fused_sequence_cross_entropy)
@@ -93,7 +97,8 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         if name != "gradient":
             outputs[name] = [t.detach() for t in outputs[name]]
     working = {name: fn for name, (fn, _) in methods.items() if name not in failures}
-    repeats = 3 if quick else 7
+    if repeats is None:
+        repeats = 3 if quick else 7
     timings = time_interleaved_ms(working, device, warmup=1 if quick else 2, repeats=repeats)
 
     grad_ms = timings["gradient"].median_ms
@@ -187,9 +192,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
-    cases = run_cases(device, quick, lambda case: {"name": case.name, "description": case.description,
-                                                   "numel": case.numel, "rows": run_case(case, device, quick)})
+HEADLINE_GPT_BATCH = 4
+
+
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
+    def one(case: Case, repeats: int | None = None) -> dict:
+        return {"name": case.name, "description": case.description, "numel": case.numel,
+                "rows": run_case(case, device, quick, repeats)}
+
+    if headline:
+        cases = [one(gpt_case(device, quick, batch=None if quick else HEADLINE_GPT_BATCH), repeats=3 if quick else 5)]
+    else:
+        cases = run_cases(device, quick, one)
     result = {
         "device_name": device_name(device),
         "extension_kernel": optim.has_kernel("cross_entropy_hvp", device),

@@ -201,7 +201,7 @@ def dense_route(B: list[torch.Tensor], A: list[torch.Tensor]) -> None:
         A[l].copy_(root[l, :, None] * Vh[l, :r])
 
 
-def time_refactorization(c: LlamaConfig, device: torch.device, quick: bool) -> list[dict]:
+def time_refactorization(c: LlamaConfig, device: torch.device, quick: bool, repeats: int | None = None) -> list[dict]:
     rows = []
     reference = optim.lowrank._ops.lowrank_refactorize_reference
     for layers, m, r, n in layer_shapes(c):
@@ -218,8 +218,7 @@ def time_refactorization(c: LlamaConfig, device: torch.device, quick: bool) -> l
             after = torch.stack(B).double() @ torch.stack(A).double()
             errors[name] = ((after - product).norm() / product.norm()).item()
             fns[name] = (lambda fn=fn, B=B, A=A: fn(B, A))
-        repeats = 3 if quick else 7
-        timings = time_interleaved_ms(fns, device, warmup=1, repeats=repeats)
+        timings = time_interleaved_ms(fns, device, warmup=1, repeats=repeats or (3 if quick else 7))
         ours = timings["optim op"].median_ms
         for name, timing in timings.items():
             rows.append({"config": c.name, "layers": layers, "m": m, "r": r, "n": n, "impl": name,
@@ -242,8 +241,14 @@ def format_tables(result: dict) -> str:
              f"{row['median_ms']:.2f}", "-" if row["over_ours"] is None else f"{row['over_ours']:.1f}x",
              f"{row['relative_product_error']:.1e}") for row in result["refactorize_rows"]]
     lines += _render(header, body, left={0, 1, 2})
-    lines += ["", "x ours: that implementation's time / the op's (> 1: the op is faster).", "",
-              f"Training ({result['data']}; {result['schedule']}):"]
+    lines += ["", "x ours: that implementation's time / the op's (> 1: the op is faster)."]
+    if "schedule" in result:  # not in the --gpu-headline record, which has no training part
+        lines += ["", format_training(result)]
+    return "\n".join(lines)
+
+
+def format_training(result: dict) -> str:
+    lines = [f"Training ({result['data']}; {result['schedule']}):"]
     header = ("config", "method", "params", "tokens/s", "x AdamW", "val ppl", "weights", "grads", "state",
               "w+g+s", "peak", "refactor")
     body = []
@@ -294,8 +299,17 @@ def plot(rows: list[dict], path: str) -> str | None:
     return save(figure, path)
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
+    """``headline``: part 1 alone at the 1B model's layer shapes (``quick``: the tiny model's), 3 repeats."""
     device = torch.device(device)
+    if headline:
+        config = CONFIGS["tiny" if quick else "1B"]
+        result = {"device": str(device), "device_name": device_name(device), "quick": quick,
+                  "ours_compiled_kernel": optim.has_kernel("lowrank_refactorize_", device),
+                  "configs": {config.name: asdict(config)},
+                  "refactorize_rows": time_refactorization(config, device, quick, repeats=3)}
+        print(format_tables(result), flush=True)
+        return result
     if quick:
         op_config, train_configs = CONFIGS["tiny"], [CONFIGS["tiny"]]
         schedule = Schedule(steps=31, batch=4, every=10, recovery_steps=3)

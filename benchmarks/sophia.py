@@ -522,8 +522,15 @@ def format_kernels(result: dict) -> str:
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
+    """``headline``: the update kernels alone (part 2), GPT-2-small shapes (a few seconds on an H200)."""
     device = torch.device(device)
+    if headline:
+        result = {"device": str(device), "device_name": device_name(device), "quick": quick,
+                  "fused_kernels": {op: optim.has_kernel(op, device) for op in ("fused_sophia_", "fused_adahessian_")},
+                  **time_update_kernels(device, quick)}
+        print(format_kernels(result), flush=True)
+        return result
     tokens, data = corpus()
     try:
         import pytorch_optimizer

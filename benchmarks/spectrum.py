@@ -286,12 +286,15 @@ def plot_densities(cases: list[dict], path: str) -> str | None:
     return save(figure, path)
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
+    """``headline``: the estimator races against PyHessian only (no density plot, no sharpness training run)."""
     cases = run_cases(device, quick, lambda case: run_case(case, device, quick))
     result = {"device_name": device_name(device), "cases": cases,
               "conventions": {"seconds": "median wall-clock seconds of the whole call, operator construction included",
                               "optim faster": "PyHessian seconds / optim seconds, same run"}}
     print(format_table(result))
+    if headline:
+        return result
     result["density_png"] = plot_densities(cases, os.path.join(out_dir, "spectrum_density.png"))
     sharpness = sharpness_run(device, quick, out_dir)
     result["sharpness"] = sharpness

@@ -52,6 +52,8 @@ SIZES = [("4096x4096", (4096, 4096)), ("8192x512", (8192, 512)), ("16384x2048", 
 # --quick: a CPU smoke run of a minute or so (full retractions of a 1024² matrix alone take seconds per step there).
 QUICK_SIZES = [("512x512", (512, 512)), ("1024x128", (1024, 128)), ("8x128x128", (8, 128, 128))]
 GAP_TARGET = 1e-6
+# --gpu-headline: one step at the first sizes only (4096x4096 and 8192x512 at r = 128) against geoopt and RGD-QR
+HEADLINE_SIZES = 2
 
 
 def _geoopt():
@@ -74,12 +76,14 @@ def naive_rsdm_step_(x: torch.Tensor, g: torch.Tensor, rank: int, lr: float) -> 
     x[..., idx, :] = q @ x_rows
 
 
-def step_time_rows(device: torch.device, quick: bool) -> tuple[list[dict], str | None]:
+def step_time_rows(device: torch.device, quick: bool, headline: bool = False) -> tuple[list[dict], str | None]:
+    """One step of every method at SIZES (``quick``: QUICK_SIZES; ``headline``: the first two, fewer repeats)."""
     geoopt, geoopt_error = _geoopt()
     rank = 64 if quick else 128
-    repeats, warmup = (5, 2) if quick else (20, 5)
+    repeats, warmup = (5, 2) if quick else ((10, 3) if headline else (20, 5))
+    sizes = QUICK_SIZES if quick else SIZES
     rows = []
-    for label, shape in (QUICK_SIZES if quick else SIZES):
+    for label, shape in (sizes[:HEADLINE_SIZES] if headline else sizes):
         x0 = orthogonal_(torch.empty(shape, dtype=torch.float64)).float().to(device)
         grad = torch.randn(shape, device=device) / math.sqrt(shape[-2])
         lr = 0.1
@@ -487,7 +491,7 @@ def _format_gap_rows(title: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def format_tables(result: dict) -> str:
+def format_step_table(result: dict) -> str:
     lines = [f"Stiefel steps on {result['device']} ({result['device_name']}), torch {torch.__version__}"
              f"{', --quick sizes' if result['quick'] else ''}; fp32"]
     if result["geoopt_missing"]:
@@ -499,7 +503,11 @@ def format_tables(result: dict) -> str:
         lines.append(f"{row['size']:<12} {row['impl']:<30} {row['median_ms']:>10.3f} "
                      f"{row['this_over_ours_op']:>7.1f}x {geo:>12}")
     lines.append("x op: this time / the fused op's time; geoopt/this: geoopt Stiefel (cayley) time / this time.")
-    lines.append("")
+    return "\n".join(lines)
+
+
+def format_tables(result: dict) -> str:
+    lines = [format_step_table(result), ""]
     lines += _format_gap_rows("PCA", result["gap_rows"])
     lines.append("")
     lines += _format_gap_rows("Procrustes", result["procrustes_gap_rows"])
@@ -517,9 +525,15 @@ def format_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out") -> dict:
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
     device = torch.device(device)
-    step_rows, geoopt_error = step_time_rows(device, quick)
+    step_rows, geoopt_error = step_time_rows(device, quick, headline)
+    if headline:
+        result = {"device": str(device), "device_name": device_name(device), "quick": quick,
+                  "compiled_kernel": optim.has_kernel("rsdm_step_", device), "geoopt_missing": geoopt_error,
+                  "step_rows": step_rows}
+        print(format_step_table(result))
+        return result
     gap_rows = time_to_gap(device, quick, "pca")
     procrustes_gap_rows = time_to_gap(device, quick, "procrustes")
     dl_rows = deep_learning_rows(device, quick)

@@ -15,10 +15,11 @@ over all the rows of the data, whatever the batch sizes; ``N_b`` is the number o
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .hvp import (MODES, auto_choice, check_params, check_vectors, compute_hvp, first_order_graph, loss_and_gradient,
                   second_backward)
@@ -29,6 +30,46 @@ __all__ = ["HessianOperator"]
 def _is_batch(data) -> bool:
     """One ``(inputs, targets)`` batch: a 2-tuple or 2-list whose second entry (the targets) is a tensor."""
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+
+
+# Integer dtypes by element size: a tensor's bits, compared as integers, so that NaN matches NaN and -0.0 != 0.0.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype == torch.bool:
+        return tensor
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.view(_BITS[tensor.element_size()])
+
+
+class CapturedState:
+    """Copies of every tensor a kept graph captured, to prove the graph fresh before each reuse.
+
+    Version counters cannot: ``p.data.add_(...)`` and BatchNorm's update of its running statistics leave ``_version``
+    unchanged, and a graph reused after either silently differentiates the old function. So the tensors' contents
+    are compared, bit for bit, with copies taken when the graph was built (one pass over them and one host sync per
+    check; the copies cost their memory once, next to the activations the graph already holds).
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = [t.detach() for t in tensors]
+        self.copies = [t.clone() for t in self.tensors]
+
+    def unchanged(self) -> bool:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for tensor, copy in zip(self.tensors, self.copies):
+            if tensor.numel():
+                by_device.setdefault(tensor.device, []).append((_bits(tensor) != _bits(copy)).any())
+        return not any(bool(torch.stack(flags).any()) for flags in by_device.values())
+
+
+class KeptGraph(NamedTuple):
+    key: tuple  # the structure it was built for: modes, and identity, storage and shape of what it captured
+    captured: CapturedState
+    leaves: list[torch.Tensor]
+    gradients: tuple
 
 
 class HessianOperator:
@@ -54,13 +95,16 @@ class HessianOperator:
         reuse_graph: keep the graph of the gradient (forward and first backward, ``create_graph``) between products,
             so that each further product costs only the second backward (about 2/3 of a fresh "rr" product; what
             Lanczos, Hutchinson and SLQ do dozens of times). It applies to one-batch ``data`` with the "rr" mode
-            (or "auto" once it has settled on it), and the graph is rebuilt whenever a parameter or the batch is
-            modified in place (an optimizer step), replaced, or the model's train/eval modes change. ``None``
+            (or "auto" once it has settled on it), and the graph is rebuilt whenever anything it captured changed:
+            a parameter (in scope or not), a buffer (BatchNorm's running statistics after a train-mode forward) or a
+            tensor of the batch modified in place, through ``.data`` included, or replaced, or the model's
+            train/eval modes (checked bit for bit against copies taken at the build: see :class:`CapturedState`).
+            Inputs that hold anything but tensors and plain Python scalars are never reused. ``None``
             (default): reuse when no module is in training mode (``model.eval()``), where the loss is a
             deterministic function of the parameters; ``True`` also in training mode, where a dropout mask is then
             drawn once and kept for every product (a fixed, symmetric random operator); ``False``: never. The
-            graph holds the activations (the memory of one training step's backward) until the operator is
-            deleted or :meth:`release_graph` is called.
+            graph holds the activations (the memory of one training step's backward), plus a copy of the
+            parameters, buffers and batch, until the operator is deleted or :meth:`release_graph` is called.
 
     The model is evaluated in its current mode, as set by ``model.train()`` / ``model.eval()``: in train mode
     dropout draws a new mask at every product (all the probes of one ``(k, n)`` block share a mask) and BatchNorm
@@ -147,7 +191,7 @@ class HessianOperator:
         self.shape = (self.n, self.n)
         self.num_matvecs = 0
         self.reuse_graph = reuse_graph
-        self._graph = None  # (key, leaves, gradients) of the reused first-order graph
+        self._graph: KeptGraph | None = None  # the reused first-order graph
         if _is_batch(data):
             self._data = [data]
         elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, dict)):
@@ -248,8 +292,13 @@ class HessianOperator:
         """Free the reused gradient graph (its activations); the next product rebuilds it. See ``reuse_graph``."""
         self._graph = None
 
-    def _graph_key(self, batch) -> tuple | None:
-        """What the reused graph depends on; None when it must not be reused (see ``reuse_graph``)."""
+    def _captured(self, batch) -> tuple[tuple, list[torch.Tensor]] | None:
+        """``(key, tensors)``: what a reused graph depends on, or None when it must not be reused (``reuse_graph``).
+
+        The tensors are every parameter and buffer of the model and every tensor of the batch; the key is the modes
+        and, per tensor, its identity, storage and layout (a replaced tensor, ``p.data = ...``, changes it), plus the
+        batch's non-tensor leaves. Their contents are checked separately (:class:`CapturedState`).
+        """
         if self.reuse_graph is False:
             return None
         if (self.mode if self.mode != "auto" else auto_choice(self)) != "rr":
@@ -257,30 +306,34 @@ class HessianOperator:
         training = tuple(module.training for module in self.model.modules())
         if self.reuse_graph is None and any(training):
             return None
-        inputs, targets = batch
-        tensors = [*self.params, targets] + ([inputs] if isinstance(inputs, torch.Tensor) else [])
-        if not isinstance(inputs, torch.Tensor):
-            return None  # a structured input: its contents cannot be checked for changes
-        # In-place updates bump _version; a replaced tensor (p.data = ..., a new batch) changes its identity.
-        return training, tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+        leaves = tree_leaves(batch)
+        if not all(leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str)) for leaf in leaves):
+            return None  # an object in the batch: its contents cannot be checked for changes
+        tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b is not None)]
+        tensors += [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        layout = tuple((id(t), t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+        scalars = tuple(leaf for leaf in leaves if not isinstance(leaf, torch.Tensor))
+        return (training, layout, scalars), tensors
 
     def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         params = check_params(self.params, where="HessianOperator")
         v, k = check_vectors(params, v, where="HessianOperator")
         batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
-        key = None if batch is None or not _is_batch(batch) or k == 0 else self._graph_key(batch)
-        if key is None:
+        captured = None if batch is None or not _is_batch(batch) or k == 0 else self._captured(batch)
+        if captured is None:
             self._graph = None
         else:
-            if self._graph is None or self._graph[0] != key:
-                self._graph = None  # free the old graph before building the new one
+            key, tensors = captured
+            graph = self._graph
+            if graph is None or graph.key != key or not graph.captured.unchanged():
+                self._graph = graph = None  # free the old graph before building the new one
                 batches = list(self._batches())
                 self._check_some_rows(len(batches))
                 inputs, targets, _ = batches[0]
-                self._graph = (key, *first_order_graph(self._loss_of(inputs, targets), params))
-            _, leaves, gradients = self._graph
+                leaves, gradients = first_order_graph(self._loss_of(inputs, targets), params)
+                self._graph = graph = KeptGraph(key, CapturedState(tensors), leaves, gradients)
             self.num_matvecs += 1 if k is None else k
-            return second_backward(leaves, gradients, v, k, keep_graph=True)
+            return second_backward(graph.leaves, graph.gradients, v, k, keep_graph=True)
         total, first_weight, total_weight = None, 0, 0
         for inputs, targets, weight in self._batches():
             hv, _ = compute_hvp(

@@ -301,6 +301,100 @@ def test_graph_reuse_needs_eval_mode_unless_asked():
         HessianOperator(model, F.cross_entropy, (inputs, targets), reuse_graph="yes")
 
 
+def _exact_product(model, inputs, targets, v, scope=None):
+    """The dense Hessian of the current model on the current batch (eval mode, buffers as they are now) times v."""
+    names = [name for name, p in model.named_parameters() if scope is None or scope(name, p)]
+    params = [dict(model.named_parameters())[name].detach() for name in names]
+    others = {name: p.detach() for name, p in model.named_parameters() if name not in names}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    shapes = [p.shape for p in params]
+
+    def f(flat):
+        pieces = [piece.reshape(shape) for piece, shape in zip(flat.split([p.numel() for p in params]), shapes)]
+        state = {**buffers, **others, **dict(zip(names, pieces))}
+        return F.cross_entropy(torch.func.functional_call(model, state, (inputs,)), targets)
+
+    flat = torch.cat([p.reshape(-1) for p in params])
+    return torch.autograd.functional.hessian(f, flat) @ v
+
+
+def _count_builds(monkeypatch):
+    import optim.hessian.operator as operator_module
+
+    builds = []
+    build = operator_module.first_order_graph
+    monkeypatch.setattr(operator_module, "first_order_graph", lambda *a: builds.append(1) or build(*a))
+    return builds
+
+
+@pytest.mark.parametrize("change", ["param .data", "buffer by a train-mode forward", "batch .data",
+                                    "targets in place", "out-of-scope param", "param replaced"])
+def test_a_kept_graph_is_never_stale(change, monkeypatch):
+    # Each of these changes the function the graph differentiates without bumping the version counters the
+    # operator used to trust (or outside what it tracked): the product must be the exact one at the new state.
+    model, inputs, targets = _batchnorm_case()
+    model.eval()
+    scope = (lambda name, p: not name.startswith("4.")) if change == "out-of-scope param" else None
+    H = HessianOperator(model, F.cross_entropy, (inputs, targets), mode="rr", param_filter=scope)
+    builds = _count_builds(monkeypatch)
+    v = flat_random(H)
+    H @ v
+    assert torch.allclose(H @ v, _exact_product(model, inputs, targets, v, scope), rtol=1e-10, atol=1e-12)
+    assert len(builds) == 1  # unchanged: reused
+    if change == "param .data":
+        model[0].weight.data.add_(0.3)
+    elif change == "buffer by a train-mode forward":
+        model.train()
+        model(torch.randn(8, 3, dtype=torch.float64) * 3 + 1)  # updates BatchNorm's running statistics
+        model.eval()
+    elif change == "batch .data":
+        inputs.data.mul_(2.0)
+    elif change == "targets in place":
+        targets.copy_(1 - targets)
+    elif change == "out-of-scope param":
+        model[4].weight.data.mul_(-2.0)
+    elif change == "param replaced":
+        model[0].weight.data = model[0].weight.data * 1.5
+    expected = _exact_product(model, inputs, targets, v, scope)
+    assert relative_error(H @ v, expected) <= EXACT_RTOL
+    assert len(builds) == 2
+    assert relative_error(H @ v, expected) <= EXACT_RTOL and len(builds) == 2  # the new graph is kept
+
+
+def test_a_kept_graph_with_structured_inputs_is_checked_too(monkeypatch):
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(2, 4).double()
+            self.head = nn.Linear(4, 2).double()
+
+        def forward(self, batch):
+            return self.head(torch.tanh(self.a(batch["x"]) + self.b(batch["z"])))
+
+    model = DictModel().eval()
+    x, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    targets = torch.randint(0, 2, (5,))
+    H = HessianOperator(model, F.cross_entropy, ({"x": x, "z": z}, targets), mode="rr")
+    builds = _count_builds(monkeypatch)
+    v = flat_random(H)
+    first = H @ v
+    assert torch.equal(first, H @ v) and len(builds) == 1 and H._graph is not None
+    z.data.mul_(-1.0)
+    fresh = HessianOperator(model, F.cross_entropy, ({"x": x, "z": z}, targets), mode="rr", reuse_graph=False)
+    assert torch.allclose(H @ v, fresh @ v, rtol=1e-12, atol=1e-12) and len(builds) == 2
+
+
+def test_captured_state_compares_bits():
+    # Bits are compared, not values: a parameter holding NaN still matches its copy (NaN != NaN as values).
+    from optim.hessian.operator import CapturedState
+
+    t = torch.tensor([1.0, float("nan"), -0.0])
+    state = CapturedState([t])
+    assert state.unchanged()
+    t[2] = 0.0  # -0.0 -> +0.0: a different bit pattern, a different tensor for the graph
+    assert not state.unchanged()
+
+
 def _batchnorm_case():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)

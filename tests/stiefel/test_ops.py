@@ -226,16 +226,54 @@ def test_bad_input_is_rejected_and_nothing_changes(device, implementation):
     assert torch.equal(x, x0) and torch.equal(g, g0)
 
 
-def test_bad_indices_are_rejected_on_cpu():
-    x = _point((20, 4), torch.float64, "cpu")
-    g = torch.randn(20, 4, dtype=torch.float64)
-    x0 = x.clone()
-    args = dict(rank=3, seed=0, offset=0, lr=0.1, core="qr", transport=False)
-    with pytest.raises(ValueError, match="twice"):
-        STEP(x, g, torch.tensor([1, 5, 1]), **args)
-    with pytest.raises(ValueError, match="outside"):
-        STEP(x, g, torch.tensor([1, 5, 20]), **args)
-    assert torch.equal(x, x0)
+# (shape of X, indices, the message of the first bad entry in row-major order: a value outside [0, max(n, p)), or a
+# row repeated within its matrix). On CUDA an index outside would be an illegal address (the kernel would poison the
+# CUDA context of the whole test process), so the check must come before any launch.
+BAD_INDICES = [
+    pytest.param((20, 4), [1, 5, 1], "indices[0] holds row 1 twice", id="repeat"),
+    pytest.param((20, 4), [1, 5, 20], "indices[0] holds 20, outside [0, 20)", id="too-large"),
+    pytest.param((20, 4), [-1, 5, 2], "indices[0] holds -1, outside [0, 20)", id="negative"),
+    pytest.param((4, 20), [3, 19, 3], "indices[0] holds row 3 twice", id="n<p-repeat"),  # columns, N = 20
+    pytest.param((4, 20), [3, 19, 2**40], "indices[0] holds 1099511627776, outside [0, 20)", id="n<p-huge"),
+    # the first bad entry decides: a repeat before a value outside, and the other way round, in a later matrix
+    pytest.param((3, 20, 4), [[0, 1, 2], [7, 7, 99], [0, 1, 2]], "indices[1] holds row 7 twice", id="repeat-first"),
+    pytest.param((3, 20, 4), [[0, 1, 2], [7, 99, 7], [0, 1, 2]], "indices[1] holds 99, outside [0, 20)",
+                 id="outside-first"),
+    pytest.param((3, 20, 4), [[0, 1, 2], [4, 3, 4], [5, 5, -2]], "indices[1] holds row 4 twice",
+                 id="earlier-matrix-first"),
+    # on CUDA the fused path (70 matrices) and the gemm path (r·P = 100·400 > 32768) check alike
+    pytest.param((70, 30, 6), [[0, 1, 2]] * 69 + [[3, 31, 1]], "indices[69] holds 31, outside [0, 30)",
+                 id="fused-path"),
+    pytest.param((600, 400), list(range(99)) + [598], None, id="gemm-path-valid"),
+    pytest.param((600, 400), list(range(99)) + [600], "indices[0] holds 600, outside [0, 600)",
+                 id="gemm-path-outside"),
+    pytest.param((600, 400), list(range(99)) + [50], "indices[0] holds row 50 twice", id="gemm-path-repeat"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, rows, message", BAD_INDICES)
+def test_bad_indices_are_rejected_with_the_same_message_and_nothing_changes(device, shape, rows, message):
+    x = _point(shape, torch.float64, device)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    indices = torch.tensor(rows, device=device)
+    r = indices.shape[-1]
+    x0, g0 = x.clone(), g.clone()
+    args = dict(rank=r, seed=0, offset=0, lr=0.1, core="qr", transport=True)
+    if message is None:  # a valid set of the same shape: the check must not reject it
+        STEP(x, g, indices, **args)
+        assert not torch.equal(x, x0)
+        return
+    messages = []
+    for step in (STEP, rsdm_step_reference):
+        with pytest.raises(ValueError) as error:
+            step(x, g, indices, **args)
+        messages.append(str(error.value).splitlines()[0])
+        assert torch.equal(x, x0) and torch.equal(g, g0), f"{step} wrote before rejecting the indices"
+    assert messages[0] == messages[1], "the kernel and the reference must say the same"
+    assert messages[0].startswith(f"rsdm_step_: {message}"), messages[0]
+    if device == "cuda":
+        torch.cuda.synchronize()  # the context is still usable
 
 
 def test_multithreaded_cpu_kernel_matches_reference():

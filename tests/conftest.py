@@ -4,8 +4,12 @@
   run of the references against themselves. Set it to 0 explicitly to test a pure-Python install.
 * ``DEVICES`` parametrizes a test over CPU and CUDA; the CUDA case carries the ``cuda`` marker and is skipped without
   a GPU, unless ``OPTIM_REQUIRE_CUDA=1`` (set on the GPU machine) turns that skip into a failure.
+* Every ``cuda``-marked test runs with deterministic cuDNN algorithms and without TF32 (``cuda_numerics``), so that
+  a computation repeated in one test gives the same bits and float32 convolutions and matmuls keep float32
+  precision against the float64 references; the previous settings are restored afterwards.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("OPTIM_REQUIRE_EXTENSION", "1")
@@ -30,3 +34,26 @@ def pytest_runtest_setup(item):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@contextlib.contextmanager
+def cuda_numerics():
+    """cuDNN deterministic and not benchmarking (benchmark mode may pick another algorithm per call, and some
+    algorithms accumulate with atomics in any order), TF32 off for cuBLAS and cuDNN (float32 would round its inputs
+    to 10 mantissa bits); the previous values come back on exit."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32)
+    cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _cuda_numerics(request):
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    with cuda_numerics():
+        yield

@@ -20,6 +20,23 @@ import torch  # noqa: E402
 import optim  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def batch_split_sizes(large: int = 21_000_000) -> list[int]:
+    """Tensor sizes for one multi-tensor call that csrc/common/multi_tensor_apply.cuh must split into several launches.
+
+    A launch holds at most 24-56 tensors (by list depth) and 320 chunks of 65536 elements, and a tensor that does not
+    fit is carried into the next launch. 60 small tensors, one of 3 chunks at position 29 (the 30th tensor, where a
+    4-list launch is full before its last chunk) and, at position 58, one of ``large`` elements (21M: 321 chunks, more
+    than one launch holds) after the first launches were cut by the tensor count, so that a launch ends inside it and
+    it continues in slot 0 of the next one.
+    """
+    sizes = [(i * 1237) % 4000 + 1 for i in range(60)]
+    sizes[29] = 2 * 65536 + 3
+    sizes.insert(58, large)
+    return sizes
+
+
 REQUIRE_EXTENSION = optim._library._env_flag("OPTIM_REQUIRE_EXTENSION")
 REQUIRE_CUDA = optim._library._env_flag("OPTIM_REQUIRE_CUDA")
 

@@ -44,14 +44,21 @@ const Scalar* maybe_data(const std::vector<std::vector<at::Tensor>>& work, size_
 template <typename param_t>
 using StateType = std::conditional_t<std::is_same_v<param_t, double>, double, float>;
 
-// Runs body.template operator()<curv_t>() with curv_t the C++ type of the curvature lists (param or state type).
+// Compile-time arguments for generic lambdas (C++17 has no template lambdas): a type travels as a TypeTag<T>
+// value, a bool or enum as a std::integral_constant; both are empty, so passing them costs nothing.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Runs body(TypeTag<curv_t>{}) with curv_t the C++ type of the curvature lists (param or state type).
 template <typename param_t, typename Body>
 void dispatch_curvature(bool curvature_has_param_dtype, Body&& body) {
   using T = StateType<param_t>;
   if (curvature_has_param_dtype) {
-    body.template operator()<param_t>();
+    body(TypeTag<param_t>{});
   } else {
-    body.template operator()<T>();
+    body(TypeTag<T>{});
   }
 }
 
@@ -137,18 +144,21 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   for (const int64_t seed : probe_seeds) mixed_seeds.push_back(mix64(static_cast<uint64_t>(seed)));
   const bool curvature_has_param_dtype = refresh && hessian_products[0].scalar_type() == params[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_sophia_cpu", [&] {
-    dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&]<typename curv_t>() {
-      const auto run = [&]<bool kRefresh, ProbeSource kProbes>() {
-        sophia_cpu<kRefresh, kProbes, scalar_t, curv_t>(operands, hyper, mixed_seeds, probe_offsets);
+    dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&](auto curv_tag) {
+      using curv_t = typename decltype(curv_tag)::type;
+      const auto run = [&](auto refresh_tag, auto probes_tag) {
+        sophia_cpu<decltype(refresh_tag)::value, decltype(probes_tag)::value, scalar_t, curv_t>(
+            operands, hyper, mixed_seeds, probe_offsets);
       };
+      using NoProbes = std::integral_constant<ProbeSource, ProbeSource::kNone>;
       if (!refresh) {
-        run.template operator()<false, ProbeSource::kNone>();
+        run(std::false_type{}, NoProbes{});
       } else if (source == ProbeSource::kNone) {
-        run.template operator()<true, ProbeSource::kNone>();
+        run(std::true_type{}, NoProbes{});
       } else if (source == ProbeSource::kTensor) {
-        run.template operator()<true, ProbeSource::kTensor>();
+        run(std::true_type{}, std::integral_constant<ProbeSource, ProbeSource::kTensor>{});
       } else {
-        run.template operator()<true, ProbeSource::kCounter>();
+        run(std::true_type{}, std::integral_constant<ProbeSource, ProbeSource::kCounter>{});
       }
     });
   });
@@ -202,7 +212,8 @@ void fused_adahessian_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   ElementwiseOperands operands = elementwise_operands(lists, written);
   const bool curvature_has_param_dtype = refresh && hessian_diagonals[0].scalar_type() == params[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_adahessian_cpu", [&] {
-    dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&]<typename curv_t>() {
+    dispatch_curvature<scalar_t>(curvature_has_param_dtype, [&](auto curv_tag) {
+      using curv_t = typename decltype(curv_tag)::type;
       if (refresh) {
         adahessian_cpu<true, scalar_t, curv_t>(operands, hyper);
       } else {

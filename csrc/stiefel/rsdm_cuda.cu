@@ -369,6 +369,32 @@ at::Tensor aten_core(const at::Tensor& a, double lr, RsdmCore core) {
   return q * signs.unsqueeze(-2);
 }
 
+// Given indices, before anything is written: every value in [0, n_rows) and no row twice within a matrix, with the
+// CPU kernel's messages for the first offending entry in row-major order (a range error where the value is outside,
+// else a repeat). An index outside would be an illegal address that poisons the CUDA context for the process; a
+// repeated one breaks orthogonality. The checks run on the device (a stable sort per matrix puts the later copies
+// of a value right after its first one), then one host read of the first bad position.
+void check_given_indices(const at::Tensor& indices, int64_t batch, int64_t r, int64_t n_rows) {
+  const at::Tensor flat = indices.reshape({batch, r});
+  at::Tensor bad = at::logical_or(flat < 0, flat >= n_rows);
+  if (r > 1) {
+    const auto [sorted, order] = at::sort(flat, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+    at::Tensor repeated = at::zeros_like(bad);
+    repeated.scatter_(1, order.slice(1, 1), sorted.slice(1, 1).eq(sorted.slice(1, 0, r - 1)));
+    bad.logical_or_(repeated);
+  }
+  const int64_t count = batch * r;
+  const int64_t first =
+      at::where(bad.reshape({count}), at::arange(count, flat.options()), count).min().item<int64_t>();
+  if (first == count) return;
+  const int64_t b = first / r;
+  const int64_t row = flat.reshape({count})[first].item<int64_t>();
+  TORCH_CHECK_VALUE(row >= 0 && row < n_rows, "rsdm_step_: indices[", b, "] holds ", row, ", outside [0, ", n_rows,
+                    ")");
+  TORCH_CHECK_VALUE(false, "rsdm_step_: indices[", b, "] holds row ", row,
+                    " twice; the r indices of a matrix must be distinct");
+}
+
 void rsdm_step_cuda(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>& indices, int64_t rank, int64_t seed,
                     int64_t offset, double lr, c10::string_view core, bool transport) {
   const int64_t r = check_rsdm_step_args(x, g, indices, rank, offset, lr, c10::DeviceType::CUDA);
@@ -381,6 +407,7 @@ void rsdm_step_cuda(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>&
   const bool flip = n < p;
   const int64_t n_rows = flip ? p : n, n_cols = flip ? n : p;
   TORCH_CHECK(n_rows < (int64_t{1} << 31), "rsdm_step_: max(n, p) must be below 2^31, got ", n_rows);
+  if (indices.has_value()) check_given_indices(*indices, batch, r, n_rows);
   at::Tensor x_work = x.contiguous(), g_work = g.contiguous();
   const int64_t limit = shared_limit(x);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

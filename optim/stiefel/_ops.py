@@ -22,7 +22,8 @@ only the r rows of X (and G) are touched.
 
 Shapes and dtypes: X and G (..., n, p) of one dtype (float32 or float64) and device, X̃ᵀX̃ = I expected (not
 checked: the optimizer checks it once). ``indices``: None, or int64 (..., r) with the batch shape of X, distinct
-values in [0, N) per matrix (not checked on CUDA, which would need a host sync; duplicates break orthogonality).
+values in [0, N) per matrix (checked before anything is written, on CUDA with one host read per call that passes
+indices; an index outside would be an illegal address, a repeated one breaks orthogonality).
 With ``indices=None`` each matrix b (row-major over the batch dims) gets the index set drawn by
 ``rsdm_sample_rows_`` from counters ``offset + b·rank + k``, k < rank; then ``rank`` is r. When ``indices`` is
 given, ``rank`` must equal its last size and seed/offset are unused.
@@ -146,6 +147,24 @@ def check_rsdm_step_args(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor
         raise ValueError(f"rsdm_step_: indices.shape[-1] = {r} must be in [1, {n_rows}] and equal rank = {rank}")
 
 
+def check_rsdm_index_values(indices: torch.Tensor, n_rows: int) -> None:
+    """Raise ``ValueError`` at the first entry (row-major) of ``indices`` (..., r) outside [0, n_rows) or repeating a
+    row of its matrix, with the kernels' messages. Reads the values (a host sync on CUDA), so the fake skips it."""
+    r = indices.shape[-1]
+    flat = indices.reshape(-1, r)
+    bad = (flat < 0) | (flat >= n_rows)
+    # A stable sort puts the later copies of a value right after its first one; those later positions repeat it.
+    ordered, order = flat.sort(dim=-1, stable=True)
+    bad.scatter_(-1, order[:, 1:], bad.gather(-1, order[:, 1:]) | (ordered[:, 1:] == ordered[:, :-1]))
+    if not bad.any():
+        return
+    first = int(bad.flatten().nonzero()[0])
+    b, row = first // r, int(flat.flatten()[first])
+    if not 0 <= row < n_rows:
+        raise ValueError(f"rsdm_step_: indices[{b}] holds {row}, outside [0, {n_rows})")
+    raise ValueError(f"rsdm_step_: indices[{b}] holds row {row} twice; the r indices of a matrix must be distinct")
+
+
 def _core_reference(m: torch.Tensor, core: str) -> torch.Tensor:
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     if core == "cayley":
@@ -164,11 +183,14 @@ def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor 
     xo, go = (x.mT, g.mT) if flip else (x, g)
     n_rows, n_cols = xo.shape[-2:]
     batch_shape = x.shape[:-2]
-    if indices is None:
+    given = indices is not None
+    if not given:
         indices = torch.empty(*batch_shape, rank, dtype=torch.int64, device=x.device)
         rsdm_sample_rows_reference(indices, n_rows, seed, offset)
     if indices.numel() == 0 or xo.numel() == 0:
         return
+    if given:
+        check_rsdm_index_values(indices, n_rows)
     gather = indices.unsqueeze(-1).expand(*batch_shape, indices.shape[-1], n_cols)
     x_rows = torch.gather(xo, -2, gather)
     g_rows = torch.gather(go, -2, gather)

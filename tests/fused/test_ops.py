@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import optim
 from optim.fused._ops import fused_adamw_reference, moment_dtype
 
-from ..conftest import DEVICES, REQUIRE_EXTENSION
+from ..conftest import DEVICES, REQUIRE_EXTENSION, batch_split_sizes
 
 OP = torch.ops.optim.fused_adamw_
 HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False)
@@ -105,6 +105,18 @@ def test_kernel_matches_float64_reference(device, dtype, shapes, maximize):
         fused_adamw_reference(**reference, **hyper)
         assert_matches_reference(lists, reference, dtype)
         assert_guards_intact(buffers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_and_a_huge_one_split_into_launches(device):
+    """61 tensors, one of 21M elements: on CUDA several launches of at most 30 tensors and 320 chunks, with the large
+    tensor carried across a launch boundary (conftest.batch_split_sizes); on CPU the CPU kernel at that size."""
+    lists, buffers = make_inputs(batch_split_sizes(), torch.float32, device)
+    reference = as_float64(lists)
+    OP(**lists, **HYPER)
+    fused_adamw_reference(**reference, **HYPER)
+    assert_matches_reference(lists, reference, torch.float32)
+    assert_guards_intact(buffers)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,7 +10,7 @@ from optim.hessian import rademacher, rademacher_like
 from optim._counter_hash import GOLDEN_GAMMA, mix64_int
 from optim.hessian._ops import rademacher_reference
 
-from ..conftest import DEVICES, REQUIRE_EXTENSION
+from ..conftest import DEVICES, REQUIRE_EXTENSION, batch_split_sizes
 
 OP = torch.ops.optim.rademacher_
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -47,6 +47,19 @@ def test_kernel_equals_reference_bitwise(device, dtype, shapes):
     rademacher_reference(want, seed, offset)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_and_a_huge_one_split_into_launches(device):
+    """61 outputs, one of 21M elements: on CUDA several launches of at most 56 tensors and 320 chunks, with the large
+    tensor carried across a launch boundary (its counters continue there); on CPU the CPU kernel at that size."""
+    seed, offset = int(torch.randint(-2**62, 2**62, ()).item()), int(torch.randint(0, 2**40, ()).item())
+    sizes = batch_split_sizes()
+    got, want = poisoned(sizes, torch.float32, device), poisoned(sizes, torch.float32, device)
+    OP(got, seed, offset)
+    rademacher_reference(want, seed, offset)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"out[{i}] ({g.numel()} elements) differs from the reference"
 
 
 def test_reference_is_splitmix64():

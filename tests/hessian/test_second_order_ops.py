@@ -14,7 +14,7 @@ from optim.hessian import rademacher_like
 from optim.hessian._ops import (fused_adahessian_reference, fused_sophia_reference, regenerated_probes,
                                 second_order_state_dtype)
 
-from ..conftest import DEVICES, REQUIRE_EXTENSION
+from ..conftest import DEVICES, REQUIRE_EXTENSION, batch_split_sizes
 
 SOPHIA = torch.ops.optim.fused_sophia_
 ADAHESSIAN = torch.ops.optim.fused_adahessian_
@@ -202,6 +202,23 @@ def test_kernel_matches_float64_reference(device, dtype, shapes, op, mode):
         call(op, "reference", reference, hyper)
         assert_matches_reference(op, lists, reference, dtype, allowance)
         assert_guards_intact(buffers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,mode", [("sophia", "probes"), ("sophia", "counters"), ("adahessian", "diagonal")],
+                         ids=str)
+def test_many_tensors_and_a_huge_one_split_into_launches(device, op, mode):
+    """61 tensors: on CUDA several launches of at most 24 tensors (5 or 6 lists) and 320 chunks, with a 21M-element
+    tensor carried across a launch boundary (its per-tensor counters and element offsets with it). The CPU kernel
+    has no launches to split, so on CPU the large tensor is 3 chunks, to keep the file fast."""
+    large = 21_000_000 if device == "cuda" else 3 * 65536 + 7
+    lists, buffers = make_inputs(op, batch_split_sizes(large), torch.float32, device, mode=mode)
+    reference = as_float64(lists)
+    allowance = cancellation_allowance(op, as_float64(lists), HYPER[op], torch.float32)
+    call(op, "kernel", lists, HYPER[op])
+    call(op, "reference", reference, HYPER[op])
+    assert_matches_reference(op, lists, reference, torch.float32, allowance)
+    assert_guards_intact(buffers)
 
 
 @pytest.mark.parametrize("device", DEVICES)

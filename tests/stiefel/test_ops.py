@@ -16,9 +16,22 @@ SAMPLE = torch.ops.optim.rsdm_sample_rows_
 CORES = ["qr", "cayley", "exp"]
 GUARD = 3
 
-# (shape of X, r). Covers r = 1, r = N, batches (1-D and 2-D batch shapes), the n < p orientation, and on CUDA the
-# three paths: many matrices (fused launch), one large matrix with r <= 128 (gemm + shared-memory core), and a core
-# too large for shared memory (r > 128: torch.linalg core); on CPU the loop core (r < 48) and the LAPACK core.
+# (shape of X, r). Covers r = 1, r = N, batches (1-D and 2-D batch shapes), the n < p orientation, on CPU the loop
+# core (r < 48) and the LAPACK core, and on CUDA every launch path of rsdm_step_ (csrc/stiefel/rsdm_cuda.cu, with
+# N, P the oriented sizes max(n, p), min(n, p)). The fused launch is taken when r <= 128, the batch is >= SMs / 2
+# (66 on an H100/H200) or r·P <= kFusedWorkPerMatrix = 32768, and its shared memory fits; otherwise the gemm path
+# (gather, cuBLAS bmm, the core, scatter), whose core is rsdm_core_kernel when r <= 128 and the r×r core fits in
+# shared memory, else torch.linalg (and for float32 at r >= 129 the whole rotation in float64):
+#   * fused: every case below with r·P <= 32768, e.g. (30, 8) r = 5 (40), (8, 30) r = 7 (n < p: 56), (3, 60, 10)
+#     r = 48 (480).
+#   * gemm + rsdm_core_kernel: (600, 400) r = 100: r·P = 40000 > 32768, batch 1 < 66. Its core needs 400 B of
+#     indices + r²·sizeof(T) + max(r, 8)·sizeof(T) (+ 2·r²·sizeof(T) for exp): float32 40.8 KB (exp 120.8 KB),
+#     float64 81.2 KB, all under the 227 KB opt-in limit; float64 exp needs 241.2 KB and takes torch.linalg.
+#     (600, 300) r = 100 would not do: r·P = 30000 <= 32768 is the fused launch.
+#   * the same with a batch: (4, 600, 400) r = 100 (batch 4 < 66, r·P = 40000).
+#   * the same for n < p: (400, 600) r = 100 (oriented N = 600, P = 400: r·P = 40000).
+#   * gemm + torch.linalg core: (200, 40) r = 150 > 128 (float32: the float64 rotation, r >= 129).
+# Given indices take the same paths: test_given_indices_match_float64_reference.
 CASES = [
     ((30, 8), 5),
     ((3, 30, 8), 30),
@@ -26,7 +39,9 @@ CASES = [
     ((40, 6), 1),
     ((2, 3, 25, 4), 12),
     ((70, 24, 6), 9),
-    ((600, 300), 100),
+    ((600, 400), 100),
+    ((4, 600, 400), 100),
+    ((400, 600), 100),
     ((200, 40), 150),
     ((3, 60, 10), 48),
 ]
@@ -113,6 +128,48 @@ def test_step_matches_float64_reference(device, dtype, core, shape, r):
         else:
             assert torch.equal(g, g0), "G must not be written without transport"
         assert distance_to_manifold(x).max() < (1e-12 if dtype == torch.float64 else 1e-5) * max(1, r) ** 0.5 * 10
+
+
+# (shape of X, r) with given indices, one per CUDA launch path (arithmetic as for CASES): fused (r·P = 48 and, for
+# n < p, 7·6 = 42), gemm + rsdm_core_kernel with a batch (r·P = 100·400 = 40000 > 32768, batch 2 < 66), the same for
+# n < p, and gemm + torch.linalg core (r = 150 > 128).
+GIVEN_CASES = [
+    ((5, 50, 6), 8),
+    ((3, 6, 40), 7),
+    ((2, 600, 400), 100),
+    ((2, 400, 600), 100),
+    ((200, 40), 150),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("shape, r", GIVEN_CASES, ids=str)
+def test_given_indices_match_float64_reference(device, dtype, core, shape, r):
+    """Indices passed in (distinct, in no particular order) instead of drawn: kernel against the float64 reference."""
+    if device == "cpu" and shape[-2] * shape[-1] > 50000 and dtype == torch.float32:
+        pytest.skip("the large cases exercise the CUDA paths; float64 covers them on CPU")
+    n_rows = max(shape[-2:])
+    batch_shape = shape[:-2]
+    batch = 1
+    for size in batch_shape:
+        batch *= size
+    indices = torch.stack([torch.randperm(n_rows)[:r] for _ in range(batch)]).view(*batch_shape, r).to(device)
+    x0 = _point(shape, dtype, device)
+    g0 = torch.randn(shape, dtype=dtype, device=device)
+    x, x_buffer = _guarded(x0)
+    g, g_buffer = _guarded(g0)
+    want_x, want_g = x0.double().clone(), g0.double().clone()
+    # seed and offset are unused with indices: different values must not matter
+    STEP(x, g, indices, rank=r, seed=5, offset=3, lr=0.3, core=core, transport=True)
+    rsdm_step_reference(want_x, want_g, indices, rank=r, seed=0, offset=0, lr=0.3, core=core, transport=True)
+    _assert_guards(x_buffer)
+    _assert_guards(g_buffer)
+    assert not x.isnan().any() and not g.isnan().any()
+    scale = TOLERANCE[dtype] * max(1.0, g0.abs().max().item())
+    torch.testing.assert_close(x.double(), want_x, rtol=0, atol=scale)
+    torch.testing.assert_close(g.double(), want_g, rtol=0, atol=scale * g0.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -226,16 +283,54 @@ def test_bad_input_is_rejected_and_nothing_changes(device, implementation):
     assert torch.equal(x, x0) and torch.equal(g, g0)
 
 
-def test_bad_indices_are_rejected_on_cpu():
-    x = _point((20, 4), torch.float64, "cpu")
-    g = torch.randn(20, 4, dtype=torch.float64)
-    x0 = x.clone()
-    args = dict(rank=3, seed=0, offset=0, lr=0.1, core="qr", transport=False)
-    with pytest.raises(ValueError, match="twice"):
-        STEP(x, g, torch.tensor([1, 5, 1]), **args)
-    with pytest.raises(ValueError, match="outside"):
-        STEP(x, g, torch.tensor([1, 5, 20]), **args)
-    assert torch.equal(x, x0)
+# (shape of X, indices, the message of the first bad entry in row-major order: a value outside [0, max(n, p)), or a
+# row repeated within its matrix). On CUDA an index outside would be an illegal address (the kernel would poison the
+# CUDA context of the whole test process), so the check must come before any launch.
+BAD_INDICES = [
+    pytest.param((20, 4), [1, 5, 1], "indices[0] holds row 1 twice", id="repeat"),
+    pytest.param((20, 4), [1, 5, 20], "indices[0] holds 20, outside [0, 20)", id="too-large"),
+    pytest.param((20, 4), [-1, 5, 2], "indices[0] holds -1, outside [0, 20)", id="negative"),
+    pytest.param((4, 20), [3, 19, 3], "indices[0] holds row 3 twice", id="n<p-repeat"),  # columns, N = 20
+    pytest.param((4, 20), [3, 19, 2**40], "indices[0] holds 1099511627776, outside [0, 20)", id="n<p-huge"),
+    # the first bad entry decides: a repeat before a value outside, and the other way round, in a later matrix
+    pytest.param((3, 20, 4), [[0, 1, 2], [7, 7, 99], [0, 1, 2]], "indices[1] holds row 7 twice", id="repeat-first"),
+    pytest.param((3, 20, 4), [[0, 1, 2], [7, 99, 7], [0, 1, 2]], "indices[1] holds 99, outside [0, 20)",
+                 id="outside-first"),
+    pytest.param((3, 20, 4), [[0, 1, 2], [4, 3, 4], [5, 5, -2]], "indices[1] holds row 4 twice",
+                 id="earlier-matrix-first"),
+    # on CUDA the fused path (70 matrices) and the gemm path (r·P = 100·400 > 32768) check alike
+    pytest.param((70, 30, 6), [[0, 1, 2]] * 69 + [[3, 31, 1]], "indices[69] holds 31, outside [0, 30)",
+                 id="fused-path"),
+    pytest.param((600, 400), list(range(99)) + [598], None, id="gemm-path-valid"),
+    pytest.param((600, 400), list(range(99)) + [600], "indices[0] holds 600, outside [0, 600)",
+                 id="gemm-path-outside"),
+    pytest.param((600, 400), list(range(99)) + [50], "indices[0] holds row 50 twice", id="gemm-path-repeat"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, rows, message", BAD_INDICES)
+def test_bad_indices_are_rejected_with_the_same_message_and_nothing_changes(device, shape, rows, message):
+    x = _point(shape, torch.float64, device)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    indices = torch.tensor(rows, device=device)
+    r = indices.shape[-1]
+    x0, g0 = x.clone(), g.clone()
+    args = dict(rank=r, seed=0, offset=0, lr=0.1, core="qr", transport=True)
+    if message is None:  # a valid set of the same shape: the check must not reject it
+        STEP(x, g, indices, **args)
+        assert not torch.equal(x, x0)
+        return
+    messages = []
+    for step in (STEP, rsdm_step_reference):
+        with pytest.raises(ValueError) as error:
+            step(x, g, indices, **args)
+        messages.append(str(error.value).splitlines()[0])
+        assert torch.equal(x, x0) and torch.equal(g, g0), f"{step} wrote before rejecting the indices"
+    assert messages[0] == messages[1], "the kernel and the reference must say the same"
+    assert messages[0].startswith(f"rsdm_step_: {message}"), messages[0]
+    if device == "cuda":
+        torch.cuda.synchronize()  # the context is still usable
 
 
 def test_multithreaded_cpu_kernel_matches_reference():

@@ -14,6 +14,13 @@ inline std::string dtype_name(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
+// "(4, 5)", "(3,)", "()": a shape as Python prints a tuple, so C++ and Python errors read the same.
+inline std::string shape_name(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
 inline void check_list_length(const char* op, const char* name, at::TensorList tensors, const char* reference_name,
                               size_t expected) {
   TORCH_CHECK_VALUE(tensors.size() == expected, op, ": ", name, " has ", tensors.size(), " tensors but ",

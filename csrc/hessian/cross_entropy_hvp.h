@@ -8,12 +8,12 @@
 namespace optim {
 
 inline void check_cross_entropy_hvp_args(const at::Tensor& logits, const at::Tensor& tangent, double scale,
-                                         c10::DeviceType device_type) {
+                                         const c10::optional<at::Tensor>& target, c10::DeviceType device_type) {
   constexpr const char* op = "cross_entropy_hvp";
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) > 0, op,
-                    ": logits must have a non-empty class dimension, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(tangent.sizes() == logits.sizes(), op, ": tangent has shape ", tangent.sizes(),
-                    " but logits has shape ", logits.sizes(), "; they must match");
+                    ": logits must have a non-empty class dimension, got shape ", shape_name(logits.sizes()));
+  TORCH_CHECK_VALUE(tangent.sizes() == logits.sizes(), op, ": tangent has shape ", shape_name(tangent.sizes()),
+                    " but logits has shape ", shape_name(logits.sizes()), "; they must match");
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                     ": logits must be floating point, got ", dtype_name(dtype));
@@ -23,6 +23,20 @@ inline void check_cross_entropy_hvp_args(const at::Tensor& logits, const at::Ten
   TORCH_CHECK(logits.device().type() == device_type, op, ": logits are on ", logits.device(),
               " but this kernel runs on ", device_type);
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  if (target.has_value()) {
+    const auto expected = logits.sizes().slice(0, logits.dim() - 1);
+    TORCH_CHECK_VALUE(target->sizes() == expected, op, ": target has shape ", shape_name(target->sizes()),
+                      " but logits of shape ", shape_name(logits.sizes()), " need ", shape_name(expected),
+                      " (one class index per row)");
+    TORCH_CHECK_VALUE(target->scalar_type() == at::kLong && target->device() == logits.device(), op,
+                      ": target must be int64 class indices on ", logits.device(), ", got ",
+                      dtype_name(target->scalar_type()), " on ", target->device());
+  }
+}
+
+// Whether row `row` is ignored: its target (if any) equals ignore_index, so its output row is zero.
+C10_HOST_DEVICE inline bool cross_entropy_row_ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
+  return target != nullptr && target[row] == ignore_index;
 }
 
 }  // namespace optim

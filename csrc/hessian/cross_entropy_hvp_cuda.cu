@@ -1,7 +1,8 @@
 // CUDA kernel of optim::cross_entropy_hvp: one block per row (grid-stride over rows). Pass 1 reads z and u once,
 // keeping per thread an online softmax state (running max m, Σ exp(z − m), Σ exp(z − m)·u) that is merged across
 // the block; pass 2 reads them again and writes scale · p ⊙ (u − ⟨p, u⟩). The state is double for every dtype (as
-// the CPU kernel's sums); the per-element exponentials and pass 2 run in float32 (float64 for double).
+// the CPU kernel's sums); the per-element exponentials and pass 2 run in float32 (float64 for double). A row whose
+// target is ignore_index is only zeroed.
 #include "cross_entropy_hvp.h"
 
 #include <ATen/Dispatch.h>
@@ -104,7 +105,9 @@ template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) cross_entropy_hvp_kernel(const scalar_t* __restrict__ logits,
                                                                     const scalar_t* __restrict__ tangent,
                                                                     scalar_t* __restrict__ out, int64_t rows,
-                                                                    int64_t classes, double scale) {
+                                                                    int64_t classes, double scale,
+                                                                    const int64_t* __restrict__ target,
+                                                                    int64_t ignore_index) {
   __shared__ SoftmaxState warp_states[kWarps];
   __shared__ SoftmaxState row_state;
   const int lane = threadIdx.x % 32;
@@ -112,6 +115,11 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_hvp_kernel(const scala
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const scalar_t* z = logits + row * classes;
     const scalar_t* u = tangent + row * classes;
+    if (cross_entropy_row_ignored(target, row, ignore_index)) {  // the whole block takes this branch together
+      scalar_t* y = out + row * classes;
+      for (int64_t j = threadIdx.x; j < classes; j += kThreads) y[j] = static_cast<scalar_t>(0);
+      continue;
+    }
     SoftmaxState state = empty_state();
     for (int64_t j = threadIdx.x; j < classes; j += kThreads) {
       absorb(state, static_cast<T>(z[j]), static_cast<T>(u[j]));
@@ -134,11 +142,14 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_hvp_kernel(const scala
   }
 }
 
-at::Tensor cross_entropy_hvp_cuda(const at::Tensor& logits, const at::Tensor& tangent, double scale) {
-  check_cross_entropy_hvp_args(logits, tangent, scale, c10::DeviceType::CUDA);
+at::Tensor cross_entropy_hvp_cuda(const at::Tensor& logits, const at::Tensor& tangent, double scale,
+                                  const c10::optional<at::Tensor>& target, int64_t ignore_index) {
+  check_cross_entropy_hvp_args(logits, tangent, scale, target, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();
   const at::Tensor u = tangent.contiguous();
+  const at::Tensor y = target.has_value() ? target->contiguous() : at::Tensor();
+  const int64_t* target_ptr = y.defined() ? y.data_ptr<int64_t>() : nullptr;
   at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t classes = logits.size(-1);
   const int64_t rows = logits.numel() / classes;
@@ -149,7 +160,8 @@ at::Tensor cross_entropy_hvp_cuda(const at::Tensor& logits, const at::Tensor& ta
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_hvp_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     cross_entropy_hvp_kernel<scalar_t, T><<<blocks, kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, classes, scale);
+        z.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, classes, scale, target_ptr,
+        ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -3,7 +3,7 @@
 from . import _ops
 from .adahessian import AdaHessian
 from .hvp import hvp
-from .losses import cross_entropy
+from .losses import causal_lm_loss, cross_entropy
 from .monitor import SharpnessMonitor
 from .operator import HessianOperator
 from .probes import rademacher, rademacher_like
@@ -13,5 +13,5 @@ from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOpera
 
 __all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH",
            "SpectralDensity",
-           "TraceEstimate", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
+           "TraceEstimate", "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
            "spectral_density", "top_eigenvalues", "trace"]

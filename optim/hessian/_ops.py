@@ -1,9 +1,14 @@
 """Ops of the Hessian family: schemas, fake kernels and plain-PyTorch references.
 
-``optim::cross_entropy_hvp(logits, tangent, scale)`` multiplies the Hessian of softmax cross-entropy with respect
-to the logits by a tangent, row by row (the last dimension is the class dimension V)::
+``optim::cross_entropy_hvp(logits, tangent, scale, target=None, ignore_index=-100)`` multiplies the Hessian of
+softmax cross-entropy with respect to the logits by a tangent, row by row (the last dimension is the class dimension
+V)::
 
     p = softmax(z),   out = scale · p ⊙ (u − ⟨p, u⟩)      i.e. scale · (diag(p) − p pᵀ) u
+
+With ``target`` (the class indices, shape ``logits.shape[:-1]``, int64) a row whose target is ``ignore_index``
+contributes no loss, so its Hessian block is zero: its output row is exactly 0 and its logits are not read (the
+convention of ``F.cross_entropy(..., ignore_index=-100)``, padding and prompt tokens of a causal LM).
 
 For ``F.cross_entropy(z, y, reduction="mean")`` over N rows the Hessian block of row i is (diag(pᵢ) − pᵢpᵢᵀ)/N, so
 ``scale = 1/N``. It is also the Gauss-Newton product of any model with a cross-entropy loss. Computed in float32
@@ -77,7 +82,8 @@ rademacher_ = define_op(
 
 # --- cross-entropy Hessian-vector product -----------------------------------------------------------------------
 
-def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, scale: float) -> None:
+def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, scale: float,
+                                 target: torch.Tensor | None = None) -> None:
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"cross_entropy_hvp: logits must have a non-empty class dimension, got shape "
                          f"{tuple(logits.shape)}")
@@ -91,35 +97,51 @@ def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, sc
                            f"{logits.dtype} on {logits.device}")
     if not math.isfinite(scale):
         raise ValueError(f"cross_entropy_hvp: scale must be finite, got {scale}")
+    if target is not None:
+        if target.shape != logits.shape[:-1]:
+            raise ValueError(f"cross_entropy_hvp: target has shape {tuple(target.shape)} but logits of shape "
+                             f"{tuple(logits.shape)} need {tuple(logits.shape[:-1])} (one class index per row)")
+        if target.dtype != torch.int64 or target.device != logits.device:
+            raise ValueError(f"cross_entropy_hvp: target must be int64 class indices on {logits.device}, got "
+                             f"{target.dtype} on {target.device}")
 
 
-def cross_entropy_hvp_reference(logits: torch.Tensor, tangent: torch.Tensor, scale: float) -> torch.Tensor:
-    check_cross_entropy_hvp_args(logits, tangent, scale)
+def cross_entropy_hvp_reference(logits: torch.Tensor, tangent: torch.Tensor, scale: float,
+                                target: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    check_cross_entropy_hvp_args(logits, tangent, scale, target)
     work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z, u = logits.to(work_dtype), tangent.to(work_dtype)
     p = torch.softmax(z, dim=-1)
-    return (scale * p * (u - (p * u).sum(dim=-1, keepdim=True))).to(logits.dtype)
+    out = scale * p * (u - (p * u).sum(dim=-1, keepdim=True))
+    if target is not None:  # ignored rows: exactly 0, whatever their logits (NaN or inf included)
+        out = out.masked_fill((target == ignore_index).unsqueeze(-1), 0.0)
+    return out.to(logits.dtype)
 
 
-def _cross_entropy_hvp_fake(logits, tangent, scale):
-    check_cross_entropy_hvp_args(logits, tangent, scale)
+def _cross_entropy_hvp_fake(logits, tangent, scale, target=None, ignore_index=-100):
+    check_cross_entropy_hvp_args(logits, tangent, scale, target)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 cross_entropy_hvp = define_op(
-    "cross_entropy_hvp(Tensor logits, Tensor tangent, float scale) -> Tensor",
+    "cross_entropy_hvp(Tensor logits, Tensor tangent, float scale, Tensor? target=None, int ignore_index=-100) "
+    "-> Tensor",
     reference=cross_entropy_hvp_reference,
     fake=_cross_entropy_hvp_fake,
 )
 
 
-def _cross_entropy_hvp_vmap(info, in_dims, logits, tangent, scale):
+def _cross_entropy_hvp_vmap(info, in_dims, logits, tangent, scale, target=None, ignore_index=-100):
     """The op is row-wise over every leading dimension, so a vmapped batch dimension is just one more of them."""
-    logits_dim, tangent_dim = in_dims[0], in_dims[1]
     size = info.batch_size
-    logits = logits.movedim(logits_dim, 0) if logits_dim is not None else logits.expand(size, *logits.shape)
-    tangent = tangent.movedim(tangent_dim, 0) if tangent_dim is not None else tangent.expand(size, *tangent.shape)
-    return cross_entropy_hvp(logits, tangent, scale), 0
+
+    def leading(tensor, dim):
+        return tensor.movedim(dim, 0) if dim is not None else tensor.expand(size, *tensor.shape)
+
+    logits, tangent = leading(logits, in_dims[0]), leading(tangent, in_dims[1])
+    if target is not None:
+        target = leading(target, in_dims[3])
+    return cross_entropy_hvp(logits, tangent, scale, target, ignore_index), 0
 
 
 torch.library.register_vmap("optim::cross_entropy_hvp", _cross_entropy_hvp_vmap, lib=LIBRARY)

@@ -4,6 +4,10 @@
 ("rr") or forward-over-reverse ("fr"), apply ``optim::cross_entropy_hvp`` once instead of differentiating through
 ``log_softmax`` op by op (which stores several N×V intermediates). Use it as the ``loss_fn`` of a
 ``HessianOperator`` or inside any function given to ``optim.hvp`` for language-model-sized vocabularies.
+
+``causal_lm_loss(logits, labels)`` is the next-token loss of a causal language model (logits at position t predict
+the label at t + 1, labels of ``ignore_index`` skipped), the loss of Hugging Face's ``*ForCausalLM`` models, on the
+same fused kernel: ``HessianOperator(model, causal_lm_loss, (input_ids, labels))`` works on them unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 
 from ._ops import cross_entropy_hvp
 
-__all__ = ["cross_entropy"]
+__all__ = ["causal_lm_loss", "cross_entropy"]
 
 
 def _work_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -20,78 +24,89 @@ def _work_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 class _CrossEntropyGradient(torch.autograd.Function):
-    """g(z) = scale · (softmax(z) − onehot(y)), the gradient of the loss in the logits.
+    """g(z) = scale · (softmax(z) − onehot(y)) on kept rows, 0 on rows whose target is ``ignore_index``: the
+    gradient of the loss in the logits.
 
-    Its derivative in z is the symmetric matrix scale · (diag(p) − p pᵀ) per row, so both its vector-Jacobian
-    product (backward) and its Jacobian-vector product (jvp) are ``cross_entropy_hvp``.
+    Its derivative in z is the symmetric matrix scale · (diag(p) − p pᵀ) per kept row (0 on ignored rows), so both
+    its vector-Jacobian product (backward) and its Jacobian-vector product (jvp) are ``cross_entropy_hvp``.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(logits: torch.Tensor, target: torch.Tensor, scale: float, ignore_index: int) -> torch.Tensor:
         probabilities = torch.softmax(logits.to(_work_dtype(logits)), dim=-1)
-        onehot = torch.zeros_like(probabilities).scatter_(-1, target.unsqueeze(-1), 1.0)
-        return (scale * (probabilities - onehot)).to(logits.dtype)
+        ignored = target == ignore_index
+        onehot = torch.zeros_like(probabilities).scatter_(-1, target.masked_fill(ignored, 0).unsqueeze(-1), 1.0)
+        gradient = (scale * (probabilities - onehot)).masked_fill(ignored.unsqueeze(-1), 0.0)
+        return gradient.to(logits.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, _, scale = inputs
-        ctx.save_for_backward(logits)
-        ctx.save_for_forward(logits)
-        ctx.scale = scale
+        logits, target, scale, ignore_index = inputs
+        ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
+        ctx.scale, ctx.ignore_index = scale, ignore_index
 
     @staticmethod
     def backward(ctx, grad_gradient: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        return cross_entropy_hvp(logits, grad_gradient, ctx.scale), None, None
+        logits, target = ctx.saved_tensors
+        return cross_entropy_hvp(logits, grad_gradient, ctx.scale, target, ctx.ignore_index), None, None, None
 
     @staticmethod
-    def jvp(ctx, logits_tangent: torch.Tensor, target_tangent, scale_tangent):
-        (logits,) = ctx.saved_tensors
-        return cross_entropy_hvp(logits, logits_tangent, ctx.scale)
+    def jvp(ctx, logits_tangent: torch.Tensor, *unused_tangents):
+        logits, target = ctx.saved_tensors
+        return cross_entropy_hvp(logits, logits_tangent, ctx.scale, target, ctx.ignore_index)
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """L(z) = scale · Σ_rows (logsumexp(z) − z[y])."""
+    """L(z) = scale · Σ_{rows with y ≠ ignore_index} (logsumexp(z) − z[y])."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(logits: torch.Tensor, target: torch.Tensor, scale: float, ignore_index: int) -> torch.Tensor:
         z = logits.to(_work_dtype(logits))
-        picked = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        return (scale * (torch.logsumexp(z, dim=-1) - picked).sum()).to(logits.dtype)
+        ignored = target == ignore_index
+        picked = z.gather(-1, target.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+        per_row = (torch.logsumexp(z, dim=-1) - picked).masked_fill(ignored, 0.0)
+        return (scale * per_row.sum()).to(logits.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, scale = inputs
+        logits, target, scale, ignore_index = inputs
         ctx.save_for_backward(logits, target)
         ctx.save_for_forward(logits, target)
-        ctx.scale = scale
+        ctx.scale, ctx.ignore_index = scale, ignore_index
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         logits, target = ctx.saved_tensors
-        return grad_loss * _CrossEntropyGradient.apply(logits, target, ctx.scale), None, None
+        gradient = _CrossEntropyGradient.apply(logits, target, ctx.scale, ctx.ignore_index)
+        return grad_loss * gradient, None, None, None
 
     @staticmethod
-    def jvp(ctx, logits_tangent: torch.Tensor, target_tangent, scale_tangent):
+    def jvp(ctx, logits_tangent: torch.Tensor, *unused_tangents):
         logits, target = ctx.saved_tensors
-        return (_CrossEntropyGradient.apply(logits, target, ctx.scale) * logits_tangent).sum()
+        return (_CrossEntropyGradient.apply(logits, target, ctx.scale, ctx.ignore_index) * logits_tangent).sum()
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean",
+                  ignore_index: int = -100) -> torch.Tensor:
     """Softmax cross-entropy with fused second derivatives.
 
     Args:
         logits: (..., V) scores, the class dimension LAST (``F.cross_entropy`` wants it at dim 1 for inputs of more
             than two dimensions; for (N, V) the two agree).
-        target: (...) class indices in [0, V) (no ``ignore_index``, no probabilities, no label smoothing).
-        reduction: "mean" (over all rows) or "sum".
+        target: (...) class indices in [0, V), or ``ignore_index`` for rows that count for nothing (no
+            probabilities, no label smoothing).
+        reduction: "mean" (over the rows whose target is not ``ignore_index``) or "sum".
+        ignore_index: the target value of ignored rows (default -100, as ``F.cross_entropy``).
 
-    Returns the scalar loss, equal to ``F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))``. Gradients,
-    double backward, ``torch.func.grad``/``jvp``/``vmap`` work; a third derivative does not.
+    Returns the scalar loss, equal to ``F.cross_entropy(logits.reshape(-1, V), target.reshape(-1),
+    ignore_index=ignore_index)``. Gradients, double backward, ``torch.func.grad``/``jvp``/``vmap`` work; a third
+    derivative does not. With ``reduction="mean"`` the number of kept rows is read once (a host sync on CUDA); a
+    batch whose every row is ignored is refused (``F.cross_entropy`` returns NaN for it).
     """
     if logits.dim() < 1 or target.shape != logits.shape[:-1]:
         raise ValueError(
@@ -102,8 +117,67 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
         raise ValueError(f"cross_entropy: target must hold class indices (int64), got {target.dtype}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    rows = target.numel()
-    if rows == 0:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    if target.numel() == 0:
         raise ValueError("cross_entropy: empty batch (no rows); the mean over no rows is undefined")
-    scale = 1.0 / rows if reduction == "mean" else 1.0
-    return _CrossEntropy.apply(logits, target.long(), scale)
+    target = target.long()
+    scale = 1.0
+    if reduction == "mean":
+        kept = int((target != ignore_index).sum())
+        if kept == 0:
+            raise ValueError(f"cross_entropy: every target is ignore_index ({ignore_index}); the mean over no rows "
+                             "is undefined")
+        scale = 1.0 / kept
+    return _CrossEntropy.apply(logits, target, scale, ignore_index)
+
+
+def _logits_of(output) -> torch.Tensor:
+    """The logits of a model's output: a tensor, an object with ``.logits`` (Hugging Face), or a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(f"causal_lm_loss: expected logits (a tensor, a model output with .logits, or a tuple whose first "
+                     f"entry is the logits), got a {type(output).__name__}")
+
+
+def causal_lm_loss(logits, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                   ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM, on the fused second-derivative kernel.
+
+    The logits at position t predict the label at t + 1::
+
+        L = (1 / K) · Σ_{b, t < T-1, kept} CE(logits[b, t], labels[b, t + 1])
+
+    over the K kept pairs: those whose label is not ``ignore_index`` (and, with ``attention_mask``, whose label
+    position has mask 1). This is the loss of Hugging Face's ``*ForCausalLM(labels=...)`` (labels are the
+    inputs, padding set to -100). For right-padded batches the model needs no attention mask (a causal model's
+    earlier positions never see the padding); mask the labels instead.
+
+    Args:
+        logits: (B, T, V) or (T, V) scores, or the model's output holding them (``.logits``, or a tuple's first
+            entry), so that it can be a ``HessianOperator``'s ``loss_fn`` as it is.
+        labels: (B, T) or (T,) token ids, ``ignore_index`` where nothing is predicted.
+        attention_mask: optional, the shape of ``labels``: 0 marks positions whose label is ignored.
+        ignore_index, reduction: as :func:`cross_entropy`.
+    """
+    logits = _logits_of(logits)
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"causal_lm_loss: labels must be an int64 tensor of token ids, got "
+                         f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if logits.dim() < 2 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"causal_lm_loss: labels have shape {tuple(labels.shape)} but logits of shape "
+                         f"{tuple(logits.shape)} need labels of shape {tuple(logits.shape[:-1])} ((B, T) for (B, T, V))")
+    if logits.shape[-2] < 2:
+        raise ValueError(f"causal_lm_loss: a sequence of {logits.shape[-2]} position(s) has no next token to predict")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != labels.shape:
+            raise ValueError(f"causal_lm_loss: attention_mask must be a tensor of the labels' shape "
+                             f"{tuple(labels.shape)}, got "
+                             f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask!r}")
+        labels = labels.masked_fill(attention_mask == 0, ignore_index)
+    return cross_entropy(logits[..., :-1, :], labels[..., 1:], reduction=reduction, ignore_index=ignore_index)

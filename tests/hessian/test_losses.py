@@ -102,3 +102,90 @@ def test_bad_input():
         cross_entropy(logits, torch.zeros(4, dtype=torch.int64), reduction="none")
     with pytest.raises(ValueError, match="empty batch"):
         cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ignore_index_matches_torch_to_the_hessian(device, reduction, counted_op):
+    inputs = torch.randn(9, 5, dtype=torch.float64, device=device)
+    target = torch.randint(0, 4, (9,), device=device)
+    target[[1, 4, 5]] = -3
+    ours, n = mlp_loss(lambda z, y: cross_entropy(z, y, reduction=reduction, ignore_index=-3), inputs, target)
+    torch_loss, _ = mlp_loss(lambda z, y: F.cross_entropy(z, y, reduction=reduction, ignore_index=-3), inputs, target)
+    flat = torch.randn(n, dtype=torch.float64, device=device)
+    torch.testing.assert_close(ours(flat), torch_loss(flat), rtol=1e-13, atol=0)
+    torch.testing.assert_close(torch.func.grad(ours)(flat), torch.func.grad(torch_loss)(flat), rtol=1e-12,
+                               atol=1e-14)
+    hessian = torch.autograd.functional.hessian(torch_loss, flat)
+    torch.testing.assert_close(torch.autograd.functional.hessian(ours, flat), hessian, rtol=1e-10, atol=1e-12)
+    assert counted_op
+
+
+def test_every_row_ignored_is_refused():
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        cross_entropy(torch.randn(3, 4), torch.full((3,), -100))
+    with pytest.raises(ValueError, match="ignore_index must be an int"):
+        cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), ignore_index=1.5)
+
+
+def _shifted_torch_loss(logits, labels, ignore_index=-100):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=ignore_index)
+
+
+def test_causal_lm_loss_is_the_shifted_cross_entropy_with_masks():
+    from optim.hessian import causal_lm_loss
+
+    logits = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 4:] = -100
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[2, 3:] = 0
+    expected_labels = labels.masked_fill(mask == 0, -100)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, attention_mask=mask),
+                               _shifted_torch_loss(logits, expected_labels), rtol=1e-13, atol=0)
+    # a Hugging Face-style output object and a tuple are accepted as they are
+    output = type("Output", (), {"logits": logits})()
+    torch.testing.assert_close(causal_lm_loss(output, labels), _shifted_torch_loss(logits, labels), rtol=1e-13, atol=0)
+    torch.testing.assert_close(causal_lm_loss((logits,), labels), _shifted_torch_loss(logits, labels), rtol=1e-13,
+                               atol=0)
+    with pytest.raises(ValueError, match="labels have shape"):
+        causal_lm_loss(logits, labels[:, :-1])
+    with pytest.raises(ValueError, match="attention_mask must be a tensor"):
+        causal_lm_loss(logits, labels, attention_mask=mask[:, :-1])
+    with pytest.raises(ValueError, match="no next token"):
+        causal_lm_loss(logits[:, :1], labels[:, :1])
+    with pytest.raises(ValueError, match="expected logits"):
+        causal_lm_loss({"logits": logits}, labels)
+
+
+def test_hessian_of_a_transformers_gpt2_with_causal_lm_loss():
+    transformers = pytest.importorskip("transformers")
+    from optim import HessianOperator
+    from optim.hessian import causal_lm_loss
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    input_ids = torch.randint(0, 37, (2, 7))
+    labels = input_ids.clone()
+    labels[1, 5:] = -100  # right padding
+    scope = lambda name, p: name.startswith("transformer.h.0.mlp")  # noqa: E731  (a small block: dense check)
+    H = HessianOperator(model, causal_lm_loss, (input_ids, labels), param_filter=scope)
+    names, params = H.names, [p.detach() for p in H.params]
+    # The reference: F.cross_entropy of the shifted float64 logits, and its dense Hessian over the block
+    shapes = [p.shape for p in params]
+
+    def call(flat, **kwargs):
+        pieces = [piece.reshape(shape) for piece, shape in zip(flat.split([p.numel() for p in params]), shapes)]
+        return torch.func.functional_call(model, dict(zip(names, pieces)), (input_ids,), kwargs)
+
+    flat = torch.cat([p.reshape(-1) for p in params])
+    dense = torch.autograd.functional.hessian(lambda f: _shifted_torch_loss(call(f).logits, labels), flat)
+    v = torch.randn(H.n, dtype=torch.float64)
+    torch.testing.assert_close(H @ v, dense @ v, rtol=1e-9, atol=1e-11)
+    loss, _ = H.loss_and_grad()
+    torch.testing.assert_close(loss, _shifted_torch_loss(call(flat).logits, labels), rtol=1e-12, atol=0)
+    # HF's own loss (labels=...; it upcasts the logits to float32 first) agrees to float32 rounding
+    torch.testing.assert_close(loss.float(), call(flat, labels=labels).loss, rtol=1e-6, atol=0)

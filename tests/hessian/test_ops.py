@@ -286,3 +286,64 @@ def test_krylov_dots_bad_input(implementation):
         call(torch.ones(1, 1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="w is torch.float64"):
         call(torch.randn(1, 2, 3), torch.randn(1, 3, dtype=torch.float64))
+
+
+# --- cross_entropy_hvp with target / ignore_index -------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4097), (70000, 3), (2, 5, 33), (0, 7)], ids=str)
+def test_cross_entropy_hvp_ignored_rows_are_zero_and_the_rest_unchanged(device, dtype, shape):
+    logits = (torch.randn(shape, device=device) * 4).to(dtype)
+    tangent = torch.randn(shape, device=device).to(dtype)
+    target = torch.randint(0, shape[-1], shape[:-1], device=device)
+    ignored = torch.rand(shape[:-1], device=device) < 0.4
+    ignore_index = -7
+    target[ignored] = ignore_index
+    logits[ignored] = float("nan")  # an ignored row is not read: NaN there must not leak
+    got = CE_OP(logits, tangent, 0.37, target, ignore_index)
+    assert got.dtype == dtype and got.shape == logits.shape
+    assert torch.equal(got[ignored], torch.zeros_like(got[ignored]))
+    kept = ~ignored
+    want = exact_cross_entropy_hessian_product(logits[kept], tangent[kept], 0.37)
+    # CE_TOLERANCES' atol is per unit of |u| (the cancellation in u − ⟨p, u⟩ loses ~eps·|u|)
+    tolerance = dict(CE_TOLERANCES[dtype])
+    tolerance["atol"] *= max(1.0, float(tangent.abs().max())) if tangent.numel() else 1.0
+    torch.testing.assert_close(got[kept].double(), want.to(dtype).double(), **tolerance)
+    from optim.hessian._ops import cross_entropy_hvp_reference
+    reference = cross_entropy_hvp_reference(logits, tangent, 0.37, target, ignore_index)
+    assert torch.equal(reference[ignored], torch.zeros_like(reference[ignored]))
+    torch.testing.assert_close(reference[kept].double(), want.to(dtype).double(), **tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_hvp_with_target_opcheck_and_vmap(device):
+    logits = torch.randn(5, 300, device=device)
+    target = torch.tensor([3, -100, 0, 299, -100], device=device)
+    torch.library.opcheck(CE_OP.default, args=(logits, torch.randn_like(logits), 0.5, target, -100))
+    tangents = torch.randn(4, 5, 300, device=device)
+    batched = torch.func.vmap(lambda u: CE_OP(logits, u, 0.5, target))(tangents)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], CE_OP(logits, tangents[i], 0.5, target))
+
+
+def test_cross_entropy_hvp_kernel_and_reference_refuse_the_same_way():
+    """The C++ checks and the Python reference's are twins: the same error type and the same words."""
+    from optim.hessian._ops import cross_entropy_hvp_reference
+    z = torch.randn(4, 5)
+    bad_calls = [
+        (z, torch.randn(4, 6), 1.0),
+        (torch.randn(4, 0), torch.randn(4, 0), 1.0),
+        (z, torch.randn(4, 5), float("inf")),
+        (z, torch.randn(4, 5), 1.0, torch.zeros(3, dtype=torch.int64)),
+        (z, torch.randn(4, 5), 1.0, torch.zeros(4, dtype=torch.int32)),
+    ]
+    for args in bad_calls:
+        errors = []
+        for call in (CE_OP, cross_entropy_hvp_reference):
+            with pytest.raises(ValueError) as caught:
+                call(*args)
+            errors.append(str(caught.value).splitlines()[0])
+        assert errors[0] == errors[1], errors
+    with pytest.raises(ValueError, match=r"target has shape \(3,\) but logits of shape \(4, 5\) need \(4,\)"):
+        CE_OP(*bad_calls[3])

@@ -333,7 +333,7 @@ class HessianOperator:
                 leaves, gradients = first_order_graph(self._loss_of(inputs, targets), params)
                 self._graph = graph = KeptGraph(key, CapturedState(tensors), leaves, gradients)
             self.num_matvecs += 1 if k is None else k
-            return second_backward(graph.leaves, graph.gradients, v, k, keep_graph=True)
+            return second_backward(graph.leaves, graph.gradients, v, k, keep_graph=True, key=self)
         total, first_weight, total_weight = None, 0, 0
         for inputs, targets, weight in self._batches():
             hv, _ = compute_hvp(

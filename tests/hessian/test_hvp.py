@@ -418,18 +418,64 @@ class _DoubleNoVmap(torch.autograd.Function):
 
 
 def test_rr_k_probes_fall_back_to_a_loop_when_vmap_fails():
+    from optim.hessian.hvp import MEASURE_MIN_PROBES, batching_choice
+
     x = torch.randn(5, dtype=torch.float64)
-    v = torch.randn(3, 5, dtype=torch.float64)
+    k = MEASURE_MIN_PROBES + 2  # a block that tries vmap first
 
     def f(x):
         return _SquareNoVmapBackward.apply(x).sum() + x.sin().sum()
 
+    v = torch.randn(k, 5, dtype=torch.float64)
     leaf = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(f(leaf), leaf, create_graph=True)
     with pytest.raises(RuntimeError):  # the batched path really fails here
         torch.autograd.grad(grad, leaf, v, is_grads_batched=True)
     (hv,) = hvp(f, [x], [v], mode="rr")
     torch.testing.assert_close(hv, (2.0 - x.sin()) * v, rtol=1e-14, atol=1e-15)
+    assert batching_choice(f, k) == "loop"  # remembered: the next block goes straight to the loop
+    (hv,) = hvp(f, [x], [v], mode="rr")
+    torch.testing.assert_close(hv, (2.0 - x.sin()) * v, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_a_probe_block_measures_vmap_against_a_loop_once_and_both_are_exact(model_name, monkeypatch):
+    import importlib
+
+    from optim.hessian.hvp import MEASURE_MIN_PROBES, batching_choice
+
+    hvp_module = importlib.import_module("optim.hessian.hvp")  # the attribute optim.hessian.hvp is the function
+    case, hessian = cached_case(model_name)
+    k = 8
+    v = random_like(case.params, k)
+    flat_v = torch.cat([t.reshape(k, -1) for t in v], dim=1)
+    ways = []
+    for name in ("_vmapped_backward", "_looped_backward"):
+        real = getattr(hvp_module, name)
+        monkeypatch.setattr(hvp_module, name, lambda *a, real=real, name=name: ways.append(name) or real(*a))
+
+    def f(*params):  # a new function object: nothing remembered for it yet
+        return case.f(*params)
+
+    expected = flat_v @ hessian
+    for call in range(3):
+        ways.clear()
+        hv = hvp(f, case.params, v, mode="rr")
+        flat = torch.cat([t.reshape(k, -1) for t in hv], dim=1)
+        assert relative_error(flat, expected) <= EXACT_RTOL
+        if call == 0:  # half the probes each way, timed
+            assert ways == ["_vmapped_backward", "_looped_backward"]
+            choice = batching_choice(f, k)
+            assert choice in ("vmap", "loop")
+        else:  # then only the faster way
+            assert ways == ["_vmapped_backward" if choice == "vmap" else "_looped_backward"]
+    for forced in ("vmap", "loop"):  # each way alone gives the same products
+        hvp_module._batching_choice[f] = {k: forced}
+        hv = hvp(f, case.params, v, mode="rr")
+        assert relative_error(torch.cat([t.reshape(k, -1) for t in hv], dim=1), expected) <= EXACT_RTOL
+    ways.clear()
+    hvp(f, case.params, random_like(case.params, MEASURE_MIN_PROBES - 1), mode="rr")
+    assert ways == ["_looped_backward"] and batching_choice(f, MEASURE_MIN_PROBES - 1) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,12 @@ def _hvp(result: dict) -> list[Headline | None]:
                     None if one_probe is None else probes * one_probe["ms"])
             out.append(_headline("hvp", case["name"], f"{probes} HVP{'s' if probes > 1 else ''}, one call",
                                  ("optim.hvp + fused CE", _value(_first(rows, method="fused"), "ms")), peer, "ms"))
+        compiled = _first(case["rows"], method="compiled", probes=1)
+        if compiled is not None:
+            what = f"1 HVP, compiled (compile {compiled.get('compile_seconds', 0):.0f} s)"
+            out.append(_headline("hvp", case["name"], what,
+                                 ("optim.hvp(compile=True)", _value(compiled, "ms")),
+                                 ("double backward", None if one_probe is None else one_probe["ms"]), "ms"))
     kernel = result.get("cross_entropy_kernel") or {}
     methods = kernel.get("methods", [])
     if methods:

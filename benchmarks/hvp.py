@@ -34,6 +34,7 @@ import gc
 import torch
 
 import optim
+from optim.hessian.hvp import compile_seconds
 
 from ._models import Case, fused_sequence_cross_entropy, gpt_case, run_cases, sequence_cross_entropy
 from ._timing import device_name, synchronize, time_interleaved_ms
@@ -66,7 +67,8 @@ def _probes(params, k: int, seed: int) -> list[torch.Tensor]:
     return [torch.randn(lead + tuple(p.shape), generator=generator).to(p) for p in params]
 
 
-def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None = None) -> list[dict]:
+def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None = None,
+             compiled_probe_counts: tuple[int, ...] = ()) -> list[dict]:
     params = [p.detach() for p in case.params]
     f_torch = case.loss_of_params(sequence_cross_entropy)
     f_fused = case.loss_of_params(fused_sequence_cross_entropy)
@@ -82,6 +84,8 @@ def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None 
         for mode in ("rr", "fr", "fd"):
             methods[f"{mode} k={k}"] = (lambda mode=mode, v=v: optim.hvp(f_torch, params, v, mode=mode), k)
         methods[f"fused k={k}"] = (lambda v=v: optim.hvp(f_fused, params, v, mode="rr"), k)
+        if k in compiled_probe_counts:
+            methods[f"compiled k={k}"] = (lambda v=v: optim.hvp(f_torch, params, v, compile=True), k)
 
     # One untimed run each: the result (for the error column), the peak memory, and whether the method works here.
     outputs, peaks, failures = {}, {}, {}
@@ -123,6 +127,8 @@ def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None 
         reference = outputs.get(f"rr k={k}")
         if method != "gradient" and reference is not None:
             row["relative_error_vs_rr"] = _relative_error(outputs[name], reference)
+        if method == "compiled":  # the untimed first call compiled it; the timed ones reuse it
+            row["compile_seconds"] = compile_seconds(f_torch)
         rows.append(row)
     return rows
 
@@ -196,9 +202,12 @@ HEADLINE_GPT_BATCH = 4
 
 
 def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
+    # compile=True: compiling takes a minute or two per (model, k) on a CPU, so --quick leaves it out
+    compiled = () if quick else ((1,) if headline else PROBE_COUNTS)
+
     def one(case: Case, repeats: int | None = None) -> dict:
         return {"name": case.name, "description": case.description, "numel": case.numel,
-                "rows": run_case(case, device, quick, repeats)}
+                "rows": run_case(case, device, quick, repeats, compiled)}
 
     if headline:
         cases = [one(gpt_case(device, quick, batch=None if quick else HEADLINE_GPT_BATCH), repeats=3 if quick else 5)]

@@ -49,6 +49,21 @@ Four ways to compute it (``mode``):
     backward is not implemented. ``ValueError`` from the input checks is never caught. A failed attempt has run f
     once: a function with side effects sees them twice on the first call.
 
+``compile=True``
+    The forward-over-reverse product (``"fr"``: ``jvp`` of ``grad``, vmapped over k probes) through
+    ``torch.compile`` (inductor, static shapes). It is compiled at the first call for a function (or, for a
+    :class:`~optim.HessianOperator`, a model, loss and parameter scope) and a signature (the shapes, dtypes and
+    devices of the params and of the batch, and k), and reused after that: across Lanczos iterations, Hutchinson
+    probes, monitor steps. The first call's seconds, compilation included, are added to
+    :func:`compile_seconds`. Measured on CPU (one thread, GPT quick case, 0.67M params, interleaved): the compiled
+    product took 1.86× a gradient against 3.37× for double backward (0.55×); compiling took 110 s on a loaded
+    2-core machine, ~10 s for a two-layer MLP: it pays over many products. Double backward (``"rr"``) cannot be
+    compiled (AOTAutograd does not differentiate a compiled backward twice) and ``"fd"`` needs no compiler, so
+    ``compile=True`` takes ``mode="auto"`` or ``"fr"`` only, with ``"fr"``'s requirements on ``f``. Recompilation
+    follows ``torch.compile``'s own rules (a new shape, a module attribute it guarded on); past dynamo's recompile
+    limit (``torch._dynamo.config.recompile_limit`` versions of the product in one process, 8 by default) the
+    product runs uncompiled, with the same numbers.
+
 Mixed precision: the exact modes run in the parameters' dtype, so their error is that dtype's rounding. On the
 test models (an MLP, a conv net and an attention block, entries of order one) ``‖Hv − Hv₆₄‖ ≤ 8·ε·‖Hv₆₄‖``, where
 ``Hv₆₄`` is the float64 product at the same (rounded) inputs and ε = ``torch.finfo(dtype).eps``; measured
@@ -70,7 +85,7 @@ import torch
 
 from .._finite import first_nonfinite
 
-__all__ = ["hvp", "fd_rtol", "MODES", "AUTO_ORDER"]
+__all__ = ["hvp", "fd_rtol", "compile_seconds", "MODES", "AUTO_ORDER"]
 
 MODES = ("auto", "rr", "fr", "fd")
 AUTO_ORDER = ("rr", "fr")
@@ -112,6 +127,7 @@ def hvp(
     *,
     mode: str = "auto",
     return_grad: bool = False,
+    compile: bool = False,
 ):
     """The Hessian of ``f`` at ``params`` times ``v``: ``Hv = ∇(∇f(params)·v)``.
 
@@ -125,6 +141,8 @@ def hvp(
             share the forward and the first backward. Same dtype and device as the param.
         mode: ``"auto"``, ``"rr"``, ``"fr"`` (exact) or ``"fd"`` (approximate); see the module docstring.
         return_grad: also return the gradient ``∇f(params)`` (exact in every mode; ``"fd"`` pays one more backward).
+        compile: compute the product with a ``torch.compile``'d forward-over-reverse function, compiled once per
+            ``f`` and signature (see the module docstring); ``mode`` must then be ``"auto"`` or ``"fr"``.
 
     Returns:
         ``Hv``, a list (a tuple if ``v`` is a tuple) shaped like ``v`` (with the leading k if ``v`` has it); with
@@ -138,9 +156,13 @@ def hvp(
     """
     if mode not in MODES:
         raise ValueError(f"hvp: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")
+    check_compile(compile, mode, where="hvp")
     params = check_params(params, where="hvp")
     probes, k = check_vectors(params, v, where="hvp")
-    hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f)
+    if compile and k != 0:
+        hv, grad = compiled_hvp(f, f, params, probes, k)
+    else:
+        hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f)
     if isinstance(v, tuple):
         hv = tuple(hv)
     return (hv, grad) if return_grad else hv
@@ -446,6 +468,82 @@ def _hvp_fr(f, params, v, k):
         # The primals are not batched, so under vmap the forward and the gradient run once for all k tangents;
         # randomness="same" gives every probe the same dropout mask, as the shared forward of "rr" does.
         grad, hv, loss = torch.func.vmap(along, out_dims=(None, 0, None), randomness="same")(*v)
+    _check_finite_loss(loss)
+    return list(hv), list(grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The compiled forward-over-reverse product
+
+# key (a function, or a model for HessianOperator) -> the signatures compiled for it, and the seconds it took.
+# Nothing here refers to the key's objects (a value holding its key would keep it alive).
+_compiled_signatures: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
+_compile_seconds: "weakref.WeakKeyDictionary[object, float]" = weakref.WeakKeyDictionary()
+_compiled_product = None  # torch.compile(_fr_product), made at the first use
+
+
+def check_compile(compile: object, mode: str, *, where: str) -> None:
+    if not isinstance(compile, bool):
+        raise ValueError(f"{where}: compile must be True or False, got {compile!r}")
+    if compile and mode not in ("auto", "fr"):
+        raise ValueError(
+            f"{where}: compile=True computes forward-over-reverse products (mode 'fr'); mode={mode!r} cannot be "
+            "compiled (AOTAutograd does not differentiate a compiled backward twice, and 'fd' needs no compiler): "
+            "use mode='auto' or 'fr'"
+        )
+
+
+def compile_seconds(key: object) -> float:
+    """Seconds the first calls of the compiled products of ``key`` took, compilation included (0 if none)."""
+    try:
+        return _compile_seconds.get(key, 0.0)
+    except TypeError:
+        return 0.0
+
+
+def _signature(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else ("value", repr(t))
+                 for t in tensors)
+
+
+def _fr_product(f, params, v, k):
+    """``(∇f, Hv, f)`` at params by ``jvp(grad(f))``, the tangent vmapped over k probes (the function compiled)."""
+    n = len(params)
+
+    def loss_and_value(*xs):
+        loss = _scalar_loss(f(*xs))
+        return loss, loss
+
+    grad_of_f = torch.func.grad(loss_and_value, argnums=tuple(range(n)), has_aux=True)
+
+    def along(*tangents):
+        return torch.func.jvp(grad_of_f, tuple(params), tangents, has_aux=True)
+
+    if k is None:
+        return along(*v)
+    return torch.func.vmap(along, out_dims=(None, 0, None), randomness="same")(*v)
+
+
+def compiled_hvp(key, f, params, v, k, signature_extra=()):
+    """``(Hv, ∇f)`` by the compiled :func:`_fr_product`; the first call per (key, signature) is timed.
+
+    Dynamo keeps the compiled code (one cache per process for this function, up to its recompile limit), guarded on
+    ``f``'s code and what it closes over; ``signature_extra`` (the batch) completes the signature that is timed.
+    """
+    global _compiled_product
+    start = time.perf_counter()
+    if _compiled_product is None:
+        _compiled_product = torch.compile(_fr_product, dynamic=False)
+    signature = (k, _signature(params), _signature(signature_extra))
+    try:
+        seen = _compiled_signatures.setdefault(key, set())
+    except TypeError:  # not weak-referenceable: not timed
+        seen = None
+    first = seen is not None and signature not in seen
+    grad, hv, loss = _compiled_product(f, list(params), list(v), k)
+    if first:
+        seen.add(signature)
+        _compile_seconds[key] = compile_seconds(key) + time.perf_counter() - start
     _check_finite_loss(loss)
     return list(hv), list(grad)
 

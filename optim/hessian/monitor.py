@@ -39,6 +39,8 @@ class SharpnessMonitor:
         param_filter: ``(name, param) -> bool`` to restrict to a subset of parameters.
         writer: an optional ``torch.utils.tensorboard.SummaryWriter``; each record is also written there.
         seed: probes of the measurement at step s use seed ``seed + s`` (reproducible, identical on all ranks).
+        compile: products through the compiled forward-over-reverse function (``HessianOperator(compile=True)``),
+            compiled at the first measurement and reused by every later one; ``compile_seconds`` reports the time.
 
     Call ``monitor.step(step, batch)`` after ``optimizer.step()``; ``batch`` is ``(inputs, targets)`` or an
     iterable of batches (averaged). Records are in ``monitor.records`` (a list of dicts with keys ``FIELDS``).
@@ -60,6 +62,7 @@ class SharpnessMonitor:
         param_filter: Callable[[str, torch.nn.Parameter], bool] | None = None,
         writer: Any = None,
         seed: int = 0,
+        compile: bool = False,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"SharpnessMonitor: every must be an integer >= 1, got {every!r}")
@@ -75,6 +78,9 @@ class SharpnessMonitor:
         self.every, self.lr_from, self.probes, self.top_k = every, lr_from, probes, top_k
         self.lanczos_iters, self.tol, self.trace_method = lanczos_iters, tol, trace_method
         self.eval_mode, self.param_filter, self.writer, self.seed = eval_mode, param_filter, writer, seed
+        if not isinstance(compile, bool):
+            raise ValueError(f"SharpnessMonitor: compile must be True or False, got {compile!r}")
+        self.compile = compile
         self.records: list[dict[str, float]] = []
 
     def learning_rate_and_limit(self) -> tuple[float, float]:
@@ -94,6 +100,13 @@ class SharpnessMonitor:
             return None
         return self.measure(step, batch)
 
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first calls of the compiled products (compilation included); 0 without compile."""
+        from .hvp import compile_seconds
+
+        return compile_seconds(self.model)
+
     def measure(self, step: int, batch: Any) -> dict[str, float]:
         """Measure now, whatever the step."""
         from .operator import HessianOperator
@@ -103,7 +116,8 @@ class SharpnessMonitor:
         if self.eval_mode:
             self.model.eval()
         try:
-            operator = HessianOperator(self.model, self.loss_fn, batch, param_filter=self.param_filter)
+            operator = HessianOperator(self.model, self.loss_fn, batch, param_filter=self.param_filter,
+                                       compile=self.compile)
             eigenvalues, _ = top_eigenvalues(operator, k=self.top_k, tol=self.tol, max_iter=self.lanczos_iters,
                                              seed=self.seed + step)
             trace_estimate = trace_error = math.nan

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .hvp import (MODES, auto_choice, check_params, check_vectors, compute_hvp, first_order_graph, loss_and_gradient,
-                  second_backward)
+from .hvp import (MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds, compiled_hvp,
+                  compute_hvp, first_order_graph, loss_and_gradient, second_backward)
 
 __all__ = ["HessianOperator"]
 
@@ -105,6 +105,11 @@ class HessianOperator:
             drawn once and kept for every product (a fixed, symmetric random operator); ``False``: never. The
             graph holds the activations (the memory of one training step's backward), plus a copy of the
             parameters, buffers and batch, until the operator is deleted or :meth:`release_graph` is called.
+        compile: compute each product with the ``torch.compile``'d forward-over-reverse function of
+            :func:`optim.hvp` (``compile=True``): compiled at the first product for this model, loss, scope and
+            batch shapes, and reused by every later product and by later operators on the same model and loss (a
+            :class:`~optim.SharpnessMonitor` builds one per measurement). :attr:`compile_seconds` reports the time.
+            ``mode`` must be ``"auto"`` or ``"fr"``; no graph is kept (``reuse_graph`` must not be True).
 
     The model is evaluated in its current mode, as set by ``model.train()`` / ``model.eval()``: in train mode
     dropout draws a new mask at every product (all the probes of one ``(k, n)`` block share a mask) and BatchNorm
@@ -141,6 +146,7 @@ class HessianOperator:
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         mode: str = "auto",
         reuse_graph: bool | None = None,
+        compile: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"HessianOperator: model must be a torch.nn.Module, got a {type(model).__name__}")
@@ -164,6 +170,10 @@ class HessianOperator:
         ]
         if reuse_graph not in (None, True, False):
             raise ValueError(f"HessianOperator: reuse_graph must be None, True or False, got {reuse_graph!r}")
+        check_compile(compile, mode, where="HessianOperator")
+        if compile and reuse_graph is True:
+            raise ValueError("HessianOperator: compile=True recomputes the forward in the compiled product, so there "
+                             "is no graph to reuse; pass reuse_graph=None or False with it")
         if not selected:
             raise ValueError(
                 "HessianOperator: no parameters in scope: the model has no parameter that requires grad"
@@ -190,7 +200,8 @@ class HessianOperator:
         self.n = sum(self._numels)
         self.shape = (self.n, self.n)
         self.num_matvecs = 0
-        self.reuse_graph = reuse_graph
+        self.reuse_graph = False if compile else reuse_graph
+        self.compile = compile
         self._graph: KeptGraph | None = None  # the reused first-order graph
         if _is_batch(data):
             self._data = [data]
@@ -208,6 +219,11 @@ class HessianOperator:
             f"HessianOperator(n={self.n}, params={len(self.params)}, dtype={self.dtype}, device={self.device}, "
             f"mode={self.mode!r})"
         )
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first calls of compiled products for this model (compilation included)."""
+        return compile_seconds(self.model)
 
     @property
     def resolved_mode(self) -> str | None:
@@ -336,9 +352,12 @@ class HessianOperator:
             return second_backward(graph.leaves, graph.gradients, v, k, keep_graph=True, key=self)
         total, first_weight, total_weight = None, 0, 0
         for inputs, targets, weight in self._batches():
-            hv, _ = compute_hvp(
-                self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False, auto_key=self
-            )
+            if self.compile:
+                hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets))
+            else:
+                hv, _ = compute_hvp(
+                    self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False, auto_key=self
+                )
             if total is None:
                 total, first_weight = hv, weight
             else:
@@ -377,25 +396,34 @@ class HessianOperator:
         if total_weight == 0:
             raise ValueError("HessianOperator: data has no batch with at least one row; the average is undefined")
 
-    def _buffer_copies(self) -> dict[str, torch.Tensor]:
-        """Copies of the buffers of modules in train mode, which BatchNorm would otherwise update in place."""
-        copies = {}
-        for module_name, module in self.model.named_modules():
-            if module.training:
-                for buffer_name, buffer in module.named_buffers(recurse=False):
-                    if buffer is not None:
-                        name = f"{module_name}.{buffer_name}" if module_name else buffer_name
-                        copies[name] = buffer.clone()
-        return copies
-
     def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
         """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
-        model, loss_fn, names = self.model, self.loss_fn, self.names
+        return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
 
-        def loss(*params: torch.Tensor) -> torch.Tensor:
-            state = self._buffer_copies()
-            state.update(zip(names, params))
-            output = torch.func.functional_call(model, state, (inputs,))
-            return loss_fn(output, targets)
 
-        return loss
+def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the buffers of modules in train mode, which BatchNorm would otherwise update in place."""
+    copies = {}
+    for module_name, module in model.named_modules():
+        if module.training:
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    name = f"{module_name}.{buffer_name}" if module_name else buffer_name
+                    copies[name] = buffer.clone()
+    return copies
+
+
+def model_loss(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:
+    """``f(*params) = loss_fn(model(inputs), targets)`` with the parameters ``names`` replaced by the arguments.
+
+    It closes over the model, the loss and the batch only (not an operator), so that the compiled product, guarded
+    on what f closes over, serves every operator of the same model and loss.
+    """
+
+    def loss(*params: torch.Tensor) -> torch.Tensor:
+        state = _buffer_copies(model)
+        state.update(zip(names, params))
+        output = torch.func.functional_call(model, state, (inputs,))
+        return loss_fn(output, targets)
+
+    return loss

@@ -1,0 +1,104 @@
+"""``compile=True``: the compiled forward-over-reverse product of hvp, HessianOperator and SharpnessMonitor.
+
+Exact in float64 against the dense Hessian; compiled once per function/model and signature (the second call adds
+no compile time); refused with the modes that cannot be compiled. Each compilation takes seconds: the models are
+tiny and the tests few.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import optim
+from optim.hessian.hvp import compile_seconds
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    inputs, targets = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    return model, inputs, targets
+
+
+def _dense(model, inputs, targets):
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def f(flat):
+        pieces = [piece.reshape(p.shape) for piece, p in zip(flat.split(sizes), params)]
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, pieces)), (inputs,)), targets)
+
+    return torch.autograd.functional.hessian(f, torch.cat([p.reshape(-1) for p in params]))
+
+
+def test_hvp_compiled_is_exact_for_one_and_k_probes_and_compiles_once():
+    model, inputs, targets = _tiny()
+    params = [p.detach() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(*ps):
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ps)), (inputs,)), targets)
+
+    hessian = _dense(model, inputs, targets)
+    for k in (None, 3):
+        v = [torch.randn(((k,) if k else ()) + p.shape, dtype=torch.float64) for p in params]
+        hv, grad = optim.hvp(f, params, v, compile=True, return_grad=True)
+        flat_v = torch.cat([t.reshape(k or 1, -1) for t in v], dim=1)
+        flat_hv = torch.cat([t.reshape(k or 1, -1) for t in hv], dim=1)
+        torch.testing.assert_close(flat_hv, flat_v @ hessian, rtol=1e-10, atol=1e-12)
+        eager_grad = optim.hvp(f, params, v, mode="rr", return_grad=True)[1]
+        for a, b in zip(grad, eager_grad):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        spent = compile_seconds(f)
+        assert spent > 0
+        optim.hvp(f, params, v, compile=True)  # the same signature: reused, nothing more to compile
+        assert compile_seconds(f) == spent
+
+
+def test_hvp_compile_refuses_what_cannot_be_compiled():
+    model, inputs, targets = _tiny()
+    params = [p.detach() for p in model.parameters()]
+    v = [torch.randn_like(p) for p in params]
+    f = lambda *ps: sum(p.square().sum() for p in ps)  # noqa: E731
+    for mode in ("rr", "fd"):
+        with pytest.raises(ValueError, match=f"compile=True computes forward-over-reverse products.*mode='{mode}'"):
+            optim.hvp(f, params, v, mode=mode, compile=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        optim.hvp(f, params, v, compile="yes")
+    with pytest.raises(ValueError, match="no graph to reuse"):
+        optim.HessianOperator(model, F.cross_entropy, (inputs, targets), compile=True, reuse_graph=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        optim.SharpnessMonitor(model, F.cross_entropy, compile=1)
+
+
+def test_operator_and_monitor_compile_once_per_model_and_follow_parameter_updates():
+    model, inputs, targets = _tiny()
+    H = optim.HessianOperator(model, F.cross_entropy, (inputs, targets), compile=True)
+    v = torch.randn(4, H.n, dtype=torch.float64)
+    torch.testing.assert_close(H @ v, v @ _dense(model, inputs, targets), rtol=1e-10, atol=1e-12)
+    spent = H.compile_seconds
+    assert spent > 0
+    with torch.no_grad():  # the compiled product reads the current parameters: no stale result
+        model[0].weight.mul_(1.3)
+    torch.testing.assert_close(H @ v, v @ _dense(model, inputs, targets), rtol=1e-10, atol=1e-12)
+    assert H.compile_seconds == spent
+    # A monitor builds a new operator at each measurement: the model's compiled product serves all of them.
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, probes=4, lanczos_iters=12,
+                                     top_k=1, compile=True)
+    eager = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, probes=4, lanczos_iters=12,
+                                   top_k=1)
+    for step in range(2):
+        record = monitor.measure(step, (inputs, targets))
+        reference = eager.measure(step, (inputs, targets))
+        assert record["lambda_max"] == pytest.approx(reference["lambda_max"], rel=1e-8)
+        assert record["trace"] == pytest.approx(reference["trace"], rel=1e-8)
+        if step == 0:
+            after_first = monitor.compile_seconds
+    assert monitor.compile_seconds == after_first  # the second measurement compiled nothing

@@ -1,4 +1,5 @@
-"""Top Hessian eigenvalue, trace and spectral density of a model: ``optim`` vs PyHessian, same model, same batch.
+"""Top Hessian eigenvalue, trace and spectral density of a model: ``optim`` vs PyHessian and hessian-eigenthings,
+same model, same batch.
 
 For each model of :mod:`benchmarks._models` (an MLP and a GPT-2-shaped transformer), one batch, in one process:
 
@@ -6,6 +7,8 @@ For each model of :mod:`benchmarks._models` (an MLP and a GPT-2-shaped transform
   reorthogonalization on ``optim.HessianOperator``) vs PyHessian's ``hessian(...).eigenvalues(tol=1e-3)`` (power
   iteration, stopping when two successive estimates differ by less than tol relative). Both are compared with a
   tight reference (Lanczos at tol=1e-8): ``rel err`` is what each actually achieved.
+  hessian-eigenthings 1.0 (optional): its ``lanczos(HessianOperator(...), k=1, tol=1e-3, max_iter=100)`` (its
+  default of 2k iterations is no race) and its ``hutchinson`` trace with the same number of probes.
 * **trace** with the same number of Rademacher probes: ``optim.trace(H, num_probes=P)`` (probes in blocks of 32
   sharing one forward/backward) vs PyHessian's ``trace(maxIter=P, tol=-inf)`` (one probe per second backward, its
   stopping test disabled so both use P probes: with tol=0 it still stops at once when the running mean is
@@ -39,6 +42,14 @@ import optim
 from ._models import Case, run_cases, sequence_cross_entropy
 from ._plots import pyplot, save
 from ._timing import device_name, synchronize
+
+
+def _eigenthings():
+    try:
+        import hessian_eigenthings
+    except ImportError as error:  # reported, not faked
+        return None, f"hessian-eigenthings is not installed ({error}); pip install hessian-eigenthings"
+    return hessian_eigenthings, None
 
 
 def _pyhessian():
@@ -130,6 +141,23 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
         add("top eigenvalue", "PyHessian (power)", timed, timed[0],
             {"tol": 1e-3, "hvps": count[0], "relative_error": abs(timed[0] - reference) / abs(reference)})
 
+    eigenthings, eigenthings_missing = _eigenthings()
+    if eigenthings is not None:
+        # Its Lanczos at tol=1e-3 and a max_iter set for the race (its default, 2k iterations, is no race); a fresh
+        # operator per call, as ours, so the operator's set-up is timed on both sides.
+        def eigenthings_operator():
+            return eigenthings.HessianOperator(model, [batch], eigenthings.supervised_loss(sequence_cross_entropy))
+
+        def eigenthings_eig():
+            result = eigenthings.lanczos(eigenthings_operator(), k=1, tol=1e-3, max_iter=100, seed=0)
+            return float(result.eigenvalues[0]), int(result.iterations)
+
+        timed = _timed(eigenthings_eig, device, repeats)
+        value, iterations = timed[0]
+        add("top eigenvalue", "hessian-eigenthings (Lanczos)", timed, value,
+            {"tol": 1e-3, "max_iter": 100, "hvps": iterations,
+             "relative_error": abs(value - reference) / abs(reference)})
+
     # Trace.
     def ours_trace():
         estimate = optim.trace(operator(), num_probes=probes, seed=0)
@@ -150,6 +178,14 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
         timed = _timed(theirs_trace, device, repeats)
         value, count = timed[0]
         add("trace", f"PyHessian (Hutchinson, {count} probes)", timed, value, {"hvps": count})
+
+    if eigenthings is not None:
+        def eigenthings_trace():
+            result = eigenthings.hutchinson(eigenthings_operator(), num_samples=probes, seed=0)
+            return float(result.estimate)
+
+        timed = _timed(eigenthings_trace, device, repeats)
+        add("trace", f"hessian-eigenthings (Hutchinson, {probes} probes)", timed, timed[0], {"hvps": probes})
 
     # Spectral density, one start vector.
     def ours_density():
@@ -177,13 +213,13 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
             add("density", f"PyHessian (SLQ, {steps} steps)", timed, timed[0],
                 {"hvps": steps, "value_is": "mean of the density"})
 
-    # Ratios: PyHessian's time over ours, per task; for the top eigenvalue, over the fastest of ours that is at
-    # least as accurate as PyHessian (the first of ours when none is).
+    # Ratios: each peer's time over ours, per task; for the top eigenvalue, over the fastest of ours that is at
+    # least as accurate as that peer (the first of ours when none is).
     for task in ("top eigenvalue", "trace", "density"):
         task_rows = [row for row in rows if row["task"] == task and "error" not in row]
         ours_rows = [row for row in task_rows if row["method"].startswith("optim")]
         for row in task_rows:
-            if not row["method"].startswith("PyHessian"):
+            if row["method"].startswith("optim"):
                 continue
             candidates = [ours for ours in ours_rows
                           if ours.get("relative_error", 0.0) <= row.get("relative_error", math.inf)]
@@ -191,7 +227,8 @@ def run_case(case: Case, device: torch.device, quick: bool) -> dict:
             row["speedup_of_optim"] = row["seconds"] / ours["seconds"]
             row["compared_with"] = ours["method"]
     return {"name": case.name, "description": case.description, "numel": case.numel,
-            "reference_top_eigenvalue": reference, "pyhessian_missing": missing, "rows": rows,
+            "reference_top_eigenvalue": reference, "pyhessian_missing": missing,
+            "eigenthings_missing": eigenthings_missing, "rows": rows,
             "density": {"grid": density.grid.tolist(), "density": density.density.tolist()}}
 
 
@@ -200,13 +237,14 @@ def format_table(result: dict) -> str:
     for case in result["cases"]:
         lines.append(f"\n{case['description']}  ({case['numel'] / 1e6:.2f}M parameters); "
                      f"reference lambda_max = {case['reference_top_eigenvalue']:.6g}")
-        if case["pyhessian_missing"]:
-            lines.append(f"  PyHessian rows missing: {case['pyhessian_missing']}")
-        lines.append(f"{'task':<16}{'method':<34}{'seconds':>9}{'HVPs':>6}{'value':>13}{'accuracy':>16}"
+        for peer, key in (("PyHessian", "pyhessian_missing"), ("hessian-eigenthings", "eigenthings_missing")):
+            if case.get(key):
+                lines.append(f"  {peer} rows missing: {case[key]}")
+        lines.append(f"{'task':<16}{'method':<44}{'seconds':>9}{'HVPs':>6}{'value':>13}{'accuracy':>16}"
                      f"{'optim faster':>14}")
         for row in case["rows"]:
             if "error" in row:
-                lines.append(f"{row['task']:<16}{row['method']:<34} failed: {row['error']}")
+                lines.append(f"{row['task']:<16}{row['method']:<44} failed: {row['error']}")
                 continue
             if "relative_error" in row:
                 accuracy = f"err {row['relative_error']:.1e}"
@@ -216,7 +254,7 @@ def format_table(result: dict) -> str:
                 accuracy = "-"
             hvps = row.get("hvps", "-")
             speedup = f"{row['speedup_of_optim']:.2f}x" if "speedup_of_optim" in row else "-"
-            lines.append(f"{row['task']:<16}{row['method']:<34}{row['seconds']:>9.3f}{hvps!s:>6}"
+            lines.append(f"{row['task']:<16}{row['method']:<44}{row['seconds']:>9.3f}{hvps!s:>6}"
                          f"{row['value']:>13.5g}{accuracy:>16}{speedup:>14}")
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._finite import all_finite
 from ._ops import krylov_dots
+from .plotting import plot_density
 from .probes import rademacher
 
 __all__ = [
@@ -803,43 +804,3 @@ def _gaussian_mixture(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float
         t = grid[i : i + chunk, None]
         parts.append((torch.exp(-0.5 * ((t - theta) / sigma) ** 2) * tau).sum(dim=1) * norm)
     return torch.cat(parts)
-
-
-def plot_density(density_result, path, *, log: bool = True, title: str | None = None):
-    """Save the spectral density as a PNG at ``path`` and return the path.
-
-    ``density_result`` is a :class:`SpectralDensity` or a ``(grid, density)`` pair. ``log=True`` plots the density
-    on a log axis (a Hessian's outliers carry a tiny mass next to the bulk at 0), clipped below at 1e-12 × its
-    maximum so the empty tails do not dominate. Needs matplotlib (an optional extra); it draws on an Agg canvas
-    without touching pyplot's global state or the user's backend.
-    """
-    grid, density = density_result
-    grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
-    density = torch.as_tensor(density, dtype=torch.float64).cpu()
-    if grid.ndim != 1 or density.shape != grid.shape:
-        raise ValueError(
-            f"density_result must hold a 1-D grid and a density of the same shape, got {tuple(grid.shape)} and "
-            f"{tuple(density.shape)}"
-        )
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError(
-            "plot_density needs matplotlib, an optional extra: pip install matplotlib"
-        ) from error
-    figure = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    if log:
-        floor = max(density.max().item(), 1e-300) * 1e-12
-        axes.semilogy(grid.numpy(), density.clamp(min=floor).numpy())
-    else:
-        axes.plot(grid.numpy(), density.numpy())
-    axes.set_xlabel("eigenvalue")
-    axes.set_ylabel("density (log scale)" if log else "density")
-    if title is not None:
-        axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path

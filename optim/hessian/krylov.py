@@ -65,6 +65,11 @@ def _norm64(a: Tensor) -> Tensor:
     return _dot64(a, a).sqrt()
 
 
+def _normalize(a: Tensor) -> Tensor:
+    """Each row of ``a`` divided by its float64-accumulated norm."""
+    return a / _norm64(a).to(a.dtype).unsqueeze(-1)
+
+
 def _basis_dots64(basis: Tensor, w: Tensor) -> Tensor:
     """``c[b, i] = basis[b, i] · w[b]`` in float64 for basis (B, m, n) and w (B, n): one ``optim::krylov_dots``."""
     return krylov_dots(basis, w)
@@ -246,7 +251,7 @@ def lanczos_top(
 
     run = lanczos(
         apply,
-        q / _norm64(q).to(q.dtype).unsqueeze(-1),
+        _normalize(q),
         max_steps,
         capacity=max(2 * k + 20, 32),
         stop=converged,
@@ -263,7 +268,7 @@ def lanczos_top(
         )
     coefficients = S[:, top].T.to(device=q.device, dtype=q.dtype)  # (k, m)
     vectors = coefficients @ run.basis[0, :m]
-    vectors = vectors / _norm64(vectors).to(q.dtype).unsqueeze(-1)
+    vectors = _normalize(vectors)
     return theta[top], vectors
 
 
@@ -310,8 +315,7 @@ def power_top(
         if found is None:
             found = v.new_zeros(1, 0, v.shape[-1])
             eps = torch.finfo(v.dtype).eps
-        v = _orthogonalize(found, v)
-        v = v / _norm64(v).to(v.dtype).unsqueeze(-1)
+        v = _normalize(_orthogonalize(found, v))
         lam_prev = None
         converged = False
         restart = False

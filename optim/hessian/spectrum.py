@@ -107,13 +107,8 @@ class MatrixOperator:
     def __init__(self, A: Tensor, *, rtol: float | None = None) -> None:
         if not isinstance(A, Tensor):
             raise TypeError(f"MatrixOperator: A must be a torch.Tensor, got {type(A).__name__}")
-        if A.ndim != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"MatrixOperator: A must be a square matrix (n, n), got shape {tuple(A.shape)}")
-        if A.shape[0] == 0:
-            raise ValueError("MatrixOperator: A must not be empty (n = 0)")
-        if not A.is_floating_point():
-            raise ValueError(f"MatrixOperator: A must be a real floating-point matrix, got dtype {A.dtype}")
-        if not torch.isfinite(A).all():
+        _check_shape_and_dtype("MatrixOperator: A", tuple(A.shape), A.dtype)
+        if not all_finite([A]):
             raise ValueError("MatrixOperator: A contains NaN or inf")
         if rtol is None:
             rtol = math.sqrt(torch.finfo(A.dtype).eps)
@@ -164,14 +159,18 @@ def _as_operator(H) -> LinearOperator:
             f"H must be a square symmetric torch.Tensor or a LinearOperator (shape, dtype, device, H @ v); "
             f"{type(H).__name__} lacks {', '.join(missing)}"
         )
-    shape = tuple(H.shape)
-    if len(shape) != 2 or shape[0] != shape[1] or not all(isinstance(s, int) for s in shape):
-        raise ValueError(f"H must have shape (n, n), got {shape}")
-    if shape[0] < 1:
-        raise ValueError("H must not be empty (n = 0)")
-    if not H.dtype.is_floating_point:
-        raise ValueError(f"H must have a real floating-point dtype, got {H.dtype}")
+    _check_shape_and_dtype("H", tuple(H.shape), H.dtype)
     return H
+
+
+def _check_shape_and_dtype(name: str, shape: tuple, dtype: torch.dtype) -> None:
+    """The protocol's shape and dtype: (n, n) with n ≥ 1, a real floating-point dtype."""
+    if len(shape) != 2 or shape[0] != shape[1] or not all(isinstance(s, int) for s in shape):
+        raise ValueError(f"{name} must be a square matrix, of shape (n, n), got {shape}")
+    if shape[0] < 1:
+        raise ValueError(f"{name} must not be empty (n = 0)")
+    if not dtype.is_floating_point:
+        raise ValueError(f"{name} must have a real floating-point dtype, got {dtype}")
 
 
 def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
@@ -193,18 +192,16 @@ def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 1 << 64:
+    if not 0 <= _check_int("seed", seed) < 1 << 64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return seed
 
@@ -228,6 +225,21 @@ def _check_batch_size(batch_size, default: int) -> int:
 
 def _gaussian(generator: torch.Generator, shape: tuple[int, ...], H: LinearOperator) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=H.device, dtype=H.dtype)
+
+
+def _probe_blocks(
+    H: LinearOperator, first: int, count: int, batch_size: int, seed: int
+) -> Iterator[tuple[int, Tensor]]:
+    """Rademacher probes ``first .. first+count−1`` as (start, (b, n) block) pairs; probe i uses counters i·n..."""
+    n = H.shape[0]
+    for start in range(first, first + count, batch_size):
+        b = min(batch_size, first + count - start)
+        yield start, rademacher((b, n), seed=seed, offset=start * n, dtype=H.dtype, device=H.device)
+
+
+def _rows(start: int, block: Tensor) -> str:
+    """``"first..last"``: the probe (or run) numbers of a block starting at ``start``, for error messages."""
+    return f"{start}..{start + block.shape[0] - 1}"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -323,16 +335,6 @@ class TraceEstimate(NamedTuple):
     num_matvecs: int
 
 
-def _probe_blocks(
-    H: LinearOperator, first: int, count: int, batch_size: int, seed: int
-) -> Iterator[tuple[int, Tensor]]:
-    """Rademacher probes ``first .. first+count−1`` as (start, (b, n) block) pairs; probe i uses counters i·n..."""
-    n = H.shape[0]
-    for start in range(first, first + count, batch_size):
-        b = min(batch_size, first + count - start)
-        yield start, rademacher((b, n), seed=seed, offset=start * n, dtype=H.dtype, device=H.device)
-
-
 def _mean_and_std_error(values: Tensor) -> tuple[float, float]:
     mean = values.mean().item()
     if values.numel() < 2:
@@ -369,7 +371,7 @@ def trace(
     if method == "hutchinson":
         values = []
         for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
-            HZ = _apply(H, Z, f"Hutchinson probes {start}..{start + Z.shape[0] - 1}")
+            HZ = _apply(H, Z, f"Hutchinson probes {_rows(start, Z)}")
             values.append(_dot64(Z, HZ).cpu())
         mean, se = _mean_and_std_error(torch.cat(values))
         return TraceEstimate(mean, se, num_probes)
@@ -377,7 +379,7 @@ def trace(
     s = num_probes // 3
     blocks = []
     for start, S in _probe_blocks(H, 0, s, batch_size, seed):
-        blocks.append(_apply(H, S, f"Hutch++ sketch probes {start}..{start + S.shape[0] - 1}"))
+        blocks.append(_apply(H, S, f"Hutch++ sketch probes {_rows(start, S)}"))
     Y = torch.cat(blocks)  # (s, n): rows H S_i
     # QR needs float32 at least; any orthonormal Q keeps the estimator unbiased, so its precision only affects
     # how much of H's top range is deflated.
@@ -386,12 +388,12 @@ def trace(
     exact = 0.0
     for start in range(0, s, batch_size):
         block = Q[start : start + batch_size]
-        HQ = _apply(H, block, f"Hutch++ basis vectors {start}..{start + block.shape[0] - 1}")
+        HQ = _apply(H, block, f"Hutch++ basis vectors {_rows(start, block)}")
         exact += _dot64(block, HQ).sum().item()
     values = []
     for start, G in _probe_blocks(H, s, num_probes - 2 * s, batch_size, seed):
         G = G - (G @ Q.mT) @ Q  # P G: the probes with the sketched range removed
-        HG = _apply(H, G, f"Hutch++ residual probes {start}..{start + G.shape[0] - 1}")
+        HG = _apply(H, G, f"Hutch++ residual probes {_rows(start, G)}")
         values.append(_dot64(G, HG).cpu())
     mean, se = _mean_and_std_error(torch.cat(values))
     return TraceEstimate(exact + mean, se, num_probes)
@@ -434,7 +436,7 @@ def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None 
     m2 = torch.zeros(n, dtype=torch.float64, device=H.device)
     count = 0
     for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
-        HZ = _apply(H, Z, f"diagonal probes {start}..{start + Z.shape[0] - 1}")
+        HZ = _apply(H, Z, f"diagonal probes {_rows(start, Z)}")
         for x in (Z * HZ).unbind(0):
             x = x.to(torch.float64)  # one row at a time: O(n) float64 memory whatever the batch size
             count += 1
@@ -535,7 +537,7 @@ def spectral_density(
         grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
         if grid.ndim != 1 or grid.numel() < 2:
             raise ValueError(f"grid must be a 1-D sequence of at least 2 points, got shape {tuple(grid.shape)}")
-        if not torch.isfinite(grid).all() or not bool((grid[1:] > grid[:-1]).all()):
+        if not all_finite([grid]) or not bool((grid[1:] > grid[:-1]).all()):
             raise ValueError("grid must be finite and strictly increasing")
     seed = _check_seed(seed)
     m = min(lanczos_steps, n)
@@ -544,7 +546,7 @@ def spectral_density(
     all_nodes: list[Tensor] = []
     all_weights: list[Tensor] = []
     for start, Z in _probe_blocks(H, 0, num_runs, batch_size, seed):
-        runs = f"{start}..{start + Z.shape[0] - 1}"
+        runs = _rows(start, Z)
 
         def apply(V: Tensor, what: str) -> Tensor:
             return _apply(H, V, f"spectral_density {what} of runs {runs}")

@@ -124,7 +124,8 @@ def _breakdown_tol(dtype: torch.dtype, n: int, alphas: Sequence[float], betas: S
 class Lanczos(NamedTuple):
     """B Lanczos runs of ``steps`` = m steps each (fewer kept by a run that ended on an invariant Krylov space).
 
-    ``basis`` (B, ≥ m, n): rows ``basis[b, :lengths[b]]`` are run b's orthonormal basis (later rows are zeros);
+    ``basis`` (B, ≥ m, n): rows ``basis[b, :lengths[b]]`` are run b's orthonormal basis, its rows from lengths[b] to
+    m − 1 are zeros, rows from m on are unset;
     ``alphas``, ``betas`` (B, m) float64 CPU: T of run b has diagonal ``alphas[b, :lengths[b]]`` and off-diagonal
     ``betas[b, :lengths[b] − 1]``; ``betas[b, m − 1]`` is the last residual norm, which bounds the Ritz residuals.
     ``lengths`` (B,) int64: the steps each run keeps.
@@ -189,8 +190,8 @@ def lanczos(
             break
         for b in range(B):
             if active[b] and beta[b] <= _breakdown_tol(dtype, n, alphas[b, :m].tolist(), betas[b, :m].tolist()):
-                # Invariant Krylov space: its quadrature is exact with m nodes. Restart from a fresh direction
-                # orthogonal to everything found so far, or end the run.
+                # Invariant Krylov space (T's eigenvalues are eigenvalues of H; a quadrature on it is exact with m
+                # nodes): restart from a fresh direction orthogonal to everything found so far, or end the run.
                 fresh = None if restart is None else _orthogonalize(basis[b : b + 1, :m], restart())
                 norm = None if fresh is None else _norm64(fresh).item()
                 if norm is not None and norm > math.sqrt(eps):

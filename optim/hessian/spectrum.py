@@ -1,5 +1,9 @@
 """Spectral estimators of a symmetric linear operator H: top eigenpairs, trace, diagonal and spectral density.
 
+This module holds the operator protocol and its checks, the argument checks, the probes and the estimators; the
+Krylov iterations they run (one batched Lanczos for top-k and SLQ, power iteration) are in :mod:`.krylov`, the
+density plot in :mod:`.plotting` (re-exported here as ``plot_density``).
+
 Everything here touches H only through products ``H @ V``, so it works for an explicit matrix (wrapped in
 :class:`MatrixOperator`) and for a model's Hessian (``optim.hessian.HessianOperator``) alike. The contract is the
 :class:`LinearOperator` protocol:
@@ -23,8 +27,8 @@ rank it runs on. Gaussian vectors (Lanczos and power-iteration start vectors) ar
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
@@ -32,7 +36,8 @@ import torch
 from torch import Tensor
 
 from .._finite import all_finite
-from ._ops import krylov_dots
+from .krylov import _dot64, lanczos_quadrature, lanczos_top, power_top
+from .plotting import plot_density
 from .probes import rademacher
 
 __all__ = [
@@ -102,13 +107,8 @@ class MatrixOperator:
     def __init__(self, A: Tensor, *, rtol: float | None = None) -> None:
         if not isinstance(A, Tensor):
             raise TypeError(f"MatrixOperator: A must be a torch.Tensor, got {type(A).__name__}")
-        if A.ndim != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"MatrixOperator: A must be a square matrix (n, n), got shape {tuple(A.shape)}")
-        if A.shape[0] == 0:
-            raise ValueError("MatrixOperator: A must not be empty (n = 0)")
-        if not A.is_floating_point():
-            raise ValueError(f"MatrixOperator: A must be a real floating-point matrix, got dtype {A.dtype}")
-        if not torch.isfinite(A).all():
+        _check_shape_and_dtype("MatrixOperator: A", tuple(A.shape), A.dtype)
+        if not all_finite([A]):
             raise ValueError("MatrixOperator: A contains NaN or inf")
         if rtol is None:
             rtol = math.sqrt(torch.finfo(A.dtype).eps)
@@ -159,14 +159,18 @@ def _as_operator(H) -> LinearOperator:
             f"H must be a square symmetric torch.Tensor or a LinearOperator (shape, dtype, device, H @ v); "
             f"{type(H).__name__} lacks {', '.join(missing)}"
         )
-    shape = tuple(H.shape)
-    if len(shape) != 2 or shape[0] != shape[1] or not all(isinstance(s, int) for s in shape):
-        raise ValueError(f"H must have shape (n, n), got {shape}")
-    if shape[0] < 1:
-        raise ValueError("H must not be empty (n = 0)")
-    if not H.dtype.is_floating_point:
-        raise ValueError(f"H must have a real floating-point dtype, got {H.dtype}")
+    _check_shape_and_dtype("H", tuple(H.shape), H.dtype)
     return H
+
+
+def _check_shape_and_dtype(name: str, shape: tuple, dtype: torch.dtype) -> None:
+    """The protocol's shape and dtype: (n, n) with n ≥ 1, a real floating-point dtype."""
+    if len(shape) != 2 or shape[0] != shape[1] or not all(isinstance(s, int) for s in shape):
+        raise ValueError(f"{name} must be a square matrix, of shape (n, n), got {shape}")
+    if shape[0] < 1:
+        raise ValueError(f"{name} must not be empty (n = 0)")
+    if not dtype.is_floating_point:
+        raise ValueError(f"{name} must have a real floating-point dtype, got {dtype}")
 
 
 def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
@@ -188,18 +192,16 @@ def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 1 << 64:
+    if not 0 <= _check_int("seed", seed) < 1 << 64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return seed
 
@@ -217,69 +219,27 @@ def _check_batch_size(batch_size, default: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Float64-accumulated reductions and Gram-Schmidt
+# Random vectors
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def _dot64(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products ``Σ_j a[..., j] b[..., j]`` with float64 products and sums (``optim::krylov_dots``)."""
-    n = a.shape[-1]
-    rows = a.reshape(-1, 1, n)
-    return krylov_dots(rows, b.reshape(-1, n)).reshape(a.shape[:-1])
-
-
-def _norm64(a: Tensor) -> Tensor:
-    return _dot64(a, a).sqrt()
-
-
-def _basis_dots64(basis: Tensor, w: Tensor) -> Tensor:
-    """``c[b, i] = basis[b, i] · w[b]`` in float64 for basis (B, m, n) and w (B, n): one ``optim::krylov_dots``."""
-    return krylov_dots(basis, w)
-
-
-def _orthogonalize(basis: Tensor, w: Tensor) -> Tensor:
-    """w minus its projection on the orthonormal rows of ``basis`` (B, m, n), for w (B, n).
-
-    Classical Gram-Schmidt with the DGKS test (Daniel, Gragg, Kaufman & Stewart 1976, as in ARPACK): one pass leaves
-    an error proportional to the loss of orthogonality, which matters only when the pass removed most of w; a
-    second pass ("twice is enough", Giraud et al. 2005) runs when ‖w‖ fell below 1/√2 of its value in some row.
-    """
-    if basis.shape[1] == 0:
-        return w
-    before = _norm64(w)
-    w = _project_out(basis, w)
-    if not bool((_norm64(w) >= _DGKS_ETA * before).all()):
-        w = _project_out(basis, w)
-    return w
-
-
-def _project_out(basis: Tensor, w: Tensor) -> Tensor:
-    """One classical Gram-Schmidt pass: w − cᵀ·basis with c = basis·w in float64, the update as one baddbmm."""
-    c = _basis_dots64(basis, w).to(w.dtype)
-    return torch.baddbmm(w.unsqueeze(1), c.unsqueeze(1), basis, alpha=-1).squeeze(1)
-
-
-# DGKS threshold: reorthogonalize again when one pass kept less than 1/√2 of ‖w‖.
-_DGKS_ETA = 2 ** -0.5
 
 
 def _gaussian(generator: torch.Generator, shape: tuple[int, ...], H: LinearOperator) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=H.device, dtype=H.dtype)
 
 
-def _tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
-    """The symmetric tridiagonal T (float64, CPU) with diagonal ``alphas`` and off-diagonal ``betas``."""
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if len(alphas) > 1:
-        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
-        T += torch.diag(off, 1) + torch.diag(off, -1)
-    return T
+def _probe_blocks(
+    H: LinearOperator, first: int, count: int, batch_size: int, seed: int
+) -> Iterator[tuple[int, Tensor]]:
+    """Rademacher probes ``first .. first+count−1`` as (start, (b, n) block) pairs; probe i uses counters i·n..."""
+    n = H.shape[0]
+    for start in range(first, first + count, batch_size):
+        b = min(batch_size, first + count - start)
+        yield start, rademacher((b, n), seed=seed, offset=start * n, dtype=H.dtype, device=H.device)
 
 
-def _breakdown_tol(dtype: torch.dtype, n: int, alphas: Sequence[float], betas: Sequence[float]) -> float:
-    """β below this means the Krylov space is (numerically) invariant: ‖T‖ estimate × eps × a dimension factor."""
-    scale = max([abs(a) for a in alphas] + [abs(b) for b in betas] + [0.0])
-    return max(10.0, math.sqrt(n)) * torch.finfo(dtype).eps * scale
+def _rows(start: int, block: Tensor) -> str:
+    """``"first..last"``: the probe (or run) numbers of a block starting at ``start``, for error messages."""
+    return f"{start}..{start + block.shape[0] - 1}"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -352,150 +312,13 @@ def top_eigenvalues(
         raise ValueError(f"max_iter must be >= k = {k} (each eigenpair needs at least one H@v product), got {max_iter}")
     seed = _check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    if method == "lanczos":
-        values, vectors = _lanczos_top(H, k, tol, max_iter, generator)
-    else:
-        values, vectors = _power_top(H, k, tol, max_iter, generator)
+    solver = lanczos_top if method == "lanczos" else power_top
+    values, vectors = solver(functools.partial(_apply, H), lambda: _gaussian(generator, (1, n), H), k, tol, max_iter)
     # Sign convention: the largest-magnitude entry of each eigenvector is positive.
     index = vectors.abs().argmax(dim=1, keepdim=True)
     signs = torch.where(vectors.gather(1, index) < 0, -1.0, 1.0).to(vectors.dtype)
     vectors = vectors * signs
     return Eigenpairs(values.to(device=H.device, dtype=H.dtype), vectors)
-
-
-def _lanczos_top(
-    H: LinearOperator, k: int, tol: float, max_iter: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    n = H.shape[0]
-    max_steps = min(max_iter, n)
-    eps = torch.finfo(H.dtype).eps
-    # The basis grows by doubling, so an early convergence does not pay for max_iter vectors of length n.
-    # empty, not zeros: only the rows written so far (basis[:, :m]) are ever read.
-    basis = torch.empty(1, min(max_steps, max(2 * k + 20, 32)), n, dtype=H.dtype, device=H.device)
-    q = _gaussian(generator, (1, n), H)
-    basis[:, 0] = q / _norm64(q).to(H.dtype).unsqueeze(-1)
-    alphas: list[float] = []
-    betas: list[float] = []
-
-    def ritz(m: int) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-        """Eigen-decomposition of T_m, the indices of its top k Ritz values, their residuals and convergence."""
-        theta, S = torch.linalg.eigh(_tridiagonal(alphas, betas))
-        top = torch.arange(m - 1, m - 1 - k, -1)
-        residuals = (betas[-1] * S[-1, top]).abs()
-        # tol·|θ| cannot be met below the rounding level of H@v (~eps·‖H‖), e.g. for an eigenvalue at 0.
-        bounds = torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
-        return theta, S, top, residuals / bounds, bool((residuals <= bounds).all())
-
-    for j in range(max_steps):
-        v = basis[:, j]
-        w = _apply(H, v, f"Lanczos iteration {j}")
-        alpha = _dot64(v, w)
-        w = w - alpha.to(H.dtype).unsqueeze(-1) * v
-        if j > 0:
-            w = w - betas[-1] * basis[:, j - 1]
-        w = _orthogonalize(basis[:, : j + 1], w)
-        beta = _norm64(w).item()
-        alphas.append(alpha.item())
-        betas.append(beta)
-        m = j + 1
-        if m == max_steps:
-            break
-        # eigh of the m×m tridiagonal costs O(m³): checking every step is free for m < 100; beyond, every m/20
-        # steps keeps the checks small next to the H@v products.
-        if m >= k and (m < 100 or m % max(1, m // 20) == 0) and ritz(m)[-1]:
-            break
-        if beta <= _breakdown_tol(H.dtype, n, alphas, betas):
-            # Invariant subspace: restart from a fresh direction orthogonal to everything found so far.
-            w = _orthogonalize(basis[:, :m], _gaussian(generator, (1, n), H))
-            beta = _norm64(w).item()
-            if beta <= math.sqrt(eps):  # the basis spans Rⁿ numerically: T's eigenvalues are H's
-                break
-            betas[-1] = 0.0
-        if m == basis.shape[1]:
-            grown = torch.empty(1, min(max_steps, 2 * m), n, dtype=H.dtype, device=H.device)
-            grown[:, :m] = basis
-            basis = grown
-        basis[:, m] = w / beta
-    m = len(alphas)
-    theta, S, top, ratio, converged = ritz(m)
-    if not converged and m < n:
-        warnings.warn(
-            f"top_eigenvalues: Lanczos did not converge within max_iter={max_iter} H@v products (largest residual "
-            f"is {ratio.max().item():.3g} x tol*|eigenvalue| with tol={tol:g}); increase max_iter or tol",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    coefficients = S[:, top].T.to(device=H.device, dtype=H.dtype)  # (k, m)
-    vectors = coefficients @ basis[0, :m]
-    vectors = vectors / _norm64(vectors).to(H.dtype).unsqueeze(-1)
-    return theta[top], vectors
-
-
-def _power_top(
-    H: LinearOperator, k: int, tol: float, max_iter: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    n = H.shape[0]
-    eps = torch.finfo(H.dtype).eps
-    found = torch.zeros(1, 0, n, dtype=H.dtype, device=H.device)  # (1, i, n): deflation basis
-    values: list[float] = []
-    used = 0
-    shift = 0.0  # s ≥ 0: iterate with H + sI once a negative eigenvalue is seen to dominate
-    scale = 0.0  # the largest |λ| seen: sets the absolute floor of the convergence test for λ ≈ 0
-    unconverged: list[int] = []
-    i = 0
-    while i < k:
-        budget = (max_iter - used) // (k - i)
-        v = _orthogonalize(found, _gaussian(generator, (1, n), H))
-        v = v / _norm64(v).to(H.dtype).unsqueeze(-1)
-        lam_prev = None
-        converged = False
-        restart = False
-        for it in range(budget):
-            w = _apply(H, v, f"power iteration {it} of eigenpair {i}")
-            used += 1
-            if shift:
-                w = w + shift * v
-            w = _orthogonalize(found, w)
-            rq = _dot64(v, w).item()  # Rayleigh quotient of P(H + sI)P at v (v ⟂ found, so Pv = v)
-            lam = rq - shift
-            scale = max(scale, abs(lam))
-            norm = _norm64(w).item()
-            if lam_prev is not None and abs(lam - lam_prev) <= max(tol * abs(lam), 10 * eps * scale):
-                # A settled Rayleigh quotient alone can mislead: with λ_max = −λ_min the iterate oscillates between
-                # the two eigenvectors at a constant quotient. Also require a residual ‖P(H + sI)Pv − (λ + s)v‖
-                # (= ‖PHPv − λv‖) consistent with the tolerance: about √tol·|λ| when the quotient has converged.
-                residual = _norm64(w - rq * v).item()
-                converged = residual <= max(10 * math.sqrt(tol) * abs(lam), 100 * eps * max(scale, shift))
-            if norm <= eps * max(scale, shift):
-                converged = True  # v is (numerically) in the null space of the shifted, deflated operator
-            if converged:
-                break
-            lam_prev = lam
-            v = w / norm
-        if converged and lam < 0 and shift == 0.0:
-            # The dominant eigenvalue of the remaining space is negative, i.e. it is λ_min: shift by it so the
-            # largest algebraic eigenvalue becomes the dominant one, and recompute this pair.
-            shift = -lam
-            restart = True
-        if restart:
-            if max_iter - used >= k - i:
-                continue
-            converged = False  # no budget left to recompute the pair with the shift: λ is not the top one
-        if not converged:
-            unconverged.append(i)
-        values.append(lam)
-        found = torch.cat([found, v.unsqueeze(1)], dim=1)
-        i += 1
-    if unconverged:
-        warnings.warn(
-            f"top_eigenvalues: power iteration did not converge within max_iter={max_iter} H@v products for "
-            f"eigenpair(s) {unconverged}; increase max_iter or tol, or use method='lanczos'",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    lams = torch.tensor(values, dtype=torch.float64)
-    order = torch.argsort(lams, descending=True)
-    return lams[order], found[0, order.to(H.device)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -510,16 +333,6 @@ class TraceEstimate(NamedTuple):
     estimate: float
     std_error: float
     num_matvecs: int
-
-
-def _probe_blocks(
-    H: LinearOperator, first: int, count: int, batch_size: int, seed: int
-) -> Iterator[tuple[int, Tensor]]:
-    """Rademacher probes ``first .. first+count−1`` as (start, (b, n) block) pairs; probe i uses counters i·n..."""
-    n = H.shape[0]
-    for start in range(first, first + count, batch_size):
-        b = min(batch_size, first + count - start)
-        yield start, rademacher((b, n), seed=seed, offset=start * n, dtype=H.dtype, device=H.device)
 
 
 def _mean_and_std_error(values: Tensor) -> tuple[float, float]:
@@ -558,7 +371,7 @@ def trace(
     if method == "hutchinson":
         values = []
         for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
-            HZ = _apply(H, Z, f"Hutchinson probes {start}..{start + Z.shape[0] - 1}")
+            HZ = _apply(H, Z, f"Hutchinson probes {_rows(start, Z)}")
             values.append(_dot64(Z, HZ).cpu())
         mean, se = _mean_and_std_error(torch.cat(values))
         return TraceEstimate(mean, se, num_probes)
@@ -566,7 +379,7 @@ def trace(
     s = num_probes // 3
     blocks = []
     for start, S in _probe_blocks(H, 0, s, batch_size, seed):
-        blocks.append(_apply(H, S, f"Hutch++ sketch probes {start}..{start + S.shape[0] - 1}"))
+        blocks.append(_apply(H, S, f"Hutch++ sketch probes {_rows(start, S)}"))
     Y = torch.cat(blocks)  # (s, n): rows H S_i
     # QR needs float32 at least; any orthonormal Q keeps the estimator unbiased, so its precision only affects
     # how much of H's top range is deflated.
@@ -575,12 +388,12 @@ def trace(
     exact = 0.0
     for start in range(0, s, batch_size):
         block = Q[start : start + batch_size]
-        HQ = _apply(H, block, f"Hutch++ basis vectors {start}..{start + block.shape[0] - 1}")
+        HQ = _apply(H, block, f"Hutch++ basis vectors {_rows(start, block)}")
         exact += _dot64(block, HQ).sum().item()
     values = []
     for start, G in _probe_blocks(H, s, num_probes - 2 * s, batch_size, seed):
         G = G - (G @ Q.mT) @ Q  # P G: the probes with the sketched range removed
-        HG = _apply(H, G, f"Hutch++ residual probes {start}..{start + G.shape[0] - 1}")
+        HG = _apply(H, G, f"Hutch++ residual probes {_rows(start, G)}")
         values.append(_dot64(G, HG).cpu())
     mean, se = _mean_and_std_error(torch.cat(values))
     return TraceEstimate(exact + mean, se, num_probes)
@@ -623,7 +436,7 @@ def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None 
     m2 = torch.zeros(n, dtype=torch.float64, device=H.device)
     count = 0
     for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
-        HZ = _apply(H, Z, f"diagonal probes {start}..{start + Z.shape[0] - 1}")
+        HZ = _apply(H, Z, f"diagonal probes {_rows(start, Z)}")
         for x in (Z * HZ).unbind(0):
             x = x.to(torch.float64)  # one row at a time: O(n) float64 memory whatever the batch size
             count += 1
@@ -724,7 +537,7 @@ def spectral_density(
         grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
         if grid.ndim != 1 or grid.numel() < 2:
             raise ValueError(f"grid must be a 1-D sequence of at least 2 points, got shape {tuple(grid.shape)}")
-        if not torch.isfinite(grid).all() or not bool((grid[1:] > grid[:-1]).all()):
+        if not all_finite([grid]) or not bool((grid[1:] > grid[:-1]).all()):
             raise ValueError("grid must be finite and strictly increasing")
     seed = _check_seed(seed)
     m = min(lanczos_steps, n)
@@ -733,7 +546,12 @@ def spectral_density(
     all_nodes: list[Tensor] = []
     all_weights: list[Tensor] = []
     for start, Z in _probe_blocks(H, 0, num_runs, batch_size, seed):
-        for theta, tau in _slq_runs(H, Z, m, start):
+        runs = _rows(start, Z)
+
+        def apply(V: Tensor, what: str) -> Tensor:
+            return _apply(H, V, f"spectral_density {what} of runs {runs}")
+
+        for theta, tau in lanczos_quadrature(apply, Z / math.sqrt(n), m):  # a Rademacher vector has norm √n
             pad = m - theta.numel()
             all_nodes.append(torch.cat([theta, theta[:1].expand(pad)]))
             all_weights.append(torch.cat([tau, tau.new_zeros(pad)]))
@@ -752,46 +570,6 @@ def spectral_density(
     return SpectralDensity(grid, density, nodes, weights, sigma, num_runs * m)
 
 
-def _slq_runs(H: LinearOperator, Z: Tensor, m: int, first: int) -> list[tuple[Tensor, Tensor]]:
-    """m-step Lanczos from each row of Z at once; per run the Gauss nodes θ and weights τ (float64, CPU)."""
-    B, n = Z.shape
-    basis = torch.zeros(B, m, n, dtype=H.dtype, device=H.device)
-    basis[:, 0] = Z / math.sqrt(n)  # a Rademacher vector has norm √n exactly
-    alphas = torch.zeros(B, m, dtype=torch.float64)
-    betas = torch.zeros(B, m, dtype=torch.float64)
-    lengths = torch.full((B,), m, dtype=torch.int64)  # steps each run keeps; shorter after a breakdown
-    active = torch.ones(B, dtype=torch.bool)
-    for j in range(m):
-        v = basis[:, j]
-        w = _apply(H, v, f"spectral_density Lanczos iteration {j} of runs {first}..{first + B - 1}")
-        alpha = _dot64(v, w)
-        w = w - alpha.to(H.dtype).unsqueeze(-1) * v
-        if j > 0:
-            w = w - betas[:, j - 1].to(device=H.device, dtype=H.dtype).unsqueeze(-1) * basis[:, j - 1]
-        w = _orthogonalize(basis[:, : j + 1], w)
-        beta = _norm64(w).cpu()
-        alphas[:, j] = alpha.cpu()
-        betas[:, j] = beta
-        if j + 1 == m:
-            break
-        for b in range(B):
-            tol = _breakdown_tol(H.dtype, n, alphas[b, : j + 1].tolist(), betas[b, : j + 1].tolist())
-            if active[b] and beta[b] <= tol:
-                # The Krylov space of this run is invariant: its quadrature is exact with j + 1 nodes.
-                active[b] = False
-                lengths[b] = j + 1
-        scale = torch.where(active, 1.0 / beta.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
-        basis[:, j + 1] = w * scale.to(device=H.device, dtype=H.dtype).unsqueeze(-1)  # finished runs feed zeros
-        if not active.any():
-            break
-    out = []
-    for b in range(B):
-        length = int(lengths[b])
-        theta, U = torch.linalg.eigh(_tridiagonal(alphas[b, :length].tolist(), betas[b, :length].tolist()))
-        out.append((theta, U[0] ** 2))
-    return out
-
-
 def _gaussian_mixture(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -> Tensor:
     """(1/R) Σ_r Σ_j w_rj N(t; θ_rj, σ²) on the grid, a chunk of grid points at a time."""
     theta = nodes.reshape(-1)
@@ -803,43 +581,3 @@ def _gaussian_mixture(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float
         t = grid[i : i + chunk, None]
         parts.append((torch.exp(-0.5 * ((t - theta) / sigma) ** 2) * tau).sum(dim=1) * norm)
     return torch.cat(parts)
-
-
-def plot_density(density_result, path, *, log: bool = True, title: str | None = None):
-    """Save the spectral density as a PNG at ``path`` and return the path.
-
-    ``density_result`` is a :class:`SpectralDensity` or a ``(grid, density)`` pair. ``log=True`` plots the density
-    on a log axis (a Hessian's outliers carry a tiny mass next to the bulk at 0), clipped below at 1e-12 × its
-    maximum so the empty tails do not dominate. Needs matplotlib (an optional extra); it draws on an Agg canvas
-    without touching pyplot's global state or the user's backend.
-    """
-    grid, density = density_result
-    grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
-    density = torch.as_tensor(density, dtype=torch.float64).cpu()
-    if grid.ndim != 1 or density.shape != grid.shape:
-        raise ValueError(
-            f"density_result must hold a 1-D grid and a density of the same shape, got {tuple(grid.shape)} and "
-            f"{tuple(density.shape)}"
-        )
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError(
-            "plot_density needs matplotlib, an optional extra: pip install matplotlib"
-        ) from error
-    figure = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    if log:
-        floor = max(density.max().item(), 1e-300) * 1e-12
-        axes.semilogy(grid.numpy(), density.clamp(min=floor).numpy())
-    else:
-        axes.plot(grid.numpy(), density.numpy())
-    axes.set_xlabel("eigenvalue")
-    axes.set_ylabel("density (log scale)" if log else "density")
-    if title is not None:
-        axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path

@@ -10,6 +10,13 @@ in one process:
 * ``fused``: ``mode="rr"`` with ``optim.hessian.cross_entropy``, whose second derivative is the fused kernel
   ``optim::cross_entropy_hvp`` instead of the autograd graph of softmax + log + gather.
 
+* ``ggn``: ``optim.GGNOperator(model, optim.hessian.cross_entropy, batch, reuse_graph=True) @ v``, the
+  Gauss-Newton product ``Jᵀ H_loss J v`` on the kept forward (built in the untimed first call, as Lanczos or
+  Hutchinson reuse it: every further product is the double-backward JVP, the fused ``cross_entropy_hvp`` and one
+  VJP, plus the operator's freshness check of the parameters and batch); ``ggn-fresh`` rebuilds the forward every
+  call (``reuse_graph=False``; left out of the headline set). Target: ``ggn`` ≤ 1.5 x a gradient per probe. Its ``rel err`` column is empty: it
+  is another matrix than the Hessian.
+
 Then the loss's own second derivative alone, ``optim::cross_entropy_hvp`` (the fused kernel: the product of the
 softmax cross-entropy Hessian ``scale·(diag(p) − p pᵀ)`` with a tangent, row by row, for logits (N, V)) against what
 eager PyTorch users run for it: the double backward through ``F.cross_entropy`` (``grad`` with ``create_graph`` then
@@ -17,8 +24,9 @@ a vector-Jacobian product of the gradient), and the formula ``p ⊙ (u − ⟨p,
 (CUDA) at N = 16384, V = 50304 (GPT-2's vocabulary), float32.
 
 Headline set (``--gpu-headline``): the GPT case alone at GPT-2-small shapes with batch 4 (2048 tokens; a k = 8 call
-is about half a second on an H200, so every mode fits in 45 s with 5 repeats) and the cross-entropy kernel at
-N = 16384, V = 50304; the MLP case is left out.
+is about half a second on an H200, so every mode fits in 45 s with 5 repeats; the two ``ggn`` rows, added since, are
+about one k-probe call each more and not yet timed on a GPU) and the cross-entropy kernel at N = 16384, V = 50304; the
+MLP case and the ``ggn-fresh`` rows are left out.
 
 k = 1 and k = 8 probes per call (the k probes share one forward and first backward). ``x grad`` is the time per
 probe divided by the gradient's time. Peak memory (CUDA only) is the largest allocation above what was allocated
@@ -68,7 +76,7 @@ def _probes(params, k: int, seed: int) -> list[torch.Tensor]:
 
 
 def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None = None,
-             compiled_probe_counts: tuple[int, ...] = ()) -> list[dict]:
+             compiled_probe_counts: tuple[int, ...] = (), ggn_fresh: bool = True) -> list[dict]:
     params = [p.detach() for p in case.params]
     f_torch = case.loss_of_params(sequence_cross_entropy)
     f_fused = case.loss_of_params(fused_sequence_cross_entropy)
@@ -86,6 +94,15 @@ def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None 
         methods[f"fused k={k}"] = (lambda v=v: optim.hvp(f_fused, params, v, mode="rr"), k)
         if k in compiled_probe_counts:
             methods[f"compiled k={k}"] = (lambda v=v: optim.hvp(f_torch, params, v, compile=True), k)
+    batch = (case.inputs, case.targets)
+    ggn = optim.GGNOperator(case.model, optim.hessian.cross_entropy, batch, reuse_graph=True)
+    ggn @ probes[1]  # builds the kept forward now: its memory is part of the level every peak is measured above
+    fresh = optim.GGNOperator(case.model, optim.hessian.cross_entropy, batch, reuse_graph=False)
+    for k in PROBE_COUNTS:
+        v = probes[k]
+        methods[f"ggn k={k}"] = (lambda v=v: ggn @ v, k)
+        if ggn_fresh:
+            methods[f"ggn-fresh k={k}"] = (lambda v=v: fresh @ v, k)
 
     # One untimed run each: the result (for the error column), the peak memory, and whether the method works here.
     outputs, peaks, failures = {}, {}, {}
@@ -125,7 +142,7 @@ def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None 
             peak_x_gradient=(peaks[name] / grad_peak) if (peaks[name] is not None and grad_peak) else None,
         )
         reference = outputs.get(f"rr k={k}")
-        if method != "gradient" and reference is not None:
+        if method not in ("gradient", "ggn", "ggn-fresh") and reference is not None:
             row["relative_error_vs_rr"] = _relative_error(outputs[name], reference)
         if method == "compiled":  # the untimed first call compiled it; the timed ones reuse it
             row["compile_seconds"] = compile_seconds(f_torch)
@@ -176,16 +193,16 @@ def format_table(result: dict) -> str:
     lines = []
     for case in result["cases"]:
         lines.append(f"\n{case['description']}  ({case['numel'] / 1e6:.2f}M parameters)")
-        lines.append(f"{'method':<10}{'k':>3}{'ms':>11}{'ms/probe':>11}{'x grad':>9}{'peak mem':>12}{'mem x grad':>12}"
+        lines.append(f"{'method':<11}{'k':>3}{'ms':>11}{'ms/probe':>11}{'x grad':>9}{'peak mem':>12}{'mem x grad':>12}"
                      f"{'rel err':>10}")
         for row in case["rows"]:
             if "error" in row:
-                lines.append(f"{row['method']:<10}{row['probes']:>3}  failed: {row['error']}")
+                lines.append(f"{row['method']:<11}{row['probes']:>3}  failed: {row['error']}")
                 continue
             peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f} MiB"
             ratio = "-" if row["peak_x_gradient"] is None else f"{row['peak_x_gradient']:.2f}"
             err = f"{row['relative_error_vs_rr']:.1e}" if "relative_error_vs_rr" in row else "-"
-            lines.append(f"{row['method']:<10}{row['probes']:>3}{row['ms']:>11.2f}{row['ms_per_probe']:>11.2f}"
+            lines.append(f"{row['method']:<11}{row['probes']:>3}{row['ms']:>11.2f}{row['ms_per_probe']:>11.2f}"
                          f"{row['x_gradient_per_probe']:>9.2f}{peak:>12}{ratio:>12}{err:>10}")
     kernel = result["cross_entropy_kernel"]
     lines.append(f"\ncross-entropy Hessian times a tangent, logits {kernel['rows']} x {kernel['vocab']} float32"
@@ -207,7 +224,7 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", h
 
     def one(case: Case, repeats: int | None = None) -> dict:
         return {"name": case.name, "description": case.description, "numel": case.numel,
-                "rows": run_case(case, device, quick, repeats, compiled)}
+                "rows": run_case(case, device, quick, repeats, compiled, ggn_fresh=not headline)}
 
     if headline:
         cases = [one(gpt_case(device, quick, batch=None if quick else HEADLINE_GPT_BATCH), repeats=3 if quick else 5)]

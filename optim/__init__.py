@@ -7,8 +7,8 @@ from . import _library
 from . import fused, hessian, lowrank, stiefel  # define every op before the kernels that implement them load
 from ._library import has_kernel
 from .fused import AdamW
-from .hessian import (AdaHessian, HessianOperator, SharpnessMonitor, SophiaH, diagonal, hvp, spectral_density,
-                      top_eigenvalues, trace)
+from .hessian import (AdaHessian, EmpiricalFisherOperator, GGNOperator, HessianOperator, SharpnessMonitor, SophiaH,
+                      diagonal, hvp, spectral_density, top_eigenvalues, trace)
 from .lowrank import LowRankAdamW, LowRankLinear, Refactorizer, to_low_rank
 from .stiefel import RSDM, RiemannianAdam, RiemannianSGD
 
@@ -19,7 +19,7 @@ __all__ = [
     # fused multi-tensor steps
     "AdamW",
     # Hessian family
-    "AdaHessian", "HessianOperator", "SharpnessMonitor", "SophiaH", "diagonal", "hvp", "spectral_density",
+    "AdaHessian", "EmpiricalFisherOperator", "GGNOperator", "HessianOperator", "SharpnessMonitor", "SophiaH", "diagonal", "hvp", "spectral_density",
     "top_eigenvalues", "trace",
     # low-rank family
     "LowRankAdamW", "LowRankLinear", "Refactorizer", "to_low_rank",

@@ -2,6 +2,8 @@
 
 from . import _ops
 from .adahessian import AdaHessian
+from .fisher import EmpiricalFisherOperator
+from .ggn import GGNOperator
 from .hvp import hvp
 from .losses import causal_lm_loss, cross_entropy
 from .monitor import SharpnessMonitor
@@ -11,7 +13,7 @@ from .sophia import SophiaH
 from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOperator, SpectralDensity, TraceEstimate,
                        diagonal, plot_density, spectral_density, top_eigenvalues, trace)
 
-__all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "HessianOperator", "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH",
-           "SpectralDensity",
-           "TraceEstimate", "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
+__all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "EmpiricalFisherOperator", "GGNOperator", "HessianOperator",
+           "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH", "SpectralDensity", "TraceEstimate",
+           "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
            "spectral_density", "top_eigenvalues", "trace"]

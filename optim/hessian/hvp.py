@@ -357,27 +357,41 @@ def first_order_graph(f, params) -> tuple[list[torch.Tensor], tuple]:
 
 
 def second_backward(leaves, grads, v, k, *, keep_graph: bool, key: object = None) -> list[torch.Tensor]:
-    """``H v`` from the gradient's graph: one backward of ``⟨∇f, v⟩`` per probe (see :func:`batched_backward`).
+    """``H v`` from the gradient's graph: one backward of ``⟨∇f, v⟩`` per probe (see :func:`batched_vjp`).
 
     ``keep_graph=True`` keeps the graph for further products (a :class:`HessianOperator` reusing it); ``key``
     names the function (or operator) under which the faster way to run a block of probes is remembered.
     """
-    # A gradient entry that is None or carries no graph does not depend on params: its row of H is zero.
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    products = [None] * len(leaves)
+    return batched_vjp(grads, leaves, v, k, keep_graph=keep_graph, key=key)
+
+
+def batched_vjp(outputs, inputs, cotangents, k, *, keep_graph: bool, key: object = None) -> list[torch.Tensor]:
+    """``Σ_j cotangents_jᵀ ∂outputs_j/∂inputs_i`` for each input i: one backward per probe.
+
+    ``cotangents[j]`` is shaped like ``outputs[j]`` (one probe, ``k`` None) or with a leading k; the k backwards of
+    a block run as :func:`batched_backward` chooses for ``key``. An output that is None or carries no graph
+    contributes nothing; an input no output reaches gets zeros (with the leading k).
+    """
+    # An output entry that is None or carries no graph does not depend on the inputs.
+    live = [i for i, g in enumerate(outputs) if g is not None and g.requires_grad]
+    products = [None] * len(inputs)
     if live:
-        outputs = [grads[i] for i in live]
-        directions = [v[i] for i in live]
+        outputs = [outputs[i] for i in live]
+        directions = [cotangents[i] for i in live]
         if k is None:
-            products = torch.autograd.grad(outputs, leaves, directions, retain_graph=keep_graph, allow_unused=True)
+            products = torch.autograd.grad(outputs, inputs, directions, retain_graph=keep_graph, allow_unused=True)
         elif k == 1:  # one probe in a block (Lanczos, power iteration): a plain backward, vmap only adds overhead
-            products = torch.autograd.grad(outputs, leaves, [d[0] for d in directions], retain_graph=keep_graph,
+            products = torch.autograd.grad(outputs, inputs, [d[0] for d in directions], retain_graph=keep_graph,
                                            allow_unused=True)
             products = [None if product is None else product.unsqueeze(0) for product in products]
         else:
-            products = batched_backward(outputs, leaves, directions, k, keep_graph, key)
-    # A param the second backward does not reach has a zero column of H.
-    return [product if product is not None else torch.zeros_like(t) for product, t in zip(products, v)]
+            products = batched_backward(outputs, inputs, directions, k, keep_graph, key)
+    # An input the backward does not reach has a zero column.
+    lead = () if k is None else (k,)
+    return [
+        product if product is not None else torch.zeros(lead + tuple(x.shape), dtype=x.dtype, device=x.device)
+        for product, x in zip(products, inputs)
+    ]
 
 
 def _vmapped_backward(outputs, leaves, directions):

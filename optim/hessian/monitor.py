@@ -21,11 +21,14 @@ import torch
 
 __all__ = ["SharpnessMonitor"]
 
+CURVATURES = ("hessian", "ggn", "fisher")
+
 FIELDS = ("step", "lambda_max", "trace", "trace_std_error", "lr", "stability_limit", "num_matvecs")
 
 
 class SharpnessMonitor:
-    """Measures λ_max(H) and tr(H) of ``loss_fn(model(inputs), targets)`` every ``every`` steps.
+    """Measures λ_max and the trace of the Hessian (or GGN, or empirical Fisher) of ``loss_fn(model(inputs), targets)``
+    every ``every`` steps.
 
     Args:
         model: the ``nn.Module`` being trained.
@@ -39,7 +42,14 @@ class SharpnessMonitor:
         param_filter: ``(name, param) -> bool`` to restrict to a subset of parameters.
         writer: an optional ``torch.utils.tensorboard.SummaryWriter``; each record is also written there.
         seed: probes of the measurement at step s use seed ``seed + s`` (reproducible, identical on all ranks).
-        compile: products through the compiled forward-over-reverse function (``HessianOperator(compile=True)``),
+        curvature: the matrix measured: ``"hessian"`` (default, :class:`~optim.hessian.operator.HessianOperator`),
+            ``"ggn"`` (the generalized Gauss-Newton ``JᵀH_loss J``, :class:`~optim.hessian.ggn.GGNOperator`,
+            positive semi-definite for a convex loss) or ``"fisher"`` (the empirical Fisher ``(1/N) Σ g_i g_iᵀ``,
+            :class:`~optim.hessian.fisher.EmpiricalFisherOperator`). The stability limit 2/η is a statement about
+            the Hessian; for the GGN it is the usual proxy (GGN and Hessian agree near a minimum with small
+            residuals), for the empirical Fisher only a reference.
+        compile: products through the compiled forward-over-reverse function (``HessianOperator(compile=True)``;
+            the Hessian only),
             compiled at the first measurement and reused by every later one; ``compile_seconds`` reports the time.
 
     Call ``monitor.step(step, batch)`` after ``optimizer.step()``; ``batch`` is ``(inputs, targets)`` or an
@@ -62,6 +72,7 @@ class SharpnessMonitor:
         param_filter: Callable[[str, torch.nn.Parameter], bool] | None = None,
         writer: Any = None,
         seed: int = 0,
+        curvature: str = "hessian",
         compile: bool = False,
     ):
         if not isinstance(every, int) or every < 1:
@@ -72,14 +83,23 @@ class SharpnessMonitor:
             raise ValueError(f"SharpnessMonitor: top_k must be an integer >= 1, got {top_k!r}")
         if lanczos_iters < top_k:
             raise ValueError(f"SharpnessMonitor: lanczos_iters ({lanczos_iters}) must be >= top_k ({top_k})")
+        if curvature not in CURVATURES:
+            raise ValueError(
+                f"SharpnessMonitor: curvature must be one of {', '.join(repr(c) for c in CURVATURES)}, got "
+                f"{curvature!r}"
+            )
         if lr_from is not None and not isinstance(lr_from, (torch.optim.Optimizer, float, int)):
             raise ValueError(f"SharpnessMonitor: lr_from must be an optimizer or a number, got {type(lr_from)}")
         self.model, self.loss_fn = model, loss_fn
         self.every, self.lr_from, self.probes, self.top_k = every, lr_from, probes, top_k
         self.lanczos_iters, self.tol, self.trace_method = lanczos_iters, tol, trace_method
         self.eval_mode, self.param_filter, self.writer, self.seed = eval_mode, param_filter, writer, seed
+        self.curvature = curvature
         if not isinstance(compile, bool):
             raise ValueError(f"SharpnessMonitor: compile must be True or False, got {compile!r}")
+        if compile and curvature != "hessian":
+            raise ValueError(f"SharpnessMonitor: compile=True compiles Hessian products; curvature={curvature!r} has "
+                             "no compiled product (use curvature='hessian', or compile=False)")
         self.compile = compile
         self.records: list[dict[str, float]] = []
 
@@ -109,15 +129,20 @@ class SharpnessMonitor:
 
     def measure(self, step: int, batch: Any) -> dict[str, float]:
         """Measure now, whatever the step."""
+        from .fisher import EmpiricalFisherOperator
+        from .ggn import GGNOperator
         from .operator import HessianOperator
         from .spectrum import top_eigenvalues, trace
+
+        operator_class = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}[
+            self.curvature]
 
         was_training = self.model.training
         if self.eval_mode:
             self.model.eval()
         try:
-            operator = HessianOperator(self.model, self.loss_fn, batch, param_filter=self.param_filter,
-                                       compile=self.compile)
+            options = {"compile": self.compile} if self.compile else {}
+            operator = operator_class(self.model, self.loss_fn, batch, param_filter=self.param_filter, **options)
             eigenvalues, _ = top_eigenvalues(operator, k=self.top_k, tol=self.tol, max_iter=self.lanczos_iters,
                                              seed=self.seed + step)
             trace_estimate = trace_error = math.nan
@@ -154,7 +179,8 @@ class SharpnessMonitor:
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as file:
-            json.dump({"records": self.records, "every": self.every, "probes": self.probes}, file, indent=1)
+            json.dump({"records": self.records, "every": self.every, "probes": self.probes,
+                       "curvature": self.curvature}, file, indent=1)
 
     def plot(self, path: str | os.PathLike) -> None:
         """Save a PNG: λ_max and the stability limit against the step (and the trace on a second axis)."""

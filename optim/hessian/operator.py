@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 from .hvp import (MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds, compiled_hvp,
                   compute_hvp, first_order_graph, loss_and_gradient, second_backward)
 
-__all__ = ["HessianOperator"]
+__all__ = ["CurvatureOperator", "HessianOperator"]
 
 
 def _is_batch(data) -> bool:
@@ -66,13 +66,331 @@ class CapturedState:
 
 
 class KeptGraph(NamedTuple):
+    """What an operator keeps between products on one batch, with what proves it fresh."""
+
     key: tuple  # the structure it was built for: modes, and identity, storage and shape of what it captured
     captured: CapturedState
-    leaves: list[torch.Tensor]
-    gradients: tuple
+    state: object  # the operator's own: the gradient's graph (Hessian), the output's graph (GGN), G (Fisher)
 
 
-class HessianOperator:
+class CurvatureOperator:
+    """The shared machinery of :class:`HessianOperator`, :class:`~optim.hessian.ggn.GGNOperator` and
+    :class:`~optim.hessian.fisher.EmpiricalFisherOperator`: an ``(n, n)`` symmetric matrix ``C`` of a model's loss on
+    ``data``, weighted over batches by row count, applied to vectors of the in-scope parameters.
+
+    It owns the constructor's common arguments (model, loss_fn, data, param_filter, reuse_graph) and their
+    validation, the batches and their weighting (``C = Σ_b (N_b / N) C_b``), the flat layout (:meth:`flatten`,
+    :meth:`unflatten`), the vector protocol of :meth:`matvec` ((n,), (k, n), param-shaped lists), ``num_matvecs``,
+    :meth:`loss_and_grad`, and the kept per-batch state with its freshness check (:class:`CapturedState`). A
+    subclass gives the per-batch product through three hooks:
+
+    * ``_build(inputs, targets, params, rows)``: the state a product on that batch needs (a graph, a matrix);
+    * ``_apply(state, v, k)``: ``C_b v`` from it, for v a checked param-shaped list with k probes (None: one);
+      ``state`` must stay usable for further products;
+    * ``_can_keep(batch)``: whether the state of that one batch may be kept between products now (besides
+      ``reuse_graph`` and the train/eval rule), and optionally ``_batch_product`` for a cheaper one-shot product.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data,
+        *,
+        param_filter: Callable[[str, torch.Tensor], bool] | None = None,
+        reuse_graph: bool | None = None,
+    ):
+        where = self._where
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{where}: model must be a torch.nn.Module, got a {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(
+                f"{where}: loss_fn must be callable as loss_fn(output, target), got a {type(loss_fn).__name__}"
+            )
+        if param_filter is not None and not callable(param_filter):
+            raise ValueError(
+                f"{where}: param_filter must be callable as param_filter(name, param) -> bool, got a "
+                f"{type(param_filter).__name__}"
+            )
+        if reuse_graph not in (None, True, False):
+            raise ValueError(f"{where}: reuse_graph must be None, True or False, got {reuse_graph!r}")
+        if _is_batch(data):
+            stored = [data]
+        elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, dict)):
+            stored = None
+        else:
+            raise ValueError(
+                f"{where}: data must be one (inputs, targets) batch or an iterable of such batches, got a "
+                f"{type(data).__name__}"
+            )
+        selected = [
+            (name, p)
+            for name, p in model.named_parameters()
+            if p.requires_grad and (param_filter is None or param_filter(name, p))
+        ]
+        if not selected:
+            raise ValueError(
+                f"{where}: no parameters in scope: the model has no parameter that requires grad"
+                + (" and passes param_filter" if param_filter is not None else "")
+            )
+        params = [p for _, p in selected]
+        check_params(params, where=where)
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"{where}: the parameters in scope mix dtypes or devices "
+                f"({sorted(map(str, dtypes))} on {sorted(map(str, devices))}); flat vectors need one of each: "
+                "convert the model, or restrict the scope with param_filter"
+            )
+        if stored is None:
+            # A one-shot iterator would be empty at the second product.
+            stored = list(data) if iter(data) is data else data
+        self.names = [name for name, _ in selected]
+        self.params = params
+        self.model = model
+        self.loss_fn = loss_fn
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self._shapes = [p.shape for p in params]
+        self._numels = [p.numel() for p in params]
+        self.n = sum(self._numels)
+        self.shape = (self.n, self.n)
+        self.num_matvecs = 0
+        self.reuse_graph = reuse_graph
+        self._graph: KeptGraph | None = None  # the kept state of the one batch
+        self._data = stored
+
+    @property
+    def _where(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{self._where}(n={self.n}, params={len(self.params)}, dtype={self.dtype}, device={self.device})"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Flat vectors
+
+    def flatten(self, tensors) -> torch.Tensor:
+        """A param-shaped list as one vector ``(n,)``; with a leading k on every entry, a ``(k, n)`` block."""
+        tensors = list(tensors)
+        _, k = check_vectors(
+            [p.detach() for p in self.params], tensors, where=f"{self._where}.flatten", check_finite=False
+        )
+        return self._flat(tensors, k)
+
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor], k: int | None) -> torch.Tensor:
+        if k is None:
+            return torch.cat([t.reshape(-1) for t in tensors])
+        return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)  # k may be 0
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A vector ``(n,)`` as a param-shaped list, or a ``(k, n)`` block as a list with a leading k on every entry.
+
+        The pieces are views of ``flat`` when its layout allows it (any contiguous ``flat`` does).
+        """
+        if not isinstance(flat, torch.Tensor) or flat.dim() not in (1, 2) or flat.shape[-1] != self.n:
+            shape = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
+            raise ValueError(
+                f"{self._where}.unflatten: expected a tensor of shape ({self.n},) or (k, {self.n}), got {shape}"
+            )
+        pieces = flat.split(self._numels, dim=-1)
+        lead = tuple(flat.shape[:-1])
+        return [piece.reshape(lead + tuple(shape)) for piece, shape in zip(pieces, self._shapes)]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Products
+
+    def matvec(self, v):
+        """``C v`` for a flat vector ``(n,)``, a block ``(k, n)`` of row vectors, or a param-shaped list."""
+        where = self._where
+        if isinstance(v, torch.Tensor):
+            if v.dim() not in (1, 2) or v.shape[-1] != self.n:
+                raise ValueError(
+                    f"{where}: v has shape {tuple(v.shape)}; expected a flat vector ({self.n},), a block "
+                    f"(k, {self.n}) of k row vectors, or a list shaped like params"
+                )
+            if v.dtype != self.dtype or v.device != self.device:
+                raise ValueError(
+                    f"{where}: v is {v.dtype} on {v.device} but the parameters are {self.dtype} on "
+                    f"{self.device}; convert v with .to(dtype=H.dtype, device=H.device)"
+                )
+            return self.flatten(self._product(self.unflatten(v)))
+        if isinstance(v, (list, tuple)):
+            product = self._product(list(v))
+            return tuple(product) if isinstance(v, tuple) else product
+        raise ValueError(
+            f"{where}: v must be a tensor of shape ({self.n},) or (k, {self.n}), or a list of tensors shaped "
+            f"like params, got a {type(v).__name__}"
+        )
+
+    def __matmul__(self, v):
+        return self.matvec(v)
+
+    def __rmatmul__(self, v):
+        # vᵀC = (Cv)ᵀ: C is symmetric, and a (k, n) block times C is its rows times C.
+        return self.matvec(v)
+
+    def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, ∇L)``: the weighted mean loss (a 0-dim tensor) and its gradient as a flat ``(n,)`` vector."""
+        params = check_params(self.params, where=self._where)
+        total_loss, total_grad, total_weight = None, None, 0
+        for inputs, targets, weight in self._batches():
+            loss, grad = loss_and_gradient(self._loss_of(inputs, targets), params, at="the model's parameters")
+            flat = torch.cat([g.reshape(-1) for g in grad])
+            if total_grad is None:
+                total_loss, total_grad = weight * loss, weight * flat
+            else:
+                total_loss, total_grad = total_loss + weight * loss, total_grad.add_(flat, alpha=weight)
+            total_weight += weight
+        self._check_some_rows(total_weight)
+        return total_loss / total_weight, total_grad.div_(total_weight)
+
+    def release_graph(self) -> None:
+        """Free the kept state (its activations or matrix); the next product rebuilds it. See ``reuse_graph``."""
+        self._graph = None
+
+    def _can_keep(self, batch) -> bool:
+        return True
+
+    def _check_model(self) -> None:
+        """Raise ``ValueError`` if the model's current state is one this operator cannot handle (before computing)."""
+
+    def _captured(self, batch) -> tuple[tuple, list[torch.Tensor]] | None:
+        """``(key, tensors)``: what a kept state depends on, or None when it must not be kept (``reuse_graph``).
+
+        The tensors are every parameter and buffer of the model and every tensor of the batch; the key is the modes
+        and, per tensor, its identity, storage and layout (a replaced tensor, ``p.data = ...``, changes it), plus the
+        batch's non-tensor leaves. Their contents are checked separately (:class:`CapturedState`).
+        """
+        if self.reuse_graph is False or not self._can_keep(batch):
+            return None
+        training = tuple(module.training for module in self.model.modules())
+        if self.reuse_graph is None and any(training):
+            return None
+        leaves = tree_leaves(batch)
+        if not all(leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str)) for leaf in leaves):
+            return None  # an object in the batch: its contents cannot be checked for changes
+        tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b is not None)]
+        tensors += [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        layout = tuple((id(t), t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+        scalars = tuple(leaf for leaf in leaves if not isinstance(leaf, torch.Tensor))
+        return (training, layout, scalars), tensors
+
+    def _batch_product(self, inputs, targets, params, v, k, rows) -> list[torch.Tensor]:
+        """``C_b v`` on one batch without keeping anything (default: build the state, apply it, drop it)."""
+        return self._apply(self._build(inputs, targets, params, rows), v, k)
+
+    def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        where = self._where
+        params = check_params(self.params, where=where)
+        v, k = check_vectors(params, v, where=where)
+        self._check_model()
+        if k == 0:  # no probes: an empty block, once the data is known to have rows
+            self._check_some_rows(sum(rows for _, _, rows in self._batches()))
+            return [t.clone() for t in v]
+        batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
+        captured = None if batch is None or not _is_batch(batch) else self._captured(batch)
+        if captured is None:
+            self._graph = None
+        else:
+            key, tensors = captured
+            graph = self._graph
+            if graph is None or graph.key != key or not graph.captured.unchanged():
+                self._graph = graph = None  # free the old state before building the new one
+                batches = list(self._batches())
+                self._check_some_rows(len(batches))
+                inputs, targets, rows = batches[0]
+                self._graph = graph = KeptGraph(key, CapturedState(tensors), self._build(inputs, targets, params, rows))
+            self.num_matvecs += 1 if k is None else k
+            return self._apply(graph.state, v, k)
+        total, first_weight, total_weight = None, 0, 0
+        for inputs, targets, weight in self._batches():
+            product = self._batch_product(inputs, targets, params, v, k, weight)
+            if total is None:
+                total, first_weight = product, weight
+            else:
+                if total_weight == first_weight:  # the second batch: weight the first one now
+                    total = [first_weight * t for t in total]
+                for acc, t in zip(total, product):
+                    acc.add_(t, alpha=weight)
+            total_weight += weight
+        self._check_some_rows(total_weight)
+        self.num_matvecs += 1 if k is None else k
+        # One batch: its product as it is, bit for bit what a kept state gives (w·t/w may round).
+        return total if total_weight == first_weight else [t.div_(total_weight) for t in total]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The model and the loss as functions of the in-scope parameters
+
+    def _batches(self):
+        """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
+        for index, batch in enumerate(self._data):
+            if not _is_batch(batch):
+                raise ValueError(
+                    f"{self._where}: data batch {index} is a {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                    + "; each batch must be an (inputs, targets) pair with targets a tensor"
+                )
+            inputs, targets = batch
+            rows = targets.shape[0] if targets.dim() > 0 else 1
+            if rows == 0:
+                continue
+            if isinstance(inputs, torch.Tensor):
+                inputs = inputs.to(self.device, non_blocking=True)
+            yield inputs, targets.to(self.device, non_blocking=True), rows
+
+    def _check_some_rows(self, total_weight: int) -> None:
+        if total_weight == 0:
+            raise ValueError(f"{self._where}: data has no batch with at least one row; the average is undefined")
+
+    def _output_of(self, inputs) -> Callable[..., object]:
+        """``f(*params)``: the model's output on ``inputs`` with the in-scope parameters replaced by the arguments."""
+        return model_output(self.model, tuple(self.names), inputs)
+
+    def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
+        """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
+        return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
+
+
+def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the buffers of modules in train mode, which BatchNorm would otherwise update in place."""
+    copies = {}
+    for module_name, module in model.named_modules():
+        if module.training:
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    name = f"{module_name}.{buffer_name}" if module_name else buffer_name
+                    copies[name] = buffer.clone()
+    return copies
+
+
+# These close over the model, the loss and the batch only, never an operator: the compiled product is guarded on
+# what its function closes over, so one compilation serves every operator of the same model and loss (a
+# SharpnessMonitor builds one per measurement), and no cache keeps an operator (and its batch) alive.
+def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[..., object]:
+    """``f(*params) = model(inputs)`` with the parameters ``names`` replaced by the arguments."""
+
+    def output(*params: torch.Tensor):
+        state = _buffer_copies(model)
+        state.update(zip(names, params))
+        return torch.func.functional_call(model, state, (inputs,))
+
+    return output
+
+
+def model_loss(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:
+    """``f(*params) = loss_fn(model(inputs), targets)`` with the parameters ``names`` replaced by the arguments."""
+    output = model_output(model, names, inputs)
+
+    def loss(*params: torch.Tensor) -> torch.Tensor:
+        return loss_fn(output(*params), targets)
+
+    return loss
+
+
+class HessianOperator(CurvatureOperator):
     """``H``, the Hessian of ``loss_fn(model(inputs), targets)`` averaged over ``data``, for ``H @ v`` products.
 
     Args:
@@ -135,6 +453,9 @@ class HessianOperator:
     * a list shaped like ``params`` (optionally with a leading k on every entry) and returns a list shaped like it.
 
     The flat order is ``params`` order, each parameter row-major: :meth:`flatten` and :meth:`unflatten` convert.
+    The batches, the flat layout, the vector protocol and the kept-graph check are those of
+    :class:`CurvatureOperator`, shared with :class:`~optim.hessian.ggn.GGNOperator` and
+    :class:`~optim.hessian.fisher.EmpiricalFisherOperator`.
     """
 
     def __init__(
@@ -148,77 +469,21 @@ class HessianOperator:
         reuse_graph: bool | None = None,
         compile: bool = False,
     ):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"HessianOperator: model must be a torch.nn.Module, got a {type(model).__name__}")
-        if not callable(loss_fn):
-            raise ValueError(
-                f"HessianOperator: loss_fn must be callable as loss_fn(output, target), got a {type(loss_fn).__name__}"
-            )
-        if param_filter is not None and not callable(param_filter):
-            raise ValueError(
-                "HessianOperator: param_filter must be callable as param_filter(name, param) -> bool, got a "
-                f"{type(param_filter).__name__}"
-            )
         if mode not in MODES:
             raise ValueError(
-                f"HessianOperator: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}"
+                f"{self._where}: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}"
             )
-        selected = [
-            (name, p)
-            for name, p in model.named_parameters()
-            if p.requires_grad and (param_filter is None or param_filter(name, p))
-        ]
-        if reuse_graph not in (None, True, False):
-            raise ValueError(f"HessianOperator: reuse_graph must be None, True or False, got {reuse_graph!r}")
-        check_compile(compile, mode, where="HessianOperator")
+        check_compile(compile, mode, where=self._where)
         if compile and reuse_graph is True:
-            raise ValueError("HessianOperator: compile=True recomputes the forward in the compiled product, so there "
+            raise ValueError(f"{self._where}: compile=True recomputes the forward in the compiled product, so there "
                              "is no graph to reuse; pass reuse_graph=None or False with it")
-        if not selected:
-            raise ValueError(
-                "HessianOperator: no parameters in scope: the model has no parameter that requires grad"
-                + (" and passes param_filter" if param_filter is not None else "")
-            )
-        self.names = [name for name, _ in selected]
-        self.params = [p for _, p in selected]
-        check_params(self.params, where="HessianOperator")
-        dtypes = {p.dtype for p in self.params}
-        devices = {p.device for p in self.params}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise ValueError(
-                "HessianOperator: the parameters in scope mix dtypes or devices "
-                f"({sorted(map(str, dtypes))} on {sorted(map(str, devices))}); flat vectors need one of each: "
-                "convert the model, or restrict the scope with param_filter"
-            )
-        self.model = model
-        self.loss_fn = loss_fn
         self.mode = mode
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
-        self._shapes = [p.shape for p in self.params]
-        self._numels = [p.numel() for p in self.params]
-        self.n = sum(self._numels)
-        self.shape = (self.n, self.n)
-        self.num_matvecs = 0
-        self.reuse_graph = False if compile else reuse_graph
         self.compile = compile
-        self._graph: KeptGraph | None = None  # the reused first-order graph
-        if _is_batch(data):
-            self._data = [data]
-        elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, dict)):
-            # A one-shot iterator would be empty at the second product.
-            self._data = list(data) if iter(data) is data else data
-        else:
-            raise ValueError(
-                "HessianOperator: data must be one (inputs, targets) batch or an iterable of such batches, got a "
-                f"{type(data).__name__}"
-            )
+        super().__init__(model, loss_fn, data, param_filter=param_filter,
+                         reuse_graph=False if compile else reuse_graph)
 
     def __repr__(self) -> str:
-        return (
-            f"HessianOperator(n={self.n}, params={len(self.params)}, dtype={self.dtype}, device={self.device}, "
-            f"mode={self.mode!r})"
-        )
+        return super().__repr__()[:-1] + f", mode={self.mode!r})"
 
     @property
     def compile_seconds(self) -> float:
@@ -230,200 +495,20 @@ class HessianOperator:
         """The mode the products use: ``mode``, or for ``"auto"`` the one it settled on (None before a product)."""
         return auto_choice(self) if self.mode == "auto" else self.mode
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Flat vectors
+    def _can_keep(self, batch) -> bool:
+        return (self.mode if self.mode != "auto" else auto_choice(self)) == "rr"
 
-    def flatten(self, tensors) -> torch.Tensor:
-        """A param-shaped list as one vector ``(n,)``; with a leading k on every entry, a ``(k, n)`` block."""
-        tensors = list(tensors)
-        _, k = check_vectors(
-            [p.detach() for p in self.params], tensors, where="HessianOperator.flatten", check_finite=False
-        )
-        if k is None:
-            return torch.cat([t.reshape(-1) for t in tensors])
-        return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)  # k may be 0
+    def _build(self, inputs, targets, params, rows):
+        return first_order_graph(self._loss_of(inputs, targets), params)
 
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """A vector ``(n,)`` as a param-shaped list, or a ``(k, n)`` block as a list with a leading k on every entry.
+    def _apply(self, state, v, k):
+        leaves, gradients = state
+        return second_backward(leaves, gradients, v, k, keep_graph=True, key=self)
 
-        The pieces are views of ``flat`` when its layout allows it (any contiguous ``flat`` does).
-        """
-        if not isinstance(flat, torch.Tensor) or flat.dim() not in (1, 2) or flat.shape[-1] != self.n:
-            shape = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
-            raise ValueError(
-                f"HessianOperator.unflatten: expected a tensor of shape ({self.n},) or (k, {self.n}), got {shape}"
-            )
-        pieces = flat.split(self._numels, dim=-1)
-        lead = tuple(flat.shape[:-1])
-        return [piece.reshape(lead + tuple(shape)) for piece, shape in zip(pieces, self._shapes)]
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Products
-
-    def matvec(self, v):
-        """``H v`` for a flat vector ``(n,)``, a block ``(k, n)`` of row vectors, or a param-shaped list."""
-        if isinstance(v, torch.Tensor):
-            if v.dim() not in (1, 2) or v.shape[-1] != self.n:
-                raise ValueError(
-                    f"HessianOperator: v has shape {tuple(v.shape)}; expected a flat vector ({self.n},), a block "
-                    f"(k, {self.n}) of k row vectors, or a list shaped like params"
-                )
-            if v.dtype != self.dtype or v.device != self.device:
-                raise ValueError(
-                    f"HessianOperator: v is {v.dtype} on {v.device} but the parameters are {self.dtype} on "
-                    f"{self.device}; convert v with .to(dtype=H.dtype, device=H.device)"
-                )
-            return self.flatten(self._product(self.unflatten(v)))
-        if isinstance(v, (list, tuple)):
-            product = self._product(list(v))
-            return tuple(product) if isinstance(v, tuple) else product
-        raise ValueError(
-            f"HessianOperator: v must be a tensor of shape ({self.n},) or (k, {self.n}), or a list of tensors shaped "
-            f"like params, got a {type(v).__name__}"
-        )
-
-    def __matmul__(self, v):
-        return self.matvec(v)
-
-    def __rmatmul__(self, v):
-        # vᵀH = (Hv)ᵀ: H is symmetric, and a (k, n) block times H is its rows times H.
-        return self.matvec(v)
-
-    def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L, ∇L)``: the weighted mean loss (a 0-dim tensor) and its gradient as a flat ``(n,)`` vector."""
-        params = check_params(self.params, where="HessianOperator")
-        total_loss, total_grad, total_weight = None, None, 0
-        for inputs, targets, weight in self._batches():
-            loss, grad = loss_and_gradient(self._loss_of(inputs, targets), params, at="the model's parameters")
-            flat = torch.cat([g.reshape(-1) for g in grad])
-            if total_grad is None:
-                total_loss, total_grad = weight * loss, weight * flat
-            else:
-                total_loss, total_grad = total_loss + weight * loss, total_grad.add_(flat, alpha=weight)
-            total_weight += weight
-        self._check_some_rows(total_weight)
-        return total_loss / total_weight, total_grad.div_(total_weight)
-
-    def release_graph(self) -> None:
-        """Free the reused gradient graph (its activations); the next product rebuilds it. See ``reuse_graph``."""
-        self._graph = None
-
-    def _captured(self, batch) -> tuple[tuple, list[torch.Tensor]] | None:
-        """``(key, tensors)``: what a reused graph depends on, or None when it must not be reused (``reuse_graph``).
-
-        The tensors are every parameter and buffer of the model and every tensor of the batch; the key is the modes
-        and, per tensor, its identity, storage and layout (a replaced tensor, ``p.data = ...``, changes it), plus the
-        batch's non-tensor leaves. Their contents are checked separately (:class:`CapturedState`).
-        """
-        if self.reuse_graph is False:
-            return None
-        if (self.mode if self.mode != "auto" else auto_choice(self)) != "rr":
-            return None
-        training = tuple(module.training for module in self.model.modules())
-        if self.reuse_graph is None and any(training):
-            return None
-        leaves = tree_leaves(batch)
-        if not all(leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str)) for leaf in leaves):
-            return None  # an object in the batch: its contents cannot be checked for changes
-        tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b is not None)]
-        tensors += [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        layout = tuple((id(t), t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors)
-        scalars = tuple(leaf for leaf in leaves if not isinstance(leaf, torch.Tensor))
-        return (training, layout, scalars), tensors
-
-    def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
-        params = check_params(self.params, where="HessianOperator")
-        v, k = check_vectors(params, v, where="HessianOperator")
-        batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
-        captured = None if batch is None or not _is_batch(batch) or k == 0 else self._captured(batch)
-        if captured is None:
-            self._graph = None
+    def _batch_product(self, inputs, targets, params, v, k, rows):
+        if self.compile:
+            hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets))
         else:
-            key, tensors = captured
-            graph = self._graph
-            if graph is None or graph.key != key or not graph.captured.unchanged():
-                self._graph = graph = None  # free the old graph before building the new one
-                batches = list(self._batches())
-                self._check_some_rows(len(batches))
-                inputs, targets, _ = batches[0]
-                leaves, gradients = first_order_graph(self._loss_of(inputs, targets), params)
-                self._graph = graph = KeptGraph(key, CapturedState(tensors), leaves, gradients)
-            self.num_matvecs += 1 if k is None else k
-            return second_backward(graph.leaves, graph.gradients, v, k, keep_graph=True, key=self)
-        total, first_weight, total_weight = None, 0, 0
-        for inputs, targets, weight in self._batches():
-            if self.compile:
-                hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets))
-            else:
-                hv, _ = compute_hvp(
-                    self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False, auto_key=self
-                )
-            if total is None:
-                total, first_weight = hv, weight
-            else:
-                if total_weight == first_weight:  # the second batch: weight the first one now
-                    total = [first_weight * t for t in total]
-                for acc, t in zip(total, hv):
-                    acc.add_(t, alpha=weight)
-            total_weight += weight
-        self._check_some_rows(total_weight)
-        self.num_matvecs += 1 if k is None else k
-        # One batch: its product as it is, bit for bit what a reused graph gives (w·t/w may round).
-        return total if total_weight == first_weight else [t.div_(total_weight) for t in total]
-
-    # ------------------------------------------------------------------------------------------------------------
-    # The loss as a function of the in-scope parameters
-
-    def _batches(self):
-        """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
-        for index, batch in enumerate(self._data):
-            if not _is_batch(batch):
-                raise ValueError(
-                    f"HessianOperator: data batch {index} is a {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                    + "; each batch must be an (inputs, targets) pair with targets a tensor"
-                )
-            inputs, targets = batch
-            rows = targets.shape[0] if targets.dim() > 0 else 1
-            if rows == 0:
-                continue
-            if isinstance(inputs, torch.Tensor):
-                inputs = inputs.to(self.device, non_blocking=True)
-            yield inputs, targets.to(self.device, non_blocking=True), rows
-
-    @staticmethod
-    def _check_some_rows(total_weight: int) -> None:
-        if total_weight == 0:
-            raise ValueError("HessianOperator: data has no batch with at least one row; the average is undefined")
-
-    def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
-        """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
-        return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
-
-
-def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the buffers of modules in train mode, which BatchNorm would otherwise update in place."""
-    copies = {}
-    for module_name, module in model.named_modules():
-        if module.training:
-            for buffer_name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None:
-                    name = f"{module_name}.{buffer_name}" if module_name else buffer_name
-                    copies[name] = buffer.clone()
-    return copies
-
-
-def model_loss(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:
-    """``f(*params) = loss_fn(model(inputs), targets)`` with the parameters ``names`` replaced by the arguments.
-
-    It closes over the model, the loss and the batch only (not an operator), so that the compiled product, guarded
-    on what f closes over, serves every operator of the same model and loss.
-    """
-
-    def loss(*params: torch.Tensor) -> torch.Tensor:
-        state = _buffer_copies(model)
-        state.update(zip(names, params))
-        output = torch.func.functional_call(model, state, (inputs,))
-        return loss_fn(output, targets)
-
-    return loss
+            hv, _ = compute_hvp(self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False,
+                                auto_key=self)
+        return hv

@@ -1,0 +1,170 @@
+"""The empirical Fisher matrix of a model's loss, from per-sample gradients, as a linear operator on its parameters.
+
+For ``N`` rows in all over the batches of ``data``, and the per-sample loss of row i,
+
+    ℓ_i(θ) = loss_fn(model(x_i[None]; θ), y_i[None])        (the criterion on the one-row slice of the batch)
+
+with gradient ``g_i = ∇_θ ℓ_i`` (n,), the empirical Fisher is the mean outer product of the per-sample gradients::
+
+    F = (1/N) Σ_i g_i g_iᵀ = (1/N) Gᵀ G,        G = [g_1; ...; g_N]   (N × n),      F v = (1/N) Gᵀ (G v)
+
+Scaling: the ``1/N`` is always there, whatever the criterion's reduction. For a criterion that reduces over the
+rows only (cross-entropy on (N, C) logits), ``"mean"`` (the PyTorch default) and ``"sum"`` give the same one-row
+loss, so the same ``F``, and the mean of the ``ℓ_i`` is the loss ``L`` of
+:class:`~optim.hessian.operator.HessianOperator` (``∇L = (1/N) Σ_i g_i``). A criterion that also averages within
+a row (``F.mse_loss``'s ``"mean"`` over all elements, a language model's mean over tokens) makes ``ℓ_i`` the
+row's own mean, again with ``L = (1/N) Σ_i ℓ_i``; its ``"sum"`` would scale ``ℓ_i`` by the row's element count m
+and ``F`` by m². A "row" is a slice along dim 0 of the inputs and the targets
+(a sequence, for a language model whose loss averages over the sequence's tokens). ``F`` is symmetric and positive
+semi-definite, of rank at most N.
+
+The per-sample gradients are ``torch.func.vmap`` over ``torch.func.grad`` of ``ℓ_i``, the batch's rows mapped
+(``randomness="different"``: each row its own dropout mask in train mode).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .hvp import _check_finite_loss, _scalar_loss
+from .operator import CurvatureOperator
+
+__all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
+
+DEFAULT_MAX_KEPT_BYTES = 1 << 30  # 1 GiB of per-sample gradients
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    """``F = (1/N) Gᵀ G``, the empirical Fisher of ``loss_fn`` on ``data`` from per-sample gradients ``G`` (N × n).
+
+    See the module docstring for the math and how the per-sample loss is formed from ``loss_fn`` (the criterion on
+    one-row slices of each batch). The constructor and the vector protocol are
+    :class:`~optim.hessian.operator.HessianOperator`'s (without ``mode``): ``F @ v`` for ``(n,)``, ``(k, n)``
+    blocks and param-shaped lists, ``flatten`` / ``unflatten``, ``num_matvecs``, ``loss_and_grad``; every estimator
+    and :class:`~optim.hessian.monitor.SharpnessMonitor` (``curvature="fisher"``) accept it. Batches are weighted
+    by their row counts, so over several batches ``F`` is the mean over all their rows.
+
+    Args:
+        model: an ``nn.Module``; it is called on one-row slices (``x_i[None]``) under ``vmap``, so it must treat
+            rows independently: a BatchNorm module in training mode (batch statistics) is refused with a
+            ``ValueError`` at the product; call ``model.eval()``.
+        loss_fn: ``loss_fn(output, target)`` returning a scalar, called on one row's output and target.
+        data: as for ``HessianOperator``; ``inputs`` a tensor (or a tuple/list/dict of tensors) whose dim 0 is the
+            rows, ``targets`` a tensor with at least one dimension, of the same number of rows.
+        param_filter: as for ``HessianOperator``.
+        reuse_graph: keep ``G`` of one-batch ``data`` between products (a product is then two GEMMs, ``G v`` and
+            ``Gᵀ(G v)``), under HessianOperator's rules: ``None`` (default) when no module is in training mode,
+            ``True`` also in training mode (dropout masks drawn once), ``False`` never; rebuilt whenever a parameter,
+            buffer, batch tensor or mode changed (compared bit for bit:
+            :class:`~optim.hessian.operator.CapturedState`); :meth:`release_graph` frees it.
+        max_kept_bytes: the memory bound of ``G``. Memory choice: ``G`` is kept only when the whole batch's
+            ``N_b · n · itemsize`` bytes fit in ``max_kept_bytes`` (default 1 GiB); otherwise (and for several
+            batches, or ``reuse_graph`` off) every product recomputes the per-sample gradients in chunks of
+            ``max(1, max_kept_bytes // (n · itemsize))`` rows and accumulates ``G_cᵀ (G_c v)`` chunk by chunk, so
+            at most one chunk of ``G`` (at least one row, ``n`` entries) is alive at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data,
+        *,
+        param_filter: Callable[[str, torch.Tensor], bool] | None = None,
+        reuse_graph: bool | None = None,
+        max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES,
+    ):
+        if isinstance(max_kept_bytes, bool) or not isinstance(max_kept_bytes, int) or max_kept_bytes < 0:
+            raise ValueError(f"{self._where}: max_kept_bytes must be an integer >= 0, got {max_kept_bytes!r}")
+        self.max_kept_bytes = max_kept_bytes
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph)
+
+    def _row_bytes(self) -> int:
+        return self.n * self.params[0].element_size()
+
+    def _can_keep(self, batch) -> bool:
+        targets = batch[1]
+        rows = targets.shape[0] if targets.dim() > 0 else 1
+        return rows * self._row_bytes() <= self.max_kept_bytes
+
+    def _check_model(self) -> None:
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                raise ValueError(
+                    f"{self._where}: module {name or type(module).__name__} is a BatchNorm in training mode, whose "
+                    "output for one row depends on the other rows of the batch: per-sample gradients are undefined; "
+                    "call model.eval()"
+                )
+
+    def _check_rows(self, inputs, targets, rows: int) -> None:
+        where = self._where
+        if targets.dim() == 0:
+            raise ValueError(f"{where}: targets must have a row dimension (dim 0) for per-sample losses, got a "
+                             "0-dim tensor")
+        for leaf in tree_leaves(inputs):
+            if not isinstance(leaf, torch.Tensor):
+                raise ValueError(f"{where}: inputs must be tensors (or a tuple/list/dict of tensors) to slice rows "
+                                 f"from, got a {type(leaf).__name__}")
+            if leaf.dim() == 0 or leaf.shape[0] != rows:
+                raise ValueError(f"{where}: an input tensor of shape {tuple(leaf.shape)} does not have the targets' "
+                                 f"{rows} rows on dim 0; per-sample losses slice both along dim 0")
+
+    def per_sample_gradients(self, inputs, targets) -> torch.Tensor:
+        """``G`` (rows, n): row i is ``g_i = ∇_θ loss_fn(model(x_i[None]), y_i[None])``, flattened in params order."""
+        self._check_model()
+        targets = targets.to(self.device)
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.to(self.device)
+        rows = targets.shape[0] if targets.dim() > 0 else 1
+        self._check_rows(inputs, targets, rows)
+        return self._gradients(inputs, targets, [p.detach() for p in self.params])
+
+    def _gradients(self, inputs, targets, params) -> torch.Tensor:
+        output_of, loss_fn = self._output_of, self.loss_fn
+
+        def row_loss(ps, x, y):
+            output = output_of(tree_map(lambda t: t.unsqueeze(0), x))(*ps)
+            loss = _scalar_loss(loss_fn(output, y.unsqueeze(0)))
+            return loss, loss.detach()
+
+        per_row = torch.func.vmap(torch.func.grad(row_loss, has_aux=True), in_dims=(None, 0, 0),
+                                  randomness="different")
+        # torch.func.grad differentiates inside whatever the outer grad mode is; no_grad keeps the outer autograd
+        # from recording a graph through the parameters outside the scope.
+        with torch.no_grad():
+            grads, row_losses = per_row(tuple(params), inputs, targets)
+        if not bool(torch.isfinite(row_losses).all()):
+            bad = int(torch.nonzero(~torch.isfinite(row_losses))[0, 0])
+            _check_finite_loss(row_losses[bad], at=f"row {bad} of the batch")
+        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+
+    def _build(self, inputs, targets, params, rows):
+        self._check_rows(inputs, targets, rows)
+        return self._gradients(inputs, targets, params), rows
+
+    def _apply(self, state, v, k) -> list[torch.Tensor]:
+        G, rows = state
+        return self.unflatten(self._fisher_times(G, self._flat(v, k)) / rows)
+
+    @staticmethod
+    def _fisher_times(G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """``Gᵀ(G V)`` for V (n,) or rows (k, n)."""
+        if V.dim() == 1:
+            return G.T @ (G @ V)
+        return (V @ G.T) @ G  # (k, N) then (k, n)
+
+    def _batch_product(self, inputs, targets, params, v, k, rows):
+        self._check_rows(inputs, targets, rows)
+        V = self._flat(v, k)
+        chunk = max(1, self.max_kept_bytes // self._row_bytes())
+        total = torch.zeros_like(V)
+        for start in range(0, rows, chunk):
+            rows_slice = slice(start, min(rows, start + chunk))
+            G = self._gradients(tree_map(lambda t: t[rows_slice], inputs), targets[rows_slice], params)
+            total += self._fisher_times(G, V)
+            del G
+        return self.unflatten(total / rows)

@@ -1,0 +1,178 @@
+"""The generalized Gauss-Newton matrix of a model's loss, as a linear operator on its parameters.
+
+For a model ``f(x; θ)`` with outputs ``z = f(X_b; θ)`` (any shape, m entries in all) on batch b, a criterion
+``ℓ(z, Y_b)`` and the Jacobian ``J_b = ∂z/∂θ`` (m × n), the Hessian of the batch loss splits into two terms::
+
+    ∇²ℓ_b(θ) = J_bᵀ H_b J_b + Σ_j (∂ℓ/∂z_j) ∇²_θ z_j,        H_b = ∇²_z ℓ(z, Y_b)   (m × m)
+
+The first term is the GGN, ``G_b = J_bᵀ H_b J_b``; the operator is its batch average weighted by row counts, as
+:class:`~optim.hessian.operator.HessianOperator`'s (``G = Σ_b (N_b / N) G_b``). It is symmetric, and positive
+semi-definite whenever the loss is convex in the outputs (``H_b ⪰ 0``: cross-entropy, squared error), which the
+Hessian is not. For softmax cross-entropy it equals the Fisher information of the model's predictive distribution.
+
+One product ``G_b v`` is three steps, each k-batched for a ``(k, n)`` block:
+
+1. ``u = J_b v`` (m,): a Jacobian-vector product of the outputs;
+2. ``w = H_b u``: the loss's Hessian in the outputs, by
+   * softmax cross-entropy (``F.cross_entropy`` / ``nn.CrossEntropyLoss`` on (N, C) logits and (N,) class indices,
+     without class weights, label smoothing or ignored targets, and ``optim.hessian.cross_entropy`` on (..., V)):
+     the fused op ``torch.ops.optim.cross_entropy_hvp``, ``s · p ⊙ (u − ⟨p, u⟩)`` per row (p = softmax(z),
+     s = 1/rows for a mean, 1 for a sum);
+   * squared error (``F.mse_loss`` / ``nn.MSELoss``, targets shaped like the outputs): ``w = c·u``, c = 2/m for a
+     mean, 2 for a sum;
+   * any other ``loss_fn``: autograd, a backward of ``⟨∇_z ℓ, u⟩`` through the graph of ``∇_z ℓ`` (built once per
+     batch, with ``create_graph``, on the detached outputs);
+3. ``J_bᵀ w`` (n,): a vector-Jacobian product of the outputs.
+
+The forward is kept between products (see ``reuse_graph``): one forward of the model and one backward of the
+outputs against a variable cotangent ``d`` with ``create_graph`` give ``J_bᵀ d`` as a graph, linear in ``d``. Then
+``J_b v`` is the backward of ``⟨J_bᵀ d, v⟩`` to ``d`` (the "double-backward" Jacobian-vector product: its cost is
+that of a backward, about two GEMMs per linear layer, and it needs no forward-mode rules and no re-run of the
+primal), and ``J_bᵀ w`` is the backward of the kept forward against ``w`` (two GEMMs per linear layer). A product
+on a kept forward is so about 4 GEMMs per linear layer against 3 for a gradient (forward 1, backward 2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import losses
+from ._ops import cross_entropy_hvp
+from .hvp import _check_finite_loss, _scalar_loss, batched_vjp
+from .operator import CurvatureOperator
+
+__all__ = ["GGNOperator"]
+
+
+class _OutputHessian:
+    """``H_b = ∇²_z ℓ(z, Y_b)`` at the batch's outputs ``z``, applied to (k, *z.shape) or z-shaped tangents."""
+
+    def __init__(self, loss_fn, output: torch.Tensor, targets: torch.Tensor, where: str):
+        z = output.detach()
+        self.kind, self._scale, self._z, self._graph = self._closed_form(loss_fn, z, targets)
+        if self.kind is None:
+            # Any loss: the graph of ∇_z ℓ, differentiated again against each tangent.
+            point = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = _scalar_loss(loss_fn(point, targets))
+                _check_finite_loss(loss, at="the model's outputs")
+                if loss.requires_grad:
+                    (gradient,) = torch.autograd.grad(loss, point, create_graph=True, allow_unused=True)
+                else:
+                    gradient = None
+            self.kind, self._graph = "autograd", (point, gradient)
+        else:
+            with torch.no_grad():  # the value only: a scalar, finite loss (the closed forms never evaluate it)
+                _check_finite_loss(_scalar_loss(loss_fn(z, targets)), at="the model's outputs")
+
+    @staticmethod
+    def _closed_form(loss_fn, z, targets):
+        integer = not targets.dtype.is_floating_point and not targets.dtype.is_complex and targets.dtype != torch.bool
+        ce_module = isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and \
+            loss_fn.label_smoothing == 0.0 and loss_fn.reduction in ("mean", "sum")
+        if (loss_fn is F.cross_entropy or ce_module) and integer and z.dim() == 2 and targets.shape == z.shape[:1]:
+            ignore_index = loss_fn.ignore_index if ce_module else -100
+            if not bool((targets == ignore_index).any()):
+                mean = not ce_module or loss_fn.reduction == "mean"
+                return "cross_entropy", (1.0 / z.shape[0] if mean else 1.0), z, None
+        if loss_fn is losses.cross_entropy and integer and z.dim() >= 1 and targets.shape == z.shape[:-1] \
+                and targets.numel() > 0:
+            return "cross_entropy", 1.0 / targets.numel(), z, None
+        mse_module = isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction in ("mean", "sum")
+        if (loss_fn is F.mse_loss or mse_module) and targets.shape == z.shape and targets.dtype == z.dtype:
+            mean = not mse_module or loss_fn.reduction == "mean"
+            return "mse", (2.0 / z.numel() if mean else 2.0), z, None
+        return None, None, z, None
+
+    def __call__(self, u: torch.Tensor, k: int | None) -> torch.Tensor:
+        if self.kind == "cross_entropy":
+            z = self._z if k is None else self._z.expand((k,) + tuple(self._z.shape))  # the op is row-wise
+            return cross_entropy_hvp(z, u.contiguous(), self._scale)
+        if self.kind == "mse":
+            return self._scale * u
+        point, gradient = self._graph
+        return batched_vjp([gradient], [point], [u], k, keep_graph=True)[0]
+
+
+class _OutputGraph:
+    """One batch's kept forward: ``z = f(θ)``, and ``Jᵀd`` as a graph linear in the variable cotangent ``d``."""
+
+    def __init__(self, leaves, output, cotangent, transposed, output_hessian):
+        self.leaves, self.output, self.cotangent = leaves, output, cotangent
+        self.transposed, self.output_hessian = transposed, output_hessian
+
+
+class GGNOperator(CurvatureOperator):
+    """``G = Σ_b (N_b/N) J_bᵀ H_b J_b``, the generalized Gauss-Newton matrix of ``loss_fn(model(inputs), targets)``.
+
+    See the module docstring for the math and the three steps of a product. The constructor and the vector
+    protocol are :class:`~optim.hessian.operator.HessianOperator`'s (without ``mode``): ``G @ v`` for ``(n,)``,
+    ``(k, n)`` blocks (row i is ``G v_i``; the k probes share the batch's forward) and param-shaped lists;
+    ``flatten`` / ``unflatten``; ``num_matvecs``; ``loss_and_grad``; ``params``, ``names``, ``n``, ``shape``,
+    ``dtype``, ``device``. Every estimator (:func:`~optim.hessian.spectrum.top_eigenvalues`, ``trace``,
+    ``diagonal``, ``spectral_density``) and :class:`~optim.hessian.monitor.SharpnessMonitor` (``curvature="ggn"``)
+    accept it.
+
+    Args:
+        model: an ``nn.Module`` returning one floating-point tensor (the outputs ``z``, any shape).
+        loss_fn: ``loss_fn(output, target)`` returning a scalar. Cross-entropy and MSE get closed forms of ``H_b``
+            (module docstring); any other criterion is differentiated twice in the outputs by autograd.
+        data, param_filter: as for ``HessianOperator``.
+        reuse_graph: keep each product's forward (the model's activations, the graph of ``Jᵀd`` and, for a
+            generic loss, the graph of ``∇_z ℓ``) between products on one-batch ``data``, so a further product is
+            two backwards and no forward. ``None`` (default): when no module is in training mode; ``True``: also in
+            training mode (a dropout mask then drawn once for every product); ``False``: never. It is rebuilt
+            whenever anything it captured changed (parameters in scope or not, buffers, the batch, the modes;
+            compared bit for bit, as HessianOperator does: :class:`~optim.hessian.operator.CapturedState`);
+            :meth:`release_graph` frees it. The memory is that of one training step's backward graph plus its
+            first-order backward (``create_graph``), plus a copy of the parameters, buffers and batch.
+
+    Attributes:
+        output_hessian: how ``H_b`` was applied at the last build: ``"cross_entropy"``, ``"mse"`` or ``"autograd"``
+            (None before the first product).
+
+    The model is evaluated in its current mode, like HessianOperator (train-mode BatchNorm uses batch statistics
+    and its running statistics are left alone; ``model.eval()`` for a deterministic operator).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data,
+        *,
+        param_filter: Callable[[str, torch.Tensor], bool] | None = None,
+        reuse_graph: bool | None = None,
+    ):
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph)
+        self.output_hessian: str | None = None
+
+    def _build(self, inputs, targets, params, rows) -> _OutputGraph:
+        where = self._where
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            output = self._output_of(inputs)(*leaves)
+            if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
+                got = f"dtype {output.dtype}" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
+                raise ValueError(f"{where}: the model must return one floating-point tensor (the outputs z of "
+                                 f"J = dz/dθ), got {got}")
+            output_hessian = _OutputHessian(self.loss_fn, output, targets, where)
+            cotangent = torch.zeros_like(output).requires_grad_(True)
+            if output.requires_grad:
+                transposed = torch.autograd.grad(output, leaves, cotangent, create_graph=True, allow_unused=True)
+            else:  # the outputs do not depend on the parameters in scope: J = 0
+                transposed = [None] * len(leaves)
+        self.output_hessian = output_hessian.kind
+        return _OutputGraph(leaves, output, cotangent, transposed, output_hessian)
+
+    def _apply(self, state: _OutputGraph, v, k) -> list[torch.Tensor]:
+        # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J).
+        (jv,) = batched_vjp(state.transposed, [state.cotangent], v, k, keep_graph=True)
+        w = state.output_hessian(jv, k)
+        if not state.output.requires_grad:
+            return [torch.zeros_like(t) for t in v]
+        return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True)

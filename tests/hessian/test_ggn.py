@@ -1,0 +1,511 @@
+"""GGNOperator and EmpiricalFisherOperator against explicit matrices of small float64 models.
+
+The explicit GGN is ``Jᵀ H_loss J`` with ``J = torch.autograd.functional.jacobian`` of the flattened outputs in the
+flat parameters and ``H_loss = torch.autograd.functional.hessian`` of the loss in the flattened outputs; the explicit
+Fisher is ``(1/N) Σ_i g_i g_iᵀ`` from per-row ``torch.autograd.grad`` calls. Models: an MLP with tanh (5→7→3), a
+Linear-BatchNorm-tanh-Dropout-Linear net in eval mode, and a pre-norm transformer block with math attention (from
+test_hvp.py). Every input is drawn fresh from the seeded generator (conftest seeds each test).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import optim
+from optim.hessian.fisher import EmpiricalFisherOperator
+from optim.hessian.ggn import GGNOperator
+from optim.hessian.monitor import SharpnessMonitor
+from optim.hessian.operator import HessianOperator
+from optim.hessian.spectrum import MatrixOperator, diagonal, spectral_density, top_eigenvalues, trace
+
+from .test_hvp import EXACT_RTOL, TinyAttentionBlock, dense_hessian, mean_squared_error, relative_error
+
+OPERATORS = [GGNOperator, EmpiricalFisherOperator]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, batches and the explicit matrices
+
+
+def mlp_problem(rows=4):
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    return model, torch.randn(rows, 5, dtype=torch.float64), torch.randint(0, 3, (rows,))
+
+
+def batchnorm_problem(rows=6):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    return model, torch.randn(rows, 3, dtype=torch.float64), torch.randint(0, 2, (rows,))
+
+
+def attention_problem(rows=2):
+    model = TinyAttentionBlock().double().eval()
+    return model, torch.randn(rows, 4, 8, dtype=torch.float64), torch.randn(rows, 4, 8, dtype=torch.float64)
+
+
+PROBLEMS = {"mlp": mlp_problem, "batchnorm": batchnorm_problem, "attention": attention_problem}
+# (problem, loss_fn, the closed form the operator should pick)
+LOSSES = [
+    ("mlp", F.cross_entropy, "cross_entropy"),
+    ("mlp", lambda z, y: F.cross_entropy(z, y), "autograd"),
+    ("mlp", nn.CrossEntropyLoss(reduction="sum"), "cross_entropy"),
+    ("batchnorm", F.cross_entropy, "cross_entropy"),
+    ("attention", F.mse_loss, "mse"),
+    ("attention", mean_squared_error, "autograd"),
+    ("attention", lambda z, y: (z - y).abs().pow(3).sum() / 7 + torch.logsumexp(z.flatten(), 0), "autograd"),
+]
+LOSS_IDS = [f"{problem}-{kind}-{i}" for i, (problem, _, kind) in enumerate(LOSSES)]
+
+
+def functional(model, inputs, scope=None):
+    """``(flat, out)``: the in-scope parameters as one vector and ``out(flat)``, the model's flattened outputs."""
+    names = [name for name, p in model.named_parameters() if scope is None or scope(name, p)]
+    named = dict(model.named_parameters())
+    params = [named[name].detach() for name in names]
+    fixed = {name: p.detach() for name, p in named.items() if name not in names}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    def out(flat):
+        pieces = [piece.reshape(p.shape) for piece, p in zip(flat.split([p.numel() for p in params]), params)]
+        return torch.func.functional_call(model, {**buffers, **fixed, **dict(zip(names, pieces))}, (inputs,))
+
+    return torch.cat([p.reshape(-1) for p in params]), out
+
+
+def explicit_ggn(model, loss_fn, inputs, targets, scope=None):
+    """``(Jᵀ H_loss J, J, H_loss, ∇_z ℓ, z)`` with J (m, n) and H_loss (m, m), explicitly."""
+    flat, out = functional(model, inputs, scope)
+    z = out(flat).detach()
+    J = torch.autograd.functional.jacobian(lambda f: out(f).reshape(-1), flat)
+    loss_of_z = lambda zf: loss_fn(zf.reshape(z.shape), targets)  # noqa: E731
+    H_loss = torch.autograd.functional.hessian(loss_of_z, z.reshape(-1))
+    return J.T @ H_loss @ J, J, H_loss, z
+
+
+def explicit_fisher(model, loss_fn, inputs, targets):
+    flat, out = functional(model, inputs)
+    rows = []
+    for i in range(targets.shape[0]):
+        point = flat.clone().requires_grad_(True)
+        _, out_i = functional(model, inputs[i:i + 1])
+        (g,) = torch.autograd.grad(loss_fn(out_i(point), targets[i:i + 1]), point)
+        rows.append(g)
+    G = torch.stack(rows)
+    return G.T @ G / targets.shape[0], G
+
+
+def dense_of(operator) -> torch.Tensor:
+    """The operator's matrix from n products (one (n, n) block of basis vectors)."""
+    return operator @ torch.eye(operator.n, dtype=operator.dtype)
+
+
+def random_flat(operator, k=None):
+    return torch.randn(((k,) if k is not None else ()) + (operator.n,), dtype=operator.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGN = Jᵀ H_loss J
+
+
+@pytest.mark.parametrize("problem, loss_fn, kind", LOSSES, ids=LOSS_IDS)
+def test_ggn_equals_explicit_jt_h_j(problem, loss_fn, kind):
+    model, inputs, targets = PROBLEMS[problem]()
+    expected, J, H_loss, _ = explicit_ggn(model, loss_fn, inputs, targets)
+    G = GGNOperator(model, loss_fn, (inputs, targets))
+    v = random_flat(G)
+    assert relative_error(G @ v, expected @ v) <= EXACT_RTOL
+    assert G.output_hessian == kind
+    assert relative_error(v @ G, expected @ v) <= EXACT_RTOL
+    for k in (1, 3):
+        block = random_flat(G, k)
+        product = G @ block
+        assert product.shape == (k, G.n)
+        assert relative_error(product, block @ expected) <= EXACT_RTOL
+    assert J.shape[1] == G.n and H_loss.shape == (J.shape[0], J.shape[0])
+
+
+@pytest.mark.parametrize("problem, loss_fn, kind", LOSSES, ids=LOSS_IDS)
+def test_kept_and_fresh_forward_agree(problem, loss_fn, kind):
+    model, inputs, targets = PROBLEMS[problem]()
+    kept, fresh = (GGNOperator(model, loss_fn, (inputs, targets), reuse_graph=r) for r in (None, False))
+    block = random_flat(kept, 4)
+    first = kept @ block
+    assert kept._graph is not None and fresh._graph is None
+    torch.testing.assert_close(kept @ block, first, rtol=0, atol=0)  # the kept forward, reused
+    torch.testing.assert_close(fresh @ block, first, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("problem", ["mlp", "batchnorm", "attention"])
+def test_hessian_is_ggn_plus_residual(problem):
+    # ∇²ℓ(θ) = Jᵀ H_loss J + Σ_j (∂ℓ/∂z_j) ∇²_θ z_j, the residual from the explicit second derivatives of every output.
+    model, inputs, targets = PROBLEMS[problem]()
+    loss_fn = F.cross_entropy if problem != "attention" else F.mse_loss
+    ggn, _, _, z = explicit_ggn(model, loss_fn, inputs, targets)
+    flat, out = functional(model, inputs)
+    z_leaf = z.clone().requires_grad_(True)
+    (dloss_dz,) = torch.autograd.grad(loss_fn(z_leaf, targets), z_leaf)
+    # Σ_j c_j ∇²_θ z_j with c = ∂ℓ/∂z held fixed: the Hessian of θ ↦ ⟨c, z(θ)⟩ (linearity of ∇²) ...
+    residual = dense_hessian(lambda p: (dloss_dz * out(p)).sum(), [flat])
+    if problem == "mlp":  # ... which is the sum of every output's own Hessian, term by term
+        second = torch.autograd.functional.jacobian(
+            lambda f: torch.autograd.functional.jacobian(lambda g: out(g).reshape(-1), f, create_graph=True), flat,
+            vectorize=True)  # (m, n, n): ∇²_θ z_j for every output j
+        torch.testing.assert_close(torch.einsum("j,jab->ab", dloss_dz.reshape(-1), second), residual, rtol=1e-10,
+                                   atol=1e-14)
+    hessian = dense_hessian(lambda p: loss_fn(out(p), targets), [flat])
+    G = GGNOperator(model, loss_fn, (inputs, targets))
+    H = HessianOperator(model, loss_fn, (inputs, targets))
+    torch.testing.assert_close(dense_of(G) + residual, hessian, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense_of(H) - dense_of(G), residual, rtol=1e-9, atol=1e-12)
+    assert relative_error(dense_of(G), ggn) <= EXACT_RTOL
+    assert residual.abs().max() > 1e-3 * hessian.abs().max()  # a real difference, not a trivial identity
+
+
+@pytest.mark.parametrize("problem, loss_fn, kind", LOSSES, ids=LOSS_IDS)  # every loss here is convex in z
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_positive_semi_definite_and_symmetric(problem, loss_fn, kind, operator_class):
+    model, inputs, targets = PROBLEMS[problem]()
+    matrix = dense_of(operator_class(model, loss_fn, (inputs, targets)))
+    torch.testing.assert_close(matrix, matrix.T, rtol=1e-12, atol=1e-14)
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    scale = eigenvalues.abs().max().item()
+    assert scale > 0 and eigenvalues.min().item() >= -1e-10 * scale
+    # The Hessian of the same problems is indefinite: PSD is the GGN's property, not the models'.
+    if problem == "mlp" and operator_class is GGNOperator:
+        assert torch.linalg.eigvalsh(dense_of(HessianOperator(model, loss_fn, (inputs, targets)))).min() < 0
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_k_probe_blocks_equal_k_single_products(operator_class):
+    model, inputs, targets = mlp_problem()
+    C = operator_class(model, F.cross_entropy, (inputs, targets))
+    block = random_flat(C, 5)
+    product = C @ block
+    singles = torch.stack([C @ row for row in block])
+    torch.testing.assert_close(product, singles, rtol=1e-12, atol=1e-15)
+    assert C.num_matvecs == 10
+    assert (C @ random_flat(C, 0)).shape == (0, C.n)
+    assert C.num_matvecs == 10
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_param_shaped_lists_and_param_filter(operator_class):
+    model, inputs, targets = attention_problem()
+    in_scope = {"query.weight", "norm_bias", "down.bias"}
+    scope = lambda name, p: name in in_scope  # noqa: E731
+    C = operator_class(model, F.mse_loss, (inputs, targets), param_filter=scope)
+    if operator_class is GGNOperator:
+        expected = explicit_ggn(model, F.mse_loss, inputs, targets, scope)[0]
+    else:
+        names = [name for name, _ in model.named_parameters()]
+        full, _ = explicit_fisher(model, F.mse_loss, inputs, targets)
+        offsets, index = 0, []
+        for name, p in model.named_parameters():
+            if name in in_scope:
+                index.extend(range(offsets, offsets + p.numel()))
+            offsets += p.numel()
+        expected = full[index][:, index]
+        assert C.names == [name for name in names if name in in_scope]
+    assert C.n == expected.shape[0] == 8 * 8 + 8 + 8
+    v = random_flat(C)
+    as_list = C.unflatten(v)
+    product = C @ as_list
+    assert isinstance(product, list) and [t.shape for t in product] == [p.shape for p in C.params]
+    assert relative_error(C.flatten(product), expected @ v) <= EXACT_RTOL
+    assert isinstance(C @ tuple(as_list), tuple)
+    block = random_flat(C, 3)
+    product = C @ C.unflatten(block)
+    assert [t.shape for t in product] == [(3,) + tuple(p.shape) for p in C.params]
+    assert relative_error(C.flatten(product), block @ expected) <= EXACT_RTOL
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_batches_are_weighted_by_rows_as_hessian_operator(operator_class):
+    model, inputs, targets = mlp_problem(rows=8)
+    full = operator_class(model, F.cross_entropy, (inputs, targets))
+    expected = dense_of(full)
+    batches = [(inputs[:3], targets[:3]), (inputs[3:3], targets[3:3]), (inputs[3:], targets[3:])]  # 3, 0, 5 rows
+    split = operator_class(model, F.cross_entropy, batches)
+    block = random_flat(split, 2)
+    assert relative_error(split @ block, block @ expected) <= EXACT_RTOL
+    # The same weights as HessianOperator: (3·C_1 + 5·C_2) / 8.
+    parts = [dense_of(operator_class(model, F.cross_entropy, b)) for b in (batches[0], batches[2])]
+    torch.testing.assert_close(dense_of(split), (3 * parts[0] + 5 * parts[1]) / 8, rtol=1e-12, atol=1e-15)
+    loss, grad = split.loss_and_grad()
+    hessian_loss, hessian_grad = HessianOperator(model, F.cross_entropy, batches).loss_and_grad()
+    assert torch.equal(loss, hessian_loss) and torch.equal(grad, hessian_grad)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=3, shuffle=True)
+    assert relative_error(operator_class(model, F.cross_entropy, loader) @ block[0], expected @ block[0]) <= 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kept forward (GGN) and the kept G (Fisher) are never stale
+
+
+def count_builds(monkeypatch, operator_class):
+    builds = []
+    build = operator_class._build
+    monkeypatch.setattr(operator_class, "_build", lambda self, *a: builds.append(1) or build(self, *a))
+    return builds
+
+
+def exact_now(operator_class, model, loss_fn, inputs, targets):
+    if operator_class is GGNOperator:
+        return explicit_ggn(model, loss_fn, inputs, targets)[0]
+    return explicit_fisher(model, loss_fn, inputs, targets)[0]
+
+
+@pytest.mark.parametrize("change", ["param .data", "buffer by a train-mode forward", "batch .data",
+                                    "targets in place", "param replaced"])
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_kept_state_is_never_stale(operator_class, change, monkeypatch):
+    model, inputs, targets = batchnorm_problem()
+    C = operator_class(model, F.cross_entropy, (inputs, targets))
+    builds = count_builds(monkeypatch, operator_class)
+    v = random_flat(C)
+    first = C @ v
+    assert torch.equal(C @ v, first) and len(builds) == 1 and C._graph is not None
+    assert relative_error(first, exact_now(operator_class, model, F.cross_entropy, inputs, targets) @ v) <= 1e-10
+    if change == "param .data":
+        model[0].weight.data.add_(0.3)
+    elif change == "buffer by a train-mode forward":
+        model.train()
+        model(torch.randn(8, 3, dtype=torch.float64) * 3 + 1)  # updates BatchNorm's running statistics
+        model.eval()
+    elif change == "batch .data":
+        inputs.data.mul_(2.0)
+    elif change == "targets in place":
+        targets.copy_(1 - targets)
+    elif change == "param replaced":
+        model[4].weight.data = model[4].weight.data * 1.5
+    expected = exact_now(operator_class, model, F.cross_entropy, inputs, targets) @ v
+    assert relative_error(C @ v, expected) <= EXACT_RTOL and len(builds) == 2
+    assert relative_error(C @ v, expected) <= EXACT_RTOL and len(builds) == 2  # the new state is kept
+    C.release_graph()
+    assert C._graph is None
+    assert relative_error(C @ v, expected) <= EXACT_RTOL and len(builds) == 3
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_train_mode_is_not_kept_unless_asked(operator_class):
+    model, inputs, targets = mlp_problem()
+    model.train()
+    for reuse, kept in ((None, False), (True, True), (False, False)):
+        C = operator_class(model, F.cross_entropy, (inputs, targets), reuse_graph=reuse)
+        C @ random_flat(C)
+        assert (C._graph is not None) == kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Empirical Fisher
+
+
+@pytest.mark.parametrize("problem", ["mlp", "batchnorm", "attention"])
+def test_fisher_equals_explicit_per_sample_gradients(problem):
+    model, inputs, targets = PROBLEMS[problem]()
+    loss_fn = F.mse_loss if problem == "attention" else F.cross_entropy
+    expected, G_explicit = explicit_fisher(model, loss_fn, inputs, targets)
+    Fi = EmpiricalFisherOperator(model, loss_fn, (inputs, targets))
+    torch.testing.assert_close(Fi.per_sample_gradients(inputs, targets), G_explicit, rtol=1e-12, atol=1e-14)
+    block = random_flat(Fi, 3)
+    assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL
+    assert Fi._graph is not None  # G kept: 4 rows × n float64 is far under the bound
+    # Over the bound: recomputed chunk by chunk (one row at a time here), the same matrix.
+    chunked = EmpiricalFisherOperator(model, loss_fn, (inputs, targets), max_kept_bytes=Fi.n * 8)
+    assert relative_error(chunked @ block, block @ expected) <= EXACT_RTOL and chunked._graph is None
+    # The 1/N is always there. Cross-entropy reduces over rows only: "sum" gives the same one-row loss. MSE's
+    # "mean" also averages a row's m = 32 elements, so its "sum" scales ℓ_i by m and F by m².
+    summed = EmpiricalFisherOperator(model, lambda z, y: loss_fn(z, y, reduction="sum"), (inputs, targets))
+    factor = 1.0 if loss_fn is F.cross_entropy else float(targets[0].numel()) ** 2
+    torch.testing.assert_close(summed @ block, factor * (Fi @ block), rtol=1e-12, atol=1e-15)
+    assert not (Fi @ block).requires_grad
+    torch.testing.assert_close(dense_of(Fi), G_explicit.T @ G_explicit / targets.shape[0], rtol=1e-10, atol=1e-14)
+
+
+def test_fisher_of_a_mean_loss_has_the_gradient_as_mean_of_its_rows():
+    model, inputs, targets = mlp_problem(rows=5)
+    Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets))
+    G = Fi.per_sample_gradients(inputs, targets)
+    _, grad = Fi.loss_and_grad()
+    torch.testing.assert_close(G.mean(0), grad, rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Estimators and the monitor
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_estimators_match_the_dense_matrix(operator_class):
+    model, inputs, targets = mlp_problem(rows=6)
+    C = operator_class(model, F.cross_entropy, (inputs, targets))
+    dense = dense_of(C)
+    if operator_class is GGNOperator:
+        torch.testing.assert_close(dense, explicit_ggn(model, F.cross_entropy, inputs, targets)[0], rtol=1e-10,
+                                   atol=1e-14)
+    else:
+        torch.testing.assert_close(dense, explicit_fisher(model, F.cross_entropy, inputs, targets)[0], rtol=1e-10,
+                                   atol=1e-14)
+    matrix = MatrixOperator(dense)
+    exact_values = torch.linalg.eigvalsh(dense).flip(0)
+
+    values, vectors = top_eigenvalues(C, k=3, tol=1e-10, max_iter=C.n, seed=0)
+    torch.testing.assert_close(values, exact_values[:3], rtol=1e-6, atol=1e-8 * exact_values[0].item())
+
+    estimate = trace(C, num_probes=60, seed=1)
+    same = trace(matrix, num_probes=60, seed=1)
+    assert estimate.estimate == pytest.approx(same.estimate, rel=1e-9)
+    assert abs(estimate.estimate - torch.trace(dense).item()) <= 4 * estimate.std_error
+    hutchpp = trace(C, num_probes=60, method="hutch++", seed=1)
+    assert hutchpp.estimate == pytest.approx(torch.trace(dense).item(), rel=1e-8)  # rank ≤ 12 < 20: exact sketch
+
+    diag = diagonal(C, num_probes=50, seed=2)
+    assert [t.shape for t in diag.estimate] == [p.shape for p in C.params]
+    flat_diag = C.flatten(diag.estimate)
+    torch.testing.assert_close(flat_diag, diagonal(matrix, num_probes=50, seed=2).estimate, rtol=1e-9, atol=1e-13)
+    inside = (flat_diag - torch.diagonal(dense)).abs() <= 4 * C.flatten(diag.std_error) + 1e-12
+    assert inside.double().mean() >= 0.95
+
+    density = spectral_density(C, num_runs=4, lanczos_steps=20, seed=3)
+    reference = spectral_density(matrix, num_runs=4, lanczos_steps=20, seed=3)
+    torch.testing.assert_close(density.density, reference.density, rtol=1e-6, atol=1e-8 * density.density.max().item())
+    assert abs(torch.trapezoid(density.density, density.grid).item() - 1.0) <= 1e-4
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "fisher"])
+def test_sharpness_monitor_curvature(curvature):
+    model, inputs, targets = mlp_problem(rows=6)
+    monitor = SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=0.1, probes=60, lanczos_iters=60, tol=1e-10,
+                               trace_method="hutch++", curvature=curvature)
+    record = monitor.measure(0, (inputs, targets))
+    operator_class = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}[curvature]
+    dense = dense_of(operator_class(model, F.cross_entropy, (inputs, targets)))
+    assert record["lambda_max"] == pytest.approx(torch.linalg.eigvalsh(dense)[-1].item(), rel=1e-6)
+    if curvature != "hessian":  # low rank: the Hutch++ sketch holds the whole range, the trace is exact
+        assert record["trace"] == pytest.approx(torch.trace(dense).item(), rel=1e-8)
+    assert monitor.curvature == curvature
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, and nothing changed
+
+
+def snapshot(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_construction_errors(operator_class):
+    model, inputs, targets = mlp_problem()
+    batch = (inputs, targets)
+    before = snapshot(model)
+    name = operator_class.__name__
+    with pytest.raises(ValueError, match=f"{name}: model must be a torch.nn.Module, got a function"):
+        operator_class(lambda x: x, F.cross_entropy, batch)
+    with pytest.raises(ValueError, match=f"{name}: loss_fn must be callable"):
+        operator_class(model, "cross_entropy", batch)
+    with pytest.raises(ValueError, match=f"{name}: param_filter must be callable"):
+        operator_class(model, F.cross_entropy, batch, param_filter="0.weight")
+    with pytest.raises(ValueError, match=f"{name}: no parameters in scope.*passes param_filter"):
+        operator_class(model, F.cross_entropy, batch, param_filter=lambda n, p: False)
+    with pytest.raises(ValueError, match=f"{name}: reuse_graph must be None, True or False"):
+        operator_class(model, F.cross_entropy, batch, reuse_graph="yes")
+    with pytest.raises(ValueError, match=f"{name}: data must be one \\(inputs, targets\\) batch"):
+        operator_class(model, F.cross_entropy, 3)
+    with pytest.raises(TypeError, match="mode"):
+        operator_class(model, F.cross_entropy, batch, mode="rr")
+    generator = (b for b in [batch])
+    with pytest.raises(ValueError, match="reuse_graph"):
+        operator_class(model, F.cross_entropy, generator, reuse_graph=1.5)
+    assert next(generator) is batch  # not consumed by a construction that failed
+    if operator_class is EmpiricalFisherOperator:
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="max_kept_bytes must be an integer >= 0"):
+                operator_class(model, F.cross_entropy, batch, max_kept_bytes=bad)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("operator_class", OPERATORS)
+def test_bad_vectors_and_batches_raise_before_computing(operator_class, monkeypatch):
+    model, inputs, targets = mlp_problem()
+    C = operator_class(model, F.cross_entropy, (inputs, targets))
+    builds = count_builds(monkeypatch, operator_class)
+    before = snapshot(model)
+    name = operator_class.__name__
+    with pytest.raises(ValueError, match=rf"{name}: v has 1 tensors but params has 4"):
+        C @ [torch.randn(7, 5, dtype=torch.float64)]
+    with pytest.raises(ValueError, match=rf"{name}: v has shape \(67,\); expected a flat vector \(66,\)"):
+        C @ torch.randn(67, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"{name}: v is torch.float32 on cpu but the parameters are torch.float64"):
+        C @ torch.randn(66)
+    with pytest.raises(ValueError, match=rf"{name}: v\[0\] contains non-finite"):
+        C @ torch.full((66,), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"{name}: v must be a tensor"):
+        C @ {"0.weight": 1}
+    with pytest.raises(ValueError, match=rf"{name}.unflatten: expected a tensor of shape \(66,\)"):
+        C.unflatten(torch.randn(65, dtype=torch.float64))
+    assert builds == [] and C._graph is None and C.num_matvecs == 0  # checked before anything was computed
+    bad = operator_class(model, F.cross_entropy, [(inputs, targets), (inputs,)])
+    with pytest.raises(ValueError, match=f"{name}: data batch 1 is a tuple of length 1"):
+        bad @ random_flat(C)
+    with pytest.raises(ValueError, match=f"{name}: data has no batch with at least one row"):
+        operator_class(model, F.cross_entropy, []) @ random_flat(C)
+    nan_inputs = inputs.clone()
+    nan_inputs[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite loss"):
+        operator_class(model, F.cross_entropy, (nan_inputs, targets)) @ random_flat(C)
+    assert_unchanged(model, before)
+
+
+def test_ggn_model_output_must_be_one_tensor():
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            return self.linear(x), x
+
+    G = GGNOperator(TwoOutputs(), F.cross_entropy, (torch.randn(4, 3, dtype=torch.float64), torch.zeros(4).long()))
+    with pytest.raises(ValueError, match="GGNOperator: the model must return one floating-point tensor.*tuple"):
+        G @ random_flat(G)
+    with pytest.raises(ValueError, match="f must return a scalar loss"):
+        GGNOperator(nn.Linear(3, 2).double(), lambda z, y: z, (torch.randn(4, 3, dtype=torch.float64),
+                                                               torch.zeros(4))) @ torch.zeros(8, dtype=torch.float64)
+
+
+def test_fisher_refuses_what_has_no_per_sample_gradient():
+    model, inputs, targets = batchnorm_problem()
+    model.train()
+    Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="EmpiricalFisherOperator: module 1 is a BatchNorm in training mode.*eval"):
+        Fi @ random_flat(Fi)
+    assert_unchanged(model, before)
+    model.eval()
+    mismatched = EmpiricalFisherOperator(model, F.cross_entropy, (inputs[:5], targets))
+    with pytest.raises(ValueError, match="does not have the targets' 6 rows on dim 0"):
+        mismatched @ random_flat(Fi)
+    scalar = EmpiricalFisherOperator(model, lambda z, y: z.sum() * y, (inputs, torch.tensor(1.0, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="targets must have a row dimension"):
+        scalar @ random_flat(Fi)
+    assert_unchanged(model, before)
+
+
+def test_exported():
+    assert optim.GGNOperator is GGNOperator and optim.hessian.GGNOperator is GGNOperator
+    assert optim.EmpiricalFisherOperator is EmpiricalFisherOperator
+    assert "GGNOperator" in optim.__all__ and "EmpiricalFisherOperator" in optim.hessian.__all__
+    with pytest.raises(ValueError, match="curvature must be one of 'hessian', 'ggn', 'fisher', got 'gauss'"):
+        SharpnessMonitor(nn.Linear(2, 2), F.mse_loss, curvature="gauss")

@@ -21,6 +21,7 @@ from optim.hessian.monitor import SharpnessMonitor
 from optim.hessian.operator import HessianOperator
 from optim.hessian.spectrum import MatrixOperator, diagonal, spectral_density, top_eigenvalues, trace
 
+from ._changes import CHANGES, make_change
 from .test_hvp import EXACT_RTOL, TinyAttentionBlock, dense_hessian, mean_squared_error, relative_error
 
 OPERATORS = [GGNOperator, EmpiricalFisherOperator]
@@ -261,8 +262,7 @@ def exact_now(operator_class, model, loss_fn, inputs, targets):
     return explicit_fisher(model, loss_fn, inputs, targets)[0]
 
 
-@pytest.mark.parametrize("change", ["param .data", "buffer by a train-mode forward", "batch .data",
-                                    "targets in place", "param replaced"])
+@pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("operator_class", OPERATORS)
 def test_kept_state_is_never_stale(operator_class, change, monkeypatch):
     model, inputs, targets = batchnorm_problem()
@@ -272,18 +272,7 @@ def test_kept_state_is_never_stale(operator_class, change, monkeypatch):
     first = C @ v
     assert torch.equal(C @ v, first) and len(builds) == 1 and C._graph is not None
     assert relative_error(first, exact_now(operator_class, model, F.cross_entropy, inputs, targets) @ v) <= 1e-10
-    if change == "param .data":
-        model[0].weight.data.add_(0.3)
-    elif change == "buffer by a train-mode forward":
-        model.train()
-        model(torch.randn(8, 3, dtype=torch.float64) * 3 + 1)  # updates BatchNorm's running statistics
-        model.eval()
-    elif change == "batch .data":
-        inputs.data.mul_(2.0)
-    elif change == "targets in place":
-        targets.copy_(1 - targets)
-    elif change == "param replaced":
-        model[4].weight.data = model[4].weight.data * 1.5
+    make_change(change, model, inputs, targets)
     expected = exact_now(operator_class, model, F.cross_entropy, inputs, targets) @ v
     assert relative_error(C @ v, expected) <= EXACT_RTOL and len(builds) == 2
     assert relative_error(C @ v, expected) <= EXACT_RTOL and len(builds) == 2  # the new state is kept

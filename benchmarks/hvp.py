@@ -219,8 +219,9 @@ HEADLINE_GPT_BATCH = 4
 
 
 def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
-    # compile=True: compiling takes a minute or two per (model, k) on a CPU, so --quick leaves it out
-    compiled = () if quick else ((1,) if headline else PROBE_COUNTS)
+    # compile=True: compiling takes minutes per (model, k) on a CPU and more than the headline set's 45 s anywhere,
+    # so --quick and --gpu-headline leave it out
+    compiled = () if quick or headline else PROBE_COUNTS
 
     def one(case: Case, repeats: int | None = None) -> dict:
         return {"name": case.name, "description": case.description, "numel": case.numel,

@@ -219,9 +219,9 @@ HEADLINE_GPT_BATCH = 4
 
 
 def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
-    # compile=True: compiling takes minutes per (model, k) on a CPU and more than the headline set's 45 s anywhere,
-    # so --quick and --gpu-headline leave it out
-    compiled = () if quick or headline else PROBE_COUNTS
+    # compile=True: compiling takes a minute on a CPU and more than the headline set's 45 s anywhere, so --quick and
+    # --gpu-headline leave it out; k probes run the one-probe product k times, so k = 1 is the row
+    compiled = () if quick or headline else (1,)
 
     def one(case: Case, repeats: int | None = None) -> dict:
         return {"name": case.name, "description": case.description, "numel": case.numel,

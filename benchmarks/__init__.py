@@ -11,6 +11,7 @@ finishes in <= 45 s (``--quick`` sizes with ``quick=True``); ``benchmarks/gpu_ch
 BENCHMARKS = {
     "steps": "steps",
     "hvp": "hvp",
+    "curvature": "curvature",
     "spectrum": "spectrum",
     "sophia": "sophia",
     "stiefel": "stiefel",

@@ -79,6 +79,26 @@ def _hvp(result: dict) -> list[Headline | None]:
     return out
 
 
+def _curvature(result: dict) -> list[Headline | None]:
+    out = []
+    for case in result.get("cases", []):
+        rows = case["rows"]
+        probes = max(row["probes"] for row in rows)
+
+        def ms(method):
+            return _value(_first(rows, method=method), "ms")
+
+        out.append(_headline("curvature", case["name"], f"{probes} HVPs on one linearization",
+                             (f"optim.hvp k={probes}", ms(f"optim.hvp k={probes}")),
+                             (f"plain loop k={probes} on a retained graph", ms(f"plain loop k={probes}")), "ms"))
+        compile_s = case.get("compile_seconds")
+        out.append(_headline("curvature", case["name"],
+                             "1 HVP, compiled" + (f" (compile {compile_s:.0f} s)" if compile_s else ""),
+                             ("optim.hvp(compile=True)", ms("optim.hvp compile=True k=1")),
+                             ("torch double backward", ms("torch double backward k=1")), "ms"))
+    return out
+
+
 def _spectrum(result: dict) -> list[Headline | None]:
     out = []
     for case in result.get("cases", []):
@@ -189,7 +209,8 @@ def _per_token(row: dict | None) -> float | None:
 
 
 EXTRACTORS: dict[str, Callable[[dict], list[Headline | None]]] = {
-    "steps": _steps, "hvp": _hvp, "spectrum": _spectrum, "sophia": _sophia, "stiefel": _stiefel,
+    "steps": _steps, "hvp": _hvp, "curvature": _curvature, "spectrum": _spectrum, "sophia": _sophia,
+    "stiefel": _stiefel,
     "lowrank": _lowrank,
 }
 

@@ -92,7 +92,8 @@ def run_case(case: Case, device: torch.device, quick: bool, compile: bool) -> di
             for name, (_, k) in methods.items()]
     return {"name": case.name, "description": case.description, "numel": case.numel, "rows": rows,
             "compile_seconds": compile_s,
-            "batching": {"optim.hvp": batching_choice(f, PROBES), "HessianOperator": batching_choice(hessian, PROBES)}}
+            "batching": {"optim.hvp": batching_choice(f, PROBES),
+                         "HessianOperator": batching_choice(case.model, PROBES)}}
 
 
 def format_table(result: dict) -> str:

@@ -503,7 +503,9 @@ class HessianOperator(CurvatureOperator):
 
     def _apply(self, state, v, k):
         leaves, gradients = state
-        return second_backward(leaves, gradients, v, k, keep_graph=True, key=self)
+        # The vmap-or-loop choice is remembered per model: estimators and the monitor build a new operator per call,
+        # which would otherwise measure again (half a block vmapped) every time.
+        return second_backward(leaves, gradients, v, k, keep_graph=True, key=self.model)
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         if self.compile:

@@ -56,10 +56,11 @@ Four ways to compute it (``mode``):
     reused after that: across Lanczos iterations, Hutchinson probes, monitor steps. A block of k probes runs the
     compiled one-probe product k times (a vmapped product compiled for minutes and past 20 GB on a 7M-parameter GPT
     on a CPU). The first call's seconds, compilation included, are added to :func:`compile_seconds`. Measured on
-    CPU (2 threads, interleaved, one run): on a 7.4M-parameter GPT the compiled product took 2.73× a gradient
-    against 3.56× for torch's double backward (0.77×; 16 s to compile); on a 4.2M-parameter MLP, whose time is its
-    matrix products, 2.87× against 2.66× (no gain): it pays on models with many small operations. Double backward (``"rr"``) cannot be
-    compiled (AOTAutograd does not differentiate a compiled backward twice) and ``"fd"`` needs no compiler, so
+    CPU (``python -m benchmarks curvature``, 2 threads, one run; benchmarks/RESULTS.md): on a 7.4M-parameter GPT
+    the compiled product took 2.64× a gradient against 2.92× for torch's double backward (0.90×; 0.77× in an
+    earlier run; 11 s to compile); on a 4.2M-parameter MLP, whose time is its matrix products, 3.03× against 2.84×
+    (no gain): it pays on models with many small operations. Double backward (``"rr"``) cannot be compiled
+    (AOTAutograd does not differentiate a compiled backward twice) and ``"fd"`` needs no compiler, so
     ``compile=True`` takes ``mode="auto"`` or ``"fr"`` only, with ``"fr"``'s requirements on ``f``. Recompilation
     follows ``torch.compile``'s own rules (a new shape, a module attribute it guarded on); past dynamo's recompile
     limit (``torch._dynamo.config.recompile_limit`` versions of the product in one process, 8 by default) the

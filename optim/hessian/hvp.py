@@ -102,10 +102,11 @@ _MODE_FAILURES = (RuntimeError, NotImplementedError)
 
 # How the k second backwards of a "rr" block run, per key (as _auto_choice) and probe count: "vmap" or "loop".
 _batching_choice: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()
-# From this many probes on, the first block of a key measures both ways on its own probes (half vmapped, half
-# looped: no extra work) and remembers the faster per probe; smaller blocks take the loop (a vmap of one or two
-# probes only adds overhead).
+# From this many probes on, the first block of a key measures both ways on its own probes (no extra work) and
+# remembers the faster per probe; smaller blocks take the loop (a vmap of one or two probes only adds overhead).
 MEASURE_MIN_PROBES = 4
+# How many probes of that first block run each way for the measurement (at most half of the block each).
+MEASURE_PROBES = 4
 
 
 def fd_rtol(dtype: torch.dtype) -> float:
@@ -403,12 +404,30 @@ def _vmapped_backward(outputs, leaves, directions):
 
 
 def _looped_backward(outputs, leaves, directions, keep_graph):
+    """One backward per probe. With one dtype and device among the leaves, the products are written into one
+    ``(count, Σ numel)`` buffer and returned as views of it (zeros for a leaf no output reaches), so that a
+    :class:`~optim.hessian.operator.CurvatureOperator` hands the buffer on as its ``(k, n)`` result instead of
+    stacking and then concatenating a copy of a block that is gigabytes on a large model."""
     count = directions[0].shape[0]
-    per_probe = [
-        torch.autograd.grad(outputs, leaves, [d[j] for d in directions], retain_graph=keep_graph or j < count - 1,
-                            allow_unused=True)
-        for j in range(count)
-    ]
+    one_buffer = len({(x.dtype, x.device) for x in leaves}) == 1
+    if one_buffer:
+        numels = [x.numel() for x in leaves]
+        buffer = torch.empty((count, sum(numels)), dtype=leaves[0].dtype, device=leaves[0].device)
+        views = [piece.view((count, *x.shape)) for piece, x in zip(buffer.split(numels, dim=1), leaves)]
+    per_probe = []
+    for j in range(count):
+        products = torch.autograd.grad(outputs, leaves, [d[j] for d in directions],
+                                       retain_graph=keep_graph or j < count - 1, allow_unused=True)
+        if not one_buffer:
+            per_probe.append(products)
+            continue
+        for view, product in zip(views, products):
+            if product is None:
+                view[j].zero_()
+            else:
+                view[j].copy_(product)
+    if one_buffer:
+        return views
     return [None if per_probe[0][i] is None else torch.stack([probe[i] for probe in per_probe])
             for i in range(len(leaves))]
 
@@ -439,10 +458,12 @@ def _elapsed_s(device: torch.device, start: float) -> float:
 def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None):
     """``vᵀ ∂g/∂x`` for the k probes stacked in ``directions``: vmapped, or a loop of k backwards.
 
-    Blocks below :data:`MEASURE_MIN_PROBES` take the loop. Otherwise the first block of ``key`` runs its first
-    half vmapped and its second half looped, timed (the device synchronized around each half on CUDA), and the
-    way with the lower time per probe is remembered for ``(key, k)``. A vmap that fails (no batching rule,
-    ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)`` loop.
+    Blocks below :data:`MEASURE_MIN_PROBES` take the loop. Otherwise the first block of ``key`` runs
+    :data:`MEASURE_PROBES` of its probes (at most half) vmapped and as many looped, timed (the device synchronized
+    around each on CUDA), remembers the way with the lower time per probe for ``(key, k)`` and runs the rest of the
+    block that way: a losing way costs a few probes once, not half of a large block. A vmap that fails (no batching
+    rule, ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)``
+    loop.
     """
     choice = batching_choice(key, k) if k >= MEASURE_MIN_PROBES else "loop"
     if choice == "loop":
@@ -451,19 +472,27 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
         if choice == "vmap":
             return _vmapped_backward(outputs, leaves, directions)
         device = directions[0].device
-        half = k // 2
+        m = min(k // 2, MEASURE_PROBES)
         start = time.perf_counter()
-        first = _vmapped_backward(outputs, leaves, [d[:half] for d in directions])
-        vmap_s = _elapsed_s(device, start) / half
+        pieces = [_vmapped_backward(outputs, leaves, [d[:m] for d in directions])]
+        vmap_s = _elapsed_s(device, start)
     except RuntimeError:
         # Only this call is retried: a genuine error re-raises from the loop.
         _remember(key, k, "loop")
         return _looped_backward(outputs, leaves, directions, keep_graph)
+    last = 2 * m == k
     start = time.perf_counter()
-    second = _looped_backward(outputs, leaves, [d[half:] for d in directions], keep_graph)
-    loop_s = _elapsed_s(device, start) / (k - half)
-    _remember(key, k, "vmap" if vmap_s < loop_s else "loop")
-    return [None if a is None else torch.cat([a, b]) for a, b in zip(first, second)]
+    pieces.append(_looped_backward(outputs, leaves, [d[m:2 * m] for d in directions], keep_graph or not last))
+    loop_s = _elapsed_s(device, start)
+    choice = "vmap" if vmap_s < loop_s else "loop"
+    _remember(key, k, choice)
+    if not last:
+        rest = [d[2 * m:] for d in directions]
+        pieces.append(_vmapped_backward(outputs, leaves, rest) if choice == "vmap"
+                      else _looped_backward(outputs, leaves, rest, keep_graph))
+    # A leaf no output reaches is None in the vmapped pieces and zeros in the looped ones.
+    return [None if any(piece[i] is None for piece in pieces) else torch.cat([piece[i] for piece in pieces])
+            for i in range(len(leaves))]
 
 
 def _hvp_fr(f, params, v, k):

@@ -73,6 +73,22 @@ class KeptGraph(NamedTuple):
     state: object  # the operator's own: the gradient's graph (Hessian), the output's graph (GGN), G (Fisher)
 
 
+def _the_block_viewed(tensors: list[torch.Tensor], k: int) -> torch.Tensor | None:
+    """The ``(k, n)`` buffer whose consecutive column ranges ``tensors`` view, in order (what a looped block of
+    products returns), else None: flattening it is then the buffer itself, not a copy."""
+    base = tensors[0]._base
+    if base is None or base.dim() != 2 or not base.is_contiguous() or k == 0:
+        return None
+    offset = base.storage_offset()
+    width = base.shape[1]
+    for t in tensors:
+        if t._base is not base or t.shape[0] != k or t.storage_offset() != offset or t.stride(0) != width or \
+                not t[0].is_contiguous():
+            return None
+        offset += t[0].numel()
+    return base if base.shape[0] == k and offset - base.storage_offset() == width else None
+
+
 class CurvatureOperator:
     """The shared machinery of :class:`HessianOperator`, :class:`~optim.hessian.ggn.GGNOperator` and
     :class:`~optim.hessian.fisher.EmpiricalFisherOperator`: an ``(n, n)`` symmetric matrix ``C`` of a model's loss on
@@ -183,6 +199,9 @@ class CurvatureOperator:
     def _flat(tensors: list[torch.Tensor], k: int | None) -> torch.Tensor:
         if k is None:
             return torch.cat([t.reshape(-1) for t in tensors])
+        block = _the_block_viewed(tensors, k)
+        if block is not None:
+            return block
         return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)  # k may be 0
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -163,7 +163,7 @@ def hvp(
     params = check_params(params, where="hvp")
     probes, k = check_vectors(params, v, where="hvp")
     if compile and k != 0:
-        hv, grad = compiled_hvp(f, f, params, probes, k)
+        hv, grad = compiled_hvp(f, f, params, probes, k, need_grad=return_grad)
     else:
         hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f)
     if isinstance(v, tuple):
@@ -551,8 +551,10 @@ def _signature(tensors) -> tuple:
                  for t in tensors)
 
 
-def _fr_product(f, params, v, k):
-    """``(∇f, Hv, f)`` at params by ``jvp(grad(f))``, the tangent vmapped over k probes (the function compiled)."""
+def _fr_product(f, params, v, k, with_grad):
+    """``(Hv, f)`` at params by ``jvp(grad(f))``, the tangent vmapped over k probes, and ``∇f`` first with
+    ``with_grad`` (the function compiled). Without it the compiled graph drops the weight-gradient products of the
+    primal backward (one matrix product of about nine per linear layer): only their tangents are returned."""
     n = len(params)
 
     def loss_and_value(*xs):
@@ -565,12 +567,15 @@ def _fr_product(f, params, v, k):
         return torch.func.jvp(grad_of_f, tuple(params), tangents, has_aux=True)
 
     if k is None:
-        return along(*v)
-    return torch.func.vmap(along, out_dims=(None, 0, None), randomness="same")(*v)
+        grad, hv, loss = along(*v)
+    else:
+        grad, hv, loss = torch.func.vmap(along, out_dims=(None, 0, None), randomness="same")(*v)
+    return (grad, hv, loss) if with_grad else (hv, loss)
 
 
-def compiled_hvp(key, f, params, v, k, signature_extra=()):
-    """``(Hv, ∇f)`` by the compiled :func:`_fr_product`; the first call per (key, signature) is timed.
+def compiled_hvp(key, f, params, v, k, signature_extra=(), *, need_grad=True):
+    """``(Hv, ∇f)`` by the compiled :func:`_fr_product` (``∇f`` None without ``need_grad``); the first call per
+    (key, signature) is timed.
 
     Dynamo keeps the compiled code (one cache per process for this function, up to its recompile limit), guarded on
     ``f``'s code and what it closes over; ``signature_extra`` (the batch) completes the signature that is timed.
@@ -579,7 +584,7 @@ def compiled_hvp(key, f, params, v, k, signature_extra=()):
     start = time.perf_counter()
     if _compiled_product is None:
         _compiled_product = torch.compile(_fr_product, dynamic=False)
-    signature = (_signature(params), _signature(signature_extra))
+    signature = (_signature(params), _signature(signature_extra), need_grad)
     try:
         seen = _compiled_signatures.setdefault(key, set())
     except TypeError:  # not weak-referenceable: not timed
@@ -589,18 +594,21 @@ def compiled_hvp(key, f, params, v, k, signature_extra=()):
     # compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU, and one compilation then serves Lanczos
     # (one probe) and Hutchinson (blocks) alike.
     directions = [list(v)] if k is None else [[t[j] for t in v] for j in range(k)]
-    products = []
+    products, grad = [], None
     for direction in directions:
-        grad, hv, loss = _compiled_product(f, list(params), direction, None)
+        # Every probe of a block runs the same compiled variant (returning ∇f or not): one compilation.
+        out = _compiled_product(f, list(params), direction, None, need_grad)
+        (grad, hv, loss) = out if need_grad else (None, *out)
         if first:
             seen.add(signature)
             _compile_seconds[key] = compile_seconds(key) + time.perf_counter() - start
             first = False
         _check_finite_loss(loss)
         products.append(hv)
+    grad = None if grad is None else list(grad)
     if k is None:
-        return list(products[0]), list(grad)
-    return [torch.stack([product[i] for product in products]) for i in range(len(params))], list(grad)
+        return list(products[0]), grad
+    return [torch.stack([product[i] for product in products]) for i in range(len(params))], grad
 
 
 def loss_and_gradient(f, points: list[torch.Tensor], *, at: str) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -528,7 +528,8 @@ class HessianOperator(CurvatureOperator):
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         if self.compile:
-            hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets))
+            hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets),
+                                 need_grad=False)
         else:
             hv, _ = compute_hvp(self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False,
                                 auto_key=self)

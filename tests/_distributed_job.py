@@ -220,6 +220,29 @@ def run_fsdp_adamw(rank: int | None, world_size: int, **adamw_options) -> dict:
     return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds}
 
 
+FSDP_LOWRANK_STEPS = 20
+
+
+def run_fsdp_lowrank(rank: int | None, world_size: int) -> dict:
+    """LowRankAdamW (refactorizing every 4 steps, one LR-recovery step) on a low-rank TinyMLP sharded with FSDP2
+    (rank set) or whole (rank None), 20 steps over the global batches; whole final parameters."""
+    torch.manual_seed(0)
+    net = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
+    if rank is not None:
+        shard(net)
+    optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
+    batches = global_batches()
+    for step in range(FSDP_LOWRANK_STEPS):
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
+    return {"params": [p.detach().clone() for p in whole],
+            "refactorizations": optimizer.refactorizer.refactorizations,
+            "sharded": [type(p).__name__ for p in net.parameters()]}
+
+
 def fsdp_errors(rank: int, world_size: int) -> dict:
     """The ValueError message of each optimizer that cannot work on FSDP2-sharded parameters (None: no error)."""
     messages = {}
@@ -240,8 +263,14 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
                                                      lr=0.1, rank=2))
     messages["riemannian_adam"] = message_of(
         lambda: optim.RiemannianAdam([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}], lr=0.1))
-    low_rank = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
-    shard(low_rank)
+    # Factors sharded by columns (tensor parallelism's Shard(1)): the refactorizer gathers row shards only.
+    from torch.distributed.tensor import Shard
+
+    from torch.distributed.fsdp import fully_shard
+
+    low_rank = optim.to_low_rank(TinyMLP().to(DTYPE), 4)  # rank 4: every factor has an even number of columns
+    for module in (low_rank.fc1, low_rank.fc2):
+        fully_shard(module, shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else None)
     adamw = optim.AdamW(low_rank.parameters(), lr=1e-3)
     messages["refactorizer"] = message_of(lambda: optim.Refactorizer(low_rank, adamw, every=2))
 
@@ -263,6 +292,7 @@ FSDP_CASES = {
     "fsdp_adamw_fused": lambda rank, world: run_fsdp_adamw(rank, world, fused=True),
     "fsdp_adamw_default": lambda rank, world: run_fsdp_adamw(rank, world),
     "fsdp_adamw_foreach": lambda rank, world: run_fsdp_adamw(rank, world, foreach=True),
+    "fsdp_lowrank": run_fsdp_lowrank,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,
 }

@@ -1,4 +1,5 @@
-"""Data-parallel training on 2 CPU processes (gloo): DDP for every optimizer, FSDP2 for the elementwise ones.
+"""Data-parallel training on 2 CPU processes (gloo): DDP for every optimizer; FSDP2 for AdamW and the low-rank
+refactorization.
 
 One 2-process job (``tests/_distributed_job.py``) runs every case, so process start-up is paid once; each test
 below checks one case's output against the single-process run on the whole global batch, computed here.
@@ -160,13 +161,24 @@ def test_fsdp2_adamw_matches_single_process(results, name):
     ("adahessian", "Hessian-vector product"),
     ("rsdm", "whole matrix"),
     ("riemannian_adam", "whole matrix"),
-    ("refactorizer", "whole factors"),
+    ("refactorizer", "sharded by rows"),
 ])
 def test_fsdp2_unsupported_optimizers_raise(results, name, words):
     """Optimizers that need whole tensors (or a second-order graph) refuse FSDP2's DTensor shards at construction."""
     messages = case_results(results, "fsdp_errors")[0]
     assert messages[name] is not None, f"{name} accepted FSDP2-sharded parameters"
     assert "DTensor" in messages[name] and words in messages[name]
+
+
+def test_fsdp2_lowrank_refactorization_matches_single_process(results):
+    """LowRankAdamW on FSDP2-sharded factors, 20 steps across five refactorizations (each layer's B and A gathered,
+    refactorized whole on every rank, each rank keeping its rows; the moments of the shards reset; the LR ramp):
+    one process on the whole batch, to float64 rounding."""
+    ranks = case_results(results, "fsdp_lowrank")
+    single = job.run_fsdp_lowrank(None, 1)
+    assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
+    assert set(ranks[0]["sharded"]) == {"DTensor"}
+    assert_close_to_single_process(ranks, single)
 
 
 def test_fsdp2_adamw_refuses_mismatched_shards(results):

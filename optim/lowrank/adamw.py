@@ -29,6 +29,10 @@ class LowRankAdamW(AdamW):
     ``recovery_start``. ``state_dict()`` holds the refactorizer's state under ``"refactorizer"``.
 
     Use ``optim.AdamW`` + ``optim.Refactorizer`` directly for param groups (e.g. no weight decay on norms).
+
+    FSDP2: convert first, shard, then build the optimizer on the sharded model with ``rank=None``
+    (``optim.to_low_rank(model, r)``, ``fully_shard(...)``, ``LowRankAdamW(model, rank=None, ...)``): each
+    refactorization gathers one layer's factors at a time and every rank keeps its rows (``optim.lowrank.refactorize``).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..fused.distributed import reject_dtensors
+from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor, write_whole_
 from ._ops import lowrank_refactorize_
 from .layers import LowRankLinear, low_rank_modules
 
@@ -32,13 +32,28 @@ def refactorize(modules: nn.Module | Iterable[nn.Module]) -> int:
     """Balance the factors of every ``LowRankLinear`` in ``modules`` in place (B·A unchanged); returns the op calls.
 
     Layers with the same (B shape, A shape, dtype, device) go to one batched ``optim::lowrank_refactorize_`` call.
+    Factors that FSDP2 shards (DTensors, ``Shard(0)``) are gathered and refactorized one layer at a time, every rank
+    computing the whole and keeping its rows.
     """
     groups: dict[tuple, list[LowRankLinear]] = defaultdict(list)
+    sharded: list[LowRankLinear] = []
     for layer in low_rank_modules(modules):
-        groups[(tuple(layer.B.shape), tuple(layer.A.shape), layer.B.dtype, layer.B.device)].append(layer)
+        if is_dtensor(layer.B) or is_dtensor(layer.A):
+            sharded.append(layer)
+        else:
+            groups[(tuple(layer.B.shape), tuple(layer.A.shape), layer.B.dtype, layer.B.device)].append(layer)
     for layers in groups.values():
         lowrank_refactorize_([layer.B for layer in layers], [layer.A for layer in layers])
-    return len(groups)
+    # FSDP2 shards B (m×r) and A (r×n) by rows. One layer at a time: all-gather its factors (the memory FSDP needs
+    # for that layer's forward anyway), refactorize the whole on every rank (the same inputs and the same
+    # deterministic QR/SVD give every rank the same factors, as DDP replicas compute the same step), and write back
+    # the rows each rank owns.
+    for layer in sharded:
+        B, A = gather_whole(layer.B), gather_whole(layer.A)
+        lowrank_refactorize_([B], [A])
+        write_whole_(layer.B, B)
+        write_whole_(layer.A, A)
+    return len(groups) + len(sharded)
 
 
 @torch.no_grad()
@@ -118,11 +133,8 @@ class Refactorizer:
         if not modules:
             raise ValueError("Refactorizer: no LowRankLinear layer found; convert the model first with "
                              "optim.to_low_rank(model, rank) and build the optimizer after that")
-        reject_dtensors([p for layer in modules for p in (layer.B, layer.A)], caller="Refactorizer",
-                        why="refactorization needs the whole factors B and A on every rank (QR and SVD of each), "
-                            "and FSDP2 holds a shard of each. Train with DDP (torch.nn.parallel."
-                            "DistributedDataParallel), or without refactorization (optim.AdamW alone works "
-                            "under FSDP2)")
+        check_row_sharded([p for layer in modules for p in (layer.B, layer.A)], caller="Refactorizer",
+                          why="refactorization gathers each layer's factors B and A to refactorize them whole")
         self.modules = modules
         self.optimizer = optimizer
         self.every = every

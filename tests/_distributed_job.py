@@ -243,6 +243,64 @@ def run_fsdp_lowrank(rank: int | None, world_size: int) -> dict:
             "sharded": [type(p).__name__ for p in net.parameters()]}
 
 
+CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
+
+
+def _make_fsdp_optimizer(name: str, net: nn.Module):
+    if name == "adamw":
+        return optim.AdamW(net.parameters(), lr=2e-2)
+    return optim.LowRankAdamW(net, lr=2e-2, rank=None, every=3, recovery_steps=2)
+
+
+def _fsdp_net(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = TinyMLP().to(DTYPE)
+    return shard(optim.to_low_rank(net, 3) if name == "lowrank" else net)
+
+
+def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
+    """For AdamW and LowRankAdamW on FSDP2: 5 steps, a torch.distributed.checkpoint save of model and optimizer,
+    5 more steps; then a fresh model and optimizer load the checkpoint and take the same 5 steps. Both final
+    parameter sets (whole), and the optimizer-state bytes this rank holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out = {}
+    batches = global_batches()
+
+    def train(net, optimizer, steps):
+        for step in steps:
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+
+    for name in ("adamw", "lowrank"):
+        path = os.path.join(CHECKPOINT_DIR[0], f"dcp_{name}")
+        net = _fsdp_net(name)
+        optimizer = _make_fsdp_optimizer(name, net)
+        train(net, optimizer, range(5))
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+        train(net, optimizer, range(5, 10))
+        straight = [p.full_tensor().detach().clone() for p in net.parameters()]
+        state_bytes = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
+                          t.numel() * t.element_size()
+                          for state in optimizer.state.values() for t in state.values()
+                          if isinstance(t, torch.Tensor))
+
+        net = _fsdp_net(name)
+        optimizer = _make_fsdp_optimizer(name, net)
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        train(net, optimizer, range(5, 10))
+        resumed = [p.full_tensor().detach().clone() for p in net.parameters()]
+        out[name] = {"straight": straight, "resumed": resumed, "state_bytes": state_bytes}
+    return out
+
+
 def fsdp_errors(rank: int, world_size: int) -> dict:
     """The ValueError message of each optimizer that cannot work on FSDP2-sharded parameters (None: no error)."""
     messages = {}
@@ -293,6 +351,7 @@ FSDP_CASES = {
     "fsdp_adamw_default": lambda rank, world: run_fsdp_adamw(rank, world),
     "fsdp_adamw_foreach": lambda rank, world: run_fsdp_adamw(rank, world, foreach=True),
     "fsdp_lowrank": run_fsdp_lowrank,
+    "fsdp_dcp_resume": fsdp_dcp_resume,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,
 }
@@ -304,6 +363,7 @@ def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None
     timeout = datetime.timedelta(seconds=60)  # a collective that waits longer fails instead of hanging
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    CHECKPOINT_DIR.append(out_dir)
     cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
     cases.update({name: (lambda run=run: run(rank, world_size)) for name, run in FSDP_CASES.items()})
     for name, run in cases.items():

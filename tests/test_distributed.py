@@ -181,6 +181,16 @@ def test_fsdp2_lowrank_refactorization_matches_single_process(results):
     assert_close_to_single_process(ranks, single)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lowrank"])
+def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
+    """torch.distributed.checkpoint save and load of the sharded model and optimizer state (LowRankAdamW: with its
+    refactorizer's schedule and pending resets): the resumed run equals the uninterrupted one bit for bit."""
+    ranks = case_results(results, "fsdp_dcp_resume")
+    for rank, result in enumerate(ranks):
+        for i, (a, b) in enumerate(zip(result[name]["straight"], result[name]["resumed"])):
+            assert torch.equal(a, b), f"rank {rank}, parameter {i}: the resumed run differs"
+
+
 def test_fsdp2_adamw_refuses_mismatched_shards(results):
     """A gradient whose placements differ from its parameter's cannot be stepped shard by shard: clear error, and
     no parameter changed."""

@@ -61,12 +61,21 @@ class LowRankAdamW(AdamW):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["refactorizer"] = self.refactorizer.state_dict()
+        refactorizer_state = self.refactorizer.state_dict()
+        state["refactorizer"] = refactorizer_state
+        # Also inside the first param group: torch.distributed.checkpoint's get/set_state_dict keep only "state" and
+        # "param_groups" of an optimizer's state dict (and carry every key of a group).
+        if state["param_groups"]:
+            state["param_groups"][0] = {**state["param_groups"][0], "refactorizer": refactorizer_state}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        refactorizer_state = state_dict.pop("refactorizer", None)
+        groups = [dict(group) for group in state_dict.get("param_groups", ())]
+        in_groups = [group.pop("refactorizer") for group in groups if "refactorizer" in group]
+        if "param_groups" in state_dict:
+            state_dict["param_groups"] = groups
+        refactorizer_state = state_dict.pop("refactorizer", in_groups[0] if in_groups else None)
         if refactorizer_state is None:
             raise ValueError("LowRankAdamW.load_state_dict: the state dict has no 'refactorizer' entry; it was not "
                              "saved by LowRankAdamW (load a plain optim.AdamW state dict into optim.AdamW)")

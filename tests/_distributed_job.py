@@ -1,7 +1,9 @@
 """The training runs of ``tests/test_distributed.py``, in one process or as one rank of a 2-process gloo job.
 
 ``python -m tests._distributed_job OUT_DIR HOST PORT RANK WORLD_SIZE`` joins the job through the TCPStore that the
-test holds at HOST:PORT, runs every case of ``DDP_CASES`` and ``FSDP_CASES`` and writes
+test holds at HOST:PORT, runs the cases named in ``OPTIM_JOB_CASES`` (comma-separated; default every case of
+``DDP_CASES``, ``FSDP_CASES`` and ``RESHARD_CASES``; DCP checkpoints under ``OPTIM_JOB_CHECKPOINTS``, default
+OUT_DIR) and writes
 ``OUT_DIR/<case>.rank<RANK>.pt`` per case: the final parameters (whole, also under FSDP2), the Hutchinson probes the
 optimizer drew, or the error the case raised (a failing case does not stop the others, so one launch serves every
 test). ``run_ddp_case(name, None, 1)`` is the single-process run on the whole global batch that the ranks are
@@ -297,8 +299,57 @@ def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
         set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         train(net, optimizer, range(5, 10))
         resumed = [p.full_tensor().detach().clone() for p in net.parameters()]
-        out[name] = {"straight": straight, "resumed": resumed, "state_bytes": state_bytes}
+        single = optim.AdamW(TinyMLP().to(DTYPE).parameters(), lr=2e-2) if name == "adamw" else None
+        single_bytes = None
+        if single is not None:  # one process's AdamW state for the same model, for the bytes-per-rank figure
+            for p in single.param_groups[0]["params"]:
+                p.grad = torch.zeros_like(p)
+            single.step()
+            single_bytes = _state_bytes(single)
+        out[name] = {"straight": straight, "resumed": resumed, "state_bytes": state_bytes,
+                     "single_state_bytes": single_bytes}
     return out
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of the optimizer-state tensors this rank holds (a DTensor counts its local shard)."""
+    total = 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                total += local.numel() * local.element_size()
+    return total
+
+
+def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
+    """On 4 ranks: load the step-5 checkpoints that ``fsdp_dcp_resume`` saved on 2 ranks, take steps 5..9 on this
+    rank's quarter of each global batch; the whole final parameters and the rows of fc1's weight held here."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out = {}
+    batches = global_batches()
+    for name in ("adamw", "lowrank"):
+        net = _fsdp_net(name)
+        optimizer = _make_fsdp_optimizer(name, net)
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(CHECKPOINT_DIR[0], f"dcp_{name}"))
+        set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for step in range(5, 10):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        first = next(net.parameters())
+        out[name] = {"resumed": [p.full_tensor().detach().clone() for p in net.parameters()],
+                     "local_rows": first.to_local().shape[0],
+                     "expected_local_rows": len(torch.arange(first.shape[0]).chunk(world_size)[rank])}
+    return out
+
+
+RESHARD_CASES = {"fsdp_dcp_reshard": fsdp_dcp_reshard}
 
 
 def fsdp_errors(rank: int, world_size: int) -> dict:
@@ -363,9 +414,13 @@ def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None
     timeout = datetime.timedelta(seconds=60)  # a collective that waits longer fails instead of hanging
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
-    CHECKPOINT_DIR.append(out_dir)
+    CHECKPOINT_DIR.append(os.environ.get("OPTIM_JOB_CHECKPOINTS", out_dir))
     cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
-    cases.update({name: (lambda run=run: run(rank, world_size)) for name, run in FSDP_CASES.items()})
+    cases.update({name: (lambda run=run: run(rank, world_size))
+                  for name, run in {**FSDP_CASES, **RESHARD_CASES}.items()})
+    chosen = os.environ.get("OPTIM_JOB_CASES")
+    if chosen:
+        cases = {name: cases[name] for name in chosen.split(",")}
     for name, run in cases.items():
         try:
             result = run()

@@ -36,21 +36,22 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with the gloo backend")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    """Launch the 2-process job once; ``{case: [rank 0 result, rank 1 result]}``, or ``{"__failure__": text}``."""
-    out = tmp_path_factory.mktemp("distributed")
+def launch(out: Path, world_size: int, cases: tuple[str, ...], checkpoints: Path | None = None) -> dict:
+    """Run ``cases`` of ``tests/_distributed_job.py`` as one job of ``world_size`` gloo processes writing to ``out``
+    (DCP checkpoints read from ``checkpoints``, default ``out``); ``{case: [result per rank]}``, plus
+    ``{"__failure__": text}`` when a rank failed or the job hung."""
     # The store lives in this process on a port the OS picked (port 0), so there is no race for a free port; the
     # workers join it as clients.
-    store = dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False,
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
-                                                                                                         ""))
-    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(WORLD_SIZE)]
+                                                                                                         ""),
+               OPTIM_JOB_CASES=",".join(cases), OPTIM_JOB_CHECKPOINTS=str(checkpoints or out))
+    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(world_size)]
     workers = [subprocess.Popen([sys.executable, "-m", "tests._distributed_job", str(out), "127.0.0.1",
-                                 str(store.port), str(rank), str(WORLD_SIZE)],
+                                 str(store.port), str(rank), str(world_size)],
                                 cwd=REPO_ROOT, env=env, stdout=logs[rank], stderr=subprocess.STDOUT)
-               for rank in range(WORLD_SIZE)]
+               for rank in range(world_size)]
     deadline = time.monotonic() + JOB_TIMEOUT_S
     failure = None
     for rank, worker in enumerate(workers):
@@ -67,8 +68,8 @@ def results(tmp_path_factory) -> dict:
             worker.wait()
     del store
     collected: dict = {}
-    for name in (*job.DDP_CASES, *job.FSDP_CASES):
-        files = [out / f"{name}.rank{rank}.pt" for rank in range(WORLD_SIZE)]
+    for name in cases:
+        files = [out / f"{name}.rank{rank}.pt" for rank in range(world_size)]
         if all(f.exists() for f in files):
             collected[name] = [torch.load(f, weights_only=False) for f in files]
     if failure is not None:
@@ -80,6 +81,23 @@ def results(tmp_path_factory) -> dict:
     for log in logs:
         log.close()
     return collected
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def results(job_dir) -> dict:
+    """The 2-process job, launched once for every case: ``{case: [rank 0 result, rank 1 result]}``."""
+    return launch(job_dir, WORLD_SIZE, (*job.DDP_CASES, *job.FSDP_CASES))
+
+
+@pytest.fixture(scope="module")
+def resharded(results, job_dir, tmp_path_factory) -> dict:
+    """A 4-process job that loads the DCP checkpoints the 2-process job saved and continues from them."""
+    return launch(tmp_path_factory.mktemp("distributed4"), 4, tuple(job.RESHARD_CASES), checkpoints=job_dir)
 
 
 def case_results(results: dict, name: str) -> list[dict]:
@@ -189,6 +207,29 @@ def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
     for rank, result in enumerate(ranks):
         for i, (a, b) in enumerate(zip(result[name]["straight"], result[name]["resumed"])):
             assert torch.equal(a, b), f"rank {rank}, parameter {i}: the resumed run differs"
+
+
+@pytest.mark.parametrize("name", ["adamw", "lowrank"])
+def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
+    """The checkpoint saved by 2 ranks, loaded by 4 (DCP reshards every parameter and moment): the 4-rank run of
+    the same steps ends where the uninterrupted 2-rank run does, to float64 rounding (the gradient sums are
+    rounded in another order); the 4 ranks agree bitwise."""
+    straight = case_results(results, "fsdp_dcp_resume")[0][name]["straight"]
+    ranks = case_results(resharded, "fsdp_dcp_reshard")
+    for rank, result in enumerate(ranks):
+        assert result[name]["local_rows"] == result[name]["expected_local_rows"]
+        for i, (a, b) in enumerate(zip(result[name]["resumed"], straight)):
+            assert torch.equal(a, ranks[0][name]["resumed"][i]), f"rank {rank}, parameter {i}: ranks differ"
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"parameter {i}: {m}")
+
+
+def test_fsdp2_optimizer_state_is_sharded(results):
+    """Optimizer-state bytes per rank: about half of one process's (the moments are sharded like the
+    parameters)."""
+    ranks = case_results(results, "fsdp_dcp_resume")
+    single = case_results(results, "fsdp_dcp_resume")[0]["adamw"]["single_state_bytes"]
+    for result in ranks:
+        assert result["adamw"]["state_bytes"] <= 0.6 * single
 
 
 def test_fsdp2_adamw_refuses_mismatched_shards(results):

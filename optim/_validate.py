@@ -82,7 +82,7 @@ def check_unit_interval(value: Any, name: str, caller: str) -> float:
 def check_betas(betas: Any, caller: str) -> tuple[float, float]:
     """(beta1, beta2), each a number or 1-element Tensor in [0, 1), as Python floats."""
     if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)):
-        raise TypeError(f"{caller}: betas must be a pair (beta1, beta2), got {type(betas).__name__} {betas!r}")
+        raise ValueError(f"{caller}: betas must be a pair (beta1, beta2), got {type(betas).__name__} {betas!r}")
     if len(betas) != 2:
         raise ValueError(f"{caller}: betas must be a pair (beta1, beta2), got {betas!r}")
     out = []
@@ -144,7 +144,8 @@ def check_group_params(param_group: dict[str, Any], caller: str, *,
 
 class StateSpec:
     """The per-parameter state a class keeps: ``required`` keys (present whenever the state is not empty) and
-    ``optional`` ones, each of a kind: ``"param"`` (a floating tensor of the parameter's shape), ``"count"`` (a
+    ``optional`` ones, each of a kind: ``"param"`` (a floating tensor of the parameter's shape), ``"matrix"`` (one
+    value per matrix of the parameter, shape ``p.shape[:-2] + (1, 1)``), ``"count"`` (a
     finite number >= 0, or such a 1-element tensor), ``"int"`` (a Python int >= 0) or ``"any"``."""
 
     def __init__(self, required: Mapping[str, str], optional: Mapping[str, str] | None = None):
@@ -183,6 +184,11 @@ def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[s
                 raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)} but its parameter has shape "
                                  f"{tuple(p.shape)}; the state dict was saved for a different model or parameter "
                                  "order")
+        elif kind == "matrix":
+            want = tuple(p.shape[:-2]) + (1, 1)
+            if not (isinstance(value, torch.Tensor) and tuple(value.shape) == want and value.is_floating_point()):
+                raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; for a parameter of shape "
+                                 f"{tuple(p.shape)} it must be one value per matrix, shape {want}")
         elif kind == "count":
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
                 and value >= 0

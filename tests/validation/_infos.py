@@ -104,7 +104,8 @@ def snapshot(opt: torch.optim.Optimizer, extra: list[torch.Tensor] = ()) -> Any:
     """Every parameter, gradient, state value and param-group value of ``opt`` (plus ``extra`` tensors), copied."""
     def copy(value):
         if isinstance(value, torch.Tensor):
-            return ("tensor", value.dtype, tuple(value.shape), value.detach().clone())
+            dense = value.detach() if value.layout == torch.strided else value.detach().to_dense()
+            return ("tensor", value.dtype, tuple(value.shape), dense.clone())
         if isinstance(value, dict):
             return {k: copy(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

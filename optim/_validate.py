@@ -28,6 +28,17 @@ __all__ = [
 
 CLASS_KEY = "optim_class"
 
+# Param-group settings that identify the optimizer class that saved a state dict without the class record (the
+# state keys alone cannot tell RiemannianAdam's moments from AdamW's). Other unknown keys (a scheduler's
+# "initial_lr", a user's own labels) are left alone.
+IDENTIFYING_GROUP_KEYS = {
+    "manifold": "optim.RSDM / RiemannianSGD / RiemannianAdam", "retraction": "optim.RiemannianSGD / RiemannianAdam",
+    "rank": "optim.RSDM", "sampling": "optim.RSDM", "core": "optim.RSDM", "rho": "optim.SophiaH",
+    "hessian_power": "optim.AdaHessian", "update_period": "optim.SophiaH / AdaHessian",
+    "second_moment": "optim.RiemannianAdam", "dampening": "torch.optim.SGD / optim.RiemannianSGD",
+    "nesterov": "torch.optim.SGD / optim.RiemannianSGD",
+}
+
 TORCH_DUPLICATE_MESSAGE = ("optimizer contains a parameter group with duplicate parameters; in future, this will "
                            "cause an error; see github.com/pytorch/pytorch/issues/40967 for more information")
 
@@ -229,6 +240,13 @@ def check_incoming_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapp
                              f"optimizer's group ({caller}.load_state_dict: param group {g} has "
                              f"{len(saved['params'])} parameters saved, {len(group['params'])} here)")
     states = state_dict["state"]
+    for g, saved in enumerate(saved_groups):
+        foreign = sorted(key for key in saved if key in IDENTIFYING_GROUP_KEYS and key not in optimizer.defaults)
+        if foreign:
+            key = foreign[0]
+            raise ValueError(f"{caller}.load_state_dict: param group {g} of the state dict has {key!r}, a setting of "
+                             f"{IDENTIFYING_GROUP_KEYS[key]} that {caller} does not have: the state dict was saved by "
+                             "another optimizer class; load it into the class that saved it")
     for g, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
         merged = {**optimizer.defaults, **{k: v for k, v in saved.items() if k != "params"}}
         try:

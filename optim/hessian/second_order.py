@@ -92,6 +92,9 @@ from torch.optim import Optimizer
 
 from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
+from .._validate import SparseGradientError, StateSpec, check_group_params, check_incoming_state_dict
+from .._validate import check_betas as _check_betas
+from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
 from ..fused.distributed import average_, check_process_group, reject_dtensors
 from .probes import rademacher_like
@@ -147,6 +150,7 @@ class SecondOrderOptimizer(Optimizer):
                     raise ValueError(f"{self._name}: a parameter of shape {tuple(p.shape)} is {p.dtype}; only "
                                      "float64, float32, bfloat16 and float16 parameters can be optimized")
         self._pending_diagonal: dict[int, torch.Tensor] = {}
+        install_state_dict_hooks(self)
         if process_group is not None:
             self._agree_on_seeds(drawn_seed)
 
@@ -317,6 +321,8 @@ class SecondOrderOptimizer(Optimizer):
                         "backward() (the optimizer differentiates it), at least on refresh steps")
                 grads = [p.grad for p in stepping]
             else:
+                if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
+                    return loss.detach() if isinstance(loss, torch.Tensor) else loss
                 self._check_loss(loss)
                 refresh = any(needs_hvp(p) for p in candidates)
                 try:
@@ -335,6 +341,7 @@ class SecondOrderOptimizer(Optimizer):
                     hvp_graph_grads = grads
         if loss is not None and isinstance(loss, torch.Tensor):
             loss = loss.detach()
+        self._check_gradients(stepping, grads)
 
         hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
         probes: list[torch.Tensor | None] = [None] * len(stepping)
@@ -374,6 +381,7 @@ class SecondOrderOptimizer(Optimizer):
         if checked and not all_finite(checked):
             self._raise_non_finite(stepping, grads, hessian_products)
 
+        self._check_states(stepping)
         # Nothing has been modified up to here: every error above leaves parameters and state as they were.
         for p, g in zip(stepping, grads):
             if closure is not None or p.grad is None or p.grad.requires_grad:
@@ -495,26 +503,59 @@ class SecondOrderOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------------------------------ state dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class; checks every saved state tensor's shape against its parameter first.
+    def _where(self, p: torch.Tensor) -> str:
+        for g, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"parameter {i} of param group {g}"
+        return f"a parameter of shape {tuple(p.shape)}"
 
-        State tensors are restored in their working dtype (float32 for bf16/fp16 parameters) and the counts as
-        float32 tensors on the CPU (torch's loader would cast both to the parameter's dtype and device).
-        """
-        saved_groups = state_dict.get("param_groups", [])
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        current = self._all_params()
-        if len(saved_ids) == len(current):
-            for saved_id, p in zip(saved_ids, current):
-                saved = state_dict["state"].get(saved_id, {})
-                for key in self._state_dtype_keys:
-                    if key in saved and tuple(saved[key].shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"{self._name}.load_state_dict: state[{saved_id}][{key!r}] has shape "
-                            f"{tuple(saved[key].shape)} but the parameter it maps to has shape {tuple(p.shape)}; "
-                            "the state dict was saved for a different model or parameter order")
-        super().load_state_dict(state_dict)
-        for saved_id, p in zip(saved_ids, current):
+    def _check_gradients(self, stepping: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Dense gradients of each parameter's shape and dtype, before anything is written."""
+        for p, g in zip(stepping, grads):
+            if g.layout != torch.strided:
+                raise SparseGradientError(f"{self._name} does not support sparse gradients: the gradient of "
+                                          f"{self._where(p)} is {g.layout}; use a dense gradient (e.g. "
+                                          "nn.Embedding(sparse=False))")
+            if g.shape != p.shape:
+                raise ValueError(f"{self._name}: the gradient of {self._where(p)} has shape {tuple(g.shape)} but "
+                                 f"the parameter has shape {tuple(p.shape)}")
+
+    def _state_spec(self) -> StateSpec:
+        return StateSpec({**{key: "count" for key in self._count_keys},
+                          **{key: "param" for key in self._state_dtype_keys}})
+
+    def _check_states(self, stepping: list[torch.Tensor]) -> None:
+        """The existing state of every parameter the step updates has this class's keys and shapes."""
+        spec = self._state_spec()
+        for p in stepping:
+            state = self.state.get(p)
+            if state:
+                check_param_state(f"{self._name}.step", f"the state of {self._where(p)}", p, state, spec,
+                                  values=False)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a
+        supported dtype; its hyperparameters), so a group that could not be stepped is never added."""
+        check_group_params(param_group, self._name, dtype_ok=lambda p: p.dtype in SECOND_ORDER_PARAM_DTYPES,
+                           dtypes_text="float64, float32, bfloat16 and float16")
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------- state dict (torch's hooks)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load pre hook: the whole incoming state (the class that saved it, every group's values, every
+        parameter's state keys, shapes and counts) is checked before anything is replaced."""
+        check_incoming_state_dict(self, state_dict, self._name, check_group=lambda group, params:
+                                  self._check_group(group), spec_of=lambda group: self._state_spec())
+
+    def _after_state_dict_loaded(self, state_dict: dict[str, Any]) -> None:
+        """torch's load post hook: state tensors back in their working dtype (float32 for bf16/fp16 parameters)
+        and the counts as float32 tensors on the CPU (torch's loader casts both to the parameter's dtype and
+        device)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for saved_id, p in zip(saved_ids, self._all_params()):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
@@ -527,6 +568,10 @@ class SecondOrderOptimizer(Optimizer):
                     value = saved[key]
                     value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     state[key] = value.to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        install_state_dict_hooks(self)
 
 
 def _unscaled(tensors: list[torch.Tensor | None], grad_scale: torch.Tensor) -> list[torch.Tensor | None]:
@@ -546,9 +591,8 @@ def _unscaled(tensors: list[torch.Tensor | None], grad_scale: torch.Tensor) -> l
 
 
 def check_betas(name: str, betas) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
-    return float(betas[0]), float(betas[1])
+    """(beta1, beta2) as floats (numbers or 1-element Tensors in [0, 1), torch's messages first)."""
+    return _check_betas(betas, name)
 
 
 def check_update_period(name: str, update_period) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fused.adamw import AdamW
+from ..fused._ops import PARAM_DTYPES
+from ..fused.adamw import AdamW, _real_dtype
 from .layers import Target, low_rank_modules, to_low_rank
 from .refactorizer import Refactorizer
 from .refactorizer import _check_settings as check_refactorizer_settings
@@ -45,6 +46,16 @@ class LowRankAdamW(AdamW):
         # Validate every setting before to_low_rank changes the model: a throwaway AdamW runs AdamW's own checks.
         AdamW([torch.zeros(1, requires_grad=True)], lr, betas, eps, weight_decay, **adamw_options)
         check_refactorizer_settings(every, reset, recovery_steps, recovery_start)
+        # Every parameter the optimizer will own (the model's, with the targets' weights replaced by factors of the
+        # same dtype) is checked before the conversion changes the model.
+        for name, p in model.named_parameters():
+            if _real_dtype(p) not in PARAM_DTYPES:
+                raise ValueError(f"LowRankAdamW: parameter {name!r} of the model (shape {tuple(p.shape)}) is "
+                                 f"{p.dtype}{' and frozen' if not p.requires_grad else ''}; optim.AdamW steps only "
+                                 "float64, float32, bfloat16 and float16 (and complex) parameters, and LowRankAdamW "
+                                 "optimizes every parameter of the model. Nothing was converted; for a model with "
+                                 "such parameters use optim.to_low_rank, then optim.AdamW on the trainable "
+                                 "parameters and optim.Refactorizer")
         if rank is None:
             if not low_rank_modules(model):
                 raise ValueError("LowRankAdamW: rank=None but the model has no LowRankLinear layer; pass rank= to "
@@ -79,5 +90,6 @@ class LowRankAdamW(AdamW):
         if refactorizer_state is None:
             raise ValueError("LowRankAdamW.load_state_dict: the state dict has no 'refactorizer' entry; it was not "
                              "saved by LowRankAdamW (load a plain optim.AdamW state dict into optim.AdamW)")
+        self.refactorizer.check_state_dict(refactorizer_state)  # both parts are checked before either is loaded
         super().load_state_dict(state_dict)
         self.refactorizer.load_state_dict(refactorizer_state)

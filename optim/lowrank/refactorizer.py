@@ -11,13 +11,16 @@ Every ``every`` optimizer steps, :class:`Refactorizer`
 
 from __future__ import annotations
 
+import functools
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from .._finite import all_finite
 from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor, write_whole_
 from ._ops import lowrank_refactorize_
 from .layers import LowRankLinear, low_rank_modules
@@ -129,6 +132,11 @@ class Refactorizer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Refactorizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_settings(every, reset, recovery_steps, recovery_start)
+        other = optimizer.__dict__.get("_optim_refactorizer")
+        if other is not None and other() is not None and other()._hooks:
+            raise ValueError(f"Refactorizer: this optimizer already has a Refactorizer ({other()!r}); two would "
+                             "scale the learning rate twice and restore it out of order. Call .remove() on the "
+                             "first one, or use one Refactorizer for all the layers")
         modules = low_rank_modules(model_or_modules)
         if not modules:
             raise ValueError("Refactorizer: no LowRankLinear layer found; convert the model first with "
@@ -153,6 +161,22 @@ class Refactorizer:
         self._saved_lrs: list[Any] | None = None
         self._hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
                        optimizer.register_step_post_hook(self._after_optimizer_step)]
+        optimizer.__dict__["_optim_refactorizer"] = weakref.ref(self)
+        # A step that raises skips the post hook: restore the scheduled lr there too, so that neither the param
+        # groups nor the next checkpoint keep the ramp's scaled value.
+        step = optimizer.step
+        refactorizer = weakref.ref(self)
+
+        @functools.wraps(step)
+        def step_restoring_lr(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            finally:
+                owner = refactorizer()
+                if owner is not None and owner._saved_lrs is not None:
+                    owner._restore_lrs()
+
+        optimizer.step = step_restoring_lr
 
     # ---------------------------------------------------------------------------------------------- the schedule
 
@@ -174,7 +198,16 @@ class Refactorizer:
 
     @torch.no_grad()
     def refactorize_now(self) -> None:
-        """Refactorize every layer and reset the chosen moments now (``step()`` calls this on schedule)."""
+        """Refactorize every layer and reset the chosen moments now (``step()`` calls this on schedule).
+
+        Every factor is checked first: if one holds NaN or inf, no layer is refactorized and no moment reset."""
+        factors = [t for layer in self.modules for t in (layer.B, layer.A)]
+        if not all_finite(factors):
+            bad = next(i for i, t in enumerate(factors) if not bool(torch.isfinite(t).all()))
+            raise ValueError(f"Refactorizer: the {'B' if bad % 2 == 0 else 'A'} factor of LowRankLinear layer "
+                             f"{bad // 2} holds NaN or inf; no layer was refactorized and no moment was reset (the "
+                             "optimizer step that ran before this refactorization was applied). The run has "
+                             "diverged: restore a checkpoint or lower the learning rate")
         start = time.perf_counter()
         refactorize(self.modules)
         if self.reset == "factors":
@@ -211,6 +244,11 @@ class Refactorizer:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._saved_lrs is not None:
+            self._restore_lrs()
+        if self.optimizer.__dict__.get("_optim_refactorizer") is not None and \
+                self.optimizer.__dict__["_optim_refactorizer"]() is self:
+            del self.optimizer.__dict__["_optim_refactorizer"]
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 
@@ -234,6 +272,18 @@ class Refactorizer:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict()``; the settings must equal this refactorizer's (checked before anything changes)."""
+        pending = self.check_state_dict(state_dict)
+        params = self._optimizer_params()
+        self.step_count = int(state_dict["step_count"])
+        self.refactorizations = int(state_dict.get("refactorizations", 0))
+        if pending:
+            self.optimizer.reset_moments([params[i] for i in pending])
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> list[int]:
+        """Raise ``ValueError`` unless ``state_dict`` can be loaded (changes nothing); returns the pending resets."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"Refactorizer.load_state_dict: expected the dict of Refactorizer.state_dict(), got "
+                             f"{type(state_dict).__name__}")
         required = ("every", "reset", "recovery_steps", "recovery_start", "step_count", "pending_resets")
         missing = [key for key in required if key not in state_dict]
         if missing:
@@ -244,7 +294,16 @@ class Refactorizer:
                 raise ValueError(f"Refactorizer.load_state_dict: the checkpoint has {key}={state_dict[key]!r} but "
                                  f"this refactorizer has {key}={getattr(self, key)!r}; construct it with the settings "
                                  "of the run being resumed")
+        for key in ("step_count", "refactorizations"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Refactorizer.load_state_dict: {key} must be an int >= 0, got {value!r}; the "
+                                 "checkpoint is corrupt or was not produced by Refactorizer.state_dict()")
         params = self._optimizer_params()
+        if not isinstance(state_dict["pending_resets"], (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in state_dict["pending_resets"]):
+            raise ValueError(f"Refactorizer.load_state_dict: pending_resets must be a list of ints, got "
+                             f"{state_dict['pending_resets']!r}")
         pending = [int(i) for i in state_dict["pending_resets"]]
         if any(not 0 <= i < len(params) for i in pending):
             raise ValueError(f"Refactorizer.load_state_dict: pending reset positions {pending} do not fit an optimizer "
@@ -253,10 +312,7 @@ class Refactorizer:
             raise ValueError("Refactorizer.load_state_dict: the checkpoint has pending fused resets but this optimizer "
                              f"({type(self.optimizer).__name__}) has no reset_moments(); resume with the optimizer "
                              "class the run was saved with")
-        self.step_count = int(state_dict["step_count"])
-        self.refactorizations = int(state_dict.get("refactorizations", 0))
-        if pending:
-            self.optimizer.reset_moments([params[i] for i in pending])
+        return pending
 
     def __repr__(self) -> str:
         return (f"Refactorizer(layers={len(self.modules)}, every={self.every}, reset={self.reset!r}, "

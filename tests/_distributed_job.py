@@ -245,6 +245,56 @@ def run_fsdp_lowrank(rank: int | None, world_size: int) -> dict:
             "sharded": [type(p).__name__ for p in net.parameters()]}
 
 
+class StiefelNet(nn.Module):
+    """Three constrained parameters as FSDP2 shards them by rows: ``wide`` (4×6: the oriented rows RSDM samples are
+    its columns), ``tall`` (10×4: its rows) and ``stack`` (4 matrices of 10×3: sharded across the batch), and an
+    unconstrained ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, IN_FEATURES, dtype=DTYPE)))
+        self.tall = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(10, 4, dtype=DTYPE)))
+        self.stack = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, 10, 3, dtype=DTYPE)))
+        self.head = nn.Linear(3, CLASSES, dtype=DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(torch.tanh(x @ self.wide.mT) @ self.tall.mT)
+        return self.head(torch.tanh(torch.einsum("bn,knp->bp", h, self.stack)))
+
+
+FSDP_STIEFEL_STEPS = 20
+FSDP_STIEFEL_OPTIMIZERS = {
+    "rsdm_permutation": lambda c, u: optim.RSDM([c, u], lr=0.2, rank=3, momentum=0.5, reorthonormalize_every=7),
+    "rsdm_orthogonal": lambda c, u: optim.RSDM([c, u], lr=0.2, rank=3, sampling="orthogonal", seed=5),
+    "riemannian_sgd": lambda c, u: optim.RiemannianSGD([c, u], lr=0.1, momentum=0.5),
+    "riemannian_adam": lambda c, u: optim.RiemannianAdam([c, u], lr=2e-2),
+}
+
+
+def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
+    """Each optimizer of FSDP_STIEFEL_OPTIMIZERS for 20 steps on StiefelNet, sharded by FSDP2 (rank set) or whole;
+    the whole final parameters of each."""
+    out = {}
+    batches = global_batches()
+    for name, make in FSDP_STIEFEL_OPTIMIZERS.items():
+        torch.manual_seed(0)
+        net = StiefelNet()
+        if rank is not None:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(net)
+        constrained = {"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"}
+        free = {"params": list(net.head.parameters()), "manifold": None}
+        torch.manual_seed(1)
+        optimizer = make(constrained, free)
+        for step in range(FSDP_STIEFEL_STEPS):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        out[name] = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
+    return out
+
+
 CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
 
 
@@ -367,16 +417,17 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     mlp = shard(TinyMLP().to(DTYPE))
     messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0))
     messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0))
-    orthogonal = shard(OrthogonalNet().to(DTYPE))
+    # A constrained matrix sharded by columns (tensor parallelism's Shard(1)) is refused: the methods gather rows.
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    orthogonal = OrthogonalNet().to(DTYPE)
+    fully_shard(orthogonal.proj, shard_placement_fn=lambda param: Shard(1))
     messages["rsdm"] = message_of(lambda: optim.RSDM([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}],
                                                      lr=0.1, rank=2))
     messages["riemannian_adam"] = message_of(
         lambda: optim.RiemannianAdam([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}], lr=0.1))
-    # Factors sharded by columns (tensor parallelism's Shard(1)): the refactorizer gathers row shards only.
-    from torch.distributed.tensor import Shard
-
-    from torch.distributed.fsdp import fully_shard
-
+    # Factors sharded by columns: the refactorizer gathers row shards only.
     low_rank = optim.to_low_rank(TinyMLP().to(DTYPE), 4)  # rank 4: every factor has an even number of columns
     for module in (low_rank.fc1, low_rank.fc2):
         fully_shard(module, shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else None)
@@ -402,6 +453,7 @@ FSDP_CASES = {
     "fsdp_adamw_default": lambda rank, world: run_fsdp_adamw(rank, world),
     "fsdp_adamw_foreach": lambda rank, world: run_fsdp_adamw(rank, world, foreach=True),
     "fsdp_lowrank": run_fsdp_lowrank,
+    "fsdp_stiefel": run_fsdp_stiefel,
     "fsdp_dcp_resume": fsdp_dcp_resume,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,

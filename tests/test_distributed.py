@@ -177,12 +177,13 @@ def test_fsdp2_adamw_matches_single_process(results, name):
 @pytest.mark.parametrize("name, words", [
     ("sophia", "Hessian-vector product"),
     ("adahessian", "Hessian-vector product"),
-    ("rsdm", "whole matrix"),
-    ("riemannian_adam", "whole matrix"),
+    ("rsdm", "sharded by rows"),
+    ("riemannian_adam", "sharded by rows"),
     ("refactorizer", "sharded by rows"),
 ])
 def test_fsdp2_unsupported_optimizers_raise(results, name, words):
-    """Optimizers that need whole tensors (or a second-order graph) refuse FSDP2's DTensor shards at construction."""
+    """What cannot work on FSDP2's shards is refused at construction: a second-order graph (no double backward
+    through FSDP2's hooks), and matrices sharded by columns for the methods that gather rows."""
     messages = case_results(results, "fsdp_errors")[0]
     assert messages[name] is not None, f"{name} accepted FSDP2-sharded parameters"
     assert "DTensor" in messages[name] and words in messages[name]
@@ -230,6 +231,16 @@ def test_fsdp2_optimizer_state_is_sharded(results):
     single = case_results(results, "fsdp_dcp_resume")[0]["adamw"]["single_state_bytes"]
     for result in ranks:
         assert result["adamw"]["state_bytes"] <= 0.6 * single
+
+
+@pytest.mark.parametrize("name", list(job.FSDP_STIEFEL_OPTIMIZERS))
+def test_fsdp2_stiefel_optimizers_match_single_process(results, name):
+    """RSDM (permutation sampling: only the sampled rows gathered; orthogonal sampling: the whole matrix),
+    RiemannianSGD and RiemannianAdam on FSDP2 row shards of a wide, a tall and a batched constrained matrix:
+    20 steps, equal to one process on the whole batch to float64 rounding."""
+    ranks = case_results(results, "fsdp_stiefel")
+    single = job.run_fsdp_stiefel(None, 1)
+    assert_close_to_single_process([{"params": result[name]} for result in ranks], {"params": single[name]})
 
 
 def test_fsdp2_adamw_refuses_mismatched_shards(results):

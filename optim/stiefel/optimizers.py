@@ -29,8 +29,9 @@ from .._library import has_kernel
 from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_incoming_state_dict,
                          check_lr, check_nonnegative, check_param_state, install_state_dict_hooks, scalar)
 from .._validate import check_unit_interval as _unit_interval
-from ..fused.distributed import reject_dtensors
+from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor
 from ._ops import CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rsdm_step_, rsdm_step_reference
+from .sharded import rsdm_permutation_step_sharded_, whole_matrix_update_
 from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
                        project_to_manifold, retract, riemannian_gradient)
 
@@ -85,12 +86,10 @@ class _ManifoldOptimizer(Optimizer):
             raise ValueError(f"{self._name}: check_finite must be True or False, got {check_finite!r}")
         self._check_group({**self.defaults, **param_group, "manifold": manifold}, params)
         if manifold is not None:
-            reject_dtensors(params, caller=self._name,
-                            why="a constrained parameter must be a whole matrix on every rank (the retraction mixes "
-                                "all of its rows and columns), and FSDP2 holds a shard of it. Train the model with "
-                                "DDP (torch.nn.parallel.DistributedDataParallel) instead")
+            check_row_sharded(params, caller=self._name,
+                              why="a constrained parameter under FSDP2 is stepped (optim.stiefel.sharded)")
             for i, p in enumerate(params):
-                check_on_manifold(p.detach(), caller=self._name, name=f"parameter {i} of the group")
+                check_on_manifold(gather_whole(p.detach()), caller=self._name, name=f"parameter {i} of the group")
         param_group.setdefault("manifold", manifold)
         super().add_param_group(param_group)
 
@@ -186,14 +185,22 @@ class _ManifoldOptimizer(Optimizer):
                 if group["manifold"] is None:
                     self._plain_update(group, p, state)
                 else:
-                    self._manifold_update(group, p, state)
+                    if is_dtensor(p):  # FSDP2: sharded by rows
+                        self._sharded_manifold_update(group, p, state)
+                    else:
+                        self._manifold_update(group, p, state)
                     every = self._reorthonormalize_period(group, p)
                     if every and state["step"] % every == 0:
-                        _reorthonormalize_(p)
+                        whole_matrix_update_(p, {}, lambda x, _: _reorthonormalize_(x))
         return loss
 
     def _reorthonormalize_period(self, group, p) -> int:
         return group["reorthonormalize_every"] or 0
+
+    def _sharded_manifold_update(self, group, p, state) -> None:
+        """The step of a row-sharded DTensor ``p``: by default on the all-gathered whole matrix (see
+        :mod:`optim.stiefel.sharded`)."""
+        whole_matrix_update_(p, state, lambda x, whole_state: self._manifold_update(group, x, whole_state))
 
     def _init_state(self, group, p, state) -> None:
         state["step"] = 0
@@ -325,6 +332,12 @@ class RSDM(_ManifoldOptimizer):
     def _plain_update(self, group, p, state) -> None:
         self._sgd_plain_update(group, p, state)
 
+    def _sharded_manifold_update(self, group, p, state) -> None:
+        if group["sampling"] == "permutation":  # only the sampled rows move: gathered, not the matrix
+            self._manifold_update(group, p, state)
+        else:
+            super()._sharded_manifold_update(group, p, state)
+
     def _manifold_update(self, group, p, state) -> None:
         lr = -group["lr"] if group["maximize"] else group["lr"]
         momentum = group["momentum"]
@@ -334,7 +347,11 @@ class RSDM(_ManifoldOptimizer):
         else:
             direction = p.grad
         rank, core = group["rank"], group["core"]
-        if group["sampling"] == "permutation":
+        if group["sampling"] == "permutation" and is_dtensor(p):
+            rsdm_permutation_step_sharded_(p, direction, rank=rank, seed=state["seed"], offset=state["offset"],
+                                           lr=lr, core=core, transport=bool(momentum))
+            state["offset"] += _matrix_count(p) * rank
+        elif group["sampling"] == "permutation":
             step = rsdm_step_ if has_kernel("rsdm_step_", p.device) else rsdm_step_reference
             step(p, direction, None, rank=rank, seed=state["seed"], offset=state["offset"], lr=lr, core=core,
                  transport=bool(momentum))

@@ -295,6 +295,34 @@ def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
     return out
 
 
+FSDP_SECOND_ORDER_STEPS = 20
+
+
+def run_fsdp_second_order(rank: int | None, world_size: int) -> dict:
+    """SophiaH (refresh every 3 steps) and AdaHessian (every step) with finite-difference curvature for 20 steps,
+    on FSDP2 shards (rank set: hessian="auto" picks "fd") or whole (hessian="fd"); whole final parameters."""
+    out = {}
+    batches = global_batches()
+    for name in ("sophia", "adahessian"):
+        torch.manual_seed(0)
+        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(DTYPE)
+        if rank is not None:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(net)
+        mode = "auto" if rank is not None else "fd"
+        if name == "sophia":
+            optimizer = optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=3, seed=11, hessian=mode)
+        else:
+            optimizer = optim.AdaHessian(net.parameters(), lr=0.1, update_period=1, seed=11, hessian=mode)
+        in_features = 16 if name == "adahessian" else IN_FEATURES
+        batches = global_batches(in_features)
+        for step in range(FSDP_SECOND_ORDER_STEPS):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.step(lambda: F.cross_entropy(net(x), y))
+        out[name] = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
+    return out
+
+
 CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
 
 
@@ -415,8 +443,8 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
 
     torch.manual_seed(0)
     mlp = shard(TinyMLP().to(DTYPE))
-    messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0))
-    messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0))
+    messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0, hessian="exact"))
+    messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0, hessian="exact"))
     # A constrained matrix sharded by columns (tensor parallelism's Shard(1)) is refused: the methods gather rows.
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -454,6 +482,7 @@ FSDP_CASES = {
     "fsdp_adamw_foreach": lambda rank, world: run_fsdp_adamw(rank, world, foreach=True),
     "fsdp_lowrank": run_fsdp_lowrank,
     "fsdp_stiefel": run_fsdp_stiefel,
+    "fsdp_second_order": run_fsdp_second_order,
     "fsdp_dcp_resume": fsdp_dcp_resume,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,

@@ -77,18 +77,40 @@ Mixed precision (``torch.amp.GradScaler``)
     clipping) is rejected for that reason; on the other steps it works as with any optimizer.
 
 FSDP2
-    Not supported: with ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in
-    ``loss.backward()`` (``torch.autograd.grad`` returns None for them), so there is no Hessian-vector product to
-    take. The constructor raises on DTensor parameters.
+    With ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in
+    ``loss.backward()`` (``torch.autograd.grad`` returns None for them, and there is no double backward through
+    its hooks), so the exact Hessian-vector product cannot be taken. ``hessian="fd"`` (the default for DTensor
+    parameters) takes it by central finite differences instead: the optimizer runs ``backward()`` on the closure's
+    loss at θ, and on refresh steps at θ + hz and θ − hz (the refreshed parameters moved in place, then restored
+    bit for bit), and ``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` with h = ε^{1/3}·max(1, ‖θ‖)/‖z‖ as in
+    ``hvp(mode="fd")``: three forward and backward passes per refresh step, one otherwise. Its error is
+    O(h²·‖∇³L‖) plus rounding ε/h, about ε^{2/3} relative on smooth losses (float64 ~1e-11, float32 ~3e-5); the
+    Hutchinson estimate z⊙Hz that Sophia and AdaHessian average is far noisier than that. Each rank draws the
+    probe entries of its own rows (the counters of the whole probe), so the probes, the curvature and the step
+    equal one process's ``hessian="fd"`` on the global batch up to the rounding of the gradient reduction. The
+    optimizer state is sharded like the parameters. ``process_group`` must stay None (FSDP2 reduces the
+    gradients); the closure must return the loss without calling ``backward()``::
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = optim.SophiaH(model.parameters(), lr=1e-3, seed=0)         # hessian="auto": "fd" here
+        loss = opt.step(lambda: F.cross_entropy(model(x_local), y_local))
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.optim import Optimizer
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
 
 from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
@@ -96,10 +118,15 @@ from .._validate import SparseGradientError, StateSpec, check_group_params, chec
 from .._validate import check_betas as _check_betas
 from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
-from ..fused.distributed import average_, check_process_group, reject_dtensors
+from ..fused.distributed import average_, check_process_group, check_row_sharded, is_dtensor, reject_dtensors
 from .probes import rademacher_like
 
 __all__ = ["probe_seed"]
+
+
+# How the Hessian-vector products of the refresh steps are taken: "exact" (double backward), "fd" (finite
+# differences of two backward passes: what works under FSDP2), "auto" ("fd" for DTensor parameters, else "exact").
+HESSIAN_MODES = ("auto", "exact", "fd")
 
 
 def probe_seed(seed: int, step: int) -> int:
@@ -129,8 +156,10 @@ class SecondOrderOptimizer(Optimizer):
     _state_dtype_keys: tuple[str, ...] = ()  # floating state tensors kept in the state dtype
     _count_keys: tuple[str, ...] = ("step",)  # counts kept as CPU float32 tensors
 
-    def __init__(self, params, defaults: dict[str, Any], *, process_group=None):
+    def __init__(self, params, defaults: dict[str, Any], *, process_group=None, hessian: str = "auto"):
         check_process_group(process_group, caller=self._name)
+        if hessian not in HESSIAN_MODES:
+            raise ValueError(f"{self._name}: hessian must be one of {HESSIAN_MODES}, got {hessian!r}")
         self._process_group = process_group  # not in defaults: state dicts hold plain values only
         drawn_seed = defaults.get("seed") is None
         if defaults.get("seed") is None:
@@ -138,11 +167,19 @@ class SecondOrderOptimizer(Optimizer):
         elif not isinstance(defaults["seed"], int):
             raise ValueError(f"{self._name}: seed must be an int or None, got {defaults['seed']!r}")
         super().__init__(params, defaults)
-        reject_dtensors(self._all_params(), caller=self._name,
-                        why="FSDP2 produces the gradients of sharded parameters only in loss.backward() and "
-                            "torch.autograd.grad cannot differentiate through its hooks, so there is no "
-                            "Hessian-vector product to take. Use DDP with process_group=torch.distributed.group."
-                            "WORLD (see optim.hessian.second_order)")
+        sharded = any(is_dtensor(p) for p in self._all_params())
+        if sharded and hessian == "exact":
+            reject_dtensors(self._all_params(), caller=self._name,
+                            why="FSDP2 produces the gradients of sharded parameters only in loss.backward() and "
+                                "torch.autograd.grad cannot differentiate through its hooks, so there is no exact "
+                                "Hessian-vector product to take. Pass hessian='fd' (or 'auto'): finite differences "
+                                "of two backward passes (see optim.hessian.second_order)")
+        if sharded and process_group is not None:
+            raise ValueError(f"{self._name}: process_group is for DDP; under FSDP2 the sharded gradients are already "
+                             "reduced by fully_shard's backward. Pass process_group=None")
+        check_row_sharded(self._all_params(), caller=self._name, why="the finite-difference curvature draws probes")
+        self._finite_differences = hessian == "fd" or (hessian == "auto" and sharded)
+        self._sharded = sharded
         for group in self.param_groups:
             self._check_group(group)
             for p in group["params"]:
@@ -279,6 +316,12 @@ class SecondOrderOptimizer(Optimizer):
         def needs_hvp(p: torch.Tensor) -> bool:
             return id(p) in hvp_due
 
+        if self._finite_differences:
+            loss, stepping, grads, hessian_products, probes, probe_counters = self._finite_difference_curvature(
+                closure, needs_hvp, grad_scale)
+            return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
+                               group_of, None, self._process_group is not None)
+
         loss = None
         hvp_graph_grads: list[torch.Tensor] | None = None  # grads that carry a graph, for the HVP
         averaging = False  # whether grads and HVPs are averaged over self._process_group (module docstring)
@@ -367,6 +410,13 @@ class SecondOrderOptimizer(Optimizer):
             del outputs, products
         grads = [g.detach() for g in grads]
         del hvp_graph_grads  # the second-order graph dies here
+        return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
+                           group_of, grad_scale, averaging)
+
+    def _apply(self, loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
+               group_of, grad_scale, averaging):
+        """The rest of a step once the gradients and Hessian-vector products are known: average (``averaging``),
+        unscale, check, and update."""
         if averaging:
             stepping, grads, hessian_products, probes = self._average(stepping, grads, hessian_products, probes)
         if grad_scale is not None:
@@ -378,7 +428,7 @@ class SecondOrderOptimizer(Optimizer):
         checking = [group_of[id(p)].get("check_finite", True) for p in stepping]
         checked = [g for g, check in zip(grads, checking) if check]
         checked += [t for t, check in zip(hessian_products, checking) if t is not None and check]
-        if checked and not all_finite(checked):
+        if checked and not _all_finite_on_every_rank(checked, self._sharded):
             self._raise_non_finite(stepping, grads, hessian_products)
 
         self._check_states(stepping)
@@ -406,9 +456,80 @@ class SecondOrderOptimizer(Optimizer):
                 entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
                 entry["diagonals"].append(diagonals[i])
             if entry["params"]:
-                work.append(entry)
+                work.append(_local_entry(entry) if self._sharded else entry)
         self._update(work)
         return loss
+
+    def _finite_difference_curvature(self, closure, needs_hvp, grad_scale):
+        """Gradients by ``loss.backward()``, and on refresh steps ``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` from two
+        more backward passes (the parameters due for a refresh moved by ±hz, then restored bit for bit), with
+        ``h = ε^{1/3}·max(1, ‖θ‖)/‖z‖`` as ``hvp(mode="fd")`` takes it (ε of the parameters' dtype, norms over the
+        refreshed parameters, whole under FSDP2). Needs a closure returning the loss: the backward passes are the
+        optimizer's, and FSDP2 (or DDP) reduces the gradients in them."""
+        if closure is None or grad_scale is not None:
+            raise ValueError(
+                f"{self._name}.step: with finite-difference curvature (hessian='fd', the default under FSDP2) pass "
+                "step(closure), where closure() returns the loss without calling backward(): the optimizer runs "
+                "the backward passes (one, and two more on refresh steps at the parameters ± h·z); a GradScaler's "
+                "scaled step is not supported there")
+        candidates = [p for p in self._all_params() if p.requires_grad]
+        if not candidates:
+            with torch.enable_grad():
+                loss = closure()
+            return (loss.detach() if isinstance(loss, torch.Tensor) else loss), [], [], [], [], {}
+
+        def gradients() -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            for p in candidates:
+                p.grad = None
+            with torch.enable_grad():
+                value = closure()
+                self._check_loss(value)
+                value.backward()
+            return value.detach(), [p.grad for p in candidates]
+
+        saved_grads = [p.grad for p in candidates]
+        try:
+            loss, all_grads = gradients()
+            stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
+            grads = [g for g in all_grads if g is not None]
+            hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
+            probes: list[torch.Tensor | None] = [None] * len(stepping)
+            probe_counters: dict[int, tuple[int, int]] = {}
+            hvp_index = [i for i, p in enumerate(stepping) if needs_hvp(p)]
+            if hvp_index:
+                moved = [stepping[i] for i in hvp_index]
+                probe_list, counter_list = self._draw_probes(moved)
+                eps = max(torch.finfo(p.dtype).eps for p in moved)
+                length = math.sqrt(sum(p.numel() for p in moved))  # ‖z‖ of a Rademacher probe
+                h = eps ** (1.0 / 3.0) * max(1.0, _global_norm(moved)) / length
+                originals = [p.detach().clone() for p in moved]
+                sides = []
+                try:
+                    for sign in (1.0, -1.0):
+                        with torch.no_grad():
+                            for p, original, z in zip(moved, originals, probe_list):
+                                p.copy_(original).add_(z, alpha=sign * h)
+                        _, side = gradients()
+                        position = {id(p): k for k, p in enumerate(candidates)}
+                        sides.append([side[position[id(p)]] for p in moved])
+                finally:
+                    with torch.no_grad():
+                        for p, original in zip(moved, originals):
+                            p.copy_(original)
+                for k, i in enumerate(hvp_index):
+                    plus, minus = sides[0][k], sides[1][k]
+                    if plus is None or minus is None:
+                        hz = torch.zeros_like(stepping[i])
+                    else:
+                        hz = (plus - minus) / (2.0 * h)
+                    hessian_products[i] = hz.detach()
+                    probes[i] = probe_list[k]
+                    probe_counters[id(stepping[i])] = counter_list[k]
+        except BaseException:
+            for p, g in zip(candidates, saved_grads):
+                p.grad = g
+            raise
+        return loss, stepping, [g.detach() for g in grads], hessian_products, probes, probe_counters
 
     def _release_grad_graphs(self) -> None:
         """Detach gradients that carry a graph (``backward(create_graph=True)``) on a step that is skipped, so that
@@ -490,7 +611,16 @@ class SecondOrderOptimizer(Optimizer):
         out: dict[int, torch.Tensor] = {}
         counters: dict[int, tuple[int, int]] = {}
         run: list[torch.Tensor] = []
-        for p in sorted(params, key=lambda q: order[id(q)]) + [None]:
+        for p in [q for q in params if is_dtensor(q)]:
+            # A row shard holds rows a..b of the whole probe: the counters from start + a·(row length) on.
+            seed, step = key(p)
+            first_row = _first_local_row(p)
+            offset = start[id(p)] + first_row * (p.numel() // max(p.shape[0], 1))
+            local = rademacher_like([p.to_local()], seed=probe_seed(seed, step), offset=offset)[0]
+            out[id(p)] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                            run_check=False)
+            counters[id(p)] = (probe_seed(seed, step), offset)
+        for p in sorted([q for q in params if not is_dtensor(q)], key=lambda q: order[id(q)]) + [None]:
             if run and (p is None or order[id(p)] != order[id(run[-1])] + 1 or key(p) != key(run[-1])):
                 seed, step = key(run[0])
                 for q, z in zip(run, rademacher_like(run, seed=probe_seed(seed, step), offset=start[id(run[0])])):
@@ -611,3 +741,55 @@ def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, f
         return "fused" if all(has_kernel(op, device) for device in {p.device for p in params}) else "foreach"
     return "fused" if fused else "foreach" if foreach else "single"
 
+
+def _global_norm(tensors: list[torch.Tensor]) -> float:
+    """‖(t_1, ..., t_n)‖ in float64; a DTensor's shards summed over its mesh."""
+    total = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        local = t.detach().to_local() if is_dtensor(t) else t.detach()
+        square = local.double().square().sum().cpu()
+        if is_dtensor(t):
+            sharded += square
+        else:
+            total += square
+    if any(is_dtensor(t) for t in tensors):
+        import torch.distributed as dist
+
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+    return float((total + sharded).sqrt())
+
+
+def _first_local_row(p: torch.Tensor) -> int:
+    """The first row of dim 0 that a row-sharded DTensor's local shard holds (``Shard(0)``: ``torch.chunk``)."""
+    mesh_dim = next((i for i, placement in enumerate(p.placements) if placement.is_shard()), None)
+    if mesh_dim is None:
+        return 0
+    chunk = -(-p.shape[0] // p.device_mesh.size(mesh_dim))
+    return min(p.device_mesh.get_local_rank(mesh_dim) * chunk, p.shape[0])
+
+
+def _all_finite_on_every_rank(tensors: list[torch.Tensor], sharded: bool) -> bool:
+    """``all_finite`` of the local values; under FSDP2 agreed on by every rank (one all-reduce), so that all ranks
+    raise or none does."""
+    if not sharded:
+        return all_finite(tensors)
+    import torch.distributed as dist
+
+    local = all_finite([t.to_local() if is_dtensor(t) else t for t in tensors])
+    flag = torch.tensor([0 if local else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
+
+
+def _local_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A work entry with every DTensor replaced by its local shard (the elementwise steps write through it), the
+    state dicts by views of theirs."""
+    def local(t):
+        return t.to_local() if is_dtensor(t) else t
+
+    out = dict(entry)
+    for key in ("params", "grads", "hessian_products", "probes", "diagonals"):
+        out[key] = [local(t) for t in entry[key]]
+    out["states"] = [{k: local(v) for k, v in state.items()} for state in entry["states"]]
+    return out

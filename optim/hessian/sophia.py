@@ -69,8 +69,12 @@ class SophiaH(SecondOrderOptimizer):
         process_group: data-parallel training: a ``torch.distributed`` process group (e.g.
             ``torch.distributed.group.WORLD``) over which the gradients the optimizer computes and the
             Hessian-vector products are averaged, since ``torch.autograd.grad`` bypasses DDP's all-reduce; the
-            ranks' probe seeds are made equal at construction. None (default): no communication. DDP recipe and
-            FSDP2 (not supported): ``optim.hessian.second_order``.
+            ranks' probe seeds are made equal at construction. None (default): no communication. DDP and FSDP2
+            recipes: ``optim.hessian.second_order``.
+        hessian: how the refresh steps take Hz: ``"exact"`` (double backward of the closure's loss), ``"fd"``
+            (central finite differences of two more ``backward()`` passes at θ ± hz, h = ε^{1/3}·max(1, ‖θ‖)/‖z‖:
+            approximate, what works under FSDP2, whose sharded gradients exist only in ``backward()``), or
+            ``"auto"`` (default: ``"fd"`` for FSDP2's DTensor parameters, else ``"exact"``).
 
     State per parameter: ``step`` (CPU float32 count), ``exp_avg`` (m) and ``hessian`` (h), float32 for
     bf16/fp16 parameters.
@@ -96,13 +100,14 @@ class SophiaH(SecondOrderOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         process_group=None,
+        hessian: str = "auto",
     ):
         if fused and foreach:
             raise ValueError("SophiaH: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, update_period=update_period,
                         eps=eps, maximize=maximize, seed=seed, check_finite=check_finite, foreach=foreach,
                         fused=fused)
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, hessian=hessian)
 
     def _check_group(self, group: dict[str, Any]) -> dict[str, float]:
         """The group's hyperparameters (numbers or 1-element Tensors; torch's messages first where torch has the

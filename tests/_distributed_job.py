@@ -326,16 +326,42 @@ def run_fsdp_second_order(rank: int | None, world_size: int) -> dict:
 CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
 
 
+DCP_CASES = ("adamw", "lowrank", "sophia", "rsdm", "riemannian_adam")
+
+
 def _make_fsdp_optimizer(name: str, net: nn.Module):
     if name == "adamw":
         return optim.AdamW(net.parameters(), lr=2e-2)
-    return optim.LowRankAdamW(net, lr=2e-2, rank=None, every=3, recovery_steps=2)
+    if name == "lowrank":
+        return optim.LowRankAdamW(net, lr=2e-2, rank=None, every=3, recovery_steps=2)
+    if name == "sophia":
+        return optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=2, seed=4)
+    groups = [{"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"},
+              {"params": list(net.head.parameters()), "manifold": None}]
+    if name == "rsdm":
+        return optim.RSDM(groups, lr=0.2, rank=3, momentum=0.5, seed=9)
+    return optim.RiemannianAdam(groups, lr=2e-2)
 
 
 def _fsdp_net(name: str) -> nn.Module:
     torch.manual_seed(0)
+    if name in ("rsdm", "riemannian_adam"):
+        from torch.distributed.fsdp import fully_shard
+        return fully_shard(StiefelNet())
     net = TinyMLP().to(DTYPE)
     return shard(optim.to_low_rank(net, 3) if name == "lowrank" else net)
+
+
+def _train_steps(net, optimizer, steps, rank, world_size) -> None:
+    batches = global_batches()
+    for step in steps:
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
+        if isinstance(optimizer, optim.SophiaH):
+            optimizer.step(lambda: F.cross_entropy(net(x), y))
+            continue
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
 
 
 def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
@@ -346,16 +372,11 @@ def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     out = {}
-    batches = global_batches()
 
     def train(net, optimizer, steps):
-        for step in steps:
-            x, y = local_part(batches[step % len(batches)], rank, world_size)
-            optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
+        _train_steps(net, optimizer, steps, rank, world_size)
 
-    for name in ("adamw", "lowrank"):
+    for name in DCP_CASES:
         path = os.path.join(CHECKPOINT_DIR[0], f"dcp_{name}")
         net = _fsdp_net(name)
         optimizer = _make_fsdp_optimizer(name, net)
@@ -407,19 +428,14 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     out = {}
-    batches = global_batches()
-    for name in ("adamw", "lowrank"):
+    for name in DCP_CASES:
         net = _fsdp_net(name)
         optimizer = _make_fsdp_optimizer(name, net)
         model_state, optimizer_state = get_state_dict(net, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=os.path.join(CHECKPOINT_DIR[0], f"dcp_{name}"))
         set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        for step in range(5, 10):
-            x, y = local_part(batches[step % len(batches)], rank, world_size)
-            optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
+        _train_steps(net, optimizer, range(5, 10), rank, world_size)
         first = next(net.parameters())
         out[name] = {"resumed": [p.full_tensor().detach().clone() for p in net.parameters()],
                      "local_rows": first.to_local().shape[0],

@@ -213,17 +213,18 @@ def test_fsdp2_lowrank_refactorization_matches_single_process(results):
     assert_close_to_single_process(ranks, single)
 
 
-@pytest.mark.parametrize("name", ["adamw", "lowrank"])
+@pytest.mark.parametrize("name", job.DCP_CASES)
 def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
-    """torch.distributed.checkpoint save and load of the sharded model and optimizer state (LowRankAdamW: with its
-    refactorizer's schedule and pending resets): the resumed run equals the uninterrupted one bit for bit."""
+    """torch.distributed.checkpoint save and load of the sharded model and optimizer state of AdamW, LowRankAdamW
+    (with its refactorizer's schedule and pending resets), SophiaH (finite-difference curvature), RSDM (its
+    sampling counters) and RiemannianAdam: the resumed run equals the uninterrupted one bit for bit."""
     ranks = case_results(results, "fsdp_dcp_resume")
     for rank, result in enumerate(ranks):
         for i, (a, b) in enumerate(zip(result[name]["straight"], result[name]["resumed"])):
             assert torch.equal(a, b), f"rank {rank}, parameter {i}: the resumed run differs"
 
 
-@pytest.mark.parametrize("name", ["adamw", "lowrank"])
+@pytest.mark.parametrize("name", job.DCP_CASES)
 def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
     """The checkpoint saved by 2 ranks, loaded by 4 (DCP reshards every parameter and moment): the 4-rank run of
     the same steps ends where the uninterrupted 2-rank run does, to float64 rounding (the gradient sums are

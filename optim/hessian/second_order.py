@@ -316,6 +316,8 @@ class SecondOrderOptimizer(Optimizer):
         def needs_hvp(p: torch.Tensor) -> bool:
             return id(p) in hvp_due
 
+        if closure is None and found_inf is None and self._only_creates_state(needs_hvp):
+            return None
         if self._finite_differences:
             loss, stepping, grads, hessian_products, probes, probe_counters = self._finite_difference_curvature(
                 closure, needs_hvp, grad_scale)
@@ -459,6 +461,21 @@ class SecondOrderOptimizer(Optimizer):
                 work.append(_local_entry(entry) if self._sharded else entry)
         self._update(work)
         return loss
+
+    def _only_creates_state(self, needs_hvp) -> bool:
+        """A step without a closure at lr = 0 in every group that is due to refresh the curvature from gradients
+        without a graph (what ``torch.distributed.checkpoint.state_dict.get_state_dict`` runs on an optimizer with
+        no state yet, to create it): the state of every parameter with a gradient is created, nothing else."""
+        def zero(lr) -> bool:
+            return bool(lr == 0) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr == 0
+        with_grad = [p for p in self._all_params() if p.grad is not None]
+        if not with_grad or not all(zero(group["lr"]) for group in self.param_groups) or \
+                not any(needs_hvp(p) for p in with_grad) or any(p.grad.requires_grad for p in with_grad):
+            return False
+        for p in with_grad:
+            if not self.state[p]:
+                self._init_state(p, self.state[p])
+        return True
 
     def _finite_difference_curvature(self, closure, needs_hvp, grad_scale):
         """Gradients by ``loss.backward()``, and on refresh steps ``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` from two

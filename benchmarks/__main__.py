@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     _progress(len(names), len(names), "done", time.perf_counter() - started)
     if len(names) > 1:
         summary = write_summary(args.out, names)
+        with open(summary["paths"]["markdown"], encoding="utf-8") as file:  # the headline table, last
+            print("\n" + file.read())
         for kind, path in summary["paths"].items():
             if path:
                 print(f"wrote {path}")

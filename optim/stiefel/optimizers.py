@@ -64,6 +64,25 @@ def _matrix_count(p: torch.Tensor) -> int:
     return p.numel() // max(p.shape[-2] * p.shape[-1], 1) if p.shape[-2] * p.shape[-1] else 0
 
 
+# float32 RSDM with the default period: every DEFECT_CHECK_EVERY steps the defect ‖X̃ᵀX̃ − I‖_F is estimated with
+# DEFECT_PROBES Gaussian probes (about 4·N·P multiply-adds, against the N·P² of the QR) and X re-orthonormalized
+# when the estimate passes DEFECT_ESTIMATE_LIMIT. The estimate is √(mean ‖(X̃ᵀX̃ − I)v‖²): its square is the
+# squared defect times χ²₈/8, below a third of it with probability < 1e-3, so the defect stays under 1e-5.
+DEFECT_CHECK_EVERY = 10
+DEFECT_PROBES = 8
+DEFECT_ESTIMATE_LIMIT = 3e-6
+
+
+def defect_estimate(x: torch.Tensor, generator: torch.Generator) -> float:
+    """An estimate of ‖X̃ᵀX̃ − I‖_F (the largest over a batch of matrices) from DEFECT_PROBES Gaussian probes, in
+    float64."""
+    xo = orient(x).double()
+    probes = torch.randn(xo.shape[-1], DEFECT_PROBES, dtype=torch.float64, generator=generator).to(xo.device)
+    residual = xo.mT @ (xo @ probes) - probes
+    per_matrix = residual.square().sum(dim=(-2, -1)) / DEFECT_PROBES
+    return float(per_matrix.max().sqrt()) if per_matrix.numel() else 0.0
+
+
 def _reorthonormalize_(p: torch.Tensor) -> None:
     """Replace p by the sign-fixed Q factor of its oriented matrix (QR in float64): removes accumulated drift."""
     p.copy_(project_to_manifold(p, method="qr"))
@@ -190,12 +209,16 @@ class _ManifoldOptimizer(Optimizer):
                     else:
                         self._manifold_update(group, p, state)
                     every = self._reorthonormalize_period(group, p)
-                    if every and state["step"] % every == 0:
+                    if every and state["step"] % every == 0 and self._drifted(group, p, state):
                         whole_matrix_update_(p, {}, lambda x, _: _reorthonormalize_(x))
         return loss
 
     def _reorthonormalize_period(self, group, p) -> int:
         return group["reorthonormalize_every"] or 0
+
+    def _drifted(self, group, p, state) -> bool:
+        """Whether a re-orthonormalization due by the period runs (always, unless a subclass measures)."""
+        return True
 
     def _sharded_manifold_update(self, group, p, state) -> None:
         """The step of a row-sharded DTensor ``p``: by default on the all-gathered whole matrix (see
@@ -247,9 +270,10 @@ class RSDM(_ManifoldOptimizer):
     ``reorthonormalize_every`` steps (0 = never) X is replaced by the Q factor (sign-fixed, float64) of itself. The
     default (``None``) keeps the defect ‖XᵀX − I‖_F below 1e-5 in float32: the float32 drift grows with r (a step
     rounds r-term products into r rows; measured over 1000 PCA steps on 64×256, every 100 steps: 1.9e-6 at r = 8,
-    8.3e-6 at r = 32, 2.9e-5 at r = 64, 5.6e-5 at r = 128), so float32 matrices with r <= 128 are
-    re-orthonormalized every clamp(1024 // r, 1, 100) steps (r = 64: 16, r = 128: 8; defects 5.3e-6 and 5.2e-6
-    there); float64 matrices, and float32 ones with r > 128 (whose rotation is computed in float64), every 100.
+    8.3e-6 at r = 32, 2.9e-5 at r = 64, 5.6e-5 at r = 128), so for float32 matrices with r <= 128 the defect is
+    estimated every 10 steps (8 Gaussian probes, ~8·N·P multiply-adds, far less than the QR's N·P²) and X is
+    re-orthonormalized when the estimate passes 3e-6; float64 matrices, and float32 ones with r > 128 (whose rotation
+    is computed in float64), every 100 steps.
 
     Args:
         params: parameters or param groups (keys: any argument below, plus ``manifold``).
@@ -307,9 +331,18 @@ class RSDM(_ManifoldOptimizer):
         every = group["reorthonormalize_every"]
         if every is not None:
             return every
-        if p.dtype == torch.float32 and group["rank"] < FLOAT64_ROTATION_MIN_RANK:
-            return max(1, min(100, 1024 // group["rank"]))
-        return 100
+        return DEFECT_CHECK_EVERY if self._measures_drift(group, p) else 100
+
+    @staticmethod
+    def _measures_drift(group, p) -> bool:
+        return group["reorthonormalize_every"] is None and p.dtype == torch.float32 and \
+            group["rank"] < FLOAT64_ROTATION_MIN_RANK
+
+    def _drifted(self, group, p, state) -> bool:
+        if not self._measures_drift(group, p):
+            return True
+        generator = torch.Generator().manual_seed((state["seed"] + state["step"]) % _SEED_MODULUS)
+        return defect_estimate(gather_whole(p.detach()), generator) > DEFECT_ESTIMATE_LIMIT
 
     def _state_spec(self, group: dict[str, Any]) -> StateSpec:
         if group.get("manifold", "stiefel") is None:

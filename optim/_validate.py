@@ -183,9 +183,10 @@ def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[s
     unknown = sorted(keys - set(spec.required) - set(spec.optional))
     if missing or unknown:
         parts = ([f"lacks {missing}"] if missing else []) + ([f"has unknown keys {unknown}"] if unknown else [])
-        raise ValueError(f"{caller}: {where} {' and '.join(parts)}; {caller} keeps "
-                         f"{sorted(spec.required)}{' (optional: ' + str(sorted(spec.optional)) + ')' if spec.optional else ''}"
-                         f". {hint or 'The state was saved by another optimizer class or model; load it into the class that saved it'}")
+        optional = f" (optional: {sorted(spec.optional)})" if spec.optional else ""
+        hint = hint or "The state was saved by another optimizer class or model; load it into the class that saved it"
+        raise ValueError(f"{caller}: {where} {' and '.join(parts)}; {caller} keeps {sorted(spec.required)}{optional}. "
+                         f"{hint}")
     kinds = {**spec.optional, **spec.required}
     for key, value in state.items():
         kind = kinds[key]

@@ -40,7 +40,8 @@ inline void check_lowrank_refactorize_args(at::TensorList B, at::TensorList A, c
                   dtype_name(t.scalar_type()), " on ", t.device(), " but B[0] is ", dtype_name(dtype), " on ",
                   b0.device(), "; one call takes factors of one dtype and device (group the layers by both)");
       TORCH_CHECK(t.sizes() == first.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(t.sizes()), " but ",
-                  name, "[0] has shape ", shape_name(first.sizes()), "; one call takes layers of one shape (group the layers by shape)");
+                  name, "[0] has shape ", shape_name(first.sizes()),
+                  "; one call takes layers of one shape (group the layers by shape)");
     }
   }
   std::vector<OverlapOperand> operands;

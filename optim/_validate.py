@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -104,11 +104,6 @@ def check_betas(betas: Any, caller: str) -> tuple[float, float]:
                              f"be in [0, 1); it is betas[{index}])")
         out.append(beta)
     return out[0], out[1]
-
-
-def check_bool(value: Any, name: str, caller: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{caller}: {name} must be True or False, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------- param groups
@@ -298,10 +293,6 @@ def install_state_dict_hooks(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_load_state_dict_pre_hook(_before_load)
     optimizer.register_load_state_dict_post_hook(_after_load)
     optimizer.__dict__["_optim_state_dict_hooks_installed"] = True
-
-
-def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
 
 
 class SparseGradientError(RuntimeError, ValueError):

@@ -4,7 +4,6 @@ CPU kernel raise the same exception type with the same message, and neither writ
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -100,15 +100,10 @@ def check_betas(betas: Any, caller: str) -> tuple[float, float]:
     for index, value in enumerate(betas):
         beta = scalar(value, f"betas[{index}]", caller)
         if not (0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid beta parameter at index {index}: {value} ({caller}: beta{index + 1} = "
-                             f"betas[{index}] must be in [0, 1))")
+            raise ValueError(f"Invalid beta parameter at index {index}: {value} ({caller}: beta{index + 1} must "
+                             f"be in [0, 1); it is betas[{index}])")
         out.append(beta)
     return out[0], out[1]
-
-
-def check_bool(value: Any, name: str, caller: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{caller}: {name} must be True or False, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------- param groups
@@ -171,7 +166,7 @@ def _describe(value: Any) -> str:
 
 
 def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[str, Any], spec: StateSpec,
-                      *, hint: str = "", values: bool = True) -> None:
+                      *, hint: str = "", values: bool = True, param_name: str = "its parameter") -> None:
     """Raise ValueError naming ``where`` (e.g. "state[3] (parameter 1 of param group 0)") and the key when ``state``
     does not fit ``spec`` for parameter ``p``. An empty state is fine (it is created at the parameter's first step).
     ``values=False`` (at each step) checks keys, types and shapes but reads no tensor value (no host sync).
@@ -183,18 +178,21 @@ def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[s
     unknown = sorted(keys - set(spec.required) - set(spec.optional))
     if missing or unknown:
         parts = ([f"lacks {missing}"] if missing else []) + ([f"has unknown keys {unknown}"] if unknown else [])
-        raise ValueError(f"{caller}: {where} {' and '.join(parts)}; {caller} keeps "
-                         f"{sorted(spec.required)}{' (optional: ' + str(sorted(spec.optional)) + ')' if spec.optional else ''}"
-                         f". {hint or 'The state was saved by another optimizer class or model; load it into the class that saved it'}")
+        optional = f" (optional: {sorted(spec.optional)})" if spec.optional else ""
+        hint = hint or "The state was saved by another optimizer class or model; load it into the class that saved it"
+        raise ValueError(f"{caller}: {where} {' and '.join(parts)}; {caller} keeps {sorted(spec.required)}{optional}. "
+                         f"{hint}")
     kinds = {**spec.optional, **spec.required}
     for key, value in state.items():
         kind = kinds[key]
         if kind == "param":
-            if not (isinstance(value, torch.Tensor) and value.shape == p.shape and
-                    (value.is_floating_point() or value.is_complex())):
-                raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)} but its parameter has shape "
-                                 f"{tuple(p.shape)}; the state dict was saved for a different model or parameter "
-                                 "order")
+            if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                raise ValueError(f"{caller}: {where}[{key!r}] has shape {tuple(value.shape)} but {param_name} has "
+                                 f"shape {tuple(p.shape)}; the state dict was saved for a different model or "
+                                 "parameter order")
+            if not (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())):
+                raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a floating-point "
+                                 f"tensor of {param_name}'s shape {tuple(p.shape)}")
         elif kind == "matrix":
             want = tuple(p.shape[:-2]) + (1, 1)
             if not (isinstance(value, torch.Tensor) and tuple(value.shape) == want and value.is_floating_point()):
@@ -247,6 +245,7 @@ def check_incoming_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapp
             raise ValueError(f"{caller}.load_state_dict: param group {g} of the state dict has {key!r}, a setting of "
                              f"{IDENTIFYING_GROUP_KEYS[key]} that {caller} does not have: the state dict was saved by "
                              "another optimizer class; load it into the class that saved it")
+    flat = 0
     for g, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
         merged = {**optimizer.defaults, **{k: v for k, v in saved.items() if k != "params"}}
         try:
@@ -260,7 +259,8 @@ def check_incoming_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapp
                 raise ValueError(f"{caller}.load_state_dict: state[{saved_id!r}] is {type(state).__name__}; it "
                                  "must be a dict of the parameter's state")
             check_param_state(f"{caller}.load_state_dict", f"state[{saved_id!r}] (parameter {i} of param group {g})",
-                              p, state, spec, hint=hint)
+                              p, state, spec, hint=hint, param_name=f"parameter {flat}")
+            flat += 1
 
 
 def checkpoint_name(optimizer: torch.optim.Optimizer) -> str:
@@ -293,10 +293,6 @@ def install_state_dict_hooks(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_load_state_dict_pre_hook(_before_load)
     optimizer.register_load_state_dict_post_hook(_after_load)
     optimizer.__dict__["_optim_state_dict_hooks_installed"] = True
-
-
-def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
 
 
 class SparseGradientError(RuntimeError, ValueError):

@@ -37,8 +37,8 @@ inline void check_tensor_like(const char* op, const char* name, size_t i, const 
   TORCH_CHECK(tensor.device() == param.device() && tensor.scalar_type() == dtype, op, ": ", name, "[", i, "] is ",
               dtype_name(tensor.scalar_type()), " on ", tensor.device(), "; it must be ", dtype_name(dtype), " on ",
               param.device());
-  TORCH_CHECK(tensor.sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", tensor.sizes(),
-              " but params[", i, "] has shape ", param.sizes());
+  TORCH_CHECK(tensor.sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(tensor.sizes()),
+              " but params[", i, "] has shape ", shape_name(param.sizes()));
 }
 
 // One tensor argument of an op for check_no_overlap: its name as the messages print it ("params[3]", "X") and

@@ -18,8 +18,8 @@ inline void check_lowrank_refactorize_args(at::TensorList B, at::TensorList A, c
   if (B.empty()) return;
   const at::Tensor& b0 = B[0];
   const at::Tensor& a0 = A[0];
-  TORCH_CHECK_VALUE(b0.dim() == 2 && a0.dim() == 2, op, ": factors must be 2-D, got B[0] of shape ", b0.sizes(),
-                    " and A[0] of shape ", a0.sizes());
+  TORCH_CHECK_VALUE(b0.dim() == 2 && a0.dim() == 2, op, ": factors must be 2-D, got B[0] of shape ",
+                    shape_name(b0.sizes()), " and A[0] of shape ", shape_name(a0.sizes()));
   const int64_t m = b0.size(0), r = b0.size(1), n = a0.size(1);
   TORCH_CHECK_VALUE(a0.size(0) == r, op, ": B[0] is ", m, "x", r, " and A[0] is ", a0.size(0), "x", n,
                     "; B's columns must equal A's rows (the rank)");
@@ -39,8 +39,9 @@ inline void check_lowrank_refactorize_args(at::TensorList B, at::TensorList A, c
       TORCH_CHECK(t.scalar_type() == dtype && t.device() == b0.device(), op, ": ", name, "[", i, "] is ",
                   dtype_name(t.scalar_type()), " on ", t.device(), " but B[0] is ", dtype_name(dtype), " on ",
                   b0.device(), "; one call takes factors of one dtype and device (group the layers by both)");
-      TORCH_CHECK(t.sizes() == first.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but ", name,
-                  "[0] has shape ", first.sizes(), "; one call takes layers of one shape (group the layers by shape)");
+      TORCH_CHECK(t.sizes() == first.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(t.sizes()), " but ",
+                  name, "[0] has shape ", shape_name(first.sizes()),
+                  "; one call takes layers of one shape (group the layers by shape)");
     }
   }
   std::vector<OverlapOperand> operands;

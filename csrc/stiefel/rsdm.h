@@ -57,7 +57,7 @@ inline void check_rsdm_step_overlap(const at::Tensor& x, const at::Tensor& g, co
 // Returns r, the number of rows each matrix updates.
 inline int64_t check_rsdm_step_args(const at::Tensor& x, const at::Tensor& g, const std::optional<at::Tensor>& indices,
                                     int64_t rank, int64_t offset, double lr, c10::DeviceType device_type) {
-  TORCH_CHECK_VALUE(x.dim() >= 2, "rsdm_step_: X has shape ", x.sizes(),
+  TORCH_CHECK_VALUE(x.dim() >= 2, "rsdm_step_: X has shape ", shape_name(x.sizes()),
                     "; it must be a (batch of) matrix (..., n, p)");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "rsdm_step_: X is ",
                     dtype_name(x.scalar_type()),
@@ -66,13 +66,14 @@ inline int64_t check_rsdm_step_args(const at::Tensor& x, const at::Tensor& g, co
   TORCH_CHECK(x.device().type() == device_type, "rsdm_step_: X is on ", x.device(), " but this kernel runs on ",
               device_type);
   TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && g.device() == x.device(),
-              "rsdm_step_: G is ", dtype_name(g.scalar_type()), " ", g.sizes(), " on ", g.device(), " but X is ",
-              dtype_name(x.scalar_type()), " ", x.sizes(), " on ", x.device(), "; they must match");
+              "rsdm_step_: G is ", dtype_name(g.scalar_type()), " ", shape_name(g.sizes()), " on ", g.device(),
+              " but X is ", dtype_name(x.scalar_type()), " ", shape_name(x.sizes()), " on ", x.device(),
+              "; they must match");
   TORCH_CHECK_VALUE(std::isfinite(lr), "rsdm_step_: lr must be finite, got ", lr);
   const int64_t n_rows = std::max(x.size(-2), x.size(-1));
   if (!indices.has_value()) {
     TORCH_CHECK_VALUE(rank > 0 && rank <= n_rows, "rsdm_step_: rank must be in [1, ", n_rows, "] (max(n, p) of X ",
-                      x.sizes(), "), got ", rank);
+                      shape_name(x.sizes()), "), got ", rank);
     TORCH_CHECK_VALUE(offset >= 0, "rsdm_step_: offset must be >= 0, got ", offset);
     return rank;
   }
@@ -80,7 +81,7 @@ inline int64_t check_rsdm_step_args(const at::Tensor& x, const at::Tensor& g, co
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.device() == x.device(), "rsdm_step_: indices must be int64 on ",
               x.device(), ", got ", dtype_name(idx.scalar_type()), " on ", idx.device());
   TORCH_CHECK_VALUE(idx.dim() == x.dim() - 1 && idx.sizes().slice(0, idx.dim() - 1) == x.sizes().slice(0, x.dim() - 2),
-                    "rsdm_step_: indices has shape ", idx.sizes(), "; for X ", x.sizes(),
+                    "rsdm_step_: indices has shape ", shape_name(idx.sizes()), "; for X ", shape_name(x.sizes()),
                     " it must be X.shape[:-2] + (r,)");
   const int64_t r = idx.size(-1);
   TORCH_CHECK_VALUE(r > 0 && r <= n_rows && r == rank, "rsdm_step_: indices.shape[-1] = ", r, " must be in [1, ",

@@ -78,30 +78,26 @@ def check_adamw_tensors(
     if dtype not in PARAM_DTYPES:
         raise ValueError(f"fused_adamw_: params must be float64, float32, bfloat16 or float16, got {dtype}")
     state_dtype = moment_dtype(dtype)
+    def check_like(name: str, i: int, tensor: torch.Tensor, param: torch.Tensor, want: torch.dtype) -> None:
+        # check_tensor_like in csrc/common/checks.h: the same order and messages
+        if tensor.layout != torch.strided:
+            raise RuntimeError(f"fused_adamw_: {name}[{i}] is sparse; dense tensors are required")
+        if tensor.device != param.device or tensor.dtype != want:
+            raise RuntimeError(f"fused_adamw_: {name}[{i}] is {tensor.dtype} on {tensor.device}; it must be {want} "
+                               f"on {param.device}")
+        if tensor.shape != param.shape:
+            raise RuntimeError(f"fused_adamw_: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
+                               f"{tuple(param.shape)}")
+
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         if p.device != device or p.dtype != dtype:
             raise RuntimeError(
                 f"fused_adamw_: params[{i}] is {p.dtype} on {p.device} but params[0] is {dtype} on {device}; "
                 "one call takes tensors of one device and dtype (optim.AdamW groups them for you)"
             )
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(f"fused_adamw_: grads[{i}] is sparse; AdamW does not support sparse gradients")
-        if g.device != device or g.dtype != dtype:
-            raise RuntimeError(
-                f"fused_adamw_: grads[{i}] is {g.dtype} on {g.device} but params[{i}] is {dtype} on {device}"
-            )
-        for name, state in (("exp_avgs", m), ("exp_avg_sqs", v)):
-            if state.device != device or state.dtype != state_dtype:
-                raise RuntimeError(
-                    f"fused_adamw_: {name}[{i}] is {state.dtype} on {state.device}; for {dtype} params it must be "
-                    f"{state_dtype} on {device}"
-                )
-        for name, tensor in (("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
-            if tensor.shape != p.shape:
-                raise RuntimeError(
-                    f"fused_adamw_: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
-                    f"{tuple(p.shape)}"
-                )
+        check_like("grads", i, g, p, dtype)
+        check_like("exp_avgs", i, m, p, state_dtype)
+        check_like("exp_avg_sqs", i, v, p, state_dtype)
         if step.numel() != 1 or step.dtype != torch.float32 or step.device != device:
             raise RuntimeError(
                 f"fused_adamw_: state_steps[{i}] must be a float32 tensor with one element on {device}, got "

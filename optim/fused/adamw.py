@@ -164,27 +164,49 @@ class AdamW(Optimizer):
             # Dynamo creates the state in _init_group while tracing (it special-cases that method), so a check of
             # the state before it would take another path on the trace's restart; the op checks the tensors.
             return hyper
+        # The fast pass reads a few attributes per parameter (torch's grad setter already guarantees a gradient's
+        # shape, dtype and device); anything unusual goes to _check_parameter, which raises with the details.
+        strided, state_of, moment_of = torch.strided, self.state, {}
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                where = f"parameter {i} of param group {g}"
-                check_grad("optim.AdamW", where, p, sparse_hint="; use torch.optim.SparseAdam")
-                state = self.state.get(p)
+                if grad.layout is not strided:
+                    self._check_parameter(g, i, p)
+                state = state_of.get(p)
                 if not state:
                     continue
-                check_param_state("optim.AdamW.step", f"the state of {where}", p, state, STATE_SPEC, values=False)
-                moment = _moment_dtype_of(p)
-                for key in STATE_KEYS:
-                    if state[key].dtype != moment or state[key].device != p.device:
-                        raise ValueError(f"optim.AdamW.step: the state {key!r} of {where} is {state[key].dtype} on "
-                                         f"{state[key].device}; for a {p.dtype} parameter on {p.device} it must be "
-                                         f"{moment} there (optim.AdamW.load_state_dict converts it)")
-                step = state["step"]
-                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == p.device):
-                    raise ValueError(f"optim.AdamW.step: the state 'step' of {where} is {step!r}; it must be a "
-                                     f"float32 tensor with one element on {p.device}")
+                moment = moment_of.get(p.dtype)
+                if moment is None:
+                    moment = moment_of[p.dtype] = _moment_dtype_of(p)
+                m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+                if (len(state) != 3 or m is None or v is None or type(step) is not torch.Tensor
+                        or m.shape != p.shape or v.shape != p.shape or m.dtype is not moment
+                        or v.dtype is not moment or step.dtype is not torch.float32 or step.numel() != 1
+                        or m.device != p.device or v.device != p.device or step.device != p.device):
+                    self._check_parameter(g, i, p)
         return hyper
+
+    def _check_parameter(self, g: int, i: int, p: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming what is wrong with parameter i of group g, its gradient or its state."""
+        where = f"parameter {i} of param group {g}"
+        check_grad("optim.AdamW", where, p, sparse_hint="; use torch.optim.SparseAdam")
+        state = self.state.get(p)
+        if not state:
+            return
+        check_param_state("optim.AdamW.step", f"the state of {where}", p, state, STATE_SPEC, values=False)
+        moment = _moment_dtype_of(p)
+        for key in STATE_KEYS:
+            if state[key].dtype != moment or state[key].device != p.device:
+                raise ValueError(f"optim.AdamW.step: the state {key!r} of {where} is {state[key].dtype} on "
+                                 f"{state[key].device}; for a {p.dtype} parameter on {p.device} it must be "
+                                 f"{moment} there (optim.AdamW.load_state_dict converts it)")
+        step = state["step"]
+        if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                and step.device == p.device):
+            raise ValueError(f"optim.AdamW.step: the state 'step' of {where} is {step!r}; it must be a "
+                             f"float32 tensor with one element on {p.device}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

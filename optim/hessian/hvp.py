@@ -36,7 +36,11 @@ Four ways to compute it (``mode``):
     relative tolerance the tests hold it to, ``‖fd − Hv‖ ≤ fd_rtol(dtype)·‖Hv‖``, on well-scaled models (entries
     and curvature of order one). It is unusable in bfloat16/float16 (ε^(1/3) ≈ 0.1–0.2): evaluate in float32.
     The parameters are never written to: f is evaluated at new tensors ``x ± h·v``, so ``params`` keep their bits
-    whatever f does, raising included.
+    whatever f does, raising included. Non-smooth functions (ReLU, max-pooling: the step crosses kinks of the
+    gradient) break the error bound silently, so each probe is also estimated with the half step h/2 (two more
+    gradients per probe): where the two estimates differ by more than the tolerance, ``‖fd_h − fd_{h/2}‖ >
+    fd_rtol·‖fd_h‖`` plus the gradients' rounding level, a ``RuntimeWarning`` gives the measured discrepancy
+    (``strict=True`` raises ``ValueError`` instead; ``strict=False`` skips the check and its cost).
 ``"auto"``
     The fastest exact mode that works for ``f``: the modes in :data:`AUTO_ORDER` are tried in turn, and the first
     one that does not raise ``RuntimeError`` / ``NotImplementedError`` is used and remembered for this function
@@ -80,6 +84,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import weakref
 from typing import Callable, Sequence
 
@@ -131,6 +136,7 @@ def hvp(
     mode: str = "auto",
     return_grad: bool = False,
     compile: bool = False,
+    strict: bool | None = None,
 ):
     """The Hessian of ``f`` at ``params`` times ``v``: ``Hv = ∇(∇f(params)·v)``.
 
@@ -146,6 +152,8 @@ def hvp(
         return_grad: also return the gradient ``∇f(params)`` (exact in every mode; ``"fd"`` pays one more backward).
         compile: compute the product with a ``torch.compile``'d forward-over-reverse function, compiled once per
             ``f`` and signature (see the module docstring); ``mode`` must then be ``"auto"`` or ``"fr"``.
+        strict: ``mode="fd"`` only: ``None`` (default) warns when the half-step estimate shows that f is not
+            smooth at the scale of the step, ``True`` raises ``ValueError`` then, ``False`` skips that check.
 
     Returns:
         ``Hv``, a list (a tuple if ``v`` is a tuple) shaped like ``v`` (with the leading k if ``v`` has it); with
@@ -159,13 +167,15 @@ def hvp(
     """
     if mode not in MODES:
         raise ValueError(f"hvp: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")
+    if strict not in (None, True, False):
+        raise TypeError(f"hvp: strict must be None, True or False, got {strict!r}")
     check_compile(compile, mode, where="hvp")
     params = check_params(params, where="hvp")
     probes, k = check_vectors(params, v, where="hvp")
     if compile and k != 0:
         hv, grad = compiled_hvp(f, f, params, probes, k, need_grad=return_grad)
     else:
-        hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f)
+        hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f, strict=strict)
     if isinstance(v, tuple):
         hv = tuple(hv)
     return (hv, grad) if return_grad else hv
@@ -289,10 +299,12 @@ def compute_hvp(
     mode: str,
     need_grad: bool,
     auto_key: object = None,
+    strict: bool | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """``hvp`` on inputs already passed through :func:`check_params` / :func:`check_vectors`.
 
-    ``auto_key`` is the object under which ``mode="auto"`` remembers its choice (``f`` for :func:`hvp`).
+    ``auto_key`` is the object under which ``mode="auto"`` remembers its choice (``f`` for :func:`hvp`);
+    ``strict`` is :func:`hvp`'s (the smoothness check of ``mode="fd"``).
     """
     if k == 0:
         # No probes: nothing to differentiate twice, but the gradient may still be asked for.
@@ -303,7 +315,7 @@ def compute_hvp(
     if mode == "fr":
         return _hvp_fr(f, params, v, k)
     if mode == "fd":
-        return _hvp_fd(f, params, v, k, need_grad)
+        return _hvp_fd(f, params, v, k, need_grad, strict)
     if mode == "auto":
         return _hvp_auto(f, params, v, k, auto_key)
     raise ValueError(f"hvp: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")
@@ -626,12 +638,14 @@ def _norm(tensors: Tensors) -> float:
     return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
 
 
-def _hvp_fd(f, params, v, k, need_grad):
+def _hvp_fd(f, params, v, k, need_grad, strict=None):
     eps = max(torch.finfo(p.dtype).eps for p in params)
+    dtype = max((p.dtype for p in params), key=lambda d: torch.finfo(d).eps)
     scale = max(1.0, _norm(params))
     probes = [v] if k is None else [[t[j] for t in v] for j in range(k)]
     results = []
-    for direction in probes:
+    worst = None  # (relative discrepancy of the half-step estimate, probe index)
+    for index, direction in enumerate(probes):
         length = _norm(direction)
         if length == 0.0:
             results.append([torch.zeros_like(d) for d in direction])
@@ -641,6 +655,28 @@ def _hvp_fd(f, params, v, k, need_grad):
         _, grad_plus = loss_and_gradient(f, [p + h * d for p, d in zip(params, direction)], at="params + h·v")
         _, grad_minus = loss_and_gradient(f, [p - h * d for p, d in zip(params, direction)], at="params - h·v")
         results.append([(gp - gm) / (2.0 * h) for gp, gm in zip(grad_plus, grad_minus)])
+        if strict is not False:
+            # The half step: for a smooth f the two estimates agree to the truncation and rounding errors.
+            _, half_plus = loss_and_gradient(f, [p + 0.5 * h * d for p, d in zip(params, direction)],
+                                             at="params + h·v/2")
+            _, half_minus = loss_and_gradient(f, [p - 0.5 * h * d for p, d in zip(params, direction)],
+                                              at="params - h·v/2")
+            difference = _norm([(hp - hm) / h - r for hp, hm, r in zip(half_plus, half_minus, results[-1])])
+            size = _norm(results[-1])
+            rounding = 100.0 * eps * max(_norm(grad_plus), _norm(grad_minus)) / h
+            if difference > fd_rtol(dtype) * size + rounding:
+                relative = difference / size if size else math.inf
+                if worst is None or relative > worst[0]:
+                    worst = (relative, index)
+    if worst is not None:
+        message = (f"hvp(mode='fd'): the estimate with the half step differs from the full-step one by "
+                   f"{worst[0]:.3g} (relative, probe {worst[1]}), more than the {fd_rtol(dtype):.2g} of fd_rtol"
+                   f"({dtype}): f is not smooth at the scale of the step h·‖v‖ = {eps ** (1.0 / 3.0) * scale:.2g} "
+                   "(ReLU, max-pooling or another kink is crossed), so the finite difference can be far off. Use "
+                   "an exact mode ('rr' or 'fr')")
+        if strict:
+            raise ValueError(message + "; strict=True raised instead of warning")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     hv = results[0] if k is None else [torch.stack([r[i] for r in results]) for i in range(len(params))]
     grad = loss_and_gradient(f, params, at="params")[1] if need_grad else None
     return hv, grad

@@ -675,11 +675,13 @@ class SecondOrderOptimizer(Optimizer):
     def _check_states(self, stepping: list[torch.Tensor]) -> None:
         """The existing state of every parameter the step updates has this class's keys and shapes."""
         spec = self._state_spec()
-        for p in stepping:
-            state = self.state.get(p)
-            if state:
-                check_param_state(f"{self._name}.step", f"the state of {self._where(p)}", p, state, spec,
-                                  values=False)
+        stepped = {id(p) for p in stepping}
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                state = self.state.get(p) if id(p) in stepped else None
+                if state:
+                    check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
+                                      state, spec, values=False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a

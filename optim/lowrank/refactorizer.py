@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+import types
 import weakref
 from collections import defaultdict
 from typing import Any, Iterable
@@ -164,11 +165,13 @@ class Refactorizer:
         optimizer.__dict__["_optim_refactorizer"] = weakref.ref(self)
         # A step that raises skips the post hook: restore the scheduled lr there too, so that neither the param
         # groups nor the next checkpoint keep the ramp's scaled value.
+        # A bound method (not a plain function), because torch's LR schedulers rewrap optimizer.step through its
+        # __func__.
         step = optimizer.step
         refactorizer = weakref.ref(self)
 
         @functools.wraps(step)
-        def step_restoring_lr(*args, **kwargs):
+        def step_restoring_lr(opt, *args, **kwargs):
             try:
                 return step(*args, **kwargs)
             finally:
@@ -176,7 +179,7 @@ class Refactorizer:
                 if owner is not None and owner._saved_lrs is not None:
                     owner._restore_lrs()
 
-        optimizer.step = step_restoring_lr
+        optimizer.step = types.MethodType(step_restoring_lr, optimizer)
 
     # ---------------------------------------------------------------------------------------------- the schedule
 

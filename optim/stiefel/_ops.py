@@ -143,7 +143,7 @@ def check_rsdm_step_args(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor
                            f"{indices.device}")
     if tuple(indices.shape[:-1]) != tuple(x.shape[:-2]) or indices.dim() != x.dim() - 1:
         raise ValueError(f"rsdm_step_: indices has shape {tuple(indices.shape)}; for X {tuple(x.shape)} it must "
-                         f"be {tuple(x.shape[:-2])} + (r,)")
+                         "be X.shape[:-2] + (r,)")
     r = indices.shape[-1]
     if not 0 < r <= n_rows or rank != r:
         raise ValueError(f"rsdm_step_: indices.shape[-1] = {r} must be in [1, {n_rows}] and equal rank = {rank}")

@@ -18,7 +18,6 @@ the same rows. ``lr`` is read from the group at every step, so ``torch.optim.lr_
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch

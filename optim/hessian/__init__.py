@@ -2,7 +2,7 @@
 
 from . import _attention_ops, _ops
 from .adahessian import AdaHessian
-from .attention import attention, sdpa_curvature
+from .attention import scaled_dot_product_attention, sdpa_curvature
 from .fisher import EmpiricalFisherOperator
 from .ggn import GGNOperator
 from .hvp import hvp
@@ -16,5 +16,5 @@ from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOpera
 
 __all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "EmpiricalFisherOperator", "GGNOperator", "HessianOperator",
            "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH", "SpectralDensity", "TraceEstimate",
-           "attention", "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher",
-           "rademacher_like", "sdpa_curvature", "spectral_density", "top_eigenvalues", "trace"]
+           "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
+           "scaled_dot_product_attention", "sdpa_curvature", "spectral_density", "top_eigenvalues", "trace"]

@@ -1,6 +1,6 @@
 """Scaled-dot-product attention with second-order rules, and the routing of ``F.scaled_dot_product_attention`` to it.
 
-:func:`attention` computes ``softmax(s·Q Kᵀ + M) V`` (the math and shapes: ``_attention_ops.py``) through two
+:func:`scaled_dot_product_attention` computes ``softmax(s·Q Kᵀ + M) V`` (the math and shapes: ``_attention_ops.py``) through two
 ``torch.autograd.Function`` s, so that every derivative a curvature computation takes exists and none stores a
 (Tq, Tk) matrix:
 
@@ -18,7 +18,7 @@ Both set ``generate_vmap_rule = True``; the ops have vmap rules (the vmapped dim
 ``torch.func.vmap`` over tangents or cotangents (k probes at once, ``is_grads_batched=True``) runs one call per op.
 
 :func:`sdpa_curvature` is a ``TorchFunctionMode`` that sends ``F.scaled_dot_product_attention`` to
-:func:`attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator`` (and with them
+:func:`scaled_dot_product_attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator`` (and with them
 ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter it themselves, so a
 Hugging Face model with ``attn_implementation="sdpa"`` needs no change.
 """
@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _attention_ops as ops
 
-__all__ = ["attention", "sdpa_curvature"]
+__all__ = ["scaled_dot_product_attention", "sdpa_curvature"]
 
 
 def _zeros_if_none(tangent, like):
@@ -107,7 +107,7 @@ class _AttentionBackward(torch.autograd.Function):
                                      attn_mask, ctx.is_causal, ctx.scale)
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with JVP, double-backward and vmap rules, in O(T) memory.
@@ -124,23 +124,23 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(tensor).__name__}")
+            raise TypeError(f"scaled_dot_product_attention: {name} must be a tensor, got {type(tensor).__name__}")
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise TypeError(f"scaled_dot_product_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if dropout_p != 0:
         raise ValueError(
-            f"attention: dropout_p must be 0, got {dropout_p}: the curvature of a random function is not defined "
+            f"scaled_dot_product_attention: dropout_p must be 0, got {dropout_p}: the curvature of a random function is not defined "
             "here; put the model in eval mode (model.eval()) or set its attention dropout to 0"
         )
     dims = query.dim()
     if dims not in (3, 4):
-        raise ValueError(f"attention: query must be 3-D (batch, tokens, dim) or 4-D (batch, heads, tokens, dim), got "
+        raise ValueError(f"scaled_dot_product_attention: query must be 3-D (batch, tokens, dim) or 4-D (batch, heads, tokens, dim), got "
                          f"shape {tuple(query.shape)}")
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dim() != dims:
-            raise ValueError(f"attention: {name} has {tensor.dim()} dimensions but query has {dims}; they must match")
+            raise ValueError(f"scaled_dot_product_attention: {name} has {tensor.dim()} dimensions but query has {dims}; they must match")
     if dims == 4 and not enable_gqa and key.shape[1] != query.shape[1]:
-        raise ValueError(f"attention: key has {key.shape[1]} heads but query has {query.shape[1]}; pass "
+        raise ValueError(f"scaled_dot_product_attention: key has {key.shape[1]} heads but query has {query.shape[1]}; pass "
                          "enable_gqa=True for grouped-query attention")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
@@ -149,7 +149,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-    ops.check_attention_args("attention", query, key, value, attn_mask, scale)
+    ops.check_attention_args("scaled_dot_product_attention", query, key, value, attn_mask, scale)
     if attn_mask is not None:
         attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
     out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
@@ -157,12 +157,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
 
 
 class _SdpaCurvatureMode(TorchFunctionMode):
-    """Sends ``F.scaled_dot_product_attention`` to :func:`attention`; every other function runs unchanged."""
+    """Sends ``F.scaled_dot_product_attention`` to :func:`scaled_dot_product_attention`; every other function runs unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return attention(*args, **kwargs)
+            return scaled_dot_product_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -176,15 +176,15 @@ def _routing() -> bool:
 
 
 @contextlib.contextmanager
-def sdpa_curvature():
-    """Within this context, ``F.scaled_dot_product_attention`` is :func:`attention`: differentiable twice,
+def sdpa_curvature(enabled: bool = True):
+    """Within this context (when ``enabled``), ``F.scaled_dot_product_attention`` is :func:`scaled_dot_product_attention`: differentiable twice,
     forward-mode differentiable and vmappable, in O(T) memory.
 
     Entered by ``hvp``, the curvature operators and the second-order optimizers' refresh steps; enter it yourself
     to differentiate an SDPA model twice elsewhere. Nested entries are one entry. ``dropout_p`` must be 0 (a
-    ``ValueError`` otherwise): evaluate the model in eval mode.
+    ``ValueError`` otherwise): evaluate the model in eval mode. Also a decorator (``@sdpa_curvature()``).
     """
-    if _routing():
+    if not enabled or _routing():
         yield
         return
     with _SdpaCurvatureMode():

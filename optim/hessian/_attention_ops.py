@@ -143,10 +143,11 @@ def _reduce_kv(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _mask_tile(attn_mask, is_causal, shape, rows: slice, keys: int, dtype, device) -> torch.Tensor | None:
-    """The additive mask of query rows ``rows`` (0 / −∞ or the float mask), broadcastable to (B, Hq, rows, Tk)."""
+    """The additive mask of query rows ``rows`` and the first ``keys`` keys (0 / −∞, or the float mask),
+    broadcastable to (B, Hq, rows, keys)."""
     bias = None
     if attn_mask is not None:
-        mask = attn_mask.broadcast_to(shape)[:, :, rows]  # a view: only this tile is converted
+        mask = attn_mask.broadcast_to(shape)[:, :, rows, :keys]  # a view: only this tile is converted
         if mask.dtype == torch.bool:
             bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, -math.inf)
         else:
@@ -185,9 +186,14 @@ class _Inputs:
     def kv(self, tensor):
         return _expand_kv(tensor.to(self.dtype), self.heads)
 
+    def keys(self, rows: slice) -> slice:
+        """The keys query rows ``rows`` can attend to: with ``is_causal`` none past the last row (half the work)."""
+        return slice(0, min(rows.stop, self.full[3]) if self.causal else self.full[3])
+
     def scores(self, rows: slice) -> torch.Tensor:
-        scores = self.scale * (self.q[:, :, rows] @ self.k.transpose(-1, -2))
-        bias = _mask_tile(self.mask, self.causal, self.full, rows, self.full[3], self.dtype, self.q.device)
+        keys = self.keys(rows)
+        scores = self.scale * (self.q[:, :, rows] @ self.k[:, :, keys].transpose(-1, -2))
+        bias = _mask_tile(self.mask, self.causal, self.full, rows, keys.stop, self.dtype, self.q.device)
         return scores if bias is None else scores + bias
 
 
@@ -201,7 +207,7 @@ def _forward(q, k, v, attn_mask, is_causal, scale, tile):
         scores = x.scores(rows)
         lse_rows = torch.logsumexp(scores, dim=-1)
         lse[:, :, rows] = lse_rows
-        out[:, :, rows] = (_probabilities(scores, lse_rows) @ x.v).to(q.dtype)
+        out[:, :, rows] = (_probabilities(scores, lse_rows) @ x.v[:, :, x.keys(rows)]).to(q.dtype)
     return out, lse
 
 
@@ -238,12 +244,13 @@ def _backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, tile):
     grad_v = torch.zeros(x.v.shape, dtype=x.dtype, device=q.device)
     delta = (d_out * o).sum(-1)  # D
     for rows in _tiles(q.shape[2], tile):
+        keys = x.keys(rows)
         p = _probabilities(x.scores(rows), lse[:, :, rows])
         d_o = d_out[:, :, rows]
-        d_s = p * (d_o @ x.v.transpose(-1, -2) - delta[:, :, rows].unsqueeze(-1))
-        grad_q[:, :, rows] = (scale * (d_s @ x.k)).to(q.dtype)
-        grad_k += scale * (d_s.transpose(-1, -2) @ x.q[:, :, rows])
-        grad_v += p.transpose(-1, -2) @ d_o
+        d_s = p * (d_o @ x.v[:, :, keys].transpose(-1, -2) - delta[:, :, rows].unsqueeze(-1))
+        grad_q[:, :, rows] = (scale * (d_s @ x.k[:, :, keys])).to(q.dtype)
+        grad_k[:, :, keys] += scale * (d_s.transpose(-1, -2) @ x.q[:, :, rows])
+        grad_v[:, :, keys] += p.transpose(-1, -2) @ d_o
     return grad_q, _reduce_kv(grad_k, x.kv_heads).to(k.dtype), _reduce_kv(grad_v, x.kv_heads).to(v.dtype)
 
 
@@ -278,9 +285,11 @@ sdpa_backward = define_op(
 
 def _tangent_tile(x: _Inputs, p, rows, q_dot, k_dot, v_dot):
     """(Ṗ, Ȯ) on the query rows ``rows``; ``k_dot`` and ``v_dot`` already expanded to the query heads."""
-    s_dot = x.scale * (q_dot[:, :, rows] @ x.k.transpose(-1, -2) + x.q[:, :, rows] @ k_dot.transpose(-1, -2))
+    keys = x.keys(rows)
+    s_dot = x.scale * (q_dot[:, :, rows] @ x.k[:, :, keys].transpose(-1, -2)
+                       + x.q[:, :, rows] @ k_dot[:, :, keys].transpose(-1, -2))
     p_dot = p * (s_dot - (p * s_dot).sum(-1, keepdim=True))
-    return p_dot, p_dot @ x.v + p @ v_dot
+    return p_dot, p_dot @ x.v[:, :, keys] + p @ v_dot[:, :, keys]
 
 
 def _forward_jvp(q, k, v, out, lse, q_dot, k_dot, v_dot, attn_mask, is_causal, scale, tile):
@@ -332,17 +341,19 @@ def _backward_jvp(grad_out, q, k, v, out, lse, grad_out_dot, q_dot, k_dot, v_dot
     grad_v_dot = torch.zeros(x.v.shape, dtype=x.dtype, device=q.device)
     delta = (d_out * o).sum(-1, keepdim=True)  # D
     for rows in _tiles(q.shape[2], tile):
+        keys = x.keys(rows)
+        k_rows, v_rows, k_dot_rows, v_dot_rows = x.k[:, :, keys], x.v[:, :, keys], k_dot[:, :, keys], v_dot[:, :, keys]
         p = _probabilities(x.scores(rows), lse[:, :, rows])
         p_dot, o_dot = _tangent_tile(x, p, rows, q_dot, k_dot, v_dot)
         d_o, d_o_dot, q_rows, q_dot_rows = d_out[:, :, rows], d_out_dot[:, :, rows], x.q[:, :, rows], q_dot[:, :, rows]
-        d_p_centered = d_o @ x.v.transpose(-1, -2) - delta[:, :, rows]  # dP − D
+        d_p_centered = d_o @ v_rows.transpose(-1, -2) - delta[:, :, rows]  # dP − D
         d_s = p * d_p_centered
-        d_p_dot = d_o_dot @ x.v.transpose(-1, -2) + d_o @ v_dot.transpose(-1, -2)
+        d_p_dot = d_o_dot @ v_rows.transpose(-1, -2) + d_o @ v_dot_rows.transpose(-1, -2)
         delta_dot = (d_o_dot * o[:, :, rows] + d_o * o_dot).sum(-1, keepdim=True)  # Ḋ
         d_s_dot = p_dot * d_p_centered + p * (d_p_dot - delta_dot)
-        grad_q_dot[:, :, rows] = (scale * (d_s_dot @ x.k + d_s @ k_dot)).to(q.dtype)
-        grad_k_dot += scale * (d_s_dot.transpose(-1, -2) @ q_rows + d_s.transpose(-1, -2) @ q_dot_rows)
-        grad_v_dot += p_dot.transpose(-1, -2) @ d_o + p.transpose(-1, -2) @ d_o_dot
+        grad_q_dot[:, :, rows] = (scale * (d_s_dot @ k_rows + d_s @ k_dot_rows)).to(q.dtype)
+        grad_k_dot[:, :, keys] += scale * (d_s_dot.transpose(-1, -2) @ q_rows + d_s.transpose(-1, -2) @ q_dot_rows)
+        grad_v_dot[:, :, keys] += p_dot.transpose(-1, -2) @ d_o + p.transpose(-1, -2) @ d_o_dot
     return (grad_q_dot, _reduce_kv(grad_k_dot, x.kv_heads).to(k.dtype),
             _reduce_kv(grad_v_dot, x.kv_heads).to(v.dtype))
 

@@ -2,7 +2,7 @@
 
 Oracles: the ``*_reference`` functions (every T×T matrix at once), and autograd through plain softmax attention
 (:func:`math_attention`). Sizes: T not a multiple of the tile (37 rows, tiles of 16 for the Python kernels and of the
-compiled kernel's own tile), causal and masked, grouped-query (Hkv < Hq).
+compiled kernel's 64 × 256 tiles), causal and masked, grouped-query (Hkv < Hq).
 """
 
 import math
@@ -29,6 +29,9 @@ CASES = [
     ("causal-gqa", 4, 2, 37, 37, None, True),
     ("bool-mask-cross", 2, 2, 37, 29, "bool", False),
     ("additive-mask-causal-mqa", 4, 1, 37, 37, "additive", True),
+    # past the compiled kernel's tiles (64 query rows, 256 keys): partial tiles on both sides
+    ("long-causal-gqa", 4, 2, 150, 150, None, True),
+    ("long-bool-mask-cross", 2, 1, 150, 300, "bool", False),
 ]
 CASE_IDS = [case[0] for case in CASES]
 

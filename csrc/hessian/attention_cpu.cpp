@@ -108,6 +108,9 @@ template <typename Body>
 void for_query_tiles(const Attention& a, Body body) {
   const int64_t per_head = tiles(a.tq, kQueryTile);
   at::parallel_for(0, a.batch * a.heads * per_head, 1, [&](int64_t first, int64_t last) {
+    // parallel_for's worker threads do not inherit the caller's dispatch state: without this guard the tile
+    // operations there would go through autograd (recording graphs on inputs that require grad)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t item = first; item < last; ++item) {
       const int64_t tile = item % per_head, h = (item / per_head) % a.heads, b = item / (per_head * a.heads);
       const int64_t i0 = tile * kQueryTile;
@@ -121,6 +124,7 @@ template <typename Body>
 void for_key_tiles(const Attention& a, Body body) {
   const int64_t per_head = tiles(a.tk, kKeyTile);
   at::parallel_for(0, a.batch * a.kv_heads * per_head, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_query_tiles
     for (int64_t item = first; item < last; ++item) {
       const int64_t tile = item % per_head, h = (item / per_head) % a.kv_heads, b = item / (per_head * a.kv_heads);
       const int64_t j0 = tile * kKeyTile;

@@ -53,7 +53,10 @@ class _Attention(torch.autograd.Function):
         q, k, v, attn_mask, is_causal, scale = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)  # a by-product for the backward; attention returns only O
-        ctx.set_materialize_grads(False)  # no cotangent for O (a double backward's zero) is no work, not zeros
+        # A double backward sends no cotangent to O through _AttentionBackward (which returns None for out: its
+        # dependence on (q, k, v) is in its own derivatives); unmaterialized, that None costs nothing instead of a
+        # backward of zeros.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask)
         ctx.save_for_forward(q, k, v, out, lse, attn_mask)
         ctx.is_causal, ctx.scale = is_causal, scale
@@ -63,10 +66,8 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None, None
-        # out and lse go in detached: they are functions of (q, k, v), whose dependence _AttentionBackward's own
-        # derivatives already contain; an edge to them would run this backward again, on zeros, in a double backward
-        grad_q, grad_k, grad_v = _AttentionBackward.apply(grad_out, q, k, v, out.detach(), lse, attn_mask,
-                                                          ctx.is_causal, ctx.scale)
+        grad_q, grad_k, grad_v = _AttentionBackward.apply(grad_out, q, k, v, out, lse, attn_mask, ctx.is_causal,
+                                                          ctx.scale)
         return grad_q, grad_k, grad_v, None, None, None
 
     @staticmethod

@@ -28,6 +28,12 @@ constexpr int64_t kKeyTile = 256;
 
 int64_t tiles(int64_t count, int64_t tile) { return (count + tile - 1) / tile; }
 
+// Work items per thread at least: about 2^20 multiply-adds each, so that small problems (a few tokens or heads)
+// run on the calling thread instead of paying a parallel region (much slower than the work on a busy machine).
+int64_t grain(int64_t rows, int64_t keys, int64_t dims) {
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, rows * keys * dims));
+}
+
 // The operands in the working dtype, contiguous, and the (b, head, rows, keys) tiles of the scores and probabilities.
 struct Attention {
   at::Tensor q, k, v, mask, lse_safe;
@@ -107,7 +113,9 @@ struct Attention {
 template <typename Body>
 void for_query_tiles(const Attention& a, Body body) {
   const int64_t per_head = tiles(a.tq, kQueryTile);
-  at::parallel_for(0, a.batch * a.heads * per_head, 1, [&](int64_t first, int64_t last) {
+  const int64_t items = a.batch * a.heads * per_head;
+  at::parallel_for(0, items, grain(std::min(kQueryTile, a.tq), a.tk, a.q.size(3) + a.v.size(3)),
+                   [&](int64_t first, int64_t last) {
     // parallel_for's worker threads do not inherit the caller's dispatch state: without this guard the tile
     // operations there would go through autograd (recording graphs on inputs that require grad)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -123,7 +131,9 @@ void for_query_tiles(const Attention& a, Body body) {
 template <typename Body>
 void for_key_tiles(const Attention& a, Body body) {
   const int64_t per_head = tiles(a.tk, kKeyTile);
-  at::parallel_for(0, a.batch * a.kv_heads * per_head, 1, [&](int64_t first, int64_t last) {
+  const int64_t items = a.batch * a.kv_heads * per_head;
+  at::parallel_for(0, items, grain(std::min(kKeyTile, a.tk), a.groups * a.tq, a.q.size(3) + a.v.size(3)),
+                   [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_query_tiles
     for (int64_t item = first; item < last; ++item) {
       const int64_t tile = item % per_head, h = (item / per_head) % a.kv_heads, b = item / (per_head * a.kv_heads);

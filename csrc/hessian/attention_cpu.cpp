@@ -3,15 +3,17 @@
 //
 // Work is cut into tiles of kQueryTile query rows × kKeyTile keys of one (batch, head). Nothing of size Tq × Tk is
 // ever allocated: a tile's scores are recomputed from Q and K, and its probabilities from the saved lse
-// (P = exp(S − lse)), except in the forward, which builds lse with an online softmax over the key tiles. Each
-// output element is written by one work item, so there are no atomics and no reductions across threads:
-//   * per-query results (O, dQ, dQ̇, and the row statistics r and Ḋ of the backward JVP) come from a parallel_for
-//     over batch × query heads × query tiles, each looping over key tiles;
-//   * per-key results (dK, dV, dK̇, dV̇) come from a second parallel_for over batch × key heads × key tiles, each
-//     looping over the query heads of its group and their query tiles (the split of FlashAttention-2's backward).
-// With is_causal a query tile skips the key tiles past its last row, and a key tile the query rows before its first
-// key. The products inside a tile are ATen matmuls on (at most) 64 × 256 blocks, single-threaded inside the
-// parallel region. Inputs of every dtype are computed in float32 (float64 for float64) and the results rounded once.
+// (P = exp(S − lse)), except in the forward, which builds lse with an online softmax over the key tiles.
+//   * forward and forward JVP: a parallel_for over batch × query heads × query tiles, each looping over key tiles
+//     (the forward JVP in one pass: Ȯ = (P⊙Ṡ) V − r ⊙ O + P V̇ with r = Σ_j P⊙Ṡ);
+//   * backward and backward JVP: a parallel_for over batch × query heads; each item owns its dQ rows and its own
+//     (Tk, d) accumulators of dK and dV (O(B·Hq·Tk·d) in all, summed over each group of query heads at the end),
+//     so no two threads write one element and nothing is recomputed across passes: one sweep over the
+//     (query tile, key tile) pairs (the backward JVP keeps a query tile's P and Ṡ, 2 × 64 × Tk, between its two
+//     sweeps over the key tiles: the first gives r and Ȯ, hence Ḋ, which the second needs).
+// With is_causal a query tile skips the key tiles past its last row. The products inside a tile are ATen matmuls
+// on (at most) 64 × 256 blocks, single-threaded inside the parallel region. Inputs of every dtype are computed in
+// float32 (float64 for float64) and the results rounded once.
 #include "attention.h"
 
 #include <ATen/Parallel.h>
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 namespace optim {
 namespace {
@@ -62,9 +65,8 @@ struct Attention {
     lse_safe = at::where(at::isneginf(lse), at::zeros_like(lse), lse).contiguous();
   }
 
-  // keys [0, key_end) can be seen by rows before `row_end`; rows [row_begin, Tq) can see keys from `key_begin`
+  // keys [0, key_end) can be seen by rows before `row_end`
   int64_t key_end(int64_t row_end) const { return causal ? std::min(row_end, tk) : tk; }
-  int64_t row_begin(int64_t key_begin) const { return causal ? std::min(key_begin, tq) : 0; }
 
   at::Tensor rows(const at::Tensor& t, int64_t b, int64_t h, int64_t i0, int64_t n) const {
     return t.select(0, b).select(0, h).narrow(0, i0, n);
@@ -127,26 +129,21 @@ void for_query_tiles(const Attention& a, Body body) {
   });
 }
 
-// Runs `body(b, kv_head, j0, nj)` for every key tile of every (batch, key head).
+// Runs `body(b, h)` for every (batch, query head).
 template <typename Body>
-void for_key_tiles(const Attention& a, Body body) {
-  const int64_t per_head = tiles(a.tk, kKeyTile);
-  const int64_t items = a.batch * a.kv_heads * per_head;
-  at::parallel_for(0, items, grain(std::min(kKeyTile, a.tk), a.groups * a.tq, a.q.size(3) + a.v.size(3)),
+void for_heads(const Attention& a, Body body) {
+  at::parallel_for(0, a.batch * a.heads, grain(a.tq, a.tk, a.q.size(3) + a.v.size(3)),
                    [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_query_tiles
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t tile = item % per_head, h = (item / per_head) % a.kv_heads, b = item / (per_head * a.kv_heads);
-      const int64_t j0 = tile * kKeyTile;
-      body(b, h, j0, std::min(kKeyTile, a.tk - j0));
-    }
+    for (int64_t item = first; item < last; ++item) body(item / a.heads, item % a.heads);
   });
 }
 
-// `body(i0, ni)` for the query tiles that can see keys from j0 on (query head loop left to the caller)
-template <typename Body>
-void over_rows(const Attention& a, int64_t j0, Body body) {
-  for (int64_t i0 = a.row_begin(j0); i0 < a.tq; i0 += kQueryTile) body(i0, std::min(kQueryTile, a.tq - i0));
+// (B, Hq, Tk, ·) per-query-head accumulators → (B, Hkv, Tk, ·) in `like`'s dtype: the sum over each group
+at::Tensor reduce_groups(const at::Tensor& per_head, const Attention& a, const at::Tensor& like) {
+  at::Tensor sum = a.groups == 1 ? per_head
+                                 : per_head.view({a.batch, a.kv_heads, a.groups, a.tk, per_head.size(3)}).sum(2);
+  return sum.to(like.scalar_type()).contiguous();
 }
 
 template <typename Body>
@@ -213,57 +210,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cpu(const at::Tenso
   const at::Tensor d_out = grad_out.to(a.q.scalar_type()).contiguous();
   const at::Tensor delta = (d_out * out.to(a.q.scalar_type())).sum(-1);  // D
   at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor grad_v = at::empty_like(v, at::MemoryFormat::Contiguous);
-  auto d_s = [&](int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0, int64_t nj, at::Tensor& p) {
-    p = a.probabilities(b, h, i0, ni, j0, nj);
-    at::Tensor d_p = at::matmul(row_slice(d_out, b, h, i0, ni), a.keys(a.v, b, h, j0, nj).t());
-    return p * d_p.sub_(row_slice(delta, b, h, i0, ni).unsqueeze(1));  // P ⊙ (dP − D)
-  };
-  for_query_tiles(a, [&](int64_t b, int64_t h, int64_t i0, int64_t ni) {
-    at::Tensor acc = at::zeros({ni, a.q.size(3)}, a.q.options());
-    over_keys(a, i0, ni, [&](int64_t j0, int64_t nj) {
-      at::Tensor p;
-      acc.addmm_(d_s(b, h, i0, ni, j0, nj, p), a.keys(a.k, b, h, j0, nj));
-    });
-    row_slice(grad_q, b, h, i0, ni).copy_(acc.mul_(scale));
-  });
-  for_key_tiles(a, [&](int64_t b, int64_t kv, int64_t j0, int64_t nj) {
-    at::Tensor acc_k = at::zeros({nj, a.k.size(3)}, a.q.options());
-    at::Tensor acc_v = at::zeros({nj, a.v.size(3)}, a.q.options());
-    for (int64_t h = kv * a.groups; h < (kv + 1) * a.groups; ++h) {
-      over_rows(a, j0, [&](int64_t i0, int64_t ni) {
-        at::Tensor p;
-        const at::Tensor ds = d_s(b, h, i0, ni, j0, nj, p);
-        acc_v.addmm_(p.t(), row_slice(d_out, b, h, i0, ni));
-        acc_k.addmm_(ds.t(), a.rows(a.q, b, h, i0, ni));
+  at::Tensor grad_k = at::zeros({a.batch, a.heads, a.tk, a.k.size(3)}, a.q.options());  // per query head
+  at::Tensor grad_v = at::zeros({a.batch, a.heads, a.tk, a.v.size(3)}, a.q.options());
+  for_heads(a, [&](int64_t b, int64_t h) {
+    for (int64_t i0 = 0; i0 < a.tq; i0 += kQueryTile) {
+      const int64_t ni = std::min(kQueryTile, a.tq - i0);
+      const at::Tensor d_o = row_slice(d_out, b, h, i0, ni), q_rows = a.rows(a.q, b, h, i0, ni);
+      at::Tensor acc = at::zeros({ni, a.q.size(3)}, a.q.options());
+      over_keys(a, i0, ni, [&](int64_t j0, int64_t nj) {
+        const at::Tensor p = a.probabilities(b, h, i0, ni, j0, nj);
+        const at::Tensor d_s = p * at::matmul(d_o, a.keys(a.v, b, h, j0, nj).t())
+                                       .sub_(row_slice(delta, b, h, i0, ni).unsqueeze(1));  // P ⊙ (dP − D)
+        acc.addmm_(d_s, a.keys(a.k, b, h, j0, nj));
+        row_slice(grad_k, b, h, j0, nj).addmm_(d_s.t(), q_rows);
+        row_slice(grad_v, b, h, j0, nj).addmm_(p.t(), d_o);
       });
+      row_slice(grad_q, b, h, i0, ni).copy_(acc.mul_(scale));
     }
-    row_slice(grad_k, b, kv, j0, nj).copy_(acc_k.mul_(scale));
-    row_slice(grad_v, b, kv, j0, nj).copy_(acc_v);
   });
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, reduce_groups(grad_k.mul_(scale), a, k), reduce_groups(grad_v, a, v)};
 }
 
 // --- forward JVP ---------------------------------------------------------------------------------------------------
 
-// Over the key tiles of one query tile: r = Σ_j P⊙Ṡ and Ȯ = Σ_j (P⊙Ṡ) V + P V̇ − r ⊙ (P V), in one pass
-// (Ṗ V = (P⊙Ṡ) V − r ⊙ O with O = P V recomputed in the working dtype).
-std::pair<at::Tensor, at::Tensor> output_tangent(const Attention& a, const at::Tensor& q_dot, const at::Tensor& k_dot,
-                                                 const at::Tensor& v_dot, int64_t b, int64_t h, int64_t i0,
-                                                 int64_t ni) {
+// Over the key tiles of one query tile: r = Σ_j P⊙Ṡ and Ȯ = Σ_j (P⊙Ṡ) V + P V̇ − r ⊙ O, in one pass
+// (Ṗ V = (P⊙Ṡ) V − r ⊙ (P V), and P V is the saved O). With `keep`, the tiles of P and Ṡ are appended to it.
+std::pair<at::Tensor, at::Tensor> output_tangent(const Attention& a, const at::Tensor& o, const at::Tensor& q_dot,
+                                                 const at::Tensor& k_dot, const at::Tensor& v_dot, int64_t b,
+                                                 int64_t h, int64_t i0, int64_t ni,
+                                                 std::vector<at::Tensor>* keep = nullptr) {
   at::Tensor r = at::zeros({ni}, a.q.options());
   at::Tensor weighted = at::zeros({ni, a.v.size(3)}, a.q.options());  // Σ (P⊙Ṡ) V + P V̇
-  at::Tensor o = at::zeros({ni, a.v.size(3)}, a.q.options());
   over_keys(a, i0, ni, [&](int64_t j0, int64_t nj) {
     const at::Tensor p = a.probabilities(b, h, i0, ni, j0, nj);
-    const at::Tensor ps = p * a.score_tangent(q_dot, k_dot, b, h, i0, ni, j0, nj);
+    const at::Tensor s_dot = a.score_tangent(q_dot, k_dot, b, h, i0, ni, j0, nj);
+    const at::Tensor ps = p * s_dot;
     r.add_(ps.sum(1));
-    const at::Tensor v_tile = a.keys(a.v, b, h, j0, nj);
-    weighted.addmm_(ps, v_tile).addmm_(p, a.keys(v_dot, b, h, j0, nj));
-    o.addmm_(p, v_tile);
+    weighted.addmm_(ps, a.keys(a.v, b, h, j0, nj)).addmm_(p, a.keys(v_dot, b, h, j0, nj));
+    if (keep != nullptr) {
+      keep->push_back(p);
+      keep->push_back(s_dot);
+    }
   });
-  return {r, weighted.sub_(o.mul_(r.unsqueeze(1)))};
+  return {r, weighted.sub_(row_slice(o, b, h, i0, ni) * r.unsqueeze(1))};
 }
 
 at::Tensor sdpa_forward_jvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -281,8 +270,9 @@ at::Tensor sdpa_forward_jvp_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const auto work = a.q.scalar_type();
   const at::Tensor qd = q_dot.to(work).contiguous(), kd = k_dot.to(work).contiguous(), vd = v_dot.to(work).contiguous();
   at::Tensor out_dot = at::empty_like(out, at::MemoryFormat::Contiguous);
+  const at::Tensor o = out.to(work).contiguous();
   for_query_tiles(a, [&](int64_t b, int64_t h, int64_t i0, int64_t ni) {
-    row_slice(out_dot, b, h, i0, ni).copy_(output_tangent(a, qd, kd, vd, b, h, i0, ni).second);
+    row_slice(out_dot, b, h, i0, ni).copy_(output_tangent(a, o, qd, kd, vd, b, h, i0, ni).second);
   });
   return out_dot;
 }
@@ -306,60 +296,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_jvp_cpu(
   const at::Tensor o = out.to(work).contiguous();
   const at::Tensor qd = q_dot.to(work).contiguous(), kd = k_dot.to(work).contiguous(), vd = v_dot.to(work).contiguous();
   const at::Tensor delta = (d_out * o).sum(-1);  // D
-  // per query row: r = Σ_j P⊙Ṡ and Ḋ = Σ (dȮ⊙O + dO⊙Ȯ), which every key tile of the row needs
-  at::Tensor r = at::empty_like(delta), delta_dot = at::empty_like(delta);
   at::Tensor grad_q_dot = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor grad_k_dot = at::empty_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor grad_v_dot = at::empty_like(v, at::MemoryFormat::Contiguous);
-
-  // dS = P ⊙ (dP − D), Ṗ = P ⊙ (Ṡ − r), dṠ = Ṗ ⊙ (dP − D) + P ⊙ (dṖ − Ḋ) on a tile
-  struct Tile {
-    at::Tensor p, p_dot, d_s, d_s_dot;
-  };
-  auto tile = [&](int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
-    Tile t;
-    t.p = a.probabilities(b, h, i0, ni, j0, nj);
-    const at::Tensor s_dot = a.score_tangent(qd, kd, b, h, i0, ni, j0, nj);
-    t.p_dot = t.p * s_dot.sub_(row_slice(r, b, h, i0, ni).unsqueeze(1));
-    const at::Tensor v_tile = a.keys(a.v, b, h, j0, nj);
-    const at::Tensor d_p = at::matmul(row_slice(d_out, b, h, i0, ni), v_tile.t())
-                               .sub_(row_slice(delta, b, h, i0, ni).unsqueeze(1));
-    at::Tensor d_p_dot = at::matmul(row_slice(d_out_dot, b, h, i0, ni), v_tile.t());
-    d_p_dot.addmm_(row_slice(d_out, b, h, i0, ni), a.keys(vd, b, h, j0, nj).t())
-        .sub_(row_slice(delta_dot, b, h, i0, ni).unsqueeze(1));
-    t.d_s = t.p * d_p;
-    t.d_s_dot = t.p_dot * d_p + t.p * d_p_dot;
-    return t;
-  };
-
-  for_query_tiles(a, [&](int64_t b, int64_t h, int64_t i0, int64_t ni) {
-    auto [r_rows, o_dot] = output_tangent(a, qd, kd, vd, b, h, i0, ni);
-    row_slice(r, b, h, i0, ni).copy_(r_rows);
-    row_slice(delta_dot, b, h, i0, ni)
-        .copy_((row_slice(d_out_dot, b, h, i0, ni) * row_slice(o, b, h, i0, ni) +
-                row_slice(d_out, b, h, i0, ni) * o_dot)
-                   .sum(1));
-    at::Tensor acc = at::zeros({ni, a.q.size(3)}, a.q.options());
-    over_keys(a, i0, ni, [&](int64_t j0, int64_t nj) {
-      const Tile t = tile(b, h, i0, ni, j0, nj);
-      acc.addmm_(t.d_s_dot, a.keys(a.k, b, h, j0, nj)).addmm_(t.d_s, a.keys(kd, b, h, j0, nj));
-    });
-    row_slice(grad_q_dot, b, h, i0, ni).copy_(acc.mul_(scale));
-  });
-  for_key_tiles(a, [&](int64_t b, int64_t kv, int64_t j0, int64_t nj) {
-    at::Tensor acc_k = at::zeros({nj, a.k.size(3)}, a.q.options());
-    at::Tensor acc_v = at::zeros({nj, a.v.size(3)}, a.q.options());
-    for (int64_t h = kv * a.groups; h < (kv + 1) * a.groups; ++h) {
-      over_rows(a, j0, [&](int64_t i0, int64_t ni) {
-        const Tile t = tile(b, h, i0, ni, j0, nj);
-        acc_k.addmm_(t.d_s_dot.t(), a.rows(a.q, b, h, i0, ni)).addmm_(t.d_s.t(), row_slice(qd, b, h, i0, ni));
-        acc_v.addmm_(t.p_dot.t(), row_slice(d_out, b, h, i0, ni)).addmm_(t.p.t(), row_slice(d_out_dot, b, h, i0, ni));
+  at::Tensor grad_k_dot = at::zeros({a.batch, a.heads, a.tk, a.k.size(3)}, a.q.options());  // per query head
+  at::Tensor grad_v_dot = at::zeros({a.batch, a.heads, a.tk, a.v.size(3)}, a.q.options());
+  for_heads(a, [&](int64_t b, int64_t h) {
+    std::vector<at::Tensor> kept;  // P and Ṡ of every key tile of the current query tile
+    for (int64_t i0 = 0; i0 < a.tq; i0 += kQueryTile) {
+      const int64_t ni = std::min(kQueryTile, a.tq - i0);
+      kept.clear();
+      const auto tangent = output_tangent(a, o, qd, kd, vd, b, h, i0, ni, &kept);
+      const at::Tensor& r = tangent.first;  // Σ_j P⊙Ṡ per row
+      const at::Tensor& o_dot = tangent.second;
+      const at::Tensor d_o = row_slice(d_out, b, h, i0, ni), d_o_dot = row_slice(d_out_dot, b, h, i0, ni);
+      const at::Tensor q_rows = a.rows(a.q, b, h, i0, ni), q_dot_rows = row_slice(qd, b, h, i0, ni);
+      const at::Tensor delta_rows = row_slice(delta, b, h, i0, ni).unsqueeze(1);
+      // Ḋ = Σ (dȮ ⊙ O + dO ⊙ Ȯ)
+      const at::Tensor delta_dot = (d_o_dot * row_slice(o, b, h, i0, ni) + d_o * o_dot).sum(1, true);
+      at::Tensor acc = at::zeros({ni, a.q.size(3)}, a.q.options());
+      size_t index = 0;
+      over_keys(a, i0, ni, [&](int64_t j0, int64_t nj) {
+        const at::Tensor& p = kept[index++];
+        const at::Tensor& s_dot = kept[index++];
+        const at::Tensor p_dot = p * (s_dot - r.unsqueeze(1));  // Ṗ = P ⊙ (Ṡ − r)
+        const at::Tensor v_tile = a.keys(a.v, b, h, j0, nj);
+        const at::Tensor d_p = at::matmul(d_o, v_tile.t()).sub_(delta_rows);  // dP − D
+        at::Tensor d_p_dot = at::matmul(d_o_dot, v_tile.t());                 // dṖ − Ḋ
+        d_p_dot.addmm_(d_o, a.keys(vd, b, h, j0, nj).t()).sub_(delta_dot);
+        const at::Tensor d_s = p * d_p;
+        const at::Tensor d_s_dot = p_dot * d_p + p * d_p_dot;  // Ṗ ⊙ (dP − D) + P ⊙ (dṖ − Ḋ)
+        acc.addmm_(d_s_dot, a.keys(a.k, b, h, j0, nj)).addmm_(d_s, a.keys(kd, b, h, j0, nj));
+        row_slice(grad_k_dot, b, h, j0, nj).addmm_(d_s_dot.t(), q_rows).addmm_(d_s.t(), q_dot_rows);
+        row_slice(grad_v_dot, b, h, j0, nj).addmm_(p_dot.t(), d_o).addmm_(p.t(), d_o_dot);
       });
+      row_slice(grad_q_dot, b, h, i0, ni).copy_(acc.mul_(scale));
     }
-    row_slice(grad_k_dot, b, kv, j0, nj).copy_(acc_k.mul_(scale));
-    row_slice(grad_v_dot, b, kv, j0, nj).copy_(acc_v);
   });
-  return {grad_q_dot, grad_k_dot, grad_v_dot};
+  return {grad_q_dot, reduce_groups(grad_k_dot.mul_(scale), a, k), reduce_groups(grad_v_dot, a, v)};
 }
 
 }  // namespace

@@ -390,3 +390,17 @@ def test_sophia_refresh_on_a_float32_sdpa_model_equals_its_eager_twin():
     assert any(bool(h.abs().max() > 0) for h in states[0])
     for ours, theirs in zip(*states):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_sharpness_monitor_on_an_sdpa_model_equals_its_eager_twin():
+    from optim.hessian import causal_lm_loss
+
+    sdpa, eager, batch = _gpt2_twins(n_layer=1)
+    records = []
+    for model in (sdpa, eager):
+        monitor = optim.SharpnessMonitor(model, causal_lm_loss, every=1, lr_from=0.1, probes=1, lanczos_iters=3,
+                                         param_filter=lambda name, p: ".h.0.attn." in name)
+        records.append(monitor.measure(0, batch))
+    assert math.isfinite(records[0]["lambda_max"])
+    for key in ("lambda_max", "trace"):
+        assert records[0][key] == pytest.approx(records[1][key], rel=1e-9)

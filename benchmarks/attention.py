@@ -13,13 +13,13 @@ tokens, float32, eval mode; the vocabulary is cut to 1024 so that the LM head do
   double-backward graph keeps several (12, T, T) tensors per layer — what users had to switch to before.
 
 Sizes: T = 1024, 2048, 4096 with 2 layers, and 1024 and 4096 with all 12 (``OPTIM_BENCH_ATTENTION_SIZES``, e.g.
-``1024x2,4096x12``, picks others). Each (method, T, L) runs in its own child process under an address-space limit (``--memory-limit-gb``, default 20:
-a 24 GB CPU machine), so that its peak memory is its own: the peak resident set size during the products minus the
-resident size just before the first one (model, batch and probe already built). A child that runs out of memory
-is reported as such; before that baseline, one product on the first 32 tokens has loaded every op's code. Time: the
-median of ``repeats`` products after one warm-up (none for 12 layers at T = 4096, minutes per product), with the children of the two
-methods alternating (sdpa, eager, sdpa, eager, ...) over ``rounds``. On CUDA the peak is
-``torch.cuda.max_memory_allocated`` above the level before the first product.
+``1024x2,4096x12``, picks others). Each (method, T, L) runs in its own child process under an address-space limit
+(``OPTIM_BENCH_MEMORY_GB``, default 20: a 24 GB CPU machine), so that its peak memory is its own: the peak resident
+set size during the products minus the resident size just before the first one (model, batch and probe built, and
+one product on the first 32 tokens run, which loads every op's code). A child that runs out of memory is reported
+as such. Time: the median of ``repeats`` products after one warm-up (none for 12 layers at T = 4096: minutes per
+product), the children of the two methods alternating (sdpa, eager, sdpa, eager, ...) over ``rounds``. On CUDA the
+peak is ``torch.cuda.max_memory_allocated`` above the level before the first product.
 
 The products of the two methods agree (``rel err`` = ‖Hv_sdpa − Hv_eager‖ / ‖Hv_eager‖, on the same probe; float32
 rounding) wherever both ran.
@@ -137,7 +137,8 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", h
     from ._timing import device_name
 
     if sizes is None and os.environ.get("OPTIM_BENCH_ATTENTION_SIZES"):  # e.g. "1024x2,4096x12": T x layers
-        sizes = [tuple(int(n) for n in item.split("x")) for item in os.environ["OPTIM_BENCH_ATTENTION_SIZES"].split(",")]
+        sizes = [tuple(int(n) for n in item.split("x"))
+                 for item in os.environ["OPTIM_BENCH_ATTENTION_SIZES"].split(",")]
     sizes = sizes or (QUICK if quick else HEADLINE)
     repeats = repeats or (2 if quick else 1)
     limit_gb = limit_gb or float(os.environ.get("OPTIM_BENCH_MEMORY_GB", "20"))

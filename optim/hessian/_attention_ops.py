@@ -49,7 +49,8 @@ import torch
 
 from .._library import LIBRARY, define_op
 
-__all__ = ["sdpa_forward", "sdpa_backward", "sdpa_forward_jvp", "sdpa_backward_jvp", "QUERY_TILE", "check_attention_args",
+__all__ = ["sdpa_forward", "sdpa_backward", "sdpa_forward_jvp", "sdpa_backward_jvp", "QUERY_TILE",
+           "check_attention_args",
            "sdpa_forward_reference", "sdpa_backward_reference", "sdpa_forward_jvp_reference",
            "sdpa_backward_jvp_reference"]
 
@@ -81,7 +82,8 @@ def check_attention_args(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """ValueError naming the argument when q, k, v, attn_mask or scale do not describe one attention."""
     for name, tensor in (("query", q), ("key", k), ("value", v)):
         if tensor.dim() != 4:
-            raise ValueError(f"{op}: {name} must have shape (batch, heads, tokens, head_dim), got {tuple(tensor.shape)}")
+            raise ValueError(f"{op}: {name} must have shape (batch, heads, tokens, head_dim), got "
+                             f"{tuple(tensor.shape)}")
     if q.dtype not in _FLOATS:
         raise ValueError(f"{op}: query must be float64, float32, bfloat16 or float16, got {q.dtype}")
     for name, tensor in (("key", k), ("value", v)):

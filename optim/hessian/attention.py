@@ -1,8 +1,8 @@
 """Scaled-dot-product attention with second-order rules, and the routing of ``F.scaled_dot_product_attention`` to it.
 
-:func:`scaled_dot_product_attention` computes ``softmax(s·Q Kᵀ + M) V`` (the math and shapes: ``_attention_ops.py``) through two
-``torch.autograd.Function`` s, so that every derivative a curvature computation takes exists and none stores a
-(Tq, Tk) matrix:
+:func:`scaled_dot_product_attention` computes ``softmax(s·Q Kᵀ + M) V`` (the math and shapes:
+``_attention_ops.py``) through two ``torch.autograd.Function`` s, so that every derivative a curvature computation
+takes exists and none stores a (Tq, Tk) matrix:
 
 ``_Attention`` (forward ``optim::sdpa_forward``)
     ``backward`` is ``_AttentionBackward.apply`` (so the backward itself is differentiable), ``jvp`` is
@@ -18,9 +18,9 @@ Both set ``generate_vmap_rule = True``; the ops have vmap rules (the vmapped dim
 ``torch.func.vmap`` over tangents or cotangents (k probes at once, ``is_grads_batched=True``) runs one call per op.
 
 :func:`sdpa_curvature` is a ``TorchFunctionMode`` that sends ``F.scaled_dot_product_attention`` to
-:func:`scaled_dot_product_attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator`` (and with them
-``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter it themselves, so a
-Hugging Face model with ``attn_implementation="sdpa"`` needs no change.
+:func:`scaled_dot_product_attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator``
+(and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter it
+themselves, so a Hugging Face model with ``attn_implementation="sdpa"`` needs no change.
 """
 
 from __future__ import annotations
@@ -111,40 +111,43 @@ class _AttentionBackward(torch.autograd.Function):
                                      attn_mask, ctx.is_causal, ctx.scale)
 
 
-def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False) -> torch.Tensor:
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with JVP, double-backward and vmap rules, in O(T) memory.
 
-    Same arguments and result as torch's: ``query`` (…, Hq, Tq, d), ``key`` (…, Hkv, Tk, d), ``value``
-    (…, Hkv, Tk, dv) with one or two leading dimensions in all (3-D inputs are one head), ``attn_mask`` boolean
-    (True = attend) or additive, broadcastable to (…, Hq, Tq, Tk); ``is_causal`` keeps key j ≤ query i;
-    ``scale`` defaults to 1/√d; ``enable_gqa`` allows Hkv < Hq (dividing it). Returns (…, Hq, Tq, dv).
+    Same arguments and result as torch's: ``query`` (B, Hq, Tq, d), ``key`` (B, Hkv, Tk, d), ``value``
+    (B, Hkv, Tk, dv), or all 3-D (B, T, ·: one head); ``attn_mask`` boolean (True = attend) or additive,
+    broadcastable to (B, Hq, Tq, Tk); ``is_causal`` keeps key j ≤ query i (top-left aligned, as torch's);
+    ``scale`` defaults to 1/√d; ``enable_gqa`` allows Hkv < Hq (dividing it). Returns (B, Hq, Tq, dv).
 
     Raises:
         ValueError: ``dropout_p`` other than 0 (curvature is measured without dropout: evaluate the model in eval
             mode), inputs that are not 3-D or 4-D, mismatched dtypes, devices or shapes, heads that do not divide,
             ``attn_mask`` that does not broadcast, or Hkv ≠ Hq without ``enable_gqa``.
+        TypeError: an argument that is not a tensor.
     """
+    where = "scaled_dot_product_attention"
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"scaled_dot_product_attention: {name} must be a tensor, got {type(tensor).__name__}")
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(tensor).__name__}")
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"scaled_dot_product_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise TypeError(f"{where}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if dropout_p != 0:
         raise ValueError(
-            f"scaled_dot_product_attention: dropout_p must be 0, got {dropout_p}: the curvature of a random function is not defined "
-            "here; put the model in eval mode (model.eval()) or set its attention dropout to 0"
+            f"{where}: dropout_p must be 0, got {dropout_p}: the curvature of a random function is not defined here; "
+            "put the model in eval mode (model.eval()) or set its attention dropout to 0"
         )
     dims = query.dim()
     if dims not in (3, 4):
-        raise ValueError(f"scaled_dot_product_attention: query must be 3-D (batch, tokens, dim) or 4-D (batch, heads, tokens, dim), got "
+        raise ValueError(f"{where}: query must be 3-D (batch, tokens, dim) or 4-D (batch, heads, tokens, dim), got "
                          f"shape {tuple(query.shape)}")
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dim() != dims:
-            raise ValueError(f"scaled_dot_product_attention: {name} has {tensor.dim()} dimensions but query has {dims}; they must match")
+            raise ValueError(f"{where}: {name} has {tensor.dim()} dimensions but query has {dims}; they must match")
     if dims == 4 and not enable_gqa and key.shape[1] != query.shape[1]:
-        raise ValueError(f"scaled_dot_product_attention: key has {key.shape[1]} heads but query has {query.shape[1]}; pass "
+        raise ValueError(f"{where}: key has {key.shape[1]} heads but query has {query.shape[1]}; pass "
                          "enable_gqa=True for grouped-query attention")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
@@ -153,7 +156,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-    ops.check_attention_args("scaled_dot_product_attention", query, key, value, attn_mask, scale)
+    ops.check_attention_args(where, query, key, value, attn_mask, scale)
     if attn_mask is not None:
         attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
     out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
@@ -161,7 +164,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 class _SdpaCurvatureMode(TorchFunctionMode):
-    """Sends ``F.scaled_dot_product_attention`` to :func:`scaled_dot_product_attention`; every other function runs unchanged."""
+    """Sends ``F.scaled_dot_product_attention`` to :func:`scaled_dot_product_attention`; all else runs unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -181,8 +184,9 @@ def _routing() -> bool:
 
 @contextlib.contextmanager
 def sdpa_curvature(enabled: bool = True):
-    """Within this context (when ``enabled``), ``F.scaled_dot_product_attention`` is :func:`scaled_dot_product_attention`: differentiable twice,
-    forward-mode differentiable and vmappable, in O(T) memory.
+    """Within this context (when ``enabled``), ``F.scaled_dot_product_attention`` is
+    :func:`scaled_dot_product_attention`: differentiable twice, forward-mode differentiable and vmappable, in O(T)
+    memory.
 
     Entered by ``hvp``, the curvature operators and the second-order optimizers' refresh steps; enter it yourself
     to differentiate an SDPA model twice elsewhere. Nested entries are one entry. ``dropout_p`` must be 0 (a

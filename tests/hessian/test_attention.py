@@ -306,7 +306,8 @@ def test_sdpa_curvature_routes_scaled_dot_product_attention(monkeypatch):
     q, k, v, mask, causal, scale = make_case(CASES[0])
     calls = []
     original = attention_module.scaled_dot_product_attention
-    monkeypatch.setattr(attention_module, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(attention_module, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     with sdpa_curvature(), sdpa_curvature():  # nested entries are one entry
         got = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -349,7 +350,8 @@ def test_gpt2_sdpa_curvature_products_equal_its_eager_twin(operator, monkeypatch
     sdpa, eager, batch = _gpt2_twins()
     calls = []
     original = attention_module.scaled_dot_product_attention
-    monkeypatch.setattr(attention_module, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(attention_module, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
     if operator == "hessian":
         ours, theirs = (optim.HessianOperator(model, causal_lm_loss, batch) for model in (sdpa, eager))
     else:  # GGNOperator needs the model to return the logits as a tensor

@@ -19,7 +19,8 @@ set size during the products minus the resident size just before the first one (
 one product on the first 32 tokens run, which loads every op's code). A child that runs out of memory is reported
 as such. Time: the median of ``repeats`` products after one warm-up (none for 12 layers at T = 4096: minutes per
 product), the children of the two methods alternating (sdpa, eager, sdpa, eager, ...) over ``rounds``. On CUDA the
-peak is ``torch.cuda.max_memory_allocated`` above the level before the first product.
+peak is ``torch.cuda.max_memory_allocated`` above the level before the first product. ``OPTIM_BENCH_ATTENTION_ROUNDS``
+sets ``rounds`` (default 1).
 
 The products of the two methods agree (``rel err`` = ‖Hv_sdpa − Hv_eager‖ / ‖Hv_eager‖, on the same probe; float32
 rounding) wherever both ran.
@@ -140,6 +141,7 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", h
         sizes = [tuple(int(n) for n in item.split("x"))
                  for item in os.environ["OPTIM_BENCH_ATTENTION_SIZES"].split(",")]
     sizes = sizes or (QUICK if quick else HEADLINE)
+    rounds = int(os.environ.get("OPTIM_BENCH_ATTENTION_ROUNDS", rounds))
     repeats = repeats or (2 if quick else 1)
     limit_gb = limit_gb or float(os.environ.get("OPTIM_BENCH_MEMORY_GB", "20"))
     rows = []

@@ -32,6 +32,7 @@ CASES = [
     # past the compiled kernel's tiles (64 query rows, 256 keys): partial tiles on both sides
     ("long-causal-gqa", 4, 2, 150, 150, None, True),
     ("long-bool-mask-cross", 2, 1, 150, 300, "bool", False),
+    ("head-mask-causal-gqa", 4, 2, 37, 37, "bool-heads", True),  # a mask per (batch, head)
 ]
 CASE_IDS = [case[0] for case in CASES]
 
@@ -51,6 +52,9 @@ def make_case(case, dtype=torch.float64, batch=2, dim=5, value_dim=3):
     if mask_kind == "bool":
         mask = torch.rand(batch, 1, tq, tk) > 0.4
         mask[0, 0, 3] = False  # a row with no allowed key: O = 0, lse = -inf, zero derivatives
+    elif mask_kind == "bool-heads":
+        mask = torch.rand(batch, heads, tq, tk) > 0.3
+        mask[..., 0] = True  # causal too: every row keeps key 0
     elif mask_kind == "additive":
         mask = torch.randn(tq, tk, dtype=dtype)
     return q, k, v, mask, causal, 0.7
@@ -180,6 +184,20 @@ def test_op_vmap_over_a_leading_dimension(case, name):
         expected = expected if isinstance(expected, tuple) else (expected,)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g[j], e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(OPS))
+def test_ops_on_cuda_match_the_cpu_reference(name):
+    # no CUDA kernel yet: the query-tiled PyTorch default runs there
+    case = CASES[1]
+    q, k, v, mask, causal, scale = make_case(case)
+    args = op_args(name, q, k, v, mask, causal, scale)
+    expected = OPS[name][2](*args, mask, causal, scale)
+    got = OPS[name][0](*[a.cuda() for a in args], mask.cuda(), causal, scale)
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-12, atol=1e-12)
 
 
 # --- attention(): autograd, forward mode, double backward, vmap -----------------------------------------------------

@@ -186,6 +186,32 @@ def test_op_vmap_over_a_leading_dimension(case, name):
             torch.testing.assert_close(g[j], e, rtol=1e-12, atol=1e-12)
 
 
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) made while ``fn`` runs, as the profiler records it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the profiler records the calling thread; parallel_for's workers would escape it
+    try:
+        with torch.profiler.profile(profile_memory=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
+    return max((event.self_cpu_memory_usage for event in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_no_allocation_is_tokens_by_tokens(name):
+    # O(T) memory: at Tq = Tk = 512 no tensor holds the (Tq, Tk) matrix of one head, or a quarter of it; the T×T
+    # reference does (which shows that the profiler sees the allocations)
+    case = ("memory", 1, 1, 512, 512, None, True)
+    q, k, v, mask, causal, scale = make_case(case, batch=1, dim=8, value_dim=8)
+    args = op_args(name, q, k, v, mask, causal, scale)
+    square = 512 * 512 * 4
+    op, blocked, reference = OPS[name]
+    assert _largest_allocation(lambda: reference(*args, mask, causal, scale)) >= square
+    for implementation in (op, blocked):
+        assert _largest_allocation(lambda: implementation(*args, mask, causal, scale)) <= square // 4
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(OPS))
 def test_ops_on_cuda_match_the_cpu_reference(name):

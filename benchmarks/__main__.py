@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks <name|all> [--quick] [--gpu-headline] [--device D] [--out DIR]``."""
+"""Command line: ``python -m benchmarks <name|all> [--quick] [--gpu-headline] [--device D] [--out DIR] [--fsdp N]``."""
 
 from __future__ import annotations
 
@@ -57,7 +57,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench_out",
                         help="directory for <name>.json, the PNGs and, for 'all', summary.md/.json and ratios.png "
                              "(default: bench_out/)")
-    return parser.parse_args(argv)
+    parser.add_argument("--fsdp", type=int, default=None, metavar="N",
+                        help="lowrank only: LowRankAdamW on N FSDP2 ranks (gloo on CPU) against one process")
+    args = parser.parse_args(argv)
+    if args.fsdp is not None and (args.name != "lowrank" or args.fsdp < 1):
+        parser.error("--fsdp N (N >= 1) applies to the lowrank benchmark only")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if busy_before is not None and busy_before > BUSY_WARNING:
             _warn_busy(busy_before, "just before this run")
         with OtherProcessesLoad() as load:
-            result = module.run(device, quick=args.quick, out_dir=args.out, headline=args.gpu_headline)
+            options = {"fsdp": args.fsdp} if args.fsdp else {}
+            result = module.run(device, quick=args.quick, out_dir=args.out, headline=args.gpu_headline, **options)
         if load.fraction is not None and load.fraction > BUSY_WARNING:
             _warn_busy(load.fraction, "during this run")
         record = {
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     _progress(len(names), len(names), "done", time.perf_counter() - started)
     if len(names) > 1:
         summary = write_summary(args.out, names)
+        with open(summary["paths"]["markdown"], encoding="utf-8") as file:  # the headline table, last
+            print("\n" + file.read())
         for kind, path in summary["paths"].items():
             if path:
                 print(f"wrote {path}")

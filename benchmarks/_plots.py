@@ -18,12 +18,13 @@ def pyplot(what: str):
     return plt
 
 
-def save(figure, path: str) -> str:
-    """Lay out, write ``path`` (creating its folder) at 120 dpi, close the figure; returns ``path``."""
+def save(figure, path: str, tight: bool = False) -> str:
+    """Lay out, write ``path`` (creating its folder) at 120 dpi, close the figure; returns ``path``. ``tight``:
+    the saved area grows to hold every label and title (long tick labels that ``tight_layout`` cannot fit)."""
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, **({"bbox_inches": "tight", "pad_inches": 0.15} if tight else {}))
     plt.close(figure)
     return path

@@ -299,9 +299,17 @@ def plot(rows: list[dict], path: str) -> str | None:
     return save(figure, path)
 
 
-def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False) -> dict:
-    """``headline``: part 1 alone at the 1B model's layer shapes (``quick``: the tiny model's), 3 repeats."""
+def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", headline: bool = False,
+        fsdp: int | None = None) -> dict:
+    """``headline``: part 1 alone at the 1B model's layer shapes (``quick``: the tiny model's), 3 repeats.
+    ``fsdp``: instead, LowRankAdamW on that many FSDP2 ranks against one process (``benchmarks/lowrank_fsdp.py``)."""
     device = torch.device(device)
+    if fsdp:
+        from .lowrank_fsdp import format_table as format_fsdp, run_fsdp
+
+        result = run_fsdp(fsdp, device, quick)
+        print(format_fsdp(result), flush=True)
+        return {"fsdp": result}
     if headline:
         config = CONFIGS["tiny" if quick else "1B"]
         result = {"device": str(device), "device_name": device_name(device), "quick": quick,

@@ -1,7 +1,9 @@
 """The training runs of ``tests/test_distributed.py``, in one process or as one rank of a 2-process gloo job.
 
 ``python -m tests._distributed_job OUT_DIR HOST PORT RANK WORLD_SIZE`` joins the job through the TCPStore that the
-test holds at HOST:PORT, runs every case of ``DDP_CASES`` and ``FSDP_CASES`` and writes
+test holds at HOST:PORT, runs the cases named in ``OPTIM_JOB_CASES`` (comma-separated; default every case of
+``DDP_CASES``, ``FSDP_CASES`` and ``RESHARD_CASES``; DCP checkpoints under ``OPTIM_JOB_CHECKPOINTS``, default
+OUT_DIR) and writes
 ``OUT_DIR/<case>.rank<RANK>.pt`` per case: the final parameters (whole, also under FSDP2), the Hutchinson probes the
 optimizer drew, or the error the case raised (a failing case does not stop the others, so one launch serves every
 test). ``run_ddp_case(name, None, 1)`` is the single-process run on the whole global batch that the ranks are
@@ -220,6 +222,230 @@ def run_fsdp_adamw(rank: int | None, world_size: int, **adamw_options) -> dict:
     return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds}
 
 
+FSDP_LOWRANK_STEPS = 20
+
+
+def run_fsdp_lowrank(rank: int | None, world_size: int) -> dict:
+    """LowRankAdamW (refactorizing every 4 steps, one LR-recovery step) on a low-rank TinyMLP sharded with FSDP2
+    (rank set) or whole (rank None), 20 steps over the global batches; whole final parameters."""
+    torch.manual_seed(0)
+    net = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
+    if rank is not None:
+        shard(net)
+    optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
+    batches = global_batches()
+    for step in range(FSDP_LOWRANK_STEPS):
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
+    return {"params": [p.detach().clone() for p in whole],
+            "refactorizations": optimizer.refactorizer.refactorizations,
+            "sharded": [type(p).__name__ for p in net.parameters()]}
+
+
+class StiefelNet(nn.Module):
+    """Three constrained parameters as FSDP2 shards them by rows: ``wide`` (4×6: the oriented rows RSDM samples are
+    its columns), ``tall`` (10×4: its rows) and ``stack`` (4 matrices of 10×3: sharded across the batch), and an
+    unconstrained ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, IN_FEATURES, dtype=DTYPE)))
+        self.tall = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(10, 4, dtype=DTYPE)))
+        self.stack = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, 10, 3, dtype=DTYPE)))
+        self.head = nn.Linear(3, CLASSES, dtype=DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(torch.tanh(x @ self.wide.mT) @ self.tall.mT)
+        return self.head(torch.tanh(torch.einsum("bn,knp->bp", h, self.stack)))
+
+
+FSDP_STIEFEL_STEPS = 20
+FSDP_STIEFEL_OPTIMIZERS = {
+    "rsdm_permutation": lambda c, u: optim.RSDM([c, u], lr=0.2, rank=3, momentum=0.5, reorthonormalize_every=7),
+    "rsdm_orthogonal": lambda c, u: optim.RSDM([c, u], lr=0.2, rank=3, sampling="orthogonal", seed=5),
+    "riemannian_sgd": lambda c, u: optim.RiemannianSGD([c, u], lr=0.1, momentum=0.5),
+    "riemannian_adam": lambda c, u: optim.RiemannianAdam([c, u], lr=2e-2),
+}
+
+
+def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
+    """Each optimizer of FSDP_STIEFEL_OPTIMIZERS for 20 steps on StiefelNet, sharded by FSDP2 (rank set) or whole;
+    the whole final parameters of each."""
+    out = {}
+    batches = global_batches()
+    for name, make in FSDP_STIEFEL_OPTIMIZERS.items():
+        torch.manual_seed(0)
+        net = StiefelNet()
+        if rank is not None:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(net)
+        constrained = {"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"}
+        free = {"params": list(net.head.parameters()), "manifold": None}
+        torch.manual_seed(1)
+        optimizer = make(constrained, free)
+        for step in range(FSDP_STIEFEL_STEPS):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        out[name] = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
+    return out
+
+
+FSDP_SECOND_ORDER_STEPS = 20
+
+
+def run_fsdp_second_order(rank: int | None, world_size: int) -> dict:
+    """SophiaH (refresh every 3 steps) and AdaHessian (every step) with finite-difference curvature for 20 steps,
+    on FSDP2 shards (rank set: hessian="auto" picks "fd") or whole (hessian="fd"); whole final parameters."""
+    out = {}
+    batches = global_batches()
+    for name in ("sophia", "adahessian"):
+        torch.manual_seed(0)
+        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(DTYPE)
+        if rank is not None:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(net)
+        mode = "auto" if rank is not None else "fd"
+        if name == "sophia":
+            optimizer = optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=3, seed=11, hessian=mode)
+        else:
+            optimizer = optim.AdaHessian(net.parameters(), lr=0.1, update_period=1, seed=11, hessian=mode)
+        in_features = 16 if name == "adahessian" else IN_FEATURES
+        batches = global_batches(in_features)
+        for step in range(FSDP_SECOND_ORDER_STEPS):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.step(lambda: F.cross_entropy(net(x), y))
+        out[name] = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
+    return out
+
+
+CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
+
+
+DCP_CASES = ("adamw", "lowrank", "sophia", "rsdm", "riemannian_adam")
+
+
+def _make_fsdp_optimizer(name: str, net: nn.Module):
+    if name == "adamw":
+        return optim.AdamW(net.parameters(), lr=2e-2)
+    if name == "lowrank":
+        return optim.LowRankAdamW(net, lr=2e-2, rank=None, every=3, recovery_steps=2)
+    if name == "sophia":
+        return optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=2, seed=4)
+    groups = [{"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"},
+              {"params": list(net.head.parameters()), "manifold": None}]
+    if name == "rsdm":
+        return optim.RSDM(groups, lr=0.2, rank=3, momentum=0.5, seed=9)
+    return optim.RiemannianAdam(groups, lr=2e-2)
+
+
+def _fsdp_net(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name in ("rsdm", "riemannian_adam"):
+        from torch.distributed.fsdp import fully_shard
+        return fully_shard(StiefelNet())
+    net = TinyMLP().to(DTYPE)
+    return shard(optim.to_low_rank(net, 3) if name == "lowrank" else net)
+
+
+def _train_steps(net, optimizer, steps, rank, world_size) -> None:
+    batches = global_batches()
+    for step in steps:
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
+        if isinstance(optimizer, optim.SophiaH):
+            optimizer.step(lambda: F.cross_entropy(net(x), y))
+            continue
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+
+def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
+    """For AdamW and LowRankAdamW on FSDP2: 5 steps, a torch.distributed.checkpoint save of model and optimizer,
+    5 more steps; then a fresh model and optimizer load the checkpoint and take the same 5 steps. Both final
+    parameter sets (whole), and the optimizer-state bytes this rank holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out = {}
+
+    def train(net, optimizer, steps):
+        _train_steps(net, optimizer, steps, rank, world_size)
+
+    for name in DCP_CASES:
+        path = os.path.join(CHECKPOINT_DIR[0], f"dcp_{name}")
+        net = _fsdp_net(name)
+        optimizer = _make_fsdp_optimizer(name, net)
+        train(net, optimizer, range(5))
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+        train(net, optimizer, range(5, 10))
+        straight = [p.full_tensor().detach().clone() for p in net.parameters()]
+        state_bytes = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
+                          t.numel() * t.element_size()
+                          for state in optimizer.state.values() for t in state.values()
+                          if isinstance(t, torch.Tensor))
+
+        net = _fsdp_net(name)
+        optimizer = _make_fsdp_optimizer(name, net)
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        train(net, optimizer, range(5, 10))
+        resumed = [p.full_tensor().detach().clone() for p in net.parameters()]
+        single = optim.AdamW(TinyMLP().to(DTYPE).parameters(), lr=2e-2) if name == "adamw" else None
+        single_bytes = None
+        if single is not None:  # one process's AdamW state for the same model, for the bytes-per-rank figure
+            for p in single.param_groups[0]["params"]:
+                p.grad = torch.zeros_like(p)
+            single.step()
+            single_bytes = _state_bytes(single)
+        out[name] = {"straight": straight, "resumed": resumed, "state_bytes": state_bytes,
+                     "single_state_bytes": single_bytes}
+    return out
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of the optimizer-state tensors this rank holds (a DTensor counts its local shard)."""
+    total = 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                total += local.numel() * local.element_size()
+    return total
+
+
+def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
+    """On 4 ranks: load the step-5 checkpoints that ``fsdp_dcp_resume`` saved on 2 ranks, take steps 5..9 on this
+    rank's quarter of each global batch; the whole final parameters and the rows of fc1's weight held here."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out = {}
+    for name in DCP_CASES:
+        net = _fsdp_net(name)
+        optimizer = _make_fsdp_optimizer(name, net)
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(CHECKPOINT_DIR[0], f"dcp_{name}"))
+        set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        _train_steps(net, optimizer, range(5, 10), rank, world_size)
+        first = next(net.parameters())
+        out[name] = {"resumed": [p.full_tensor().detach().clone() for p in net.parameters()],
+                     "local_rows": first.to_local().shape[0],
+                     "expected_local_rows": len(torch.arange(first.shape[0]).chunk(world_size)[rank])}
+    return out
+
+
+RESHARD_CASES = {"fsdp_dcp_reshard": fsdp_dcp_reshard}
+
+
 def fsdp_errors(rank: int, world_size: int) -> dict:
     """The ValueError message of each optimizer that cannot work on FSDP2-sharded parameters (None: no error)."""
     messages = {}
@@ -233,15 +459,22 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
 
     torch.manual_seed(0)
     mlp = shard(TinyMLP().to(DTYPE))
-    messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0))
-    messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0))
-    orthogonal = shard(OrthogonalNet().to(DTYPE))
+    messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0, hessian="exact"))
+    messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0, hessian="exact"))
+    # A constrained matrix sharded by columns (tensor parallelism's Shard(1)) is refused: the methods gather rows.
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    orthogonal = OrthogonalNet().to(DTYPE)
+    fully_shard(orthogonal.proj, shard_placement_fn=lambda param: Shard(1))
     messages["rsdm"] = message_of(lambda: optim.RSDM([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}],
                                                      lr=0.1, rank=2))
     messages["riemannian_adam"] = message_of(
         lambda: optim.RiemannianAdam([{"params": [orthogonal.proj.weight], "manifold": "stiefel"}], lr=0.1))
-    low_rank = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
-    shard(low_rank)
+    # Factors sharded by columns: the refactorizer gathers row shards only.
+    low_rank = optim.to_low_rank(TinyMLP().to(DTYPE), 4)  # rank 4: every factor has an even number of columns
+    for module in (low_rank.fc1, low_rank.fc2):
+        fully_shard(module, shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else None)
     adamw = optim.AdamW(low_rank.parameters(), lr=1e-3)
     messages["refactorizer"] = message_of(lambda: optim.Refactorizer(low_rank, adamw, every=2))
 
@@ -263,6 +496,10 @@ FSDP_CASES = {
     "fsdp_adamw_fused": lambda rank, world: run_fsdp_adamw(rank, world, fused=True),
     "fsdp_adamw_default": lambda rank, world: run_fsdp_adamw(rank, world),
     "fsdp_adamw_foreach": lambda rank, world: run_fsdp_adamw(rank, world, foreach=True),
+    "fsdp_lowrank": run_fsdp_lowrank,
+    "fsdp_stiefel": run_fsdp_stiefel,
+    "fsdp_second_order": run_fsdp_second_order,
+    "fsdp_dcp_resume": fsdp_dcp_resume,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,
 }
@@ -274,8 +511,13 @@ def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None
     timeout = datetime.timedelta(seconds=60)  # a collective that waits longer fails instead of hanging
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    CHECKPOINT_DIR.append(os.environ.get("OPTIM_JOB_CHECKPOINTS", out_dir))
     cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
-    cases.update({name: (lambda run=run: run(rank, world_size)) for name, run in FSDP_CASES.items()})
+    cases.update({name: (lambda run=run: run(rank, world_size))
+                  for name, run in {**FSDP_CASES, **RESHARD_CASES}.items()})
+    chosen = os.environ.get("OPTIM_JOB_CASES")
+    if chosen:
+        cases = {name: cases[name] for name in chosen.split(",")}
     for name, run in cases.items():
         try:
             result = run()

@@ -1,4 +1,5 @@
-"""Data-parallel training on 2 CPU processes (gloo): DDP for every optimizer, FSDP2 for the elementwise ones.
+"""Data-parallel training on 2 CPU processes (gloo): DDP for every optimizer; FSDP2 for AdamW and the low-rank
+refactorization.
 
 One 2-process job (``tests/_distributed_job.py``) runs every case, so process start-up is paid once; each test
 below checks one case's output against the single-process run on the whole global batch, computed here.
@@ -35,21 +36,22 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with the gloo backend")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    """Launch the 2-process job once; ``{case: [rank 0 result, rank 1 result]}``, or ``{"__failure__": text}``."""
-    out = tmp_path_factory.mktemp("distributed")
+def launch(out: Path, world_size: int, cases: tuple[str, ...], checkpoints: Path | None = None) -> dict:
+    """Run ``cases`` of ``tests/_distributed_job.py`` as one job of ``world_size`` gloo processes writing to ``out``
+    (DCP checkpoints read from ``checkpoints``, default ``out``); ``{case: [result per rank]}``, plus
+    ``{"__failure__": text}`` when a rank failed or the job hung."""
     # The store lives in this process on a port the OS picked (port 0), so there is no race for a free port; the
     # workers join it as clients.
-    store = dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False,
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
-                                                                                                         ""))
-    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(WORLD_SIZE)]
+                                                                                                         ""),
+               OPTIM_JOB_CASES=",".join(cases), OPTIM_JOB_CHECKPOINTS=str(checkpoints or out))
+    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(world_size)]
     workers = [subprocess.Popen([sys.executable, "-m", "tests._distributed_job", str(out), "127.0.0.1",
-                                 str(store.port), str(rank), str(WORLD_SIZE)],
+                                 str(store.port), str(rank), str(world_size)],
                                 cwd=REPO_ROOT, env=env, stdout=logs[rank], stderr=subprocess.STDOUT)
-               for rank in range(WORLD_SIZE)]
+               for rank in range(world_size)]
     deadline = time.monotonic() + JOB_TIMEOUT_S
     failure = None
     for rank, worker in enumerate(workers):
@@ -66,8 +68,8 @@ def results(tmp_path_factory) -> dict:
             worker.wait()
     del store
     collected: dict = {}
-    for name in (*job.DDP_CASES, *job.FSDP_CASES):
-        files = [out / f"{name}.rank{rank}.pt" for rank in range(WORLD_SIZE)]
+    for name in cases:
+        files = [out / f"{name}.rank{rank}.pt" for rank in range(world_size)]
         if all(f.exists() for f in files):
             collected[name] = [torch.load(f, weights_only=False) for f in files]
     if failure is not None:
@@ -81,6 +83,23 @@ def results(tmp_path_factory) -> dict:
     return collected
 
 
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def results(job_dir) -> dict:
+    """The 2-process job, launched once for every case: ``{case: [rank 0 result, rank 1 result]}``."""
+    return launch(job_dir, WORLD_SIZE, (*job.DDP_CASES, *job.FSDP_CASES))
+
+
+@pytest.fixture(scope="module")
+def resharded(results, job_dir, tmp_path_factory) -> dict:
+    """A 4-process job that loads the DCP checkpoints the 2-process job saved and continues from them."""
+    return launch(tmp_path_factory.mktemp("distributed4"), 4, tuple(job.RESHARD_CASES), checkpoints=job_dir)
+
+
 def case_results(results: dict, name: str) -> list[dict]:
     if name not in results:
         pytest.fail(f"case {name!r} produced no output. {results.get('__failure__', '')}")
@@ -90,12 +109,12 @@ def case_results(results: dict, name: str) -> list[dict]:
     return results[name]
 
 
-def assert_close_to_single_process(ranks: list[dict], single: dict) -> None:
+def assert_close_to_single_process(ranks: list[dict], single: dict, rtol: float = 1e-10, atol: float = 1e-12) -> None:
     for i, (p0, p1) in enumerate(zip(ranks[0]["params"], ranks[1]["params"])):
         assert torch.equal(p0, p1), f"parameter {i} differs between the ranks (the replicas diverged)"
     assert len(ranks[0]["params"]) == len(single["params"])
     for i, (p, expected) in enumerate(zip(ranks[0]["params"], single["params"])):
-        torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"parameter {i}: {m}")
+        torch.testing.assert_close(p, expected, rtol=rtol, atol=atol, msg=lambda m: f"parameter {i}: {m}")
 
 
 @pytest.mark.parametrize("name", job.DDP_CASES)
@@ -155,18 +174,87 @@ def test_fsdp2_adamw_matches_single_process(results, name):
     assert set(ranks[0]["state_types"]) == {"DTensor"}
 
 
+@pytest.mark.parametrize("name", ["sophia", "adahessian"])
+def test_fsdp2_second_order_with_finite_differences_matches_single_process(results, name):
+    """SophiaH and AdaHessian on FSDP2 shards (hessian="auto": finite differences of backward passes, each rank
+    drawing the probe entries of its rows): 20 steps across refreshes, equal to one process with hessian="fd" on
+    the whole batch to float64 rounding."""
+    ranks = case_results(results, "fsdp_second_order")
+    single = job.run_fsdp_second_order(None, 1)
+    # The difference quotient divides the gradients' rounding (~1e-16, the reduction order) by h ~ 6e-6 in
+    # float64: Hz agrees to ~1e-11, and 20 AdaHessian steps preconditioned by it to ~1e-8.
+    assert_close_to_single_process([{"params": result[name]} for result in ranks], {"params": single[name]},
+                                   rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("name, words", [
-    ("sophia", "Hessian-vector product"),
-    ("adahessian", "Hessian-vector product"),
-    ("rsdm", "whole matrix"),
-    ("riemannian_adam", "whole matrix"),
-    ("refactorizer", "whole factors"),
+    ("sophia", "hessian='fd'"),
+    ("adahessian", "hessian='fd'"),
+    ("rsdm", "sharded by rows"),
+    ("riemannian_adam", "sharded by rows"),
+    ("refactorizer", "sharded by rows"),
 ])
 def test_fsdp2_unsupported_optimizers_raise(results, name, words):
-    """Optimizers that need whole tensors (or a second-order graph) refuse FSDP2's DTensor shards at construction."""
+    """What cannot work on FSDP2's shards is refused at construction: a second-order graph (no double backward
+    through FSDP2's hooks), and matrices sharded by columns for the methods that gather rows."""
     messages = case_results(results, "fsdp_errors")[0]
     assert messages[name] is not None, f"{name} accepted FSDP2-sharded parameters"
     assert "DTensor" in messages[name] and words in messages[name]
+
+
+def test_fsdp2_lowrank_refactorization_matches_single_process(results):
+    """LowRankAdamW on FSDP2-sharded factors, 20 steps across five refactorizations (each layer's B and A gathered,
+    refactorized whole on every rank, each rank keeping its rows; the moments of the shards reset; the LR ramp):
+    one process on the whole batch, to float64 rounding."""
+    ranks = case_results(results, "fsdp_lowrank")
+    single = job.run_fsdp_lowrank(None, 1)
+    assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
+    assert set(ranks[0]["sharded"]) == {"DTensor"}
+    assert_close_to_single_process(ranks, single)
+
+
+@pytest.mark.parametrize("name", job.DCP_CASES)
+def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
+    """torch.distributed.checkpoint save and load of the sharded model and optimizer state of AdamW, LowRankAdamW
+    (with its refactorizer's schedule and pending resets), SophiaH (finite-difference curvature), RSDM (its
+    sampling counters) and RiemannianAdam: the resumed run equals the uninterrupted one bit for bit."""
+    ranks = case_results(results, "fsdp_dcp_resume")
+    for rank, result in enumerate(ranks):
+        for i, (a, b) in enumerate(zip(result[name]["straight"], result[name]["resumed"])):
+            assert torch.equal(a, b), f"rank {rank}, parameter {i}: the resumed run differs"
+
+
+@pytest.mark.parametrize("name", job.DCP_CASES)
+def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
+    """The checkpoint saved by 2 ranks, loaded by 4 (DCP reshards every parameter and moment): the 4-rank run of
+    the same steps ends where the uninterrupted 2-rank run does, to float64 rounding (the gradient sums are
+    rounded in another order); the 4 ranks agree bitwise."""
+    straight = case_results(results, "fsdp_dcp_resume")[0][name]["straight"]
+    ranks = case_results(resharded, "fsdp_dcp_reshard")
+    for rank, result in enumerate(ranks):
+        assert result[name]["local_rows"] == result[name]["expected_local_rows"]
+        for i, (a, b) in enumerate(zip(result[name]["resumed"], straight)):
+            assert torch.equal(a, ranks[0][name]["resumed"][i]), f"rank {rank}, parameter {i}: ranks differ"
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"parameter {i}: {m}")
+
+
+def test_fsdp2_optimizer_state_is_sharded(results):
+    """Optimizer-state bytes per rank: about half of one process's (the moments are sharded like the
+    parameters)."""
+    ranks = case_results(results, "fsdp_dcp_resume")
+    single = case_results(results, "fsdp_dcp_resume")[0]["adamw"]["single_state_bytes"]
+    for result in ranks:
+        assert result["adamw"]["state_bytes"] <= 0.6 * single
+
+
+@pytest.mark.parametrize("name", list(job.FSDP_STIEFEL_OPTIMIZERS))
+def test_fsdp2_stiefel_optimizers_match_single_process(results, name):
+    """RSDM (permutation sampling: only the sampled rows gathered; orthogonal sampling: the whole matrix),
+    RiemannianSGD and RiemannianAdam on FSDP2 row shards of a wide, a tall and a batched constrained matrix:
+    20 steps, equal to one process on the whole batch to float64 rounding."""
+    ranks = case_results(results, "fsdp_stiefel")
+    single = job.run_fsdp_stiefel(None, 1)
+    assert_close_to_single_process([{"params": result[name]} for result in ranks], {"params": single[name]})
 
 
 def test_fsdp2_adamw_refuses_mismatched_shards(results):

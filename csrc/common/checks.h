@@ -3,8 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace optim {
@@ -35,6 +39,77 @@ inline void check_tensor_like(const char* op, const char* name, size_t i, const 
               param.device());
   TORCH_CHECK(tensor.sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", tensor.sizes(),
               " but params[", i, "] has shape ", param.sizes());
+}
+
+// One tensor argument of an op for check_no_overlap: its name as the messages print it ("params[3]", "X") and
+// whether the op writes it.
+struct OverlapOperand {
+  std::string name;
+  at::Tensor tensor;
+  bool written;
+};
+
+inline void add_overlap_operands(std::vector<OverlapOperand>& operands, const char* name, at::TensorList tensors,
+                                 bool written) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    operands.push_back({std::string(name) + "[" + std::to_string(i) + "]", tensors[i], written});
+  }
+}
+
+// The same rule, in the same order and with the same messages, as optim/_overlap.py's check_no_overlap (the
+// references call that one; tests assert that the messages are equal): before anything is written,
+//   1. no written tensor overlaps itself (an expand()ed tensor: several elements at one address), and
+//   2. no written tensor shares memory with another argument of the call,
+// each tensor covering the bytes [data_ptr, data_ptr + (1 + sum((size_d - 1)·stride_d))·itemsize). Empty tensors
+// cover nothing. Rule 2 sorts the intervals by (start, position) and sweeps them once, keeping the furthest end of
+// every tensor and of the written ones: O(k log k) for k tensors.
+inline void check_no_overlap(const char* op, const std::vector<OverlapOperand>& operands) {
+  for (const auto& operand : operands) {
+    if (!operand.written || !operand.tensor.defined() || operand.tensor.numel() == 0) continue;
+    TORCH_CHECK_VALUE(at::has_internal_overlap(operand.tensor) != at::MemOverlap::Yes, op, ": ", operand.name,
+                      " has internally overlapping memory (e.g. an expand()ed tensor); the op writes it, so every "
+                      "element needs its own memory: pass ", operand.name, ".clone()");
+  }
+  std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> intervals;  // (start, end, position)
+  for (size_t k = 0; k < operands.size(); ++k) {
+    const at::Tensor& t = operands[k].tensor;
+    if (!t.defined() || t.numel() == 0) continue;
+    int64_t extent = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+    const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+    intervals.emplace_back(start, start + static_cast<uintptr_t>(extent) * t.element_size(), k);
+  }
+  std::sort(intervals.begin(), intervals.end(), [](const auto& a, const auto& b) {
+    return std::get<0>(a) != std::get<0>(b) ? std::get<0>(a) < std::get<0>(b) : std::get<2>(a) < std::get<2>(b);
+  });
+  bool any = false, any_written = false;
+  uintptr_t end_all = 0, end_written = 0;
+  size_t owner_all = 0, owner_written = 0;
+  for (const auto& [start, end, k] : intervals) {
+    const bool written = operands[k].written;
+    size_t other = k;
+    if (written && any && start < end_all) {
+      other = owner_all;
+    } else if (!written && any_written && start < end_written) {
+      other = owner_written;
+    }
+    if (other != k) {
+      const size_t first = std::min(other, k), second = std::max(other, k);
+      TORCH_CHECK_VALUE(false, op, ": ", operands[first].name, " and ", operands[second].name,
+                        " share memory; the op writes ", operands[written ? k : other].name,
+                        ", so it must not overlap another argument: pass separate tensors (.clone() one of them)");
+    }
+    if (!any || end > end_all) {
+      end_all = end;
+      owner_all = k;
+    }
+    any = true;
+    if (written && (!any_written || end > end_written)) {
+      end_written = end;
+      owner_written = k;
+    }
+    any_written = any_written || written;
+  }
 }
 
 // The tensors a kernel writes through raw pointers: either the caller's own tensors (dense, with the parameter's

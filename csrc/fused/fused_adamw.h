@@ -68,6 +68,13 @@ inline void check_fused_adamw_args(at::TensorList params, at::TensorList grads, 
                 ": state_steps[", i, "] must be a float32 tensor with one element on ", p.device(), ", got ",
                 dtype_name(step.scalar_type()), " with ", step.numel(), " elements on ", step.device());
   }
+  std::vector<OverlapOperand> operands;
+  add_overlap_operands(operands, "params", params, true);
+  add_overlap_operands(operands, "grads", grads, false);
+  add_overlap_operands(operands, "exp_avgs", exp_avgs, true);
+  add_overlap_operands(operands, "exp_avg_sqs", exp_avg_sqs, true);
+  add_overlap_operands(operands, "state_steps", state_steps, true);
+  check_no_overlap(op, operands);
 }
 
 }  // namespace optim

@@ -221,6 +221,14 @@ inline void check_fused_sophia_args(at::TensorList params, at::TensorList grads,
   for (size_t i = 0; i < probe_offsets.size(); ++i) {
     TORCH_CHECK_VALUE(probe_offsets[i] >= 0, op, ": probe_offsets[", i, "] must be >= 0, got ", probe_offsets[i]);
   }
+  std::vector<OverlapOperand> operands;
+  add_overlap_operands(operands, "params", params, true);
+  add_overlap_operands(operands, "grads", grads, false);
+  add_overlap_operands(operands, "exp_avgs", exp_avgs, true);
+  add_overlap_operands(operands, "hessians", hessians, true);
+  add_overlap_operands(operands, "hessian_products", hessian_products, false);
+  add_overlap_operands(operands, "probes", probes, false);
+  check_no_overlap(op, operands);
 }
 
 inline void check_fused_adahessian_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -239,6 +247,13 @@ inline void check_fused_adahessian_args(at::TensorList params, at::TensorList gr
                     h.step, ", hessian_step=", h.hessian_step);
   check_second_order_tensors(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_hessian_diag_sqs", exp_hessian_diag_sqs}},
                              {{"hessian_diagonals", hessian_diagonals}}, device_type);
+  std::vector<OverlapOperand> operands;
+  add_overlap_operands(operands, "params", params, true);
+  add_overlap_operands(operands, "grads", grads, false);
+  add_overlap_operands(operands, "exp_avgs", exp_avgs, true);
+  add_overlap_operands(operands, "exp_hessian_diag_sqs", exp_hessian_diag_sqs, true);
+  add_overlap_operands(operands, "hessian_diagonals", hessian_diagonals, false);
+  check_no_overlap(op, operands);
 }
 
 }  // namespace optim

@@ -20,6 +20,9 @@ inline void check_rademacher_args(at::TensorList out, int64_t offset, c10::Devic
                 dtype_name(first.scalar_type()), " on ", first.device(),
                 "; one call fills tensors of one device and dtype");
   }
+  std::vector<OverlapOperand> operands;
+  add_overlap_operands(operands, "out", out, true);
+  check_no_overlap("rademacher_", operands);
 }
 
 }  // namespace optim

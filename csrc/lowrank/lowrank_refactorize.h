@@ -43,6 +43,10 @@ inline void check_lowrank_refactorize_args(at::TensorList B, at::TensorList A, c
                   "[0] has shape ", first.sizes(), "; one call takes layers of one shape (group the layers by shape)");
     }
   }
+  std::vector<OverlapOperand> operands;
+  add_overlap_operands(operands, "B", B, true);
+  add_overlap_operands(operands, "A", A, true);
+  check_no_overlap(op, operands);
 }
 
 // The balanced factors before their scaling, from ATen's batched linear algebra in the working dtype:

@@ -43,6 +43,15 @@ inline void check_sample_rows_args(const at::Tensor& out, int64_t n, int64_t off
   TORCH_CHECK_VALUE(r > 0 && r <= n, "rsdm_sample_rows_: the rank r = out.shape[-1] = ", r, " must be in [1, n = ",
                     n, "]");
   TORCH_CHECK_VALUE(offset >= 0, "rsdm_sample_rows_: offset must be >= 0, got ", offset);
+  check_no_overlap("rsdm_sample_rows_", {{"out", out, true}});
+}
+
+// After check_rsdm_step_args and the core's name: X is written, G too when transport is set, indices only read.
+inline void check_rsdm_step_overlap(const at::Tensor& x, const at::Tensor& g, const std::optional<at::Tensor>& indices,
+                                    bool transport) {
+  std::vector<OverlapOperand> operands{{"X", x, true}, {"G", g, transport}};
+  if (indices.has_value()) operands.push_back({"indices", *indices, false});
+  check_no_overlap("rsdm_step_", operands);
 }
 
 // Returns r, the number of rows each matrix updates.

@@ -285,6 +285,7 @@ void rsdm_step_cpu(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>& 
                    int64_t offset, double lr, c10::string_view core, bool transport) {
   const int64_t r = check_rsdm_step_args(x, g, indices, rank, offset, lr, c10::DeviceType::CPU);
   const RsdmCore core_kind = parse_rsdm_core(core);
+  check_rsdm_step_overlap(x, g, indices, transport);
   const int64_t n = x.size(-2), p = x.size(-1);
   const int64_t batch = n * p == 0 ? 0 : x.numel() / (n * p);
   if (batch == 0 || n * p == 0) return;

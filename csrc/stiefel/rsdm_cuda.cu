@@ -399,6 +399,7 @@ void rsdm_step_cuda(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>&
                     int64_t offset, double lr, c10::string_view core, bool transport) {
   const int64_t r = check_rsdm_step_args(x, g, indices, rank, offset, lr, c10::DeviceType::CUDA);
   const RsdmCore core_kind = parse_rsdm_core(core);
+  check_rsdm_step_overlap(x, g, indices, transport);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(-2), p = x.size(-1);
   if (n * p == 0) return;

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from .._library import define_op
+from .._overlap import check_no_overlap, list_operands
 
 Tensors = Sequence[torch.Tensor]
 
@@ -125,6 +126,9 @@ def fused_adamw_reference(
 ) -> None:
     check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
     check_adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, reset)
+    check_no_overlap("fused_adamw_", list_operands("params", params, True) + list_operands("grads", grads, False)
+                     + list_operands("exp_avgs", exp_avgs, True) + list_operands("exp_avg_sqs", exp_avg_sqs, True)
+                     + list_operands("state_steps", state_steps, True))
     flags = [False] * len(params) if reset is None else reset
     for param, grad, exp_avg, exp_avg_sq, step, restart in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                                                 flags):

@@ -25,6 +25,8 @@ import torch
 from torch.optim import Optimizer
 
 from .._library import has_kernel
+from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_incoming_state_dict,
+                         check_lr, check_nonnegative, check_param_state, install_state_dict_hooks)
 from ._ops import PARAM_DTYPES, check_adamw_hyperparameters, fused_adamw_, fused_adamw_reference, moment_dtype
 from .distributed import local_tensors
 
@@ -43,20 +45,27 @@ class AdamW(Optimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate (>= 0). betas: (β1, β2), each in [0, 1). eps: >= 0. weight_decay: λ >= 0.
+        lr: learning rate (>= 0): a Python float or, as in torch.optim.AdamW, a 1-element Tensor (read as a float at
+            each step: one host read). betas: (β1, β2), each in [0, 1), floats or 1-element Tensors. eps: >= 0.
+            weight_decay: λ >= 0. Out-of-range values raise torch's own ValueError message, then ours.
         maximize: ascend instead of descend.
         fused: use the ``optim::fused_adamw_`` op (one multi-tensor kernel per device and dtype).
         foreach: use ``torch._foreach_*`` ops. With neither set, ``fused`` is chosen when the compiled kernel
             exists for every parameter's device, else ``foreach``. ``fused=False, foreach=False`` runs the
             single-tensor loop, which is the reference implementation of the op.
-        amsgrad, capturable, differentiable: only ``False`` is supported.
+        amsgrad, capturable, differentiable: only ``False`` is supported; a state dict saved with one of them
+            set (``torch.optim.AdamW(amsgrad=True)``) is refused at load rather than silently stepped without it.
+
+    Validation: ``add_param_group`` checks the whole group before adding it, ``step`` checks every group, gradient
+    and state before it changes anything, and ``load_state_dict`` checks the whole incoming state (torch's load
+    pre hook) before it replaces anything; a state dict of another optimizer class is refused naming both.
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
@@ -67,12 +76,6 @@ class AdamW(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ):
-        if isinstance(lr, torch.Tensor):
-            raise ValueError("lr must be a Python float; a Tensor lr is not supported by optim.AdamW")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"optim.AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_adamw_hyperparameters(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
-                                    caller="optim.AdamW")
         for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
             if value:
                 raise ValueError(f"optim.AdamW: {name}=True is not supported; use torch.optim.AdamW for it")
@@ -80,16 +83,18 @@ class AdamW(Optimizer):
             raise ValueError("optim.AdamW: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused)
-        super().__init__(params, defaults)
+        _hyperparameters(defaults, "optim.AdamW")
         self._reset_pending: dict[int, torch.Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                dtype = _real_dtype(p)
-                if dtype not in PARAM_DTYPES:
-                    raise ValueError(
-                        f"optim.AdamW: a parameter of shape {tuple(p.shape)} is {p.dtype}; only float64, float32, "
-                        "bfloat16, float16 (and complex) parameters can be optimized"
-                    )
+        super().__init__(params, defaults)
+        install_state_dict_hooks(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` after checking the whole group (its parameters' dtypes, duplicates and its
+        hyperparameters), so a group that could not be stepped is never added."""
+        check_group_params(param_group, "optim.AdamW", dtype_ok=lambda p: _real_dtype(p) in PARAM_DTYPES,
+                           dtypes_text="float64, float32, bfloat16, float16 (and complex)")
+        _hyperparameters({**self.defaults, **param_group}, "optim.AdamW")
+        super().add_param_group(param_group)
 
     def reset_moments(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Restart AdamW for ``params`` (default: every parameter) at their next step, as if newly added.
@@ -120,6 +125,7 @@ class AdamW(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+        install_state_dict_hooks(self)
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> bool:
         """Append the group's tensors that have a gradient to the lists, creating their state on first use.
@@ -149,6 +155,37 @@ class AdamW(Optimizer):
             steps.append(state["step"])
         return has_complex
 
+    def _check_step(self) -> list[dict[str, float]]:
+        """Everything the step will touch, before it touches anything: every group's hyperparameters (returned as
+        floats), every gradient (dense, the parameter's shape and dtype) and every existing state (its keys, the
+        moments' shapes and working dtypes, a one-element float32 ``step`` on the parameter's device)."""
+        hyper = [_hyperparameters(group, "optim.AdamW") for group in self.param_groups]
+        if torch.compiler.is_compiling():
+            # Dynamo creates the state in _init_group while tracing (it special-cases that method), so a check of
+            # the state before it would take another path on the trace's restart; the op checks the tensors.
+            return hyper
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = f"parameter {i} of param group {g}"
+                check_grad("optim.AdamW", where, p, sparse_hint="; use torch.optim.SparseAdam")
+                state = self.state.get(p)
+                if not state:
+                    continue
+                check_param_state("optim.AdamW.step", f"the state of {where}", p, state, STATE_SPEC, values=False)
+                moment = _moment_dtype_of(p)
+                for key in STATE_KEYS:
+                    if state[key].dtype != moment or state[key].device != p.device:
+                        raise ValueError(f"optim.AdamW.step: the state {key!r} of {where} is {state[key].dtype} on "
+                                         f"{state[key].device}; for a {p.dtype} parameter on {p.device} it must be "
+                                         f"{moment} there (optim.AdamW.load_state_dict converts it)")
+                step = state["step"]
+                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == p.device):
+                    raise ValueError(f"optim.AdamW.step: the state 'step' of {where} is {step!r}; it must be a "
+                                     f"float32 tensor with one element on {p.device}")
+        return hyper
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
@@ -156,49 +193,34 @@ class AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every group before creating state or updating anything, so a bad one changes nothing.
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            check_adamw_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                                        eps=group["eps"], caller="optim.AdamW")
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+        hyper = self._check_step()  # every group, gradient and state is checked before anything is created or written
         pending = self._reset_pending
-        for group in self.param_groups:
+        for group, h in zip(self.param_groups, hyper):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             reset = None
             if pending:
                 stepped = [p for p in group["params"] if p.grad is not None]
                 reset = [pending.pop(id(p), None) is not None for p in stepped]
-            beta1, beta2 = group["betas"]
-            adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
+                  weight_decay=h["weight_decay"], eps=h["eps"], maximize=group["maximize"],
                   foreach=group["foreach"], fused=group["fused"], reset=reset)
         return loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of ``optim.AdamW`` or ``torch.optim.AdamW``.
+    # ---------------------------------------------------------------------------------- state dicts (torch's hooks)
 
-        Checks that every saved moment has its parameter's shape before changing anything. Moments are kept in
-        their working dtype (float32 for bf16/fp16 params) and ``step`` as a float32 tensor on the param's device.
-        """
-        saved_groups = state_dict.get("param_groups", [])
-        saved_ids = [i for g in saved_groups for i in g["params"]]
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The load pre hook: the whole incoming state dict is checked before anything is replaced (the class that
+        saved it, every group's values, every parameter's state keys, moment shapes and step counts)."""
+        check_incoming_state_dict(self, state_dict, "optim.AdamW", check_group=_check_loaded_group,
+                                  spec_of=lambda group: STATE_SPEC)
+
+    def _after_state_dict_loaded(self, state_dict: dict[str, Any]) -> None:
+        """The load post hook: torch casts every float state tensor to its parameter's dtype; restore the working
+        dtypes from the source (float32 moments for bf16/fp16 params) and ``step`` as float32 on the param's
+        device."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
-        if len(saved_ids) == len(current):
-            for saved_id, p in zip(saved_ids, current):
-                saved = state_dict["state"].get(saved_id, {})
-                for key in STATE_KEYS:
-                    if key in saved and tuple(saved[key].shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"optim.AdamW.load_state_dict: state[{saved_id}][{key!r}] has shape "
-                            f"{tuple(saved[key].shape)} but the parameter it maps to has shape {tuple(p.shape)}; "
-                            "the state dict was saved for a different model or parameter order"
-                        )
-        super().load_state_dict(state_dict)  # checks group and parameter counts, then casts
-        # torch casts every float state tensor to the param's dtype; restore our working dtypes from the source.
         for saved_id, p in zip(saved_ids, current):
             saved = state_dict["state"].get(saved_id)
             if not saved:
@@ -211,6 +233,30 @@ class AdamW(Optimizer):
                 step = saved["step"]
                 step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
                 state["step"] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+
+
+STATE_SPEC = StateSpec({"step": "count", "exp_avg": "param", "exp_avg_sq": "param"})
+
+
+def _hyperparameters(group: dict[str, Any], caller: str) -> dict[str, float]:
+    """A group's (or the defaults') hyperparameters checked with torch's messages, as Python floats."""
+    beta1, beta2 = check_betas(group["betas"], caller)
+    return dict(lr=check_lr(group["lr"], caller), beta1=beta1, beta2=beta2,
+                weight_decay=check_nonnegative(group["weight_decay"], "weight_decay", caller),
+                eps=check_nonnegative(group["eps"], "eps", caller))
+
+
+def _check_loaded_group(group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    for name in ("amsgrad", "capturable", "differentiable"):
+        if group.get(name):
+            extra = (" (its max_exp_avg_sq would be ignored and the step would differ from the run that saved "
+                     "it)") if name == "amsgrad" else ""
+            raise ValueError(f"{name}=True, which optim.AdamW does not implement{extra}; resume that run with "
+                             f"torch.optim.AdamW({name}=True)")
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+        raise ValueError("decoupled_weight_decay=False (a torch.optim.Adam checkpoint with L2 weight decay); "
+                         "optim.AdamW always decouples it: resume with torch.optim.Adam")
+    _hyperparameters(group, "optim.AdamW")
 
 
 def _real_dtype(p: torch.Tensor) -> torch.dtype:

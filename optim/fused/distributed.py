@@ -5,6 +5,9 @@
   parameter has the same mesh and placements (``local_tensors``); the compiled ops have no DTensor sharding rule,
   so the optimizers hand them the local shards. Optimizers that need whole matrices reject DTensor parameters
   (``reject_dtensors``) instead of computing on a shard.
+* ``gather_whole`` / ``write_whole_``: a matrix op (QR, SVD) on a parameter that FSDP2 shards by rows runs on
+  the all-gathered whole, then each rank writes back the rows it owns (``check_row_sharded`` says which
+  placements allow it).
 * ``average_`` is the all-reduce of the data-parallel recipe of the second-order optimizers (``optim.SophiaH``,
   ``optim.AdaHessian``): one flat buffer per dtype and device, summed over the group and divided by its size.
 """
@@ -17,7 +20,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["average_", "is_dtensor", "local_tensors", "reject_dtensors"]
+__all__ = ["average_", "check_row_sharded", "gather_whole", "is_dtensor", "local_tensors", "reject_dtensors",
+           "write_whole_"]
 
 try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor
@@ -62,6 +66,47 @@ def reject_dtensors(params: Sequence[torch.Tensor], *, caller: str, why: str) ->
             raise ValueError(
                 f"{caller}: parameter {i} (shape {tuple(p.shape)}) is a DTensor with placements {tuple(p.placements)} "
                 f"(FSDP2's fully_shard or tensor parallelism); {why}")
+
+
+def check_row_sharded(params: Sequence[torch.Tensor], *, caller: str, why: str) -> None:
+    """Raise a ValueError naming ``caller`` and ``why`` unless every DTensor among ``params`` is sharded by rows at
+    most once (``Shard(0)`` on one mesh dimension, ``Replicate`` on the others: FSDP2, HSDP) and not ``Partial``."""
+    for i, p in enumerate(params):
+        if not is_dtensor(p):
+            continue
+        shards = [placement for placement in p.placements if placement.is_shard()]
+        others = [placement for placement in p.placements if not placement.is_shard() and not placement.is_replicate()]
+        if others or len(shards) > 1 or any(placement.dim != 0 for placement in shards):
+            raise ValueError(
+                f"{caller}: parameter {i} (shape {tuple(p.shape)}) is a DTensor with placements {tuple(p.placements)}; "
+                f"{why} only for parameters sharded by rows (FSDP2's Shard(0), optionally with Replicate: HSDP). "
+                "Shard it with fully_shard's default placement, or keep it unsharded")
+
+
+def gather_whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank: ``t`` itself when it is a plain tensor, the all-gather of a DTensor."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def write_whole_(t: torch.Tensor, whole: torch.Tensor) -> None:
+    """Write ``whole`` (shaped like ``t``'s global shape) into ``t``: for a DTensor sharded by rows (see
+    :func:`check_row_sharded`), the rows this rank holds, cut as ``Shard(0)`` cuts them (``torch.chunk``); a plain
+    ``t`` that is not ``whole`` itself is copied into."""
+    if not is_dtensor(t):
+        if t is not whole:
+            t.copy_(whole)
+        return
+    part = whole
+    for mesh_dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            chunks = part.chunk(t.device_mesh.size(mesh_dim), dim=0)
+            coordinate = t.device_mesh.get_local_rank(mesh_dim)
+            part = chunks[coordinate] if coordinate < len(chunks) else part[:0]
+    local = t.to_local()
+    if local.shape != part.shape:  # a layout other than torch.chunk's (padding kept in the local tensor)
+        raise ValueError(f"write_whole_: the local shard has shape {tuple(local.shape)} but Shard(0) of "
+                         f"{tuple(whole.shape)} gives this rank {tuple(part.shape)} rows")
+    local.copy_(part)
 
 
 def check_process_group(process_group, *, caller: str) -> None:

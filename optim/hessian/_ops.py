@@ -41,6 +41,7 @@ import torch
 
 from .._counter_hash import counter_hash_tensor
 from .._library import LIBRARY, define_op
+from .._overlap import check_no_overlap, list_operands
 
 def check_rademacher_args(out: Sequence[torch.Tensor], seed: int, offset: int) -> None:
     if offset < 0:
@@ -60,6 +61,7 @@ def check_rademacher_args(out: Sequence[torch.Tensor], seed: int, offset: int) -
 
 def rademacher_reference(out: Sequence[torch.Tensor], seed: int, offset: int) -> None:
     check_rademacher_args(out, seed, offset)
+    check_no_overlap("rademacher_", list_operands("out", out, True))
     first = offset
     for tensor in out:
         counters = torch.arange(first, first + tensor.numel(), dtype=torch.int64, device=tensor.device)
@@ -363,6 +365,10 @@ def fused_sophia_reference(params: Tensors, grads: Tensors, exp_avgs: Tensors, h
                            probe_seeds: Sequence[int] = (), probe_offsets: Sequence[int] = ()) -> None:
     check_sophia_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps)
     _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, probes, probe_seeds, probe_offsets)
+    check_no_overlap("fused_sophia_", list_operands("params", params, True) + list_operands("grads", grads, False)
+                     + list_operands("exp_avgs", exp_avgs, True) + list_operands("hessians", hessians, True)
+                     + list_operands("hessian_products", hessian_products, False)
+                     + list_operands("probes", probes, False))
     if probe_seeds:
         probes = regenerated_probes(params, probe_seeds, probe_offsets, hessian_products[0].dtype)
     sign = -1.0 if maximize else 1.0
@@ -415,6 +421,10 @@ def fused_adahessian_reference(params: Tensors, grads: Tensors, exp_avgs: Tensor
     check_adahessian_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                                      hessian_power=hessian_power)
     _check_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, step, hessian_step)
+    check_no_overlap("fused_adahessian_", list_operands("params", params, True)
+                     + list_operands("grads", grads, False) + list_operands("exp_avgs", exp_avgs, True)
+                     + list_operands("exp_hessian_diag_sqs", exp_hessian_diag_sqs, True)
+                     + list_operands("hessian_diagonals", hessian_diagonals, False))
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**hessian_step)
     for i, (param, grad, exp_avg, exp_hessian_diag_sq) in enumerate(zip(params, grads, exp_avgs,

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .._validate import check_lr, check_nonnegative, scalar
 from ._ops import check_adahessian_hyperparameters, fused_adahessian_, fused_adahessian_reference
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
 
@@ -52,13 +53,15 @@ class AdaHessian(SecondOrderOptimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate (>= 0). betas: (β1, β2) in [0, 1). eps: >= 0 (added to the denominator).
+        lr: learning rate (>= 0; a float or a 1-element Tensor). betas: (β1, β2) in [0, 1). eps: > 0 (added to the
+            denominator; 0 would divide by zero where the curvature estimate is 0).
         weight_decay: decoupled weight decay λ >= 0.
         hessian_power: k in [0, 1].
         update_period: refresh the curvature every this many steps (int >= 1).
         spatial_average: average |Hz| over the spatial dimensions of 4-D (convolution) parameters.
-        maximize, seed, check_finite, foreach, fused, process_group: as in :class:`SophiaH` (``process_group``
-            for data-parallel training: the optimizer averages its gradients and Hz over it).
+        maximize, seed, check_finite, foreach, fused, process_group, hessian: as in :class:`SophiaH`
+            (``process_group`` for data-parallel training: the optimizer averages its gradients and Hz over it;
+            ``hessian="fd"``, the default under FSDP2: finite-difference Hz).
 
     State per parameter: ``step`` and ``hessian_step`` (CPU float32 counts), ``exp_avg`` (m) and
     ``exp_hessian_diag_sq`` (v), float32 for bf16/fp16 parameters.
@@ -85,21 +88,27 @@ class AdaHessian(SecondOrderOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         process_group=None,
+        hessian: str = "auto",
     ):
-        if isinstance(lr, torch.Tensor):
-            raise ValueError("AdaHessian: lr must be a Python float; a Tensor lr is not supported")
         if fused and foreach:
             raise ValueError("AdaHessian: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         update_period=update_period, spatial_average=spatial_average, maximize=maximize, seed=seed,
                         check_finite=check_finite, foreach=foreach, fused=fused)
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, hessian=hessian)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def _check_group(self, group: dict[str, Any]) -> dict[str, float]:
+        """The group's hyperparameters (numbers or 1-element Tensors; torch's messages first where torch has the
+        same argument) as Python floats. eps must be > 0: with eps = 0 a parameter whose curvature estimate is 0
+        divides by zero (the op itself allows eps = 0 for callers that guarantee v > 0)."""
         beta1, beta2 = check_betas("AdaHessian", group["betas"])
-        check_adahessian_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                                         eps=group["eps"], hessian_power=group["hessian_power"], caller="AdaHessian")
+        hyper = dict(lr=check_lr(group["lr"], "AdaHessian"), beta1=beta1, beta2=beta2,
+                     weight_decay=check_nonnegative(group["weight_decay"], "weight_decay", "AdaHessian"),
+                     eps=check_nonnegative(group["eps"], "eps", "AdaHessian", strict=True),
+                     hessian_power=scalar(group["hessian_power"], "hessian_power", "AdaHessian"))
+        check_adahessian_hyperparameters(**hyper, caller="AdaHessian")
         check_update_period("AdaHessian", group["update_period"])
+        return hyper
 
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:
@@ -119,12 +128,10 @@ class AdaHessian(SecondOrderOptimizer):
                     state["hessian_step"] += 1
                 steps.append(int(state["step"].item()))
                 hessian_steps.append(int(state["hessian_step"].item()))
-            beta1, beta2 = group["betas"]
             adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
                        [s["exp_hessian_diag_sq"] for s in entry["states"]], diagonals, steps, hessian_steps,
-                       lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                       eps=group["eps"], hessian_power=group["hessian_power"], maximize=group["maximize"],
-                       foreach=group["foreach"], fused=group["fused"])
+                       **self._check_group(group), maximize=group["maximize"], foreach=group["foreach"],
+                       fused=group["fused"])
 
 
 def adahessian(

@@ -103,10 +103,11 @@ _MODE_FAILURES = (RuntimeError, NotImplementedError)
 
 # How the k second backwards of a "rr" block run, per key (as _auto_choice) and probe count: "vmap" or "loop".
 _batching_choice: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()
-# From this many probes on, the first block of a key measures both ways on its own probes (half vmapped, half
-# looped: no extra work) and remembers the faster per probe; smaller blocks take the loop (a vmap of one or two
-# probes only adds overhead).
+# From this many probes on, the first block of a key measures both ways on its own probes (no extra work) and
+# remembers the faster per probe; smaller blocks take the loop (a vmap of one or two probes only adds overhead).
 MEASURE_MIN_PROBES = 4
+# How many probes of that first block run each way for the measurement (at most half of the block each).
+MEASURE_PROBES = 4
 
 
 def fd_rtol(dtype: torch.dtype) -> float:
@@ -164,7 +165,7 @@ def hvp(
     params = check_params(params, where="hvp")
     probes, k = check_vectors(params, v, where="hvp")
     if compile and k != 0:
-        hv, grad = compiled_hvp(f, f, params, probes, k)
+        hv, grad = compiled_hvp(f, f, params, probes, k, need_grad=return_grad)
     else:
         hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f)
     if isinstance(v, tuple):
@@ -405,12 +406,30 @@ def _vmapped_backward(outputs, leaves, directions):
 
 
 def _looped_backward(outputs, leaves, directions, keep_graph):
+    """One backward per probe. With one dtype and device among the leaves, the products are written into one
+    ``(count, Σ numel)`` buffer and returned as views of it (zeros for a leaf no output reaches), so that a
+    :class:`~optim.hessian.operator.CurvatureOperator` hands the buffer on as its ``(k, n)`` result instead of
+    stacking and then concatenating a copy of a block that is gigabytes on a large model."""
     count = directions[0].shape[0]
-    per_probe = [
-        torch.autograd.grad(outputs, leaves, [d[j] for d in directions], retain_graph=keep_graph or j < count - 1,
-                            allow_unused=True)
-        for j in range(count)
-    ]
+    one_buffer = len({(x.dtype, x.device) for x in leaves}) == 1
+    if one_buffer:
+        numels = [x.numel() for x in leaves]
+        buffer = torch.empty((count, sum(numels)), dtype=leaves[0].dtype, device=leaves[0].device)
+        views = [piece.view((count, *x.shape)) for piece, x in zip(buffer.split(numels, dim=1), leaves)]
+    per_probe = []
+    for j in range(count):
+        products = torch.autograd.grad(outputs, leaves, [d[j] for d in directions],
+                                       retain_graph=keep_graph or j < count - 1, allow_unused=True)
+        if not one_buffer:
+            per_probe.append(products)
+            continue
+        for view, product in zip(views, products):
+            if product is None:
+                view[j].zero_()
+            else:
+                view[j].copy_(product)
+    if one_buffer:
+        return views
     return [None if per_probe[0][i] is None else torch.stack([probe[i] for probe in per_probe])
             for i in range(len(leaves))]
 
@@ -441,10 +460,12 @@ def _elapsed_s(device: torch.device, start: float) -> float:
 def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None):
     """``vᵀ ∂g/∂x`` for the k probes stacked in ``directions``: vmapped, or a loop of k backwards.
 
-    Blocks below :data:`MEASURE_MIN_PROBES` take the loop. Otherwise the first block of ``key`` runs its first
-    half vmapped and its second half looped, timed (the device synchronized around each half on CUDA), and the
-    way with the lower time per probe is remembered for ``(key, k)``. A vmap that fails (no batching rule,
-    ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)`` loop.
+    Blocks below :data:`MEASURE_MIN_PROBES` take the loop. Otherwise the first block of ``key`` runs
+    :data:`MEASURE_PROBES` of its probes (at most half) vmapped and as many looped, timed (the device synchronized
+    around each on CUDA), remembers the way with the lower time per probe for ``(key, k)`` and runs the rest of the
+    block that way: a losing way costs a few probes once, not half of a large block. A vmap that fails (no batching
+    rule, ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)``
+    loop.
     """
     choice = batching_choice(key, k) if k >= MEASURE_MIN_PROBES else "loop"
     if choice == "loop":
@@ -453,19 +474,27 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
         if choice == "vmap":
             return _vmapped_backward(outputs, leaves, directions)
         device = directions[0].device
-        half = k // 2
+        m = min(k // 2, MEASURE_PROBES)
         start = time.perf_counter()
-        first = _vmapped_backward(outputs, leaves, [d[:half] for d in directions])
-        vmap_s = _elapsed_s(device, start) / half
+        pieces = [_vmapped_backward(outputs, leaves, [d[:m] for d in directions])]
+        vmap_s = _elapsed_s(device, start)
     except RuntimeError:
         # Only this call is retried: a genuine error re-raises from the loop.
         _remember(key, k, "loop")
         return _looped_backward(outputs, leaves, directions, keep_graph)
+    last = 2 * m == k
     start = time.perf_counter()
-    second = _looped_backward(outputs, leaves, [d[half:] for d in directions], keep_graph)
-    loop_s = _elapsed_s(device, start) / (k - half)
-    _remember(key, k, "vmap" if vmap_s < loop_s else "loop")
-    return [None if a is None else torch.cat([a, b]) for a, b in zip(first, second)]
+    pieces.append(_looped_backward(outputs, leaves, [d[m:2 * m] for d in directions], keep_graph or not last))
+    loop_s = _elapsed_s(device, start)
+    choice = "vmap" if vmap_s < loop_s else "loop"
+    _remember(key, k, choice)
+    if not last:
+        rest = [d[2 * m:] for d in directions]
+        pieces.append(_vmapped_backward(outputs, leaves, rest) if choice == "vmap"
+                      else _looped_backward(outputs, leaves, rest, keep_graph))
+    # A leaf no output reaches is None in the vmapped pieces and zeros in the looped ones.
+    return [None if any(piece[i] is None for piece in pieces) else torch.cat([piece[i] for piece in pieces])
+            for i in range(len(leaves))]
 
 
 def _hvp_fr(f, params, v, k):
@@ -524,8 +553,10 @@ def _signature(tensors) -> tuple:
                  for t in tensors)
 
 
-def _fr_product(f, params, v, k):
-    """``(∇f, Hv, f)`` at params by ``jvp(grad(f))``, the tangent vmapped over k probes (the function compiled)."""
+def _fr_product(f, params, v, k, with_grad):
+    """``(Hv, f)`` at params by ``jvp(grad(f))``, the tangent vmapped over k probes, and ``∇f`` first with
+    ``with_grad`` (the function compiled). Without it the compiled graph drops the weight-gradient products of the
+    primal backward (one matrix product of about nine per linear layer): only their tangents are returned."""
     n = len(params)
 
     def loss_and_value(*xs):
@@ -538,12 +569,15 @@ def _fr_product(f, params, v, k):
         return torch.func.jvp(grad_of_f, tuple(params), tangents, has_aux=True)
 
     if k is None:
-        return along(*v)
-    return torch.func.vmap(along, out_dims=(None, 0, None), randomness="same")(*v)
+        grad, hv, loss = along(*v)
+    else:
+        grad, hv, loss = torch.func.vmap(along, out_dims=(None, 0, None), randomness="same")(*v)
+    return (grad, hv, loss) if with_grad else (hv, loss)
 
 
-def compiled_hvp(key, f, params, v, k, signature_extra=()):
-    """``(Hv, ∇f)`` by the compiled :func:`_fr_product`; the first call per (key, signature) is timed.
+def compiled_hvp(key, f, params, v, k, signature_extra=(), *, need_grad=True):
+    """``(Hv, ∇f)`` by the compiled :func:`_fr_product` (``∇f`` None without ``need_grad``); the first call per
+    (key, signature) is timed.
 
     Dynamo keeps the compiled code (one cache per process for this function, up to its recompile limit), guarded on
     ``f``'s code and what it closes over; ``signature_extra`` (the batch) completes the signature that is timed.
@@ -552,7 +586,7 @@ def compiled_hvp(key, f, params, v, k, signature_extra=()):
     start = time.perf_counter()
     if _compiled_product is None:
         _compiled_product = torch.compile(_fr_product, dynamic=False)
-    signature = (_signature(params), _signature(signature_extra))
+    signature = (_signature(params), _signature(signature_extra), need_grad)
     try:
         seen = _compiled_signatures.setdefault(key, set())
     except TypeError:  # not weak-referenceable: not timed
@@ -562,18 +596,21 @@ def compiled_hvp(key, f, params, v, k, signature_extra=()):
     # compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU, and one compilation then serves Lanczos
     # (one probe) and Hutchinson (blocks) alike.
     directions = [list(v)] if k is None else [[t[j] for t in v] for j in range(k)]
-    products = []
+    products, grad = [], None
     for direction in directions:
-        grad, hv, loss = _compiled_product(f, list(params), direction, None)
+        # Every probe of a block runs the same compiled variant (returning ∇f or not): one compilation.
+        out = _compiled_product(f, list(params), direction, None, need_grad)
+        (grad, hv, loss) = out if need_grad else (None, *out)
         if first:
             seen.add(signature)
             _compile_seconds[key] = compile_seconds(key) + time.perf_counter() - start
             first = False
         _check_finite_loss(loss)
         products.append(hv)
+    grad = None if grad is None else list(grad)
     if k is None:
-        return list(products[0]), list(grad)
-    return [torch.stack([product[i] for product in products]) for i in range(len(params))], list(grad)
+        return list(products[0]), grad
+    return [torch.stack([product[i] for product in products]) for i in range(len(params))], grad
 
 
 def loss_and_gradient(f, points: list[torch.Tensor], *, at: str) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -26,6 +26,9 @@ CURVATURES = ("hessian", "ggn", "fisher")
 FIELDS = ("step", "lambda_max", "trace", "trace_std_error", "lr", "stability_limit", "num_matvecs")
 
 
+TRACE_METHODS = ("hutchinson", "hutch++")
+
+
 class SharpnessMonitor:
     """Measures λ_max and the trace of the Hessian (or GGN, or empirical Fisher) of ``loss_fn(model(inputs), targets)``
     every ``every`` steps.
@@ -88,6 +91,19 @@ class SharpnessMonitor:
                 f"SharpnessMonitor: curvature must be one of {', '.join(repr(c) for c in CURVATURES)}, got "
                 f"{curvature!r}"
             )
+        if isinstance(lanczos_iters, bool) or not isinstance(lanczos_iters, int):
+            raise TypeError(f"SharpnessMonitor: lanczos_iters must be an int >= top_k, got {lanczos_iters!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"SharpnessMonitor: tol (the Lanczos convergence tolerance) must be a finite number "
+                             f">= 0, got {tol!r}")
+        if trace_method not in TRACE_METHODS:
+            raise ValueError(f"SharpnessMonitor: trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
+        if trace_method == "hutch++" and 0 < probes < 3:
+            raise ValueError(f"SharpnessMonitor: trace_method='hutch++' needs probes >= 3 (or 0 for no trace), got "
+                             f"{probes}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"SharpnessMonitor: seed must be an int >= 0 (measurement s uses seed + s), got "
+                             f"{seed!r}")
         if lr_from is not None and not isinstance(lr_from, (torch.optim.Optimizer, float, int)):
             raise ValueError(f"SharpnessMonitor: lr_from must be an optimizer or a number, got {type(lr_from)}")
         self.model, self.loss_fn = model, loss_fn

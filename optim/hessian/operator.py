@@ -51,7 +51,7 @@ class CapturedState:
     Version counters cannot: ``p.data.add_(...)`` and BatchNorm's update of its running statistics leave ``_version``
     unchanged, and a graph reused after either silently differentiates the old function. So the tensors' contents
     are compared, bit for bit, with copies taken when the graph was built (one pass over them and one host sync per
-    check; the copies cost their memory once, next to the activations the graph already holds).
+    tensor; the copies cost their memory once, next to the activations the graph already holds).
     """
 
     def __init__(self, tensors: list[torch.Tensor]):
@@ -59,11 +59,9 @@ class CapturedState:
         self.copies = [t.clone() for t in self.tensors]
 
     def unchanged(self) -> bool:
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for tensor, copy in zip(self.tensors, self.copies):
-            if tensor.numel():
-                by_device.setdefault(tensor.device, []).append((_bits(tensor) != _bits(copy)).any())
-        return not any(bool(torch.stack(flags).any()) for flags in by_device.values())
+        # torch.equal of the bit patterns (NaN equals itself, -0 differs from 0): one fused pass per tensor,
+        # without the bool tensor of ``!=`` (2.6x faster on CPU than ``(a != b).any()``).
+        return all(torch.equal(_bits(tensor), _bits(copy)) for tensor, copy in zip(self.tensors, self.copies))
 
 
 class KeptGraph(NamedTuple):
@@ -72,6 +70,22 @@ class KeptGraph(NamedTuple):
     key: tuple  # the structure it was built for: modes, and identity, storage and shape of what it captured
     captured: CapturedState
     state: object  # the operator's own: the gradient's graph (Hessian), the output's graph (GGN), G (Fisher)
+
+
+def _the_block_viewed(tensors: list[torch.Tensor], k: int) -> torch.Tensor | None:
+    """The ``(k, n)`` buffer whose consecutive column ranges ``tensors`` view, in order (what a looped block of
+    products returns), else None: flattening it is then the buffer itself, not a copy."""
+    base = tensors[0]._base
+    if base is None or base.dim() != 2 or not base.is_contiguous() or k == 0:
+        return None
+    offset = base.storage_offset()
+    width = base.shape[1]
+    for t in tensors:
+        if t._base is not base or t.shape[0] != k or t.storage_offset() != offset or t.stride(0) != width or \
+                not t[0].is_contiguous():
+            return None
+        offset += t[0].numel()
+    return base if base.shape[0] == k and offset - base.storage_offset() == width else None
 
 
 class CurvatureOperator:
@@ -184,6 +198,9 @@ class CurvatureOperator:
     def _flat(tensors: list[torch.Tensor], k: int | None) -> torch.Tensor:
         if k is None:
             return torch.cat([t.reshape(-1) for t in tensors])
+        block = _the_block_viewed(tensors, k)
+        if block is not None:
+            return block
         return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)  # k may be 0
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -511,7 +528,8 @@ class HessianOperator(CurvatureOperator):
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         if self.compile:
-            hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets))
+            hv, _ = compiled_hvp(self.model, self._loss_of(inputs, targets), params, v, k, (inputs, targets),
+                                 need_grad=False)
         else:
             hv, _ = compute_hvp(self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False,
                                 auto_key=self)

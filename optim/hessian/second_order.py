@@ -77,27 +77,57 @@ Mixed precision (``torch.amp.GradScaler``)
     clipping) is rejected for that reason; on the other steps it works as with any optimizer.
 
 FSDP2
-    Not supported: with ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in
-    ``loss.backward()`` (``torch.autograd.grad`` returns None for them), so there is no Hessian-vector product to
-    take. The constructor raises on DTensor parameters.
+    With ``fully_shard`` the parameters are DTensor shards whose gradients FSDP2 produces only in
+    ``loss.backward()`` (``torch.autograd.grad`` returns None for them, and there is no double backward through
+    its hooks), so the exact Hessian-vector product cannot be taken. ``hessian="fd"`` (the default for DTensor
+    parameters) takes it by central finite differences instead: the optimizer runs ``backward()`` on the closure's
+    loss at θ, and on refresh steps at θ + hz and θ − hz (the refreshed parameters moved in place, then restored
+    bit for bit), and ``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` with h = ε^{1/3}·max(1, ‖θ‖)/‖z‖ as in
+    ``hvp(mode="fd")``: three forward and backward passes per refresh step, one otherwise. Its error is
+    O(h²·‖∇³L‖) plus rounding ε/h, about ε^{2/3} relative on smooth losses (float64 ~1e-11, float32 ~3e-5); the
+    Hutchinson estimate z⊙Hz that Sophia and AdaHessian average is far noisier than that. Each rank draws the
+    probe entries of its own rows (the counters of the whole probe), so the probes, the curvature and the step
+    equal one process's ``hessian="fd"`` on the global batch up to the rounding of the gradient reduction. The
+    optimizer state is sharded like the parameters. ``process_group`` must stay None (FSDP2 reduces the
+    gradients); the closure must return the loss without calling ``backward()``::
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = optim.SophiaH(model.parameters(), lr=1e-3, seed=0)         # hessian="auto": "fd" here
+        loss = opt.step(lambda: F.cross_entropy(model(x_local), y_local))
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.optim import Optimizer
 
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
 from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
+from .._validate import SparseGradientError, StateSpec, check_group_params, check_incoming_state_dict
+from .._validate import check_betas as _check_betas
+from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
-from ..fused.distributed import average_, check_process_group, reject_dtensors
+from ..fused.distributed import average_, check_process_group, check_row_sharded, is_dtensor, reject_dtensors
 from .attention import sdpa_curvature
 from .probes import rademacher_like
 
 __all__ = ["probe_seed"]
+
+
+# How the Hessian-vector products of the refresh steps are taken: "exact" (double backward), "fd" (finite
+# differences of two backward passes: what works under FSDP2), "auto" ("fd" for DTensor parameters, else "exact").
+HESSIAN_MODES = ("auto", "exact", "fd")
 
 
 def probe_seed(seed: int, step: int) -> int:
@@ -127,8 +157,10 @@ class SecondOrderOptimizer(Optimizer):
     _state_dtype_keys: tuple[str, ...] = ()  # floating state tensors kept in the state dtype
     _count_keys: tuple[str, ...] = ("step",)  # counts kept as CPU float32 tensors
 
-    def __init__(self, params, defaults: dict[str, Any], *, process_group=None):
+    def __init__(self, params, defaults: dict[str, Any], *, process_group=None, hessian: str = "auto"):
         check_process_group(process_group, caller=self._name)
+        if hessian not in HESSIAN_MODES:
+            raise ValueError(f"{self._name}: hessian must be one of {HESSIAN_MODES}, got {hessian!r}")
         self._process_group = process_group  # not in defaults: state dicts hold plain values only
         drawn_seed = defaults.get("seed") is None
         if defaults.get("seed") is None:
@@ -136,11 +168,19 @@ class SecondOrderOptimizer(Optimizer):
         elif not isinstance(defaults["seed"], int):
             raise ValueError(f"{self._name}: seed must be an int or None, got {defaults['seed']!r}")
         super().__init__(params, defaults)
-        reject_dtensors(self._all_params(), caller=self._name,
-                        why="FSDP2 produces the gradients of sharded parameters only in loss.backward() and "
-                            "torch.autograd.grad cannot differentiate through its hooks, so there is no "
-                            "Hessian-vector product to take. Use DDP with process_group=torch.distributed.group."
-                            "WORLD (see optim.hessian.second_order)")
+        sharded = any(is_dtensor(p) for p in self._all_params())
+        if sharded and hessian == "exact":
+            reject_dtensors(self._all_params(), caller=self._name,
+                            why="FSDP2 produces the gradients of sharded parameters only in loss.backward() and "
+                                "torch.autograd.grad cannot differentiate through its hooks, so there is no exact "
+                                "Hessian-vector product to take. Pass hessian='fd' (or 'auto'): finite differences "
+                                "of two backward passes (see optim.hessian.second_order)")
+        if sharded and process_group is not None:
+            raise ValueError(f"{self._name}: process_group is for DDP; under FSDP2 the sharded gradients are already "
+                             "reduced by fully_shard's backward. Pass process_group=None")
+        check_row_sharded(self._all_params(), caller=self._name, why="the finite-difference curvature draws probes")
+        self._finite_differences = hessian == "fd" or (hessian == "auto" and sharded)
+        self._sharded = sharded
         for group in self.param_groups:
             self._check_group(group)
             for p in group["params"]:
@@ -148,6 +188,7 @@ class SecondOrderOptimizer(Optimizer):
                     raise ValueError(f"{self._name}: a parameter of shape {tuple(p.shape)} is {p.dtype}; only "
                                      "float64, float32, bfloat16 and float16 parameters can be optimized")
         self._pending_diagonal: dict[int, torch.Tensor] = {}
+        install_state_dict_hooks(self)
         if process_group is not None:
             self._agree_on_seeds(drawn_seed)
 
@@ -276,6 +317,14 @@ class SecondOrderOptimizer(Optimizer):
         def needs_hvp(p: torch.Tensor) -> bool:
             return id(p) in hvp_due
 
+        if closure is None and found_inf is None and self._only_creates_state(needs_hvp):
+            return None
+        if self._finite_differences:
+            loss, stepping, grads, hessian_products, probes, probe_counters = self._finite_difference_curvature(
+                closure, needs_hvp, grad_scale)
+            return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
+                               group_of, None, self._process_group is not None)
+
         loss = None
         hvp_graph_grads: list[torch.Tensor] | None = None  # grads that carry a graph, for the HVP
         averaging = False  # whether grads and HVPs are averaged over self._process_group (module docstring)
@@ -318,6 +367,8 @@ class SecondOrderOptimizer(Optimizer):
                         "backward() (the optimizer differentiates it), at least on refresh steps")
                 grads = [p.grad for p in stepping]
             else:
+                if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
+                    return loss.detach() if isinstance(loss, torch.Tensor) else loss
                 self._check_loss(loss)
                 refresh = any(needs_hvp(p) for p in candidates)
                 try:
@@ -336,6 +387,7 @@ class SecondOrderOptimizer(Optimizer):
                     hvp_graph_grads = grads
         if loss is not None and isinstance(loss, torch.Tensor):
             loss = loss.detach()
+        self._check_gradients(stepping, grads)
 
         hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
         probes: list[torch.Tensor | None] = [None] * len(stepping)
@@ -361,6 +413,13 @@ class SecondOrderOptimizer(Optimizer):
             del outputs, products
         grads = [g.detach() for g in grads]
         del hvp_graph_grads  # the second-order graph dies here
+        return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
+                           group_of, grad_scale, averaging)
+
+    def _apply(self, loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
+               group_of, grad_scale, averaging):
+        """The rest of a step once the gradients and Hessian-vector products are known: average (``averaging``),
+        unscale, check, and update."""
         if averaging:
             stepping, grads, hessian_products, probes = self._average(stepping, grads, hessian_products, probes)
         if grad_scale is not None:
@@ -372,9 +431,10 @@ class SecondOrderOptimizer(Optimizer):
         checking = [group_of[id(p)].get("check_finite", True) for p in stepping]
         checked = [g for g, check in zip(grads, checking) if check]
         checked += [t for t, check in zip(hessian_products, checking) if t is not None and check]
-        if checked and not all_finite(checked):
+        if checked and not _all_finite_on_every_rank(checked, self._sharded):
             self._raise_non_finite(stepping, grads, hessian_products)
 
+        self._check_states(stepping)
         # Nothing has been modified up to here: every error above leaves parameters and state as they were.
         for p, g in zip(stepping, grads):
             if closure is not None or p.grad is None or p.grad.requires_grad:
@@ -399,9 +459,95 @@ class SecondOrderOptimizer(Optimizer):
                 entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
                 entry["diagonals"].append(diagonals[i])
             if entry["params"]:
-                work.append(entry)
+                work.append(_local_entry(entry) if self._sharded else entry)
         self._update(work)
         return loss
+
+    def _only_creates_state(self, needs_hvp) -> bool:
+        """A step without a closure at lr = 0 in every group that is due to refresh the curvature from gradients
+        without a graph (what ``torch.distributed.checkpoint.state_dict.get_state_dict`` runs on an optimizer with
+        no state yet, to create it): the state of every parameter with a gradient is created, nothing else."""
+        def zero(lr) -> bool:
+            return bool(lr == 0) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr == 0
+        with_grad = [p for p in self._all_params() if p.grad is not None]
+        if not with_grad or not all(zero(group["lr"]) for group in self.param_groups) or \
+                not any(needs_hvp(p) for p in with_grad) or any(p.grad.requires_grad for p in with_grad):
+            return False
+        for p in with_grad:
+            if not self.state[p]:
+                self._init_state(p, self.state[p])
+        return True
+
+    def _finite_difference_curvature(self, closure, needs_hvp, grad_scale):
+        """Gradients by ``loss.backward()``, and on refresh steps ``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` from two
+        more backward passes (the parameters due for a refresh moved by ±hz, then restored bit for bit), with
+        ``h = ε^{1/3}·max(1, ‖θ‖)/‖z‖`` as ``hvp(mode="fd")`` takes it (ε of the parameters' dtype, norms over the
+        refreshed parameters, whole under FSDP2). Needs a closure returning the loss: the backward passes are the
+        optimizer's, and FSDP2 (or DDP) reduces the gradients in them."""
+        if closure is None or grad_scale is not None:
+            raise ValueError(
+                f"{self._name}.step: with finite-difference curvature (hessian='fd', the default under FSDP2) pass "
+                "step(closure), where closure() returns the loss without calling backward(): the optimizer runs "
+                "the backward passes (one, and two more on refresh steps at the parameters ± h·z); a GradScaler's "
+                "scaled step is not supported there")
+        candidates = [p for p in self._all_params() if p.requires_grad]
+        if not candidates:
+            with torch.enable_grad():
+                loss = closure()
+            return (loss.detach() if isinstance(loss, torch.Tensor) else loss), [], [], [], [], {}
+
+        def gradients() -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            for p in candidates:
+                p.grad = None
+            with torch.enable_grad():
+                value = closure()
+                self._check_loss(value)
+                value.backward()
+            return value.detach(), [p.grad for p in candidates]
+
+        saved_grads = [p.grad for p in candidates]
+        try:
+            loss, all_grads = gradients()
+            stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
+            grads = [g for g in all_grads if g is not None]
+            hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
+            probes: list[torch.Tensor | None] = [None] * len(stepping)
+            probe_counters: dict[int, tuple[int, int]] = {}
+            hvp_index = [i for i, p in enumerate(stepping) if needs_hvp(p)]
+            if hvp_index:
+                moved = [stepping[i] for i in hvp_index]
+                probe_list, counter_list = self._draw_probes(moved)
+                eps = max(torch.finfo(p.dtype).eps for p in moved)
+                length = math.sqrt(sum(p.numel() for p in moved))  # ‖z‖ of a Rademacher probe
+                h = eps ** (1.0 / 3.0) * max(1.0, _global_norm(moved)) / length
+                originals = [p.detach().clone() for p in moved]
+                sides = []
+                try:
+                    for sign in (1.0, -1.0):
+                        with torch.no_grad():
+                            for p, original, z in zip(moved, originals, probe_list):
+                                p.copy_(original).add_(z, alpha=sign * h)
+                        _, side = gradients()
+                        position = {id(p): k for k, p in enumerate(candidates)}
+                        sides.append([side[position[id(p)]] for p in moved])
+                finally:
+                    with torch.no_grad():
+                        for p, original in zip(moved, originals):
+                            p.copy_(original)
+                for k, i in enumerate(hvp_index):
+                    plus, minus = sides[0][k], sides[1][k]
+                    if plus is None or minus is None:
+                        hz = torch.zeros_like(stepping[i])
+                    else:
+                        hz = (plus - minus) / (2.0 * h)
+                    hessian_products[i] = hz.detach()
+                    probes[i] = probe_list[k]
+                    probe_counters[id(stepping[i])] = counter_list[k]
+        except BaseException:
+            for p, g in zip(candidates, saved_grads):
+                p.grad = g
+            raise
+        return loss, stepping, [g.detach() for g in grads], hessian_products, probes, probe_counters
 
     def _release_grad_graphs(self) -> None:
         """Detach gradients that carry a graph (``backward(create_graph=True)``) on a step that is skipped, so that
@@ -483,7 +629,16 @@ class SecondOrderOptimizer(Optimizer):
         out: dict[int, torch.Tensor] = {}
         counters: dict[int, tuple[int, int]] = {}
         run: list[torch.Tensor] = []
-        for p in sorted(params, key=lambda q: order[id(q)]) + [None]:
+        for p in [q for q in params if is_dtensor(q)]:
+            # A row shard holds rows a..b of the whole probe: the counters from start + a·(row length) on.
+            seed, step = key(p)
+            first_row = _first_local_row(p)
+            offset = start[id(p)] + first_row * (p.numel() // max(p.shape[0], 1))
+            local = rademacher_like([p.to_local()], seed=probe_seed(seed, step), offset=offset)[0]
+            out[id(p)] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                            run_check=False)
+            counters[id(p)] = (probe_seed(seed, step), offset)
+        for p in sorted([q for q in params if not is_dtensor(q)], key=lambda q: order[id(q)]) + [None]:
             if run and (p is None or order[id(p)] != order[id(run[-1])] + 1 or key(p) != key(run[-1])):
                 seed, step = key(run[0])
                 for q, z in zip(run, rademacher_like(run, seed=probe_seed(seed, step), offset=start[id(run[0])])):
@@ -496,26 +651,59 @@ class SecondOrderOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------------------------------ state dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class; checks every saved state tensor's shape against its parameter first.
+    def _where(self, p: torch.Tensor) -> str:
+        for g, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"parameter {i} of param group {g}"
+        return f"a parameter of shape {tuple(p.shape)}"
 
-        State tensors are restored in their working dtype (float32 for bf16/fp16 parameters) and the counts as
-        float32 tensors on the CPU (torch's loader would cast both to the parameter's dtype and device).
-        """
-        saved_groups = state_dict.get("param_groups", [])
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        current = self._all_params()
-        if len(saved_ids) == len(current):
-            for saved_id, p in zip(saved_ids, current):
-                saved = state_dict["state"].get(saved_id, {})
-                for key in self._state_dtype_keys:
-                    if key in saved and tuple(saved[key].shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"{self._name}.load_state_dict: state[{saved_id}][{key!r}] has shape "
-                            f"{tuple(saved[key].shape)} but the parameter it maps to has shape {tuple(p.shape)}; "
-                            "the state dict was saved for a different model or parameter order")
-        super().load_state_dict(state_dict)
-        for saved_id, p in zip(saved_ids, current):
+    def _check_gradients(self, stepping: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Dense gradients of each parameter's shape and dtype, before anything is written."""
+        for p, g in zip(stepping, grads):
+            if g.layout != torch.strided:
+                raise SparseGradientError(f"{self._name} does not support sparse gradients: the gradient of "
+                                          f"{self._where(p)} is {g.layout}; use a dense gradient (e.g. "
+                                          "nn.Embedding(sparse=False))")
+            if g.shape != p.shape:
+                raise ValueError(f"{self._name}: the gradient of {self._where(p)} has shape {tuple(g.shape)} but "
+                                 f"the parameter has shape {tuple(p.shape)}")
+
+    def _state_spec(self) -> StateSpec:
+        return StateSpec({**{key: "count" for key in self._count_keys},
+                          **{key: "param" for key in self._state_dtype_keys}})
+
+    def _check_states(self, stepping: list[torch.Tensor]) -> None:
+        """The existing state of every parameter the step updates has this class's keys and shapes."""
+        spec = self._state_spec()
+        for p in stepping:
+            state = self.state.get(p)
+            if state:
+                check_param_state(f"{self._name}.step", f"the state of {self._where(p)}", p, state, spec,
+                                  values=False)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a
+        supported dtype; its hyperparameters), so a group that could not be stepped is never added."""
+        check_group_params(param_group, self._name, dtype_ok=lambda p: p.dtype in SECOND_ORDER_PARAM_DTYPES,
+                           dtypes_text="float64, float32, bfloat16 and float16")
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------- state dict (torch's hooks)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load pre hook: the whole incoming state (the class that saved it, every group's values, every
+        parameter's state keys, shapes and counts) is checked before anything is replaced."""
+        check_incoming_state_dict(self, state_dict, self._name, check_group=lambda group, params:
+                                  self._check_group(group), spec_of=lambda group: self._state_spec())
+
+    def _after_state_dict_loaded(self, state_dict: dict[str, Any]) -> None:
+        """torch's load post hook: state tensors back in their working dtype (float32 for bf16/fp16 parameters)
+        and the counts as float32 tensors on the CPU (torch's loader casts both to the parameter's dtype and
+        device)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for saved_id, p in zip(saved_ids, self._all_params()):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
@@ -528,6 +716,10 @@ class SecondOrderOptimizer(Optimizer):
                     value = saved[key]
                     value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     state[key] = value.to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        install_state_dict_hooks(self)
 
 
 def _unscaled(tensors: list[torch.Tensor | None], grad_scale: torch.Tensor) -> list[torch.Tensor | None]:
@@ -547,9 +739,8 @@ def _unscaled(tensors: list[torch.Tensor | None], grad_scale: torch.Tensor) -> l
 
 
 def check_betas(name: str, betas) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
-    return float(betas[0]), float(betas[1])
+    """(beta1, beta2) as floats (numbers or 1-element Tensors in [0, 1), torch's messages first)."""
+    return _check_betas(betas, name)
 
 
 def check_update_period(name: str, update_period) -> None:
@@ -568,3 +759,55 @@ def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, f
         return "fused" if all(has_kernel(op, device) for device in {p.device for p in params}) else "foreach"
     return "fused" if fused else "foreach" if foreach else "single"
 
+
+def _global_norm(tensors: list[torch.Tensor]) -> float:
+    """‖(t_1, ..., t_n)‖ in float64; a DTensor's shards summed over its mesh."""
+    total = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        local = t.detach().to_local() if is_dtensor(t) else t.detach()
+        square = local.double().square().sum().cpu()
+        if is_dtensor(t):
+            sharded += square
+        else:
+            total += square
+    if any(is_dtensor(t) for t in tensors):
+        import torch.distributed as dist
+
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+    return float((total + sharded).sqrt())
+
+
+def _first_local_row(p: torch.Tensor) -> int:
+    """The first row of dim 0 that a row-sharded DTensor's local shard holds (``Shard(0)``: ``torch.chunk``)."""
+    mesh_dim = next((i for i, placement in enumerate(p.placements) if placement.is_shard()), None)
+    if mesh_dim is None:
+        return 0
+    chunk = -(-p.shape[0] // p.device_mesh.size(mesh_dim))
+    return min(p.device_mesh.get_local_rank(mesh_dim) * chunk, p.shape[0])
+
+
+def _all_finite_on_every_rank(tensors: list[torch.Tensor], sharded: bool) -> bool:
+    """``all_finite`` of the local values; under FSDP2 agreed on by every rank (one all-reduce), so that all ranks
+    raise or none does."""
+    if not sharded:
+        return all_finite(tensors)
+    import torch.distributed as dist
+
+    local = all_finite([t.to_local() if is_dtensor(t) else t for t in tensors])
+    flag = torch.tensor([0 if local else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
+
+
+def _local_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A work entry with every DTensor replaced by its local shard (the elementwise steps write through it), the
+    state dicts by views of theirs."""
+    def local(t):
+        return t.to_local() if is_dtensor(t) else t
+
+    out = dict(entry)
+    for key in ("params", "grads", "hessian_products", "probes", "diagonals"):
+        out[key] = [local(t) for t in entry[key]]
+    out["states"] = [{k: local(v) for k, v in state.items()} for state in entry["states"]]
+    return out

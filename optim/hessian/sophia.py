@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .._validate import check_lr, check_nonnegative
 from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference
 from .probes import rademacher_like
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
@@ -51,7 +52,7 @@ class SophiaH(SecondOrderOptimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate (>= 0), the largest change of a coordinate per step.
+        lr: learning rate (>= 0; a float or a 1-element Tensor), the largest change of a coordinate per step.
         betas: (β1, β2) in [0, 1): momentum and curvature EMA coefficients.
         rho: ρ >= 0, scales the curvature in the denominator (larger: fewer coordinates clipped, smaller steps).
         weight_decay: decoupled weight decay λ >= 0.
@@ -68,8 +69,12 @@ class SophiaH(SecondOrderOptimizer):
         process_group: data-parallel training: a ``torch.distributed`` process group (e.g.
             ``torch.distributed.group.WORLD``) over which the gradients the optimizer computes and the
             Hessian-vector products are averaged, since ``torch.autograd.grad`` bypasses DDP's all-reduce; the
-            ranks' probe seeds are made equal at construction. None (default): no communication. DDP recipe and
-            FSDP2 (not supported): ``optim.hessian.second_order``.
+            ranks' probe seeds are made equal at construction. None (default): no communication. DDP and FSDP2
+            recipes: ``optim.hessian.second_order``.
+        hessian: how the refresh steps take Hz: ``"exact"`` (double backward of the closure's loss), ``"fd"``
+            (central finite differences of two more ``backward()`` passes at θ ± hz, h = ε^{1/3}·max(1, ‖θ‖)/‖z‖:
+            approximate, what works under FSDP2, whose sharded gradients exist only in ``backward()``), or
+            ``"auto"`` (default: ``"fd"`` for FSDP2's DTensor parameters, else ``"exact"``).
 
     State per parameter: ``step`` (CPU float32 count), ``exp_avg`` (m) and ``hessian`` (h), float32 for
     bf16/fp16 parameters.
@@ -95,21 +100,26 @@ class SophiaH(SecondOrderOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         process_group=None,
+        hessian: str = "auto",
     ):
-        if isinstance(lr, torch.Tensor):
-            raise ValueError("SophiaH: lr must be a Python float; a Tensor lr is not supported")
         if fused and foreach:
             raise ValueError("SophiaH: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, update_period=update_period,
                         eps=eps, maximize=maximize, seed=seed, check_finite=check_finite, foreach=foreach,
                         fused=fused)
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, hessian=hessian)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def _check_group(self, group: dict[str, Any]) -> dict[str, float]:
+        """The group's hyperparameters (numbers or 1-element Tensors; torch's messages first where torch has the
+        same argument) as Python floats."""
         beta1, beta2 = check_betas("SophiaH", group["betas"])
-        check_sophia_hyperparameters(lr=group["lr"], beta1=beta1, beta2=beta2, rho=group["rho"],
-                                     weight_decay=group["weight_decay"], eps=group["eps"], caller="SophiaH")
+        hyper = dict(lr=check_lr(group["lr"], "SophiaH"), beta1=beta1, beta2=beta2,
+                     rho=check_nonnegative(group["rho"], "rho", "SophiaH"),
+                     weight_decay=check_nonnegative(group["weight_decay"], "weight_decay", "SophiaH"),
+                     eps=check_nonnegative(group["eps"], "eps", "SophiaH", strict=True))
+        check_sophia_hyperparameters(**hyper, caller="SophiaH")
         check_update_period("SophiaH", group["update_period"])
+        return hyper
 
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:
@@ -122,11 +132,10 @@ class SophiaH(SecondOrderOptimizer):
                 probes.append(None if diagonal is not None else z)
                 counters.append(None if diagonal is not None else counter)
             # one multi-tensor call rather than one tiny op per parameter (a measurable share of a small step)
+            hyper = self._check_group(group)
             torch._foreach_add_([state["step"] for state in entry["states"]], 1.0)
-            beta1, beta2 = group["betas"]
             sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
-                   [s["hessian"] for s in entry["states"]], products, probes, lr=group["lr"], beta1=beta1,
-                   beta2=beta2, rho=group["rho"], weight_decay=group["weight_decay"], eps=group["eps"],
+                   [s["hessian"] for s in entry["states"]], products, probes, **hyper,
                    maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                    probe_counters=counters)
 

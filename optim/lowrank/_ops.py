@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .._library import define_op
+from .._overlap import check_no_overlap, list_operands
 
 Tensors = Sequence[torch.Tensor]
 
@@ -91,6 +92,7 @@ def balanced_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, to
 
 def lowrank_refactorize_reference(B: Tensors, A: Tensors) -> None:
     check_refactorize_args(B, A)
+    check_no_overlap("lowrank_refactorize_", list_operands("B", B, True) + list_operands("A", A, True))
     if not B:
         return
     work = working_dtype(B[0].dtype)

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fused.adamw import AdamW
+from ..fused._ops import PARAM_DTYPES
+from ..fused.adamw import AdamW, _real_dtype
 from .layers import Target, low_rank_modules, to_low_rank
 from .refactorizer import Refactorizer
 from .refactorizer import _check_settings as check_refactorizer_settings
@@ -29,6 +30,10 @@ class LowRankAdamW(AdamW):
     ``recovery_start``. ``state_dict()`` holds the refactorizer's state under ``"refactorizer"``.
 
     Use ``optim.AdamW`` + ``optim.Refactorizer`` directly for param groups (e.g. no weight decay on norms).
+
+    FSDP2: convert first, shard, then build the optimizer on the sharded model with ``rank=None``
+    (``optim.to_low_rank(model, r)``, ``fully_shard(...)``, ``LowRankAdamW(model, rank=None, ...)``): each
+    refactorization gathers one layer's factors at a time and every rank keeps its rows (``optim.lowrank.refactorize``).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -41,6 +46,16 @@ class LowRankAdamW(AdamW):
         # Validate every setting before to_low_rank changes the model: a throwaway AdamW runs AdamW's own checks.
         AdamW([torch.zeros(1, requires_grad=True)], lr, betas, eps, weight_decay, **adamw_options)
         check_refactorizer_settings(every, reset, recovery_steps, recovery_start)
+        # Every parameter the optimizer will own (the model's, with the targets' weights replaced by factors of the
+        # same dtype) is checked before the conversion changes the model.
+        for name, p in model.named_parameters():
+            if _real_dtype(p) not in PARAM_DTYPES:
+                raise ValueError(f"LowRankAdamW: parameter {name!r} of the model (shape {tuple(p.shape)}) is "
+                                 f"{p.dtype}{' and frozen' if not p.requires_grad else ''}; optim.AdamW steps only "
+                                 "float64, float32, bfloat16 and float16 (and complex) parameters, and LowRankAdamW "
+                                 "optimizes every parameter of the model. Nothing was converted; for a model with "
+                                 "such parameters use optim.to_low_rank, then optim.AdamW on the trainable "
+                                 "parameters and optim.Refactorizer")
         if rank is None:
             if not low_rank_modules(model):
                 raise ValueError("LowRankAdamW: rank=None but the model has no LowRankLinear layer; pass rank= to "
@@ -57,14 +72,24 @@ class LowRankAdamW(AdamW):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["refactorizer"] = self.refactorizer.state_dict()
+        refactorizer_state = self.refactorizer.state_dict()
+        state["refactorizer"] = refactorizer_state
+        # Also inside the first param group: torch.distributed.checkpoint's get/set_state_dict keep only "state" and
+        # "param_groups" of an optimizer's state dict (and carry every key of a group).
+        if state["param_groups"]:
+            state["param_groups"][0] = {**state["param_groups"][0], "refactorizer": refactorizer_state}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        refactorizer_state = state_dict.pop("refactorizer", None)
+        groups = [dict(group) for group in state_dict.get("param_groups", ())]
+        in_groups = [group.pop("refactorizer") for group in groups if "refactorizer" in group]
+        if "param_groups" in state_dict:
+            state_dict["param_groups"] = groups
+        refactorizer_state = state_dict.pop("refactorizer", in_groups[0] if in_groups else None)
         if refactorizer_state is None:
             raise ValueError("LowRankAdamW.load_state_dict: the state dict has no 'refactorizer' entry; it was not "
                              "saved by LowRankAdamW (load a plain optim.AdamW state dict into optim.AdamW)")
+        self.refactorizer.check_state_dict(refactorizer_state)  # both parts are checked before either is loaded
         super().load_state_dict(state_dict)
         self.refactorizer.load_state_dict(refactorizer_state)

@@ -230,8 +230,24 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
                          "target= a list of name patterns (see model.named_modules()) or a predicate")
     for name, linear in targets:
         _check_rank(rank, *linear_weight(linear).shape, f"to_low_rank ({name})")
+        weight = linear_weight(linear)
+        if not weight.is_floating_point():
+            raise ValueError(f"to_low_rank ({name}): the weight is {weight.dtype}; only floating-point layers can be "
+                             "factored. Nothing was converted; leave this layer out of target")
+        if init == "svd" and not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"to_low_rank ({name}): the weight holds NaN or inf, which init='svd' cannot factor. "
+                             "Nothing was converted; fix the weight or use init='random'")
+    # Every new layer is built (init="svd" factors each weight) before the first is swapped in, so a layer that
+    # fails leaves the model unchanged.
+    replacements = []
     for name, linear in targets:
-        _replace(model, name, LowRankLinear.from_linear(linear, rank, scale=scale, init=init))
+        try:
+            replacements.append((name, LowRankLinear.from_linear(linear, rank, scale=scale, init=init)))
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"to_low_rank ({name}): building its LowRankLinear failed ({error}); nothing was "
+                             "converted") from error
+    for name, layer in replacements:
+        _replace(model, name, layer)
     return model
 
 
@@ -243,9 +259,11 @@ def merge(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, LowRankLinear):
         return _to_linear(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            _replace(model, name, _to_linear(module))
+    # every dense layer is built before the first is swapped in: a failure leaves the model unchanged
+    replacements = [(name, _to_linear(module)) for name, module in list(model.named_modules())
+                    if isinstance(module, LowRankLinear)]
+    for name, layer in replacements:
+        _replace(model, name, layer)
     return model
 
 

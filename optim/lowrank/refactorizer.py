@@ -11,14 +11,17 @@ Every ``every`` optimizer steps, :class:`Refactorizer`
 
 from __future__ import annotations
 
+import functools
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from ..fused.distributed import reject_dtensors
+from .._finite import all_finite
+from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor, write_whole_
 from ._ops import lowrank_refactorize_
 from .layers import LowRankLinear, low_rank_modules
 
@@ -32,13 +35,28 @@ def refactorize(modules: nn.Module | Iterable[nn.Module]) -> int:
     """Balance the factors of every ``LowRankLinear`` in ``modules`` in place (B·A unchanged); returns the op calls.
 
     Layers with the same (B shape, A shape, dtype, device) go to one batched ``optim::lowrank_refactorize_`` call.
+    Factors that FSDP2 shards (DTensors, ``Shard(0)``) are gathered and refactorized one layer at a time, every rank
+    computing the whole and keeping its rows.
     """
     groups: dict[tuple, list[LowRankLinear]] = defaultdict(list)
+    sharded: list[LowRankLinear] = []
     for layer in low_rank_modules(modules):
-        groups[(tuple(layer.B.shape), tuple(layer.A.shape), layer.B.dtype, layer.B.device)].append(layer)
+        if is_dtensor(layer.B) or is_dtensor(layer.A):
+            sharded.append(layer)
+        else:
+            groups[(tuple(layer.B.shape), tuple(layer.A.shape), layer.B.dtype, layer.B.device)].append(layer)
     for layers in groups.values():
         lowrank_refactorize_([layer.B for layer in layers], [layer.A for layer in layers])
-    return len(groups)
+    # FSDP2 shards B (m×r) and A (r×n) by rows. One layer at a time: all-gather its factors (the memory FSDP needs
+    # for that layer's forward anyway), refactorize the whole on every rank (the same inputs and the same
+    # deterministic QR/SVD give every rank the same factors, as DDP replicas compute the same step), and write back
+    # the rows each rank owns.
+    for layer in sharded:
+        B, A = gather_whole(layer.B), gather_whole(layer.A)
+        lowrank_refactorize_([B], [A])
+        write_whole_(layer.B, B)
+        write_whole_(layer.A, A)
+    return len(groups) + len(sharded)
 
 
 @torch.no_grad()
@@ -114,15 +132,17 @@ class Refactorizer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Refactorizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_settings(every, reset, recovery_steps, recovery_start)
+        other = optimizer.__dict__.get("_optim_refactorizer")
+        if other is not None and other() is not None and other()._hooks:
+            raise ValueError(f"Refactorizer: this optimizer already has a Refactorizer ({other()!r}); two would "
+                             "scale the learning rate twice and restore it out of order. Call .remove() on the "
+                             "first one, or use one Refactorizer for all the layers")
         modules = low_rank_modules(model_or_modules)
         if not modules:
             raise ValueError("Refactorizer: no LowRankLinear layer found; convert the model first with "
                              "optim.to_low_rank(model, rank) and build the optimizer after that")
-        reject_dtensors([p for layer in modules for p in (layer.B, layer.A)], caller="Refactorizer",
-                        why="refactorization needs the whole factors B and A on every rank (QR and SVD of each), "
-                            "and FSDP2 holds a shard of each. Train with DDP (torch.nn.parallel."
-                            "DistributedDataParallel), or without refactorization (optim.AdamW alone works "
-                            "under FSDP2)")
+        check_row_sharded([p for layer in modules for p in (layer.B, layer.A)], caller="Refactorizer",
+                          why="refactorization gathers each layer's factors B and A to refactorize them whole")
         self.modules = modules
         self.optimizer = optimizer
         self.every = every
@@ -141,6 +161,22 @@ class Refactorizer:
         self._saved_lrs: list[Any] | None = None
         self._hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
                        optimizer.register_step_post_hook(self._after_optimizer_step)]
+        optimizer.__dict__["_optim_refactorizer"] = weakref.ref(self)
+        # A step that raises skips the post hook: restore the scheduled lr there too, so that neither the param
+        # groups nor the next checkpoint keep the ramp's scaled value.
+        step = optimizer.step
+        refactorizer = weakref.ref(self)
+
+        @functools.wraps(step)
+        def step_restoring_lr(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            finally:
+                owner = refactorizer()
+                if owner is not None and owner._saved_lrs is not None:
+                    owner._restore_lrs()
+
+        optimizer.step = step_restoring_lr
 
     # ---------------------------------------------------------------------------------------------- the schedule
 
@@ -162,7 +198,16 @@ class Refactorizer:
 
     @torch.no_grad()
     def refactorize_now(self) -> None:
-        """Refactorize every layer and reset the chosen moments now (``step()`` calls this on schedule)."""
+        """Refactorize every layer and reset the chosen moments now (``step()`` calls this on schedule).
+
+        Every factor is checked first: if one holds NaN or inf, no layer is refactorized and no moment reset."""
+        factors = [t for layer in self.modules for t in (layer.B, layer.A)]
+        if not all_finite(factors):
+            bad = next(i for i, t in enumerate(factors) if not bool(torch.isfinite(t).all()))
+            raise ValueError(f"Refactorizer: the {'B' if bad % 2 == 0 else 'A'} factor of LowRankLinear layer "
+                             f"{bad // 2} holds NaN or inf; no layer was refactorized and no moment was reset (the "
+                             "optimizer step that ran before this refactorization was applied). The run has "
+                             "diverged: restore a checkpoint or lower the learning rate")
         start = time.perf_counter()
         refactorize(self.modules)
         if self.reset == "factors":
@@ -199,6 +244,11 @@ class Refactorizer:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._saved_lrs is not None:
+            self._restore_lrs()
+        if self.optimizer.__dict__.get("_optim_refactorizer") is not None and \
+                self.optimizer.__dict__["_optim_refactorizer"]() is self:
+            del self.optimizer.__dict__["_optim_refactorizer"]
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 
@@ -222,6 +272,18 @@ class Refactorizer:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict()``; the settings must equal this refactorizer's (checked before anything changes)."""
+        pending = self.check_state_dict(state_dict)
+        params = self._optimizer_params()
+        self.step_count = int(state_dict["step_count"])
+        self.refactorizations = int(state_dict.get("refactorizations", 0))
+        if pending:
+            self.optimizer.reset_moments([params[i] for i in pending])
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> list[int]:
+        """Raise ``ValueError`` unless ``state_dict`` can be loaded (changes nothing); returns the pending resets."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"Refactorizer.load_state_dict: expected the dict of Refactorizer.state_dict(), got "
+                             f"{type(state_dict).__name__}")
         required = ("every", "reset", "recovery_steps", "recovery_start", "step_count", "pending_resets")
         missing = [key for key in required if key not in state_dict]
         if missing:
@@ -232,7 +294,16 @@ class Refactorizer:
                 raise ValueError(f"Refactorizer.load_state_dict: the checkpoint has {key}={state_dict[key]!r} but "
                                  f"this refactorizer has {key}={getattr(self, key)!r}; construct it with the settings "
                                  "of the run being resumed")
+        for key in ("step_count", "refactorizations"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Refactorizer.load_state_dict: {key} must be an int >= 0, got {value!r}; the "
+                                 "checkpoint is corrupt or was not produced by Refactorizer.state_dict()")
         params = self._optimizer_params()
+        if not isinstance(state_dict["pending_resets"], (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in state_dict["pending_resets"]):
+            raise ValueError(f"Refactorizer.load_state_dict: pending_resets must be a list of ints, got "
+                             f"{state_dict['pending_resets']!r}")
         pending = [int(i) for i in state_dict["pending_resets"]]
         if any(not 0 <= i < len(params) for i in pending):
             raise ValueError(f"Refactorizer.load_state_dict: pending reset positions {pending} do not fit an optimizer "
@@ -241,10 +312,7 @@ class Refactorizer:
             raise ValueError("Refactorizer.load_state_dict: the checkpoint has pending fused resets but this optimizer "
                              f"({type(self.optimizer).__name__}) has no reset_moments(); resume with the optimizer "
                              "class the run was saved with")
-        self.step_count = int(state_dict["step_count"])
-        self.refactorizations = int(state_dict.get("refactorizations", 0))
-        if pending:
-            self.optimizer.reset_moments([params[i] for i in pending])
+        return pending
 
     def __repr__(self) -> str:
         return (f"Refactorizer(layers={len(self.modules)}, every={self.every}, reset={self.reset!r}, "

@@ -56,6 +56,7 @@ import math
 import torch
 
 from .._library import define_op
+from .._overlap import check_no_overlap
 from .._counter_hash import counter_hash_tensor, logical_shift_right
 
 CORES = ("qr", "cayley", "exp")
@@ -81,6 +82,7 @@ def check_sample_rows_args(out: torch.Tensor, n: int, seed: int, offset: int) ->
 
 def rsdm_sample_rows_reference(out: torch.Tensor, n: int, seed: int, offset: int) -> None:
     check_sample_rows_args(out, n, seed, offset)
+    check_no_overlap("rsdm_sample_rows_", [("out", out, True)])
     r = out.shape[-1]
     batch = out.numel() // r
     if batch == 0:
@@ -179,6 +181,7 @@ def _core_reference(m: torch.Tensor, core: str) -> torch.Tensor:
 def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor | None, *, rank: int, seed: int,
                         offset: int, lr: float, core: str, transport: bool) -> None:
     check_rsdm_step_args(x, g, indices, rank, offset, lr, core)
+    check_no_overlap("rsdm_step_", [("X", x, True), ("G", g, transport), ("indices", indices, False)])
     flip = x.shape[-2] < x.shape[-1]
     xo, go = (x.mT, g.mT) if flip else (x, g)
     n_rows, n_cols = xo.shape[-2:]

@@ -68,6 +68,18 @@ def _check_matrix(x: torch.Tensor, caller: str, name: str = "X") -> None:
         raise ValueError(f"{caller}: {name} must be floating point, got {x.dtype}")
 
 
+def _check_like_point(x: torch.Tensor, z: torch.Tensor, caller: str, name: str) -> None:
+    """``z`` (a gradient or tangent vector at ``x``) must be a tensor of exactly ``x``'s shape: a transposed or an
+    (n, 1) matrix would broadcast into a wrong result without an error."""
+    _check_matrix(x, caller)
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{caller}: {name} must be a tensor of X's shape {tuple(x.shape)}, got {type(z).__name__}")
+    if z.shape != x.shape:
+        hint = " (it is X's transpose: pass it in X's layout)" if z.shape == x.mT.shape else ""
+        raise ValueError(f"{caller}: {name} has shape {tuple(z.shape)} but X has shape {tuple(x.shape)}; it must "
+                         f"have X's shape{hint}")
+
+
 def _sym(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.mT)
 
@@ -146,6 +158,7 @@ def project_tangent(x: torch.Tensor, z: torch.Tensor, *, manifold: str = "stiefe
     """Orthogonal projection of an ambient matrix ``z`` onto the tangent (Stiefel) or horizontal (Grassmann) space
     at ``x``: Z − X sym(X̃ᵀZ̃) resp. Z − X X̃ᵀZ̃ (oriented matrices), for the Euclidean metric."""
     check_manifold_name(manifold, "project_tangent")
+    _check_like_point(x, z, "project_tangent", "z")
     xo, zo = orient(x), orient(z)
     inner = xo.mT @ zo
     if manifold == "stiefel":
@@ -163,6 +176,7 @@ def riemannian_gradient(x: torch.Tensor, grad: torch.Tensor, *, manifold: str = 
     check_manifold_name(manifold, "riemannian_gradient")
     if metric not in ("euclidean", "canonical"):
         raise ValueError(f"riemannian_gradient: metric must be 'euclidean' or 'canonical', got {metric!r}")
+    _check_like_point(x, grad, "riemannian_gradient", "grad")
     if manifold == "stiefel" and metric == "canonical":
         xo, go = orient(x), orient(grad)
         out = go - xo @ (go.mT @ xo)

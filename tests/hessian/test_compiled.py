@@ -57,8 +57,16 @@ def test_hvp_compiled_is_exact_for_one_and_k_probes_and_compiles_once():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
         spent = compile_seconds(f)
         assert spent > 0
-        optim.hvp(f, params, v, compile=True)  # the same signature: reused, nothing more to compile
+        optim.hvp(f, params, v, compile=True, return_grad=True)  # the same signature: reused, nothing compiled
         assert compile_seconds(f) == spent
+        # Without the gradient: its own variant (the weight-gradient products dropped), as exact, compiled once.
+        hv = optim.hvp(f, params, v, compile=True)
+        torch.testing.assert_close(torch.cat([t.reshape(k or 1, -1) for t in hv], dim=1), flat_v @ hessian,
+                                   rtol=1e-10, atol=1e-12)
+        spent_without = compile_seconds(f)
+        assert spent_without > spent if k is None else spent_without == spent  # one probe's signature serves k
+        optim.hvp(f, params, v, compile=True)
+        assert compile_seconds(f) == spent_without
 
 
 def test_hvp_compile_refuses_what_cannot_be_compiled():

@@ -439,6 +439,34 @@ def test_rr_k_probes_fall_back_to_a_loop_when_vmap_fails():
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_a_large_first_block_measures_on_a_few_probes_then_runs_the_rest_the_faster_way(model_name, monkeypatch):
+    import importlib
+
+    from optim.hessian.hvp import MEASURE_PROBES, batching_choice
+
+    hvp_module = importlib.import_module("optim.hessian.hvp")
+    case, hessian = cached_case(model_name)
+    k = 2 * MEASURE_PROBES + 3
+    v = random_like(case.params, k)
+    ways = []
+    for name in ("_vmapped_backward", "_looped_backward"):
+        real = getattr(hvp_module, name)
+        monkeypatch.setattr(hvp_module, name,
+                            lambda o, l, d, *a, real=real, name=name: ways.append((name, d[0].shape[0])) or
+                            real(o, l, d, *a))
+
+    def f(*params):
+        return case.f(*params)
+
+    hv = hvp(f, case.params, v, mode="rr")
+    choice = batching_choice(f, k)
+    winner = "_vmapped_backward" if choice == "vmap" else "_looped_backward"
+    assert ways == [("_vmapped_backward", MEASURE_PROBES), ("_looped_backward", MEASURE_PROBES), (winner, 3)]
+    flat_v = torch.cat([t.reshape(k, -1) for t in v], dim=1)
+    assert relative_error(torch.cat([t.reshape(k, -1) for t in hv], dim=1), flat_v @ hessian) <= EXACT_RTOL
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_a_probe_block_measures_vmap_against_a_loop_once_and_both_are_exact(model_name, monkeypatch):
     import importlib
 

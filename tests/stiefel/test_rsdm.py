@@ -244,3 +244,32 @@ def test_bad_input_is_rejected_and_nothing_changes():
     with pytest.raises(ValueError, match="larger than N"):
         opt.step()
     assert torch.equal(x.detach(), snapshot[0])
+
+
+def test_float32_default_reorthonormalizes_when_the_measured_defect_asks_for_it(monkeypatch):
+    """float32, default period: every DEFECT_CHECK_EVERY steps the defect is estimated, and X is re-orthonormalized
+    only when the estimate passes the limit (a QR costs N·P², the estimate ~8·N·P)."""
+    import optim.stiefel.optimizers as stiefel_optimizers
+    from optim.stiefel import distance_to_manifold, orthogonal_
+
+    calls = []
+    real = stiefel_optimizers._reorthonormalize_
+    monkeypatch.setattr(stiefel_optimizers, "_reorthonormalize_", lambda p: calls.append(1) or real(p))
+    generator = torch.Generator().manual_seed(0)
+    every = stiefel_optimizers.DEFECT_CHECK_EVERY
+    # On the manifold, lr = 0: nothing drifts, no QR in 5 checks.
+    w = torch.nn.Parameter(orthogonal_(torch.empty(40, 12), generator=generator))
+    opt = optim.RSDM([w], lr=0.0, rank=4, seed=0)
+    for _ in range(5 * every):
+        w.grad = torch.randn(40, 12, generator=generator)
+        opt.step()
+    assert calls == []
+    # Pushed 1e-4 off the manifold: the first check re-orthonormalizes it.
+    with torch.no_grad():
+        w.mul_(1 + 1e-4)
+    assert float(distance_to_manifold(w)) > 1e-4
+    for _ in range(every):
+        w.grad = torch.randn(40, 12, generator=generator)
+        opt.step()
+    assert calls == [1]
+    assert float(distance_to_manifold(w)) < 1e-6

@@ -1,0 +1,64 @@
+"""Memory-overlap checks of the raw ops' references: the rule of ``check_no_overlap`` in ``csrc/common/checks.h``.
+
+A raw op writes some of its tensors in place. Before anything is written, the reference and the kernel both refuse
+
+1. a written tensor that overlaps itself (an ``expand()``ed tensor: several elements at one address), and
+2. a written tensor that shares memory with another tensor argument of the call,
+
+with the same ``ValueError`` message, in the same order (tests assert that the messages are equal). A tensor covers
+the bytes ``[data_ptr, data_ptr + (1 + sum((size_d − 1)·stride_d))·itemsize)``; empty tensors cover nothing. The
+pairs are found by one sweep over the intervals sorted by (start, position), keeping the furthest end of all
+tensors and of the written ones: O(k log k) for k tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["check_no_overlap", "list_operands"]
+
+Operand = tuple[str, torch.Tensor, bool]  # (name as messages print it, tensor, written by the op)
+
+
+def list_operands(name: str, tensors: Sequence[torch.Tensor], written: bool) -> list[Operand]:
+    """``[("name[0]", t0, written), ("name[1]", t1, written), ...]``."""
+    return [(f"{name}[{i}]", t, written) for i, t in enumerate(tensors)]
+
+
+def check_no_overlap(op: str, operands: Iterable[Operand]) -> None:
+    """Raise ``ValueError`` naming the first written tensor that overlaps itself, or the first pair (a written
+    tensor and any other argument) that shares memory; nothing has been written when it raises."""
+    operands = [(name, t, written) for name, t, written in operands if t is not None]
+    for name, t, written in operands:
+        if written and t.numel() and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{op}: {name} has internally overlapping memory (e.g. an expand()ed tensor); the op "
+                             f"writes it, so every element needs its own memory: pass {name}.clone()")
+    intervals = []
+    for k, (_, t, _) in enumerate(operands):
+        if not t.numel():
+            continue
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        start = t.data_ptr()
+        intervals.append((start, start + extent * t.element_size(), k))
+    intervals.sort(key=lambda interval: (interval[0], interval[2]))
+    end_all = end_written = None
+    owner_all = owner_written = 0
+    for start, end, k in intervals:
+        written = operands[k][2]
+        other = k
+        if written and end_all is not None and start < end_all:
+            other = owner_all
+        elif not written and end_written is not None and start < end_written:
+            other = owner_written
+        if other != k:
+            first, second = min(other, k), max(other, k)
+            writer = operands[k if written else other][0]
+            raise ValueError(f"{op}: {operands[first][0]} and {operands[second][0]} share memory; the op writes "
+                             f"{writer}, so it must not overlap another argument: pass separate tensors (.clone() "
+                             "one of them)")
+        if end_all is None or end > end_all:
+            end_all, owner_all = end, k
+        if written and (end_written is None or end > end_written):
+            end_written, owner_written = end, k

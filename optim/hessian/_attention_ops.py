@@ -169,7 +169,7 @@ def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(tokens: int, tile: int | None):
-    tile = tokens if tile is None else max(1, tile)
+    tile = max(1, tokens if tile is None else tile)  # no query rows: no tiles
     return [slice(start, min(start + tile, tokens)) for start in range(0, tokens, tile)]
 
 

@@ -146,6 +146,22 @@ def test_references_match_autograd_of_plain_attention(case):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 2, 0, 5), (0, 2, 3, 3), (1, 2, 3, 0), (1, 1, 4097, 3)],
+                         ids=["one-token", "no-queries", "no-batch", "no-keys", "4097-queries"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_edge_sizes_match_the_reference(shape, causal):
+    batch, heads, tq, tk = shape
+    q = torch.randn(batch, heads, tq, 4, dtype=torch.float64)
+    k, v = torch.randn(batch, heads, tk, 4, dtype=torch.float64), torch.randn(batch, heads, tk, 3, dtype=torch.float64)
+    for name in OPS:
+        args = op_args(name, q, k, v, None, causal, 0.5)
+        got, expected = OPS[name][0](*args, None, causal, 0.5), OPS[name][2](*args, None, causal, 0.5)
+        got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 def test_a_row_with_no_allowed_key_gives_zero_output_and_minus_inf_lse():
     q, k, v, mask, causal, scale = make_case(CASES[1])
     out, lse = ops.sdpa_forward(q, k, v, mask, causal, scale)

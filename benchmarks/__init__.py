@@ -16,6 +16,7 @@ BENCHMARKS = {
     "sophia": "sophia",
     "stiefel": "stiefel",
     "lowrank": "lowrank",
+    "attention": "attention",
 }
 
 __all__ = ["BENCHMARKS"]

@@ -38,8 +38,8 @@ The Trainer accepts a ready optimizer and scheduler, ``Trainer(..., optimizers=(
   ``training_step`` to make the Trainer's backward ``create_graph=True`` on exactly the steps where
   ``opt.next_step_refreshes()`` is true, and leaves the others alone; loss scaling, gradient accumulation,
   clipping, logging and the scheduler stay the Trainer's. Two requirements: the model must be twice
-  differentiable (``attn_implementation="eager"``: the SDPA kernels have no double backward; no
-  ``torch_compile``), and no mixed precision here (not tested with this subclass; ``fp16`` needs CUDA. The
+  differentiable (with ``attn_implementation="sdpa"`` the refresh steps' forward and backward run inside
+  ``optim.hessian.sdpa_curvature()``: torch's SDPA kernels have no double backward; no ``torch_compile``), and no mixed precision here (not tested with this subclass; ``fp16`` needs CUDA. The
   optimizers take the scale and the overflow flag from a ``GradScaler`` and unscale Hz too, but they reject
   ``scaler.unscale_`` before a refresh step, which the Trainer's gradient clipping calls: fp16 would need
   ``max_grad_norm=0``; see ``optim.hessian.second_order``, *Mixed precision*). The other route, an externally computed diagonal via
@@ -107,7 +107,7 @@ def tiny_llama(seed: int):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQUENCE_LENGTH,
-                         attn_implementation="eager")  # eager attention is twice differentiable, SDPA is not
+                         attn_implementation="sdpa")  # twice differentiable inside optim.hessian.sdpa_curvature()
     return LlamaForCausalLM(config)
 
 
@@ -158,7 +158,9 @@ def _trainer_classes():
                     # torch warns that p.grad now references its own graph (a cycle through p); the optimizer's
                     # step() replaces p.grad by a detached copy, and the Trainer's zero_grad() drops it.
                     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-                    return super().training_step(model, inputs, num_items_in_batch)
+                    # SDPA attention through optim's op family, whose backward is differentiable
+                    with optim.hessian.sdpa_curvature():
+                        return super().training_step(model, inputs, num_items_in_batch)
             finally:
                 del accelerator.backward  # back to the class's method
 

@@ -1,7 +1,8 @@
 """Hessian-vector products and the estimators built on them (issue #3)."""
 
-from . import _ops
+from . import _attention_ops, _ops
 from .adahessian import AdaHessian
+from .attention import scaled_dot_product_attention, sdpa_curvature
 from .fisher import EmpiricalFisherOperator
 from .ggn import GGNOperator
 from .hvp import hvp
@@ -16,4 +17,4 @@ from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOpera
 __all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "EmpiricalFisherOperator", "GGNOperator", "HessianOperator",
            "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH", "SpectralDensity", "TraceEstimate",
            "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
-           "spectral_density", "top_eigenvalues", "trace"]
+           "scaled_dot_product_attention", "sdpa_curvature", "spectral_density", "top_eigenvalues", "trace"]

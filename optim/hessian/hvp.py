@@ -91,6 +91,7 @@ from typing import Callable, Sequence
 import torch
 
 from .._finite import first_nonfinite
+from .attention import sdpa_curvature
 
 __all__ = ["hvp", "fd_rtol", "compile_seconds", "MODES", "AUTO_ORDER"]
 
@@ -128,6 +129,7 @@ def fd_rtol(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps ** (2.0 / 3.0)
 
 
+@sdpa_curvature()  # SDPA models: F.scaled_dot_product_attention has no double backward or forward-mode rule
 def hvp(
     f: Callable[..., torch.Tensor],
     params: Tensors,

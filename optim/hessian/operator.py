@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .attention import sdpa_curvature
 from .hvp import (MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds, compiled_hvp,
                   compute_hvp, first_order_graph, loss_and_gradient, second_backward)
 
@@ -299,6 +300,7 @@ class CurvatureOperator:
         """``C_b v`` on one batch without keeping anything (default: build the state, apply it, drop it)."""
         return self._apply(self._build(inputs, targets, params, rows), v, k)
 
+    @sdpa_curvature()  # every product of every operator (and so the monitor and the estimators) builds here
     def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         where = self._where
         params = check_params(self.params, where=where)

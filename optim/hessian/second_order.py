@@ -119,6 +119,7 @@ from .._validate import check_betas as _check_betas
 from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
 from ..fused.distributed import average_, check_process_group, check_row_sharded, is_dtensor, reject_dtensors
+from .attention import sdpa_curvature
 from .probes import rademacher_like
 
 __all__ = ["probe_seed"]
@@ -353,7 +354,7 @@ class SecondOrderOptimizer(Optimizer):
         else:
             candidates = [p for p in self._all_params() if p.requires_grad]
             before = {id(p): (p.grad, None if p.grad is None else p.grad._version) for p in candidates}
-            with torch.enable_grad():
+            with torch.enable_grad(), sdpa_curvature(bool(hvp_due)):  # a refresh differentiates the loss twice
                 loss = closure()
             did_backward = any(p.grad is not None and (p.grad is not before[id(p)][0]
                                                        or p.grad._version != before[id(p)][1]) for p in candidates)

@@ -1,0 +1,199 @@
+"""Scaled-dot-product attention with second-order rules, and the routing of ``F.scaled_dot_product_attention`` to it.
+
+:func:`scaled_dot_product_attention` computes ``softmax(s·Q Kᵀ + M) V`` (the math and shapes:
+``_attention_ops.py``) through two ``torch.autograd.Function`` s, so that every derivative a curvature computation
+takes exists and none stores a (Tq, Tk) matrix:
+
+``_Attention`` (forward ``optim::sdpa_forward``)
+    ``backward`` is ``_AttentionBackward.apply`` (so the backward itself is differentiable), ``jvp`` is
+    ``optim::sdpa_forward_jvp`` (forward-mode AD: ``torch.func.jvp``, GGN products ``J v``).
+``_AttentionBackward`` (forward ``optim::sdpa_backward``)
+    ``jvp`` is ``optim::sdpa_backward_jvp`` (forward-over-reverse HVPs: ``jvp(grad(f))``). ``backward`` (double
+    backward, ``create_graph=True``) needs no op of its own: the backward is ``∇_{Q,K,V} φ`` with
+    ``φ = ⟨dO, O(Q, K, V)⟩``, so against cotangents ``u = (u_Q, u_K, u_V)`` of (dQ, dK, dV) its vector-Jacobian
+    product is ``∇²φ·u`` for Q, K, V (the Hessian of φ is symmetric: ``sdpa_backward_jvp`` along u with dȮ = 0) and
+    ``(∂O/∂(Q,K,V))·u`` for dO (the backward is ``Jᵀ dO``, linear in dO: ``sdpa_forward_jvp`` along u).
+
+Both set ``generate_vmap_rule = True``; the ops have vmap rules (the vmapped dimension folds into the heads), so
+``torch.func.vmap`` over tangents or cotangents (k probes at once, ``is_grads_batched=True``) runs one call per op.
+
+:func:`sdpa_curvature` is a ``TorchFunctionMode`` that sends ``F.scaled_dot_product_attention`` to
+:func:`scaled_dot_product_attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator``
+(and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter it
+themselves, so a Hugging Face model with ``attn_implementation="sdpa"`` needs no change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import _attention_ops as ops
+
+__all__ = ["scaled_dot_product_attention", "sdpa_curvature"]
+
+
+def _zeros_if_none(tangent, like):
+    return torch.zeros_like(like) if tangent is None else tangent
+
+
+class _Attention(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, attn_mask, is_causal, scale):
+        return ops.sdpa_forward(q, k, v, attn_mask, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, is_causal, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)  # a by-product for the backward; attention returns only O
+        # A double backward sends no cotangent to O through _AttentionBackward (which returns None for out: its
+        # dependence on (q, k, v) is in its own derivatives); unmaterialized, that None costs nothing instead of a
+        # backward of zeros.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.save_for_forward(q, k, v, out, lse, attn_mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None
+        grad_q, grad_k, grad_v = _AttentionBackward.apply(grad_out, q, k, v, out, lse, attn_mask, ctx.is_causal,
+                                                          ctx.scale)
+        return grad_q, grad_k, grad_v, None, None, None
+
+    @staticmethod
+    def jvp(ctx, q_dot, k_dot, v_dot, mask_dot, is_causal_dot, scale_dot):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        out_dot = ops.sdpa_forward_jvp(q, k, v, out, lse, _zeros_if_none(q_dot, q), _zeros_if_none(k_dot, k),
+                                       _zeros_if_none(v_dot, v), attn_mask, ctx.is_causal, ctx.scale)
+        return out_dot, None
+
+
+class _AttentionBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale):
+        return ops.sdpa_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, q, k, v, out, lse, attn_mask, is_causal, scale = inputs
+        ctx.save_for_backward(grad_out, q, k, v, out, lse, attn_mask)
+        ctx.save_for_forward(grad_out, q, k, v, out, lse, attn_mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+
+    @staticmethod
+    def backward(ctx, u_q, u_k, u_v):
+        grad_out, q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        u_q, u_k, u_v = _zeros_if_none(u_q, q), _zeros_if_none(u_k, k), _zeros_if_none(u_v, v)
+        grad_q, grad_k, grad_v = ops.sdpa_backward_jvp(grad_out, q, k, v, out, lse, torch.zeros_like(grad_out), u_q,
+                                                       u_k, u_v, attn_mask, ctx.is_causal, ctx.scale)
+        grad_grad_out = ops.sdpa_forward_jvp(q, k, v, out, lse, u_q, u_k, u_v, attn_mask, ctx.is_causal, ctx.scale)
+        # out and lse are functions of (q, k, v): their dependence is already in the products above.
+        return grad_grad_out, grad_q, grad_k, grad_v, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, grad_out_dot, q_dot, k_dot, v_dot, out_dot, lse_dot, mask_dot, is_causal_dot, scale_dot):
+        grad_out, q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        # out_dot and lse_dot are the tangents of functions of (q, k, v); the op derives them itself.
+        return ops.sdpa_backward_jvp(grad_out, q, k, v, out, lse, _zeros_if_none(grad_out_dot, grad_out),
+                                     _zeros_if_none(q_dot, q), _zeros_if_none(k_dot, k), _zeros_if_none(v_dot, v),
+                                     attn_mask, ctx.is_causal, ctx.scale)
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with JVP, double-backward and vmap rules, in O(T) memory.
+
+    Same arguments and result as torch's: ``query`` (B, Hq, Tq, d), ``key`` (B, Hkv, Tk, d), ``value``
+    (B, Hkv, Tk, dv), or all 3-D (B, T, ·: one head); ``attn_mask`` boolean (True = attend) or additive,
+    broadcastable to (B, Hq, Tq, Tk); ``is_causal`` keeps key j ≤ query i (top-left aligned, as torch's);
+    ``scale`` defaults to 1/√d; ``enable_gqa`` allows Hkv < Hq (dividing it). Returns (B, Hq, Tq, dv).
+
+    Raises:
+        ValueError: ``dropout_p`` other than 0 (curvature is measured without dropout: evaluate the model in eval
+            mode), inputs that are not 3-D or 4-D, mismatched dtypes, devices or shapes, heads that do not divide,
+            ``attn_mask`` that does not broadcast, or Hkv ≠ Hq without ``enable_gqa``.
+        TypeError: an argument that is not a tensor.
+    """
+    where = "scaled_dot_product_attention"
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(tensor).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{where}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if dropout_p != 0:
+        raise ValueError(
+            f"{where}: dropout_p must be 0, got {dropout_p}: the curvature of a random function is not defined here; "
+            "put the model in eval mode (model.eval()) or set its attention dropout to 0"
+        )
+    dims = query.dim()
+    if dims not in (3, 4):
+        raise ValueError(f"{where}: query must be 3-D (batch, tokens, dim) or 4-D (batch, heads, tokens, dim), got "
+                         f"shape {tuple(query.shape)}")
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dim() != dims:
+            raise ValueError(f"{where}: {name} has {tensor.dim()} dimensions but query has {dims}; they must match")
+    if dims == 4 and not enable_gqa and key.shape[1] != query.shape[1]:
+        raise ValueError(f"{where}: key has {key.shape[1]} heads but query has {query.shape[1]}; pass "
+                         "enable_gqa=True for grouped-query attention")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    scale = float(scale)
+    if dims == 3:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    ops.check_attention_args(where, query, key, value, attn_mask, scale)
+    if attn_mask is not None:
+        attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
+    out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
+    return out.squeeze(1) if dims == 3 else out
+
+
+class _SdpaCurvatureMode(TorchFunctionMode):
+    """Sends ``F.scaled_dot_product_attention`` to :func:`scaled_dot_product_attention`; all else runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return scaled_dot_product_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _routing() -> bool:
+    """Whether a mode of ours is already on this thread's torch-function mode stack."""
+    try:
+        stack = torch.overrides._get_current_function_mode_stack()
+    except AttributeError:  # a torch without the helper: enter again, which is harmless (only slower)
+        return False
+    return any(isinstance(mode, _SdpaCurvatureMode) for mode in stack)
+
+
+@contextlib.contextmanager
+def sdpa_curvature(enabled: bool = True):
+    """Within this context (when ``enabled``), ``F.scaled_dot_product_attention`` is
+    :func:`scaled_dot_product_attention`: differentiable twice, forward-mode differentiable and vmappable, in O(T)
+    memory.
+
+    Entered by ``hvp``, the curvature operators and the second-order optimizers' refresh steps; enter it yourself
+    to differentiate an SDPA model twice elsewhere. Nested entries are one entry. ``dropout_p`` must be 0 (a
+    ``ValueError`` otherwise): evaluate the model in eval mode. Also a decorator (``@sdpa_curvature()``).
+    """
+    if not enabled or _routing():
+        yield
+        return
+    with _SdpaCurvatureMode():
+        yield

@@ -443,7 +443,12 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
     return out
 
 
-RESHARD_CASES = {"fsdp_dcp_reshard": fsdp_dcp_reshard}
+# The 4-rank job: the resharded checkpoints, and the FSDP2 training cases again on 4 ranks (shards of one row, and
+# of none: a 3-row factor over 4 ranks).
+RESHARD_CASES = {"fsdp_dcp_reshard": fsdp_dcp_reshard,
+                 "fsdp4_lowrank": run_fsdp_lowrank, "fsdp4_stiefel": run_fsdp_stiefel,
+                 "fsdp4_second_order": run_fsdp_second_order,
+                 "fsdp4_adamw": lambda rank, world: run_fsdp_adamw(rank, world, fused=True)}
 
 
 def fsdp_errors(rank: int, world_size: int) -> dict:

@@ -238,6 +238,29 @@ def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"parameter {i}: {m}")
 
 
+@pytest.mark.parametrize("case, name", [("fsdp4_adamw", None), ("fsdp4_lowrank", None),
+                                        *[("fsdp4_stiefel", n) for n in job.FSDP_STIEFEL_OPTIMIZERS],
+                                        ("fsdp4_second_order", "sophia"), ("fsdp4_second_order", "adahessian")])
+def test_fsdp2_on_4_ranks_matches_single_process(resharded, case, name):
+    """The FSDP2 cases on 4 gloo ranks (one row per rank for the small matrices, an empty shard for a 3-row
+    factor): every rank equal, and equal to one process on the whole batch."""
+    ranks = case_results(resharded, case)
+    runs = {"fsdp4_adamw": lambda: job.run_fsdp_adamw(None, 1, fused=True),
+            "fsdp4_lowrank": lambda: job.run_fsdp_lowrank(None, 1),
+            "fsdp4_stiefel": lambda: job.run_fsdp_stiefel(None, 1),
+            "fsdp4_second_order": lambda: job.run_fsdp_second_order(None, 1)}
+    single = runs[case]()
+    if name is None:
+        results, expected = ranks, single
+    else:
+        results, expected = [{"params": r[name]} for r in ranks], {"params": single[name]}
+    for rank in range(1, len(results)):
+        for i, (a, b) in enumerate(zip(results[0]["params"], results[rank]["params"])):
+            assert torch.equal(a, b), f"parameter {i} differs between ranks 0 and {rank}"
+    loose = case == "fsdp4_second_order"  # the difference quotient magnifies the reduction's rounding
+    assert_close_to_single_process(results[:2], expected, **(dict(rtol=1e-7, atol=1e-9) if loose else {}))
+
+
 def test_fsdp2_optimizer_state_is_sharded(results):
     """Optimizer-state bytes per rank: about half of one process's (the moments are sharded like the
     parameters)."""

@@ -59,7 +59,9 @@ template <typename T>
 OPTIM_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWCoefficients<T>& c) {
   g = c.grad_sign * g;
   p = p * c.decay_factor;
-  m = m + c.one_minus_beta1 * (g - m);
+  // torch.lerp's two forms: from m for weights below 1/2, from g above, so that beta1 = 0 gives m = g exactly
+  // (m + 1·(g − m) cancels: m ≫ g in float32 lost g's low bits, 1e-4 relative at |g| = 1e-5, |m| = 0.05).
+  m = (c.one_minus_beta1 < T(0.5)) ? m + c.one_minus_beta1 * (g - m) : g - (g - m) * (T(1) - c.one_minus_beta1);
   v = v * c.beta2 + c.one_minus_beta2 * g * g;
   const T denom = square_root(v) / c.bias_correction2_sqrt + c.eps;
   p = p - c.step_size * m / denom;

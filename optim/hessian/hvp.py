@@ -61,9 +61,10 @@ Four ways to compute it (``mode``):
     compiled one-probe product k times (a vmapped product compiled for minutes and past 20 GB on a 7M-parameter GPT
     on a CPU). The first call's seconds, compilation included, are added to :func:`compile_seconds`. Measured on
     CPU (``python -m benchmarks curvature``, 2 threads, one run; benchmarks/RESULTS.md): on a 7.4M-parameter GPT
-    the compiled product took 2.64× a gradient against 2.92× for torch's double backward (0.90×; 0.77× in an
-    earlier run; 11 s to compile); on a 4.2M-parameter MLP, whose time is its matrix products, 3.03× against 2.84×
-    (no gain): it pays on models with many small operations. Double backward (``"rr"``) cannot be compiled
+    the compiled product took 2.46× a gradient against 3.48× for torch's double backward (0.71×; 12 s to compile),
+    on a 4.2M-parameter MLP, whose time is its matrix products, 2.65× against 3.27× (0.81×). Without
+    ``return_grad`` the compiled function does not return the gradient, so the compiler drops the weight-gradient
+    products of the primal backward (about one matrix product in nine). Double backward (``"rr"``) cannot be compiled
     (AOTAutograd does not differentiate a compiled backward twice) and ``"fd"`` needs no compiler, so
     ``compile=True`` takes ``mode="auto"`` or ``"fr"`` only, with ``"fr"``'s requirements on ``f``. Recompilation
     follows ``torch.compile``'s own rules (a new shape, a module attribute it guarded on); past dynamo's recompile

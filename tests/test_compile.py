@@ -76,6 +76,26 @@ def _lists(shapes, **factories):
 SHAPES = [(5, 3), (7,)]
 
 # name -> () -> (tensor arguments, other arguments), all by schema name. Fresh random values (never zeros).
+def _attention_case(name: str):
+    """Inputs of one attention op: q, k, v (1, 2, 6, 4), causal, and the forward's (out, lse) for the others."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    q, k, v = rand(1, 2, 6, 4), rand(1, 2, 6, 4), rand(1, 2, 6, 4)
+    constants = dict(attn_mask=None, is_causal=True, scale=0.5)
+    out, lse = torch.ops.optim.sdpa_forward(q, k, v, **constants)
+    saved = dict(q=q, k=k, v=v, out=out, lse=lse)
+    tangents = dict(q_dot=rand(1, 2, 6, 4), k_dot=rand(1, 2, 6, 4), v_dot=rand(1, 2, 6, 4))
+    inputs = {"sdpa_forward": dict(q=q, k=k, v=v),
+              "sdpa_backward": dict(grad_out=rand(1, 2, 6, 4), **saved),
+              "sdpa_forward_jvp": dict(**saved, **tangents),
+              "sdpa_backward_jvp": dict(grad_out=rand(1, 2, 6, 4), **saved, grad_out_dot=rand(1, 2, 6, 4),
+                                        **tangents)}[name]
+    return inputs, constants
+
+
 OP_CASES = {
     "fused_adamw_": lambda: (
         {**_lists(SHAPES, params=torch.randn, grads=torch.randn, exp_avgs=torch.randn, exp_avg_sqs=torch.rand),
@@ -101,6 +121,8 @@ OP_CASES = {
     "rsdm_sample_rows_": lambda: (dict(out=torch.full((2, 4), -1, dtype=torch.int64)), dict(n=10, seed=3, offset=4)),
     "lowrank_refactorize_": lambda: (dict(B=[torch.randn(8, 3) for _ in range(2)],
                                           A=[torch.randn(3, 6) for _ in range(2)]), {}),
+    **{name: (lambda name=name: _attention_case(name))
+       for name in ("sdpa_forward", "sdpa_backward", "sdpa_forward_jvp", "sdpa_backward_jvp")},
 }
 
 

@@ -763,21 +763,20 @@ def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, f
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> float:
-    """‖(t_1, ..., t_n)‖ in float64; a DTensor's shards summed over its mesh."""
+    """‖(t_1, ..., t_n)‖ in float64; a DTensor's shards summed over the mesh dimension that shards it (replicas, as
+    in HSDP, are not counted twice)."""
+    import torch.distributed as dist
+
     total = torch.zeros((), dtype=torch.float64)
-    sharded = torch.zeros((), dtype=torch.float64)
     for t in tensors:
         local = t.detach().to_local() if is_dtensor(t) else t.detach()
         square = local.double().square().sum().cpu()
         if is_dtensor(t):
-            sharded += square
-        else:
-            total += square
-    if any(is_dtensor(t) for t in tensors):
-        import torch.distributed as dist
-
-        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
-    return float((total + sharded).sqrt())
+            shard_dims = [i for i, placement in enumerate(t.placements) if placement.is_shard()]
+            if shard_dims:
+                dist.all_reduce(square, op=dist.ReduceOp.SUM, group=t.device_mesh.get_group(shard_dims[0]))
+        total += square
+    return float(total.sqrt())
 
 
 def _first_local_row(p: torch.Tensor) -> int:

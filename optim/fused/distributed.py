@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["average_", "check_row_sharded", "gather_whole", "is_dtensor", "local_tensors", "reject_dtensors",
-           "write_whole_"]
+__all__ = ["average_", "check_row_sharded", "gather_whole", "is_dtensor", "local_rows", "local_tensors",
+           "reject_dtensors", "write_whole_"]
 
 try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor
@@ -83,6 +83,20 @@ def check_row_sharded(params: Sequence[torch.Tensor], *, caller: str, why: str) 
                 "Shard it with fully_shard's default placement, or keep it unsharded")
 
 
+def local_rows(t: torch.Tensor) -> tuple[int | None, int, int]:
+    """``(mesh dim, start, stop)``: the rows start..stop of dim 0 that this rank holds of a row-sharded DTensor
+    (see :func:`check_row_sharded`), cut as ``Shard(0)`` cuts them (``torch.chunk``: chunks of ⌈n/size⌉ rows, the
+    last ones short or empty); ``(None, 0, n)`` for a plain or replicated tensor."""
+    n = t.shape[0] if t.dim() else 1
+    shards = [i for i, placement in enumerate(t.placements) if placement.is_shard()] if is_dtensor(t) else []
+    if not shards:
+        return None, 0, n
+    mesh_dim = shards[0]
+    chunk = -(-n // t.device_mesh.size(mesh_dim))
+    start = min(t.device_mesh.get_local_rank(mesh_dim) * chunk, n)
+    return mesh_dim, start, min(start + chunk, n)
+
+
 def gather_whole(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank: ``t`` itself when it is a plain tensor, the all-gather of a DTensor."""
     return t.full_tensor() if is_dtensor(t) else t
@@ -96,12 +110,8 @@ def write_whole_(t: torch.Tensor, whole: torch.Tensor) -> None:
         if t is not whole:
             t.copy_(whole)
         return
-    part = whole
-    for mesh_dim, placement in enumerate(t.placements):
-        if placement.is_shard():
-            chunks = part.chunk(t.device_mesh.size(mesh_dim), dim=0)
-            coordinate = t.device_mesh.get_local_rank(mesh_dim)
-            part = chunks[coordinate] if coordinate < len(chunks) else part[:0]
+    _, start, stop = local_rows(t)
+    part = whole[start:stop]
     local = t.to_local()
     if local.shape != part.shape:  # a layout other than torch.chunk's (padding kept in the local tensor)
         raise ValueError(f"write_whole_: the local shard has shape {tuple(local.shape)} but Shard(0) of "

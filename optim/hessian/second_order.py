@@ -118,7 +118,8 @@ from .._validate import SparseGradientError, StateSpec, check_group_params, chec
 from .._validate import check_betas as _check_betas
 from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
-from ..fused.distributed import average_, check_process_group, check_row_sharded, is_dtensor, reject_dtensors
+from ..fused.distributed import (average_, check_process_group, check_row_sharded, is_dtensor, local_rows,
+                                 reject_dtensors)
 from .attention import sdpa_curvature
 from .probes import rademacher_like
 
@@ -632,7 +633,7 @@ class SecondOrderOptimizer(Optimizer):
         for p in [q for q in params if is_dtensor(q)]:
             # A row shard holds rows a..b of the whole probe: the counters from start + a·(row length) on.
             seed, step = key(p)
-            first_row = _first_local_row(p)
+            _, first_row, _ = local_rows(p)
             offset = start[id(p)] + first_row * (p.numel() // max(p.shape[0], 1))
             local = rademacher_like([p.to_local()], seed=probe_seed(seed, step), offset=offset)[0]
             out[id(p)] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
@@ -777,15 +778,6 @@ def _global_norm(tensors: list[torch.Tensor]) -> float:
                 dist.all_reduce(square, op=dist.ReduceOp.SUM, group=t.device_mesh.get_group(shard_dims[0]))
         total += square
     return float(total.sqrt())
-
-
-def _first_local_row(p: torch.Tensor) -> int:
-    """The first row of dim 0 that a row-sharded DTensor's local shard holds (``Shard(0)``: ``torch.chunk``)."""
-    mesh_dim = next((i for i, placement in enumerate(p.placements) if placement.is_shard()), None)
-    if mesh_dim is None:
-        return 0
-    chunk = -(-p.shape[0] // p.device_mesh.size(mesh_dim))
-    return min(p.device_mesh.get_local_rank(mesh_dim) * chunk, p.shape[0])
 
 
 def _all_finite_on_every_rank(tensors: list[torch.Tensor], sharded: bool) -> bool:

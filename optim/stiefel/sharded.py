@@ -23,20 +23,10 @@ import torch
 import torch.distributed as dist
 
 from .._library import has_kernel
-from ..fused.distributed import gather_whole, is_dtensor, write_whole_
+from ..fused.distributed import gather_whole, is_dtensor, local_rows, write_whole_
 from ._ops import rsdm_sample_rows_, rsdm_step_, rsdm_step_reference
 
 __all__ = ["rsdm_permutation_step_sharded_", "whole_matrix_update_"]
-
-
-def _row_shard(p: torch.Tensor) -> tuple[int, int, int]:
-    """(mesh dim, first row, end row) of the rows of dim 0 this rank holds (``Shard(0)``: ``torch.chunk``'s cut)."""
-    mesh_dim = next(i for i, placement in enumerate(p.placements) if placement.is_shard())
-    size = p.device_mesh.size(mesh_dim)
-    coordinate = p.device_mesh.get_local_rank(mesh_dim)
-    chunk = -(-p.shape[0] // size)
-    start = min(coordinate * chunk, p.shape[0])
-    return mesh_dim, start, min(start + chunk, p.shape[0])
 
 
 def _gather_rows(local: torch.Tensor, start: int, stop: int, indices: torch.Tensor, flip: bool, n_stored: int,
@@ -74,7 +64,7 @@ def rsdm_permutation_step_sharded_(p: torch.Tensor, direction: torch.Tensor, *, 
     n_rows = max(p.shape[-2:])
     indices = torch.empty(*p.shape[:-2], rank, dtype=torch.int64, device=local.device)
     rsdm_sample_rows_(indices, n_rows, seed, offset)
-    mesh_dim, start, stop = _row_shard(p)
+    mesh_dim, start, stop = local_rows(p)
     if p.dim() > 2:  # whole matrices on each rank: their own index sets, no communication
         if local.shape[0]:
             step(local, direction_local, indices[start:stop].contiguous(), rank=rank, seed=seed, offset=offset,

@@ -2,7 +2,8 @@
 
 from . import _attention_ops, _ops
 from .adahessian import AdaHessian
-from .attention import scaled_dot_product_attention, sdpa_curvature
+from .attention import scaled_dot_product_attention
+from .routing import sdpa_curvature
 from .fisher import EmpiricalFisherOperator
 from .ggn import GGNOperator
 from .hvp import hvp

@@ -17,7 +17,7 @@ takes exists and none stores a (Tq, Tk) matrix:
 Both set ``generate_vmap_rule = True``; the ops have vmap rules (the vmapped dimension folds into the heads), so
 ``torch.func.vmap`` over tangents or cotangents (k probes at once, ``is_grads_batched=True``) runs one call per op.
 
-:func:`sdpa_curvature` is a ``TorchFunctionMode`` that sends ``F.scaled_dot_product_attention`` to
+:func:`~.routing.sdpa_curvature` is a ``TorchFunctionMode`` that sends ``F.scaled_dot_product_attention`` to
 :func:`scaled_dot_product_attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator``
 (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter it
 themselves, so a Hugging Face model with ``attn_implementation="sdpa"`` needs no change.
@@ -25,16 +25,14 @@ themselves, so a Hugging Face model with ``attn_implementation="sdpa"`` needs no
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from . import _attention_ops as ops
 
-__all__ = ["scaled_dot_product_attention", "sdpa_curvature"]
+__all__ = ["scaled_dot_product_attention"]
 
 
 def _zeros_if_none(tangent, like):
@@ -161,39 +159,3 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
     out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
     return out.squeeze(1) if dims == 3 else out
-
-
-class _SdpaCurvatureMode(TorchFunctionMode):
-    """Sends ``F.scaled_dot_product_attention`` to :func:`scaled_dot_product_attention`; all else runs unchanged."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return scaled_dot_product_attention(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _routing() -> bool:
-    """Whether a mode of ours is already on this thread's torch-function mode stack."""
-    try:
-        stack = torch.overrides._get_current_function_mode_stack()
-    except AttributeError:  # a torch without the helper: enter again, which is harmless (only slower)
-        return False
-    return any(isinstance(mode, _SdpaCurvatureMode) for mode in stack)
-
-
-@contextlib.contextmanager
-def sdpa_curvature(enabled: bool = True):
-    """Within this context (when ``enabled``), ``F.scaled_dot_product_attention`` is
-    :func:`scaled_dot_product_attention`: differentiable twice, forward-mode differentiable and vmappable, in O(T)
-    memory.
-
-    Entered by ``hvp``, the curvature operators and the second-order optimizers' refresh steps; enter it yourself
-    to differentiate an SDPA model twice elsewhere. Nested entries are one entry. ``dropout_p`` must be 0 (a
-    ``ValueError`` otherwise): evaluate the model in eval mode. Also a decorator (``@sdpa_curvature()``).
-    """
-    if not enabled or _routing():
-        yield
-        return
-    with _SdpaCurvatureMode():
-        yield

@@ -92,7 +92,7 @@ from typing import Callable, Sequence
 import torch
 
 from .._finite import first_nonfinite
-from .attention import sdpa_curvature
+from .routing import sdpa_curvature
 
 __all__ = ["hvp", "fd_rtol", "compile_seconds", "MODES", "AUTO_ORDER"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .attention import sdpa_curvature
+from .routing import sdpa_curvature
 from .hvp import (MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds, compiled_hvp,
                   compute_hvp, first_order_graph, loss_and_gradient, second_backward)
 

@@ -120,7 +120,7 @@ from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
 from ..fused.distributed import (average_, check_process_group, check_row_sharded, is_dtensor, local_rows,
                                  reject_dtensors)
-from .attention import sdpa_curvature
+from .routing import sdpa_curvature
 from .probes import rademacher_like
 
 __all__ = ["probe_seed"]

@@ -177,3 +177,88 @@ def test_hessian_of_a_transformers_gpt2_with_causal_lm_loss():
     torch.testing.assert_close(loss, _shifted_torch_loss(call(flat).logits, labels), rtol=1e-12, atol=0)
     # HF's own loss (labels=...; it upcasts the logits to float32 first) agrees to float32 rounding
     torch.testing.assert_close(loss.float(), call(flat, labels=labels).loss, rtol=1e-6, atol=0)
+
+
+# --- F.cross_entropy inside the curvature routes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_routed_cross_entropy_is_torchs_loss_and_gradient_bit_for_bit(device, dtype, reduction, counted_op):
+    logits = torch.randn(37, 11, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randint(0, 11, (37,), device=device)
+    target[[2, 30]] = -100
+    want = F.cross_entropy(logits, target, reduction=reduction)
+    got = losses.functional_cross_entropy(logits, target, reduction=reduction)
+    assert torch.equal(got, want)
+    (want_grad,) = torch.autograd.grad(want, logits, create_graph=True)
+    (got_grad,) = torch.autograd.grad(got, logits, create_graph=True)
+    assert torch.equal(got_grad, want_grad)
+    u = torch.randn_like(logits)
+    (want_hv,) = torch.autograd.grad(want_grad, logits, u)
+    (got_hv,) = torch.autograd.grad(got_grad, logits, u)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got_hv, want_hv, rtol=tolerance, atol=tolerance * want_hv.abs().max().item())
+    assert counted_op, "the fused op did not run in the double backward"
+
+
+@pytest.mark.parametrize("case", ["weight", "label_smoothing", "class_dim_1", "probabilities", "all_ignored",
+                                  "none_reduction"])
+def test_routed_cross_entropy_falls_back_to_torch(case, counted_op):
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (6,))
+    args, options = (logits, target), {}
+    if case == "weight":
+        options["weight"] = torch.rand(5, dtype=torch.float64)
+    elif case == "label_smoothing":
+        options["label_smoothing"] = 0.1
+    elif case == "class_dim_1":
+        args = (torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True), torch.randint(0, 5, (2, 3)))
+    elif case == "probabilities":
+        args = (logits, torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1))
+    elif case == "all_ignored":
+        args = (logits, torch.full((6,), -100))
+    else:
+        options["reduction"] = "none"
+    want = F.cross_entropy(*args, **options)
+    got = losses.functional_cross_entropy(*args, **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    if got.requires_grad and not got.isnan().any():
+        (grad,) = torch.autograd.grad(got.sum(), args[0], create_graph=True)
+        torch.autograd.grad(grad, args[0], torch.randn_like(grad))
+    assert not counted_op
+
+
+def test_hvp_routes_f_cross_entropy_to_the_fused_op_in_every_mode(counted_op):
+    """optim.hvp enters the routes itself: a model written with F.cross_entropy gets the fused second derivatives
+    in "rr" (one probe, a block) and "fr" (vmapped tangents), equal to torch's Hessian in float64."""
+    import optim
+
+    inputs = torch.randn(9, 5, dtype=torch.float64)
+    target = torch.randint(0, 4, (9,))
+    target[3] = -100
+    loss, n = mlp_loss(F.cross_entropy, inputs, target)
+    flat = torch.randn(n, dtype=torch.float64)
+    probes = torch.randn(4, n, dtype=torch.float64)
+    exact = probes @ torch.autograd.functional.hessian(loss, flat)
+    for mode in ("rr", "fr"):
+        counted_op.clear()
+        torch.testing.assert_close(optim.hvp(loss, [flat], [probes], mode=mode)[0], exact, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(optim.hvp(loss, [flat], [probes[0]], mode=mode)[0], exact[0], rtol=1e-10,
+                                   atol=1e-12)
+        assert counted_op, f"mode {mode!r} did not run the fused op"
+    counted_op.clear()
+    torch.autograd.functional.hessian(loss, flat)  # outside the routes: torch's own double backward
+    assert not counted_op
+
+
+def test_per_sample_gradients_under_vmap_are_torchs():
+    """A target batched by vmap (the empirical Fisher's per-sample gradients) takes torch's function."""
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (6,))
+
+    def per_row(z, y):
+        return losses.functional_cross_entropy(z[None], y[None])
+
+    want = torch.func.vmap(torch.func.grad(lambda z, y: F.cross_entropy(z[None], y[None])))(logits, target)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(per_row))(logits, target), want, rtol=0, atol=0)

@@ -296,8 +296,10 @@ def test_trains_at_least_as_fast_as_tuned_adamw():
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_closure_variants_agree(name):
-    """Between refreshes: a closure calling backward(), or backward() then step() without a closure; and
-    backward(create_graph=True) then step() on every step: all equal the protocol's result bit for bit."""
+    """Between refreshes: a closure calling backward(), or backward() then step() without a closure: equal to the
+    protocol's result bit for bit. backward(create_graph=True) then step() on every step: equal up to rounding, since
+    the user's graph differentiates F.cross_entropy twice by torch's rules and a refresh by the fused kernel of the
+    curvature routes (the same gradient bits, Hessian products that differ in the last bits)."""
     model = TinyNet()
     batches = [make_batch("cpu", seed=s) for s in range(4)]
     reference = copy.deepcopy(model)
@@ -331,7 +333,8 @@ def test_closure_variants_agree(name):
                 o.zero_grad()
                 loss_closure(m, batch)().backward()
                 o.step()
-        assert_same(list(m.parameters()), list(reference.parameters()))
+        assert_same(list(m.parameters()), list(reference.parameters()), exact=variant != "create_graph",
+                    rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -1,0 +1,71 @@
+"""The curvature routes: while curvature is computed, two ``torch.nn.functional`` calls run on versions of ours.
+
+| PyTorch function | replaced by | why |
+|---|---|---|
+| ``F.scaled_dot_product_attention`` | :func:`.attention.scaled_dot_product_attention` | torch's SDPA kernels have no double backward or forward-mode rule |
+| ``F.cross_entropy`` | :func:`.losses.functional_cross_entropy` | torch differentiates ``log_softmax`` twice op by op (3.3x slower) |
+
+Each replacement takes the same arguments; the cross-entropy returns torch's loss and gradient bit for bit (and is
+torch's function for the cases it does not cover), so only the second derivatives differ in how they are computed.
+(A layer-norm route was measured and left out: its cheaper double backward could not keep torch's first-order
+values bit for bit, and saved about 1% of a GPT-2-shaped second backward on one CPU thread.) ``hvp``, the curvature
+operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter
+:func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken: the compiler derives and
+fuses the others itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import attention, losses
+
+__all__ = ["sdpa_curvature"]
+
+# function -> (module, name, needed under torch.compile). Looked up by name at each call, so a test can wrap one.
+_ROUTES = {
+    F.scaled_dot_product_attention: (attention, "scaled_dot_product_attention", True),
+    F.cross_entropy: (losses, "functional_cross_entropy", False),
+}
+
+
+class _CurvatureRoutes(TorchFunctionMode):
+    """Sends the functions of ``_ROUTES`` to their replacements; all else runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = _ROUTES.get(func)
+        if route is None or (not route[2] and torch.compiler.is_compiling()):
+            return func(*args, **kwargs)
+        module, name, _ = route
+        return getattr(module, name)(*args, **kwargs)
+
+
+def _routing() -> bool:
+    """Whether a mode of ours is already on this thread's torch-function mode stack."""
+    try:
+        stack = torch.overrides._get_current_function_mode_stack()
+    except AttributeError:  # a torch without the helper: enter again, which is harmless (only slower)
+        return False
+    return any(isinstance(mode, _CurvatureRoutes) for mode in stack)
+
+
+@contextlib.contextmanager
+def sdpa_curvature(enabled: bool = True):
+    """Within this context (when ``enabled``), the curvature routes are taken: ``F.scaled_dot_product_attention``
+    is :func:`~.attention.scaled_dot_product_attention` (differentiable twice, forward-mode differentiable and
+    vmappable, in O(T) memory), and ``F.cross_entropy`` on (N, C) scores gets fused second derivatives.
+
+    Entered by ``hvp``, the curvature operators and the second-order optimizers' refresh steps; enter it yourself
+    to differentiate an SDPA model twice elsewhere. Nested entries are one entry. ``dropout_p`` must be 0 (a
+    ``ValueError`` otherwise): evaluate the model in eval mode. Also a decorator (``@sdpa_curvature()``).
+    """
+    if not enabled or _routing():
+        yield
+        return
+    with _CurvatureRoutes():
+        yield

@@ -114,6 +114,10 @@ _batching_choice: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.
 MEASURE_MIN_PROBES = 4
 # How many probes of that first block run each way for the measurement (at most half of the block each).
 MEASURE_PROBES = 4
+# vmap is chosen only when its measured time per probe is below this fraction of the loop's: the loop is the one
+# that can never lose to a plain loop, and one measurement on a few probes is noisy (a 4.2M-parameter MLP on a CPU
+# measured vmap ahead on its first block and then ran 2.66x a gradient per probe with it, against 1.96x looped).
+VMAP_ADVANTAGE = 0.8
 
 
 def fd_rtol(dtype: torch.dtype) -> float:
@@ -475,7 +479,8 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
 
     Blocks below :data:`MEASURE_MIN_PROBES` take the loop. Otherwise the first block of ``key`` runs
     :data:`MEASURE_PROBES` of its probes (at most half) vmapped and as many looped, timed (the device synchronized
-    around each on CUDA), remembers the way with the lower time per probe for ``(key, k)`` and runs the rest of the
+    around each on CUDA), remembers vmap for ``(key, k)`` if its time per probe is below :data:`VMAP_ADVANTAGE`
+    times the loop's (the loop otherwise) and runs the rest of the
     block that way: a losing way costs a few probes once, not half of a large block. A vmap that fails (no batching
     rule, ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)``
     loop.
@@ -499,7 +504,7 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
     start = time.perf_counter()
     pieces.append(_looped_backward(outputs, leaves, [d[m:2 * m] for d in directions], keep_graph or not last))
     loop_s = _elapsed_s(device, start)
-    choice = "vmap" if vmap_s < loop_s else "loop"
+    choice = "vmap" if vmap_s < VMAP_ADVANTAGE * loop_s else "loop"
     _remember(key, k, choice)
     if not last:
         rest = [d[2 * m:] for d in directions]

@@ -412,7 +412,7 @@ class SecondOrderOptimizer(Optimizer):
                 hessian_products[i] = torch.zeros_like(stepping[i]) if hz is None else hz.detach()
                 probes[i] = probe_list[k]
             del outputs, products
-        grads = [g.detach() for g in grads]
+        grads = [g.detach() if g.requires_grad else g for g in grads]
         del hvp_graph_grads  # the second-order graph dies here
         return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
                            group_of, grad_scale, averaging)
@@ -678,12 +678,29 @@ class SecondOrderOptimizer(Optimizer):
         """The existing state of every parameter the step updates has this class's keys and shapes."""
         spec = self._state_spec()
         stepped = {id(p) for p in stepping}
+        # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
+        # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
+        # accepts what it accepts and raises with the details otherwise.
+        keys = frozenset(spec.required) if not spec.optional else None
+        param_keys = tuple(k for k, kind in spec.required.items() if kind == "param")
+        count_keys = tuple(k for k, kind in spec.required.items() if kind == "count")
+        if keys is None or len(param_keys) + len(count_keys) != len(keys):
+            keys = None  # a kind the fast pass does not know: every state takes the full check
+        tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                state = self.state.get(p) if id(p) in stepped else None
-                if state:
-                    check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
-                                      state, spec, values=False)
+                state = state_of.get(p) if id(p) in stepped else None
+                if not state:
+                    continue
+                if keys is not None and state.keys() == keys:
+                    shape = p.shape
+                    if all(type(v := state[k]) is tensor_type and v.shape == shape and v.is_floating_point()
+                           for k in param_keys) and \
+                            all(type(v := state[k]) is tensor_type and v.dtype is float32 and v.numel() == 1
+                                for k in count_keys):
+                        continue
+                check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
+                                  state, spec, values=False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a

@@ -190,6 +190,12 @@ def sophia(
             return "counter"
         return "tensor"
 
+    if params and all(hz is None for hz in hessian_products):
+        device, dtype = params[0].device, params[0].dtype
+        if all(p.dtype is dtype for p in params) and all(p.device == device for p in params):
+            # between refreshes on one device and dtype: the loop below would make one call of all of them
+            implementation(params, grads, exp_avgs, hessians, [], [], **hyper)
+            return
     sources = [probe_source(p, hz, z, c) for p, hz, z, c in zip(params, hessian_products, probes, counters)]
     keys = [(p.device, p.dtype, None if hz is None else hz.dtype, source)
             for p, hz, source in zip(params, hessian_products, sources)]

@@ -281,6 +281,20 @@ class SecondOrderOptimizer(Optimizer):
         step = int(state["step"].item()) if state else 0
         return step % group["update_period"] == 0
 
+    def _due_for_refresh(self, external: dict[int, torch.Tensor]) -> set[int]:
+        """The ids of the parameters whose curvature this step refreshes by a Hessian-vector product: due by
+        ``_refresh_due`` (inlined: this runs once per parameter on every step) and without an external diagonal."""
+        due, state_of = set(), self.state
+        for group in self.param_groups:
+            period = group["update_period"]
+            for p in group["params"]:
+                if id(p) in external:
+                    continue
+                state = state_of.get(p)
+                if (int(state["step"].item()) if state else 0) % period == 0:
+                    due.add(id(p))
+        return due
+
     def next_step_refreshes(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the
         closure's loss: some trainable parameter is due for a refresh and no diagonal was set for it with
@@ -312,8 +326,7 @@ class SecondOrderOptimizer(Optimizer):
         self._pending_diagonal = {}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         # once per step: the schedule reads each parameter's step count (a host read), asked several times below
-        hvp_due = {id(p) for group in self.param_groups for p in group["params"]
-                   if id(p) not in external and self._refresh_due(p, group)}
+        hvp_due = self._due_for_refresh(external)
 
         def needs_hvp(p: torch.Tensor) -> bool:
             return id(p) in hvp_due
@@ -693,11 +706,19 @@ class SecondOrderOptimizer(Optimizer):
                 if not state:
                     continue
                 if keys is not None and state.keys() == keys:
-                    shape = p.shape
-                    if all(type(v := state[k]) is tensor_type and v.shape == shape and v.is_floating_point()
-                           for k in param_keys) and \
-                            all(type(v := state[k]) is tensor_type and v.dtype is float32 and v.numel() == 1
-                                for k in count_keys):
+                    shape, usual = p.shape, True
+                    for k in param_keys:
+                        v = state[k]
+                        if type(v) is not tensor_type or v.shape != shape or not v.is_floating_point():
+                            usual = False
+                            break
+                    if usual:
+                        for k in count_keys:
+                            v = state[k]
+                            if type(v) is not tensor_type or v.dtype is not float32 or v.numel() != 1:
+                                usual = False
+                                break
+                    if usual:
                         continue
                 check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
                                   state, spec, values=False)

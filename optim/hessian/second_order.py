@@ -455,24 +455,33 @@ class SecondOrderOptimizer(Optimizer):
                 p.grad = g
         work = []
         position = {id(p): i for i, p in enumerate(stepping)}
+        # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
+        curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
+            any(t is not None for t in diagonals)
+        state_of = self.state
         for group in self.param_groups:
-            entry = {"group": group, "params": [], "grads": [], "states": [], "hessian_products": [], "probes": [],
-                     "probe_counters": [], "diagonals": []}
+            params, group_grads, states = [], [], []
+            entry = {"group": group, "params": params, "grads": group_grads, "states": states,
+                     "hessian_products": [], "probes": [], "probe_counters": [], "diagonals": []}
             for p in group["params"]:
                 i = position.get(id(p))
                 if i is None:
                     continue
-                state = self.state[p]
+                state = state_of[p]
                 if not state:
                     self._init_state(p, state)
-                entry["params"].append(p)
-                entry["grads"].append(grads[i])
-                entry["states"].append(state)
-                entry["hessian_products"].append(hessian_products[i])
-                entry["probes"].append(probes[i])
-                entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
-                entry["diagonals"].append(diagonals[i])
-            if entry["params"]:
+                params.append(p)
+                group_grads.append(grads[i])
+                states.append(state)
+                if curvature:
+                    entry["hessian_products"].append(hessian_products[i])
+                    entry["probes"].append(probes[i])
+                    entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
+                    entry["diagonals"].append(diagonals[i])
+            if not curvature:
+                for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
+                    entry[key] = [None] * len(params)
+            if params:
                 work.append(_local_entry(entry) if self._sharded else entry)
         self._update(work)
         return loss

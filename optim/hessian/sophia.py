@@ -124,13 +124,15 @@ class SophiaH(SecondOrderOptimizer):
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:
             group = entry["group"]
-            products, probes, counters = [], [], []
-            for hz, z, counter, diagonal in zip(entry["hessian_products"], entry["probes"], entry["probe_counters"],
-                                                entry["diagonals"]):
-                # an external diagonal wins over a Hutchinson estimate of the same step
-                products.append(diagonal if diagonal is not None else hz)
-                probes.append(None if diagonal is not None else z)
-                counters.append(None if diagonal is not None else counter)
+            products, probes, counters = entry["hessian_products"], entry["probes"], entry["probe_counters"]
+            if any(diagonal is not None for diagonal in entry["diagonals"]):
+                products, probes, counters = [], [], []
+                for hz, z, counter, diagonal in zip(entry["hessian_products"], entry["probes"],
+                                                    entry["probe_counters"], entry["diagonals"]):
+                    # an external diagonal wins over a Hutchinson estimate of the same step
+                    products.append(diagonal if diagonal is not None else hz)
+                    probes.append(None if diagonal is not None else z)
+                    counters.append(None if diagonal is not None else counter)
             # one multi-tensor call rather than one tiny op per parameter (a measurable share of a small step)
             hyper = self._check_group(group)
             torch._foreach_add_([state["step"] for state in entry["states"]], 1.0)

@@ -366,9 +366,10 @@ def adamw(
     ``reset[i]``: treat ``exp_avgs[i]``, ``exp_avg_sqs[i]`` and ``state_steps[i]`` as zero before this step (fused
     into the kernel's pass on the fused path; zeroed in place first on the others).
     """
+    groups = _group_by_device_and_dtype(params)
     if fused is None and foreach is None:
-        # per device, not per parameter: the dispatcher query costs ~4 µs, paid on every step
-        fused = all(has_kernel("fused_adamw_", device) for device in {p.device for p in params})
+        # per device, not per parameter: the dispatcher query is paid on every step
+        fused = all(has_kernel("fused_adamw_", device) for device, _ in groups)
         foreach = not fused
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)
     check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, caller="adamw")
@@ -378,7 +379,7 @@ def adamw(
         reset = None
     step_one_device_and_dtype = fused_adamw_ if fused else _multi_tensor_adamw if foreach else fused_adamw_reference
     all_lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    for index in _group_by_device_and_dtype(params).values():
+    for index in groups.values():
         lists = all_lists if len(index) == len(params) else _select(all_lists, index)
         if fused:
             # FSDP2 (DTensor) parameters: the op has no sharding rule, and the step is elementwise, so it runs on

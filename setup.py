@@ -37,7 +37,11 @@ def get_extensions():
     optimization = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-math-errno: sqrt need not set errno; -fno-trapping-math: a comparison may run speculatively (no code here
     # reads floating-point exception flags). Without them the update loops (sqrt, clamps, selects) stay scalar.
-    extra_compile_args = {"cxx": optimization + ["-fno-math-errno", "-fno-trapping-math", "-fdiagnostics-color=always"]}
+    # -ffp-contract=off: no fused multiply-add where the source has a multiply and an add. The CPU kernels run
+    # baseline, AVX2 or AVX-512 code chosen at run time (csrc/common/cpu_isa.h); without contraction all three give
+    # the same bits, and paths that must agree bit for bit (a reset step vs zeroing the state then stepping) do.
+    extra_compile_args = {"cxx": optimization + ["-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+                                                 "-fdiagnostics-color=always"]}
     extra_link_args = []
     # at::parallel_for is header code: without -fopenmp its `omp parallel` is ignored and every CPU kernel runs on
     # one thread. Only where torch itself runs on OpenMP (Linux wheels; macOS clang has no -fopenmp).

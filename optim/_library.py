@@ -101,4 +101,13 @@ def has_kernel(op: str | torch._ops.OpOverloadPacket | torch._ops.OpOverload, de
     key = _DISPATCH_KEYS.get(torch.device(device).type)
     if key is None:
         return False
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
+    answer = _has_kernel_cache.get((qualname, key))
+    if answer is None:
+        # the dispatcher query costs tens of µs, and the optimizers ask on every step
+        answer = bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
+        if _loaded or _load_error is not None:  # remembered only once the extension had its chance to register
+            _has_kernel_cache[(qualname, key)] = answer
+    return answer
+
+
+_has_kernel_cache: dict[tuple[str, str], bool] = {}

@@ -47,6 +47,9 @@ TORCH_DUPLICATE_MESSAGE = ("optimizer contains a parameter group with duplicate 
 
 def scalar(value: Any, name: str, caller: str) -> float:
     """``value`` (a real number or a 1-element real Tensor) as a Python float; TypeError/ValueError otherwise."""
+    kind = type(value)
+    if kind is float or kind is int:  # the usual case, without the numbers.Real check (an ABC: ~1 us)
+        return float(value)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element ({caller}: {name} has shape {tuple(value.shape)})")

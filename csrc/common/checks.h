@@ -42,17 +42,26 @@ inline void check_tensor_like(const char* op, const char* name, size_t i, const 
 }
 
 // One tensor argument of an op for check_no_overlap: its name as the messages print it ("params[3]", "X") and
-// whether the op writes it.
+// whether the op writes it. The name is assembled only for a message (list name + index), and the tensor is
+// referenced, not copied: a call over thousands of tensors builds no strings and touches no reference counts.
 struct OverlapOperand {
-  std::string name;
-  at::Tensor tensor;
+  OverlapOperand(const char* name, const at::Tensor& tensor, bool written)
+      : list(name), index(-1), tensor(&tensor), written(written) {}
+  OverlapOperand(const char* list, int64_t index, const at::Tensor& tensor, bool written)
+      : list(list), index(index), tensor(&tensor), written(written) {}
+  std::string name() const { return index < 0 ? std::string(list) : list + ("[" + std::to_string(index) + "]"); }
+
+  const char* list;
+  int64_t index;  // -1: a single tensor argument
+  const at::Tensor* tensor;  // the caller's argument, alive for the whole check
   bool written;
 };
 
 inline void add_overlap_operands(std::vector<OverlapOperand>& operands, const char* name, at::TensorList tensors,
                                  bool written) {
+  operands.reserve(operands.size() + tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
-    operands.push_back({std::string(name) + "[" + std::to_string(i) + "]", tensors[i], written});
+    operands.emplace_back(name, static_cast<int64_t>(i), tensors[i], written);
   }
 }
 
@@ -65,14 +74,16 @@ inline void add_overlap_operands(std::vector<OverlapOperand>& operands, const ch
 // every tensor and of the written ones: O(k log k) for k tensors.
 inline void check_no_overlap(const char* op, const std::vector<OverlapOperand>& operands) {
   for (const auto& operand : operands) {
-    if (!operand.written || !operand.tensor.defined() || operand.tensor.numel() == 0) continue;
-    TORCH_CHECK_VALUE(at::has_internal_overlap(operand.tensor) != at::MemOverlap::Yes, op, ": ", operand.name,
+    const at::Tensor& t = *operand.tensor;
+    if (!operand.written || !t.defined() || t.numel() == 0) continue;
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", operand.name(),
                       " has internally overlapping memory (e.g. an expand()ed tensor); the op writes it, so every "
-                      "element needs its own memory: pass ", operand.name, ".clone()");
+                      "element needs its own memory: pass ", operand.name(), ".clone()");
   }
   std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> intervals;  // (start, end, position)
+  intervals.reserve(operands.size());
   for (size_t k = 0; k < operands.size(); ++k) {
-    const at::Tensor& t = operands[k].tensor;
+    const at::Tensor& t = *operands[k].tensor;
     if (!t.defined() || t.numel() == 0) continue;
     int64_t extent = 1;
     for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
@@ -95,8 +106,8 @@ inline void check_no_overlap(const char* op, const std::vector<OverlapOperand>& 
     }
     if (other != k) {
       const size_t first = std::min(other, k), second = std::max(other, k);
-      TORCH_CHECK_VALUE(false, op, ": ", operands[first].name, " and ", operands[second].name,
-                        " share memory; the op writes ", operands[written ? k : other].name,
+      TORCH_CHECK_VALUE(false, op, ": ", operands[first].name(), " and ", operands[second].name(),
+                        " share memory; the op writes ", operands[written ? k : other].name(),
                         ", so it must not overlap another argument: pass separate tensors (.clone() one of them)");
     }
     if (!any || end > end_all) {

@@ -1,57 +1,67 @@
 // CPU kernel of optim::fused_adamw_ (schema and reference: optim/fused/_ops.py).
 // All tensors of the call are cut into chunks of at most kChunk elements and the chunks are spread over threads
 // with one at::parallel_for, so a list of many small tensors parallelizes as well as one large tensor.
+// The per-chunk loops live in fused_adamw_cpu_kernels.inc, stamped out once per instruction set (cpu_isa.h): the
+// build is baseline x86-64, and on a machine with AVX2 or AVX-512 the same loops run vectorized for it.
 #include "fused_adamw.h"
+#include "../common/cpu_isa.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace optim {
+
+namespace baseline {
+#define OPTIM_ISA_TARGET
+#define OPTIM_ISA_F16C 0
+#include "fused_adamw_cpu_kernels.inc"
+#undef OPTIM_ISA_TARGET
+#undef OPTIM_ISA_F16C
+}  // namespace baseline
+
+#if OPTIM_X86_DISPATCH
+namespace avx2 {
+#define OPTIM_ISA_TARGET OPTIM_TARGET_AVX2
+#define OPTIM_ISA_F16C 1
+#include "fused_adamw_cpu_kernels.inc"
+#undef OPTIM_ISA_TARGET
+#undef OPTIM_ISA_F16C
+}  // namespace avx2
+
+namespace avx512 {
+#define OPTIM_ISA_TARGET OPTIM_TARGET_AVX512
+#define OPTIM_ISA_F16C 1
+#include "fused_adamw_cpu_kernels.inc"
+#undef OPTIM_ISA_TARGET
+#undef OPTIM_ISA_F16C
+}  // namespace avx512
+#endif
+
 namespace {
 
+// Tensors are cut into chunks of at most kChunk elements, spread over the threads by one at::parallel_for.
 constexpr int64_t kChunk = 16384;
-// Low-precision params are widened into a stack buffer of this many elements, updated in float, then rounded back.
-// The bf16 conversions are bit operations that vectorize; fp16 conversions stay scalar unless the build targets F16C.
-constexpr int64_t kTile = 512;
-
-// The update over n contiguous elements in the arithmetic type T (float or double). A plain loop over restrict
-// pointers: with -O3 -fno-math-errno the compiler vectorizes it (sqrt and division included). With kReset the old
-// moments are not read: the step starts from m = v = 0 (the op's reset flag), in the same single pass.
-template <bool kReset, typename T>
-void adamw_contiguous(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, int64_t n,
-                      const AdamWCoefficients<T> c) {
-  if constexpr (kReset) {
-    for (int64_t i = 0; i < n; ++i) {
-      T m_i = T(0), v_i = T(0);
-      adamw_update(p[i], g[i], m_i, v_i, c);
-      m[i] = m_i;
-      v[i] = v_i;
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) adamw_update(p[i], g[i], m[i], v[i], c);
-  }
-}
 
 template <bool kReset, typename param_t, typename T>
-void adamw_chunk(param_t* p, const param_t* g, T* m, T* v, int64_t n, const AdamWCoefficients<T>& c) {
-  if constexpr (std::is_same_v<param_t, T>) {
-    adamw_contiguous<kReset>(p, g, m, v, n, c);
-  } else {
-    T p_wide[kTile];
-    T g_wide[kTile];
-    for (int64_t start = 0; start < n; start += kTile) {
-      const int64_t len = std::min(kTile, n - start);
-      for (int64_t i = 0; i < len; ++i) {
-        p_wide[i] = static_cast<T>(p[start + i]);
-        g_wide[i] = static_cast<T>(g[start + i]);
-      }
-      adamw_contiguous<kReset>(p_wide, g_wide, m + start, v + start, len, c);
-      for (int64_t i = 0; i < len; ++i) p[start + i] = static_cast<param_t>(p_wide[i]);
-    }
+using ChunkFunction = void (*)(param_t*, const param_t*, T*, T*, int64_t, const AdamWCoefficients<T>&);
+
+template <bool kReset, typename param_t, typename T>
+ChunkFunction<kReset, param_t, T> chunk_function() {
+#if OPTIM_X86_DISPATCH
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return &avx512::adamw_chunk<kReset, param_t, T>;
+    case CpuIsa::kAvx2:
+      return &avx2::adamw_chunk<kReset, param_t, T>;
+    case CpuIsa::kBaseline:
+      break;
   }
+#endif
+  return &baseline::adamw_chunk<kReset, param_t, T>;
 }
 
 struct Chunk {
@@ -68,30 +78,44 @@ void adamw_cpu(const ElementwiseOperands& operands, at::TensorList state_steps, 
   const auto& grads = operands.work[1];
   const auto& exp_avgs = operands.work[2];
   const auto& exp_avg_sqs = operands.work[3];
-  std::vector<AdamWCoefficients<T>> coefficients;
+  const size_t count = params.size();
+  // Per tensor: its pointers and constants, gathered once (not per chunk); the constants are recomputed only when
+  // the step count differs from the previous tensor's (usually all tensors share it).
+  struct TensorPointers {
+    param_t* p;
+    const param_t* g;
+    T* m;
+    T* v;
+    AdamWCoefficients<T> c;
+    bool reset;
+  };
+  std::vector<TensorPointers> tensors(count);
   std::vector<Chunk> chunks;
-  for (size_t i = 0; i < params.size(); ++i) {
+  chunks.reserve(count);
+  float previous_step = -1.0f;
+  AdamWCoefficients<T> c{};
+  for (size_t i = 0; i < count; ++i) {
     float* step = state_steps[i].data_ptr<float>();
     *step = reset[i] ? 1.0f : *step + 1.0f;
-    coefficients.push_back(adamw_coefficients<T>(h, static_cast<double>(*step)));
+    if (*step != previous_step) {
+      c = adamw_coefficients<T>(h, static_cast<double>(*step));
+      previous_step = *step;
+    }
+    tensors[i] = {params[i].data_ptr<param_t>(), grads[i].data_ptr<param_t>(), exp_avgs[i].data_ptr<T>(),
+                  exp_avg_sqs[i].data_ptr<T>(), c, reset[i]};
     const int64_t numel = params[i].numel();
     for (int64_t begin = 0; begin < numel; begin += kChunk) {
       chunks.push_back({static_cast<int64_t>(i), begin, std::min(numel, begin + kChunk)});
     }
   }
+  const auto update = chunk_function<false, param_t, T>();
+  const auto update_reset = chunk_function<true, param_t, T>();
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Chunk& chunk = chunks[k];
-      const int64_t i = chunk.tensor;
-      param_t* p = params[i].data_ptr<param_t>() + chunk.begin;
-      const param_t* g = grads[i].data_ptr<param_t>() + chunk.begin;
-      T* m = exp_avgs[i].data_ptr<T>() + chunk.begin;
-      T* v = exp_avg_sqs[i].data_ptr<T>() + chunk.begin;
-      if (reset[i]) {
-        adamw_chunk<true>(p, g, m, v, chunk.end - chunk.begin, coefficients[i]);
-      } else {
-        adamw_chunk<false>(p, g, m, v, chunk.end - chunk.begin, coefficients[i]);
-      }
+      const TensorPointers& t = tensors[chunk.tensor];
+      const int64_t b = chunk.begin;
+      (t.reset ? update_reset : update)(t.p + b, t.g + b, t.m + b, t.v + b, chunk.end - b, t.c);
     }
   });
 }

@@ -2,8 +2,11 @@
 // Both ops live in one translation unit (compile time on small machines). As in the AdamW kernel, every tensor of
 // the call is cut into chunks of at most kChunk elements and one at::parallel_for spreads the chunks over threads,
 // so many small tensors parallelize as well as one large one. The per-element math is fused_second_order.h's,
-// shared with the CUDA kernels.
+// shared with the CUDA kernels. The per-chunk loops live in fused_second_order_cpu_kernels.inc, stamped out once
+// per instruction set (cpu_isa.h): the build is baseline x86-64, and with AVX2 or AVX-512 the same loops run
+// vectorized for it.
 #include "fused_second_order.h"
+#include "../common/cpu_isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,6 +17,33 @@
 #include <vector>
 
 namespace optim {
+
+namespace baseline {
+#define OPTIM_ISA_TARGET
+#define OPTIM_ISA_F16C 0
+#include "fused_second_order_cpu_kernels.inc"
+#undef OPTIM_ISA_TARGET
+#undef OPTIM_ISA_F16C
+}  // namespace baseline
+
+#if OPTIM_X86_DISPATCH
+namespace avx2 {
+#define OPTIM_ISA_TARGET OPTIM_TARGET_AVX2
+#define OPTIM_ISA_F16C 1
+#include "fused_second_order_cpu_kernels.inc"
+#undef OPTIM_ISA_TARGET
+#undef OPTIM_ISA_F16C
+}  // namespace avx2
+
+namespace avx512 {
+#define OPTIM_ISA_TARGET OPTIM_TARGET_AVX512
+#define OPTIM_ISA_F16C 1
+#include "fused_second_order_cpu_kernels.inc"
+#undef OPTIM_ISA_TARGET
+#undef OPTIM_ISA_F16C
+}  // namespace avx512
+#endif
+
 namespace {
 
 constexpr int64_t kChunk = 16384;
@@ -64,37 +94,23 @@ void dispatch_curvature(bool curvature_has_param_dtype, Body&& body) {
 
 // ------------------------------------------------------------------------------------------------------ Sophia
 
-template <bool kRefresh, bool kProbes, typename param_t, typename curv_t, typename z_t, typename T>
-void sophia_elements(param_t* __restrict p, const param_t* __restrict g, T* __restrict m, T* __restrict h,
-                     const curv_t* __restrict hz, const z_t* __restrict z, int64_t n, const SophiaCoefficients<T> c) {
-  for (int64_t i = 0; i < n; ++i) {
-    T p_wide = static_cast<T>(p[i]);
-    T u = T(0);
-    if constexpr (kRefresh) {
-      u = static_cast<T>(hz[i]);
-      if constexpr (kProbes) u = u * static_cast<T>(z[i]);
-    }
-    sophia_update<kRefresh>(p_wide, static_cast<T>(g[i]), m[i], h[i], u, c);
-    p[i] = static_cast<param_t>(p_wide);
-  }
-}
+template <bool kRefresh, ProbeSource kProbes, typename param_t, typename curv_t, typename T>
+using SophiaChunk = void (*)(param_t*, const param_t*, T*, T*, const curv_t*, const curv_t*, uint64_t, uint64_t, int64_t,
+                             const SophiaCoefficients<T>&);
 
 template <bool kRefresh, ProbeSource kProbes, typename param_t, typename curv_t, typename T>
-void sophia_chunk(param_t* p, const param_t* g, T* m, T* h, const curv_t* hz, const curv_t* z, uint64_t mixed_seed,
-                  uint64_t first_counter, int64_t n, const SophiaCoefficients<T> c) {
-  if constexpr (kProbes == ProbeSource::kCounter) {
-    // The hash stays out of the update loop, which then vectorizes as with a probe tensor; the block of signs
-    // stays in L1.
-    constexpr int64_t kBlock = 1024;
-    T signs[kBlock];
-    for (int64_t begin = 0; begin < n; begin += kBlock) {
-      const int64_t count = std::min(kBlock, n - begin);
-      for (int64_t i = 0; i < count; ++i) signs[i] = rademacher_value<T>(mixed_seed, first_counter + begin + i);
-      sophia_elements<kRefresh, true>(p + begin, g + begin, m + begin, h + begin, hz + begin, signs, count, c);
-    }
-  } else {
-    sophia_elements<kRefresh, kProbes == ProbeSource::kTensor>(p, g, m, h, hz, z, n, c);
+SophiaChunk<kRefresh, kProbes, param_t, curv_t, T> sophia_chunk_function() {
+#if OPTIM_X86_DISPATCH
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return &avx512::sophia_chunk<kRefresh, kProbes, param_t, curv_t, T>;
+    case CpuIsa::kAvx2:
+      return &avx2::sophia_chunk<kRefresh, kProbes, param_t, curv_t, T>;
+    case CpuIsa::kBaseline:
+      break;
   }
+#endif
+  return &baseline::sophia_chunk<kRefresh, kProbes, param_t, curv_t, T>;
 }
 
 template <bool kRefresh, ProbeSource kProbes, typename param_t, typename curv_t>
@@ -104,6 +120,7 @@ void sophia_cpu(const ElementwiseOperands& operands, const SophiaHyperparameters
   const auto& work = operands.work;
   const auto coefficients = sophia_coefficients<T>(hyper);
   const std::vector<Chunk> chunks = make_chunks(work[0]);
+  const auto sophia_chunk = sophia_chunk_function<kRefresh, kProbes, param_t, curv_t, T>();
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Chunk& chunk = chunks[k];
@@ -114,7 +131,7 @@ void sophia_cpu(const ElementwiseOperands& operands, const SophiaHyperparameters
         mixed_seed = mixed_seeds[i];
         first_counter = static_cast<uint64_t>(probe_offsets[i] + chunk.begin);
       }
-      sophia_chunk<kRefresh, kProbes>(
+      sophia_chunk(
           work[0][i].data_ptr<param_t>() + chunk.begin, work[1][i].data_ptr<param_t>() + chunk.begin,
           work[2][i].data_ptr<T>() + chunk.begin, work[3][i].data_ptr<T>() + chunk.begin,
           kRefresh ? maybe_data<curv_t>(work, 4, i, chunk.begin) : nullptr,
@@ -168,14 +185,22 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 // -------------------------------------------------------------------------------------------------- AdaHessian
 
 template <bool kRefresh, typename param_t, typename curv_t, typename T>
-void adahessian_chunk(param_t* __restrict p, const param_t* __restrict g, T* __restrict m, T* __restrict v,
-                      const curv_t* __restrict d, int64_t n, const AdaHessianCoefficients<T> c) {
-  for (int64_t i = 0; i < n; ++i) {
-    T p_wide = static_cast<T>(p[i]);
-    const T d_wide = kRefresh ? static_cast<T>(d[i]) : T(0);
-    adahessian_update<kRefresh>(p_wide, static_cast<T>(g[i]), m[i], v[i], d_wide, c);
-    p[i] = static_cast<param_t>(p_wide);
+using AdaHessianChunk = void (*)(param_t*, const param_t*, T*, T*, const curv_t*, int64_t,
+                                 const AdaHessianCoefficients<T>&);
+
+template <bool kRefresh, typename param_t, typename curv_t, typename T>
+AdaHessianChunk<kRefresh, param_t, curv_t, T> adahessian_chunk_function() {
+#if OPTIM_X86_DISPATCH
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return &avx512::adahessian_chunk<kRefresh, param_t, curv_t, T>;
+    case CpuIsa::kAvx2:
+      return &avx2::adahessian_chunk<kRefresh, param_t, curv_t, T>;
+    case CpuIsa::kBaseline:
+      break;
   }
+#endif
+  return &baseline::adahessian_chunk<kRefresh, param_t, curv_t, T>;
 }
 
 template <bool kRefresh, typename param_t, typename curv_t>
@@ -184,11 +209,12 @@ void adahessian_cpu(const ElementwiseOperands& operands, const AdaHessianHyperpa
   const auto& work = operands.work;
   const auto coefficients = adahessian_coefficients<T>(hyper);
   const std::vector<Chunk> chunks = make_chunks(work[0]);
+  const auto adahessian_chunk = adahessian_chunk_function<kRefresh, param_t, curv_t, T>();
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Chunk& chunk = chunks[k];
       const int64_t i = chunk.tensor;
-      adahessian_chunk<kRefresh>(
+      adahessian_chunk(
           work[0][i].data_ptr<param_t>() + chunk.begin, work[1][i].data_ptr<param_t>() + chunk.begin,
           work[2][i].data_ptr<T>() + chunk.begin, work[3][i].data_ptr<T>() + chunk.begin,
           kRefresh ? maybe_data<curv_t>(work, 4, i, chunk.begin) : nullptr, chunk.end - chunk.begin, coefficients);

@@ -208,6 +208,50 @@ class AdamW(Optimizer):
             raise ValueError(f"optim.AdamW.step: the state 'step' of {where} is {step!r}; it must be a "
                              f"float32 tensor with one element on {p.device}")
 
+    def _gather_checked(self) -> list[tuple] | None:
+        """The eager step's check and gathering in one pass: for every group, its hyperparameters (as floats) and
+        the lists ``_init_group`` would build, with every gradient and state checked as ``_check_step`` checks
+        them (anything unusual goes to ``_check_parameter``, which raises with the details). Returns None, having
+        changed nothing, when a parameter with a gradient has no state yet (the first step): the caller then takes
+        ``_check_step`` + ``_init_group``, which create it after the checks."""
+        hyper = [_hyperparameters(group, "optim.AdamW") for group in self.param_groups]
+        strided, state_of, moment_of = torch.strided, self.state, {}
+        tensor_type, float32 = torch.Tensor, torch.float32
+        gathered = []
+        for g, group in enumerate(self.param_groups):
+            stepped, params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+            for i, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.layout is not strided:
+                    self._check_parameter(g, i, p)
+                state = state_of.get(p)
+                if not state:
+                    return None
+                dtype = p.dtype
+                kind = moment_of.get(dtype)
+                if kind is None:
+                    kind = moment_of[dtype] = (_moment_dtype_of(p), p.is_complex())
+                moment, is_complex = kind
+                m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+                device = p.device
+                if (len(state) != 3 or m is None or v is None or type(step) is not tensor_type
+                        or m.dtype is not moment or v.dtype is not moment or step.dtype is not float32
+                        or m.shape != p.shape or v.shape != p.shape or step.numel() != 1
+                        or m.device != device or v.device != device or step.device != device):
+                    self._check_parameter(g, i, p)
+                stepped.append(p)
+                if is_complex:
+                    p, grad, m, v = (torch.view_as_real(t) for t in (p, grad, m, v))
+                params.append(p)
+                grads.append(grad)
+                exp_avgs.append(m)
+                exp_avg_sqs.append(v)
+                steps.append(step)
+            gathered.append((group, hyper[g], stepped, params, grads, exp_avgs, exp_avg_sqs, steps))
+        return gathered
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
@@ -215,14 +259,20 @@ class AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hyper = self._check_step()  # every group, gradient and state is checked before anything is created or written
+        # every group, gradient and state is checked before anything is created or written
+        gathered = None if torch.compiler.is_compiling() else self._gather_checked()
+        if gathered is None:
+            hyper = self._check_step()
+            gathered = []
+            for group, h in zip(self.param_groups, hyper):
+                params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+                self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+                stepped = [p for p in group["params"] if p.grad is not None]
+                gathered.append((group, h, stepped, params, grads, exp_avgs, exp_avg_sqs, steps))
         pending = self._reset_pending
-        for group, h in zip(self.param_groups, hyper):
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+        for group, h, stepped, params, grads, exp_avgs, exp_avg_sqs, steps in gathered:
             reset = None
             if pending:
-                stepped = [p for p in group["params"] if p.grad is not None]
                 reset = [pending.pop(id(p), None) is not None for p in stepped]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
                   weight_decay=h["weight_decay"], eps=h["eps"], maximize=group["maximize"],
@@ -316,8 +366,10 @@ def adamw(
     ``reset[i]``: treat ``exp_avgs[i]``, ``exp_avg_sqs[i]`` and ``state_steps[i]`` as zero before this step (fused
     into the kernel's pass on the fused path; zeroed in place first on the others).
     """
+    groups = _group_by_device_and_dtype(params)
     if fused is None and foreach is None:
-        fused = all(has_kernel("fused_adamw_", p.device) for p in params)
+        # per device, not per parameter: the dispatcher query is paid on every step
+        fused = all(has_kernel("fused_adamw_", device) for device, _ in groups)
         foreach = not fused
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)
     check_adamw_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, caller="adamw")
@@ -326,8 +378,9 @@ def adamw(
     if reset is not None and not any(reset):
         reset = None
     step_one_device_and_dtype = fused_adamw_ if fused else _multi_tensor_adamw if foreach else fused_adamw_reference
-    for index in _group_by_device_and_dtype(params).values():
-        lists = _select((params, grads, exp_avgs, exp_avg_sqs, state_steps), index)
+    all_lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    for index in groups.values():
+        lists = all_lists if len(index) == len(params) else _select(all_lists, index)
         if fused:
             # FSDP2 (DTensor) parameters: the op has no sharding rule, and the step is elementwise, so it runs on
             # the local shards (the foreach and single-tensor paths go through DTensor's own dispatch).
@@ -345,6 +398,10 @@ def adamw(
 
 
 def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    if tensors:  # the usual case, one device and dtype, without a key per tensor
+        device, dtype = tensors[0].device, tensors[0].dtype
+        if all(t.dtype is dtype for t in tensors) and all(t.device == device for t in tensors):
+            return {(device, dtype): list(range(len(tensors)))}
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         groups[(t.device, t.dtype)].append(i)

@@ -121,13 +121,21 @@ class AdaHessian(SecondOrderOptimizer):
                     diagonals.append(spatially_averaged(hz) if group["spatial_average"] else hz)
                 else:
                     diagonals.append(None)
-            steps, hessian_steps = [], []
-            for state, diagonal in zip(entry["states"], diagonals):
-                state["step"] += 1
-                if diagonal is not None:
-                    state["hessian_step"] += 1
-                steps.append(int(state["step"].item()))
-                hessian_steps.append(int(state["hessian_step"].item()))
+            states = entry["states"]
+            step_counts = [state["step"] for state in states]
+            refreshed = [state["hessian_step"] for state, diagonal in zip(states, diagonals) if diagonal is not None]
+            if all(type(t) is torch.Tensor for t in step_counts + refreshed):
+                # one multi-tensor increment of each count rather than an in-place add per parameter
+                torch._foreach_add_(step_counts, 1)
+                if refreshed:
+                    torch._foreach_add_(refreshed, 1)
+            else:
+                for state, diagonal in zip(states, diagonals):
+                    state["step"] += 1
+                    if diagonal is not None:
+                        state["hessian_step"] += 1
+            steps = [int(state["step"].item()) for state in states]
+            hessian_steps = [int(state["hessian_step"].item()) for state in states]
             adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
                        [s["exp_hessian_diag_sq"] for s in entry["states"]], diagonals, steps, hessian_steps,
                        **self._check_group(group), maximize=group["maximize"], foreach=group["foreach"],
@@ -162,6 +170,11 @@ def adahessian(
                       "single": fused_adahessian_reference}[path]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, hessian_power=hessian_power,
                  maximize=maximize)
+    if params and _one_call(params, hessian_diagonals, steps, hessian_steps):
+        # the usual case (one device and dtype, counts alike, no refresh): one call without a key per parameter
+        implementation(params, grads, exp_avgs, exp_hessian_diag_sqs, [], step=steps[0],
+                       hessian_step=hessian_steps[0], **hyper)
+        return
     keys = [(p.device, p.dtype, None if d is None else d.dtype, t, t_h)
             for p, d, t, t_h in zip(params, hessian_diagonals, steps, hessian_steps)]
     for (_, _, diagonal_dtype, step, hessian_step), index in group_indices(keys).items():
@@ -169,6 +182,14 @@ def adahessian(
                        select(exp_hessian_diag_sqs, index),
                        select(hessian_diagonals, index) if diagonal_dtype is not None else [], step=step,
                        hessian_step=hessian_step, **hyper)
+
+
+def _one_call(params, hessian_diagonals, steps, hessian_steps) -> bool:
+    """Whether every parameter falls in the same call of the loop in ``adahessian`` with no diagonal."""
+    device, dtype = params[0].device, params[0].dtype
+    return (all(d is None for d in hessian_diagonals) and steps.count(steps[0]) == len(steps)
+            and hessian_steps.count(hessian_steps[0]) == len(hessian_steps)
+            and all(p.dtype is dtype for p in params) and all(p.device == device for p in params))
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, *, lr, beta1, beta2,

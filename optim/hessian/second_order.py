@@ -281,6 +281,20 @@ class SecondOrderOptimizer(Optimizer):
         step = int(state["step"].item()) if state else 0
         return step % group["update_period"] == 0
 
+    def _due_for_refresh(self, external: dict[int, torch.Tensor]) -> set[int]:
+        """The ids of the parameters whose curvature this step refreshes by a Hessian-vector product: due by
+        ``_refresh_due`` (inlined: this runs once per parameter on every step) and without an external diagonal."""
+        due, state_of = set(), self.state
+        for group in self.param_groups:
+            period = group["update_period"]
+            for p in group["params"]:
+                if id(p) in external:
+                    continue
+                state = state_of.get(p)
+                if (int(state["step"].item()) if state else 0) % period == 0:
+                    due.add(id(p))
+        return due
+
     def next_step_refreshes(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the
         closure's loss: some trainable parameter is due for a refresh and no diagonal was set for it with
@@ -312,8 +326,7 @@ class SecondOrderOptimizer(Optimizer):
         self._pending_diagonal = {}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         # once per step: the schedule reads each parameter's step count (a host read), asked several times below
-        hvp_due = {id(p) for group in self.param_groups for p in group["params"]
-                   if id(p) not in external and self._refresh_due(p, group)}
+        hvp_due = self._due_for_refresh(external)
 
         def needs_hvp(p: torch.Tensor) -> bool:
             return id(p) in hvp_due
@@ -412,7 +425,7 @@ class SecondOrderOptimizer(Optimizer):
                 hessian_products[i] = torch.zeros_like(stepping[i]) if hz is None else hz.detach()
                 probes[i] = probe_list[k]
             del outputs, products
-        grads = [g.detach() for g in grads]
+        grads = [g.detach() if g.requires_grad else g for g in grads]
         del hvp_graph_grads  # the second-order graph dies here
         return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
                            group_of, grad_scale, averaging)
@@ -442,24 +455,33 @@ class SecondOrderOptimizer(Optimizer):
                 p.grad = g
         work = []
         position = {id(p): i for i, p in enumerate(stepping)}
+        # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
+        curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
+            any(t is not None for t in diagonals)
+        state_of = self.state
         for group in self.param_groups:
-            entry = {"group": group, "params": [], "grads": [], "states": [], "hessian_products": [], "probes": [],
-                     "probe_counters": [], "diagonals": []}
+            params, group_grads, states = [], [], []
+            entry = {"group": group, "params": params, "grads": group_grads, "states": states,
+                     "hessian_products": [], "probes": [], "probe_counters": [], "diagonals": []}
             for p in group["params"]:
                 i = position.get(id(p))
                 if i is None:
                     continue
-                state = self.state[p]
+                state = state_of[p]
                 if not state:
                     self._init_state(p, state)
-                entry["params"].append(p)
-                entry["grads"].append(grads[i])
-                entry["states"].append(state)
-                entry["hessian_products"].append(hessian_products[i])
-                entry["probes"].append(probes[i])
-                entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
-                entry["diagonals"].append(diagonals[i])
-            if entry["params"]:
+                params.append(p)
+                group_grads.append(grads[i])
+                states.append(state)
+                if curvature:
+                    entry["hessian_products"].append(hessian_products[i])
+                    entry["probes"].append(probes[i])
+                    entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
+                    entry["diagonals"].append(diagonals[i])
+            if not curvature:
+                for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
+                    entry[key] = [None] * len(params)
+            if params:
                 work.append(_local_entry(entry) if self._sharded else entry)
         self._update(work)
         return loss
@@ -678,12 +700,37 @@ class SecondOrderOptimizer(Optimizer):
         """The existing state of every parameter the step updates has this class's keys and shapes."""
         spec = self._state_spec()
         stepped = {id(p) for p in stepping}
+        # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
+        # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
+        # accepts what it accepts and raises with the details otherwise.
+        keys = frozenset(spec.required) if not spec.optional else None
+        param_keys = tuple(k for k, kind in spec.required.items() if kind == "param")
+        count_keys = tuple(k for k, kind in spec.required.items() if kind == "count")
+        if keys is None or len(param_keys) + len(count_keys) != len(keys):
+            keys = None  # a kind the fast pass does not know: every state takes the full check
+        tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                state = self.state.get(p) if id(p) in stepped else None
-                if state:
-                    check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
-                                      state, spec, values=False)
+                state = state_of.get(p) if id(p) in stepped else None
+                if not state:
+                    continue
+                if keys is not None and state.keys() == keys:
+                    shape, usual = p.shape, True
+                    for k in param_keys:
+                        v = state[k]
+                        if type(v) is not tensor_type or v.shape != shape or not v.is_floating_point():
+                            usual = False
+                            break
+                    if usual:
+                        for k in count_keys:
+                            v = state[k]
+                            if type(v) is not tensor_type or v.dtype is not float32 or v.numel() != 1:
+                                usual = False
+                                break
+                    if usual:
+                        continue
+                check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
+                                  state, spec, values=False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a

@@ -124,13 +124,15 @@ class SophiaH(SecondOrderOptimizer):
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:
             group = entry["group"]
-            products, probes, counters = [], [], []
-            for hz, z, counter, diagonal in zip(entry["hessian_products"], entry["probes"], entry["probe_counters"],
-                                                entry["diagonals"]):
-                # an external diagonal wins over a Hutchinson estimate of the same step
-                products.append(diagonal if diagonal is not None else hz)
-                probes.append(None if diagonal is not None else z)
-                counters.append(None if diagonal is not None else counter)
+            products, probes, counters = entry["hessian_products"], entry["probes"], entry["probe_counters"]
+            if any(diagonal is not None for diagonal in entry["diagonals"]):
+                products, probes, counters = [], [], []
+                for hz, z, counter, diagonal in zip(entry["hessian_products"], entry["probes"],
+                                                    entry["probe_counters"], entry["diagonals"]):
+                    # an external diagonal wins over a Hutchinson estimate of the same step
+                    products.append(diagonal if diagonal is not None else hz)
+                    probes.append(None if diagonal is not None else z)
+                    counters.append(None if diagonal is not None else counter)
             # one multi-tensor call rather than one tiny op per parameter (a measurable share of a small step)
             hyper = self._check_group(group)
             torch._foreach_add_([state["step"] for state in entry["states"]], 1.0)
@@ -190,6 +192,12 @@ def sophia(
             return "counter"
         return "tensor"
 
+    if params and all(hz is None for hz in hessian_products):
+        device, dtype = params[0].device, params[0].dtype
+        if all(p.dtype is dtype for p in params) and all(p.device == device for p in params):
+            # between refreshes on one device and dtype: the loop below would make one call of all of them
+            implementation(params, grads, exp_avgs, hessians, [], [], **hyper)
+            return
     sources = [probe_source(p, hz, z, c) for p, hz, z, c in zip(params, hessian_products, probes, counters)]
     keys = [(p.device, p.dtype, None if hz is None else hz.dtype, source)
             for p, hz, source in zip(params, hessian_products, sources)]

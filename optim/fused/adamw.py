@@ -175,16 +175,7 @@ class AdamW(Optimizer):
                 if grad.layout is not strided:
                     self._check_parameter(g, i, p)
                 state = state_of.get(p)
-                if not state:
-                    continue
-                moment = moment_of.get(p.dtype)
-                if moment is None:
-                    moment = moment_of[p.dtype] = _moment_dtype_of(p)
-                m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
-                if (len(state) != 3 or m is None or v is None or type(step) is not torch.Tensor
-                        or m.shape != p.shape or v.shape != p.shape or m.dtype is not moment
-                        or v.dtype is not moment or step.dtype is not torch.float32 or step.numel() != 1
-                        or m.device != p.device or v.device != p.device or step.device != p.device):
+                if state and not _state_looks_right(p, state, moment_of):
                     self._check_parameter(g, i, p)
         return hyper
 
@@ -216,7 +207,6 @@ class AdamW(Optimizer):
         ``_check_step`` + ``_init_group``, which create it after the checks."""
         hyper = [_hyperparameters(group, "optim.AdamW") for group in self.param_groups]
         strided, state_of, moment_of = torch.strided, self.state, {}
-        tensor_type, float32 = torch.Tensor, torch.float32
         gathered = []
         for g, group in enumerate(self.param_groups):
             stepped, params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
@@ -229,20 +219,11 @@ class AdamW(Optimizer):
                 state = state_of.get(p)
                 if not state:
                     return None
-                dtype = p.dtype
-                kind = moment_of.get(dtype)
-                if kind is None:
-                    kind = moment_of[dtype] = (_moment_dtype_of(p), p.is_complex())
-                moment, is_complex = kind
-                m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
-                device = p.device
-                if (len(state) != 3 or m is None or v is None or type(step) is not tensor_type
-                        or m.dtype is not moment or v.dtype is not moment or step.dtype is not float32
-                        or m.shape != p.shape or v.shape != p.shape or step.numel() != 1
-                        or m.device != device or v.device != device or step.device != device):
+                if not _state_looks_right(p, state, moment_of):
                     self._check_parameter(g, i, p)
+                m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 stepped.append(p)
-                if is_complex:
+                if p.is_complex():
                     p, grad, m, v = (torch.view_as_real(t) for t in (p, grad, m, v))
                 params.append(p)
                 grads.append(grad)
@@ -395,6 +376,20 @@ def adamw(
                 for tensors in (exp_avgs, exp_avg_sqs, state_steps):
                     torch._foreach_zero_([tensors[i] for i in restarted])
             step_one_device_and_dtype(*lists, **hyper)
+
+
+def _state_looks_right(p: torch.Tensor, state: dict, moment_of: dict) -> bool:
+    """The step's fast check of one parameter's state (a few attribute reads; ``moment_of`` caches the moment dtype
+    per parameter dtype): False sends the parameter to ``AdamW._check_parameter``, which raises with the details."""
+    moment = moment_of.get(p.dtype)
+    if moment is None:
+        moment = moment_of[p.dtype] = _moment_dtype_of(p)
+    m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+    device = p.device
+    return not (len(state) != 3 or m is None or v is None or type(step) is not torch.Tensor
+                or m.shape != p.shape or v.shape != p.shape or m.dtype is not moment or v.dtype is not moment
+                or step.dtype is not torch.float32 or step.numel() != 1 or m.device != device
+                or v.device != device or step.device != device)
 
 
 def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

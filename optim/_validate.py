@@ -155,7 +155,8 @@ class StateSpec:
     """The per-parameter state a class keeps: ``required`` keys (present whenever the state is not empty) and
     ``optional`` ones, each of a kind: ``"param"`` (a floating tensor of the parameter's shape), ``"matrix"`` (one
     value per matrix of the parameter, shape ``p.shape[:-2] + (1, 1)``), ``"count"`` (a
-    finite number >= 0, or such a 1-element tensor), ``"int"`` (a Python int >= 0) or ``"any"``."""
+    finite number >= 0, or such a 1-element tensor), ``"int"`` (a Python int >= 0), ``"flag"`` (a 1-element real
+    tensor holding 0 or 1: torch's load casts a saved bool tensor to the parameter's dtype) or ``"any"``."""
 
     def __init__(self, required: Mapping[str, str], optional: Mapping[str, str] | None = None):
         self.required = dict(required)
@@ -215,6 +216,13 @@ def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[s
         elif kind == "int":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a Python int >= 0")
+        elif kind == "flag":
+            ok = isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+            if ok and values:
+                ok = float(value.reshape(()).item()) in (0.0, 1.0)
+            if not ok:
+                raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a flag (a tensor "
+                                 "with one element, 0 or 1)")
 
 
 def check_incoming_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], caller: str,

@@ -8,7 +8,8 @@ The math is ``torch.optim.AdamW``'s (see ``optim/fused/_ops.py``). Differences a
 * ``state["step"]`` is a float32 tensor on the parameter's device, as in torch's ``fused=True`` path.
 * ``amsgrad``, ``capturable`` and ``differentiable`` are accepted for signature compatibility but only ``False`` is
   supported.
-* ``reset_moments(params)`` asks for a momentum reset that is folded into the next step (the op's ``reset`` flag).
+* ``reset_moments(params)`` asks for a momentum reset that is folded into the next step (the op's ``reset`` flag);
+  the request is kept in the parameter's state (``state["reset_pending"]``), so checkpoints carry it.
 * Works under DDP (plain tensors) and FSDP2 (``fully_shard``: DTensor params, grads and moments): the fused op
   steps each parameter's local shard, which is exact for an elementwise step when the parameter, its gradient and
   its moments are sharded alike (checked; otherwise a ValueError suggests ``foreach=True``, which goes through
@@ -33,6 +34,10 @@ from .distributed import local_tensors
 __all__ = ["AdamW", "adamw"]
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
+# Present (a 0-d bool tensor, True) in a parameter's state while a reset_moments() request waits for its next step.
+# A tensor rather than a Python bool: torch.distributed.checkpoint round-trips tensors in optimizer state. It lives
+# on the CPU and the step only tests the key's presence, so a pending reset costs no device read.
+RESET_KEY = "reset_pending"
 
 
 class AdamW(Optimizer):
@@ -84,7 +89,6 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused)
         _hyperparameters(defaults, "optim.AdamW")
-        self._reset_pending: dict[int, torch.Tensor] = {}
         super().__init__(params, defaults)
         install_state_dict_hooks(self)
 
@@ -101,9 +105,10 @@ class AdamW(Optimizer):
 
         The moments ``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter are treated as zero by its next
         ``step()`` (bias correction restarts at t = 1), which the fused kernel does in its normal pass (the op's
-        ``reset`` flag) instead of a pass of its own. Until that step the state keeps its old values; the pending
-        requests are not part of ``state_dict()`` (``optim.Refactorizer`` saves its own) and survive
-        ``load_state_dict``. Unknown parameters raise ``ValueError``.
+        ``reset`` flag) instead of a pass of its own. Until that step the state keeps its old values and a flag
+        ``state["reset_pending"]`` (a 0-d bool tensor), which ``state_dict()`` / ``load_state_dict()`` carry like any
+        state. A parameter without state yet is skipped: its first step starts from zero anyway. Unknown
+        parameters raise ``ValueError``.
         """
         owned = {id(p) for group in self.param_groups for p in group["params"]}
         chosen = [p for group in self.param_groups for p in group["params"]] if params is None else list(params)
@@ -112,15 +117,21 @@ class AdamW(Optimizer):
                 raise ValueError(f"optim.AdamW.reset_moments: a tensor of shape {tuple(p.shape)} is not a parameter "
                                  "of this optimizer")
         for p in chosen:
-            self._reset_pending[id(p)] = p
+            state = self.state.get(p)
+            if state:
+                state[RESET_KEY] = torch.ones((), dtype=torch.bool)
 
     def pending_resets(self) -> list[torch.Tensor]:
-        """The parameters whose moments the next step restarts (see ``reset_moments``)."""
-        return list(self._reset_pending.values())
+        """The parameters whose moments their next step restarts (see ``reset_moments``), in parameter order."""
+        return [p for group in self.param_groups for p in group["params"] if RESET_KEY in self.state.get(p, ())]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles from before the flag lived in the state keep their requests in a dict of parameters.
+        legacy = state.pop("_reset_pending", None) or {}
         super().__setstate__(state)
-        self.__dict__.setdefault("_reset_pending", {})
+        for p in legacy.values():
+            if self.state.get(p):
+                self.state[p][RESET_KEY] = torch.ones((), dtype=torch.bool)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -250,11 +261,9 @@ class AdamW(Optimizer):
                 self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
                 stepped = [p for p in group["params"] if p.grad is not None]
                 gathered.append((group, h, stepped, params, grads, exp_avgs, exp_avg_sqs, steps))
-        pending = self._reset_pending
         for group, h, stepped, params, grads, exp_avgs, exp_avg_sqs, steps in gathered:
-            reset = None
-            if pending:
-                reset = [pending.pop(id(p), None) is not None for p in stepped]
+            # Consume the pending resets of the parameters this step touches (the others keep theirs).
+            reset = [self.state[p].pop(RESET_KEY, None) is not None for p in stepped]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
                   weight_decay=h["weight_decay"], eps=h["eps"], maximize=group["maximize"],
                   foreach=group["foreach"], fused=group["fused"], reset=reset)
@@ -286,9 +295,15 @@ class AdamW(Optimizer):
                 step = saved["step"]
                 step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
                 state["step"] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+            # torch cast the flag to the parameter's dtype and device: back to a CPU bool, kept only if set.
+            if RESET_KEY in state:
+                if bool(state[RESET_KEY].reshape(()).item()):
+                    state[RESET_KEY] = torch.ones((), dtype=torch.bool)
+                else:
+                    del state[RESET_KEY]
 
 
-STATE_SPEC = StateSpec({"step": "count", "exp_avg": "param", "exp_avg_sq": "param"})
+STATE_SPEC = StateSpec({"step": "count", "exp_avg": "param", "exp_avg_sq": "param"}, {RESET_KEY: "flag"})
 
 
 def _hyperparameters(group: dict[str, Any], caller: str) -> dict[str, float]:
@@ -386,7 +401,7 @@ def _state_looks_right(p: torch.Tensor, state: dict, moment_of: dict) -> bool:
         moment = moment_of[p.dtype] = _moment_dtype_of(p)
     m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
     device = p.device
-    return not (len(state) != 3 or m is None or v is None or type(step) is not torch.Tensor
+    return not (len(state) - (RESET_KEY in state) != 3 or m is None or v is None or type(step) is not torch.Tensor
                 or m.shape != p.shape or v.shape != p.shape or m.dtype is not moment or v.dtype is not moment
                 or step.dtype is not torch.float32 or step.numel() != 1 or m.device != device
                 or v.device != device or step.device != device)

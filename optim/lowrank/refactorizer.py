@@ -259,10 +259,9 @@ class Refactorizer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values (``torch.load(weights_only=True)`` loads them): the settings, the step count, and the
-        positions (in the optimizer's parameter order) of the resets the optimizer has not applied yet."""
-        pending = getattr(self.optimizer, "pending_resets", None)
-        pending_ids = {id(p) for p in pending()} if callable(pending) else set()
+        """Plain Python values (``torch.load(weights_only=True)`` loads them): the settings and the step count. The
+        resets the optimizer has not applied yet are in the optimizer's own state (``optim.AdamW`` keeps them per
+        parameter), so they travel with ``optimizer.state_dict()``."""
         return {
             "every": self.every,
             "reset": self.reset,
@@ -270,11 +269,13 @@ class Refactorizer:
             "recovery_start": self.recovery_start,
             "step_count": self.step_count,
             "refactorizations": self.refactorizations,
-            "pending_resets": [i for i, p in enumerate(self._optimizer_params()) if id(p) in pending_ids],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; the settings must equal this refactorizer's (checked before anything changes)."""
+        """Restore ``state_dict()``; the settings must equal this refactorizer's (checked before anything changes).
+
+        A checkpoint from before the optimizer kept its pending resets has them here as ``pending_resets``
+        (positions in the optimizer's parameter order); they are requested again, so load the optimizer first."""
         pending = self.check_state_dict(state_dict)
         params = self._optimizer_params()
         self.step_count = int(state_dict["step_count"])
@@ -287,7 +288,7 @@ class Refactorizer:
         if not isinstance(state_dict, dict):
             raise ValueError(f"Refactorizer.load_state_dict: expected the dict of Refactorizer.state_dict(), got "
                              f"{type(state_dict).__name__}")
-        required = ("every", "reset", "recovery_steps", "recovery_start", "step_count", "pending_resets")
+        required = ("every", "reset", "recovery_steps", "recovery_start", "step_count")
         missing = [key for key in required if key not in state_dict]
         if missing:
             raise ValueError(f"Refactorizer.load_state_dict: the state dict lacks {missing}; it was not produced by "
@@ -303,11 +304,11 @@ class Refactorizer:
                 raise ValueError(f"Refactorizer.load_state_dict: {key} must be an int >= 0, got {value!r}; the "
                                  "checkpoint is corrupt or was not produced by Refactorizer.state_dict()")
         params = self._optimizer_params()
-        if not isinstance(state_dict["pending_resets"], (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in state_dict["pending_resets"]):
-            raise ValueError(f"Refactorizer.load_state_dict: pending_resets must be a list of ints, got "
-                             f"{state_dict['pending_resets']!r}")
-        pending = [int(i) for i in state_dict["pending_resets"]]
+        legacy = state_dict.get("pending_resets", [])  # only in checkpoints of the older format
+        if not isinstance(legacy, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in legacy):
+            raise ValueError(f"Refactorizer.load_state_dict: pending_resets must be a list of ints, got {legacy!r}")
+        pending = [int(i) for i in legacy]
         if any(not 0 <= i < len(params) for i in pending):
             raise ValueError(f"Refactorizer.load_state_dict: pending reset positions {pending} do not fit an optimizer "
                              f"with {len(params)} parameters; the checkpoint belongs to another model")

@@ -391,3 +391,42 @@ def test_cuda_fused_reset_and_refactorization_match_torch_adamw():
     assert optim.has_kernel("lowrank_refactorize_", "cuda")
     for a, b in zip(ours_model.parameters(), torch_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_pending_reset_survives_a_state_dict_round_trip(tmp_path):
+    """The pending reset is AdamW state: saved, loaded with weights_only=True, and applied by the resumed step."""
+    model = low_rank_mlp()
+    optimizer = optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, optimizer, batches(2))
+    reset_moments(optimizer, [model.fc1.A])
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed_model = low_rank_mlp()
+    resumed_model.load_state_dict(saved["model"])
+    resumed = optim.AdamW(resumed_model.parameters(), lr=1e-2)
+    resumed.load_state_dict(saved["optimizer"])
+    assert resumed.pending_resets() == [resumed_model.fc1.A]
+    assert resumed.state[resumed_model.fc1.A]["reset_pending"].dtype == torch.bool
+    train(model, optimizer, batches(1, seed=3))
+    train(resumed_model, resumed, batches(1, seed=3))
+    assert resumed.pending_resets() == [] and resumed.state[resumed_model.fc1.A]["step"].item() == 1
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_old_format_refactorizer_state_dict_loads_its_pending_resets():
+    """Checkpoints from before the flag lived in AdamW's state kept the resets as positions in the Refactorizer's."""
+    model = low_rank_mlp()
+    optimizer = optim.AdamW(model.parameters(), lr=1e-2)
+    refactorizer = Refactorizer(model, optimizer, every=5)
+    train(model, optimizer, batches(1))
+    old = dict(refactorizer.state_dict(), pending_resets=[0, 1])
+    refactorizer.load_state_dict(old)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert optimizer.pending_resets() == params[:2]
+    with pytest.raises(ValueError, match="pending_resets"):
+        refactorizer.load_state_dict(dict(old, pending_resets="0"))
+    with pytest.raises(ValueError, match="reset_pending"):
+        bad = optimizer.state_dict()
+        bad["state"][0]["reset_pending"] = torch.tensor(0.5)
+        optimizer.load_state_dict(bad)

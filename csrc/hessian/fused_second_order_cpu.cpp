@@ -18,31 +18,8 @@
 
 namespace optim {
 
-namespace baseline {
-#define OPTIM_ISA_TARGET
-#define OPTIM_ISA_F16C 0
-#include "fused_second_order_cpu_kernels.inc"
-#undef OPTIM_ISA_TARGET
-#undef OPTIM_ISA_F16C
-}  // namespace baseline
-
-#if OPTIM_X86_DISPATCH
-namespace avx2 {
-#define OPTIM_ISA_TARGET OPTIM_TARGET_AVX2
-#define OPTIM_ISA_F16C 1
-#include "fused_second_order_cpu_kernels.inc"
-#undef OPTIM_ISA_TARGET
-#undef OPTIM_ISA_F16C
-}  // namespace avx2
-
-namespace avx512 {
-#define OPTIM_ISA_TARGET OPTIM_TARGET_AVX512
-#define OPTIM_ISA_F16C 1
-#include "fused_second_order_cpu_kernels.inc"
-#undef OPTIM_ISA_TARGET
-#undef OPTIM_ISA_F16C
-}  // namespace avx512
-#endif
+#define OPTIM_ISA_KERNELS "../hessian/fused_second_order_cpu_kernels.inc"  // relative to csrc/common
+#include "../common/cpu_isa_variants.inc"
 
 namespace {
 

@@ -177,18 +177,22 @@ class AdamW(Optimizer):
             return hyper
         # The fast pass reads a few attributes per parameter (torch's grad setter already guarantees a gradient's
         # shape, dtype and device); anything unusual goes to _check_parameter, which raises with the details.
-        strided, state_of, moment_of = torch.strided, self.state, {}
+        moment_of = {}
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.layout is not strided:
-                    self._check_parameter(g, i, p)
-                state = state_of.get(p)
-                if state and not _state_looks_right(p, state, moment_of):
-                    self._check_parameter(g, i, p)
+                if p.grad is not None:
+                    self._checked_state(g, i, p, moment_of)
         return hyper
+
+    def _checked_state(self, g: int, i: int, p: torch.Tensor, moment_of: dict) -> dict | None:
+        """The fast check of parameter i of group g (which has a gradient) and its state, which it returns (None
+        before the first step); anything unusual goes to :meth:`_check_parameter`, which raises with the details."""
+        if p.grad.layout is not torch.strided:
+            self._check_parameter(g, i, p)
+        state = self.state.get(p)
+        if state and not _state_looks_right(p, state, moment_of):
+            self._check_parameter(g, i, p)
+        return state
 
     def _check_parameter(self, g: int, i: int, p: torch.Tensor) -> None:
         """Raise ``ValueError`` naming what is wrong with parameter i of group g, its gradient or its state."""
@@ -217,7 +221,7 @@ class AdamW(Optimizer):
         changed nothing, when a parameter with a gradient has no state yet (the first step): the caller then takes
         ``_check_step`` + ``_init_group``, which create it after the checks."""
         hyper = [_hyperparameters(group, "optim.AdamW") for group in self.param_groups]
-        strided, state_of, moment_of = torch.strided, self.state, {}
+        moment_of = {}
         gathered = []
         for g, group in enumerate(self.param_groups):
             stepped, params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
@@ -225,13 +229,9 @@ class AdamW(Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                if grad.layout is not strided:
-                    self._check_parameter(g, i, p)
-                state = state_of.get(p)
+                state = self._checked_state(g, i, p, moment_of)
                 if not state:
                     return None
-                if not _state_looks_right(p, state, moment_of):
-                    self._check_parameter(g, i, p)
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 stepped.append(p)
                 if p.is_complex():

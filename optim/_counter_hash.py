@@ -19,6 +19,18 @@ MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 UINT64 = 1 << 64
 
 
+# A draw's counters are int64: the ``count`` counters from ``offset`` on must stay below this.
+COUNTER_LIMIT = 1 << 63
+
+
+def check_counter_range(op: str, offset: int, count: int) -> None:
+    """Raise ``ValueError`` unless counters ``offset .. offset + count − 1`` fit in int64 (``offset`` ≥ 0 checked
+    by the caller); the C++ twin is ``check_counter_range`` in ``csrc/common/counters.h``, with the same message."""
+    if count > 0 and offset > COUNTER_LIMIT - count:
+        raise ValueError(f"{op}: offset {offset} leaves no room below 2**63 for the {count} counters of out; use an "
+                         f"offset of at most {COUNTER_LIMIT - count}")
+
+
 def as_int64(value: int) -> int:
     """The int64 whose two's-complement bits are ``value`` mod 2⁶⁴."""
     value %= UINT64

@@ -3,12 +3,16 @@
 #pragma once
 
 #include "../common/checks.h"
+#include "../common/counters.h"
 
 namespace optim {
 
 inline void check_rademacher_args(at::TensorList out, int64_t offset, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(offset >= 0, "rademacher_: offset must be >= 0, got ", offset);
   if (out.empty()) return;
+  int64_t count = 0;
+  for (const at::Tensor& tensor : out) count += tensor.numel();
+  check_counter_range("rademacher_", offset, count);
   const at::Tensor& first = out[0];
   TORCH_CHECK_VALUE(at::isFloatingType(first.scalar_type()), "rademacher_: out tensors must be floating point, got ",
                     dtype_name(first.scalar_type()));

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/checks.h"
+#include "../common/counters.h"
 #include "../common/device_math.h"
 
 #include <c10/util/string_view.h>
@@ -43,6 +44,7 @@ inline void check_sample_rows_args(const at::Tensor& out, int64_t n, int64_t off
   TORCH_CHECK_VALUE(r > 0 && r <= n, "rsdm_sample_rows_: the rank r = out.shape[-1] = ", r, " must be in [1, n = ",
                     n, "]");
   TORCH_CHECK_VALUE(offset >= 0, "rsdm_sample_rows_: offset must be >= 0, got ", offset);
+  check_counter_range("rsdm_sample_rows_", offset, out.numel());
   check_no_overlap("rsdm_sample_rows_", {{"out", out, true}});
 }
 

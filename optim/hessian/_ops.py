@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from .._counter_hash import counter_hash_tensor
+from .._counter_hash import check_counter_range, counter_hash_tensor
 from .._library import LIBRARY, define_op
 from .._overlap import check_no_overlap, list_operands
 
@@ -48,6 +48,7 @@ def check_rademacher_args(out: Sequence[torch.Tensor], seed: int, offset: int) -
         raise ValueError(f"rademacher_: offset must be >= 0, got {offset}")
     if not out:
         return
+    check_counter_range("rademacher_", offset, sum(t.numel() for t in out))
     device, dtype = out[0].device, out[0].dtype
     if not dtype.is_floating_point:
         raise ValueError(f"rademacher_: out tensors must be floating point, got {dtype}")
@@ -64,7 +65,8 @@ def rademacher_reference(out: Sequence[torch.Tensor], seed: int, offset: int) ->
     check_no_overlap("rademacher_", list_operands("out", out, True))
     first = offset
     for tensor in out:
-        counters = torch.arange(first, first + tensor.numel(), dtype=torch.int64, device=tensor.device)
+        # arange from 0: first + numel may be 2**63 itself, one past int64, when the last counter is 2**63 − 1
+        counters = first + torch.arange(tensor.numel(), dtype=torch.int64, device=tensor.device)
         hashed = counter_hash_tensor(seed, counters)
         negative = hashed < 0  # the top bit
         tensor.copy_((1 - 2 * negative.to(tensor.dtype)).view(tensor.shape))

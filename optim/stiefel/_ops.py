@@ -57,7 +57,7 @@ import torch
 
 from .._library import define_op
 from .._overlap import check_no_overlap
-from .._counter_hash import counter_hash_tensor, logical_shift_right
+from .._counter_hash import check_counter_range, counter_hash_tensor, logical_shift_right
 
 CORES = ("qr", "cayley", "exp")
 # float32 X with r at least this: A, the core and the rotated rows in float64, rounded once (kFloat64RotationMinRank
@@ -78,6 +78,7 @@ def check_sample_rows_args(out: torch.Tensor, n: int, seed: int, offset: int) ->
         raise ValueError(f"rsdm_sample_rows_: the rank r = out.shape[-1] = {r} must be in [1, n = {n}]")
     if offset < 0:
         raise ValueError(f"rsdm_sample_rows_: offset must be >= 0, got {offset}")
+    check_counter_range("rsdm_sample_rows_", offset, out.numel())
 
 
 def rsdm_sample_rows_reference(out: torch.Tensor, n: int, seed: int, offset: int) -> None:

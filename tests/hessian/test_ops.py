@@ -127,6 +127,28 @@ def test_bad_input(implementation):
     assert all(torch.equal(t, torch.zeros_like(t)) for t in out), "a rejected call wrote its output"
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_counters_up_to_two_to_the_63_and_no_further(device):
+    """The last counter of a call is at most 2**63 − 1: the kernel and the reference draw the same values up to it
+    and refuse, with one message and nothing written, an offset one past it (the kernel would wrap, the reference
+    overflow)."""
+    count = 3 + 4
+    last_offset = 2**63 - count
+    got = poisoned([3, 4], torch.float32, device)
+    OP(got, 5, last_offset)
+    want = [torch.empty(3), torch.empty(4)]
+    rademacher_reference(want, 5, last_offset)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    messages = []
+    for implementation in (OP, rademacher_reference):
+        out = [torch.zeros(3, device=device), torch.zeros(4, device=device)]
+        with pytest.raises(ValueError, match="leaves no room below 2\\*\\*63") as error:
+            implementation(out, 5, last_offset + 1)
+        messages.append(str(error.value).splitlines()[0])
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in out), "a rejected call wrote its output"
+    assert messages[0] == messages[1]
+
 # --- cross_entropy_hvp ---------------------------------------------------------------------------------------------
 
 CE_OP = torch.ops.optim.cross_entropy_hvp

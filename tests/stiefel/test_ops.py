@@ -86,6 +86,27 @@ def test_sampled_rows_match_reference_bitwise(device, batch_shape, n, r):
         assert (flat[:, 1:] > flat[:, :-1]).all(), "indices must be distinct and increasing"
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_rows_counters_up_to_two_to_the_63_and_no_further(device):
+    """Counters offset .. offset + out.numel() − 1 are int64: the kernel and the reference agree up to the last one
+    and refuse one past it with the same message, writing nothing."""
+    shape, n = (3, 5), 40
+    last_offset = 2**63 - 15
+    out = torch.full(shape, -7, dtype=torch.int64, device=device)
+    SAMPLE(out, n, 11, last_offset)
+    want = torch.empty(shape, dtype=torch.int64)
+    rsdm_sample_rows_reference(want, n, 11, last_offset)
+    assert torch.equal(out.cpu(), want)
+    messages = []
+    for implementation in (SAMPLE, rsdm_sample_rows_reference):
+        out = torch.full(shape, -7, dtype=torch.int64, device=device)
+        with pytest.raises(ValueError, match="leaves no room below 2\\*\\*63") as error:
+            implementation(out, n, 11, last_offset + 1)
+        messages.append(str(error.value).splitlines()[0])
+        assert (out == -7).all(), "a rejected call wrote its output"
+    assert messages[0] == messages[1]
+
 def test_sampled_rows_are_uniform():
     """Every row is drawn with probability r/n: frequencies over 4000 draws within 5 standard deviations."""
     n, r, draws = 12, 4, 4000

@@ -146,32 +146,35 @@ class _TorchCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(logits, target, scale, reduction, ignore_index):
         log_p = torch.log_softmax(logits, 1)
-        loss, _ = torch.ops.aten.nll_loss_forward(log_p, target, None, _REDUCTION_ENUM[reduction], ignore_index)
-        return loss, log_p
+        loss, total_weight = torch.ops.aten.nll_loss_forward(log_p, target, None, _REDUCTION_ENUM[reduction],
+                                                             ignore_index)
+        return loss, log_p, total_weight
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target, scale, reduction, ignore_index = inputs
-        _, log_p = output
-        ctx.mark_non_differentiable(log_p)  # the gradient below carries its dependence on the logits
-        ctx.save_for_backward(logits, target, log_p)
-        ctx.save_for_forward(logits, target, log_p)
+        _, log_p, total_weight = output
+        # the gradient below carries log_p's dependence on the logits; total_weight (the kept rows) has none
+        ctx.mark_non_differentiable(log_p, total_weight)
+        ctx.save_for_backward(logits, target, log_p, total_weight)
+        ctx.save_for_forward(logits, target, log_p, total_weight)
         ctx.scale, ctx.reduction, ctx.ignore_index = scale, reduction, ignore_index
 
     @staticmethod
     def _gradient(ctx):
-        logits, target, log_p = ctx.saved_tensors
-        return _TorchCrossEntropyGradient.apply(logits, log_p, target, ctx.scale, ctx.reduction, ctx.ignore_index)
+        logits, target, log_p, total_weight = ctx.saved_tensors
+        return _TorchCrossEntropyGradient.apply(logits, log_p, target, total_weight, ctx.scale, ctx.reduction,
+                                                ctx.ignore_index)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_log_p):
+    def backward(ctx, grad_loss, grad_log_p, grad_total_weight):
         # torch's backward passes grad_loss into nll_loss_backward; the gradient at grad_loss = 1 times grad_loss is
         # the same bits when grad_loss is 1 (a loss differentiated as it is) and within an ulp otherwise.
         return grad_loss * _TorchCrossEntropy._gradient(ctx), None, None, None, None
 
     @staticmethod
     def jvp(ctx, logits_dot, *unused_tangents):
-        return (_TorchCrossEntropy._gradient(ctx) * logits_dot).sum(), None
+        return (_TorchCrossEntropy._gradient(ctx) * logits_dot).sum(), None, None
 
 
 class _TorchCrossEntropyGradient(torch.autograd.Function):
@@ -182,16 +185,15 @@ class _TorchCrossEntropyGradient(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, log_p, target, scale, reduction, ignore_index):
+    def forward(logits, log_p, target, total_weight, scale, reduction, ignore_index):
         one = torch.ones((), dtype=log_p.dtype, device=log_p.device)
-        kept = torch.tensor(1.0 / scale, dtype=log_p.dtype, device=log_p.device)  # nll_loss's total weight
         grad_log_p = torch.ops.aten.nll_loss_backward(one, log_p, target, None, _REDUCTION_ENUM[reduction],
-                                                      ignore_index, kept)
+                                                      ignore_index, total_weight)
         return torch.ops.aten._log_softmax_backward_data(grad_log_p, log_p, 1, logits.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, log_p, target, scale, reduction, ignore_index = inputs
+        logits, log_p, target, total_weight, scale, reduction, ignore_index = inputs
         ctx.save_for_backward(logits, target)
         ctx.save_for_forward(logits, target)
         ctx.scale, ctx.ignore_index = scale, ignore_index
@@ -199,7 +201,7 @@ class _TorchCrossEntropyGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, u):
         logits, target = ctx.saved_tensors
-        return cross_entropy_hvp(logits, u, ctx.scale, target, ctx.ignore_index), None, None, None, None, None
+        return cross_entropy_hvp(logits, u, ctx.scale, target, ctx.ignore_index), None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, logits_dot, *unused_tangents):
@@ -231,7 +233,7 @@ def functional_cross_entropy(input, target, weight=None, size_average=None, igno
         return torch.nn.functional.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                                  label_smoothing)
     scale = 1.0 / kept if reduction == "mean" else 1.0
-    loss, _ = _TorchCrossEntropy.apply(input, target, scale, reduction, ignore_index)
+    loss, _, _ = _TorchCrossEntropy.apply(input, target, scale, reduction, ignore_index)
     return loss
 
 

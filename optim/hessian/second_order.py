@@ -283,17 +283,9 @@ class SecondOrderOptimizer(Optimizer):
 
     def _due_for_refresh(self, external: dict[int, torch.Tensor]) -> set[int]:
         """The ids of the parameters whose curvature this step refreshes by a Hessian-vector product: due by
-        ``_refresh_due`` (inlined: this runs once per parameter on every step) and without an external diagonal."""
-        due, state_of = set(), self.state
-        for group in self.param_groups:
-            period = group["update_period"]
-            for p in group["params"]:
-                if id(p) in external:
-                    continue
-                state = state_of.get(p)
-                if (int(state["step"].item()) if state else 0) % period == 0:
-                    due.add(id(p))
-        return due
+        ``_refresh_due`` and without an external diagonal."""
+        return {id(p) for group in self.param_groups for p in group["params"]
+                if id(p) not in external and self._refresh_due(p, group)}
 
     def next_step_refreshes(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the

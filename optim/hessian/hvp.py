@@ -306,25 +306,30 @@ def compute_hvp(
     mode: str,
     need_grad: bool,
     auto_key: object = None,
+    batch_key: object = None,
     strict: bool | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """``hvp`` on inputs already passed through :func:`check_params` / :func:`check_vectors`.
 
     ``auto_key`` is the object under which ``mode="auto"`` remembers its choice (``f`` for :func:`hvp`);
-    ``strict`` is :func:`hvp`'s (the smoothness check of ``mode="fd"``).
+    ``batch_key`` the one under which a "rr" block remembers vmap or loop (default ``auto_key``: an operator passes
+    its model, which the estimators' fresh operators share); ``strict`` is :func:`hvp`'s (the smoothness check of
+    ``mode="fd"``).
     """
+    if batch_key is None:
+        batch_key = auto_key
     if k == 0:
         # No probes: nothing to differentiate twice, but the gradient may still be asked for.
         grad = loss_and_gradient(f, params, at="params")[1] if need_grad else None
         return [t.clone() for t in v], grad
     if mode == "rr":
-        return _hvp_rr(f, params, v, k, auto_key)
+        return _hvp_rr(f, params, v, k, batch_key)
     if mode == "fr":
         return _hvp_fr(f, params, v, k)
     if mode == "fd":
         return _hvp_fd(f, params, v, k, need_grad, strict)
     if mode == "auto":
-        return _hvp_auto(f, params, v, k, auto_key)
+        return _hvp_auto(f, params, v, k, auto_key, batch_key)
     raise ValueError(f"hvp: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")
 
 
@@ -336,24 +341,31 @@ def auto_choice(key: object) -> str | None:
         return None
 
 
-def _hvp_auto(f, params, v, k, key):
+def remember_auto_choice(key: object, mode: str) -> None:
+    """Record ``mode`` as what ``"auto"`` settled on for ``key`` (see :func:`auto_choice`)."""
+    if key is None:
+        return
+    try:
+        _auto_choice[key] = mode
+    except TypeError:  # not weak-referenceable or not hashable: nothing to remember it by
+        pass
+
+
+def _hvp_auto(f, params, v, k, key, batch_key):
     chosen = auto_choice(key)
     order = ([chosen] if chosen else []) + [m for m in AUTO_ORDER if m != chosen]
     first_error = None
     for mode in order:
         try:
-            result = _hvp_rr(f, params, v, k, key) if mode == "rr" else _hvp_fr(f, params, v, k)
+            result = _hvp_rr(f, params, v, k, batch_key) if mode == "rr" else _hvp_fr(f, params, v, k)
         except _MODE_FAILURES as error:
             if first_error is None:
                 first_error = error
             elif hasattr(first_error, "add_note"):
                 first_error.add_note(f"hvp(mode='auto'): mode {mode!r} failed too: {type(error).__name__}: {error}")
             continue
-        if key is not None and mode != chosen:
-            try:
-                _auto_choice[key] = mode
-            except TypeError:  # not weak-referenceable or not hashable: nothing to remember it by
-                pass
+        if mode != chosen:
+            remember_auto_choice(key, mode)
         return result
     raise first_error
 
@@ -422,22 +434,28 @@ def _vmapped_backward(outputs, leaves, directions):
                                is_grads_batched=True)
 
 
-def _looped_backward(outputs, leaves, directions, keep_graph):
-    """One backward per probe. With one dtype and device among the leaves, the products are written into one
-    ``(count, Σ numel)`` buffer and returned as views of it (zeros for a leaf no output reaches), so that a
-    :class:`~optim.hessian.operator.CurvatureOperator` hands the buffer on as its ``(k, n)`` result instead of
-    stacking and then concatenating a copy of a block that is gigabytes on a large model."""
+def _product_views(leaves, count: int) -> list[torch.Tensor] | None:
+    """Views shaped ``(count, *leaf.shape)`` of one new ``(count, Σ numel)`` buffer, one per leaf, when the leaves
+    share a dtype and device (else None): products written there are the ``(k, n)`` block a
+    :class:`~optim.hessian.operator.CurvatureOperator` hands on as it is, instead of stacking and then
+    concatenating a copy of a block that is gigabytes on a large model."""
+    if len({(x.dtype, x.device) for x in leaves}) != 1:
+        return None
+    numels = [x.numel() for x in leaves]
+    buffer = torch.empty((count, sum(numels)), dtype=leaves[0].dtype, device=leaves[0].device)
+    return [piece.view((count, *x.shape)) for piece, x in zip(buffer.split(numels, dim=1), leaves)]
+
+
+def _looped_backward(outputs, leaves, directions, keep_graph, out=None):
+    """One backward per probe, written into ``out`` (views from :func:`_product_views`, zeros for a leaf no output
+    reaches) when given or possible; stacked per leaf otherwise."""
     count = directions[0].shape[0]
-    one_buffer = len({(x.dtype, x.device) for x in leaves}) == 1
-    if one_buffer:
-        numels = [x.numel() for x in leaves]
-        buffer = torch.empty((count, sum(numels)), dtype=leaves[0].dtype, device=leaves[0].device)
-        views = [piece.view((count, *x.shape)) for piece, x in zip(buffer.split(numels, dim=1), leaves)]
+    views = out if out is not None else _product_views(leaves, count)
     per_probe = []
     for j in range(count):
         products = torch.autograd.grad(outputs, leaves, [d[j] for d in directions],
                                        retain_graph=keep_graph or j < count - 1, allow_unused=True)
-        if not one_buffer:
+        if views is None:
             per_probe.append(products)
             continue
         for view, product in zip(views, products):
@@ -445,7 +463,7 @@ def _looped_backward(outputs, leaves, directions, keep_graph):
                 view[j].zero_()
             else:
                 view[j].copy_(product)
-    if one_buffer:
+    if views is not None:
         return views
     return [None if per_probe[0][i] is None else torch.stack([probe[i] for probe in per_probe])
             for i in range(len(leaves))]
@@ -501,15 +519,33 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
         _remember(key, k, "loop")
         return _looped_backward(outputs, leaves, directions, keep_graph)
     last = 2 * m == k
+    views = _product_views(leaves, k)  # the block's rows are written in place: no concatenation of the pieces
+
+    def rows(first, stop):
+        return None if views is None else [view[first:stop] for view in views]
+
+    vmapped = [(pieces[0], 0, m)]  # (products, first row, stop row): vmap's, to be copied into the block
     start = time.perf_counter()
-    pieces.append(_looped_backward(outputs, leaves, [d[m:2 * m] for d in directions], keep_graph or not last))
+    pieces.append(_looped_backward(outputs, leaves, [d[m:2 * m] for d in directions], keep_graph or not last,
+                                   out=rows(m, 2 * m)))
     loop_s = _elapsed_s(device, start)
     choice = "vmap" if vmap_s < VMAP_ADVANTAGE * loop_s else "loop"
     _remember(key, k, choice)
     if not last:
         rest = [d[2 * m:] for d in directions]
-        pieces.append(_vmapped_backward(outputs, leaves, rest) if choice == "vmap"
-                      else _looped_backward(outputs, leaves, rest, keep_graph))
+        if choice == "vmap":
+            pieces.append(_vmapped_backward(outputs, leaves, rest))
+            vmapped.append((pieces[-1], 2 * m, k))
+        else:
+            pieces.append(_looped_backward(outputs, leaves, rest, keep_graph, out=rows(2 * m, k)))
+    if views is not None:
+        for products, first, stop in vmapped:
+            for view, product in zip(rows(first, stop), products):
+                if product is None:  # a leaf no output reaches
+                    view.zero_()
+                else:
+                    view.copy_(product)
+        return views
     # A leaf no output reaches is None in the vmapped pieces and zeros in the looped ones.
     return [None if any(piece[i] is None for piece in pieces) else torch.cat([piece[i] for piece in pieces])
             for i in range(len(leaves))]

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .krylov import _dot64
 from .routing import sdpa_curvature
-from .hvp import (MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds, compiled_hvp,
-                  compute_hvp, first_order_graph, loss_and_gradient, second_backward)
+from .hvp import (_MODE_FAILURES, MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds,
+                  MEASURE_MIN_PROBES, batched_vjp, batching_choice, compiled_hvp, compute_hvp, first_order_graph,
+                  loss_and_gradient, remember_auto_choice, second_backward)
 
 __all__ = ["CurvatureOperator", "HessianOperator"]
 
@@ -45,6 +47,16 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_BITS[tensor.element_size()])
 
 
+def _dots64(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Row-wise ``Σ_pieces Σ_j a[i, j] b[i, j]`` of two param-shaped lists with a leading k, in float64: one
+    ``optim::krylov_dots`` per piece, summed piece by piece in ``params`` order."""
+    total = None
+    for x, y in zip(a, b):
+        dots = _dot64(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+        total = dots if total is None else total.add_(dots)
+    return total
+
+
 class CapturedState:
     """Copies of every tensor a kept graph captured, to prove the graph fresh before each reuse.
 
@@ -62,6 +74,12 @@ class CapturedState:
         # torch.equal of the bit patterns (NaN equals itself, -0 differs from 0): one fused pass per tensor,
         # without the bool tensor of ``!=`` (2.6x faster on CPU than ``(a != b).any()``).
         return all(torch.equal(_bits(tensor), _bits(copy)) for tensor, copy in zip(self.tensors, self.copies))
+
+
+class StateNotKept(Exception):
+    """Raised by a subclass's ``_build`` or first ``_apply`` when the kept state turns out not to work for this model
+    (``mode="auto"`` learning that the Hessian's graph cannot be differentiated twice): the product is then computed
+    the one-shot way, which takes it from there."""
 
 
 class KeptGraph(NamedTuple):
@@ -224,16 +242,7 @@ class CurvatureOperator:
         """``C v`` for a flat vector ``(n,)``, a block ``(k, n)`` of row vectors, or a param-shaped list."""
         where = self._where
         if isinstance(v, torch.Tensor):
-            if v.dim() not in (1, 2) or v.shape[-1] != self.n:
-                raise ValueError(
-                    f"{where}: v has shape {tuple(v.shape)}; expected a flat vector ({self.n},), a block "
-                    f"(k, {self.n}) of k row vectors, or a list shaped like params"
-                )
-            if v.dtype != self.dtype or v.device != self.device:
-                raise ValueError(
-                    f"{where}: v is {v.dtype} on {v.device} but the parameters are {self.dtype} on "
-                    f"{self.device}; convert v with .to(dtype=H.dtype, device=H.device)"
-                )
+            self._check_flat(v, (1, 2))
             return self.flatten(self._product(self.unflatten(v)))
         if isinstance(v, (list, tuple)):
             product = self._product(list(v))
@@ -242,6 +251,28 @@ class CurvatureOperator:
             f"{where}: v must be a tensor of shape ({self.n},) or (k, {self.n}), or a list of tensors shaped "
             f"like params, got a {type(v).__name__}"
         )
+
+    def _check_flat(self, v: torch.Tensor, dims: tuple[int, ...]) -> None:
+        if v.dim() not in dims or v.shape[-1] != self.n:
+            raise ValueError(
+                f"{self._where}: v has shape {tuple(v.shape)}; expected "
+                + ("a flat vector ({n},), a block (k, {n}) of k row vectors, or a list shaped like params"
+                   if 1 in dims else "a block (k, {n}) of k row vectors").format(n=self.n)
+            )
+        if v.dtype != self.dtype or v.device != self.device:
+            raise ValueError(
+                f"{self._where}: v is {v.dtype} on {v.device} but the parameters are {self.dtype} on "
+                f"{self.device}; convert v with .to(dtype=H.dtype, device=H.device)"
+            )
+
+    def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` float64: ``v_iᵀ C v_i`` for the rows of a ``(k, n)`` block (what a Hutchinson trace needs).
+
+        Here ``Σ_j V[i, j] (C V[i])_j`` from ``C @ V``, products and sums in float64; :class:`HessianOperator`
+        on a kept graph dots each product as it comes instead, without holding the ``(k, n)`` result.
+        """
+        self._check_flat(V, (2,))
+        return _dots64(self.unflatten(V), self.unflatten(self.matvec(V)))
 
     def __matmul__(self, v):
         return self.matvec(v)
@@ -300,6 +331,25 @@ class CurvatureOperator:
         """``C_b v`` on one batch without keeping anything (default: build the state, apply it, drop it)."""
         return self._apply(self._build(inputs, targets, params, rows), v, k)
 
+    def _kept_state(self, params: list[torch.Tensor]):
+        """The state of the one batch, kept between products and proven fresh (built now if it was not); None
+        when nothing may be kept (several batches, ``reuse_graph``, train mode, ...). May raise StateNotKept."""
+        batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
+        captured = None if batch is None or not _is_batch(batch) else self._captured(batch)
+        if captured is None:
+            self._graph = None
+            return None
+        key, tensors = captured
+        graph = self._graph
+        if graph is None or graph.key != key or not graph.captured.unchanged():
+            self._graph = graph = None  # free the old state before building the new one
+            batches = list(self._batches())
+            self._check_some_rows(len(batches))
+            inputs, targets, rows = batches[0]
+            state = self._build(inputs, targets, params, rows)
+            self._graph = graph = KeptGraph(key, CapturedState(tensors), state)
+        return graph.state
+
     @sdpa_curvature()  # every product of every operator (and so the monitor and the estimators) builds here
     def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         where = self._where
@@ -309,21 +359,14 @@ class CurvatureOperator:
         if k == 0:  # no probes: an empty block, once the data is known to have rows
             self._check_some_rows(sum(rows for _, _, rows in self._batches()))
             return [t.clone() for t in v]
-        batch = self._data[0] if isinstance(self._data, list) and len(self._data) == 1 else None
-        captured = None if batch is None or not _is_batch(batch) else self._captured(batch)
-        if captured is None:
+        try:
+            state = self._kept_state(params)
+            if state is not None:
+                product = self._apply(state, v, k)
+                self.num_matvecs += 1 if k is None else k
+                return product
+        except StateNotKept:
             self._graph = None
-        else:
-            key, tensors = captured
-            graph = self._graph
-            if graph is None or graph.key != key or not graph.captured.unchanged():
-                self._graph = graph = None  # free the old state before building the new one
-                batches = list(self._batches())
-                self._check_some_rows(len(batches))
-                inputs, targets, rows = batches[0]
-                self._graph = graph = KeptGraph(key, CapturedState(tensors), self._build(inputs, targets, params, rows))
-            self.num_matvecs += 1 if k is None else k
-            return self._apply(graph.state, v, k)
         total, first_weight, total_weight = None, 0, 0
         for inputs, targets, weight in self._batches():
             product = self._batch_product(inputs, targets, params, v, k, weight)
@@ -515,16 +558,60 @@ class HessianOperator(CurvatureOperator):
         return auto_choice(self) if self.mode == "auto" else self.mode
 
     def _can_keep(self, batch) -> bool:
-        return (self.mode if self.mode != "auto" else auto_choice(self)) == "rr"
+        # "auto" before its first product: "rr", tried first, keeps the graph it builds (StateNotKept if it fails).
+        return (self.mode if self.mode != "auto" else auto_choice(self)) in ("rr", None)
+
+    def _deciding(self) -> bool:
+        return self.mode == "auto" and auto_choice(self) is None
 
     def _build(self, inputs, targets, params, rows):
-        return first_order_graph(self._loss_of(inputs, targets), params)
+        if not self._deciding():
+            return first_order_graph(self._loss_of(inputs, targets), params)
+        try:
+            return first_order_graph(self._loss_of(inputs, targets), params)
+        except _MODE_FAILURES as error:
+            raise StateNotKept from error
 
     def _apply(self, state, v, k):
         leaves, gradients = state
         # The vmap-or-loop choice is remembered per model: estimators and the monitor build a new operator per call,
         # which would otherwise measure again (half a block vmapped) every time.
-        return second_backward(leaves, gradients, v, k, keep_graph=True, key=self.model)
+        if not self._deciding():
+            return second_backward(leaves, gradients, v, k, keep_graph=True, key=self.model)
+        try:
+            product = second_backward(leaves, gradients, v, k, keep_graph=True, key=self.model)
+        except _MODE_FAILURES as error:
+            raise StateNotKept from error
+        remember_auto_choice(self, "rr")
+        return product
+
+    @sdpa_curvature()
+    def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` float64 ``v_iᵀ H v_i`` for the rows of a ``(k, n)`` block. On a kept graph whose blocks loop
+        (see ``hvp``: vmap or loop), each product is dotted with its probe as it comes and dropped: no ``(k, n)``
+        result is allocated, copied or checked. Otherwise (nothing kept, vmap, the choice not made yet) from
+        ``H @ V``. Sums are in float64, piece by piece in ``params`` order, so both ways agree to rounding."""
+        self._check_flat(V, (2,))
+        k = V.shape[0]
+        if self._deciding() or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop"):
+            return super().quadratic_forms(V)
+        params = check_params(self.params, where=self._where)
+        self._check_model()
+        try:
+            state = self._kept_state(params)
+        except StateNotKept:
+            self._graph, state = None, None
+        if state is None or k == 0:
+            return super().quadratic_forms(V)
+        leaves, gradients = state
+        pieces, _ = check_vectors(params, self.unflatten(V), where=self._where)  # finite, as a product's are
+        values = torch.empty(k, dtype=torch.float64, device=V.device)
+        for i in range(k):
+            probe = [piece[i : i + 1] for piece in pieces]
+            product = batched_vjp(gradients, leaves, probe, 1, keep_graph=True)
+            values[i : i + 1] = _dots64(probe, product)
+        self.num_matvecs += k
+        return values
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         if self.compile:
@@ -532,5 +619,5 @@ class HessianOperator(CurvatureOperator):
                                  need_grad=False)
         else:
             hv, _ = compute_hvp(self._loss_of(inputs, targets), params, v, k, mode=self.mode, need_grad=False,
-                                auto_key=self)
+                                auto_key=self, batch_key=self.model)
         return hv

@@ -187,6 +187,22 @@ def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
     return out
 
 
+def _quadratic_forms(H: LinearOperator, V: Tensor, what: str) -> Tensor:
+    """``(k,)`` float64 ``v_iᵀ H v_i`` for the rows of ``V``: the operator's own ``quadratic_forms`` where it has one
+    (a :class:`~optim.HessianOperator` then holds no ``(k, n)`` product), else from :func:`_apply`."""
+    forms = getattr(H, "quadratic_forms", None)
+    if forms is None:
+        return _dot64(V, _apply(H, V, what))
+    values = forms(V)
+    if not isinstance(values, Tensor) or values.shape != V.shape[:1]:
+        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise RuntimeError(f"H.quadratic_forms returned {got} for a block of shape {tuple(V.shape)} ({what}); "
+                           f"it must return ({V.shape[0]},)")
+    if not all_finite([values]):
+        raise RuntimeError(f"H @ v produced NaN or inf at {what}: {_NONFINITE_HINT}")
+    return values
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Argument checks
 # ------------------------------------------------------------------------------------------------------------------
@@ -371,8 +387,7 @@ def trace(
     if method == "hutchinson":
         values = []
         for start, Z in _probe_blocks(H, 0, num_probes, batch_size, seed):
-            HZ = _apply(H, Z, f"Hutchinson probes {_rows(start, Z)}")
-            values.append(_dot64(Z, HZ).cpu())
+            values.append(_quadratic_forms(H, Z, f"Hutchinson probes {_rows(start, Z)}").cpu())
         mean, se = _mean_and_std_error(torch.cat(values))
         return TraceEstimate(mean, se, num_probes)
 
@@ -388,13 +403,11 @@ def trace(
     exact = 0.0
     for start in range(0, s, batch_size):
         block = Q[start : start + batch_size]
-        HQ = _apply(H, block, f"Hutch++ basis vectors {_rows(start, block)}")
-        exact += _dot64(block, HQ).sum().item()
+        exact += _quadratic_forms(H, block, f"Hutch++ basis vectors {_rows(start, block)}").sum().item()
     values = []
     for start, G in _probe_blocks(H, s, num_probes - 2 * s, batch_size, seed):
         G = G - (G @ Q.mT) @ Q  # P G: the probes with the sketched range removed
-        HG = _apply(H, G, f"Hutch++ residual probes {_rows(start, G)}")
-        values.append(_dot64(G, HG).cpu())
+        values.append(_quadratic_forms(H, G, f"Hutch++ residual probes {_rows(start, G)}").cpu())
     mean, se = _mean_and_std_error(torch.cat(values))
     return TraceEstimate(exact + mean, se, num_probes)
 

@@ -452,8 +452,8 @@ def test_a_large_first_block_measures_on_a_few_probes_then_runs_the_rest_the_fas
     for name in ("_vmapped_backward", "_looped_backward"):
         real = getattr(hvp_module, name)
         monkeypatch.setattr(hvp_module, name,
-                            lambda o, l, d, *a, real=real, name=name: ways.append((name, d[0].shape[0])) or
-                            real(o, l, d, *a))
+                            lambda o, l, d, *a, real=real, name=name, **kw: ways.append((name, d[0].shape[0])) or
+                            real(o, l, d, *a, **kw))
 
     def f(*params):
         return case.f(*params)
@@ -480,7 +480,7 @@ def test_a_probe_block_measures_vmap_against_a_loop_once_and_both_are_exact(mode
     ways = []
     for name in ("_vmapped_backward", "_looped_backward"):
         real = getattr(hvp_module, name)
-        monkeypatch.setattr(hvp_module, name, lambda *a, real=real, name=name: ways.append(name) or real(*a))
+        monkeypatch.setattr(hvp_module, name, lambda *a, real=real, name=name, **kw: ways.append(name) or real(*a, **kw))
 
     def f(*params):  # a new function object: nothing remembered for it yet
         return case.f(*params)

@@ -79,6 +79,83 @@ def test_every_mode(mode):
     assert H.resolved_mode == ("rr" if mode == "auto" else mode)
 
 
+def test_auto_keeps_the_graph_of_its_first_product():
+    # "auto" has not chosen before the first product; its first choice, "rr", keeps the graph it builds there, so
+    # a second product on the batch runs no forward (the estimators' fresh operators would pay one more otherwise).
+    case = build_case("mlp", rows=8)
+    case.model.eval()
+    hessian = dense_hessian(case.f, case.params)
+    forwards = []
+    handle = case.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        H = operator_of(case)
+        first, second = flat_random(H, 3), flat_random(H)
+        assert relative_error(H @ first, first @ hessian) <= EXACT_RTOL
+        assert relative_error(H @ second, hessian @ second) <= EXACT_RTOL
+    finally:
+        handle.remove()
+    assert len(forwards) == 1
+    assert H.resolved_mode == "rr" and H.num_matvecs == 4
+
+
+@pytest.mark.parametrize("reuse_graph", [None, False], ids=["kept", "rebuilt"])
+def test_quadratic_forms_are_the_diagonal_of_v_h_vt(reuse_graph, monkeypatch):
+    import importlib
+
+    from optim.hessian.operator import CurvatureOperator
+    from optim.hessian.spectrum import trace
+
+    case = build_case("mlp", rows=8)
+    case.model.eval()
+    hessian = dense_hessian(case.f, case.params)
+    H = operator_of(case, reuse_graph=reuse_graph)
+    H @ flat_random(H)  # "auto" decides on its first product
+    hvp_module = importlib.import_module("optim.hessian.hvp")  # the attribute optim.hessian.hvp is the function
+    hvp_module._remember(case.model, 5, "loop")  # blocks of 5 loop for this model: the dotted path
+    blocks, matvec = [], CurvatureOperator.matvec
+    monkeypatch.setattr(CurvatureOperator, "matvec", lambda self, v: blocks.append(tuple(v.shape)) or matvec(self, v))
+    V = flat_random(H, 5)
+    values = H.quadratic_forms(V)
+    assert values.dtype == torch.float64 and values.shape == (5,)
+    torch.testing.assert_close(values, torch.einsum("ij,jk,ik->i", V, hessian, V), rtol=1e-12, atol=1e-12)
+    assert blocks == ([] if reuse_graph is None else [(5, H.n)])  # a kept graph forms no (k, n) product
+    assert H.num_matvecs == 6
+    with pytest.raises(ValueError, match=r"expected a block \(k, "):
+        H.quadratic_forms(V[0])
+    poisoned = V.clone()
+    poisoned[2, 3] = float("nan")
+    with pytest.raises(ValueError):
+        H.quadratic_forms(poisoned)
+    monkeypatch.undo()
+    # The Hutchinson trace through it equals the dense matrix's on the same probes.
+    assert trace(H, num_probes=12, seed=1, batch_size=5).estimate == pytest.approx(
+        trace(hessian, num_probes=12, seed=1, batch_size=5).estimate, rel=1e-12)
+
+
+class _CubeModel(nn.Module):
+    """Σ x_i³ w_i through a function with no double backward: "auto" must end at "fr"."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, dtype=torch.float64))
+
+    def forward(self, x):
+        from .test_hvp import _Cube
+
+        return _Cube.apply(self.weight) * x
+
+
+def test_auto_on_a_model_rr_cannot_differentiate_falls_back_to_fr():
+    model = _CubeModel().eval()
+    x = torch.rand(3, 5, dtype=torch.float64) + 0.5
+    H = HessianOperator(model, lambda out, target: (out * target).sum(), (x, torch.ones(3, 5, dtype=torch.float64)))
+    v = torch.randn(2, 5, dtype=torch.float64)
+    expected = 6 * model.weight.detach() * x.sum(0) * v  # the Hessian is diagonal: 6 w_i Σ_b x_bi
+    for _ in range(2):
+        torch.testing.assert_close(H @ v, expected, rtol=1e-13, atol=0.0)
+    assert H.resolved_mode == "fr" and H.num_matvecs == 4
+
+
 def test_k_probes_per_list():
     case, hessian = cached_case("mlp")
     H = operator_of(case)

@@ -179,8 +179,58 @@ def run(device: torch.device, quick: bool = False, out_dir: str = "bench_out", h
     return result
 
 
+def saved_graph(method: str, tokens: int, layers: int) -> dict:
+    """The tensors the double-backward graph of one HVP keeps, by autograd node type (MiB, each storage counted
+    once): the graph of ``∇L`` with ``create_graph=True`` on the benchmark's model, which the second backward
+    walks. Node types of a Python ``autograd.Function`` (optim's attention ops, the routed cross-entropy) count
+    their ``saved_tensors``. Run as ``python -m benchmarks.attention --graph T L`` (both methods, CPU)."""
+    import collections
+
+    import transformers
+
+    import optim
+    from optim.hessian import causal_lm_loss
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=tokens, n_embd=768, n_layer=layers, n_head=12,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     attn_implementation=method)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, VOCAB, (1, tokens))
+    params = list(model.parameters())
+    with optim.hessian.sdpa_curvature():
+        grads = torch.autograd.grad(causal_lm_loss(model(ids), ids), params, create_graph=True)
+    sizes, by_node, seen = {}, collections.Counter(), set()
+    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        names = [n for n in dir(node) if n.startswith("_saved_")] + (["saved_tensors"] if hasattr(node, "saved_tensors") else [])
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # released, or not a tensor
+                continue
+            for tensor in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                    storage = tensor.untyped_storage()
+                    if storage.data_ptr() not in sizes:
+                        sizes[storage.data_ptr()] = storage.nbytes()
+                        by_node[type(node).__name__] += storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return {"method": method, "tokens": tokens, "layers": layers, "total_mib": sum(sizes.values()) / 2**20,
+            "by_node_mib": {name: size / 2**20 for name, size in by_node.most_common()}}
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+    if len(sys.argv) > 1 and sys.argv[1] == "--graph":
+        for method in ("sdpa", "eager"):
+            graph = saved_graph(method, int(sys.argv[2]), int(sys.argv[3]))
+            print(json.dumps(graph))
+            print(f"{method}: {graph['total_mib']:.0f} MiB kept by the graph of the gradient", file=sys.stderr)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--child":
         method, tokens, layers, repeats, device, save, limit_gb = sys.argv[2:9]
         limit = int(float(limit_gb) * 1e9)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

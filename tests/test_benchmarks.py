@@ -80,3 +80,13 @@ def test_summary_picks_the_headlines_and_their_ratios(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["headlines"] == summary["rows"]
     pytest.importorskip("matplotlib")
     assert (tmp_path / "ratios.png").stat().st_size > 0
+
+
+def test_attention_saved_graph_counts_the_tokens_by_tokens_tensors_only_for_eager():
+    pytest.importorskip("transformers")
+    from benchmarks.attention import saved_graph
+
+    sdpa, eager = saved_graph("sdpa", 64, 1), saved_graph("eager", 64, 1)
+    assert "_AttentionBackward" in sdpa["by_node_mib"] and "SoftmaxBackwardDataBackward0" in eager["by_node_mib"]
+    assert "SoftmaxBackwardDataBackward0" not in sdpa["by_node_mib"]
+    assert 0 < sdpa["total_mib"] < eager["total_mib"]

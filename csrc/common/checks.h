@@ -33,11 +33,11 @@ inline void check_list_length(const char* op, const char* name, at::TensorList t
 
 inline void check_tensor_like(const char* op, const char* name, size_t i, const at::Tensor& tensor,
                               const at::Tensor& param, at::ScalarType dtype) {
-  TORCH_CHECK(tensor.layout() == at::kStrided, op, ": ", name, "[", i, "] is sparse; dense tensors are required");
-  TORCH_CHECK(tensor.device() == param.device() && tensor.scalar_type() == dtype, op, ": ", name, "[", i, "] is ",
+  TORCH_CHECK_VALUE(tensor.layout() == at::kStrided, op, ": ", name, "[", i, "] is sparse; dense tensors are required");
+  TORCH_CHECK_VALUE(tensor.device() == param.device() && tensor.scalar_type() == dtype, op, ": ", name, "[", i, "] is ",
               dtype_name(tensor.scalar_type()), " on ", tensor.device(), "; it must be ", dtype_name(dtype), " on ",
               param.device());
-  TORCH_CHECK(tensor.sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(tensor.sizes()),
+  TORCH_CHECK_VALUE(tensor.sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(tensor.sizes()),
               " but params[", i, "] has shape ", shape_name(param.sizes()));
 }
 

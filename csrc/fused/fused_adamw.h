@@ -56,7 +56,7 @@ inline void check_fused_adamw_args(at::TensorList params, at::TensorList grads, 
   const auto moment_dtype = adamw_moment_dtype(dtype);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ",
+    TORCH_CHECK_VALUE(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ",
                 dtype_name(p.scalar_type()), " on ", p.device(), " but params[0] is ", dtype_name(dtype), " on ",
                 first.device(),
                 "; one call takes tensors of one device and dtype (optim.AdamW groups them for you)");
@@ -64,7 +64,7 @@ inline void check_fused_adamw_args(at::TensorList params, at::TensorList grads, 
     check_tensor_like(op, "exp_avgs", i, exp_avgs[i], p, moment_dtype);
     check_tensor_like(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, moment_dtype);
     const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat && step.device() == p.device(), op,
+    TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == at::kFloat && step.device() == p.device(), op,
                 ": state_steps[", i, "] must be a float32 tensor with one element on ", p.device(), ", got ",
                 dtype_name(step.scalar_type()), " with ", step.numel(), " elements on ", step.device());
   }

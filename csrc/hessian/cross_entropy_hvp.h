@@ -17,7 +17,7 @@ inline void check_cross_entropy_hvp_args(const at::Tensor& logits, const at::Ten
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                     ": logits must be floating point, got ", dtype_name(dtype));
-  TORCH_CHECK(tangent.scalar_type() == dtype && tangent.device() == logits.device(), op, ": tangent is ",
+  TORCH_CHECK_VALUE(tangent.scalar_type() == dtype && tangent.device() == logits.device(), op, ": tangent is ",
               dtype_name(tangent.scalar_type()), " on ", tangent.device(), " but logits is ", dtype_name(dtype),
               " on ", logits.device());
   TORCH_CHECK(logits.device().type() == device_type, op, ": logits are on ", logits.device(),

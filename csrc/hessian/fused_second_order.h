@@ -170,13 +170,13 @@ inline void check_second_order_tensors(const char* op, at::TensorList params, at
   for (const auto& [name, list] : curvature) {
     if (list.empty()) continue;
     const auto curvature_dtype = list[0].scalar_type();
-    TORCH_CHECK(curvature_dtype == dtype || curvature_dtype == state_dtype, op, ": ", name, "[0] is ",
+    TORCH_CHECK_VALUE(curvature_dtype == dtype || curvature_dtype == state_dtype, op, ": ", name, "[0] is ",
                 dtype_name(curvature_dtype), "; for ", dtype_name(dtype), " params it must be ", dtype_name(dtype),
                 dtype == state_dtype ? "" : " or ", dtype == state_dtype ? "" : dtype_name(state_dtype));
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ",
+    TORCH_CHECK_VALUE(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ",
                 dtype_name(p.scalar_type()), " on ", p.device(), " but params[0] is ", dtype_name(dtype), " on ",
                 first.device(), "; one call takes tensors of one device and dtype (the optimizers group them for you)");
     check_tensor_like(op, "grads", i, grads[i], p, dtype);
@@ -204,7 +204,7 @@ inline void check_fused_sophia_args(at::TensorList params, at::TensorList grads,
                     ": probes were given without hessian_products; the probes multiply the Hessian-vector products, "
                     "pass both or neither");
   if (!probes.empty()) {
-    TORCH_CHECK(probes[0].scalar_type() == hessian_products[0].scalar_type(), op, ": probes are ",
+    TORCH_CHECK_VALUE(probes[0].scalar_type() == hessian_products[0].scalar_type(), op, ": probes are ",
                 dtype_name(probes[0].scalar_type()), " but hessian_products are ",
                 dtype_name(hessian_products[0].scalar_type()), "; they must match");
   }

@@ -14,7 +14,7 @@ inline void check_krylov_dots_args(const at::Tensor& basis, const at::Tensor& w,
   const auto dtype = basis.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                     ": basis must be floating point, got ", dtype_name(dtype));
-  TORCH_CHECK(w.scalar_type() == dtype && w.device() == basis.device(), op, ": w is ", dtype_name(w.scalar_type()),
+  TORCH_CHECK_VALUE(w.scalar_type() == dtype && w.device() == basis.device(), op, ": w is ", dtype_name(w.scalar_type()),
               " on ", w.device(), " but basis is ", dtype_name(dtype), " on ", basis.device());
   TORCH_CHECK(basis.device().type() == device_type, op, ": basis is on ", basis.device(), " but this kernel runs on ",
               device_type);

@@ -19,7 +19,7 @@ inline void check_rademacher_args(at::TensorList out, int64_t offset, c10::Devic
   TORCH_CHECK(first.device().type() == device_type, "rademacher_: out[0] is on ", first.device(),
               " but this kernel runs on ", device_type);
   for (size_t i = 0; i < out.size(); ++i) {
-    TORCH_CHECK(out[i].device() == first.device() && out[i].scalar_type() == first.scalar_type(), "rademacher_: out[",
+    TORCH_CHECK_VALUE(out[i].device() == first.device() && out[i].scalar_type() == first.scalar_type(), "rademacher_: out[",
                 i, "] is ", dtype_name(out[i].scalar_type()), " on ", out[i].device(), " but out[0] is ",
                 dtype_name(first.scalar_type()), " on ", first.device(),
                 "; one call fills tensors of one device and dtype");

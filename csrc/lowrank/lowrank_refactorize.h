@@ -35,11 +35,11 @@ inline void check_lowrank_refactorize_args(at::TensorList B, at::TensorList A, c
     const at::Tensor& first = tensors[0];
     for (size_t i = 0; i < tensors.size(); ++i) {
       const at::Tensor& t = tensors[i];
-      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is sparse; dense factors are required");
-      TORCH_CHECK(t.scalar_type() == dtype && t.device() == b0.device(), op, ": ", name, "[", i, "] is ",
+      TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is sparse; dense factors are required");
+      TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.device() == b0.device(), op, ": ", name, "[", i, "] is ",
                   dtype_name(t.scalar_type()), " on ", t.device(), " but B[0] is ", dtype_name(dtype), " on ",
                   b0.device(), "; one call takes factors of one dtype and device (group the layers by both)");
-      TORCH_CHECK(t.sizes() == first.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(t.sizes()), " but ",
+      TORCH_CHECK_VALUE(t.sizes() == first.sizes(), op, ": ", name, "[", i, "] has shape ", shape_name(t.sizes()), " but ",
                   name, "[0] has shape ", shape_name(first.sizes()),
                   "; one call takes layers of one shape (group the layers by shape)");
     }

@@ -67,7 +67,7 @@ inline int64_t check_rsdm_step_args(const at::Tensor& x, const at::Tensor& g, co
                     "on the manifold); keep the parameter in float32");
   TORCH_CHECK(x.device().type() == device_type, "rsdm_step_: X is on ", x.device(), " but this kernel runs on ",
               device_type);
-  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && g.device() == x.device(),
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && g.device() == x.device(),
               "rsdm_step_: G is ", dtype_name(g.scalar_type()), " ", shape_name(g.sizes()), " on ", g.device(),
               " but X is ", dtype_name(x.scalar_type()), " ", shape_name(x.sizes()), " on ", x.device(),
               "; they must match");
@@ -80,7 +80,7 @@ inline int64_t check_rsdm_step_args(const at::Tensor& x, const at::Tensor& g, co
     return rank;
   }
   const at::Tensor& idx = *indices;
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.device() == x.device(), "rsdm_step_: indices must be int64 on ",
+  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.device() == x.device(), "rsdm_step_: indices must be int64 on ",
               x.device(), ", got ", dtype_name(idx.scalar_type()), " on ", idx.device());
   TORCH_CHECK_VALUE(idx.dim() == x.dim() - 1 && idx.sizes().slice(0, idx.dim() - 1) == x.sizes().slice(0, x.dim() - 2),
                     "rsdm_step_: indices has shape ", shape_name(idx.sizes()), "; for X ", shape_name(x.sizes()),

@@ -407,7 +407,7 @@ void rsdm_step_cuda(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const bool flip = n < p;
   const int64_t n_rows = flip ? p : n, n_cols = flip ? n : p;
-  TORCH_CHECK(n_rows < (int64_t{1} << 31), "rsdm_step_: max(n, p) must be below 2^31, got ", n_rows);
+  TORCH_CHECK_VALUE(n_rows < (int64_t{1} << 31), "rsdm_step_: max(n, p) must be below 2^31, got ", n_rows);
   if (indices.has_value()) check_given_indices(*indices, batch, r, n_rows);
   at::Tensor x_work = x.contiguous(), g_work = g.contiguous();
   const int64_t limit = shared_limit(x);

@@ -61,7 +61,7 @@ def check_adamw_tensors(
     params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, state_steps: Tensors,
     reset: Sequence[bool] | None = None,
 ) -> None:
-    """Raise ``ValueError`` / ``RuntimeError`` naming the first list or tensor that does not fit the schema."""
+    """Raise ``ValueError`` naming the first list or tensor that does not fit the schema."""
     if reset is not None and len(reset) != len(params):
         raise ValueError(f"fused_adamw_: reset has {len(reset)} flags but params has {len(params)}; pass one flag per "
                          "parameter (or reset=None)")
@@ -81,17 +81,17 @@ def check_adamw_tensors(
     def check_like(name: str, i: int, tensor: torch.Tensor, param: torch.Tensor, want: torch.dtype) -> None:
         # check_tensor_like in csrc/common/checks.h: the same order and messages
         if tensor.layout != torch.strided:
-            raise RuntimeError(f"fused_adamw_: {name}[{i}] is sparse; dense tensors are required")
+            raise ValueError(f"fused_adamw_: {name}[{i}] is sparse; dense tensors are required")
         if tensor.device != param.device or tensor.dtype != want:
-            raise RuntimeError(f"fused_adamw_: {name}[{i}] is {tensor.dtype} on {tensor.device}; it must be {want} "
+            raise ValueError(f"fused_adamw_: {name}[{i}] is {tensor.dtype} on {tensor.device}; it must be {want} "
                                f"on {param.device}")
         if tensor.shape != param.shape:
-            raise RuntimeError(f"fused_adamw_: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
+            raise ValueError(f"fused_adamw_: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
                                f"{tuple(param.shape)}")
 
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         if p.device != device or p.dtype != dtype:
-            raise RuntimeError(
+            raise ValueError(
                 f"fused_adamw_: params[{i}] is {p.dtype} on {p.device} but params[0] is {dtype} on {device}; "
                 "one call takes tensors of one device and dtype (optim.AdamW groups them for you)"
             )
@@ -99,7 +99,7 @@ def check_adamw_tensors(
         check_like("exp_avgs", i, m, p, state_dtype)
         check_like("exp_avg_sqs", i, v, p, state_dtype)
         if step.numel() != 1 or step.dtype != torch.float32 or step.device != device:
-            raise RuntimeError(
+            raise ValueError(
                 f"fused_adamw_: state_steps[{i}] must be a float32 tensor with one element on {device}, got "
                 f"{step.dtype} with {step.numel()} elements on {step.device}"
             )

@@ -54,7 +54,7 @@ def check_rademacher_args(out: Sequence[torch.Tensor], seed: int, offset: int) -
         raise ValueError(f"rademacher_: out tensors must be floating point, got {dtype}")
     for i, tensor in enumerate(out):
         if tensor.device != device or tensor.dtype != dtype:
-            raise RuntimeError(
+            raise ValueError(
                 f"rademacher_: out[{i}] is {tensor.dtype} on {tensor.device} but out[0] is {dtype} on {device}; "
                 "one call fills tensors of one device and dtype"
             )
@@ -97,7 +97,7 @@ def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, sc
     if logits.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"cross_entropy_hvp: logits must be floating point, got {logits.dtype}")
     if tangent.dtype != logits.dtype or tangent.device != logits.device:
-        raise RuntimeError(f"cross_entropy_hvp: tangent is {tangent.dtype} on {tangent.device} but logits is "
+        raise ValueError(f"cross_entropy_hvp: tangent is {tangent.dtype} on {tangent.device} but logits is "
                            f"{logits.dtype} on {logits.device}")
     if not math.isfinite(scale):
         raise ValueError(f"cross_entropy_hvp: scale must be finite, got {scale}")
@@ -160,7 +160,7 @@ def check_krylov_dots_args(basis: torch.Tensor, w: torch.Tensor) -> None:
     if basis.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"krylov_dots: basis must be floating point, got {basis.dtype}")
     if w.dtype != basis.dtype or w.device != basis.device:
-        raise RuntimeError(f"krylov_dots: w is {w.dtype} on {w.device} but basis is {basis.dtype} on {basis.device}")
+        raise ValueError(f"krylov_dots: w is {w.dtype} on {w.device} but basis is {basis.dtype} on {basis.device}")
 
 
 # Columns per float64 chunk in the reference: bounds its float64 copies to about 2^24 elements whatever m and n are.
@@ -275,7 +275,7 @@ def check_adahessian_hyperparameters(*, lr: float, beta1: float, beta2: float, w
 
 def check_second_order_tensors(op: str, params: Tensors, grads: Tensors, states: dict[str, Tensors],
                                curvature: dict[str, Tensors]) -> None:
-    """Raise ``ValueError`` / ``RuntimeError`` naming the first list or tensor that does not fit the schemas above.
+    """Raise ``ValueError`` naming the first list or tensor that does not fit the schemas above.
 
     ``states`` are the written state lists (state dtype); ``curvature`` the optional read-only lists (empty, or one
     tensor per param in the param's or the state dtype, one dtype per list).
@@ -301,20 +301,20 @@ def check_second_order_tensors(op: str, params: Tensors, grads: Tensors, states:
             curvature_dtypes[name] = tensors[0].dtype
             if tensors[0].dtype not in (dtype, state_dtype):
                 allowed = f"{dtype}" if dtype == state_dtype else f"{dtype} or {state_dtype}"
-                raise RuntimeError(f"{op}: {name}[0] is {tensors[0].dtype}; for {dtype} params it must be {allowed}")
+                raise ValueError(f"{op}: {name}[0] is {tensors[0].dtype}; for {dtype} params it must be {allowed}")
 
     def check_like(name: str, i: int, tensor: torch.Tensor, param: torch.Tensor, want: torch.dtype) -> None:
         if tensor.layout != torch.strided:
-            raise RuntimeError(f"{op}: {name}[{i}] is sparse; dense tensors are required")
+            raise ValueError(f"{op}: {name}[{i}] is sparse; dense tensors are required")
         if tensor.device != device or tensor.dtype != want:
-            raise RuntimeError(f"{op}: {name}[{i}] is {tensor.dtype} on {tensor.device}; it must be {want} on {device}")
+            raise ValueError(f"{op}: {name}[{i}] is {tensor.dtype} on {tensor.device}; it must be {want} on {device}")
         if tensor.shape != param.shape:
-            raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
+            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(tensor.shape)} but params[{i}] has shape "
                                f"{tuple(param.shape)}")
 
     for i, p in enumerate(params):
         if p.device != device or p.dtype != dtype:
-            raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {dtype} on {device}; "
+            raise ValueError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {dtype} on {device}; "
                                "one call takes tensors of one device and dtype (the optimizers group them for you)")
         check_like("grads", i, grads[i], p, dtype)
         for name, tensors in states.items():
@@ -332,7 +332,7 @@ def _check_sophia_args(params, grads, exp_avgs, hessians, hessian_products, prob
         raise ValueError("fused_sophia_: probes were given without hessian_products; the probes multiply the "
                          "Hessian-vector products, pass both or neither")
     if probes and probes[0].dtype != hessian_products[0].dtype:
-        raise RuntimeError(f"fused_sophia_: probes are {probes[0].dtype} but hessian_products are "
+        raise ValueError(f"fused_sophia_: probes are {probes[0].dtype} but hessian_products are "
                            f"{hessian_products[0].dtype}; they must match")
     if len(probe_seeds) != len(probe_offsets) or len(probe_seeds) not in (0, len(params)):
         raise ValueError(f"fused_sophia_: probe_seeds has {len(probe_seeds)} entries and probe_offsets "

@@ -43,7 +43,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_refactorize_args(B: Tensors, A: Tensors) -> None:
-    """Raise ``ValueError`` / ``RuntimeError`` naming the first factor that does not fit the schema."""
+    """Raise ``ValueError`` naming the first factor that does not fit the schema."""
     op = "lowrank_refactorize_"
     if len(B) != len(A):
         raise ValueError(f"{op}: B has {len(B)} tensors but A has {len(A)}; pass one (B, A) pair per layer")
@@ -65,12 +65,12 @@ def check_refactorize_args(B: Tensors, A: Tensors) -> None:
     for name, tensors, shape in (("B", B, (m, r)), ("A", A, (r, n))):
         for i, t in enumerate(tensors):
             if t.layout != torch.strided:
-                raise RuntimeError(f"{op}: {name}[{i}] is sparse; dense factors are required")
+                raise ValueError(f"{op}: {name}[{i}] is sparse; dense factors are required")
             if t.dtype != dtype or t.device != device:
-                raise RuntimeError(f"{op}: {name}[{i}] is {t.dtype} on {t.device} but B[0] is {dtype} on {device}; "
+                raise ValueError(f"{op}: {name}[{i}] is {t.dtype} on {t.device} but B[0] is {dtype} on {device}; "
                                    "one call takes factors of one dtype and device (group the layers by both)")
             if tuple(t.shape) != shape:
-                raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but {name}[0] has shape {shape}; "
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but {name}[0] has shape {shape}; "
                                    "one call takes layers of one shape (group the layers by shape)")
 
 

@@ -118,14 +118,14 @@ rsdm_sample_rows_ = define_op(
 
 def check_rsdm_step_args(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor | None, rank: int, offset: int,
                          lr: float, core: str) -> None:
-    """Raise ``ValueError``/``RuntimeError`` naming the first argument that does not fit the schema."""
+    """Raise ``ValueError`` naming the first argument that does not fit the schema."""
     if x.dim() < 2:
         raise ValueError(f"rsdm_step_: X has shape {tuple(x.shape)}; it must be a (batch of) matrix (..., n, p)")
     if x.dtype not in STEP_DTYPES:
         raise ValueError(f"rsdm_step_: X is {x.dtype}; the step (and its r×r core) runs in float32 or float64 only "
                          "(bfloat16/float16 cannot keep X on the manifold); keep the parameter in float32")
     if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
-        raise RuntimeError(f"rsdm_step_: G is {g.dtype} {tuple(g.shape)} on {g.device} but X is {x.dtype} "
+        raise ValueError(f"rsdm_step_: G is {g.dtype} {tuple(g.shape)} on {g.device} but X is {x.dtype} "
                            f"{tuple(x.shape)} on {x.device}; they must match")
     if core not in CORES:
         raise ValueError(f"rsdm_step_: core must be one of {CORES}, got {core!r}")
@@ -140,7 +140,7 @@ def check_rsdm_step_args(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor
             raise ValueError(f"rsdm_step_: offset must be >= 0, got {offset}")
         return
     if indices.dtype != torch.int64 or indices.device != x.device:
-        raise RuntimeError(f"rsdm_step_: indices must be int64 on {x.device}, got {indices.dtype} on "
+        raise ValueError(f"rsdm_step_: indices must be int64 on {x.device}, got {indices.dtype} on "
                            f"{indices.device}")
     if tuple(indices.shape[:-1]) != tuple(x.shape[:-2]) or indices.dim() != x.dim() - 1:
         raise ValueError(f"rsdm_step_: indices has shape {tuple(indices.shape)}; for X {tuple(x.shape)} it must "

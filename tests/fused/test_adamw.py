@@ -640,3 +640,42 @@ def test_compiled_train_step_equals_eager(device, path):
     assert max_abs_diff(model_compiled, model) > 1e-2  # it trained
     assert_params_close(model_compiled, model_eager, atol=1e-6, rtol=1e-6)
     assert_states_match(opt_compiled, opt_eager, atol=1e-6, rtol=1e-6)
+
+
+def test_an_unpickled_optimizer_from_before_the_reset_flag_keeps_its_pending_resets():
+    """Pickles from before the flag lived in the per-parameter state hold the requests in ``_reset_pending`` (a
+    dict of parameters): ``__setstate__`` moves them into the state, and the next step resets exactly those."""
+    import pickle
+
+    from optim.fused.adamw import RESET_KEY
+
+    def fresh():
+        torch.manual_seed(0)
+        return [nn.Parameter(torch.randn(4, 3, dtype=torch.float64)), nn.Parameter(torch.randn(5, dtype=torch.float64))]
+
+    params, expected_params = fresh(), fresh()
+    opt, expected = optim.AdamW(params, lr=0.1), optim.AdamW(expected_params, lr=0.1)
+    for model, o in ((params, opt), (expected_params, expected)):
+        for p in model:
+            p.grad = torch.ones_like(p)
+        o.step()
+    expected.reset_moments([expected_params[0]])
+    old = pickle.loads(pickle.dumps({"model": params, "optimizer": opt.__getstate__()}))
+    state, restored_params = old["optimizer"], old["model"]
+    state["_reset_pending"] = {0: restored_params[0]}  # the old layout, as such a pickle holds it
+    restored = optim.AdamW.__new__(optim.AdamW)
+    restored.__setstate__(state)
+    assert "_reset_pending" not in restored.__dict__
+    assert restored.pending_resets() == [restored_params[0]]
+    assert restored.state[restored_params[0]][RESET_KEY].dtype == torch.bool
+    for model, o in ((restored_params, restored), (expected_params, expected)):
+        for p in model:
+            p.grad = torch.full_like(p, 0.5)
+        o.step()
+    for a, b in zip(restored_params, expected_params):
+        assert torch.equal(a, b)
+    assert restored.pending_resets() == []
+    saved = restored.state_dict()  # the load checks were installed again
+    saved["optim_class"] = "optim.SomethingElse"
+    with pytest.raises(ValueError, match="saved by optim.SomethingElse"):
+        restored.load_state_dict(saved)

@@ -208,13 +208,13 @@ def _set(name, index, make):
 BAD_TENSORS = {
     "short grads": (ValueError, "grads has 1 tensors but params has 2", lambda l: l["grads"].pop()),
     "short state_steps": (ValueError, "state_steps has 1", lambda l: l["state_steps"].pop()),
-    "grad dtype": (RuntimeError, r"grads\[1\] is torch.float64", _set("grads", 1, lambda t: t.double())),
-    "param dtype mix": (RuntimeError, r"params\[1\] is torch.float64", _set("params", 1, lambda t: t.double())),
-    "moment dtype": (RuntimeError, r"exp_avgs\[0\] is torch.float64", _set("exp_avgs", 0, lambda t: t.double())),
-    "moment shape": (RuntimeError, r"exp_avg_sqs\[1\] has shape", _set("exp_avg_sqs", 1, lambda t: t[:-1])),
-    "grad on meta": (RuntimeError, r"grads\[0\]", _set("grads", 0, lambda t: t.to("meta"))),
-    "sparse grad": (RuntimeError, r"grads\[0\] is sparse", _sparse_grad),
-    "step dtype": (RuntimeError, r"state_steps\[0\] must be a float32", _set("state_steps", 0, lambda t: t.long())),
+    "grad dtype": (ValueError, r"grads\[1\] is torch.float64", _set("grads", 1, lambda t: t.double())),
+    "param dtype mix": (ValueError, r"params\[1\] is torch.float64", _set("params", 1, lambda t: t.double())),
+    "moment dtype": (ValueError, r"exp_avgs\[0\] is torch.float64", _set("exp_avgs", 0, lambda t: t.double())),
+    "moment shape": (ValueError, r"exp_avg_sqs\[1\] has shape", _set("exp_avg_sqs", 1, lambda t: t[:-1])),
+    "grad on meta": (ValueError, r"grads\[0\]", _set("grads", 0, lambda t: t.to("meta"))),
+    "sparse grad": (ValueError, r"grads\[0\] is sparse", _sparse_grad),
+    "step dtype": (ValueError, r"state_steps\[0\] must be a float32", _set("state_steps", 0, lambda t: t.long())),
     "integer params": (ValueError, "params must be float64, float32",
                        lambda l: l.update(params=[p.long() for p in l["params"]],
                                           grads=[g.long() for g in l["grads"]])),
@@ -270,7 +270,7 @@ def test_cuda_rejects_mixed_devices():
     lists, _ = make_inputs([4097], torch.float32, "cuda")
     lists["grads"] = [g.cpu() for g in lists["grads"]]
     snapshot = _snapshot(lists)
-    with pytest.raises(RuntimeError, match=r"grads\[0\]"):
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
         OP(**lists, **HYPER)
     _assert_unchanged(lists, snapshot)
 

@@ -366,7 +366,7 @@ BAD_TENSORS = {
                        lambda l: l["hessian_products"].pop()),
     "probes alone": ("sophia", "probes", ValueError, "probes were given without hessian_products",
                      lambda l: l.update(hessian_products=[])),
-    "probe dtype": ("sophia", "probes", RuntimeError, r"probes(\[0\] is| are) torch.float64",
+    "probe dtype": ("sophia", "probes", ValueError, r"probes(\[0\] is| are) torch.float64",
                     lambda l: l.update(probes=[z.double() for z in l["probes"]])),
     "short counters": ("sophia", "counters", ValueError, "probe_seeds has 1 entries and probe_offsets 2",
                        lambda l: l["probe_seeds"].pop()),
@@ -376,16 +376,16 @@ BAD_TENSORS = {
                             lambda l: l.update(probes=[torch.ones_like(p) for p in l["params"]])),
     "negative offset": ("sophia", "counters", ValueError, r"probe_offsets\[1\] must be >= 0",
                         _set("probe_offsets", 1, lambda o: -1)),
-    "grad dtype": ("sophia", "none", RuntimeError, r"grads\[1\] is torch.float64", _set("grads", 1, lambda t: t.double())),
-    "state dtype": ("adahessian", "none", RuntimeError, r"exp_avgs\[0\] is torch.float64",
+    "grad dtype": ("sophia", "none", ValueError, r"grads\[1\] is torch.float64", _set("grads", 1, lambda t: t.double())),
+    "state dtype": ("adahessian", "none", ValueError, r"exp_avgs\[0\] is torch.float64",
                     _set("exp_avgs", 0, lambda t: t.double())),
-    "state shape": ("adahessian", "none", RuntimeError, r"exp_hessian_diag_sqs\[1\] has shape",
+    "state shape": ("adahessian", "none", ValueError, r"exp_hessian_diag_sqs\[1\] has shape",
                     _set("exp_hessian_diag_sqs", 1, lambda t: t[:-1])),
-    "curvature dtype": ("adahessian", "diagonal", RuntimeError, r"hessian_diagonals\[0\] is torch.float16",
+    "curvature dtype": ("adahessian", "diagonal", ValueError, r"hessian_diagonals\[0\] is torch.float16",
                         lambda l: l.update(hessian_diagonals=[d.half() for d in l["hessian_diagonals"]])),
-    "curvature shape": ("sophia", "probes", RuntimeError, r"hessian_products\[1\] has shape",
+    "curvature shape": ("sophia", "probes", ValueError, r"hessian_products\[1\] has shape",
                         _set("hessian_products", 1, lambda t: t[:-1])),
-    "param dtype mix": ("sophia", "none", RuntimeError, r"params\[1\] is torch.float64",
+    "param dtype mix": ("sophia", "none", ValueError, r"params\[1\] is torch.float64",
                         _set("params", 1, lambda t: t.double())),
     "integer params": ("adahessian", "none", ValueError, "params must be float64, float32",
                        lambda l: l.update(params=[p.long() for p in l["params"]],
@@ -445,6 +445,6 @@ def test_cuda_rejects_mixed_devices():
     lists, _ = make_inputs("sophia", [4097], torch.float32, "cuda", mode="probes")
     lists["probes"] = [z.cpu() for z in lists["probes"]]
     snapshot = _snapshot(lists)
-    with pytest.raises(RuntimeError, match=r"probes\[0\]"):
+    with pytest.raises(ValueError, match=r"probes\[0\]"):
         SOPHIA(**lists, **SOPHIA_HYPER)
     _assert_unchanged(lists, snapshot)

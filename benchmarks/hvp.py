@@ -10,6 +10,9 @@ in one process:
 * ``fused``: ``mode="rr"`` with ``optim.hessian.cross_entropy``, whose second derivative is the fused kernel
   ``optim::cross_entropy_hvp`` instead of the autograd graph of softmax + log + gather.
 
+* ``cl-hvp`` / ``cl-ggn`` (curvlinops-for-pytorch 3, optional): ``HessianLinearOperator(...) @ V`` and
+  ``GGNLinearOperator(...) @ V`` on a flat ``(n, k)`` block, the peer that vmaps forward-over-reverse over the probes
+  (compare ``cl-ggn`` with ``ggn-fresh``: both rebuild the forward at each call);
 * ``ggn``: ``optim.GGNOperator(model, optim.hessian.cross_entropy, batch, reuse_graph=True) @ v``, the
   Gauss-Newton product ``Jᵀ H_loss J v`` on the kept forward (built in the untimed first call, as Lanczos or
   Hutchinson reuse it: every further product is the double-backward JVP, the fused ``cross_entropy_hvp`` and one
@@ -69,6 +72,53 @@ def _relative_error(result, reference) -> float:
     return (num / max(den, 1e-300)) ** 0.5
 
 
+class SequenceCrossEntropy(torch.nn.Module):
+    """:func:`sequence_cross_entropy` as the loss module curvlinops takes (it reads ``reduction``)."""
+
+    reduction = "mean"
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sequence_cross_entropy(logits, targets)
+
+
+def curvlinops_operators(case: Case):
+    """curvlinops 3's ``HessianLinearOperator`` and ``GGNLinearOperator`` of the case's loss on its one batch (the
+    determinism check off: it runs the batch twice at construction), or None when curvlinops is not installed."""
+    try:
+        import curvlinops
+    except ImportError:
+        return None
+    args = (case.model, SequenceCrossEntropy(), list(case.model.parameters()), [(case.inputs, case.targets)])
+    return (curvlinops.HessianLinearOperator(*args, check_deterministic=False),
+            curvlinops.GGNLinearOperator(*args, check_deterministic=False))
+
+
+def _curvlinops_methods(case: Case, params, probes) -> dict:
+    """curvlinops' products on the same probes: ``cl-hvp`` (its vmapped forward-over-reverse HVP, the forward rebuilt
+    at every call) and ``cl-ggn`` (its vmapped JVP, loss Hessian and VJP, also at a fresh point). A (n, k) block
+    in, a (n, k) block out; returned as our param-shaped lists for the error column."""
+    operators = curvlinops_operators(case)
+    if operators is None:
+        return {}
+    numels = [p.numel() for p in params]
+
+    def as_block(v, k):
+        return torch.cat([t.reshape(k, -1) for t in v], dim=1).T.contiguous() if k > 1 else \
+            torch.cat([t.reshape(-1) for t in v])
+
+    def as_list(out, k):
+        if k == 1:
+            return [piece.reshape(p.shape) for piece, p in zip(out.split(numels), params)]
+        return [piece.T.reshape((k, *p.shape)) for piece, p in zip(out.split(numels, dim=0), params)]
+
+    methods = {}
+    for k in PROBE_COUNTS:
+        block = as_block(probes[k], k)
+        for name, operator in zip(("cl-hvp", "cl-ggn"), operators):
+            methods[f"{name} k={k}"] = (lambda operator=operator, block=block, k=k: as_list(operator @ block, k), k)
+    return methods
+
+
 def _probes(params, k: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     lead = () if k == 1 else (k,)
@@ -103,6 +153,8 @@ def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None 
         methods[f"ggn k={k}"] = (lambda v=v: ggn @ v, k)
         if ggn_fresh:
             methods[f"ggn-fresh k={k}"] = (lambda v=v: fresh @ v, k)
+
+    methods.update(_curvlinops_methods(case, params, probes))
 
     # One untimed run each: the result (for the error column), the peak memory, and whether the method works here.
     outputs, peaks, failures = {}, {}, {}
@@ -142,7 +194,7 @@ def run_case(case: Case, device: torch.device, quick: bool, repeats: int | None 
             peak_x_gradient=(peaks[name] / grad_peak) if (peaks[name] is not None and grad_peak) else None,
         )
         reference = outputs.get(f"rr k={k}")
-        if method not in ("gradient", "ggn", "ggn-fresh") and reference is not None:
+        if method not in ("gradient", "ggn", "ggn-fresh", "cl-ggn") and reference is not None:
             row["relative_error_vs_rr"] = _relative_error(outputs[name], reference)
         if method == "compiled":  # the untimed first call compiled it; the timed ones reuse it
             row["compile_seconds"] = compile_seconds(f_torch)

@@ -1,5 +1,5 @@
-"""Top Hessian eigenvalue, trace and spectral density of a model: ``optim`` vs PyHessian and hessian-eigenthings,
-same model, same batch.
+"""Top Hessian eigenvalue, trace and spectral density of a model: ``optim`` vs PyHessian, hessian-eigenthings and
+curvlinops, same model, same batch.
 
 For each model of :mod:`benchmarks._models` (an MLP and a GPT-2-shaped transformer), one batch, in one process:
 
@@ -14,11 +14,13 @@ For each model of :mod:`benchmarks._models` (an MLP and a GPT-2-shaped transform
   1e-6 (maxIter 300); hessian-eigenthings max_iter 20 ... 300 (tol 1e-5): ``OURS_LADDER``, ``PYHESSIAN_LADDER``,
   ``EIGENTHINGS_LADDER``, five rungs each — and its row is the first rung
   that got there, or its last, marked ``reached: False`` (the peer's time is then a lower bound of its time to
-  1e-4). ``optim faster`` is the peer's time over ours.
+  1e-4). curvlinops 3 (optional) has no eigensolver: its ``HessianLinearOperator(...).to_scipy()`` goes to SciPy's
+  ``eigsh`` (ARPACK, tol 1e-2 ... 1e-6, ``CURVLINOPS_LADDER``). ``optim faster`` is the peer's time over ours.
 * **trace** with the same number of Rademacher probes: ``optim.trace(H, num_probes=P)`` (probes in blocks of 32
   sharing one forward/backward) vs PyHessian's ``trace(maxIter=P, tol=-inf)`` (one probe per second backward, its
   stopping test disabled so both use P probes: with tol=0 it still stops at once when the running mean is
-  negative, since it divides by the signed mean). ``std err`` is the estimate's standard error relative to it.
+  negative, since it divides by the signed mean), and curvlinops' ``hutchinson_trace`` in chunks of
+  ``CURVLINOPS_TRACE_CHUNK`` probes (one vmapped block each). ``std err`` is the estimate's standard error relative to it.
 * **density** by stochastic Lanczos quadrature with one start vector and m steps: ``optim.spectral_density``
   vs PyHessian's ``density(iter=m, n_v=1)`` (which calls ``torch.eig``, removed in PyTorch 1.13: its row then
   reports the error).
@@ -58,6 +60,12 @@ RACE_MAX_ITER = 300
 OURS_LADDER = (1e-2, 5e-3, 2e-3, 1e-3, 1e-4)
 PYHESSIAN_LADDER = (1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
 EIGENTHINGS_LADDER = (20, 30, 50, 100, RACE_MAX_ITER)
+# curvlinops has no eigensolver of its own: its users hand ``H.to_scipy()`` to SciPy's ARPACK ``eigsh``, whose
+# tolerance is relative to the eigenvalue.
+CURVLINOPS_LADDER = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# curvlinops' ``hutchinson_trace`` multiplies all its probes as one vmapped (n, P) block; at millions of
+# parameters that is tens of GB, so the probes go in chunks of this many, averaged (what a user would do).
+CURVLINOPS_TRACE_CHUNK = 10
 
 
 def _eigenthings():
@@ -66,6 +74,18 @@ def _eigenthings():
     except ImportError as error:  # reported, not faked
         return None, f"hessian-eigenthings is not installed ({error}); pip install hessian-eigenthings"
     return hessian_eigenthings, None
+
+
+def _curvlinops_hessian(case: Case):
+    """A maker of curvlinops 3's ``HessianLinearOperator`` on the case's batch (its vmapped forward-over-reverse
+    product), or None when curvlinops is not installed."""
+    from .hvp import curvlinops_operators
+
+    import importlib.util
+
+    if importlib.util.find_spec("curvlinops") is None:
+        return None
+    return lambda: curvlinops_operators(case)[0]
 
 
 def _pyhessian():
@@ -200,6 +220,27 @@ def run_case(case: Case, device: torch.device, quick: bool, headline: bool = Fal
             return float(result.eigenvalues[0]), int(result.iterations)
 
         ladders.append(("hessian-eigenthings (Lanczos)", eigenthings_at, EIGENTHINGS_LADDER, "max_iter"))
+    curvlinops_hessian = _curvlinops_hessian(case)
+    if curvlinops_hessian is not None:
+        def curvlinops_at(tol):
+            import numpy
+            from scipy.sparse.linalg import eigsh
+
+            H = curvlinops_hessian()
+            scipy_operator, count = H.to_scipy(), [0]
+            matvec = scipy_operator.matvec
+
+            def counted(x):
+                count[0] += 1 if x.ndim == 1 or x.shape[-1] == 1 else x.shape[-1]
+                return matvec(x)
+
+            scipy_operator.matvec = counted
+            start = numpy.random.default_rng(0).standard_normal(scipy_operator.shape[0]).astype(scipy_operator.dtype)
+            values = eigsh(scipy_operator, k=1, which="LA", tol=tol, v0=start, maxiter=RACE_MAX_ITER,
+                           return_eigenvectors=False)
+            return float(values[0]), count[0]
+
+        ladders.append(("curvlinops (SciPy eigsh)", curvlinops_at, CURVLINOPS_LADDER, "tol"))
     race_task = f"top eigenvalue to {RACE_TARGET:g}"
     for label, run_at, ladder, knob in ladders:
         for setting in ladder:
@@ -239,6 +280,21 @@ def run_case(case: Case, device: torch.device, quick: bool, headline: bool = Fal
 
         timed = _timed(eigenthings_trace, device, repeats)
         add("trace", f"hessian-eigenthings (Hutchinson, {probes} probes)", timed, timed[0], {"hvps": probes})
+
+    if curvlinops_hessian is not None:
+        def curvlinops_trace():
+            import curvlinops
+
+            torch.manual_seed(0)
+            H, total, done = curvlinops_hessian(), 0.0, 0
+            while done < probes:
+                chunk = min(CURVLINOPS_TRACE_CHUNK, probes - done)
+                total += float(curvlinops.hutchinson_trace(H, num_matvecs=chunk)) * chunk
+                done += chunk
+            return total / probes
+
+        timed = _timed(curvlinops_trace, device, repeats)
+        add("trace", f"curvlinops (Hutchinson, {probes} probes)", timed, timed[0], {"hvps": probes})
 
     # Spectral density, one start vector.
     def ours_density():

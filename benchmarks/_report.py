@@ -63,6 +63,13 @@ def _hvp(result: dict) -> list[Headline | None]:
                     None if one_probe is None else probes * one_probe["ms"])
             out.append(_headline("hvp", case["name"], f"{probes} HVP{'s' if probes > 1 else ''}, one call",
                                  ("optim.hvp + fused CE", _value(_first(rows, method="fused"), "ms")), peer, "ms"))
+            for ours, theirs, what in (("fused", "cl-hvp", "HVP"), ("ggn-fresh", "cl-ggn", "GGN product")):
+                curvlinops = _first(rows, method=theirs)
+                if curvlinops is not None and "ms" in curvlinops:
+                    label = "optim.hvp + fused CE" if ours == "fused" else "optim.GGNOperator, fresh forward"
+                    out.append(_headline("hvp", case["name"], f"{probes} x {what}, one call, vs curvlinops 3",
+                                         (label, _value(_first(rows, method=ours), "ms")),
+                                         (f"curvlinops {what}", curvlinops["ms"]), "ms"))
         compiled = _first(case["rows"], method="compiled", probes=1)
         if compiled is not None:
             what = f"1 HVP, compiled (compile {compiled.get('compile_seconds', 0):.0f} s)"

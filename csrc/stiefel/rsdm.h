@@ -120,4 +120,30 @@ OPTIM_HOST_DEVICE void floyd_sample(uint32_t* bitmap, int64_t n, int64_t r, uint
   }
 }
 
+// Whether floyd_sample keeps the chosen indices as a sorted list instead of an n-bit table: when the table would be
+// much larger than the r indices (a huge n with a small r allocated n/8 bytes per matrix). Both give the same set.
+OPTIM_HOST_DEVICE bool floyd_uses_list(int64_t n, int64_t r) { return n > 64 * r && r <= 4096; }
+
+// Floyd's algorithm as floyd_sample, the chosen indices kept sorted in out[0..k) (binary search, insertion): O(r²)
+// moves at worst, no table. The new candidate j = n − r + k exceeds every earlier pick, so it always appends.
+template <typename index_t>
+OPTIM_HOST_DEVICE void floyd_sample_list(int64_t n, int64_t r, uint64_t mixed_seed, uint64_t first_counter,
+                                         index_t* out) {
+  for (int64_t k = 0; k < r; ++k) {
+    const int64_t j = n - r + k;
+    const int64_t t = static_cast<int64_t>(floyd_draw(mixed_seed, first_counter + k, static_cast<uint64_t>(j + 1)));
+    int64_t low = 0, high = k;  // first position whose value is >= t
+    while (low < high) {
+      const int64_t middle = (low + high) / 2;
+      if (static_cast<int64_t>(out[middle]) < t) low = middle + 1; else high = middle;
+    }
+    if (low < k && static_cast<int64_t>(out[low]) == t) {
+      out[k] = static_cast<index_t>(j);
+      continue;
+    }
+    for (int64_t i = k; i > low; --i) out[i] = out[i - 1];
+    out[low] = static_cast<index_t>(t);
+  }
+}
+
 }  // namespace optim

@@ -60,8 +60,16 @@ class FlushDenormalsGuard {
 void sample_rows_into(int64_t* out, int64_t batch, int64_t n, int64_t r, int64_t seed, int64_t offset) {
   const uint64_t mixed_seed = mix64(static_cast<uint64_t>(seed));
   // Small problems stay on one thread: waking a thread pool costs more than sampling a few hundred indices.
-  const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(r + n / 32, 1));
+  const int64_t work = floyd_uses_list(n, r) ? r * r / 8 + r : r + n / 32;
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(work, 1));
+  const bool list = floyd_uses_list(n, r);
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    if (list) {
+      for (int64_t b = begin; b < end; ++b) {
+        floyd_sample_list(n, r, mixed_seed, static_cast<uint64_t>(offset) + static_cast<uint64_t>(b * r), out + b * r);
+      }
+      return;
+    }
     std::vector<uint32_t> bitmap((n + 31) / 32);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(bitmap.begin(), bitmap.end(), 0u);

@@ -335,7 +335,22 @@ __global__ void rsdm_sample_kernel(int64_t* __restrict__ out, uint32_t* __restri
   floyd_sample(bitmap + b * ((n + 31) / 32), n, r, mixed_seed, offset + static_cast<uint64_t>(b * r), out + b * r);
 }
 
+__global__ void rsdm_sample_list_kernel(int64_t* __restrict__ out, int64_t batch, int64_t n, int64_t r,
+                                        uint64_t mixed_seed, uint64_t offset) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  floyd_sample_list(n, r, mixed_seed, offset + static_cast<uint64_t>(b * r), out + b * r);
+}
+
 void launch_sample(const at::Tensor& out, int64_t batch, int64_t n, int64_t r, int64_t seed, int64_t offset) {
+  if (floyd_uses_list(n, r)) {  // no (batch, n / 32) table for a huge n
+    constexpr int threads = 128;
+    const int blocks = static_cast<int>((batch + threads - 1) / threads);
+    rsdm_sample_list_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        out.data_ptr<int64_t>(), batch, n, r, mix64(static_cast<uint64_t>(seed)), static_cast<uint64_t>(offset));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   at::Tensor bitmap = at::zeros({batch, (n + 31) / 32}, out.options().dtype(at::kInt));
   constexpr int threads = 128;
   const int blocks = static_cast<int>((batch + threads - 1) / threads);

@@ -89,9 +89,17 @@ def rsdm_sample_rows_reference(out: torch.Tensor, n: int, seed: int, offset: int
     if batch == 0:
         return
     device = out.device
+    base = torch.arange(batch, dtype=torch.int64, device=device) * r + offset
+    if floyd_uses_list(n, r):  # the kernels' rule: no (batch, n) table for a huge n
+        picks = torch.empty(batch, r, dtype=torch.int64, device=device)
+        for k in range(r):
+            t = logical_shift_right(counter_hash_tensor(seed, base + k), 11) % (n - r + k + 1)
+            taken = (picks[:, :k] == t[:, None]).any(dim=1)
+            picks[:, k] = torch.where(taken, torch.full_like(t, n - r + k), t)
+        out.copy_(picks.sort(dim=1).values.view(out.shape))
+        return
     chosen = torch.zeros(batch, n, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
-    base = torch.arange(batch, dtype=torch.int64, device=device) * r + offset
     for k in range(r):
         j = n - r + k
         hashed = counter_hash_tensor(seed, base + k)
@@ -101,6 +109,12 @@ def rsdm_sample_rows_reference(out: torch.Tensor, n: int, seed: int, offset: int
         chosen[rows, pick] = True
     indices = chosen.nonzero()[:, 1].view(out.shape)
     out.copy_(indices)
+
+
+def floyd_uses_list(n: int, r: int) -> bool:
+    """Whether the sampler keeps the r picks as a list instead of an n-entry table (``floyd_uses_list`` in
+    ``csrc/stiefel/rsdm.h``): when the table would dwarf the picks. Both give the same sorted set."""
+    return n > 64 * r and r <= 4096
 
 
 def _sample_rows_fake(out, n, seed, offset) -> None:

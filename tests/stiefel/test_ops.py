@@ -73,7 +73,8 @@ def test_compiled_kernels_are_registered(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch_shape, n, r", [((), 10, 1), ((4,), 10, 10), ((3, 5), 1000, 37), ((2,), 70, 33)])
+@pytest.mark.parametrize("batch_shape, n, r", [((), 10, 1), ((4,), 10, 10), ((3, 5), 1000, 37), ((2,), 70, 33),
+                                                ((3, 5), 5000, 37), ((2,), 2**40, 5), ((), 2**62, 3)])
 def test_sampled_rows_match_reference_bitwise(device, batch_shape, n, r):
     for seed, offset in [(0, 0), (12345, 987), (2**62 + 3, 2**40)]:
         out = torch.full((*batch_shape, r), -7, dtype=torch.int64, device=device)
@@ -85,6 +86,23 @@ def test_sampled_rows_match_reference_bitwise(device, batch_shape, n, r):
         assert (flat >= 0).all() and (flat < n).all()
         assert (flat[:, 1:] > flat[:, :-1]).all(), "indices must be distinct and increasing"
 
+
+
+def test_sampled_rows_are_the_same_set_with_a_table_or_a_list(monkeypatch):
+    """Above n = 64·r the sampler keeps its picks as a sorted list instead of an n-entry table (a huge n with a
+    small r allocated n/8 bytes per matrix): the same draws give the same rows either way."""
+    import importlib
+
+    ops = importlib.import_module("optim.stiefel._ops")
+    for n, r in [(5000, 37), (300, 4), (65, 1)]:
+        assert ops.floyd_uses_list(n, r)
+        listed = torch.empty(6, r, dtype=torch.int64)
+        rsdm_sample_rows_reference(listed, n, 7, 123)
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "floyd_uses_list", lambda n, r: False)
+            tabled = torch.empty(6, r, dtype=torch.int64)
+            rsdm_sample_rows_reference(tabled, n, 7, 123)
+        assert torch.equal(listed, tabled)
 
 
 @pytest.mark.parametrize("device", DEVICES)

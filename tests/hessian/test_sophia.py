@@ -299,7 +299,11 @@ def test_closure_variants_agree(name):
     """Between refreshes: a closure calling backward(), or backward() then step() without a closure: equal to the
     protocol's result bit for bit. backward(create_graph=True) then step() on every step: equal up to rounding, since
     the user's graph differentiates F.cross_entropy twice by torch's rules and a refresh by the fused kernel of the
-    curvature routes (the same gradient bits, Hessian products that differ in the last bits)."""
+    curvature routes (the same gradient bits, Hessian products that differ in the last bits). AdaHessian divides by
+    |z⊙Hz|^k + eps (eps 1e-4): where an estimate is near zero a last-bit difference moves that entry's step by up to
+    ~1e-4 of lr, so its tolerance is absolute at that scale (measured over 12 seeds: 9.1e-6 with lr 0.1; SophiaH,
+    which clips, 1.1e-7)."""
+    torch.manual_seed(0)  # the result must not depend on which tests ran before
     model = TinyNet()
     batches = [make_batch("cpu", seed=s) for s in range(4)]
     reference = copy.deepcopy(model)
@@ -334,7 +338,7 @@ def test_closure_variants_agree(name):
                 loss_closure(m, batch)().backward()
                 o.step()
         assert_same(list(m.parameters()), list(reference.parameters()), exact=variant != "create_graph",
-                    rtol=1e-5, atol=1e-6)
+                    rtol=1e-5, atol=5e-5 if name == "AdaHessian" else 1e-6)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

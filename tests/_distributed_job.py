@@ -2,7 +2,7 @@
 
 ``python -m tests._distributed_job OUT_DIR HOST PORT RANK WORLD_SIZE`` joins the job through the TCPStore that the
 test holds at HOST:PORT, runs the cases named in ``OPTIM_JOB_CASES`` (comma-separated; default every case of
-``DDP_CASES``, ``FSDP_CASES`` and ``RESHARD_CASES``; DCP checkpoints under ``OPTIM_JOB_CHECKPOINTS``, default
+``DDP_CASES``, ``FSDP_CASES``, ``RESHARD_CASES`` and ``HSDP_CASES``; DCP checkpoints under ``OPTIM_JOB_CHECKPOINTS``, default
 OUT_DIR) and writes
 ``OUT_DIR/<case>.rank<RANK>.pt`` per case: the final parameters (whole, also under FSDP2), the Hutchinson probes the
 optimizer drew, or the error the case raised (a failing case does not stop the others, so one launch serves every
@@ -87,9 +87,10 @@ class OrthogonalNet(nn.Module):
         return self.head(torch.tanh(self.proj(x)))
 
 
-def global_batches(in_features: int = IN_FEATURES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def global_batches(in_features: int = IN_FEATURES, dtype: torch.dtype = DTYPE) -> list[tuple[torch.Tensor,
+                                                                                           torch.Tensor]]:
     generator = torch.Generator().manual_seed(7)
-    return [(torch.randn(GLOBAL_BATCH, in_features, generator=generator, dtype=DTYPE),
+    return [(torch.randn(GLOBAL_BATCH, in_features, generator=generator, dtype=torch.float64).to(dtype),
              torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
 
 
@@ -195,45 +196,61 @@ def seed_mismatch(rank: int, world_size: int) -> dict:
     return {"message": None}
 
 
-def shard(net: nn.Module) -> nn.Module:
+def shard(net: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 on every child with parameters, then on ``net``; ``mesh`` None: the default 1-D mesh of every rank."""
     from torch.distributed.fsdp import fully_shard
 
     for module in net.children():
         if any(True for _ in module.parameters()):
-            fully_shard(module)
-    return fully_shard(net)
+            fully_shard(module, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
-def run_fsdp_adamw(rank: int | None, world_size: int, **adamw_options) -> dict:
-    """optim.AdamW on a TinyMLP sharded with FSDP2 (rank set) or whole (rank None); whole final parameters."""
+def hsdp_mesh():
+    """HSDP's 2-D mesh of the 4 ranks: 2 replicas (outer dimension) of a model sharded over 2 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+
+
+FSDP_ADAMW_STEPS = 20
+
+
+def run_fsdp_adamw(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None,
+                   **adamw_options) -> dict:
+    """optim.AdamW on a TinyMLP sharded with FSDP2 (rank set; ``mesh``: HSDP's) or whole (rank None), 20 steps over
+    the global batches; whole final parameters."""
     torch.manual_seed(0)
-    net = TinyMLP().to(DTYPE)
+    net = TinyMLP().to(dtype)
     if rank is not None:
-        shard(net)
+        shard(net, mesh)
     optimizer = optim.AdamW(net.parameters(), lr=2e-2, **adamw_options)
-    for batch in global_batches():
-        x, y = local_part(batch, rank, world_size)
+    batches = global_batches(dtype=dtype)
+    for step in range(FSDP_ADAMW_STEPS):
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
         optimizer.zero_grad()
         F.cross_entropy(net(x), y).backward()
         optimizer.step()
     whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
     local = [p.to_local().shape for p in net.parameters()] if rank is not None else []
     kinds = [type(optimizer.state[p]["exp_avg"]).__name__ for p in net.parameters()]
-    return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds}
+    placements = [str(tuple(p.placements)) for p in net.parameters()] if rank is not None else []
+    return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds,
+            "placements": placements}
 
 
 FSDP_LOWRANK_STEPS = 20
 
 
-def run_fsdp_lowrank(rank: int | None, world_size: int) -> dict:
+def run_fsdp_lowrank(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
     """LowRankAdamW (refactorizing every 4 steps, one LR-recovery step) on a low-rank TinyMLP sharded with FSDP2
-    (rank set) or whole (rank None), 20 steps over the global batches; whole final parameters."""
+    (rank set; ``mesh``: HSDP's) or whole (rank None), 20 steps over the global batches; whole final parameters."""
     torch.manual_seed(0)
-    net = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
+    net = optim.to_low_rank(TinyMLP().to(dtype), 3)
     if rank is not None:
-        shard(net)
+        shard(net, mesh)
     optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
-    batches = global_batches()
+    batches = global_batches(dtype=dtype)
     for step in range(FSDP_LOWRANK_STEPS):
         x, y = local_part(batches[step % len(batches)], rank, world_size)
         optimizer.zero_grad()
@@ -250,12 +267,12 @@ class StiefelNet(nn.Module):
     its columns), ``tall`` (10×4: its rows) and ``stack`` (4 matrices of 10×3: sharded across the batch), and an
     unconstrained ``head``."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = DTYPE):
         super().__init__()
-        self.wide = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, IN_FEATURES, dtype=DTYPE)))
-        self.tall = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(10, 4, dtype=DTYPE)))
-        self.stack = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, 10, 3, dtype=DTYPE)))
-        self.head = nn.Linear(3, CLASSES, dtype=DTYPE)
+        self.wide = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, IN_FEATURES, dtype=dtype)))
+        self.tall = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(10, 4, dtype=dtype)))
+        self.stack = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, 10, 3, dtype=dtype)))
+        self.head = nn.Linear(3, CLASSES, dtype=dtype)
 
     def forward(self, x):
         h = torch.tanh(torch.tanh(x @ self.wide.mT) @ self.tall.mT)
@@ -271,17 +288,17 @@ FSDP_STIEFEL_OPTIMIZERS = {
 }
 
 
-def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
-    """Each optimizer of FSDP_STIEFEL_OPTIMIZERS for 20 steps on StiefelNet, sharded by FSDP2 (rank set) or whole;
-    the whole final parameters of each."""
+def run_fsdp_stiefel(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
+    """Each optimizer of FSDP_STIEFEL_OPTIMIZERS for 20 steps on StiefelNet, sharded by FSDP2 (rank set; ``mesh``:
+    HSDP's) or whole; the whole final parameters of each."""
     out = {}
-    batches = global_batches()
+    batches = global_batches(dtype=dtype)
     for name, make in FSDP_STIEFEL_OPTIMIZERS.items():
         torch.manual_seed(0)
-        net = StiefelNet()
+        net = StiefelNet(dtype)
         if rank is not None:
             from torch.distributed.fsdp import fully_shard
-            fully_shard(net)
+            fully_shard(net, mesh=mesh)
         constrained = {"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"}
         free = {"params": list(net.head.parameters()), "manifold": None}
         torch.manual_seed(1)
@@ -298,24 +315,24 @@ def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
 FSDP_SECOND_ORDER_STEPS = 20
 
 
-def run_fsdp_second_order(rank: int | None, world_size: int) -> dict:
+def run_fsdp_second_order(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
     """SophiaH (refresh every 3 steps) and AdaHessian (every step) with finite-difference curvature for 20 steps,
-    on FSDP2 shards (rank set: hessian="auto" picks "fd") or whole (hessian="fd"); whole final parameters."""
+    on FSDP2 shards (rank set: hessian="auto" picks "fd"; ``mesh``: HSDP's) or whole (hessian="fd"); whole final
+    parameters."""
     out = {}
-    batches = global_batches()
     for name in ("sophia", "adahessian"):
         torch.manual_seed(0)
-        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(DTYPE)
+        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(dtype)
         if rank is not None:
             from torch.distributed.fsdp import fully_shard
-            fully_shard(net)
+            fully_shard(net, mesh=mesh)
         mode = "auto" if rank is not None else "fd"
         if name == "sophia":
             optimizer = optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=3, seed=11, hessian=mode)
         else:
             optimizer = optim.AdaHessian(net.parameters(), lr=0.1, update_period=1, seed=11, hessian=mode)
         in_features = 16 if name == "adahessian" else IN_FEATURES
-        batches = global_batches(in_features)
+        batches = global_batches(in_features, dtype)
         for step in range(FSDP_SECOND_ORDER_STEPS):
             x, y = local_part(batches[step % len(batches)], rank, world_size)
             optimizer.step(lambda: F.cross_entropy(net(x), y))
@@ -443,12 +460,34 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
     return out
 
 
+def run_every_fsdp_optimizer(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
+    """Every FSDP2 training run above (AdamW fused and foreach, LowRankAdamW, the Stiefel optimizers, SophiaH and
+    AdaHessian) in ``dtype``, sharded over ``mesh`` (None: the 1-D mesh of every rank) or whole (rank None):
+    ``{optimizer name: whole final parameters}``, plus the placements of the AdamW model's parameters."""
+    adamw = run_fsdp_adamw(rank, world_size, dtype, mesh, fused=True)
+    out = {"adamw_fused": adamw["params"],
+           "adamw_foreach": run_fsdp_adamw(rank, world_size, dtype, mesh, foreach=True)["params"]}
+    lowrank = run_fsdp_lowrank(rank, world_size, dtype, mesh)
+    out["lowrank"] = lowrank["params"]
+    out.update(run_fsdp_stiefel(rank, world_size, dtype, mesh))
+    out.update(run_fsdp_second_order(rank, world_size, dtype, mesh))
+    return {"params": out, "placements": adamw["placements"], "refactorizations": lowrank["refactorizations"]}
+
+
+def run_hsdp(rank: int, world_size: int) -> dict:
+    """HSDP on 4 ranks (``hsdp_mesh``: 2 replicas of 2 shards), float64: every optimizer of
+    ``run_every_fsdp_optimizer``."""
+    return run_every_fsdp_optimizer(rank, world_size, DTYPE, hsdp_mesh())
+
+
 # The 4-rank job: the resharded checkpoints, and the FSDP2 training cases again on 4 ranks (shards of one row, and
 # of none: a 3-row factor over 4 ranks).
 RESHARD_CASES = {"fsdp_dcp_reshard": fsdp_dcp_reshard,
                  "fsdp4_lowrank": run_fsdp_lowrank, "fsdp4_stiefel": run_fsdp_stiefel,
                  "fsdp4_second_order": run_fsdp_second_order,
-                 "fsdp4_adamw": lambda rank, world: run_fsdp_adamw(rank, world, fused=True)}
+                 "fsdp4_adamw": lambda rank, world: run_fsdp_adamw(rank, world, fused=True),
+                 "fsdp4_float32": lambda rank, world: run_every_fsdp_optimizer(rank, world, torch.float32)}
+HSDP_CASES = {"hsdp": run_hsdp}  # a 4-rank job of its own
 
 
 def fsdp_errors(rank: int, world_size: int) -> dict:
@@ -504,6 +543,7 @@ FSDP_CASES = {
     "fsdp_lowrank": run_fsdp_lowrank,
     "fsdp_stiefel": run_fsdp_stiefel,
     "fsdp_second_order": run_fsdp_second_order,
+    "fsdp_float32": lambda rank, world: run_every_fsdp_optimizer(rank, world, torch.float32),
     "fsdp_dcp_resume": fsdp_dcp_resume,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,
@@ -519,7 +559,7 @@ def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None
     CHECKPOINT_DIR.append(os.environ.get("OPTIM_JOB_CHECKPOINTS", out_dir))
     cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
     cases.update({name: (lambda run=run: run(rank, world_size))
-                  for name, run in {**FSDP_CASES, **RESHARD_CASES}.items()})
+                  for name, run in {**FSDP_CASES, **RESHARD_CASES, **HSDP_CASES}.items()})
     chosen = os.environ.get("OPTIM_JOB_CASES")
     if chosen:
         cases = {name: cases[name] for name in chosen.split(",")}

@@ -2,8 +2,8 @@
 
 ``python -m tests._distributed_job OUT_DIR HOST PORT RANK WORLD_SIZE`` joins the job through the TCPStore that the
 test holds at HOST:PORT, runs the cases named in ``OPTIM_JOB_CASES`` (comma-separated; default every case of
-``DDP_CASES``, ``FSDP_CASES``, ``RESHARD_CASES`` and ``HSDP_CASES``; DCP checkpoints under ``OPTIM_JOB_CHECKPOINTS``, default
-OUT_DIR) and writes
+``DDP_CASES``, ``FSDP_CASES``, ``RESHARD_CASES`` and ``HSDP_CASES``; DCP checkpoints under
+``OPTIM_JOB_CHECKPOINTS``, default OUT_DIR) and writes
 ``OUT_DIR/<case>.rank<RANK>.pt`` per case: the final parameters (whole, also under FSDP2), the Hutchinson probes the
 optimizer drew, or the error the case raised (a failing case does not stop the others, so one launch serves every
 test). ``run_ddp_case(name, None, 1)`` is the single-process run on the whole global batch that the ranks are
@@ -343,7 +343,7 @@ def run_fsdp_second_order(rank: int | None, world_size: int, dtype: torch.dtype 
 CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
 
 
-DCP_CASES = ("adamw", "lowrank", "sophia", "rsdm", "riemannian_adam")
+DCP_CASES = ("adamw", "lowrank", "sophia", "adahessian", "rsdm", "riemannian_sgd", "riemannian_adam")
 
 
 def _make_fsdp_optimizer(name: str, net: nn.Module):
@@ -353,27 +353,41 @@ def _make_fsdp_optimizer(name: str, net: nn.Module):
         return optim.LowRankAdamW(net, lr=2e-2, rank=None, every=3, recovery_steps=2)
     if name == "sophia":
         return optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=2, seed=4)
+    if name == "adahessian":
+        return optim.AdaHessian(net.parameters(), lr=0.1, update_period=2, seed=4)
     groups = [{"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"},
               {"params": list(net.head.parameters()), "manifold": None}]
     if name == "rsdm":
         return optim.RSDM(groups, lr=0.2, rank=3, momentum=0.5, seed=9)
+    if name == "riemannian_sgd":
+        return optim.RiemannianSGD(groups, lr=0.1, momentum=0.5)
     return optim.RiemannianAdam(groups, lr=2e-2)
 
 
-def _fsdp_net(name: str) -> nn.Module:
+def _fsdp_net(name: str, sharded: bool = True) -> nn.Module:
+    """The model of DCP case ``name``, sharded by FSDP2 (or whole, for one process's state bytes)."""
     torch.manual_seed(0)
-    if name in ("rsdm", "riemannian_adam"):
+    if name in ("rsdm", "riemannian_sgd", "riemannian_adam"):
         from torch.distributed.fsdp import fully_shard
-        return fully_shard(StiefelNet())
+        return fully_shard(StiefelNet()) if sharded else StiefelNet()
     net = TinyMLP().to(DTYPE)
-    return shard(optim.to_low_rank(net, 3) if name == "lowrank" else net)
+    net = optim.to_low_rank(net, 3) if name == "lowrank" else net
+    return shard(net) if sharded else net
+
+
+def single_process_state_bytes(name: str) -> int:
+    """The optimizer-state bytes of DCP case ``name`` in one process (unsharded model), after one step."""
+    net = _fsdp_net(name, sharded=False)
+    optimizer = _make_fsdp_optimizer(name, net)
+    _train_steps(net, optimizer, range(1), None, 1)
+    return _state_bytes(optimizer)
 
 
 def _train_steps(net, optimizer, steps, rank, world_size) -> None:
     batches = global_batches()
     for step in steps:
         x, y = local_part(batches[step % len(batches)], rank, world_size)
-        if isinstance(optimizer, optim.SophiaH):
+        if isinstance(optimizer, (optim.SophiaH, optim.AdaHessian)):
             optimizer.step(lambda: F.cross_entropy(net(x), y))
             continue
         optimizer.zero_grad()
@@ -382,9 +396,9 @@ def _train_steps(net, optimizer, steps, rank, world_size) -> None:
 
 
 def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
-    """For AdamW and LowRankAdamW on FSDP2: 5 steps, a torch.distributed.checkpoint save of model and optimizer,
+    """For each optimizer of DCP_CASES on FSDP2: 5 steps, a torch.distributed.checkpoint save of model and optimizer,
     5 more steps; then a fresh model and optimizer load the checkpoint and take the same 5 steps. Both final
-    parameter sets (whole), and the optimizer-state bytes this rank holds."""
+    parameter sets (whole), the optimizer-state bytes this rank holds and those of one process."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -402,10 +416,7 @@ def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
         train(net, optimizer, range(5, 10))
         straight = [p.full_tensor().detach().clone() for p in net.parameters()]
-        state_bytes = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
-                          t.numel() * t.element_size()
-                          for state in optimizer.state.values() for t in state.values()
-                          if isinstance(t, torch.Tensor))
+        state_bytes = _state_bytes(optimizer)
 
         net = _fsdp_net(name)
         optimizer = _make_fsdp_optimizer(name, net)
@@ -415,15 +426,8 @@ def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
         set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         train(net, optimizer, range(5, 10))
         resumed = [p.full_tensor().detach().clone() for p in net.parameters()]
-        single = optim.AdamW(TinyMLP().to(DTYPE).parameters(), lr=2e-2) if name == "adamw" else None
-        single_bytes = None
-        if single is not None:  # one process's AdamW state for the same model, for the bytes-per-rank figure
-            for p in single.param_groups[0]["params"]:
-                p.grad = torch.zeros_like(p)
-            single.step()
-            single_bytes = _state_bytes(single)
         out[name] = {"straight": straight, "resumed": resumed, "state_bytes": state_bytes,
-                     "single_state_bytes": single_bytes}
+                     "single_state_bytes": single_process_state_bytes(name)}
     return out
 
 
@@ -440,7 +444,8 @@ def _state_bytes(optimizer) -> int:
 
 def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
     """On 4 ranks: load the step-5 checkpoints that ``fsdp_dcp_resume`` saved on 2 ranks, take steps 5..9 on this
-    rank's quarter of each global batch; the whole final parameters and the rows of fc1's weight held here."""
+    rank's quarter of each global batch; the whole final parameters, the rows of the first parameter held here, and
+    the optimizer-state bytes this rank holds."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -456,7 +461,8 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
         first = next(net.parameters())
         out[name] = {"resumed": [p.full_tensor().detach().clone() for p in net.parameters()],
                      "local_rows": first.to_local().shape[0],
-                     "expected_local_rows": len(torch.arange(first.shape[0]).chunk(world_size)[rank])}
+                     "expected_local_rows": len(torch.arange(first.shape[0]).chunk(world_size)[rank]),
+                     "state_bytes": _state_bytes(optimizer)}
     return out
 
 

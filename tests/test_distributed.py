@@ -224,8 +224,9 @@ def test_fsdp2_lowrank_refactorization_matches_single_process(results):
 @pytest.mark.parametrize("name", job.DCP_CASES)
 def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
     """torch.distributed.checkpoint save and load of the sharded model and optimizer state of AdamW, LowRankAdamW
-    (with its refactorizer's schedule and pending resets), SophiaH (finite-difference curvature), RSDM (its
-    sampling counters) and RiemannianAdam: the resumed run equals the uninterrupted one bit for bit."""
+    (with its refactorizer's schedule and pending resets), SophiaH and AdaHessian (finite-difference curvature),
+    RSDM (its sampling counters), RiemannianSGD and RiemannianAdam: the resumed run equals the uninterrupted one bit
+    for bit."""
     ranks = case_results(results, "fsdp_dcp_resume")
     for rank, result in enumerate(ranks):
         for i, (a, b) in enumerate(zip(result[name]["straight"], result[name]["resumed"])):
@@ -276,6 +277,21 @@ def test_fsdp2_optimizer_state_is_sharded(results):
     single = case_results(results, "fsdp_dcp_resume")[0]["adamw"]["single_state_bytes"]
     for result in ranks:
         assert result["adamw"]["state_bytes"] <= 0.6 * single
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("name", job.DCP_CASES)
+def test_fsdp2_optimizer_state_bytes_per_rank_near_one_over_world(results, resharded, name, world_size):
+    """Every optimizer's state bytes per rank, on 2 ranks (trained there) and on 4 (resharded from 2 by DCP): at
+    most 1/world of one process's plus 0.1 (the tiny test matrices split unevenly: a 3-row factor gives ranks 2, 1
+    or 1, 1, 1, 0 rows; the counters are whole on every rank)."""
+    single = case_results(results, "fsdp_dcp_resume")[0][name]["single_state_bytes"]
+    ranks = case_results(results, "fsdp_dcp_resume") if world_size == 2 else \
+        case_results(resharded, "fsdp_dcp_reshard")
+    assert len(ranks) == world_size and single > 0
+    for rank, result in enumerate(ranks):
+        share = result[name]["state_bytes"] / single
+        assert share <= 1 / world_size + 0.1, f"rank {rank} holds {share:.2f} of one process's optimizer state"
 
 
 @pytest.mark.parametrize("name", list(job.FSDP_STIEFEL_OPTIMIZERS))

@@ -87,9 +87,12 @@ FSDP2
     O(h²·‖∇³L‖) plus rounding ε/h, about ε^{2/3} relative on smooth losses (float64 ~1e-11, float32 ~3e-5); the
     Hutchinson estimate z⊙Hz that Sophia and AdaHessian average is far noisier than that. Each rank draws the
     probe entries of its own rows (the counters of the whole probe), so the probes, the curvature and the step
-    equal one process's ``hessian="fd"`` on the global batch up to the rounding of the gradient reduction. The
-    optimizer state is sharded like the parameters. ``process_group`` must stay None (FSDP2 reduces the
-    gradients); the closure must return the loss without calling ``backward()``::
+    equal one process's ``hessian="fd"`` on the global batch up to the rounding of the gradient reduction, which the
+    difference quotient divides by h: after 20 steps on 2 and 4 gloo ranks (``tests/test_distributed.py``) within
+    1e-7 relative in float64; in float32 SophiaH (refresh every 3 steps) within 1e-5 (measured 9e-7) and AdaHessian
+    (every step) within 1e-3 (measured 2.1e-4, parameters of magnitude < 1); HSDP (a 2-D mesh, placements
+    ``(Replicate(), Shard(0))``) alike. The optimizer state is sharded like the parameters. ``process_group`` must
+    stay None (FSDP2 reduces the gradients); the closure must return the loss without calling ``backward()``::
 
         for layer in model.layers:
             fully_shard(layer)

@@ -244,22 +244,33 @@ FSDP_LOWRANK_STEPS = 20
 
 def run_fsdp_lowrank(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
     """LowRankAdamW (refactorizing every 4 steps, one LR-recovery step) on a low-rank TinyMLP sharded with FSDP2
-    (rank set; ``mesh``: HSDP's) or whole (rank None), 20 steps over the global batches; whole final parameters."""
-    torch.manual_seed(0)
-    net = optim.to_low_rank(TinyMLP().to(dtype), 3)
-    if rank is not None:
-        shard(net, mesh)
-    optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
-    batches = global_batches(dtype=dtype)
-    for step in range(FSDP_LOWRANK_STEPS):
-        x, y = local_part(batches[step % len(batches)], rank, world_size)
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
-    return {"params": [p.detach().clone() for p in whole],
-            "refactorizations": optimizer.refactorizer.refactorizations,
-            "sharded": [type(p).__name__ for p in net.parameters()]}
+    (rank set; ``mesh``: HSDP's) or whole (rank None), 20 steps over the global batches; whole final parameters.
+    Under ``"torch_adamw"``: the same with ``optim.Refactorizer`` driving ``torch.optim.AdamW`` (whose sharded
+    moments the refactorizer zeroes in place)."""
+    out = {}
+    for name in ("lowrank_adamw", "torch_adamw"):
+        torch.manual_seed(0)
+        net = optim.to_low_rank(TinyMLP().to(dtype), 3)
+        if rank is not None:
+            shard(net, mesh)
+        if name == "lowrank_adamw":
+            optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
+            refactorizer = optimizer.refactorizer
+        else:
+            optimizer = torch.optim.AdamW(net.parameters(), lr=2e-2)
+            refactorizer = optim.Refactorizer(net, optimizer, every=4, recovery_steps=1)
+        batches = global_batches(dtype=dtype)
+        for step in range(FSDP_LOWRANK_STEPS):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            if name == "torch_adamw":
+                refactorizer.step()
+        whole = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
+        out[name] = {"params": whole, "refactorizations": refactorizer.refactorizations,
+                     "sharded": [type(p).__name__ for p in net.parameters()]}
+    return {**out["lowrank_adamw"], "torch_adamw": out["torch_adamw"]}
 
 
 class StiefelNet(nn.Module):
@@ -467,14 +478,15 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
 
 
 def run_every_fsdp_optimizer(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
-    """Every FSDP2 training run above (AdamW fused and foreach, LowRankAdamW, the Stiefel optimizers, SophiaH and
-    AdaHessian) in ``dtype``, sharded over ``mesh`` (None: the 1-D mesh of every rank) or whole (rank None):
+    """Every FSDP2 training run above (AdamW fused and foreach, LowRankAdamW, Refactorizer with torch.optim.AdamW,
+    the Stiefel optimizers, SophiaH and AdaHessian) in ``dtype``, sharded over ``mesh`` (None: the 1-D mesh of every rank) or whole (rank None):
     ``{optimizer name: whole final parameters}``, plus the placements of the AdamW model's parameters."""
     adamw = run_fsdp_adamw(rank, world_size, dtype, mesh, fused=True)
     out = {"adamw_fused": adamw["params"],
            "adamw_foreach": run_fsdp_adamw(rank, world_size, dtype, mesh, foreach=True)["params"]}
     lowrank = run_fsdp_lowrank(rank, world_size, dtype, mesh)
     out["lowrank"] = lowrank["params"]
+    out["refactorizer_torch_adamw"] = lowrank["torch_adamw"]["params"]
     out.update(run_fsdp_stiefel(rank, world_size, dtype, mesh))
     out.update(run_fsdp_second_order(rank, world_size, dtype, mesh))
     return {"params": out, "placements": adamw["placements"], "refactorizations": lowrank["refactorizations"]}

@@ -221,6 +221,17 @@ def test_fsdp2_lowrank_refactorization_matches_single_process(results):
     assert_close_to_single_process(ranks, single)
 
 
+def test_fsdp2_refactorizer_with_torch_adamw_matches_single_process(results):
+    """optim.Refactorizer driving torch.optim.AdamW on FSDP2-sharded factors (its DTensor moments zeroed in place at
+    each refactorization, the LR ramp through its step hooks): 20 steps, one process on the whole batch, to float64
+    rounding."""
+    ranks = [result["torch_adamw"] for result in case_results(results, "fsdp_lowrank")]
+    single = job.run_fsdp_lowrank(None, 1)["torch_adamw"]
+    assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
+    assert set(ranks[0]["sharded"]) == {"DTensor"}
+    assert_close_to_single_process(ranks, single)
+
+
 @pytest.mark.parametrize("name", job.DCP_CASES)
 def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
     """torch.distributed.checkpoint save and load of the sharded model and optimizer state of AdamW, LowRankAdamW
@@ -248,6 +259,7 @@ def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
 
 
 @pytest.mark.parametrize("case, name", [("fsdp4_adamw", None), ("fsdp4_lowrank", None),
+                                        ("fsdp4_lowrank", "torch_adamw"),
                                         *[("fsdp4_stiefel", n) for n in job.FSDP_STIEFEL_OPTIMIZERS],
                                         ("fsdp4_second_order", "sophia"), ("fsdp4_second_order", "adahessian")])
 def test_fsdp2_on_4_ranks_matches_single_process(resharded, case, name):
@@ -261,6 +273,8 @@ def test_fsdp2_on_4_ranks_matches_single_process(resharded, case, name):
     single = runs[case]()
     if name is None:
         results, expected = ranks, single
+    elif name == "torch_adamw":  # Refactorizer with torch.optim.AdamW
+        results, expected = [r[name] for r in ranks], single[name]
     else:
         results, expected = [{"params": r[name]} for r in ranks], {"params": single[name]}
     for rank in range(1, len(results)):
@@ -337,7 +351,8 @@ FLOAT32_FD_EVERY_STEP_TOLERANCE = dict(rtol=1e-3, atol=1e-3)  # AdaHessian, refr
 def assert_every_optimizer_matches(ranks: list[dict], single: dict, float32: bool) -> None:
     """Every optimizer of ``job.run_every_fsdp_optimizer``: the ranks bitwise equal, and equal to one process."""
     assert set(ranks[0]["params"]) == set(single["params"]) == {
-        "adamw_fused", "adamw_foreach", "lowrank", *job.FSDP_STIEFEL_OPTIMIZERS, "sophia", "adahessian"}
+        "adamw_fused", "adamw_foreach", "lowrank", "refactorizer_torch_adamw", *job.FSDP_STIEFEL_OPTIMIZERS, "sophia",
+        "adahessian"}
     assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
     for name, expected in single["params"].items():
         for rank in range(1, len(ranks)):

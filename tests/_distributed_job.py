@@ -551,6 +551,23 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     before = [p.to_local().clone() for p in mlp.parameters()]
     messages["adamw_mismatched_grad"] = message_of(optim.AdamW(mlp.parameters(), lr=1e-2, fused=True).step)
     messages["adamw_params_untouched"] = all(torch.equal(p.to_local(), b) for p, b in zip(mlp.parameters(), before))
+
+    # RSDM on sharded matrices needs one seed on every rank (the ranks gather and step the same sampled rows): given
+    # seeds that differ raise on every rank; seed=None, drawn from RNGs that differ here, takes rank 0's.
+    torch.manual_seed(0)
+    stiefel = fully_shard(StiefelNet())
+    constrained = {"params": [stiefel.wide, stiefel.tall, stiefel.stack], "manifold": "stiefel"}
+    messages["rsdm_seed_mismatch"] = message_of(lambda: optim.RSDM([constrained], lr=0.1, rank=2, seed=rank))
+    torch.manual_seed(100 + rank)
+    drawn = optim.RSDM([constrained], lr=0.1, rank=2)
+    messages["rsdm_drawn_seed"] = drawn.param_groups[0]["seed"]
+    messages["rsdm_drawn_state_seeds"] = []
+    x, y = local_part(global_batches()[0], rank, world_size)
+    drawn.zero_grad()
+    F.cross_entropy(stiefel(x), y).backward()
+    drawn.step()
+    messages["rsdm_drawn_state_seeds"] = [drawn.state[p]["seed"] for p in constrained["params"]]
+    messages["rsdm_drawn_params"] = [p.full_tensor() for p in constrained["params"]]
     return messages
 
 

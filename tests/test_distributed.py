@@ -327,6 +327,22 @@ def test_fsdp2_adamw_refuses_mismatched_shards(results):
     assert messages["adamw_params_untouched"] is True
 
 
+def test_fsdp2_rsdm_seeds_agree_over_the_mesh(results):
+    """RSDM on FSDP2 shards: seeds given differently on the ranks raise on every rank (the ranks would gather and
+    step different sampled rows); seed=None drawn from RNGs that differ between the ranks takes rank 0's seed, so
+    both ranks step the same rows and the matrices stay orthonormal."""
+    ranks = case_results(results, "fsdp_errors")
+    for rank, messages in enumerate(ranks):
+        assert messages["rsdm_seed_mismatch"] is not None, f"rank {rank} accepted a seed that differs from rank 0's"
+        assert "seeds differ between the ranks" in messages["rsdm_seed_mismatch"]
+    assert ranks[0]["rsdm_drawn_seed"] == ranks[1]["rsdm_drawn_seed"]
+    assert ranks[0]["rsdm_drawn_state_seeds"] == ranks[1]["rsdm_drawn_state_seeds"]
+    for p in ranks[0]["rsdm_drawn_params"]:
+        w = p if p.shape[-2] <= p.shape[-1] else p.mT
+        torch.testing.assert_close(w @ w.mT, torch.eye(w.shape[-2], dtype=w.dtype).expand_as(w @ w.mT), rtol=0,
+                                   atol=1e-12)
+
+
 def test_second_order_seeds_given_differently_on_the_ranks_raise_on_every_rank(results):
     for rank, result in enumerate(case_results(results, "seed_mismatch")):
         assert result["message"] is not None, f"rank {rank} accepted a seed that differs from rank 0's"

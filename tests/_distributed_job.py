@@ -296,6 +296,7 @@ FSDP_STIEFEL_OPTIMIZERS = {
     "rsdm_orthogonal": lambda c, u: optim.RSDM([c, u], lr=0.2, rank=3, sampling="orthogonal", seed=5),
     "riemannian_sgd": lambda c, u: optim.RiemannianSGD([c, u], lr=0.1, momentum=0.5),
     "riemannian_adam": lambda c, u: optim.RiemannianAdam([c, u], lr=2e-2),
+    "riemannian_adam_matrix": lambda c, u: optim.RiemannianAdam([c, u], lr=2e-2, second_moment="matrix"),
 }
 
 

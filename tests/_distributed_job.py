@@ -569,6 +569,11 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     drawn.step()
     messages["rsdm_drawn_state_seeds"] = [drawn.state[p]["seed"] for p in constrained["params"]]
     messages["rsdm_drawn_params"] = [p.full_tensor() for p in constrained["params"]]
+    # SophiaH and AdaHessian on FSDP2 shards likewise (the probe seeds): one process has one seed.
+    messages["sophia_seed_mismatch"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=rank))
+    messages["adahessian_seed_mismatch"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=rank))
+    torch.manual_seed(200 + rank)
+    messages["sophia_drawn_seed"] = optim.SophiaH(mlp.parameters()).param_groups[0]["seed"]
     return messages
 
 

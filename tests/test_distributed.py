@@ -343,6 +343,17 @@ def test_fsdp2_rsdm_seeds_agree_over_the_mesh(results):
                                    atol=1e-12)
 
 
+def test_fsdp2_second_order_seeds_agree_over_the_mesh(results):
+    """SophiaH and AdaHessian on FSDP2 shards: probe seeds given differently on the ranks raise on every rank; a
+    seed drawn from RNGs that differ between the ranks becomes rank 0's on both."""
+    ranks = case_results(results, "fsdp_errors")
+    for rank, messages in enumerate(ranks):
+        for name in ("sophia", "adahessian"):
+            assert messages[f"{name}_seed_mismatch"] is not None, f"{name} on rank {rank} accepted a differing seed"
+            assert "seeds differ between the ranks" in messages[f"{name}_seed_mismatch"]
+    assert ranks[0]["sophia_drawn_seed"] == ranks[1]["sophia_drawn_seed"]
+
+
 def test_second_order_seeds_given_differently_on_the_ranks_raise_on_every_rank(results):
     for rank, result in enumerate(case_results(results, "seed_mismatch")):
         assert result["message"] is not None, f"rank {rank} accepted a seed that differs from rank 0's"

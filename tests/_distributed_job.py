@@ -2,8 +2,8 @@
 
 ``python -m tests._distributed_job OUT_DIR HOST PORT RANK WORLD_SIZE`` joins the job through the TCPStore that the
 test holds at HOST:PORT, runs the cases named in ``OPTIM_JOB_CASES`` (comma-separated; default every case of
-``DDP_CASES``, ``FSDP_CASES`` and ``RESHARD_CASES``; DCP checkpoints under ``OPTIM_JOB_CHECKPOINTS``, default
-OUT_DIR) and writes
+``DDP_CASES``, ``FSDP_CASES``, ``RESHARD_CASES`` and ``HSDP_CASES``; DCP checkpoints under
+``OPTIM_JOB_CHECKPOINTS``, default OUT_DIR) and writes
 ``OUT_DIR/<case>.rank<RANK>.pt`` per case: the final parameters (whole, also under FSDP2), the Hutchinson probes the
 optimizer drew, or the error the case raised (a failing case does not stop the others, so one launch serves every
 test). ``run_ddp_case(name, None, 1)`` is the single-process run on the whole global batch that the ranks are
@@ -87,9 +87,10 @@ class OrthogonalNet(nn.Module):
         return self.head(torch.tanh(self.proj(x)))
 
 
-def global_batches(in_features: int = IN_FEATURES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def global_batches(in_features: int = IN_FEATURES, dtype: torch.dtype = DTYPE) -> list[tuple[torch.Tensor,
+                                                                                           torch.Tensor]]:
     generator = torch.Generator().manual_seed(7)
-    return [(torch.randn(GLOBAL_BATCH, in_features, generator=generator, dtype=DTYPE),
+    return [(torch.randn(GLOBAL_BATCH, in_features, generator=generator, dtype=torch.float64).to(dtype),
              torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
 
 
@@ -195,54 +196,81 @@ def seed_mismatch(rank: int, world_size: int) -> dict:
     return {"message": None}
 
 
-def shard(net: nn.Module) -> nn.Module:
+def shard(net: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 on every child with parameters, then on ``net``; ``mesh`` None: the default 1-D mesh of every rank."""
     from torch.distributed.fsdp import fully_shard
 
     for module in net.children():
         if any(True for _ in module.parameters()):
-            fully_shard(module)
-    return fully_shard(net)
+            fully_shard(module, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
-def run_fsdp_adamw(rank: int | None, world_size: int, **adamw_options) -> dict:
-    """optim.AdamW on a TinyMLP sharded with FSDP2 (rank set) or whole (rank None); whole final parameters."""
+def hsdp_mesh():
+    """HSDP's 2-D mesh of the 4 ranks: 2 replicas (outer dimension) of a model sharded over 2 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+
+
+FSDP_ADAMW_STEPS = 20
+
+
+def run_fsdp_adamw(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None,
+                   **adamw_options) -> dict:
+    """optim.AdamW on a TinyMLP sharded with FSDP2 (rank set; ``mesh``: HSDP's) or whole (rank None), 20 steps over
+    the global batches; whole final parameters."""
     torch.manual_seed(0)
-    net = TinyMLP().to(DTYPE)
+    net = TinyMLP().to(dtype)
     if rank is not None:
-        shard(net)
+        shard(net, mesh)
     optimizer = optim.AdamW(net.parameters(), lr=2e-2, **adamw_options)
-    for batch in global_batches():
-        x, y = local_part(batch, rank, world_size)
+    batches = global_batches(dtype=dtype)
+    for step in range(FSDP_ADAMW_STEPS):
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
         optimizer.zero_grad()
         F.cross_entropy(net(x), y).backward()
         optimizer.step()
     whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
     local = [p.to_local().shape for p in net.parameters()] if rank is not None else []
     kinds = [type(optimizer.state[p]["exp_avg"]).__name__ for p in net.parameters()]
-    return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds}
+    placements = [str(tuple(p.placements)) for p in net.parameters()] if rank is not None else []
+    return {"params": [p.detach().clone() for p in whole], "local_shapes": local, "state_types": kinds,
+            "placements": placements}
 
 
 FSDP_LOWRANK_STEPS = 20
 
 
-def run_fsdp_lowrank(rank: int | None, world_size: int) -> dict:
+def run_fsdp_lowrank(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
     """LowRankAdamW (refactorizing every 4 steps, one LR-recovery step) on a low-rank TinyMLP sharded with FSDP2
-    (rank set) or whole (rank None), 20 steps over the global batches; whole final parameters."""
-    torch.manual_seed(0)
-    net = optim.to_low_rank(TinyMLP().to(DTYPE), 3)
-    if rank is not None:
-        shard(net)
-    optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
-    batches = global_batches()
-    for step in range(FSDP_LOWRANK_STEPS):
-        x, y = local_part(batches[step % len(batches)], rank, world_size)
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
-    return {"params": [p.detach().clone() for p in whole],
-            "refactorizations": optimizer.refactorizer.refactorizations,
-            "sharded": [type(p).__name__ for p in net.parameters()]}
+    (rank set; ``mesh``: HSDP's) or whole (rank None), 20 steps over the global batches; whole final parameters.
+    Under ``"torch_adamw"``: the same with ``optim.Refactorizer`` driving ``torch.optim.AdamW`` (whose sharded
+    moments the refactorizer zeroes in place)."""
+    out = {}
+    for name in ("lowrank_adamw", "torch_adamw"):
+        torch.manual_seed(0)
+        net = optim.to_low_rank(TinyMLP().to(dtype), 3)
+        if rank is not None:
+            shard(net, mesh)
+        if name == "lowrank_adamw":
+            optimizer = optim.LowRankAdamW(net, lr=2e-2, rank=None, every=4, recovery_steps=1)
+            refactorizer = optimizer.refactorizer
+        else:
+            optimizer = torch.optim.AdamW(net.parameters(), lr=2e-2)
+            refactorizer = optim.Refactorizer(net, optimizer, every=4, recovery_steps=1)
+        batches = global_batches(dtype=dtype)
+        for step in range(FSDP_LOWRANK_STEPS):
+            x, y = local_part(batches[step % len(batches)], rank, world_size)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            if name == "torch_adamw":
+                refactorizer.step()
+        whole = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
+        out[name] = {"params": whole, "refactorizations": refactorizer.refactorizations,
+                     "sharded": [type(p).__name__ for p in net.parameters()]}
+    return {**out["lowrank_adamw"], "torch_adamw": out["torch_adamw"]}
 
 
 class StiefelNet(nn.Module):
@@ -250,12 +278,12 @@ class StiefelNet(nn.Module):
     its columns), ``tall`` (10×4: its rows) and ``stack`` (4 matrices of 10×3: sharded across the batch), and an
     unconstrained ``head``."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = DTYPE):
         super().__init__()
-        self.wide = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, IN_FEATURES, dtype=DTYPE)))
-        self.tall = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(10, 4, dtype=DTYPE)))
-        self.stack = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, 10, 3, dtype=DTYPE)))
-        self.head = nn.Linear(3, CLASSES, dtype=DTYPE)
+        self.wide = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, IN_FEATURES, dtype=dtype)))
+        self.tall = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(10, 4, dtype=dtype)))
+        self.stack = nn.Parameter(optim.stiefel.orthogonal_(torch.empty(4, 10, 3, dtype=dtype)))
+        self.head = nn.Linear(3, CLASSES, dtype=dtype)
 
     def forward(self, x):
         h = torch.tanh(torch.tanh(x @ self.wide.mT) @ self.tall.mT)
@@ -268,20 +296,21 @@ FSDP_STIEFEL_OPTIMIZERS = {
     "rsdm_orthogonal": lambda c, u: optim.RSDM([c, u], lr=0.2, rank=3, sampling="orthogonal", seed=5),
     "riemannian_sgd": lambda c, u: optim.RiemannianSGD([c, u], lr=0.1, momentum=0.5),
     "riemannian_adam": lambda c, u: optim.RiemannianAdam([c, u], lr=2e-2),
+    "riemannian_adam_matrix": lambda c, u: optim.RiemannianAdam([c, u], lr=2e-2, second_moment="matrix"),
 }
 
 
-def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
-    """Each optimizer of FSDP_STIEFEL_OPTIMIZERS for 20 steps on StiefelNet, sharded by FSDP2 (rank set) or whole;
-    the whole final parameters of each."""
+def run_fsdp_stiefel(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
+    """Each optimizer of FSDP_STIEFEL_OPTIMIZERS for 20 steps on StiefelNet, sharded by FSDP2 (rank set; ``mesh``:
+    HSDP's) or whole; the whole final parameters of each."""
     out = {}
-    batches = global_batches()
+    batches = global_batches(dtype=dtype)
     for name, make in FSDP_STIEFEL_OPTIMIZERS.items():
         torch.manual_seed(0)
-        net = StiefelNet()
+        net = StiefelNet(dtype)
         if rank is not None:
             from torch.distributed.fsdp import fully_shard
-            fully_shard(net)
+            fully_shard(net, mesh=mesh)
         constrained = {"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"}
         free = {"params": list(net.head.parameters()), "manifold": None}
         torch.manual_seed(1)
@@ -298,24 +327,24 @@ def run_fsdp_stiefel(rank: int | None, world_size: int) -> dict:
 FSDP_SECOND_ORDER_STEPS = 20
 
 
-def run_fsdp_second_order(rank: int | None, world_size: int) -> dict:
+def run_fsdp_second_order(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
     """SophiaH (refresh every 3 steps) and AdaHessian (every step) with finite-difference curvature for 20 steps,
-    on FSDP2 shards (rank set: hessian="auto" picks "fd") or whole (hessian="fd"); whole final parameters."""
+    on FSDP2 shards (rank set: hessian="auto" picks "fd"; ``mesh``: HSDP's) or whole (hessian="fd"); whole final
+    parameters."""
     out = {}
-    batches = global_batches()
     for name in ("sophia", "adahessian"):
         torch.manual_seed(0)
-        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(DTYPE)
+        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(dtype)
         if rank is not None:
             from torch.distributed.fsdp import fully_shard
-            fully_shard(net)
+            fully_shard(net, mesh=mesh)
         mode = "auto" if rank is not None else "fd"
         if name == "sophia":
             optimizer = optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=3, seed=11, hessian=mode)
         else:
             optimizer = optim.AdaHessian(net.parameters(), lr=0.1, update_period=1, seed=11, hessian=mode)
         in_features = 16 if name == "adahessian" else IN_FEATURES
-        batches = global_batches(in_features)
+        batches = global_batches(in_features, dtype)
         for step in range(FSDP_SECOND_ORDER_STEPS):
             x, y = local_part(batches[step % len(batches)], rank, world_size)
             optimizer.step(lambda: F.cross_entropy(net(x), y))
@@ -326,7 +355,7 @@ def run_fsdp_second_order(rank: int | None, world_size: int) -> dict:
 CHECKPOINT_DIR: list[str] = []  # set by main(): where the DCP cases save
 
 
-DCP_CASES = ("adamw", "lowrank", "sophia", "rsdm", "riemannian_adam")
+DCP_CASES = ("adamw", "lowrank", "sophia", "adahessian", "rsdm", "riemannian_sgd", "riemannian_adam")
 
 
 def _make_fsdp_optimizer(name: str, net: nn.Module):
@@ -336,27 +365,41 @@ def _make_fsdp_optimizer(name: str, net: nn.Module):
         return optim.LowRankAdamW(net, lr=2e-2, rank=None, every=3, recovery_steps=2)
     if name == "sophia":
         return optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=2, seed=4)
+    if name == "adahessian":
+        return optim.AdaHessian(net.parameters(), lr=0.1, update_period=2, seed=4)
     groups = [{"params": [net.wide, net.tall, net.stack], "manifold": "stiefel"},
               {"params": list(net.head.parameters()), "manifold": None}]
     if name == "rsdm":
         return optim.RSDM(groups, lr=0.2, rank=3, momentum=0.5, seed=9)
+    if name == "riemannian_sgd":
+        return optim.RiemannianSGD(groups, lr=0.1, momentum=0.5)
     return optim.RiemannianAdam(groups, lr=2e-2)
 
 
-def _fsdp_net(name: str) -> nn.Module:
+def _fsdp_net(name: str, sharded: bool = True) -> nn.Module:
+    """The model of DCP case ``name``, sharded by FSDP2 (or whole, for one process's state bytes)."""
     torch.manual_seed(0)
-    if name in ("rsdm", "riemannian_adam"):
+    if name in ("rsdm", "riemannian_sgd", "riemannian_adam"):
         from torch.distributed.fsdp import fully_shard
-        return fully_shard(StiefelNet())
+        return fully_shard(StiefelNet()) if sharded else StiefelNet()
     net = TinyMLP().to(DTYPE)
-    return shard(optim.to_low_rank(net, 3) if name == "lowrank" else net)
+    net = optim.to_low_rank(net, 3) if name == "lowrank" else net
+    return shard(net) if sharded else net
+
+
+def single_process_state_bytes(name: str) -> int:
+    """The optimizer-state bytes of DCP case ``name`` in one process (unsharded model), after one step."""
+    net = _fsdp_net(name, sharded=False)
+    optimizer = _make_fsdp_optimizer(name, net)
+    _train_steps(net, optimizer, range(1), None, 1)
+    return _state_bytes(optimizer)
 
 
 def _train_steps(net, optimizer, steps, rank, world_size) -> None:
     batches = global_batches()
     for step in steps:
         x, y = local_part(batches[step % len(batches)], rank, world_size)
-        if isinstance(optimizer, optim.SophiaH):
+        if isinstance(optimizer, (optim.SophiaH, optim.AdaHessian)):
             optimizer.step(lambda: F.cross_entropy(net(x), y))
             continue
         optimizer.zero_grad()
@@ -365,9 +408,9 @@ def _train_steps(net, optimizer, steps, rank, world_size) -> None:
 
 
 def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
-    """For AdamW and LowRankAdamW on FSDP2: 5 steps, a torch.distributed.checkpoint save of model and optimizer,
+    """For each optimizer of DCP_CASES on FSDP2: 5 steps, a torch.distributed.checkpoint save of model and optimizer,
     5 more steps; then a fresh model and optimizer load the checkpoint and take the same 5 steps. Both final
-    parameter sets (whole), and the optimizer-state bytes this rank holds."""
+    parameter sets (whole), the optimizer-state bytes this rank holds and those of one process."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -385,10 +428,7 @@ def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
         train(net, optimizer, range(5, 10))
         straight = [p.full_tensor().detach().clone() for p in net.parameters()]
-        state_bytes = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
-                          t.numel() * t.element_size()
-                          for state in optimizer.state.values() for t in state.values()
-                          if isinstance(t, torch.Tensor))
+        state_bytes = _state_bytes(optimizer)
 
         net = _fsdp_net(name)
         optimizer = _make_fsdp_optimizer(name, net)
@@ -398,15 +438,8 @@ def fsdp_dcp_resume(rank: int, world_size: int) -> dict:
         set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         train(net, optimizer, range(5, 10))
         resumed = [p.full_tensor().detach().clone() for p in net.parameters()]
-        single = optim.AdamW(TinyMLP().to(DTYPE).parameters(), lr=2e-2) if name == "adamw" else None
-        single_bytes = None
-        if single is not None:  # one process's AdamW state for the same model, for the bytes-per-rank figure
-            for p in single.param_groups[0]["params"]:
-                p.grad = torch.zeros_like(p)
-            single.step()
-            single_bytes = _state_bytes(single)
         out[name] = {"straight": straight, "resumed": resumed, "state_bytes": state_bytes,
-                     "single_state_bytes": single_bytes}
+                     "single_state_bytes": single_process_state_bytes(name)}
     return out
 
 
@@ -423,7 +456,8 @@ def _state_bytes(optimizer) -> int:
 
 def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
     """On 4 ranks: load the step-5 checkpoints that ``fsdp_dcp_resume`` saved on 2 ranks, take steps 5..9 on this
-    rank's quarter of each global batch; the whole final parameters and the rows of fc1's weight held here."""
+    rank's quarter of each global batch; the whole final parameters, the rows of the first parameter held here, and
+    the optimizer-state bytes this rank holds."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -439,8 +473,30 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
         first = next(net.parameters())
         out[name] = {"resumed": [p.full_tensor().detach().clone() for p in net.parameters()],
                      "local_rows": first.to_local().shape[0],
-                     "expected_local_rows": len(torch.arange(first.shape[0]).chunk(world_size)[rank])}
+                     "expected_local_rows": len(torch.arange(first.shape[0]).chunk(world_size)[rank]),
+                     "state_bytes": _state_bytes(optimizer)}
     return out
+
+
+def run_every_fsdp_optimizer(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
+    """Every FSDP2 training run above (AdamW fused and foreach, LowRankAdamW, Refactorizer with torch.optim.AdamW,
+    the Stiefel optimizers, SophiaH and AdaHessian) in ``dtype``, sharded over ``mesh`` (None: the 1-D mesh of every rank) or whole (rank None):
+    ``{optimizer name: whole final parameters}``, plus the placements of the AdamW model's parameters."""
+    adamw = run_fsdp_adamw(rank, world_size, dtype, mesh, fused=True)
+    out = {"adamw_fused": adamw["params"],
+           "adamw_foreach": run_fsdp_adamw(rank, world_size, dtype, mesh, foreach=True)["params"]}
+    lowrank = run_fsdp_lowrank(rank, world_size, dtype, mesh)
+    out["lowrank"] = lowrank["params"]
+    out["refactorizer_torch_adamw"] = lowrank["torch_adamw"]["params"]
+    out.update(run_fsdp_stiefel(rank, world_size, dtype, mesh))
+    out.update(run_fsdp_second_order(rank, world_size, dtype, mesh))
+    return {"params": out, "placements": adamw["placements"], "refactorizations": lowrank["refactorizations"]}
+
+
+def run_hsdp(rank: int, world_size: int) -> dict:
+    """HSDP on 4 ranks (``hsdp_mesh``: 2 replicas of 2 shards), float64: every optimizer of
+    ``run_every_fsdp_optimizer``."""
+    return run_every_fsdp_optimizer(rank, world_size, DTYPE, hsdp_mesh())
 
 
 # The 4-rank job: the resharded checkpoints, and the FSDP2 training cases again on 4 ranks (shards of one row, and
@@ -448,7 +504,9 @@ def fsdp_dcp_reshard(rank: int, world_size: int) -> dict:
 RESHARD_CASES = {"fsdp_dcp_reshard": fsdp_dcp_reshard,
                  "fsdp4_lowrank": run_fsdp_lowrank, "fsdp4_stiefel": run_fsdp_stiefel,
                  "fsdp4_second_order": run_fsdp_second_order,
-                 "fsdp4_adamw": lambda rank, world: run_fsdp_adamw(rank, world, fused=True)}
+                 "fsdp4_adamw": lambda rank, world: run_fsdp_adamw(rank, world, fused=True),
+                 "fsdp4_float32": lambda rank, world: run_every_fsdp_optimizer(rank, world, torch.float32)}
+HSDP_CASES = {"hsdp": run_hsdp}  # a 4-rank job of its own
 
 
 def fsdp_errors(rank: int, world_size: int) -> dict:
@@ -494,6 +552,28 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     before = [p.to_local().clone() for p in mlp.parameters()]
     messages["adamw_mismatched_grad"] = message_of(optim.AdamW(mlp.parameters(), lr=1e-2, fused=True).step)
     messages["adamw_params_untouched"] = all(torch.equal(p.to_local(), b) for p, b in zip(mlp.parameters(), before))
+
+    # RSDM on sharded matrices needs one seed on every rank (the ranks gather and step the same sampled rows): given
+    # seeds that differ raise on every rank; seed=None, drawn from RNGs that differ here, takes rank 0's.
+    torch.manual_seed(0)
+    stiefel = fully_shard(StiefelNet())
+    constrained = {"params": [stiefel.wide, stiefel.tall, stiefel.stack], "manifold": "stiefel"}
+    messages["rsdm_seed_mismatch"] = message_of(lambda: optim.RSDM([constrained], lr=0.1, rank=2, seed=rank))
+    torch.manual_seed(100 + rank)
+    drawn = optim.RSDM([constrained], lr=0.1, rank=2)
+    messages["rsdm_drawn_seed"] = drawn.param_groups[0]["seed"]
+    messages["rsdm_drawn_state_seeds"] = []
+    x, y = local_part(global_batches()[0], rank, world_size)
+    drawn.zero_grad()
+    F.cross_entropy(stiefel(x), y).backward()
+    drawn.step()
+    messages["rsdm_drawn_state_seeds"] = [drawn.state[p]["seed"] for p in constrained["params"]]
+    messages["rsdm_drawn_params"] = [p.full_tensor() for p in constrained["params"]]
+    # SophiaH and AdaHessian on FSDP2 shards likewise (the probe seeds): one process has one seed.
+    messages["sophia_seed_mismatch"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=rank))
+    messages["adahessian_seed_mismatch"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=rank))
+    torch.manual_seed(200 + rank)
+    messages["sophia_drawn_seed"] = optim.SophiaH(mlp.parameters()).param_groups[0]["seed"]
     return messages
 
 
@@ -504,6 +584,7 @@ FSDP_CASES = {
     "fsdp_lowrank": run_fsdp_lowrank,
     "fsdp_stiefel": run_fsdp_stiefel,
     "fsdp_second_order": run_fsdp_second_order,
+    "fsdp_float32": lambda rank, world: run_every_fsdp_optimizer(rank, world, torch.float32),
     "fsdp_dcp_resume": fsdp_dcp_resume,
     "fsdp_errors": fsdp_errors,
     "seed_mismatch": seed_mismatch,
@@ -519,7 +600,7 @@ def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None
     CHECKPOINT_DIR.append(os.environ.get("OPTIM_JOB_CHECKPOINTS", out_dir))
     cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
     cases.update({name: (lambda run=run: run(rank, world_size))
-                  for name, run in {**FSDP_CASES, **RESHARD_CASES}.items()})
+                  for name, run in {**FSDP_CASES, **RESHARD_CASES, **HSDP_CASES}.items()})
     chosen = os.environ.get("OPTIM_JOB_CASES")
     if chosen:
         cases = {name: cases[name] for name in chosen.split(",")}

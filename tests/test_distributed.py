@@ -1,8 +1,10 @@
-"""Data-parallel training on 2 CPU processes (gloo): DDP for every optimizer; FSDP2 for AdamW and the low-rank
-refactorization.
+"""Data-parallel training on CPU processes (gloo): DDP for every optimizer on 2; FSDP2 for every optimizer on 2
+and 4 (float64 and float32), HSDP (a 2-D mesh) on 4, and DCP checkpoints.
 
-One 2-process job (``tests/_distributed_job.py``) runs every case, so process start-up is paid once; each test
-below checks one case's output against the single-process run on the whole global batch, computed here.
+Three jobs (``tests/_distributed_job.py``): 2 processes for the DDP and FSDP2 cases, 4 for the resharded
+checkpoints and the 4-rank FSDP2 cases, 4 for HSDP; each runs its cases in one launch, so process start-up is paid
+once per job. Each test below checks one case's output against the single-process run on the whole global batch,
+computed here.
 
 Why not bitwise: each rank averages the loss over its half of the batch and the ranks' gradients are summed and
 halved, while the single process averages over the whole batch: the same numbers summed in another order. In
@@ -29,7 +31,7 @@ import optim
 from . import _distributed_job as job
 
 WORLD_SIZE = 2
-JOB_TIMEOUT_S = 150  # start-up and every case take ~15 s on a 2-core machine; a hang fails the tests instead
+JOB_TIMEOUT_S = 300  # each job takes 20-120 s on a loaded 2-core machine; a hang fails the tests instead
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -100,6 +102,12 @@ def resharded(results, job_dir, tmp_path_factory) -> dict:
     return launch(tmp_path_factory.mktemp("distributed4"), 4, tuple(job.RESHARD_CASES), checkpoints=job_dir)
 
 
+@pytest.fixture(scope="module")
+def hsdp_results(tmp_path_factory) -> dict:
+    """A 4-process job of HSDP runs (a 2-D mesh: 2 replicas of 2 shards)."""
+    return launch(tmp_path_factory.mktemp("hsdp"), 4, tuple(job.HSDP_CASES))
+
+
 def case_results(results: dict, name: str) -> list[dict]:
     if name not in results:
         pytest.fail(f"case {name!r} produced no output. {results.get('__failure__', '')}")
@@ -162,8 +170,8 @@ def test_ddp_hutchinson_probes_identical_on_every_rank(results, name):
 
 @pytest.mark.parametrize("name", ["fsdp_adamw_fused", "fsdp_adamw_default", "fsdp_adamw_foreach"])
 def test_fsdp2_adamw_matches_single_process(results, name):
-    """optim.AdamW on FSDP2-sharded parameters: the fused op steps the local shards (it has no DTensor sharding
-    rule), the foreach path goes through DTensor; both match one process on the whole batch."""
+    """optim.AdamW on FSDP2-sharded parameters, 20 steps: the fused op steps the local shards (it has no DTensor
+    sharding rule), the foreach path goes through DTensor; both match one process on the whole batch."""
     ranks = case_results(results, name)
     options = {"fsdp_adamw_fused": dict(fused=True), "fsdp_adamw_default": {},
                "fsdp_adamw_foreach": dict(foreach=True)}[name]
@@ -213,11 +221,23 @@ def test_fsdp2_lowrank_refactorization_matches_single_process(results):
     assert_close_to_single_process(ranks, single)
 
 
+def test_fsdp2_refactorizer_with_torch_adamw_matches_single_process(results):
+    """optim.Refactorizer driving torch.optim.AdamW on FSDP2-sharded factors (its DTensor moments zeroed in place at
+    each refactorization, the LR ramp through its step hooks): 20 steps, one process on the whole batch, to float64
+    rounding."""
+    ranks = [result["torch_adamw"] for result in case_results(results, "fsdp_lowrank")]
+    single = job.run_fsdp_lowrank(None, 1)["torch_adamw"]
+    assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
+    assert set(ranks[0]["sharded"]) == {"DTensor"}
+    assert_close_to_single_process(ranks, single)
+
+
 @pytest.mark.parametrize("name", job.DCP_CASES)
 def test_fsdp2_dcp_checkpoint_resumes_bit_exactly(results, name):
     """torch.distributed.checkpoint save and load of the sharded model and optimizer state of AdamW, LowRankAdamW
-    (with its refactorizer's schedule and pending resets), SophiaH (finite-difference curvature), RSDM (its
-    sampling counters) and RiemannianAdam: the resumed run equals the uninterrupted one bit for bit."""
+    (with its refactorizer's schedule and pending resets), SophiaH and AdaHessian (finite-difference curvature),
+    RSDM (its sampling counters), RiemannianSGD and RiemannianAdam: the resumed run equals the uninterrupted one bit
+    for bit."""
     ranks = case_results(results, "fsdp_dcp_resume")
     for rank, result in enumerate(ranks):
         for i, (a, b) in enumerate(zip(result[name]["straight"], result[name]["resumed"])):
@@ -239,6 +259,7 @@ def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
 
 
 @pytest.mark.parametrize("case, name", [("fsdp4_adamw", None), ("fsdp4_lowrank", None),
+                                        ("fsdp4_lowrank", "torch_adamw"),
                                         *[("fsdp4_stiefel", n) for n in job.FSDP_STIEFEL_OPTIMIZERS],
                                         ("fsdp4_second_order", "sophia"), ("fsdp4_second_order", "adahessian")])
 def test_fsdp2_on_4_ranks_matches_single_process(resharded, case, name):
@@ -252,6 +273,8 @@ def test_fsdp2_on_4_ranks_matches_single_process(resharded, case, name):
     single = runs[case]()
     if name is None:
         results, expected = ranks, single
+    elif name == "torch_adamw":  # Refactorizer with torch.optim.AdamW
+        results, expected = [r[name] for r in ranks], single[name]
     else:
         results, expected = [{"params": r[name]} for r in ranks], {"params": single[name]}
     for rank in range(1, len(results)):
@@ -268,6 +291,21 @@ def test_fsdp2_optimizer_state_is_sharded(results):
     single = case_results(results, "fsdp_dcp_resume")[0]["adamw"]["single_state_bytes"]
     for result in ranks:
         assert result["adamw"]["state_bytes"] <= 0.6 * single
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("name", job.DCP_CASES)
+def test_fsdp2_optimizer_state_bytes_per_rank_near_one_over_world(results, resharded, name, world_size):
+    """Every optimizer's state bytes per rank, on 2 ranks (trained there) and on 4 (resharded from 2 by DCP): at
+    most 1/world of one process's plus 0.1 (the tiny test matrices split unevenly: a 3-row factor gives ranks 2, 1
+    or 1, 1, 1, 0 rows; the counters are whole on every rank)."""
+    single = case_results(results, "fsdp_dcp_resume")[0][name]["single_state_bytes"]
+    ranks = case_results(results, "fsdp_dcp_resume") if world_size == 2 else \
+        case_results(resharded, "fsdp_dcp_reshard")
+    assert len(ranks) == world_size and single > 0
+    for rank, result in enumerate(ranks):
+        share = result[name]["state_bytes"] / single
+        assert share <= 1 / world_size + 0.1, f"rank {rank} holds {share:.2f} of one process's optimizer state"
 
 
 @pytest.mark.parametrize("name", list(job.FSDP_STIEFEL_OPTIMIZERS))
@@ -289,6 +327,33 @@ def test_fsdp2_adamw_refuses_mismatched_shards(results):
     assert messages["adamw_params_untouched"] is True
 
 
+def test_fsdp2_rsdm_seeds_agree_over_the_mesh(results):
+    """RSDM on FSDP2 shards: seeds given differently on the ranks raise on every rank (the ranks would gather and
+    step different sampled rows); seed=None drawn from RNGs that differ between the ranks takes rank 0's seed, so
+    both ranks step the same rows and the matrices stay orthonormal."""
+    ranks = case_results(results, "fsdp_errors")
+    for rank, messages in enumerate(ranks):
+        assert messages["rsdm_seed_mismatch"] is not None, f"rank {rank} accepted a seed that differs from rank 0's"
+        assert "seeds differ between the ranks" in messages["rsdm_seed_mismatch"]
+    assert ranks[0]["rsdm_drawn_seed"] == ranks[1]["rsdm_drawn_seed"]
+    assert ranks[0]["rsdm_drawn_state_seeds"] == ranks[1]["rsdm_drawn_state_seeds"]
+    for p in ranks[0]["rsdm_drawn_params"]:
+        w = p if p.shape[-2] <= p.shape[-1] else p.mT
+        torch.testing.assert_close(w @ w.mT, torch.eye(w.shape[-2], dtype=w.dtype).expand_as(w @ w.mT), rtol=0,
+                                   atol=1e-12)
+
+
+def test_fsdp2_second_order_seeds_agree_over_the_mesh(results):
+    """SophiaH and AdaHessian on FSDP2 shards: probe seeds given differently on the ranks raise on every rank; a
+    seed drawn from RNGs that differ between the ranks becomes rank 0's on both."""
+    ranks = case_results(results, "fsdp_errors")
+    for rank, messages in enumerate(ranks):
+        for name in ("sophia", "adahessian"):
+            assert messages[f"{name}_seed_mismatch"] is not None, f"{name} on rank {rank} accepted a differing seed"
+            assert "seeds differ between the ranks" in messages[f"{name}_seed_mismatch"]
+    assert ranks[0]["sophia_drawn_seed"] == ranks[1]["sophia_drawn_seed"]
+
+
 def test_second_order_seeds_given_differently_on_the_ranks_raise_on_every_rank(results):
     for rank, result in enumerate(case_results(results, "seed_mismatch")):
         assert result["message"] is not None, f"rank {rank} accepted a seed that differs from rank 0's"
@@ -300,3 +365,53 @@ def test_process_group_needs_initialized_distributed():
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="init_process_group"):
             optim.SophiaH([p], process_group=object())
+
+
+# float32 under FSDP2: the ranks reduce the gradients in another order than one process does, and the steps carry
+# that rounding forward. Measured after 20 steps (2 and 4 gloo ranks, 2026-12-02; largest |parameter| ~0.9): at
+# most 1.3e-6 for AdamW, LowRankAdamW (five refactorizations), the Stiefel optimizers and SophiaH; AdaHessian, whose
+# finite-difference Hz divides the gradients' rounding by h ~ 5e-3 at every one of its 20 refreshes, 2.1e-4.
+FLOAT32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+FLOAT32_FD_EVERY_STEP_TOLERANCE = dict(rtol=1e-3, atol=1e-3)  # AdaHessian, refreshed on every step
+
+
+def assert_every_optimizer_matches(ranks: list[dict], single: dict, float32: bool) -> None:
+    """Every optimizer of ``job.run_every_fsdp_optimizer``: the ranks bitwise equal, and equal to one process."""
+    assert set(ranks[0]["params"]) == set(single["params"]) == {
+        "adamw_fused", "adamw_foreach", "lowrank", "refactorizer_torch_adamw", *job.FSDP_STIEFEL_OPTIMIZERS, "sophia",
+        "adahessian"}
+    assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
+    for name, expected in single["params"].items():
+        for rank in range(1, len(ranks)):
+            for i, (a, b) in enumerate(zip(ranks[0]["params"][name], ranks[rank]["params"][name])):
+                assert torch.equal(a, b), f"{name}: parameter {i} differs between ranks 0 and {rank}"
+        if float32:
+            tolerance = FLOAT32_FD_EVERY_STEP_TOLERANCE if name == "adahessian" else FLOAT32_TOLERANCE
+        else:
+            tolerance = dict(rtol=1e-7, atol=1e-9) if name in ("sophia", "adahessian") else {}
+        assert len(ranks[0]["params"][name]) == len(expected)
+        for i, (p, e) in enumerate(zip(ranks[0]["params"][name], expected)):
+            assert p.dtype == e.dtype == (torch.float32 if float32 else torch.float64)
+            torch.testing.assert_close(p, e, **(tolerance or dict(rtol=1e-10, atol=1e-12)),
+                                       msg=lambda m: f"{name}, parameter {i}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_float32_every_optimizer_matches_single_process(results, resharded, world_size):
+    """Every optimizer in float32 on 2 and 4 gloo ranks, 20 steps (five refactorizations, SophiaH refreshed every
+    3 steps, AdaHessian every step): equal to one float32 process on the global batch within FLOAT32_TOLERANCE."""
+    ranks = case_results(results if world_size == 2 else resharded,
+                         "fsdp_float32" if world_size == 2 else "fsdp4_float32")
+    assert len(ranks) == world_size
+    assert_every_optimizer_matches(ranks, job.run_every_fsdp_optimizer(None, 1, torch.float32), float32=True)
+
+
+def test_hsdp_every_optimizer_matches_single_process(hsdp_results):
+    """HSDP (fully_shard over a 2-D DeviceMesh ("replicate", "shard") of 4 gloo ranks: parameters
+    (Replicate(), Shard(0)), each rank on a quarter of the batch): AdamW (fused and foreach), LowRankAdamW across five
+    refactorizations, RSDM (both samplings), RiemannianSGD, RiemannianAdam, SophiaH and AdaHessian (hessian="fd"),
+    20 steps in float64: every rank equal, and equal to one process on the global batch to float64 rounding."""
+    ranks = case_results(hsdp_results, "hsdp")
+    assert len(ranks) == 4
+    assert set(ranks[0]["placements"]) == {"(Replicate(), Shard(dim=0))"}
+    assert_every_optimizer_matches(ranks, job.run_every_fsdp_optimizer(None, 1), float32=False)

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["average_", "check_row_sharded", "gather_whole", "is_dtensor", "local_rows", "local_tensors",
+__all__ = ["agree_over_mesh", "average_", "check_row_sharded", "gather_whole", "is_dtensor", "local_rows", "local_tensors",
            "reject_dtensors", "write_whole_"]
 
 try:  # torch built without distributed support has no DTensor
@@ -120,6 +120,27 @@ def write_whole_(t: torch.Tensor, whole: torch.Tensor) -> None:
         raise ValueError(f"write_whole_: the local shard has shape {tuple(local.shape)} but Shard(0) of "
                          f"{tuple(whole.shape)} gives this rank {tuple(part.shape)} rows")
     local.copy_(part)
+
+
+def agree_over_mesh(values: Sequence[int], mesh, device: torch.device, *, given: bool, caller: str,
+                    why: str) -> list[int]:
+    """``values`` (ints) as the first rank of ``mesh`` (coordinates 0, ..., 0) holds them, on every rank of the mesh:
+    one broadcast per mesh dimension. ``given``: the values were passed explicitly, so a rank whose values differ
+    from the first rank's makes every rank raise a ValueError naming ``caller`` and ``why`` (drawn values are simply
+    replaced). Every rank of the mesh must call this in the same order."""
+    local = torch.tensor(list(values), dtype=torch.int64, device=device)
+    first = local.clone()
+    for dim in range(mesh.ndim):  # along each dimension from its coordinate 0: the origin's values everywhere
+        group = mesh.get_group(dim)
+        dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
+    mismatch = torch.tensor([int(given and bool((local != first).any()))], dtype=torch.int64, device=device)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    if int(mismatch.item()):
+        raise ValueError(f"{caller}: the seeds differ between the ranks of the DTensor parameters' mesh (this rank: "
+                         f"{local.tolist()}, its first rank: {first.tolist()}); pass the same seed on every rank (or "
+                         f"seed=None, and the first rank's is used): {why}")
+    return [int(v) for v in first.tolist()]
 
 
 def check_process_group(process_group, *, caller: str) -> None:

@@ -51,7 +51,9 @@ def refactorize(modules: nn.Module | Iterable[nn.Module]) -> int:
     # FSDP2 shards B (m×r) and A (r×n) by rows. One layer at a time: all-gather its factors (the memory FSDP needs
     # for that layer's forward anyway), refactorize the whole on every rank (the same inputs and the same
     # deterministic QR/SVD give every rank the same factors, as DDP replicas compute the same step), and write back
-    # the rows each rank owns.
+    # the rows each rank owns. Not TSQR on B (QR of the local rows, all-gather of the r×r R factors): measured 0.5-1.0x
+    # of this per layer on 2 gloo ranks, a tenth of a 0.16% share of training at every=200, and its factors differ
+    # from one process's by up to 2e-3 in float32 where these equal them (benchmarks/refactorize_tsqr.py, RESULTS.md).
     for layer in sharded:
         B, A = gather_whole(layer.B), gather_whole(layer.A)
         lowrank_refactorize_([B], [A])

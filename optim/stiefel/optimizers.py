@@ -28,7 +28,7 @@ from .._library import has_kernel
 from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_incoming_state_dict,
                          check_lr, check_nonnegative, check_param_state, install_state_dict_hooks, scalar)
 from .._validate import check_unit_interval as _unit_interval
-from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor
+from ..fused.distributed import agree_over_mesh, check_row_sharded, gather_whole, is_dtensor
 from ._ops import CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rsdm_step_, rsdm_step_reference
 from .sharded import rsdm_permutation_step_sharded_, whole_matrix_update_
 from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
@@ -290,6 +290,7 @@ class RSDM(_ManifoldOptimizer):
                  rank: int, sampling: str = "permutation", core: str = "qr", momentum: float = 0.0,
                  reorthonormalize_every: int | None = None, seed: int | None = None, maximize: bool = False,
                  manifold: str | None = "stiefel", check_finite: bool = True):
+        self._seed_drawn = seed is None
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         defaults = dict(lr=lr, rank=rank, sampling=sampling, core=core, momentum=momentum,
@@ -298,6 +299,32 @@ class RSDM(_ManifoldOptimizer):
         self._check_group(defaults, [])
         super().__init__(params, defaults)
         install_state_dict_hooks(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The base class's checks and, for a group with FSDP2-sharded (DTensor) constrained parameters, one seed on
+        every rank of their mesh: the first rank's where it was drawn (``seed=None``), an error on every rank where
+        given seeds differ. The ranks must sample the same rows and directions: each gathers and steps its part of
+        the same ones (``optim.stiefel.sharded``)."""
+        if not isinstance(param_group, dict) or not isinstance(self.defaults.get("seed"), int):
+            super().add_param_group(param_group)  # the base class's errors
+            return
+        manifold = param_group.get("manifold", self.defaults.get("manifold", "stiefel"))
+        params = param_group.get("params", [])
+        if not isinstance(params, (torch.Tensor, list, tuple, set)):  # a generator is read once, here (as torch's
+            param_group["params"] = params = list(params)              # add_param_group does, in place)
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        sharded = [p for p in params if is_dtensor(p)] if manifold is not None else []
+        if sharded:
+            if "seed" in param_group:
+                self._check_group(param_group, [])  # a malformed seed raises its own message first
+            given = "seed" in param_group or not self._seed_drawn
+            seed = param_group.get("seed", self.defaults["seed"])
+            (seed,) = agree_over_mesh([seed], sharded[0].device_mesh, sharded[0].to_local().device, given=given,
+                                      caller=self._name, why="each rank would sample other rows of the sharded "
+                                                             "matrices, and the rows gathered from the ranks would "
+                                                             "not belong together")
+            param_group["seed"] = seed
+        super().add_param_group(param_group)
 
     def _check_group(self, group, params) -> None:
         name = self._name

@@ -87,12 +87,24 @@ def rsdm_permutation_step_sharded_(p: torch.Tensor, direction: torch.Tensor, *, 
         _scatter_rows_(direction_local, start, stop, indices, flip, d_tall[:rank])
 
 
+def _sharded_like(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """A new DTensor sharded like the row-sharded DTensor ``p`` (its mesh and placements), holding this rank's rows
+    of ``whole`` (shaped like ``p``)."""
+    from torch.distributed.tensor import DTensor
+
+    _, start, stop = local_rows(p)
+    local = whole[start:stop].clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
+                              stride=torch.empty(p.shape, device="meta").stride(), run_check=False)
+
+
 @torch.no_grad()
 def whole_matrix_update_(p: torch.Tensor, state: dict, update: Callable[[torch.Tensor, dict], None]) -> None:
     """``update(x, state)`` of a step that needs the whole matrix, for a row-sharded DTensor ``p``: X, its gradient
     and its DTensor state are all-gathered, ``update`` runs on the whole (``x.grad`` set) on every rank, and each
-    rank writes back its rows; plain state values (counters, and tensors ``update`` creates) are kept as they come
-    back."""
+    rank writes back its rows. A plain state tensor of the parameter's shape (one that ``update`` creates, such as
+    RiemannianSGD's momentum buffer on the first step) is kept sharded like ``p``, so that each rank holds its rows
+    only, as of the state created before the step; other plain values (counters) are kept as they come back."""
     if not is_dtensor(p):
         update(p, state)
         return
@@ -105,5 +117,7 @@ def whole_matrix_update_(p: torch.Tensor, state: dict, update: Callable[[torch.T
     for key, value in whole_state.items():
         if is_dtensor(state.get(key)):
             write_whole_(state[key], value)
+        elif isinstance(value, torch.Tensor) and not is_dtensor(value) and value.shape == p.shape:
+            state[key] = _sharded_like(p, value)
         else:
             state[key] = value

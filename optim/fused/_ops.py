@@ -162,3 +162,41 @@ fused_adamw_ = define_op(
     reference=fused_adamw_reference,
     fake=_fused_adamw_fake,
 )
+
+
+# --- finiteness of many tensors -----------------------------------------------------------------------------------
+#
+# ``optim::all_finite(tensors)`` is a 0-d bool tensor: whether every element of every tensor is finite (no NaN, no
+# ±inf), on the tensors' device (the CPU for an empty list). Tensors of any dtype and shape, strided and on one
+# device; integer and bool tensors are finite. The compiled CPU kernel reads each tensor once and writes nothing
+# else (``torch.isfinite`` writes a bool tensor per input, ``_foreach_norm`` computes a norm per tensor).
+
+
+def check_all_finite_args(tensors: Tensors) -> None:
+    for i, tensor in enumerate(tensors):
+        # csrc/fused/all_finite_cpu.cpp checks the same, in this order, with these messages
+        if tensor.layout != torch.strided:
+            raise RuntimeError(f"all_finite: tensor {i} is not strided; dense tensors are required")
+        if tensor.device != tensors[0].device:
+            raise RuntimeError(f"all_finite: every tensor must be on one device; tensor 0 is on {tensors[0].device} "
+                               f"and tensor {i} on {tensor.device}")
+
+
+def all_finite_reference(tensors: Tensors) -> torch.Tensor:
+    check_all_finite_args(tensors)
+    finite = torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+    for tensor in tensors:
+        finite &= torch.isfinite(tensor).all()
+    return finite
+
+
+def _all_finite_fake(tensors):
+    check_all_finite_args(tensors)
+    return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+
+
+all_finite = define_op(
+    "all_finite(Tensor[] tensors) -> Tensor",
+    reference=all_finite_reference,
+    fake=_all_finite_fake,
+)

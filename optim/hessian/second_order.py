@@ -599,43 +599,39 @@ class SecondOrderOptimizer(Optimizer):
     def _apply_update(self, work: _StepWork, closure, external: dict[int, torch.Tensor]) -> None:
         """Check the states, set ``p.grad`` to the plain gradient, and run ``_update`` on one entry per group."""
         stepping, grads = work.params, work.grads
-        self._check_states(stepping)
+        members = self._checked_states({id(p): i for i, p in enumerate(stepping)})
         # Nothing has been modified up to here: every error above leaves parameters and state as they were.
         for p, g in zip(stepping, grads):
             if closure is not None or p.grad is None or p.grad.requires_grad:
                 p.grad = g
-        diagonals = [external.get(id(p)) for p in stepping]
+        diagonals = [external.get(id(p)) for p in stepping] if external else None
         hessian_products, probes, probe_counters = work.hessian_products, work.probes, work.probe_counters
-        position = {id(p): i for i, p in enumerate(stepping)}
         # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
         curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
-            any(t is not None for t in diagonals)
-        state_of = self.state
+            (diagonals is not None and any(t is not None for t in diagonals))
         entries = []
-        for group in self.param_groups:
-            params, group_grads, states = [], [], []
-            entry = {"group": group, "params": params, "grads": group_grads, "states": states,
-                     "hessian_products": [], "probes": [], "probe_counters": [], "diagonals": []}
-            for p in group["params"]:
-                i = position.get(id(p))
-                if i is None:
-                    continue
-                state = state_of[p]
+        for group, group_members in zip(self.param_groups, members):
+            if not group_members:
+                continue
+            states = []
+            for p, _, state in group_members:
                 if not state:
+                    state = self.state[p]
                     self._init_state(p, state)
-                params.append(p)
-                group_grads.append(grads[i])
                 states.append(state)
-                if curvature:
-                    entry["hessian_products"].append(hessian_products[i])
-                    entry["probes"].append(probes[i])
-                    entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
-                    entry["diagonals"].append(diagonals[i])
-            if not curvature:
+            index = [i for _, i, _ in group_members]
+            entry = {"group": group, "params": [p for p, _, _ in group_members], "grads": [grads[i] for i in index],
+                     "states": states}
+            if curvature:
+                entry["hessian_products"] = [hessian_products[i] for i in index]
+                entry["probes"] = [probes[i] for i in index]
+                entry["probe_counters"] = [probe_counters.get(id(stepping[i])) if probes[i] is not None else None
+                                           for i in index]
+                entry["diagonals"] = [diagonals[i] for i in index] if diagonals is not None else [None] * len(index)
+            else:
                 for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
-                    entry[key] = [None] * len(params)
-            if params:
-                entries.append(_local_entry(entry) if self._sharded else entry)
+                    entry[key] = [None] * len(index)
+            entries.append(_local_entry(entry) if self._sharded else entry)
         self._update(entries)
 
     def _only_creates_state(self, due: set[int]) -> bool:
@@ -759,10 +755,11 @@ class SecondOrderOptimizer(Optimizer):
         return StateSpec({**{key: "count" for key in self._count_keys},
                           **{key: "param" for key in self._state_dtype_keys}})
 
-    def _check_states(self, stepping: list[torch.Tensor]) -> None:
-        """The existing state of every parameter the step updates has this class's keys and shapes."""
+    def _checked_states(self, position: dict[int, int]) -> list[list[tuple[torch.Tensor, int, dict | None]]]:
+        """Per param group, ``(p, i, state)`` of the parameters the step updates (``i = position[id(p)]``; state
+        None where there is none yet), once every existing state has been checked for this class's keys and shapes
+        (one pass: the update gathers its lists from it)."""
         spec = self._state_spec()
-        stepped = {id(p) for p in stepping}
         # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
         # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
         # accepts what it accepts and raises with the details otherwise.
@@ -772,9 +769,16 @@ class SecondOrderOptimizer(Optimizer):
         if keys is None or len(param_keys) + len(count_keys) != len(keys):
             keys = None  # a kind the fast pass does not know: every state takes the full check
         tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
+        members = []
         for g, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                state = state_of.get(p) if id(p) in stepped else None
+            group_members = []
+            members.append(group_members)
+            for j, p in enumerate(group["params"]):
+                i = position.get(id(p))
+                if i is None:
+                    continue
+                state = state_of.get(p)
+                group_members.append((p, i, state))
                 if not state:
                     continue
                 if keys is not None and state.keys() == keys:
@@ -792,8 +796,9 @@ class SecondOrderOptimizer(Optimizer):
                                 break
                     if usual:
                         continue
-                check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
+                check_param_state(f"{self._name}.step", f"the state of parameter {j} of param group {g}", p,
                                   state, spec, values=False)
+        return members
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a

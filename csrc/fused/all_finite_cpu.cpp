@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/cpu_isa.h"
+
 #include <atomic>
 #include <cstdint>
 
@@ -12,27 +14,38 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 16;
 
-// float and double: x - x is +0 for a finite x and NaN for ±inf and NaN, and a sum of +0 stays +0, so the sum is 0
-// exactly when every element is finite. No branch, so the loop vectorizes (the build has no -ffast-math, which
-// would fold x - x to 0).
-template <typename scalar_t>
-bool floats_finite(const scalar_t* data, int64_t n) {
-  scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += data[i] - data[i];
-  return sum == 0;
+// By the bits: an element is non-finite exactly when every exponent bit is set (±inf and NaN). Integer and, compare
+// and or: exact in any order, so the compiler vectorizes the loop and may split the or over several accumulators
+// (a floating-point sum of x - x would do the same check, but its one accumulator chains the adds' latency).
+#define OPTIM_BITS_FINITE_BODY                                                   \
+  bits_t non_finite = 0;                                                         \
+  _Pragma("omp simd reduction(| : non_finite)") for (int64_t i = 0; i < n; ++i) { \
+    non_finite |= static_cast<bits_t>((bits[i] & exponent_mask) == exponent_mask); \
+  }                                                                              \
+  return non_finite == 0;
+
+template <typename bits_t>
+bool bits_finite_baseline(const bits_t* bits, int64_t n, bits_t exponent_mask) {
+  OPTIM_BITS_FINITE_BODY
 }
 
-// bfloat16 and half by their bits: non-finite exactly when every exponent bit is set, i.e. when the bits without
-// the sign are >= the exponent mask (0x7f80 for bfloat16, 0x7c00 for half).
-bool halves_finite(const uint16_t* bits, int64_t n, uint16_t exponent_mask) {
-  uint16_t largest = 0;
-#pragma omp simd reduction(max : largest)
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t magnitude = bits[i] & 0x7fff;
-    largest = magnitude > largest ? magnitude : largest;
-  }
-  return largest < exponent_mask;
+#if OPTIM_X86_DISPATCH
+// the same loop with 256-bit registers (csrc/common/cpu_isa.h): on data that is not in cache, 16-byte loads leave
+// memory bandwidth unused (4M float32 on one thread: 1.1 ms against _foreach_norm's 0.75 ms)
+template <typename bits_t>
+OPTIM_TARGET_AVX2 bool bits_finite_avx2(const bits_t* bits, int64_t n, bits_t exponent_mask) {
+  OPTIM_BITS_FINITE_BODY
+}
+#endif
+
+#undef OPTIM_BITS_FINITE_BODY
+
+template <typename bits_t>
+bool bits_finite(const bits_t* bits, int64_t n, bits_t exponent_mask) {
+#if OPTIM_X86_DISPATCH
+  if (cpu_isa() != CpuIsa::kBaseline) return bits_finite_avx2<bits_t>(bits, n, exponent_mask);
+#endif
+  return bits_finite_baseline<bits_t>(bits, n, exponent_mask);
 }
 
 template <typename element_t, typename Check>
@@ -53,13 +66,21 @@ bool tensor_finite(const at::Tensor& t) {
   if (!t.is_non_overlapping_and_dense()) return tensor_finite(t.contiguous());
   switch (t.scalar_type()) {
     case at::kDouble:
-      return chunks_finite<double>(t, floats_finite<double>);
+      return chunks_finite<uint64_t>(t, [](const uint64_t* bits, int64_t n) {
+        return bits_finite<uint64_t>(bits, n, 0x7ff0000000000000ull);
+      });
     case at::kFloat:
-      return chunks_finite<float>(t, floats_finite<float>);
+      return chunks_finite<uint32_t>(t, [](const uint32_t* bits, int64_t n) {
+        return bits_finite<uint32_t>(bits, n, 0x7f800000u);
+      });
     case at::kBFloat16:
-      return chunks_finite<uint16_t>(t, [](const uint16_t* bits, int64_t n) { return halves_finite(bits, n, 0x7f80); });
+      return chunks_finite<uint16_t>(t, [](const uint16_t* bits, int64_t n) {
+        return bits_finite<uint16_t>(bits, n, 0x7f80);
+      });
     case at::kHalf:
-      return chunks_finite<uint16_t>(t, [](const uint16_t* bits, int64_t n) { return halves_finite(bits, n, 0x7c00); });
+      return chunks_finite<uint16_t>(t, [](const uint16_t* bits, int64_t n) {
+        return bits_finite<uint16_t>(bits, n, 0x7c00);
+      });
     default:
       if (!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type())) return true;
       return at::isfinite(t).all().item<bool>();

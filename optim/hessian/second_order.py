@@ -346,7 +346,8 @@ class SecondOrderOptimizer(Optimizer):
         """One step; see the class docstring for the closure protocol. Returns the closure's loss (or None).
 
         Stages: gather the gradients, take the curvature (Hessian-vector products), reduce (average over the
-        process group, unscale, check finiteness), update; only the last writes parameters or state."""
+        process group, unscale, check finiteness), update; only the last writes parameters or state (the backward
+        passes of ``hessian="fd"`` write ``p.grad`` and move parameters by ±hz, restored bit for bit)."""
         for group in self.param_groups:
             self._check_group(group)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "tensor_list_checks.h"
+
 namespace optim {
 namespace {
 
@@ -15,15 +17,7 @@ void add_to_block(scalar_t* data, int64_t n, double value) {
 }
 
 void add_to_counts_cpu(at::TensorList counts, double value) {
-  for (size_t i = 0; i < counts.size(); ++i) {
-    // check_add_to_counts_args in optim/fused/_ops.py: the same order and messages
-    TORCH_CHECK(counts[i].layout() == at::kStrided, "add_to_counts_: counts[", i, "] is not strided; dense tensors ",
-                "are required");
-    TORCH_CHECK(at::isFloatingType(counts[i].scalar_type()), "add_to_counts_: counts[", i, "] is not floating ",
-                "point; floating-point counts are required");
-    TORCH_CHECK(counts[i].device() == counts[0].device(), "add_to_counts_: every count must be on one device; ",
-                "counts[0] is on ", counts[0].device(), " and counts[", i, "] on ", counts[i].device());
-  }
+  check_tensor_list("add_to_counts_", "counts", counts, /*floating=*/true);
   for (const at::Tensor& count : counts) {
     if (count.numel() == 0) continue;
     // a dense tensor of any strides is one block of numel elements from its data pointer

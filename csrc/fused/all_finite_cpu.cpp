@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../common/cpu_isa.h"
+#include "tensor_list_checks.h"
 
 #include <atomic>
 #include <cstdint>
@@ -88,13 +89,7 @@ bool tensor_finite(const at::Tensor& t) {
 }
 
 at::Tensor all_finite_cpu(at::TensorList tensors) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    // check_all_finite_args in optim/fused/_ops.py: the same order and messages
-    TORCH_CHECK(tensors[i].layout() == at::kStrided, "all_finite: tensor ", i, " is not strided",
-                "; dense tensors are required");
-    TORCH_CHECK(tensors[i].device() == tensors[0].device(), "all_finite: every tensor must be on one device; tensor 0 ",
-                "is on ", tensors[0].device(), " and tensor ", i, " on ", tensors[i].device());
-  }
+  check_tensor_list("all_finite", "tensors", tensors, /*floating=*/false);
   bool finite = true;
   for (const at::Tensor& t : tensors) {
     if (!tensor_finite(t)) {

@@ -172,14 +172,21 @@ fused_adamw_ = define_op(
 # else (``torch.isfinite`` writes a bool tensor per input, ``_foreach_norm`` computes a norm per tensor).
 
 
-def check_all_finite_args(tensors: Tensors) -> None:
+def check_tensor_list(op: str, name: str, tensors: Tensors, *, floating: bool = False) -> None:
+    """Every tensor of the list ``name`` strided (floating point too with ``floating``) and on one device, with the
+    messages the CPU kernels repeat (csrc/fused/all_finite_cpu.cpp, add_to_counts_cpu.cpp), in this order."""
     for i, tensor in enumerate(tensors):
-        # csrc/fused/all_finite_cpu.cpp checks the same, in this order, with these messages
         if tensor.layout != torch.strided:
-            raise RuntimeError(f"all_finite: tensor {i} is not strided; dense tensors are required")
+            raise RuntimeError(f"{op}: {name}[{i}] is not strided; dense tensors are required")
+        if floating and not tensor.dtype.is_floating_point:
+            raise RuntimeError(f"{op}: {name}[{i}] is not floating point; floating-point tensors are required")
         if tensor.device != tensors[0].device:
-            raise RuntimeError(f"all_finite: every tensor must be on one device; tensor 0 is on {tensors[0].device} "
-                               f"and tensor {i} on {tensor.device}")
+            raise RuntimeError(f"{op}: every tensor of {name} must be on one device; {name}[0] is on "
+                               f"{tensors[0].device} and {name}[{i}] on {tensor.device}")
+
+
+def check_all_finite_args(tensors: Tensors) -> None:
+    check_tensor_list("all_finite", "tensors", tensors)
 
 
 def all_finite_reference(tensors: Tensors) -> torch.Tensor:
@@ -212,15 +219,7 @@ all_finite = define_op(
 
 
 def check_add_to_counts_args(counts: Tensors) -> None:
-    for i, count in enumerate(counts):
-        # csrc/fused/add_to_counts_cpu.cpp checks the same, in this order, with these messages
-        if count.layout != torch.strided:
-            raise RuntimeError(f"add_to_counts_: counts[{i}] is not strided; dense tensors are required")
-        if not count.dtype.is_floating_point:
-            raise RuntimeError(f"add_to_counts_: counts[{i}] is not floating point; floating-point counts are required")
-        if count.device != counts[0].device:
-            raise RuntimeError(f"add_to_counts_: every count must be on one device; counts[0] is on "
-                               f"{counts[0].device} and counts[{i}] on {count.device}")
+    check_tensor_list("add_to_counts_", "counts", counts, floating=True)
 
 
 def add_to_counts_reference(counts: Tensors, value: float) -> None:

@@ -149,3 +149,14 @@ def test_bad_counts_raise_and_change_nothing(implementation):
     assert float(counts[0]) == 0.0
     with pytest.raises(RuntimeError, match=r"add_to_counts_: counts\[1\] is not strided; dense tensors are required"):
         implementation([torch.zeros(()), torch.ones(3).to_sparse()], 1.0)
+
+
+def test_all_finite_of_tensor_subclasses_takes_the_norm_path():
+    """A subclass (DTensor has no sharding rule for the op) is checked by _foreach_norm, plain tensors by the op."""
+    class Sub(torch.Tensor):
+        pass
+
+    tensors = [torch.ones(5).as_subclass(Sub), torch.ones(3), torch.nn.Parameter(torch.ones(2))]
+    assert all_finite(tensors)
+    tensors[0][1] = float("nan")
+    assert not all_finite(tensors)

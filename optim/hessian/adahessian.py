@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from .._validate import check_lr, check_nonnegative, scalar
+from ..fused._ops import add_to_counts_
 from ._ops import check_adahessian_hyperparameters, fused_adahessian_, fused_adahessian_reference
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
 
@@ -125,10 +126,10 @@ class AdaHessian(SecondOrderOptimizer):
             step_counts = [state["step"] for state in states]
             refreshed = [state["hessian_step"] for state, diagonal in zip(states, diagonals) if diagonal is not None]
             if all(type(t) is torch.Tensor for t in step_counts + refreshed):
-                # one multi-tensor increment of each count rather than an in-place add per parameter
-                torch._foreach_add_(step_counts, 1)
+                # one op call per kind of count rather than an in-place add per parameter
+                add_to_counts_(step_counts, 1.0)
                 if refreshed:
-                    torch._foreach_add_(refreshed, 1)
+                    add_to_counts_(refreshed, 1.0)
             else:
                 for state, diagonal in zip(states, diagonals):
                     state["step"] += 1

@@ -104,8 +104,10 @@ FSDP2
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -124,6 +126,7 @@ from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
 from ..fused.distributed import (agree_over_mesh, average_, check_process_group, check_row_sharded, is_dtensor,
                                  local_rows, reject_dtensors)
+from .hvp import second_backward
 from .routing import sdpa_curvature
 from .probes import rademacher_like
 
@@ -149,6 +152,45 @@ def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
 
 def select(tensors: Sequence, index: list[int]) -> list:
     return [tensors[i] for i in index]
+
+
+@dataclass(eq=False)
+class _StepWork:
+    """What the stages of one ``SecondOrderOptimizer.step`` know about the parameters it updates, index-aligned
+    with ``params`` (in ``param_groups`` order): gathered (``params``, ``grads``, ``loss``, ``graph_grads``, and
+    for an average over the process group ``averaging`` and ``has_local_grad``), then the curvature
+    (``hessian_products`` and ``probes``: None where not refreshed; ``probe_counters``: id(p) -> the ``(seed,
+    offset)`` its probe was drawn from), reduced in place, and consumed by the update."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    loss: Any = None
+    graph_grads: list[torch.Tensor] | None = None  # the gradients that carry the graph of the exact HVP
+    averaging: bool = False
+    has_local_grad: list[bool] | None = None  # which zero-filled gradients exist on this rank
+    hessian_products: list[torch.Tensor | None] = field(default_factory=list)
+    probes: list[torch.Tensor | None] = field(default_factory=list)
+    probe_counters: dict[int, tuple[int, int]] = field(default_factory=dict)
+    fd_candidates: list[torch.Tensor] | None = None  # hessian="fd": the parameters its backward passes write
+    fd_saved_grads: list[torch.Tensor | None] | None = None  # ... and their p.grad before the step
+
+    def __post_init__(self):
+        self.hessian_products = [None] * len(self.params)
+        self.probes = [None] * len(self.params)
+
+    @classmethod
+    def zero_filled(cls, params, grads) -> _StepWork:
+        """Every parameter, with zeros for a missing gradient, so that all ranks all-reduce the same tensors (the
+        gradients that exist are remembered for the average): the work of a step averaged over the group."""
+        return cls(list(params), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)],
+                   averaging=True, has_local_grad=[g is not None for g in grads])
+
+    def set_curvature(self, index: list[int], products, probes, counters) -> None:
+        """Hz, z and z's counters of the parameters at ``index``."""
+        for i, hz, z, counter in zip(index, products, probes, counters):
+            self.hessian_products[i] = hz
+            self.probes[i] = z
+            self.probe_counters[id(self.params[i])] = counter
 
 
 class SecondOrderOptimizer(Optimizer):
@@ -313,204 +355,124 @@ class SecondOrderOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, hessian_diagonal=None):
-        """One step; see the class docstring for the closure protocol. Returns the closure's loss (or None)."""
+        """One step; see the class docstring for the closure protocol. Returns the closure's loss (or None).
+
+        Stages: gather the gradients, take the curvature (Hessian-vector products), reduce (average over the
+        process group, unscale, check finiteness), update; only the last writes parameters or state (the backward
+        passes of ``hessian="fd"`` write ``p.grad`` and move parameters by ±hz, restored bit for bit)."""
         for group in self.param_groups:
             self._check_group(group)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None:
-            if closure is not None:
-                raise ValueError(
-                    f"{self._name}.step: a closure was given through torch.amp.GradScaler.step, which cannot scale "
-                    "the loss the optimizer differentiates; with a GradScaler call scaler.scale(loss).backward() "
-                    "(create_graph=True on refresh steps, see opt.next_step_refreshes()) and scaler.step(opt)")
-            if bool(found_inf.item()):  # the host sync GradScaler's own skip makes too
-                self._release_grad_graphs()  # GradScaler skips this step and lowers the scale
-                return None
+        if self._skips_overflowed_step(closure, found_inf):
+            return None
         external = self._parse_diagonal(hessian_diagonal) if hessian_diagonal is not None else self._pending_diagonal
         self._pending_diagonal = {}
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         # once per step: the schedule reads each parameter's step count (a host read), asked several times below
-        hvp_due = self._due_for_refresh(external)
-
-        def needs_hvp(p: torch.Tensor) -> bool:
-            return id(p) in hvp_due
-
-        if closure is None and found_inf is None and self._only_creates_state(needs_hvp):
+        due = self._due_for_refresh(external)
+        if closure is None and found_inf is None and self._only_creates_state(due):
             return None
-        if self._finite_differences:
-            loss, stepping, grads, hessian_products, probes, probe_counters = self._finite_difference_curvature(
-                closure, needs_hvp, grad_scale)
-            return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
-                               group_of, None, self._process_group is not None)
+        work = self._gather(closure, due, grad_scale, found_inf)
+        self._curvature(work, closure, due)
+        self._reduce(work, grad_scale)
+        self._apply_update(work, closure, external)
+        return work.loss
 
-        loss = None
-        hvp_graph_grads: list[torch.Tensor] | None = None  # grads that carry a graph, for the HVP
-        averaging = False  # whether grads and HVPs are averaged over self._process_group (module docstring)
-        if closure is None:
-            stepping = [p for p in self._all_params() if p.grad is not None]
-            grads = [p.grad for p in stepping]
-            if self._process_group is not None and any(g.requires_grad for g in grads):
-                # Gradients with a graph come from backward(create_graph=True), which DDP cannot have averaged.
-                averaging = True
-                stepping, grads = self._zero_filled([p for p in self._all_params() if p.requires_grad],
-                                                    [p.grad for p in self._all_params() if p.requires_grad])
-            if any(needs_hvp(p) for p in stepping):
-                if not all(g.requires_grad for p, g in zip(stepping, grads) if needs_hvp(p)):
-                    raise ValueError(
-                        f"{self._name}.step: this step refreshes the Hessian estimate (every update_period steps, "
-                        "and at the first step) but no closure was given. Pass step(closure) where closure() "
-                        "returns the loss without calling backward(), or call loss.backward(create_graph=True) "
-                        "before step(), or give the diagonal with step(hessian_diagonal=...)")
-                if found_inf is not None and grad_scale is None:
-                    raise ValueError(
-                        f"{self._name}.step: GradScaler.unscale_(optimizer) was called before this step, which "
-                        "refreshes the Hessian estimate: it unscaled the gradients but not their graph, so the "
-                        "Hessian-vector product would still carry the loss scale. On refresh steps (see "
-                        "opt.next_step_refreshes()) call scaler.step(opt) without unscale_ first; gradient clipping, "
-                        "which needs unscale_, can run on the other steps")
-                hvp_graph_grads = grads
-        else:
-            candidates = [p for p in self._all_params() if p.requires_grad]
-            before = {id(p): (p.grad, None if p.grad is None else p.grad._version) for p in candidates}
-            with torch.enable_grad(), sdpa_curvature(bool(hvp_due)):  # a refresh differentiates the loss twice
-                loss = closure()
-            did_backward = any(p.grad is not None and (p.grad is not before[id(p)][0]
-                                                       or p.grad._version != before[id(p)][1]) for p in candidates)
-            if did_backward:
-                stepping = [p for p in candidates if p.grad is not None]
-                if any(needs_hvp(p) for p in stepping):
-                    raise ValueError(
-                        f"{self._name}.step: the closure called backward(), but this step refreshes the Hessian "
-                        "estimate and needs the graph of the loss. Return the loss from the closure without calling "
-                        "backward() (the optimizer differentiates it), at least on refresh steps")
-                grads = [p.grad for p in stepping]
-            else:
-                if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
-                    return loss.detach() if isinstance(loss, torch.Tensor) else loss
-                self._check_loss(loss)
-                refresh = any(needs_hvp(p) for p in candidates)
-                try:
-                    all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
-                except RuntimeError as error:
-                    if refresh:
-                        self._raise_if_compiled(error)
-                    raise
-                if self._process_group is not None:
-                    averaging = True
-                    stepping, grads = self._zero_filled(candidates, all_grads)
-                else:
-                    stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
-                    grads = [g for g in all_grads if g is not None]
-                if refresh:
-                    hvp_graph_grads = grads
-        if loss is not None and isinstance(loss, torch.Tensor):
-            loss = loss.detach()
-        self._check_gradients(stepping, grads)
-
-        hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
-        probes: list[torch.Tensor | None] = [None] * len(stepping)
-        probe_counters: dict[int, tuple[int, int]] = {}  # id(p) -> the (seed, offset) its probe was drawn from
-        if hvp_graph_grads is not None:
-            hvp_index = [i for i, p in enumerate(stepping) if needs_hvp(p)]
-            probe_list, counter_list = self._draw_probes([stepping[i] for i in hvp_index])
-            probe_counters = {id(stepping[i]): counter for i, counter in zip(hvp_index, counter_list)}
-            with torch.enable_grad():
-                outputs = [(hvp_graph_grads[i], probe_list[k]) for k, i in enumerate(hvp_index)
-                           if hvp_graph_grads[i].requires_grad]
-                try:
-                    products = (torch.autograd.grad([o for o, _ in outputs], [stepping[i] for i in hvp_index],
-                                                    grad_outputs=[z for _, z in outputs], allow_unused=True)
-                                if outputs else [None] * len(hvp_index))
-                except RuntimeError as error:
-                    self._raise_if_compiled(error)
-                    raise
-            for k, i in enumerate(hvp_index):
-                hz = products[k]
-                hessian_products[i] = torch.zeros_like(stepping[i]) if hz is None else hz.detach()
-                probes[i] = probe_list[k]
-            del outputs, products
-        grads = [g.detach() if g.requires_grad else g for g in grads]
-        del hvp_graph_grads  # the second-order graph dies here
-        return self._apply(loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
-                           group_of, grad_scale, averaging)
-
-    def _apply(self, loss, closure, stepping, grads, hessian_products, probes, probe_counters, external,
-               group_of, grad_scale, averaging):
-        """The rest of a step once the gradients and Hessian-vector products are known: average (``averaging``),
-        unscale, check, and update."""
-        if averaging:
-            stepping, grads, hessian_products, probes = self._average(stepping, grads, hessian_products, probes)
-        if grad_scale is not None:
-            # The loss was multiplied by the scale, and with it the gradient and every Hessian-vector product.
-            grads = _unscaled(grads, grad_scale)
-            hessian_products = _unscaled(hessian_products, grad_scale)
-
-        diagonals = [external.get(id(p)) for p in stepping]
-        checking = [group_of[id(p)].get("check_finite", True) for p in stepping]
-        checked = [g for g, check in zip(grads, checking) if check]
-        checked += [t for t, check in zip(hessian_products, checking) if t is not None and check]
-        if checked and not _all_finite_on_every_rank(checked, self._sharded):
-            self._raise_non_finite(stepping, grads, hessian_products)
-
-        self._check_states(stepping)
-        # Nothing has been modified up to here: every error above leaves parameters and state as they were.
-        for p, g in zip(stepping, grads):
-            if closure is not None or p.grad is None or p.grad.requires_grad:
-                p.grad = g
-        work = []
-        position = {id(p): i for i, p in enumerate(stepping)}
-        # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
-        curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
-            any(t is not None for t in diagonals)
-        state_of = self.state
-        for group in self.param_groups:
-            params, group_grads, states = [], [], []
-            entry = {"group": group, "params": params, "grads": group_grads, "states": states,
-                     "hessian_products": [], "probes": [], "probe_counters": [], "diagonals": []}
-            for p in group["params"]:
-                i = position.get(id(p))
-                if i is None:
-                    continue
-                state = state_of[p]
-                if not state:
-                    self._init_state(p, state)
-                params.append(p)
-                group_grads.append(grads[i])
-                states.append(state)
-                if curvature:
-                    entry["hessian_products"].append(hessian_products[i])
-                    entry["probes"].append(probes[i])
-                    entry["probe_counters"].append(probe_counters.get(id(p)) if probes[i] is not None else None)
-                    entry["diagonals"].append(diagonals[i])
-            if not curvature:
-                for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
-                    entry[key] = [None] * len(params)
-            if params:
-                work.append(_local_entry(entry) if self._sharded else entry)
-        self._update(work)
-        return loss
-
-    def _only_creates_state(self, needs_hvp) -> bool:
-        """A step without a closure at lr = 0 in every group that is due to refresh the curvature from gradients
-        without a graph (what ``torch.distributed.checkpoint.state_dict.get_state_dict`` runs on an optimizer with
-        no state yet, to create it): the state of every parameter with a gradient is created, nothing else."""
-        def zero(lr) -> bool:
-            return bool(lr == 0) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr == 0
-        with_grad = [p for p in self._all_params() if p.grad is not None]
-        if not with_grad or not all(zero(group["lr"]) for group in self.param_groups) or \
-                not any(needs_hvp(p) for p in with_grad) or any(p.grad.requires_grad for p in with_grad):
+    def _skips_overflowed_step(self, closure, found_inf) -> bool:
+        """GradScaler's overflow flag: True (the gradients' graphs released) when the scaled step overflowed."""
+        if found_inf is None:
             return False
-        for p in with_grad:
-            if not self.state[p]:
-                self._init_state(p, self.state[p])
-        return True
+        if closure is not None:
+            raise ValueError(
+                f"{self._name}.step: a closure was given through torch.amp.GradScaler.step, which cannot scale "
+                "the loss the optimizer differentiates; with a GradScaler call scaler.scale(loss).backward() "
+                "(create_graph=True on refresh steps, see opt.next_step_refreshes()) and scaler.step(opt)")
+        if bool(found_inf.item()):  # the host sync GradScaler's own skip makes too
+            self._release_grad_graphs()  # GradScaler skips this step and lowers the scale
+            return True
+        return False
 
-    def _finite_difference_curvature(self, closure, needs_hvp, grad_scale):
-        """Gradients by ``loss.backward()``, and on refresh steps ``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` from two
-        more backward passes (the parameters due for a refresh moved by ±hz, then restored bit for bit), with
-        ``h = ε^{1/3}·max(1, ‖θ‖)/‖z‖`` as ``hvp(mode="fd")`` takes it (ε of the parameters' dtype, norms over the
-        refreshed parameters, whole under FSDP2). Needs a closure returning the loss: the backward passes are the
-        optimizer's, and FSDP2 (or DDP) reduces the gradients in them."""
+    # ------------------------------------------------------------------------------------- stage 1: gradients
+
+    def _gather(self, closure, due: set[int], grad_scale, found_inf) -> _StepWork:
+        """The parameters that step and their gradients (and the loss): by the optimizer's own backward passes
+        (``hessian="fd"``), from ``p.grad`` (no closure), or from the closure (returning the loss, or calling
+        ``backward()`` itself)."""
+        if self._finite_differences:
+            return self._gather_by_backward(closure, grad_scale)
+        if closure is None:
+            work = self._gather_from_grads(due, grad_scale, found_inf)
+        else:
+            work = self._gather_from_closure(closure, due)
+        if isinstance(work.loss, torch.Tensor):
+            work.loss = work.loss.detach()
+        self._check_gradients(work.params, work.grads)
+        return work
+
+    def _gather_from_grads(self, due: set[int], grad_scale, found_inf) -> _StepWork:
+        """No closure: ``p.grad`` as left by ``loss.backward()``, with its graph after ``create_graph=True``."""
+        stepping = [p for p in self._all_params() if p.grad is not None]
+        work = _StepWork(stepping, [p.grad for p in stepping])
+        if self._process_group is not None and any(g.requires_grad for g in work.grads):
+            # Gradients with a graph come from backward(create_graph=True), which DDP cannot have averaged.
+            trainable = [p for p in self._all_params() if p.requires_grad]
+            work = _StepWork.zero_filled(trainable, [p.grad for p in trainable])
+        if any(id(p) in due for p in work.params):
+            if not all(g.requires_grad for p, g in zip(work.params, work.grads) if id(p) in due):
+                raise ValueError(
+                    f"{self._name}.step: this step refreshes the Hessian estimate (every update_period steps, "
+                    "and at the first step) but no closure was given. Pass step(closure) where closure() "
+                    "returns the loss without calling backward(), or call loss.backward(create_graph=True) "
+                    "before step(), or give the diagonal with step(hessian_diagonal=...)")
+            if found_inf is not None and grad_scale is None:
+                raise ValueError(
+                    f"{self._name}.step: GradScaler.unscale_(optimizer) was called before this step, which "
+                    "refreshes the Hessian estimate: it unscaled the gradients but not their graph, so the "
+                    "Hessian-vector product would still carry the loss scale. On refresh steps (see "
+                    "opt.next_step_refreshes()) call scaler.step(opt) without unscale_ first; gradient clipping, "
+                    "which needs unscale_, can run on the other steps")
+            work.graph_grads = work.grads
+        return work
+
+    def _gather_from_closure(self, closure, due: set[int]) -> _StepWork:
+        """A closure: the gradients of the loss it returns (with their graph on a refresh step), or those its
+        own ``backward()`` left in ``p.grad`` (told apart by whether ``p.grad`` changed during the call)."""
+        candidates = [p for p in self._all_params() if p.requires_grad]
+        before = {id(p): (p.grad, None if p.grad is None else p.grad._version) for p in candidates}
+        with torch.enable_grad(), sdpa_curvature(bool(due)):  # a refresh differentiates the loss twice
+            loss = closure()
+        did_backward = any(p.grad is not None and (p.grad is not before[id(p)][0]
+                                                   or p.grad._version != before[id(p)][1]) for p in candidates)
+        if did_backward:
+            stepping = [p for p in candidates if p.grad is not None]
+            if any(id(p) in due for p in stepping):
+                raise ValueError(
+                    f"{self._name}.step: the closure called backward(), but this step refreshes the Hessian "
+                    "estimate and needs the graph of the loss. Return the loss from the closure without calling "
+                    "backward() (the optimizer differentiates it), at least on refresh steps")
+            return _StepWork(stepping, [p.grad for p in stepping], loss=loss)
+        if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
+            return _StepWork([], [], loss=loss)
+        self._check_loss(loss)
+        refresh = any(id(p) in due for p in candidates)
+        try:
+            all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
+        except RuntimeError as error:
+            if refresh:
+                self._raise_if_compiled(error)
+            raise
+        if self._process_group is not None:
+            work = _StepWork.zero_filled(candidates, all_grads)
+        else:
+            work = _StepWork([p for p, g in zip(candidates, all_grads) if g is not None],
+                             [g for g in all_grads if g is not None])
+        work.loss = loss
+        if refresh:
+            work.graph_grads = work.grads
+        return work
+
+    def _gather_by_backward(self, closure, grad_scale) -> _StepWork:
+        """``hessian="fd"``: the gradients by ``loss.backward()`` on the closure's loss (FSDP2, or DDP, reduces
+        them there); :meth:`_finite_difference_products` runs the two more passes of a refresh."""
         if closure is None or grad_scale is not None:
             raise ValueError(
                 f"{self._name}.step: with finite-difference curvature (hessian='fd', the default under FSDP2) pass "
@@ -521,60 +483,184 @@ class SecondOrderOptimizer(Optimizer):
         if not candidates:
             with torch.enable_grad():
                 loss = closure()
-            return (loss.detach() if isinstance(loss, torch.Tensor) else loss), [], [], [], [], {}
-
-        def gradients() -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-            for p in candidates:
-                p.grad = None
-            with torch.enable_grad():
-                value = closure()
-                self._check_loss(value)
-                value.backward()
-            return value.detach(), [p.grad for p in candidates]
-
+            return _StepWork([], [], loss=loss.detach() if isinstance(loss, torch.Tensor) else loss,
+                             averaging=self._process_group is not None)
         saved_grads = [p.grad for p in candidates]
-        try:
-            loss, all_grads = gradients()
+        with self._restoring_grads(candidates, saved_grads):
+            loss, all_grads = self._backward_gradients(closure, candidates)
             stepping = [p for p, g in zip(candidates, all_grads) if g is not None]
-            grads = [g for g in all_grads if g is not None]
-            hessian_products: list[torch.Tensor | None] = [None] * len(stepping)
-            probes: list[torch.Tensor | None] = [None] * len(stepping)
-            probe_counters: dict[int, tuple[int, int]] = {}
-            hvp_index = [i for i, p in enumerate(stepping) if needs_hvp(p)]
-            if hvp_index:
-                moved = [stepping[i] for i in hvp_index]
-                probe_list, counter_list = self._draw_probes(moved)
-                eps = max(torch.finfo(p.dtype).eps for p in moved)
-                length = math.sqrt(sum(p.numel() for p in moved))  # ‖z‖ of a Rademacher probe
-                h = eps ** (1.0 / 3.0) * max(1.0, _global_norm(moved)) / length
-                originals = [p.detach().clone() for p in moved]
-                sides = []
-                try:
-                    for sign in (1.0, -1.0):
-                        with torch.no_grad():
-                            for p, original, z in zip(moved, originals, probe_list):
-                                p.copy_(original).add_(z, alpha=sign * h)
-                        _, side = gradients()
-                        position = {id(p): k for k, p in enumerate(candidates)}
-                        sides.append([side[position[id(p)]] for p in moved])
-                finally:
-                    with torch.no_grad():
-                        for p, original in zip(moved, originals):
-                            p.copy_(original)
-                for k, i in enumerate(hvp_index):
-                    plus, minus = sides[0][k], sides[1][k]
-                    if plus is None or minus is None:
-                        hz = torch.zeros_like(stepping[i])
-                    else:
-                        hz = (plus - minus) / (2.0 * h)
-                    hessian_products[i] = hz.detach()
-                    probes[i] = probe_list[k]
-                    probe_counters[id(stepping[i])] = counter_list[k]
+            work = _StepWork(stepping, [g for g in all_grads if g is not None], loss=loss,
+                             averaging=self._process_group is not None)
+            self._check_gradients(work.params, work.grads)
+        work.fd_candidates, work.fd_saved_grads = candidates, saved_grads
+        return work
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _restoring_grads(candidates, saved_grads):
+        """``p.grad`` back to ``saved_grads`` when the block raises (the backward passes wrote it)."""
+        try:
+            yield
         except BaseException:
             for p, g in zip(candidates, saved_grads):
                 p.grad = g
             raise
-        return loss, stepping, [g.detach() for g in grads], hessian_products, probes, probe_counters
+
+    def _backward_gradients(self, closure, candidates) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The closure's loss and, by its ``backward()``, the gradients of ``candidates`` (None where unused)."""
+        for p in candidates:
+            p.grad = None
+        with torch.enable_grad():
+            value = closure()
+            self._check_loss(value)
+            value.backward()
+        return value.detach(), [p.grad for p in candidates]
+
+    # ------------------------------------------------------------------------------------- stage 2: curvature
+
+    def _curvature(self, work: _StepWork, closure, due: set[int]) -> None:
+        """The Hessian-vector products Hz and probes z of the parameters due for a refresh, into ``work``; the
+        gradients' graph is released."""
+        if self._finite_differences:
+            if work.fd_candidates is not None:
+                with self._restoring_grads(work.fd_candidates, work.fd_saved_grads):
+                    self._finite_difference_products(work, closure, due)
+            work.grads = [g.detach() for g in work.grads]
+            return
+        if work.graph_grads is not None:
+            index = [i for i, p in enumerate(work.params) if id(p) in due]
+            params = [work.params[i] for i in index]
+            probes, counters = self._draw_probes(params)
+            with torch.enable_grad():
+                try:
+                    products = second_backward(params, [work.graph_grads[i] for i in index], probes, None,
+                                               keep_graph=False)
+                except RuntimeError as error:
+                    self._raise_if_compiled(error)
+                    raise
+            work.set_curvature(index, products, probes, counters)
+            del products
+        work.grads = [g.detach() if g.requires_grad else g for g in work.grads]
+        work.graph_grads = None  # the second-order graph dies here
+
+    def _finite_difference_products(self, work: _StepWork, closure, due: set[int]) -> None:
+        """``Hz ≈ (∇L(θ + hz) − ∇L(θ − hz)) / 2h`` from two more backward passes (the parameters due for a
+        refresh moved by ±hz, then restored bit for bit), with ``h = ε^{1/3}·max(1, ‖θ‖)/‖z‖`` as
+        ``hvp(mode="fd")`` takes it (ε of the parameters' dtype, norms over the refreshed parameters, whole under
+        FSDP2)."""
+        index = [i for i, p in enumerate(work.params) if id(p) in due]
+        if not index:
+            return
+        moved = [work.params[i] for i in index]
+        probes, counters = self._draw_probes(moved)
+        eps = max(torch.finfo(p.dtype).eps for p in moved)
+        length = math.sqrt(sum(p.numel() for p in moved))  # ‖z‖ of a Rademacher probe
+        h = eps ** (1.0 / 3.0) * max(1.0, _global_norm(moved)) / length
+        originals = [p.detach().clone() for p in moved]
+        position = {id(p): k for k, p in enumerate(work.fd_candidates)}
+        sides = []
+        try:
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for p, original, z in zip(moved, originals, probes):
+                        p.copy_(original).add_(z, alpha=sign * h)
+                _, side = self._backward_gradients(closure, work.fd_candidates)
+                sides.append([side[position[id(p)]] for p in moved])
+        finally:
+            with torch.no_grad():
+                for p, original in zip(moved, originals):
+                    p.copy_(original)
+        products = [torch.zeros_like(p) if plus is None or minus is None else ((plus - minus) / (2.0 * h)).detach()
+                    for p, plus, minus in zip(moved, *sides)]
+        work.set_curvature(index, products, probes, counters)
+
+    # ---------------------------------------------------------------------------------------- stage 3: reduce
+
+    def _reduce(self, work: _StepWork, grad_scale) -> None:
+        """Average over the process group (where ``work.averaging``), unscale (``grad_scale``), and raise if a
+        checked gradient or Hessian-vector product is not finite."""
+        if work.averaging:
+            self._average(work)
+        if grad_scale is not None:
+            # The loss was multiplied by the scale, and with it the gradient and every Hessian-vector product.
+            work.grads = _unscaled(work.grads, grad_scale)
+            work.hessian_products = _unscaled(work.hessian_products, grad_scale)
+        unchecked = {id(p) for group in self.param_groups if not group.get("check_finite", True)
+                     for p in group["params"]}
+        checked = [g for p, g in zip(work.params, work.grads) if id(p) not in unchecked]
+        checked += [t for p, t in zip(work.params, work.hessian_products) if t is not None and id(p) not in unchecked]
+        if checked and not _all_finite_on_every_rank(checked, self._sharded):
+            self._raise_non_finite(work.params, work.grads, work.hessian_products)
+
+    def _average(self, work: _StepWork) -> None:
+        """Average gradients and Hessian-vector products over the process group in place (one all-reduce per
+        dtype), then drop the parameters that had no gradient on any rank."""
+        grads = work.grads
+        has_local_grad = work.has_local_grad if work.has_local_grad is not None else [True] * len(grads)
+        used = torch.tensor(has_local_grad, dtype=grads[0].dtype, device=grads[0].device) if grads else None
+        tensors = grads + [hz for hz in work.hessian_products if hz is not None] + ([used] if used is not None else [])
+        average_(tensors, self._process_group)
+        if used is None or bool((used > 0).all()):
+            return
+        keep = (used > 0).tolist()
+        work.params, work.grads, work.hessian_products, work.probes = (
+            [t for t, k in zip(tensors_, keep) if k]
+            for tensors_ in (work.params, work.grads, work.hessian_products, work.probes))
+
+    # ---------------------------------------------------------------------------------------- stage 4: update
+
+    def _apply_update(self, work: _StepWork, closure, external: dict[int, torch.Tensor]) -> None:
+        """Check the states, set ``p.grad`` to the plain gradient, and run ``_update`` on one entry per group."""
+        stepping, grads = work.params, work.grads
+        members = self._checked_states({id(p): i for i, p in enumerate(stepping)})
+        # Nothing has been modified up to here: every error above leaves parameters and state as they were.
+        for p, g in zip(stepping, grads):
+            if closure is not None or p.grad is None or p.grad.requires_grad:
+                p.grad = g
+        diagonals = [external.get(id(p)) for p in stepping] if external else None
+        hessian_products, probes, probe_counters = work.hessian_products, work.probes, work.probe_counters
+        # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
+        curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
+            (diagonals is not None and any(t is not None for t in diagonals))
+        entries = []
+        for group, group_members in zip(self.param_groups, members):
+            if not group_members:
+                continue
+            states = []
+            for p, _, state in group_members:
+                if not state:
+                    state = self.state[p]
+                    self._init_state(p, state)
+                states.append(state)
+            index = [i for _, i, _ in group_members]
+            entry = {"group": group, "params": [p for p, _, _ in group_members], "grads": [grads[i] for i in index],
+                     "states": states}
+            if curvature:
+                entry["hessian_products"] = [hessian_products[i] for i in index]
+                entry["probes"] = [probes[i] for i in index]
+                entry["probe_counters"] = [probe_counters.get(id(stepping[i])) if probes[i] is not None else None
+                                           for i in index]
+                entry["diagonals"] = [diagonals[i] for i in index] if diagonals is not None else [None] * len(index)
+            else:
+                for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
+                    entry[key] = [None] * len(index)
+            entries.append(_local_entry(entry) if self._sharded else entry)
+        self._update(entries)
+
+    def _only_creates_state(self, due: set[int]) -> bool:
+        """A step without a closure at lr = 0 in every group that is due to refresh the curvature from gradients
+        without a graph (what ``torch.distributed.checkpoint.state_dict.get_state_dict`` runs on an optimizer with
+        no state yet, to create it): the state of every parameter with a gradient is created, nothing else."""
+        def zero(lr) -> bool:
+            return bool(lr == 0) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr == 0
+        with_grad = [p for p in self._all_params() if p.grad is not None]
+        if not with_grad or not all(zero(group["lr"]) for group in self.param_groups) or \
+                not any(id(p) in due for p in with_grad) or any(p.grad.requires_grad for p in with_grad):
+            return False
+        for p in with_grad:
+            if not self.state[p]:
+                self._init_state(p, self.state[p])
+        return True
 
     def _release_grad_graphs(self) -> None:
         """Detach gradients that carry a graph (``backward(create_graph=True)``) on a step that is skipped, so that
@@ -582,24 +668,6 @@ class SecondOrderOptimizer(Optimizer):
         for p in self._all_params():
             if p.grad is not None and p.grad.requires_grad:
                 p.grad = p.grad.detach()
-
-    def _zero_filled(self, params, grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every parameter, with zeros for a missing gradient, so that all ranks all-reduce the same tensors; the
-        gradients that exist are remembered for ``_average``."""
-        self._has_local_grad = [g is not None for g in grads]
-        return list(params), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-    def _average(self, stepping, grads, hessian_products, probes):
-        """Average gradients and Hessian-vector products over the process group in place (one all-reduce per
-        dtype), then drop the parameters that had no gradient on any rank."""
-        used = torch.tensor(self._has_local_grad, dtype=grads[0].dtype, device=grads[0].device) if grads else None
-        tensors = grads + [hz for hz in hessian_products if hz is not None] + ([used] if used is not None else [])
-        average_(tensors, self._process_group)
-        if used is None or bool((used > 0).all()):
-            return stepping, grads, hessian_products, probes
-        keep = (used > 0).tolist()
-        return tuple([t for t, k in zip(tensors_, keep) if k] for tensors_ in (stepping, grads, hessian_products,
-                                                                               probes))
 
     # What AOTAutograd (every torch.compile backend but "eager") raises when its backward is asked for a graph.
     _COMPILED_BACKWARD_ERRORS = ("does not currently support double backward", "non-empty donated buffers")
@@ -700,10 +768,11 @@ class SecondOrderOptimizer(Optimizer):
         return StateSpec({**{key: "count" for key in self._count_keys},
                           **{key: "param" for key in self._state_dtype_keys}})
 
-    def _check_states(self, stepping: list[torch.Tensor]) -> None:
-        """The existing state of every parameter the step updates has this class's keys and shapes."""
+    def _checked_states(self, position: dict[int, int]) -> list[list[tuple[torch.Tensor, int, dict | None]]]:
+        """Per param group, ``(p, i, state)`` of the parameters the step updates (``i = position[id(p)]``; state
+        None where there is none yet), once every existing state has been checked for this class's keys and shapes
+        (one pass: the update gathers its lists from it)."""
         spec = self._state_spec()
-        stepped = {id(p) for p in stepping}
         # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
         # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
         # accepts what it accepts and raises with the details otherwise.
@@ -713,9 +782,16 @@ class SecondOrderOptimizer(Optimizer):
         if keys is None or len(param_keys) + len(count_keys) != len(keys):
             keys = None  # a kind the fast pass does not know: every state takes the full check
         tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
+        members = []
         for g, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                state = state_of.get(p) if id(p) in stepped else None
+            group_members = []
+            members.append(group_members)
+            for j, p in enumerate(group["params"]):
+                i = position.get(id(p))
+                if i is None:
+                    continue
+                state = state_of.get(p)
+                group_members.append((p, i, state))
                 if not state:
                     continue
                 if keys is not None and state.keys() == keys:
@@ -733,8 +809,9 @@ class SecondOrderOptimizer(Optimizer):
                                 break
                     if usual:
                         continue
-                check_param_state(f"{self._name}.step", f"the state of parameter {i} of param group {g}", p,
+                check_param_state(f"{self._name}.step", f"the state of parameter {j} of param group {g}", p,
                                   state, spec, values=False)
+        return members
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after checking the whole group (its parameters: Tensors listed once, of a

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 
 from .._validate import check_lr, check_nonnegative
+from ..fused._ops import add_to_counts_
 from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference
 from .probes import rademacher_like
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
@@ -133,9 +134,9 @@ class SophiaH(SecondOrderOptimizer):
                     products.append(diagonal if diagonal is not None else hz)
                     probes.append(None if diagonal is not None else z)
                     counters.append(None if diagonal is not None else counter)
-            # one multi-tensor call rather than one tiny op per parameter (a measurable share of a small step)
+            # one op call rather than one tiny op per parameter (a measurable share of a small step)
             hyper = self._check_group(group)
-            torch._foreach_add_([state["step"] for state in entry["states"]], 1.0)
+            add_to_counts_([state["step"] for state in entry["states"]], 1.0)
             sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
                    [s["hessian"] for s in entry["states"]], products, probes, **hyper,
                    maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],

@@ -103,6 +103,8 @@ def test_compiled_kernel_is_registered(device):
         pytest.skip("OPTIM_REQUIRE_EXTENSION is off: the reference kernel may be what runs")
     assert optim.has_kernel("fused_adamw_", device), f"no compiled fused_adamw_ kernel for {device}"
     assert optim.has_kernel(OP, device)
+    for op in ("all_finite", "add_to_counts_"):  # the list ops of tests/fused/test_list_ops.py
+        assert optim.has_kernel(op, device), f"no compiled {op} kernel for {device}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

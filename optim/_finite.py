@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+
+_SUM_DTYPES = (torch.float32, torch.float64)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -15,6 +18,14 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     non-finite element makes it non-finite, and a finite norm means every element is finite. A norm that overflows
     (‖x‖ > ~1.8e19 in float32) is confirmed element-wise.
     """
+    if len(tensors) == 1 and type(tensors[0]) is torch.Tensor and tensors[0].dtype in _SUM_DTYPES:
+        # One plain float32/float64 tensor (a single-matrix RSDM or Riemannian step): its sum, one plain reduction, is
+        # about half the norm's time and skips the stack of the norms (measured on one CPU thread at 512×512:
+        # 16 µs against 45 µs warm, 0.11 ms against 0.26 ms in a cold single step). A non-finite element makes the
+        # sum non-finite; a finite sum means every element is finite, and an overflowing one is confirmed
+        # element-wise.
+        tensor = tensors[0]
+        return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         by_device.setdefault(tensor.device, []).append(tensor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -10,6 +11,7 @@ from ._library import has_kernel
 from .fused._ops import all_finite as all_finite_op
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SUM_DTYPES = (torch.float32, torch.float64)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -21,6 +23,14 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     materializes bool tensors; torch 2.13): a non-finite element makes it non-finite, and a finite norm means every
     element is finite. A norm that overflows (‖x‖ > ~1.8e19 in float32) is confirmed element-wise.
     """
+    if len(tensors) == 1 and type(tensors[0]) is torch.Tensor and tensors[0].dtype in _SUM_DTYPES:
+        # One plain float32/float64 tensor (a single-matrix RSDM or Riemannian step): its sum, one plain reduction, is
+        # about half the norm's time and skips the stack of the norms (measured on one CPU thread at 512×512:
+        # 16 µs against 45 µs warm, 0.11 ms against 0.26 ms in a cold single step). A non-finite element makes the
+        # sum non-finite; a finite sum means every element is finite, and an overflowing one is confirmed
+        # element-wise.
+        tensor = tensors[0]
+        return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
     by_device: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
     for tensor in tensors:
         # subclasses (DTensor, which has no sharding rule for the op; fake tensors) take the _foreach_norm path

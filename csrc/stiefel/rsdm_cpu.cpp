@@ -156,10 +156,83 @@ void rotate_rows_in_float64(const at::Tensor& x_rows, const at::Tensor& g_rows, 
   if (transport) moved_g.copy_(at::mm(y, g64));
 }
 
+// Cholesky QR twice (CholeskyQR2, Fukaya et al. 2014) for the QR core at kLapackCoreMinRank <= r <= kCholQRMaxRank:
+// A = I + M has AᵀA = I − M² (M skew), so cond(A) = √(1 + ‖M‖₂²) is close to 1 for the steps RSDM takes, and
+// Q = A·R⁻¹ with R the Cholesky factor of AᵀA is the Q of A's QR with diag(R) > 0 (the factorization is unique),
+// as LAPACK's Householder Q with the sign fix. The second pass re-orthogonalizes Q to rounding level. The Gram
+// matrices go through BLAS, the Cholesky and triangular solves are row-axpy loops the compiler vectorizes: at r = 64
+// in float32 a step's core then costs a fraction of torch.linalg.qr's (~120 µs there, most of it ATen and LAPACK
+// set-up), which is what kept the fused step behind a naive PyTorch one at small shapes. cond(A) is bounded with
+// ‖M‖_F: beyond kCholQRMaxNorm (a Gram condition number the first pass could not resolve in float32), or if a
+// pivot is not positive, the Householder QR runs instead.
+constexpr int64_t kCholQRMaxRank = 128;
+template <typename T>
+constexpr double cholqr_max_norm() {
+  return sizeof(T) == 8 ? 1e4 : 30.0;
+}
+
+// In place: the upper triangle of gram (r×r, row-major) becomes R with RᵀR = gram; false if a pivot is not > 0.
+template <typename T>
+bool cholesky_upper_in_place(T* gram, int64_t r) {
+  for (int64_t k = 0; k < r; ++k) {
+    T* row_k = gram + k * r;
+    const T pivot = row_k[k];
+    if (!(pivot > T(0)) || !std::isfinite(pivot)) return false;
+    const T d = std::sqrt(pivot), inverse = T(1) / d;
+    row_k[k] = d;
+    for (int64_t j = k + 1; j < r; ++j) row_k[j] *= inverse;
+    for (int64_t i = k + 1; i < r; ++i) {
+      T* row_i = gram + i * r;
+      const T factor = row_k[i];
+      for (int64_t j = i; j < r; ++j) row_i[j] -= factor * row_k[j];
+    }
+  }
+  return true;
+}
+
+// In place: a (r×r, row-major) becomes a·R⁻¹, R the upper triangle of rfactor (forward substitution per row).
+template <typename T>
+void solve_upper_right_in_place(T* a, const T* rfactor, int64_t r) {
+  for (int64_t i = 0; i < r; ++i) {
+    T* row = a + i * r;
+    for (int64_t j = 0; j < r; ++j) {
+      const T* r_row = rfactor + j * r;
+      const T q = row[j] / r_row[j];
+      row[j] = q;
+      for (int64_t c = j + 1; c < r; ++c) row[c] -= q * r_row[c];
+    }
+  }
+}
+
+// Y = Q of I + M (diag(R) > 0) into m by CholeskyQR2; false (m unchanged) where it does not apply.
+template <typename T>
+bool cholqr2_core_in_place(T* m, int64_t r, const at::TensorOptions& options) {
+  const int64_t rr = r * r;
+  double norm2 = 0;
+  for (int64_t e = 0; e < rr; ++e) norm2 += static_cast<double>(m[e]) * static_cast<double>(m[e]);
+  const double bound = cholqr_max_norm<T>();
+  if (!(norm2 <= bound * bound)) return false;
+  std::vector<T> q(rr), gram(rr);
+  for (int64_t e = 0; e < rr; ++e) q[e] = (e / r == e % r ? T(1) : T(0)) + m[e];
+  const at::Tensor q_view = at::from_blob(q.data(), {r, r}, options);
+  at::Tensor gram_view = at::from_blob(gram.data(), {r, r}, options);
+  for (int pass = 0; pass < 2; ++pass) {
+    at::mm_out(gram_view, q_view.t(), q_view);
+    if (!cholesky_upper_in_place(gram.data(), r)) return false;
+    solve_upper_right_in_place(q.data(), gram.data(), r);
+  }
+  std::copy(q.begin(), q.end(), m);
+  return true;
+}
+
 // Y = core(M), M skew r×r (row-major, overwritten by Y).
 template <typename T>
 void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& options) {
   const int64_t rr = r * r;
+  if (core == RsdmCore::kQR && r >= kLapackCoreMinRank && r <= kCholQRMaxRank &&
+      cholqr2_core_in_place(m, r, options)) {
+    return;
+  }
   if (r >= kLapackCoreMinRank && core != RsdmCore::kExp) {
     lapack_core_in_place(m, r, core, options);
   } else if (core == RsdmCore::kCayley) {

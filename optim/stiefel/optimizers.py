@@ -37,6 +37,7 @@ from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_man
 __all__ = ["RSDM", "RiemannianAdam", "RiemannianSGD"]
 
 SAMPLINGS = ("permutation", "orthogonal")
+_RSDM_STEP_OP = rsdm_step_.default
 SECOND_MOMENTS = ("element", "matrix")
 _SEED_MODULUS = 1 << 63
 
@@ -60,6 +61,8 @@ def _check_reorthonormalize_every(value, caller: str) -> None:
 
 
 def _matrix_count(p: torch.Tensor) -> int:
+    if p.dim() == 2:
+        return 1 if p.numel() else 0
     return p.numel() // max(p.shape[-2] * p.shape[-1], 1) if p.shape[-2] * p.shape[-1] else 0
 
 
@@ -146,24 +149,30 @@ class _ManifoldOptimizer(Optimizer):
             spec = self._state_spec(group)
             checked = group.get("check_finite", True)  # groups of state dicts saved before the option: on
             for p_index, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                name = f"parameter {p_index} of param group {g_index}"
-                check_grad(self._name, name, p)
+                # check_grad's conditions inline (a single-matrix step is mostly this kind of Python); the call,
+                # and the message naming the parameter, only when one of them fails
+                if not (grad.layout == torch.strided and grad.shape == p.shape and grad.dtype == p.dtype
+                        and grad.device == p.device):
+                    check_grad(self._name, f"parameter {p_index} of param group {g_index}", p)
                 state = self.state.get(p)
                 if state:
-                    check_param_state(f"{self._name}.step", f"the state of {name}", p, state, spec, values=False)
+                    check_param_state(f"{self._name}.step", f"the state of parameter {p_index} of param group "
+                                      f"{g_index}", p, state, spec, values=False)
                 if not checked:
                     continue
-                grads.append(p.grad)
-                where.append((g_index, p_index, tuple(p.shape)))
+                grads.append(grad)
+                where.append((g_index, p_index))
         if not grads:
             return work
         # One fused reduction per device and one host sync (optim._finite), instead of a boolean copy of every
         # gradient: the check was half of a small RSDM step's time.
         index = first_nonfinite(grads)
         if index is not None:
-            g_index, p_index, shape = where[index]
+            g_index, p_index = where[index]
+            shape = tuple(grads[index].shape)
             raise ValueError(
                 f"{self._name}: the gradient of parameter {p_index} of param group {g_index} (shape {shape}) has NaN "
                 "or inf entries; no parameter or state was changed. Skip this step (torch.amp.GradScaler does that "
@@ -411,7 +420,9 @@ class RSDM(_ManifoldOptimizer):
                                            lr=lr, core=core, transport=bool(momentum))
             state["offset"] += _matrix_count(p) * rank
         elif group["sampling"] == "permutation":
-            step = rsdm_step_ if has_kernel("rsdm_step_", p.device) else rsdm_step_reference
+            # the overload itself: the packet's Python __call__ (fake-object and dispatch checks) cost more than
+            # the checks of the step on a small matrix
+            step = _RSDM_STEP_OP if has_kernel("rsdm_step_", p.device) else rsdm_step_reference
             step(p, direction, None, rank=rank, seed=state["seed"], offset=state["offset"], lr=lr, core=core,
                  transport=bool(momentum))
             state["offset"] += _matrix_count(p) * rank

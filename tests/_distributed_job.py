@@ -94,6 +94,19 @@ def global_batches(in_features: int = IN_FEATURES, dtype: torch.dtype = DTYPE) -
              torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
 
 
+def train_cross_entropy(net, optimizer, steps: int, rank: int | None, world_size: int, dtype: torch.dtype,
+                        after_step=None) -> None:
+    """``steps`` first-order steps of the cross-entropy over the global batches (this rank's part of each)."""
+    batches = global_batches(dtype=dtype)
+    for step in range(steps):
+        x, y = local_part(batches[step % len(batches)], rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+
 def local_part(batch, rank: int | None, world_size: int):
     """Rank ``rank``'s contiguous share of a global batch (the whole batch for the single-process run)."""
     if rank is None:
@@ -225,12 +238,7 @@ def run_fsdp_adamw(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE
     if rank is not None:
         shard(net, mesh)
     optimizer = optim.AdamW(net.parameters(), lr=2e-2, **adamw_options)
-    batches = global_batches(dtype=dtype)
-    for step in range(FSDP_ADAMW_STEPS):
-        x, y = local_part(batches[step % len(batches)], rank, world_size)
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
+    train_cross_entropy(net, optimizer, FSDP_ADAMW_STEPS, rank, world_size, dtype)
     whole = [p.full_tensor() if rank is not None else p for p in net.parameters()]
     local = [p.to_local().shape for p in net.parameters()] if rank is not None else []
     kinds = [type(optimizer.state[p]["exp_avg"]).__name__ for p in net.parameters()]
@@ -259,14 +267,8 @@ def run_fsdp_lowrank(rank: int | None, world_size: int, dtype: torch.dtype = DTY
         else:
             optimizer = torch.optim.AdamW(net.parameters(), lr=2e-2)
             refactorizer = optim.Refactorizer(net, optimizer, every=4, recovery_steps=1)
-        batches = global_batches(dtype=dtype)
-        for step in range(FSDP_LOWRANK_STEPS):
-            x, y = local_part(batches[step % len(batches)], rank, world_size)
-            optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-            if name == "torch_adamw":
-                refactorizer.step()
+        train_cross_entropy(net, optimizer, FSDP_LOWRANK_STEPS, rank, world_size, dtype,
+                            after_step=refactorizer.step if name == "torch_adamw" else None)
         whole = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
         out[name] = {"params": whole, "refactorizations": refactorizer.refactorizations,
                      "sharded": [type(p).__name__ for p in net.parameters()]}

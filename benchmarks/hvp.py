@@ -12,7 +12,8 @@ in one process:
 
 * ``cl-hvp`` / ``cl-ggn`` (curvlinops-for-pytorch 3, optional): ``HessianLinearOperator(...) @ V`` and
   ``GGNLinearOperator(...) @ V`` on a flat ``(n, k)`` block, the peer that vmaps forward-over-reverse over the probes
-  (compare ``cl-ggn`` with ``ggn-fresh``: both rebuild the forward at each call);
+  (compare ``cl-ggn`` with ``ggn-fresh``: both rebuild the forward at each call). On the GPT its HVP is 1e-3 off
+  the Hessian's, in the LayerNorm weights' rows (float64 check against finite differences: RESULTS.md);
 * ``ggn``: ``optim.GGNOperator(model, optim.hessian.cross_entropy, batch, reuse_graph=True) @ v``, the
   Gauss-Newton product ``Jᵀ H_loss J v`` on the kept forward (built in the untimed first call, as Lanczos or
   Hutchinson reuse it: every further product is the double-backward JVP, the fused ``cross_entropy_hvp`` and one

@@ -565,24 +565,25 @@ class HessianOperator(CurvatureOperator):
         return self.mode == "auto" and auto_choice(self) is None
 
     def _build(self, inputs, targets, params, rows):
-        if not self._deciding():
-            return first_order_graph(self._loss_of(inputs, targets), params)
         try:
             return first_order_graph(self._loss_of(inputs, targets), params)
         except _MODE_FAILURES as error:
-            raise StateNotKept from error
+            if self._deciding():
+                raise StateNotKept from error
+            raise
 
     def _apply(self, state, v, k):
         leaves, gradients = state
         # The vmap-or-loop choice is remembered per model: estimators and the monitor build a new operator per call,
         # which would otherwise measure again (half a block vmapped) every time.
-        if not self._deciding():
-            return second_backward(leaves, gradients, v, k, keep_graph=True, key=self.model)
         try:
             product = second_backward(leaves, gradients, v, k, keep_graph=True, key=self.model)
         except _MODE_FAILURES as error:
-            raise StateNotKept from error
-        remember_auto_choice(self, "rr")
+            if self._deciding():
+                raise StateNotKept from error
+            raise
+        if self._deciding():
+            remember_auto_choice(self, "rr")
         return product
 
     @sdpa_curvature()
@@ -593,15 +594,12 @@ class HessianOperator(CurvatureOperator):
         ``H @ V``. Sums are in float64, piece by piece in ``params`` order, so both ways agree to rounding."""
         self._check_flat(V, (2,))
         k = V.shape[0]
-        if self._deciding() or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop"):
+        if k == 0 or self._deciding() or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop"):
             return super().quadratic_forms(V)
         params = check_params(self.params, where=self._where)
         self._check_model()
-        try:
-            state = self._kept_state(params)
-        except StateNotKept:
-            self._graph, state = None, None
-        if state is None or k == 0:
+        state = self._kept_state(params)  # decided, so its build raises no StateNotKept
+        if state is None:
             return super().quadratic_forms(V)
         leaves, gradients = state
         pieces, _ = check_vectors(params, self.unflatten(V), where=self._where)  # finite, as a product's are

@@ -329,27 +329,34 @@ def run_fsdp_stiefel(rank: int | None, world_size: int, dtype: torch.dtype = DTY
 FSDP_SECOND_ORDER_STEPS = 20
 
 
+SECOND_ORDER_CASES = ("sophia", "adahessian", "sophia_ggn", "adahessian_ggn")
+
+
 def run_fsdp_second_order(rank: int | None, world_size: int, dtype: torch.dtype = DTYPE, mesh=None) -> dict:
-    """SophiaH (refresh every 3 steps) and AdaHessian (every step) with finite-difference curvature for 20 steps,
-    on FSDP2 shards (rank set: hessian="auto" picks "fd"; ``mesh``: HSDP's) or whole (hessian="fd"); whole final
-    parameters."""
+    """SophiaH (refresh every 3 steps) and AdaHessian (every step) for 20 steps with finite-difference curvature:
+    the Hessian (rank set: hessian="auto" picks "fd"; whole: hessian="fd") and the Gauss-Newton matrix
+    (``*_ggn``: hessian="ggn-fd", the closure returning (outputs, targets)); on FSDP2 shards (``mesh``: HSDP's) or
+    whole (rank None). Whole final parameters."""
     out = {}
-    for name in ("sophia", "adahessian"):
+    for name in SECOND_ORDER_CASES:
         torch.manual_seed(0)
-        net = (TinyConvNet() if name == "adahessian" else TinyMLP()).to(dtype)
+        ggn = name.endswith("_ggn")
+        adahessian = name.startswith("adahessian")
+        net = (TinyConvNet() if adahessian else TinyMLP()).to(dtype)
         if rank is not None:
             from torch.distributed.fsdp import fully_shard
             fully_shard(net, mesh=mesh)
-        mode = "auto" if rank is not None else "fd"
-        if name == "sophia":
-            optimizer = optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=3, seed=11, hessian=mode)
+        curvature = dict(hessian="ggn-fd", loss_fn=F.cross_entropy) if ggn else \
+            dict(hessian="auto" if rank is not None else "fd")
+        if adahessian:
+            optimizer = optim.AdaHessian(net.parameters(), lr=0.1, update_period=1, seed=11, **curvature)
         else:
-            optimizer = optim.AdaHessian(net.parameters(), lr=0.1, update_period=1, seed=11, hessian=mode)
-        in_features = 16 if name == "adahessian" else IN_FEATURES
+            optimizer = optim.SophiaH(net.parameters(), lr=2e-2, rho=0.05, update_period=3, seed=11, **curvature)
+        in_features = 16 if adahessian else IN_FEATURES
         batches = global_batches(in_features, dtype)
         for step in range(FSDP_SECOND_ORDER_STEPS):
             x, y = local_part(batches[step % len(batches)], rank, world_size)
-            optimizer.step(lambda: F.cross_entropy(net(x), y))
+            optimizer.step((lambda: (net(x), y)) if ggn else (lambda: F.cross_entropy(net(x), y)))
         out[name] = [(p.full_tensor() if rank is not None else p).detach().clone() for p in net.parameters()]
     return out
 
@@ -526,6 +533,8 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     mlp = shard(TinyMLP().to(DTYPE))
     messages["sophia"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0, hessian="exact"))
     messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0, hessian="exact"))
+    messages["sophia_ggn"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0, hessian="ggn",
+                                                              loss_fn=F.cross_entropy))
     # A constrained matrix sharded by columns (tensor parallelism's Shard(1)) is refused: the methods gather rows.
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard

@@ -182,11 +182,12 @@ def test_fsdp2_adamw_matches_single_process(results, name):
     assert set(ranks[0]["state_types"]) == {"DTensor"}
 
 
-@pytest.mark.parametrize("name", ["sophia", "adahessian"])
+@pytest.mark.parametrize("name", job.SECOND_ORDER_CASES)
 def test_fsdp2_second_order_with_finite_differences_matches_single_process(results, name):
-    """SophiaH and AdaHessian on FSDP2 shards (hessian="auto": finite differences of backward passes, each rank
-    drawing the probe entries of its rows): 20 steps across refreshes, equal to one process with hessian="fd" on
-    the whole batch to float64 rounding."""
+    """SophiaH and AdaHessian on FSDP2 shards (hessian="auto": finite differences of backward passes; ``*_ggn``:
+    hessian="ggn-fd", the Gauss-Newton product with the Jacobian-vector product by finite differences of two
+    forwards; each rank drawing the probe entries of its rows): 20 steps across refreshes, equal to one process
+    with the same curvature on the whole batch to float64 rounding."""
     ranks = case_results(results, "fsdp_second_order")
     single = job.run_fsdp_second_order(None, 1)
     # The difference quotient divides the gradients' rounding (~1e-16, the reduction order) by h ~ 6e-6 in
@@ -198,6 +199,7 @@ def test_fsdp2_second_order_with_finite_differences_matches_single_process(resul
 @pytest.mark.parametrize("name, words", [
     ("sophia", "hessian='fd'"),
     ("adahessian", "hessian='fd'"),
+    ("sophia_ggn", "hessian='ggn-fd'"),
     ("rsdm", "sharded by rows"),
     ("riemannian_adam", "sharded by rows"),
     ("refactorizer", "sharded by rows"),
@@ -261,7 +263,7 @@ def test_fsdp2_dcp_checkpoint_of_2_ranks_resumes_on_4(results, resharded, name):
 @pytest.mark.parametrize("case, name", [("fsdp4_adamw", None), ("fsdp4_lowrank", None),
                                         ("fsdp4_lowrank", "torch_adamw"),
                                         *[("fsdp4_stiefel", n) for n in job.FSDP_STIEFEL_OPTIMIZERS],
-                                        ("fsdp4_second_order", "sophia"), ("fsdp4_second_order", "adahessian")])
+                                        *[("fsdp4_second_order", n) for n in job.SECOND_ORDER_CASES]])
 def test_fsdp2_on_4_ranks_matches_single_process(resharded, case, name):
     """The FSDP2 cases on 4 gloo ranks (one row per rank for the small matrices, an empty shard for a 3-row
     factor): every rank equal, and equal to one process on the whole batch."""
@@ -378,17 +380,17 @@ FLOAT32_FD_EVERY_STEP_TOLERANCE = dict(rtol=1e-3, atol=1e-3)  # AdaHessian, refr
 def assert_every_optimizer_matches(ranks: list[dict], single: dict, float32: bool) -> None:
     """Every optimizer of ``job.run_every_fsdp_optimizer``: the ranks bitwise equal, and equal to one process."""
     assert set(ranks[0]["params"]) == set(single["params"]) == {
-        "adamw_fused", "adamw_foreach", "lowrank", "refactorizer_torch_adamw", *job.FSDP_STIEFEL_OPTIMIZERS, "sophia",
-        "adahessian"}
+        "adamw_fused", "adamw_foreach", "lowrank", "refactorizer_torch_adamw", *job.FSDP_STIEFEL_OPTIMIZERS,
+        *job.SECOND_ORDER_CASES}
     assert ranks[0]["refactorizations"] == single["refactorizations"] == job.FSDP_LOWRANK_STEPS // 4
     for name, expected in single["params"].items():
         for rank in range(1, len(ranks)):
             for i, (a, b) in enumerate(zip(ranks[0]["params"][name], ranks[rank]["params"][name])):
                 assert torch.equal(a, b), f"{name}: parameter {i} differs between ranks 0 and {rank}"
         if float32:
-            tolerance = FLOAT32_FD_EVERY_STEP_TOLERANCE if name == "adahessian" else FLOAT32_TOLERANCE
+            tolerance = FLOAT32_FD_EVERY_STEP_TOLERANCE if name.startswith("adahessian") else FLOAT32_TOLERANCE
         else:
-            tolerance = dict(rtol=1e-7, atol=1e-9) if name in ("sophia", "adahessian") else {}
+            tolerance = dict(rtol=1e-7, atol=1e-9) if name in job.SECOND_ORDER_CASES else {}
         assert len(ranks[0]["params"][name]) == len(expected)
         for i, (p, e) in enumerate(zip(ranks[0]["params"][name], expected)):
             assert p.dtype == e.dtype == (torch.float32 if float32 else torch.float64)

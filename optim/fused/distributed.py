@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import defaultdict
 from typing import Sequence
@@ -141,6 +142,36 @@ def agree_over_mesh(values: Sequence[int], mesh, device: torch.device, *, given:
                          f"{local.tolist()}, its first rank: {first.tolist()}); pass the same seed on every rank (or "
                          f"seed=None, and the first rank's is used): {why}")
     return [int(v) for v in first.tolist()]
+
+
+@contextlib.contextmanager
+def resharding_fsdp_modules():
+    """Reshard, on exit, every FSDP2 module that ran a forward inside the block.
+
+    A module built with ``reshard_after_forward=False`` (FSDP2's choice for the root module) keeps its gathered,
+    unsharded parameters after a forward until a backward reshards them, and its next forward reuses them without
+    gathering again. A forward with no backward after it (under ``torch.no_grad()``) followed by an in-place change
+    of the sharded parameters would so run the next forward on stale values; resharding makes it gather the shards
+    anew. The modules are found by a global forward pre-hook, registered for the block only.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed support
+        yield
+        return
+    ran: dict[int, FSDPModule] = {}
+
+    def remember(module, args):
+        if isinstance(module, FSDPModule):
+            ran[id(module)] = module
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(remember)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module in ran.values():
+            module.reshard()
 
 
 def check_process_group(process_group, *, caller: str) -> None:

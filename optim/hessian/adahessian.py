@@ -60,9 +60,10 @@ class AdaHessian(SecondOrderOptimizer):
         hessian_power: k in [0, 1].
         update_period: refresh the curvature every this many steps (int >= 1).
         spatial_average: average |Hz| over the spatial dimensions of 4-D (convolution) parameters.
-        maximize, seed, check_finite, foreach, fused, process_group, hessian: as in :class:`SophiaH`
+        maximize, seed, check_finite, foreach, fused, process_group, hessian, loss_fn: as in :class:`SophiaH`
             (``process_group`` for data-parallel training: the optimizer averages its gradients and Hz over it;
-            ``hessian="fd"``, the default under FSDP2: finite-difference Hz).
+            ``hessian="fd"``, the default under FSDP2: finite-difference Hz; ``"ggn"``/``"ggn-fd"`` with
+            ``loss_fn``: the Gauss-Newton matrix instead of the Hessian, |z⊙Gz| averaged).
 
     State per parameter: ``step`` and ``hessian_step`` (CPU float32 counts), ``exp_avg`` (m) and
     ``exp_hessian_diag_sq`` (v), float32 for bf16/fp16 parameters.
@@ -90,13 +91,14 @@ class AdaHessian(SecondOrderOptimizer):
         fused: bool | None = None,
         process_group=None,
         hessian: str = "auto",
+        loss_fn=None,
     ):
         if fused and foreach:
             raise ValueError("AdaHessian: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         update_period=update_period, spatial_average=spatial_average, maximize=maximize, seed=seed,
                         check_finite=check_finite, foreach=foreach, fused=fused)
-        super().__init__(params, defaults, process_group=process_group, hessian=hessian)
+        super().__init__(params, defaults, process_group=process_group, hessian=hessian, loss_fn=loss_fn)
 
     def _check_group(self, group: dict[str, Any]) -> dict[str, float]:
         """The group's hyperparameters (numbers or 1-element Tensors; torch's messages first where torch has the

@@ -176,3 +176,25 @@ class GGNOperator(CurvatureOperator):
         if not state.output.requires_grad:
             return [torch.zeros_like(t) for t in v]
         return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True)
+
+
+def apply_output_hessian(loss_fn, output: torch.Tensor, targets, u: torch.Tensor, where: str) -> torch.Tensor:
+    """``H u`` with ``H = ∇²_z loss_fn(z, targets)`` at ``z = output`` (detached) and ``u`` shaped like it: the
+    closed forms of the module docstring where they apply, else autograd."""
+    return _OutputHessian(loss_fn, output, targets, where)(u, None)
+
+
+def ggn_vector_products(output: torch.Tensor, targets, loss_fn, leaves: list[torch.Tensor],
+                        vectors: list[torch.Tensor], where: str) -> list[torch.Tensor]:
+    """``G v = Jᵀ H J v`` for one probe ``vectors`` (shaped like ``leaves``) through the graph of ``output`` (the
+    model's outputs z as functions of ``leaves``; consumed by the last backward). ``J v`` is the double-backward
+    Jacobian-vector product of the module docstring (a backward of ``⟨Jᵀd, v⟩`` to the cotangent ``d``), so no
+    forward-mode rule is needed; zeros for leaves the outputs do not reach."""
+    if not output.requires_grad:
+        return [torch.zeros_like(x) for x in leaves]
+    with torch.enable_grad():
+        cotangent = torch.zeros_like(output).requires_grad_(True)
+        transposed = torch.autograd.grad(output, leaves, cotangent, create_graph=True, allow_unused=True)
+        (jv,) = batched_vjp(list(transposed), [cotangent], list(vectors), None, keep_graph=False)
+    w = apply_output_hessian(loss_fn, output, targets, jv, where)
+    return batched_vjp([output], leaves, [w], None, keep_graph=False)

@@ -75,7 +75,11 @@ class SophiaH(SecondOrderOptimizer):
         hessian: how the refresh steps take Hz: ``"exact"`` (double backward of the closure's loss), ``"fd"``
             (central finite differences of two more ``backward()`` passes at θ ± hz, h = ε^{1/3}·max(1, ‖θ‖)/‖z‖:
             approximate, what works under FSDP2, whose sharded gradients exist only in ``backward()``), or
-            ``"auto"`` (default: ``"fd"`` for FSDP2's DTensor parameters, else ``"exact"``).
+            ``"auto"`` (default: ``"fd"`` for FSDP2's DTensor parameters, else ``"exact"``); or the Gauss-Newton
+            matrix G = JᵀHJ instead of the Hessian (Sophia-G's curvature, positive semi-definite): ``"ggn"`` (exact)
+            or ``"ggn-fd"`` (Jz by finite differences of two forwards: what works under FSDP2), with ``loss_fn``.
+        loss_fn: with ``hessian="ggn"``/``"ggn-fd"`` only: the criterion ``loss_fn(outputs, targets)``; the closure
+            then returns ``(outputs, targets)`` (see ``optim.hessian.second_order``, *Gauss-Newton curvature*).
 
     State per parameter: ``step`` (CPU float32 count), ``exp_avg`` (m) and ``hessian`` (h), float32 for
     bf16/fp16 parameters.
@@ -102,13 +106,14 @@ class SophiaH(SecondOrderOptimizer):
         fused: bool | None = None,
         process_group=None,
         hessian: str = "auto",
+        loss_fn=None,
     ):
         if fused and foreach:
             raise ValueError("SophiaH: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, update_period=update_period,
                         eps=eps, maximize=maximize, seed=seed, check_finite=check_finite, foreach=foreach,
                         fused=fused)
-        super().__init__(params, defaults, process_group=process_group, hessian=hessian)
+        super().__init__(params, defaults, process_group=process_group, hessian=hessian, loss_fn=loss_fn)
 
     def _check_group(self, group: dict[str, Any]) -> dict[str, float]:
         """The group's hyperparameters (numbers or 1-element Tensors; torch's messages first where torch has the

@@ -17,6 +17,8 @@ from optim.hessian import attention as attention_module
 from optim.hessian import sdpa_curvature
 from optim.hessian.attention import scaled_dot_product_attention as attention
 
+from .._models import gpt2_twins
+
 OPS = {
     "forward": (ops.sdpa_forward, ops.sdpa_forward_blocked, ops.sdpa_forward_reference),
     "backward": (ops.sdpa_backward, ops.sdpa_backward_blocked, ops.sdpa_backward_reference),
@@ -380,20 +382,6 @@ def test_sdpa_curvature_routes_scaled_dot_product_attention(monkeypatch):
     assert len(calls) == 2
 
 
-def _gpt2_twins(dtype=torch.float64, n_layer=2):
-    transformers = pytest.importorskip("transformers")
-    config = dict(vocab_size=31, n_positions=24, n_embd=16, n_layer=n_layer, n_head=4, bos_token_id=0, eos_token_id=0,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(3)
-    sdpa = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa", **config))
-    eager = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="eager", **config))
-    eager.load_state_dict(sdpa.state_dict())
-    input_ids = torch.randint(0, 31, (2, 19))
-    labels = input_ids.clone()
-    labels[1, 15:] = -100
-    return sdpa.to(dtype).eval(), eager.to(dtype).eval(), (input_ids, labels)
-
-
 class _Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -407,7 +395,7 @@ class _Logits(torch.nn.Module):
 def test_gpt2_sdpa_curvature_products_equal_its_eager_twin(operator, monkeypatch):
     from optim.hessian import causal_lm_loss
 
-    sdpa, eager, batch = _gpt2_twins()
+    sdpa, eager, batch = gpt2_twins()
     calls = []
     original = attention_module.scaled_dot_product_attention
     monkeypatch.setattr(attention_module, "scaled_dot_product_attention",
@@ -424,7 +412,7 @@ def test_gpt2_sdpa_curvature_products_equal_its_eager_twin(operator, monkeypatch
 def test_gpt2_sdpa_hvp_in_forward_mode():
     from optim.hessian import causal_lm_loss
 
-    sdpa, eager, (input_ids, labels) = _gpt2_twins(n_layer=1)
+    sdpa, eager, (input_ids, labels) = gpt2_twins(n_layer=1)
     products = []
     for model in (sdpa, eager):
         names, params = zip(*[(n, p.detach()) for n, p in model.named_parameters() if ".h.0.attn." in n])
@@ -443,7 +431,7 @@ def test_sophia_refresh_on_a_float32_sdpa_model_equals_its_eager_twin():
     # float32 on CPU: torch's own SDPA takes its flash kernel here, which has no double backward
     from optim.hessian import causal_lm_loss
 
-    sdpa, eager, (input_ids, labels) = _gpt2_twins(dtype=torch.float32, n_layer=1)
+    sdpa, eager, (input_ids, labels) = gpt2_twins(dtype=torch.float32, n_layer=1)
     states = []
     for model in (sdpa, eager):
         opt = optim.SophiaH(model.parameters(), lr=1e-3, update_period=1, seed=11)
@@ -457,7 +445,7 @@ def test_sophia_refresh_on_a_float32_sdpa_model_equals_its_eager_twin():
 def test_sharpness_monitor_on_an_sdpa_model_equals_its_eager_twin():
     from optim.hessian import causal_lm_loss
 
-    sdpa, eager, batch = _gpt2_twins(n_layer=1)
+    sdpa, eager, batch = gpt2_twins(n_layer=1)
     records = []
     for model in (sdpa, eager):
         monitor = optim.SharpnessMonitor(model, causal_lm_loss, every=1, lr_from=0.1, probes=1, lanczos_iters=3,

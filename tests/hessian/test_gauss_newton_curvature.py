@@ -12,6 +12,8 @@ from torch.func import functional_call, hessian, jacrev
 
 import optim
 
+from .._models import gpt2_twins
+
 
 def quartic(z, t):
     """A criterion with no closed form: its output Hessian goes through autograd."""
@@ -141,21 +143,14 @@ def test_sets_the_plain_gradient_and_leaves_no_graph():
 def test_gpt2_sdpa_gauss_newton_refresh_equals_its_eager_twin():
     """hessian="ggn" on a transformers GPT-2 with attn_implementation="sdpa": the double-backward JVP goes through
     the package's attention ops, and the curvature equals the eager-attention twin's."""
-    transformers = pytest.importorskip("transformers")
     from optim.hessian import causal_lm_loss
 
-    config = dict(vocab_size=29, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(1)
-    sdpa = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa", **config))
-    eager = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="eager", **config))
-    eager.load_state_dict(sdpa.state_dict())
-    input_ids = torch.randint(0, 29, (2, 11))
+    sdpa, eager, (input_ids, labels) = gpt2_twins(n_layer=1)
     states = []
-    for model in (sdpa.double().eval(), eager.double().eval()):
+    for model in (sdpa, eager):
         optimizer = optim.SophiaH(model.parameters(), lr=1e-3, update_period=1, seed=3, hessian="ggn",
                                   loss_fn=causal_lm_loss)
-        optimizer.step(lambda model=model: (model(input_ids).logits, input_ids))
+        optimizer.step(lambda model=model: (model(input_ids).logits, labels))
         states.append([optimizer.state[p]["hessian"].clone() for p in model.parameters()])
     assert any(bool(h.abs().max() > 0) for h in states[0])
     for ours, theirs in zip(*states):

@@ -249,8 +249,8 @@ class SecondOrderOptimizer(Optimizer):
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"{self._name}: loss_fn must be callable as loss_fn(outputs, targets), got "
                              f"{type(loss_fn).__name__}")
-        self._loss_fn = loss_fn  # not in defaults, like process_group: state dicts hold plain values only
-        self._process_group = process_group  # not in defaults: state dicts hold plain values only
+        # not in defaults: state dicts hold plain values only
+        self._loss_fn, self._process_group = loss_fn, process_group
         drawn_seed = defaults.get("seed") is None
         if defaults.get("seed") is None:
             defaults["seed"] = int(torch.randint(0, 2**62, ()).item())
@@ -459,11 +459,12 @@ class SecondOrderOptimizer(Optimizer):
         result = closure()
         if not self._ggn:
             return result, None, None
-        if not isinstance(result, (tuple, list)) or len(result) != 2 or not isinstance(result[0], torch.Tensor) \
-                or not result[0].dtype.is_floating_point:
-            got = f"a {type(result).__name__}" + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
-            if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor):
+        pair = isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)
+        if not pair or not result[0].dtype.is_floating_point:
+            if pair:
                 got = f"outputs of dtype {result[0].dtype}"
+            else:
+                got = f"a {type(result).__name__}" + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
             raise ValueError(
                 f"{self._name}.step: with hessian={self._hessian_mode!r} the closure must return (outputs, targets), "
                 "the model's floating-point outputs and what loss_fn(outputs, targets) compares them with (the "

@@ -137,10 +137,11 @@ class AdaHessian(SecondOrderOptimizer):
                         state["hessian_step"] += 1
             steps = [int(state["step"].item()) for state in states]
             hessian_steps = [int(state["hessian_step"].item()) for state in states]
-            adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
-                       [s["exp_hessian_diag_sq"] for s in entry["states"]], diagonals, steps, hessian_steps,
-                       **self._check_group(group), maximize=group["maximize"], foreach=group["foreach"],
-                       fused=group["fused"])
+            # the values step() checked (check_adahessian_hyperparameters among them), not checked again
+            hyper = entry["hyper"] if entry.get("hyper") is not None else self._check_group(group)
+            _adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in states],
+                        [s["exp_hessian_diag_sq"] for s in states], diagonals, steps, hessian_steps, **hyper,
+                        maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
 
 
 def adahessian(
@@ -166,12 +167,21 @@ def adahessian(
     curvature is not refreshed; ``steps`` / ``hessian_steps`` are the counts after this step's increments."""
     check_adahessian_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                                      hessian_power=hessian_power, caller="adahessian")
-    path = choose_path(params, "fused_adahessian_", foreach, fused)
+    _adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, steps, hessian_steps, lr=lr,
+                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, hessian_power=hessian_power,
+                maximize=maximize, foreach=foreach, fused=fused)
+
+
+def _adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, steps, hessian_steps, *, lr, beta1,
+                beta2, weight_decay, eps, hessian_power, maximize, foreach, fused) -> None:
+    """:func:`adahessian` once its hyperparameters are checked (``AdaHessian`` checks them in ``_check_group``)."""
+    devices = {p.device for p in params}
+    path = choose_path(params, "fused_adahessian_", foreach, fused, devices=devices)
     implementation = {"fused": fused_adahessian_, "foreach": _multi_tensor_adahessian,
                       "single": fused_adahessian_reference}[path]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, hessian_power=hessian_power,
                  maximize=maximize)
-    if params and _one_call(params, hessian_diagonals, steps, hessian_steps):
+    if params and len(devices) == 1 and _one_call(params, hessian_diagonals, steps, hessian_steps):
         # the usual case (one device and dtype, counts alike, no refresh): one call without a key per parameter
         implementation(params, grads, exp_avgs, exp_hessian_diag_sqs, [], step=steps[0],
                        hessian_step=hessian_steps[0], **hyper)
@@ -186,11 +196,12 @@ def adahessian(
 
 
 def _one_call(params, hessian_diagonals, steps, hessian_steps) -> bool:
-    """Whether every parameter falls in the same call of the loop in ``adahessian`` with no diagonal."""
-    device, dtype = params[0].device, params[0].dtype
+    """Whether every parameter falls in the same call of the loop in ``adahessian`` with no diagonal (given that
+    they are on one device)."""
+    dtype = params[0].dtype
     return (all(d is None for d in hessian_diagonals) and steps.count(steps[0]) == len(steps)
             and hessian_steps.count(hessian_steps[0]) == len(hessian_steps)
-            and all(p.dtype is dtype for p in params) and all(p.device == device for p in params))
+            and all(p.dtype is dtype for p in params))
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, *, lr, beta1, beta2,

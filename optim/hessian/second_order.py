@@ -283,7 +283,8 @@ class SecondOrderOptimizer(Optimizer):
         """Apply the step. ``work`` has one entry per param group with the lists of the parameters that step:
         ``params``, ``grads``, ``states`` (their state dicts), ``hessian_products`` (Hz, None where not refreshed),
         ``probes`` (z or None), ``probe_counters`` (the ``(seed, offset)`` z was drawn from, or None),
-        ``diagonals`` (an external estimate or None) and ``group``."""
+        ``diagonals`` (an external estimate or None), ``group`` and ``hyper`` (``_check_group(group)``'s values,
+        checked by ``step``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- external diagonal
@@ -338,8 +339,18 @@ class SecondOrderOptimizer(Optimizer):
     def _due_for_refresh(self, external: dict[int, torch.Tensor]) -> set[int]:
         """The ids of the parameters whose curvature this step refreshes by a Hessian-vector product: due by
         ``_refresh_due`` and without an external diagonal."""
-        return {id(p) for group in self.param_groups for p in group["params"]
-                if id(p) not in external and self._refresh_due(p, group)}
+        if type(self)._refresh_due is not SecondOrderOptimizer._refresh_due:  # a subclass's own schedule
+            return {id(p) for group in self.param_groups for p in group["params"]
+                    if id(p) not in external and self._refresh_due(p, group)}
+        # ``_refresh_due`` inlined: one host read of each count, no call per parameter (~2 µs each on a small step)
+        due, state_of = set(), self.state
+        for group in self.param_groups:
+            period = group["update_period"]
+            for p in group["params"]:
+                state = state_of.get(p)
+                if id(p) not in external and (int(state["step"].item()) if state else 0) % period == 0:
+                    due.add(id(p))
+        return due
 
     def next_step_refreshes(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the
@@ -360,8 +371,8 @@ class SecondOrderOptimizer(Optimizer):
         Stages: gather the gradients, take the curvature (Hessian-vector products), reduce (average over the
         process group, unscale, check finiteness), update; only the last writes parameters or state (the backward
         passes of ``hessian="fd"`` write ``p.grad`` and move parameters by ±hz, restored bit for bit)."""
-        for group in self.param_groups:
-            self._check_group(group)
+        # the groups' hyperparameters, checked once per step; the update uses these values
+        hypers = [self._check_group(group) for group in self.param_groups]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self._skips_overflowed_step(closure, found_inf):
             return None
@@ -374,7 +385,7 @@ class SecondOrderOptimizer(Optimizer):
         work = self._gather(closure, due, grad_scale, found_inf)
         self._curvature(work, closure, due)
         self._reduce(work, grad_scale)
-        self._apply_update(work, closure, external)
+        self._apply_update(work, closure, external, hypers)
         return work.loss
 
     def _skips_overflowed_step(self, closure, found_inf) -> bool:
@@ -437,11 +448,17 @@ class SecondOrderOptimizer(Optimizer):
         """A closure: the gradients of the loss it returns (with their graph on a refresh step), or those its
         own ``backward()`` left in ``p.grad`` (told apart by whether ``p.grad`` changed during the call)."""
         candidates = [p for p in self._all_params() if p.requires_grad]
-        before = {id(p): (p.grad, None if p.grad is None else p.grad._version) for p in candidates}
-        with torch.enable_grad(), sdpa_curvature(bool(due)):  # a refresh differentiates the loss twice
+        before = [p.grad for p in candidates]
+        versions = [None if g is None else g._version for g in before]
+        # a refresh differentiates the loss twice (sdpa_curvature(False) would only cost its generator)
+        with torch.enable_grad(), sdpa_curvature() if due else contextlib.nullcontext():
             loss = closure()
-        did_backward = any(p.grad is not None and (p.grad is not before[id(p)][0]
-                                                   or p.grad._version != before[id(p)][1]) for p in candidates)
+        did_backward = False
+        for p, old, version in zip(candidates, before, versions):
+            grad = p.grad
+            if grad is not None and (grad is not old or grad._version != version):
+                did_backward = True
+                break
         if did_backward:
             stepping = [p for p in candidates if p.grad is not None]
             if any(id(p) in due for p in stepping):
@@ -585,10 +602,14 @@ class SecondOrderOptimizer(Optimizer):
             # The loss was multiplied by the scale, and with it the gradient and every Hessian-vector product.
             work.grads = _unscaled(work.grads, grad_scale)
             work.hessian_products = _unscaled(work.hessian_products, grad_scale)
-        unchecked = {id(p) for group in self.param_groups if not group.get("check_finite", True)
-                     for p in group["params"]}
-        checked = [g for p, g in zip(work.params, work.grads) if id(p) not in unchecked]
-        checked += [t for p, t in zip(work.params, work.hessian_products) if t is not None and id(p) not in unchecked]
+        if all(group.get("check_finite", True) for group in self.param_groups):  # the default: every tensor
+            checked = work.grads + [t for t in work.hessian_products if t is not None]
+        else:
+            unchecked = {id(p) for group in self.param_groups if not group.get("check_finite", True)
+                         for p in group["params"]}
+            checked = [g for p, g in zip(work.params, work.grads) if id(p) not in unchecked]
+            checked += [t for p, t in zip(work.params, work.hessian_products)
+                        if t is not None and id(p) not in unchecked]
         if checked and not _all_finite_on_every_rank(checked, self._sharded):
             self._raise_non_finite(work.params, work.grads, work.hessian_products)
 
@@ -609,41 +630,48 @@ class SecondOrderOptimizer(Optimizer):
 
     # ---------------------------------------------------------------------------------------- stage 4: update
 
-    def _apply_update(self, work: _StepWork, closure, external: dict[int, torch.Tensor]) -> None:
-        """Check the states, set ``p.grad`` to the plain gradient, and run ``_update`` on one entry per group."""
+    def _apply_update(self, work: _StepWork, closure, external: dict[int, torch.Tensor],
+                      hypers: list | None = None) -> None:
+        """Check the states, set ``p.grad`` to the plain gradient, and run ``_update`` on one entry per group
+        (``hypers``: each group's ``_check_group`` values, as ``step`` checked them; asked again where None)."""
         stepping, grads = work.params, work.grads
-        members = self._checked_states({id(p): i for i, p in enumerate(stepping)})
+        members = self._checked_states(stepping)
         # Nothing has been modified up to here: every error above leaves parameters and state as they were.
-        for p, g in zip(stepping, grads):
-            if closure is not None or p.grad is None or p.grad.requires_grad:
+        if closure is not None:
+            for p, g in zip(stepping, grads):
                 p.grad = g
+        else:
+            for p, g in zip(stepping, grads):
+                old = p.grad
+                if old is None or old.requires_grad:
+                    p.grad = g
         diagonals = [external.get(id(p)) for p in stepping] if external else None
         hessian_products, probes, probe_counters = work.hessian_products, work.probes, work.probe_counters
         # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
         curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
             (diagonals is not None and any(t is not None for t in diagonals))
         entries = []
-        for group, group_members in zip(self.param_groups, members):
-            if not group_members:
+        for g, (group, (params, index, states)) in enumerate(zip(self.param_groups, members)):
+            if not params:
                 continue
-            states = []
-            for p, _, state in group_members:
+            for k, state in enumerate(states):
                 if not state:
+                    p = params[k]
                     state = self.state[p]
                     self._init_state(p, state)
-                states.append(state)
-            index = [i for _, i, _ in group_members]
-            entry = {"group": group, "params": [p for p, _, _ in group_members], "grads": [grads[i] for i in index],
-                     "states": states}
+                    states[k] = state
+            n = len(index)
+            entry = {"group": group, "params": params, "grads": [grads[i] for i in index], "states": states,
+                     "hyper": hypers[g] if hypers is not None else self._check_group(group)}
             if curvature:
                 entry["hessian_products"] = [hessian_products[i] for i in index]
                 entry["probes"] = [probes[i] for i in index]
                 entry["probe_counters"] = [probe_counters.get(id(stepping[i])) if probes[i] is not None else None
                                            for i in index]
-                entry["diagonals"] = [diagonals[i] for i in index] if diagonals is not None else [None] * len(index)
+                entry["diagonals"] = [diagonals[i] for i in index] if diagonals is not None else [None] * n
             else:
                 for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
-                    entry[key] = [None] * len(index)
+                    entry[key] = [None] * n
             entries.append(_local_entry(entry) if self._sharded else entry)
         self._update(entries)
 
@@ -768,30 +796,59 @@ class SecondOrderOptimizer(Optimizer):
         return StateSpec({**{key: "count" for key in self._count_keys},
                           **{key: "param" for key in self._state_dtype_keys}})
 
-    def _checked_states(self, position: dict[int, int]) -> list[list[tuple[torch.Tensor, int, dict | None]]]:
-        """Per param group, ``(p, i, state)`` of the parameters the step updates (``i = position[id(p)]``; state
-        None where there is none yet), once every existing state has been checked for this class's keys and shapes
-        (one pass: the update gathers its lists from it)."""
+    def _fast_state_check(self) -> tuple[frozenset, tuple[str, ...], tuple[str, ...]] | None:
+        """What the fast pass of :meth:`_checked_states` accepts: (keys, param keys, count keys) of
+        ``_state_spec()``, None when the spec has a kind the fast pass does not know (then every state takes the
+        full check). Derived once per spec (the class's keys; an override of ``_state_spec`` is asked every step)."""
+        if type(self)._state_spec is SecondOrderOptimizer._state_spec:
+            cache_key = (self._count_keys, self._state_dtype_keys)
+            cached = getattr(self, "_fast_state_check_cache", None)
+            if cached is not None and cached[0] == cache_key:
+                return cached[1]
+        else:
+            cache_key = None
         spec = self._state_spec()
-        # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
-        # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
-        # accepts what it accepts and raises with the details otherwise.
         keys = frozenset(spec.required) if not spec.optional else None
         param_keys = tuple(k for k, kind in spec.required.items() if kind == "param")
         count_keys = tuple(k for k, kind in spec.required.items() if kind == "count")
-        if keys is None or len(param_keys) + len(count_keys) != len(keys):
-            keys = None  # a kind the fast pass does not know: every state takes the full check
+        fast = None if keys is None or len(param_keys) + len(count_keys) != len(keys) else (keys, param_keys,
+                                                                                              count_keys)
+        if cache_key is not None:
+            self._fast_state_check_cache = (cache_key, fast)
+        return fast
+
+    def _checked_states(self, stepping: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[int], list]]:
+        """Per param group (aligned with ``param_groups``), ``(params, index, states)`` of the parameters the step
+        updates: ``params[k]`` is ``stepping[index[k]]``, ``states[k]`` its state dict (None where there is none
+        yet), once every existing state has been checked for this class's keys and shapes (one pass: the update
+        gathers its lists from it)."""
+        # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
+        # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
+        # accepts what it accepts and raises with the details otherwise.
+        fast = self._fast_state_check()
+        keys, param_keys, count_keys = fast if fast is not None else (None, (), ())
+        groups = self.param_groups
+        # The usual step updates every parameter in param_groups order: positions without a lookup per parameter.
+        in_order = len(stepping) == sum(len(group["params"]) for group in groups) and \
+            all(p is q for p, q in zip(stepping, (q for group in groups for q in group["params"])))
+        position = None if in_order else {id(p): i for i, p in enumerate(stepping)}
         tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
         members = []
-        for g, group in enumerate(self.param_groups):
-            group_members = []
-            members.append(group_members)
+        i = -1
+        for g, group in enumerate(groups):
+            params, index, states = [], [], []
+            members.append((params, index, states))
             for j, p in enumerate(group["params"]):
-                i = position.get(id(p))
-                if i is None:
-                    continue
+                if position is None:
+                    i += 1
+                else:
+                    i = position.get(id(p))
+                    if i is None:
+                        continue
                 state = state_of.get(p)
-                group_members.append((p, i, state))
+                params.append(p)
+                index.append(i)
+                states.append(state)
                 if not state:
                     continue
                 if keys is not None and state.keys() == keys:
@@ -810,7 +867,7 @@ class SecondOrderOptimizer(Optimizer):
                     if usual:
                         continue
                 check_param_state(f"{self._name}.step", f"the state of parameter {j} of param group {g}", p,
-                                  state, spec, values=False)
+                                  state, self._state_spec(), values=False)
         return members
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -879,15 +936,19 @@ def check_update_period(name: str, update_period) -> None:
         raise ValueError(f"{name}: update_period must be an int >= 1, got {update_period!r}")
 
 
-def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, fused: bool | None) -> str:
+def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, fused: bool | None, *,
+                devices: set[torch.device] | None = None) -> str:
     """"fused", "foreach" or "single", as optim.AdamW chooses: with neither flag set, fused when the compiled
     kernel exists for every parameter's device, else foreach; ``fused=False, foreach=False`` is the single-tensor
-    loop (the reference implementation of the op)."""
+    loop (the reference implementation of the op). ``devices``: the parameters' devices, where the caller has
+    them."""
     from .._library import has_kernel
 
     if fused is None and foreach is None:
         # per device, not per parameter: the dispatcher query costs ~10 µs, paid on every step
-        return "fused" if all(has_kernel(op, device) for device in {p.device for p in params}) else "foreach"
+        if devices is None:
+            devices = {p.device for p in params}
+        return "fused" if all(has_kernel(op, device) for device in devices) else "foreach"
     return "fused" if fused else "foreach" if foreach else "single"
 
 

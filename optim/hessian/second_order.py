@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -120,10 +121,12 @@ except ImportError:  # pragma: no cover
 
 from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
+from .._library import has_kernel
 from .._validate import SparseGradientError, StateSpec, check_group_params, check_incoming_state_dict
 from .._validate import check_betas as _check_betas
 from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
+from ..fused._ops import add_to_counts_
 from ..fused.distributed import (agree_over_mesh, average_, check_process_group, check_row_sharded, is_dtensor,
                                  local_rows, reject_dtensors)
 from .hvp import second_backward
@@ -136,6 +139,15 @@ __all__ = ["probe_seed"]
 # How the Hessian-vector products of the refresh steps are taken: "exact" (double backward), "fd" (finite
 # differences of two backward passes: what works under FSDP2), "auto" ("fd" for DTensor parameters, else "exact").
 HESSIAN_MODES = ("auto", "exact", "fd")
+
+
+_IMMUTABLE_SCALARS = (float, int, bool, str, type(None))
+
+
+def _is_immutable_value(value) -> bool:
+    """A plain Python scalar, or a tuple of them: a value that the same object always holds."""
+    kind = type(value)
+    return kind in _IMMUTABLE_SCALARS or (kind is tuple and all(type(v) in _IMMUTABLE_SCALARS for v in value))
 
 
 def probe_seed(seed: int, step: int) -> int:
@@ -152,6 +164,50 @@ def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
 
 def select(tensors: Sequence, index: list[int]) -> list:
     return [tensors[i] for i in index]
+
+
+class _CountMirror:
+    """Python floats of the optimizer's count tensors (one-element CPU float32: ``step``, ``hessian_step``), so that
+    the refresh schedule and AdaHessian's bias corrections do not read each count from the host on every step (an
+    ``item()`` is a dispatcher call, ~0.5 µs warm and several times that after a backward pass).
+
+    An entry is trusted only while it is for the very tensor and its version counter has not moved: any write by a
+    torch op (``add_``, ``fill_``, ``copy_``; ``load_state_dict`` replaces the tensors) makes the next read a host
+    read again. The optimizer's own increments (``optim::add_to_counts_``, whose compiled kernel leaves the version
+    counter alone) go through :meth:`add`, which keeps the entries of counts it knew exact: whole numbers below
+    2**24, where float32 adds 1 exactly as Python does."""
+
+    _EXACT = float(2**24)
+
+    def __init__(self):
+        self._entries: dict[int, tuple[torch.Tensor, int, float]] = {}
+
+    def read(self, count: torch.Tensor) -> float:
+        if type(count) is not torch.Tensor:  # a subclass, or whatever a state holds: as before, no mirror
+            return count.item()
+        entry = self._entries.get(id(count))
+        if entry is not None and entry[0] is count and entry[1] == count._version:
+            return entry[2]
+        value = count.item()
+        if len(self._entries) > 4096:  # counts of replaced states (load_state_dict) are forgotten in bulk
+            self._entries.clear()
+        self._entries[id(count)] = (count, count._version, value)
+        return value
+
+    def add(self, counts: list[torch.Tensor], value: float) -> None:
+        """``add_to_counts_(counts, value)``, with the mirror kept in sync."""
+        entries, value = self._entries, float(value)
+        known = [entries.get(id(t)) for t in counts]
+        add_to_counts_(counts, value)
+        for t, entry in zip(counts, known):
+            if entry is None:
+                continue
+            old = entry[2]
+            if entry[0] is t and entry[1] == t._version and old.is_integer() and value.is_integer() and \
+                    0.0 <= old + value < self._EXACT:
+                entries[id(t)] = (t, t._version, old + value)  # the compiled kernel: the version did not move
+            else:
+                del entries[id(t)]  # written by a torch op (the reference kernel), or an inexact sum: read again
 
 
 @dataclass(eq=False)
@@ -342,15 +398,26 @@ class SecondOrderOptimizer(Optimizer):
         if type(self)._refresh_due is not SecondOrderOptimizer._refresh_due:  # a subclass's own schedule
             return {id(p) for group in self.param_groups for p in group["params"]
                     if id(p) not in external and self._refresh_due(p, group)}
-        # ``_refresh_due`` inlined: one host read of each count, no call per parameter (~2 µs each on a small step)
-        due, state_of = set(), self.state
+        # ``_refresh_due`` inlined: no call per parameter (~2 µs each on a small step), and the counts from their
+        # mirror (no host read of a count the optimizer wrote itself)
+        due, state_of, read = set(), self.state, self._counts.read
         for group in self.param_groups:
             period = group["update_period"]
             for p in group["params"]:
+                if id(p) in external:
+                    continue
                 state = state_of.get(p)
-                if id(p) not in external and (int(state["step"].item()) if state else 0) % period == 0:
+                if (int(read(state["step"])) if state else 0) % period == 0:
                     due.add(id(p))
         return due
+
+    @property
+    def _counts(self) -> _CountMirror:
+        """The mirror of the step counts (created on first use: it is not part of the pickled optimizer)."""
+        mirror = self.__dict__.get("_count_mirror")
+        if mirror is None:
+            mirror = self.__dict__["_count_mirror"] = _CountMirror()
+        return mirror
 
     def next_step_refreshes(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the
@@ -372,7 +439,7 @@ class SecondOrderOptimizer(Optimizer):
         process group, unscale, check finiteness), update; only the last writes parameters or state (the backward
         passes of ``hessian="fd"`` write ``p.grad`` and move parameters by ±hz, restored bit for bit)."""
         # the groups' hyperparameters, checked once per step; the update uses these values
-        hypers = [self._check_group(group) for group in self.param_groups]
+        hypers = self._step_hypers()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self._skips_overflowed_step(closure, found_inf):
             return None
@@ -387,6 +454,29 @@ class SecondOrderOptimizer(Optimizer):
         self._reduce(work, grad_scale)
         self._apply_update(work, closure, external, hypers)
         return work.loss
+
+    def _step_hypers(self) -> list:
+        """``_check_group(group)`` of every param group. A group whose values are all immutable Python scalars (or
+        tuples of them) and are the very objects checked at an earlier step is not checked again: the same objects
+        hold the same values (an LR scheduler's new ``lr`` is a new float, so that group is checked again; a Tensor
+        or a list value is checked at every step)."""
+        groups = self.param_groups
+        cache = getattr(self, "_hyper_cache", None)
+        if cache is None or len(cache) != len(groups):
+            cache = self._hyper_cache = [None] * len(groups)
+        hypers = []
+        for i, group in enumerate(groups):
+            cached = cache[i]
+            values = list(group.values())
+            if cached is not None and cached[0] is group and len(cached[2]) == len(values) and \
+                    all(map(operator.is_, values, cached[2])) and list(group) == cached[1]:
+                hypers.append(cached[3])
+                continue
+            hyper = self._check_group(group)
+            hypers.append(hyper)
+            immutable = all(_is_immutable_value(v) for k, v in group.items() if k != "params")
+            cache[i] = (group, list(group), values, hyper) if immutable else None
+        return hypers
 
     def _skips_overflowed_step(self, closure, found_inf) -> bool:
         """GradScaler's overflow flag: True (the gradients' graphs released) when the scaled step overflowed."""
@@ -427,7 +517,7 @@ class SecondOrderOptimizer(Optimizer):
             # Gradients with a graph come from backward(create_graph=True), which DDP cannot have averaged.
             trainable = [p for p in self._all_params() if p.requires_grad]
             work = _StepWork.zero_filled(trainable, [p.grad for p in trainable])
-        if any(id(p) in due for p in work.params):
+        if due and any(id(p) in due for p in work.params):
             if not all(g.requires_grad for p, g in zip(work.params, work.grads) if id(p) in due):
                 raise ValueError(
                     f"{self._name}.step: this step refreshes the Hessian estimate (every update_period steps, "
@@ -461,7 +551,7 @@ class SecondOrderOptimizer(Optimizer):
                 break
         if did_backward:
             stepping = [p for p in candidates if p.grad is not None]
-            if any(id(p) in due for p in stepping):
+            if due and any(id(p) in due for p in stepping):
                 raise ValueError(
                     f"{self._name}.step: the closure called backward(), but this step refreshes the Hessian "
                     "estimate and needs the graph of the loss. Return the loss from the closure without calling "
@@ -470,7 +560,7 @@ class SecondOrderOptimizer(Optimizer):
         if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
             return _StepWork([], [], loss=loss)
         self._check_loss(loss)
-        refresh = any(id(p) in due for p in candidates)
+        refresh = bool(due) and any(id(p) in due for p in candidates)
         try:
             all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh, allow_unused=True)
         except RuntimeError as error:
@@ -480,8 +570,11 @@ class SecondOrderOptimizer(Optimizer):
         if self._process_group is not None:
             work = _StepWork.zero_filled(candidates, all_grads)
         else:
-            work = _StepWork([p for p, g in zip(candidates, all_grads) if g is not None],
-                             [g for g in all_grads if g is not None])
+            if all(g is not None for g in all_grads):  # every candidate was used
+                work = _StepWork(candidates, list(all_grads))
+            else:
+                work = _StepWork([p for p, g in zip(candidates, all_grads) if g is not None],
+                                 [g for g in all_grads if g is not None])
         work.loss = loss
         if refresh:
             work.graph_grads = work.grads
@@ -783,6 +876,9 @@ class SecondOrderOptimizer(Optimizer):
 
     def _check_gradients(self, stepping: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Dense gradients of each parameter's shape and dtype, before anything is written."""
+        strided = torch.strided
+        if all(g.layout is strided and g.shape == p.shape for p, g in zip(stepping, grads)):
+            return  # the usual case, in one pass; the loop below names the first gradient that is not
         for p, g in zip(stepping, grads):
             if g.layout != torch.strided:
                 raise SparseGradientError(f"{self._name} does not support sparse gradients: the gradient of "
@@ -829,26 +925,28 @@ class SecondOrderOptimizer(Optimizer):
         keys, param_keys, count_keys = fast if fast is not None else (None, (), ())
         groups = self.param_groups
         # The usual step updates every parameter in param_groups order: positions without a lookup per parameter.
-        in_order = len(stepping) == sum(len(group["params"]) for group in groups) and \
-            all(p is q for p, q in zip(stepping, (q for group in groups for q in group["params"])))
+        everything = [q for group in groups for q in group["params"]]
+        in_order = len(stepping) == len(everything) and all(map(operator.is_, stepping, everything))
         position = None if in_order else {id(p): i for i, p in enumerate(stepping)}
         tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
         members = []
-        i = -1
+        first = 0
         for g, group in enumerate(groups):
-            params, index, states = [], [], []
-            members.append((params, index, states))
-            for j, p in enumerate(group["params"]):
-                if position is None:
-                    i += 1
-                else:
+            group_params = group["params"]
+            if position is None:
+                params = list(group_params)
+                index = list(range(first, first + len(params)))
+                first += len(params)
+            else:
+                params, index = [], []
+                for p in group_params:
                     i = position.get(id(p))
-                    if i is None:
-                        continue
-                state = state_of.get(p)
-                params.append(p)
-                index.append(i)
-                states.append(state)
+                    if i is not None:
+                        params.append(p)
+                        index.append(i)
+            states = [state_of.get(p) for p in params]
+            members.append((params, index, states))
+            for p, state in zip(params, states):
                 if not state:
                     continue
                 if keys is not None and state.keys() == keys:
@@ -866,6 +964,7 @@ class SecondOrderOptimizer(Optimizer):
                                 break
                     if usual:
                         continue
+                j = next(k for k, q in enumerate(group_params) if q is p)
                 check_param_state(f"{self._name}.step", f"the state of parameter {j} of param group {g}", p,
                                   state, self._state_spec(), values=False)
         return members
@@ -942,8 +1041,6 @@ def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, f
     kernel exists for every parameter's device, else foreach; ``fused=False, foreach=False`` is the single-tensor
     loop (the reference implementation of the op). ``devices``: the parameters' devices, where the caller has
     them."""
-    from .._library import has_kernel
-
     if fused is None and foreach is None:
         # per device, not per parameter: the dispatcher query costs ~10 µs, paid on every step
         if devices is None:

@@ -12,7 +12,6 @@ from typing import Any, Iterable
 import torch
 
 from .._validate import check_lr, check_nonnegative
-from ..fused._ops import add_to_counts_
 from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference
 from .probes import rademacher_like
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
@@ -138,7 +137,7 @@ class SophiaH(SecondOrderOptimizer):
             hyper = entry["hyper"] if entry.get("hyper") is not None else self._check_group(group)
             states = entry["states"]
             # one op call rather than one tiny op per parameter (a measurable share of a small step)
-            add_to_counts_([state["step"] for state in states], 1.0)
+            self._counts.add([state["step"] for state in states], 1.0)
             _sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in states], [s["hessian"] for s in states],
                     products, probes, **hyper, maximize=group["maximize"], foreach=group["foreach"],
                     fused=group["fused"], probe_counters=counters)
@@ -186,7 +185,8 @@ def sophia(
 def _sophia(params, grads, exp_avgs, hessians, hessian_products, probes, *, lr, beta1, beta2, rho, weight_decay, eps,
             maximize, foreach, fused, probe_counters, regenerate_probes=None) -> None:
     """:func:`sophia` once its hyperparameters are checked (``SophiaH`` checks them in ``_check_group``)."""
-    devices = {p.device for p in params}
+    kinds = {(p.device, p.dtype) for p in params}
+    devices = {device for device, _ in kinds}
     path = choose_path(params, "fused_sophia_", foreach, fused, devices=devices)
     implementation = {"fused": fused_sophia_, "foreach": _multi_tensor_sophia, "single": fused_sophia_reference}[path]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize)
@@ -203,12 +203,10 @@ def _sophia(params, grads, exp_avgs, hessians, hessian_products, probes, *, lr, 
             return "counter"
         return "tensor"
 
-    if params and len(devices) == 1 and all(hz is None for hz in hessian_products):
-        dtype = params[0].dtype
-        if all(p.dtype is dtype for p in params):
-            # between refreshes on one device and dtype: the loop below would make one call of all of them
-            implementation(params, grads, exp_avgs, hessians, [], [], **hyper)
-            return
+    if len(kinds) == 1 and all(hz is None for hz in hessian_products):
+        # between refreshes on one device and dtype: the loop below would make one call of all of them
+        implementation(params, grads, exp_avgs, hessians, [], [], **hyper)
+        return
     sources = [probe_source(p, hz, z, c) for p, hz, z, c in zip(params, hessian_products, probes, counters)]
     keys = [(p.device, p.dtype, None if hz is None else hz.dtype, source)
             for p, hz, source in zip(params, hessian_products, sources)]

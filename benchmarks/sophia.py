@@ -126,16 +126,22 @@ def _torch_adamw(params):
 # ------------------------------------------------------------------------------------------------- step times
 
 
-def _step_cases(device: torch.device, quick: bool, tokens: torch.Tensor) -> list[dict]:
-    """The models of the step-time table: (case name, description, model factory, inputs, targets)."""
+def gpt_step_case(quick: bool) -> dict:
+    """The GPT case of the step-time table (also ``benchmarks.sophia_step_race``'s): name, description, model
+    factory, batch of random tokens (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
     config = model_config(quick)
     generator = torch.Generator(device="cpu").manual_seed(1)
     random_tokens = torch.randint(0, config["vocab"], (config["batch"], config["sequence"] + 1), generator=generator)
-    gpt = dict(case="gpt2", config=config,
-               make=lambda: GPT(config["vocab"], config["positions"], config["d"], config["layers"], config["heads"]),
-               batch=random_tokens,
-               description=(f"GPT-2-shaped, {config['layers']} layers, d={config['d']}, vocab {config['vocab']}, batch "
-                            f"{config['batch']} x {config['sequence']} random tokens"))
+    return dict(case="gpt2", config=config,
+                make=lambda: GPT(config["vocab"], config["positions"], config["d"], config["layers"], config["heads"]),
+                batch=random_tokens,
+                description=(f"GPT-2-shaped, {config['layers']} layers, d={config['d']}, vocab {config['vocab']}, "
+                             f"batch {config['batch']} x {config['sequence']} random tokens"))
+
+
+def _step_cases(device: torch.device, quick: bool, tokens: torch.Tensor) -> list[dict]:
+    """The models of the step-time table: (case name, description, model factory, inputs, targets)."""
+    gpt = gpt_step_case(quick)
     c, batch = LLAMA_STEP[quick]
     text_batch = make_batches(tokens, 1, batch, c.seq, seed=2)[0]
     llama = dict(case="llama", config={**asdict(c), "batch": batch},

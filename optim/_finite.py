@@ -31,6 +31,9 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         # element-wise.
         tensor = tensors[0]
         return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
+    if all(type(t) in _PLAIN and t.is_cpu for t in tensors) and has_kernel("all_finite", "cpu"):
+        # the usual case (an optimizer's CPU gradients): one call, without sorting by device (~0.5 µs a tensor)
+        return bool(all_finite_op(tensors if type(tensors) is list else list(tensors)))
     by_device: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
     for tensor in tensors:
         # subclasses (DTensor, which has no sharding rule for the op; fake tensors) take the _foreach_norm path

@@ -90,3 +90,22 @@ def test_attention_saved_graph_counts_the_tokens_by_tokens_tensors_only_for_eage
     assert "_AttentionBackward" in sdpa["by_node_mib"] and "SoftmaxBackwardDataBackward0" in eager["by_node_mib"]
     assert "SoftmaxBackwardDataBackward0" not in sdpa["by_node_mib"]
     assert 0 < sdpa["total_mib"] < eager["total_mib"]
+
+
+@pytest.mark.benchmark
+def test_sophia_step_race_writes_its_record(tmp_path, capsys):
+    """``python -m benchmarks.sophia_step_race`` (not part of ``all``): three rows, the ratio to torch's, JSON."""
+    from benchmarks.sophia_step_race import main as race_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert race_main(["--repeats", "2", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "sophia_step_race.json").read_text())
+    assert record["benchmark"] == "sophia_step_race" and record["quick"] is True and record["repeats"] == 2
+    assert [row["impl"].split(" ")[0] for row in record["rows"]] == ["torch.optim.AdamW", "optim.SophiaH",
+                                                                     "optim.AdaHessian"]
+    assert all(row["torch_over_ours"] > 0 for row in record["rows"])
+    assert capsys.readouterr().out.strip()

@@ -13,7 +13,6 @@ from typing import Any, Iterable
 import torch
 
 from .._validate import check_lr, check_nonnegative, scalar
-from ..fused._ops import add_to_counts_
 from ._ops import check_adahessian_hyperparameters, fused_adahessian_, fused_adahessian_reference
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
 
@@ -129,20 +128,22 @@ class AdaHessian(SecondOrderOptimizer):
             refreshed = [state["hessian_step"] for state, diagonal in zip(states, diagonals) if diagonal is not None]
             if all(type(t) is torch.Tensor for t in step_counts + refreshed):
                 # one op call per kind of count rather than an in-place add per parameter
-                add_to_counts_(step_counts, 1.0)
+                self._counts.add(step_counts, 1.0)
                 if refreshed:
-                    add_to_counts_(refreshed, 1.0)
+                    self._counts.add(refreshed, 1.0)
             else:
                 for state, diagonal in zip(states, diagonals):
                     state["step"] += 1
                     if diagonal is not None:
                         state["hessian_step"] += 1
-            steps = [int(state["step"].item()) for state in states]
-            hessian_steps = [int(state["hessian_step"].item()) for state in states]
-            adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
-                       [s["exp_hessian_diag_sq"] for s in entry["states"]], diagonals, steps, hessian_steps,
-                       **self._check_group(group), maximize=group["maximize"], foreach=group["foreach"],
-                       fused=group["fused"])
+            read = self._counts.read  # the counts just written: no host read where the mirror knows them
+            steps = [int(read(state["step"])) for state in states]
+            hessian_steps = [int(read(state["hessian_step"])) for state in states]
+            # the values step() checked (check_adahessian_hyperparameters among them), not checked again
+            hyper = entry["hyper"] if entry.get("hyper") is not None else self._check_group(group)
+            _adahessian(entry["params"], entry["grads"], [s["exp_avg"] for s in states],
+                        [s["exp_hessian_diag_sq"] for s in states], diagonals, steps, hessian_steps, **hyper,
+                        maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
 
 
 def adahessian(
@@ -168,12 +169,21 @@ def adahessian(
     curvature is not refreshed; ``steps`` / ``hessian_steps`` are the counts after this step's increments."""
     check_adahessian_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                                      hessian_power=hessian_power, caller="adahessian")
-    path = choose_path(params, "fused_adahessian_", foreach, fused)
+    _adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, steps, hessian_steps, lr=lr,
+                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, hessian_power=hessian_power,
+                maximize=maximize, foreach=foreach, fused=fused)
+
+
+def _adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, steps, hessian_steps, *, lr, beta1,
+                beta2, weight_decay, eps, hessian_power, maximize, foreach, fused) -> None:
+    """:func:`adahessian` once its hyperparameters are checked (``AdaHessian`` checks them in ``_check_group``)."""
+    kinds = {(p.device, p.dtype) for p in params}
+    path = choose_path(params, "fused_adahessian_", foreach, fused, devices={device for device, _ in kinds})
     implementation = {"fused": fused_adahessian_, "foreach": _multi_tensor_adahessian,
                       "single": fused_adahessian_reference}[path]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, hessian_power=hessian_power,
                  maximize=maximize)
-    if params and _one_call(params, hessian_diagonals, steps, hessian_steps):
+    if len(kinds) == 1 and _one_call(hessian_diagonals, steps, hessian_steps):
         # the usual case (one device and dtype, counts alike, no refresh): one call without a key per parameter
         implementation(params, grads, exp_avgs, exp_hessian_diag_sqs, [], step=steps[0],
                        hessian_step=hessian_steps[0], **hyper)
@@ -187,12 +197,11 @@ def adahessian(
                        hessian_step=hessian_step, **hyper)
 
 
-def _one_call(params, hessian_diagonals, steps, hessian_steps) -> bool:
-    """Whether every parameter falls in the same call of the loop in ``adahessian`` with no diagonal."""
-    device, dtype = params[0].device, params[0].dtype
+def _one_call(hessian_diagonals, steps, hessian_steps) -> bool:
+    """Whether every parameter falls in the same call of the loop in ``adahessian`` with no diagonal (given that
+    they share one device and dtype)."""
     return (all(d is None for d in hessian_diagonals) and steps.count(steps[0]) == len(steps)
-            and hessian_steps.count(hessian_steps[0]) == len(hessian_steps)
-            and all(p.dtype is dtype for p in params) and all(p.device == device for p in params))
+            and hessian_steps.count(hessian_steps[0]) == len(hessian_steps))
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, *, lr, beta1, beta2,

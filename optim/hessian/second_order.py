@@ -131,6 +131,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -145,10 +146,12 @@ except ImportError:  # pragma: no cover
 
 from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
+from .._library import has_kernel
 from .._validate import SparseGradientError, StateSpec, check_group_params, check_incoming_state_dict
 from .._validate import check_betas as _check_betas
 from .._validate import check_param_state, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
+from ..fused._ops import add_to_counts_
 from ..fused.distributed import (agree_over_mesh, average_, check_process_group, check_row_sharded, is_dtensor,
                                  local_rows, reject_dtensors, resharding_fsdp_modules)
 from .ggn import apply_output_hessian, ggn_vector_products
@@ -167,6 +170,15 @@ HESSIAN_MODES = ("auto", "exact", "fd", "ggn", "ggn-fd")
 GGN_MODES = ("ggn", "ggn-fd")
 
 
+_IMMUTABLE_SCALARS = (float, int, bool, str, type(None))
+
+
+def _is_immutable_value(value) -> bool:
+    """A plain Python scalar, or a tuple of them: a value that the same object always holds."""
+    kind = type(value)
+    return kind in _IMMUTABLE_SCALARS or (kind is tuple and all(type(v) in _IMMUTABLE_SCALARS for v in value))
+
+
 def probe_seed(seed: int, step: int) -> int:
     """The ``optim::rademacher_`` seed of the probes of the refresh at ``step`` (a hash of both, as an int64)."""
     return as_int64(mix64_int((seed + step * GOLDEN_GAMMA) % UINT64))
@@ -181,6 +193,50 @@ def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
 
 def select(tensors: Sequence, index: list[int]) -> list:
     return [tensors[i] for i in index]
+
+
+class _CountMirror:
+    """Python floats of the optimizer's count tensors (one-element CPU float32: ``step``, ``hessian_step``), so that
+    the refresh schedule and AdaHessian's bias corrections do not read each count from the host on every step (an
+    ``item()`` is a dispatcher call, ~0.5 µs warm and several times that after a backward pass).
+
+    An entry is trusted only while it is for the very tensor and its version counter has not moved: any write by a
+    torch op (``add_``, ``fill_``, ``copy_``; ``load_state_dict`` replaces the tensors) makes the next read a host
+    read again. The optimizer's own increments (``optim::add_to_counts_``, whose compiled kernel leaves the version
+    counter alone) go through :meth:`add`, which keeps the entries of counts it knew exact: whole numbers below
+    2**24, where float32 adds 1 exactly as Python does."""
+
+    _EXACT = float(2**24)
+
+    def __init__(self):
+        self._entries: dict[int, tuple[torch.Tensor, int, float]] = {}
+
+    def read(self, count: torch.Tensor) -> float:
+        if type(count) is not torch.Tensor:  # a subclass, or whatever a state holds: as before, no mirror
+            return count.item()
+        entry = self._entries.get(id(count))
+        if entry is not None and entry[0] is count and entry[1] == count._version:
+            return entry[2]
+        value = count.item()
+        if len(self._entries) > 4096:  # counts of replaced states (load_state_dict) are forgotten in bulk
+            self._entries.clear()
+        self._entries[id(count)] = (count, count._version, value)
+        return value
+
+    def add(self, counts: list[torch.Tensor], value: float) -> None:
+        """``add_to_counts_(counts, value)``, with the mirror kept in sync."""
+        entries, value = self._entries, float(value)
+        known = [entries.get(id(t)) for t in counts]
+        add_to_counts_(counts, value)
+        for t, entry in zip(counts, known):
+            if entry is None:
+                continue
+            old = entry[2]
+            if entry[0] is t and entry[1] == t._version and old.is_integer() and value.is_integer() and \
+                    0.0 <= old + value < self._EXACT:
+                entries[id(t)] = (t, t._version, old + value)  # the compiled kernel: the version did not move
+            else:
+                del entries[id(t)]  # written by a torch op (the reference kernel), or an inexact sum: read again
 
 
 @dataclass(eq=False)
@@ -328,7 +384,8 @@ class SecondOrderOptimizer(Optimizer):
         """Apply the step. ``work`` has one entry per param group with the lists of the parameters that step:
         ``params``, ``grads``, ``states`` (their state dicts), ``hessian_products`` (Hz, None where not refreshed),
         ``probes`` (z or None), ``probe_counters`` (the ``(seed, offset)`` z was drawn from, or None),
-        ``diagonals`` (an external estimate or None) and ``group``."""
+        ``diagonals`` (an external estimate or None), ``group`` and ``hyper`` (``_check_group(group)``'s values,
+        checked by ``step``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- external diagonal
@@ -383,8 +440,29 @@ class SecondOrderOptimizer(Optimizer):
     def _due_for_refresh(self, external: dict[int, torch.Tensor]) -> set[int]:
         """The ids of the parameters whose curvature this step refreshes by a Hessian-vector product: due by
         ``_refresh_due`` and without an external diagonal."""
-        return {id(p) for group in self.param_groups for p in group["params"]
-                if id(p) not in external and self._refresh_due(p, group)}
+        if type(self)._refresh_due is not SecondOrderOptimizer._refresh_due:  # a subclass's own schedule
+            return {id(p) for group in self.param_groups for p in group["params"]
+                    if id(p) not in external and self._refresh_due(p, group)}
+        # ``_refresh_due`` inlined: no call per parameter (~2 µs each on a small step), and the counts from their
+        # mirror (no host read of a count the optimizer wrote itself)
+        due, state_of, read = set(), self.state, self._counts.read
+        for group in self.param_groups:
+            period = group["update_period"]
+            for p in group["params"]:
+                if id(p) in external:
+                    continue
+                state = state_of.get(p)
+                if (int(read(state["step"])) if state else 0) % period == 0:
+                    due.add(id(p))
+        return due
+
+    @property
+    def _counts(self) -> _CountMirror:
+        """The mirror of the step counts (created on first use: it is not part of the pickled optimizer)."""
+        mirror = self.__dict__.get("_count_mirror")
+        if mirror is None:
+            mirror = self.__dict__["_count_mirror"] = _CountMirror()
+        return mirror
 
     def next_step_refreshes(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian-vector product, i.e. needs a second-order graph of the
@@ -405,8 +483,8 @@ class SecondOrderOptimizer(Optimizer):
         Stages: gather the gradients, take the curvature (Hessian-vector products), reduce (average over the
         process group, unscale, check finiteness), update; only the last writes parameters or state (the backward
         passes of ``hessian="fd"`` write ``p.grad`` and move parameters by ±hz, restored bit for bit)."""
-        for group in self.param_groups:
-            self._check_group(group)
+        # the groups' hyperparameters, checked once per step; the update uses these values
+        hypers = self._step_hypers()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self._skips_overflowed_step(closure, found_inf):
             return None
@@ -419,8 +497,31 @@ class SecondOrderOptimizer(Optimizer):
         work = self._gather(closure, due, grad_scale, found_inf)
         self._curvature(work, closure, due)
         self._reduce(work, grad_scale)
-        self._apply_update(work, closure, external)
+        self._apply_update(work, closure, external, hypers)
         return work.loss
+
+    def _step_hypers(self) -> list:
+        """``_check_group(group)`` of every param group. A group whose values are all immutable Python scalars (or
+        tuples of them) and are the very objects checked at an earlier step is not checked again: the same objects
+        hold the same values (an LR scheduler's new ``lr`` is a new float, so that group is checked again; a Tensor
+        or a list value is checked at every step)."""
+        groups = self.param_groups
+        cache = getattr(self, "_hyper_cache", None)
+        if cache is None or len(cache) != len(groups):
+            cache = self._hyper_cache = [None] * len(groups)
+        hypers = []
+        for i, group in enumerate(groups):
+            cached = cache[i]
+            values = list(group.values())
+            if cached is not None and cached[0] is group and len(cached[2]) == len(values) and \
+                    all(map(operator.is_, values, cached[2])) and list(group) == cached[1]:
+                hypers.append(cached[3])
+                continue
+            hyper = self._check_group(group)
+            hypers.append(hyper)
+            immutable = all(_is_immutable_value(v) for k, v in group.items() if k != "params")
+            cache[i] = (group, list(group), values, hyper) if immutable else None
+        return hypers
 
     def _skips_overflowed_step(self, closure, found_inf) -> bool:
         """GradScaler's overflow flag: True (the gradients' graphs released) when the scaled step overflowed."""
@@ -480,7 +581,7 @@ class SecondOrderOptimizer(Optimizer):
             # Gradients with a graph come from backward(create_graph=True), which DDP cannot have averaged.
             trainable = [p for p in self._all_params() if p.requires_grad]
             work = _StepWork.zero_filled(trainable, [p.grad for p in trainable])
-        if any(id(p) in due for p in work.params):
+        if due and any(id(p) in due for p in work.params):
             if self._ggn:
                 raise ValueError(
                     f"{self._name}.step: this step refreshes the Gauss-Newton estimate (hessian="
@@ -507,14 +608,20 @@ class SecondOrderOptimizer(Optimizer):
         """A closure: the gradients of the loss it returns (with their graph on a refresh step), or those its
         own ``backward()`` left in ``p.grad`` (told apart by whether ``p.grad`` changed during the call)."""
         candidates = [p for p in self._all_params() if p.requires_grad]
-        before = {id(p): (p.grad, None if p.grad is None else p.grad._version) for p in candidates}
-        with torch.enable_grad(), sdpa_curvature(bool(due)):  # a refresh differentiates the loss twice
+        before = [p.grad for p in candidates]
+        versions = [None if g is None else g._version for g in before]
+        # a refresh differentiates the loss twice (sdpa_curvature(False) would only cost its generator)
+        with torch.enable_grad(), sdpa_curvature() if due else contextlib.nullcontext():
             loss, outputs, targets = self._evaluate(closure)
-        did_backward = any(p.grad is not None and (p.grad is not before[id(p)][0]
-                                                   or p.grad._version != before[id(p)][1]) for p in candidates)
+        did_backward = False
+        for p, old, version in zip(candidates, before, versions):
+            grad = p.grad
+            if grad is not None and (grad is not old or grad._version != version):
+                did_backward = True
+                break
         if did_backward:
             stepping = [p for p in candidates if p.grad is not None]
-            if any(id(p) in due for p in stepping):
+            if due and any(id(p) in due for p in stepping):
                 raise ValueError(
                     f"{self._name}.step: the closure called backward(), but this step refreshes the Hessian "
                     "estimate and needs the graph of the loss. Return the loss from the closure without calling "
@@ -523,7 +630,7 @@ class SecondOrderOptimizer(Optimizer):
         if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
             return _StepWork([], [], loss=loss)
         self._check_loss(loss)
-        refresh = any(id(p) in due for p in candidates)
+        refresh = bool(due) and any(id(p) in due for p in candidates)
         try:
             # The Gauss-Newton products differentiate the outputs, not the gradient: the forward graph is kept.
             all_grads = torch.autograd.grad(loss, candidates, create_graph=refresh and not self._ggn,
@@ -535,8 +642,11 @@ class SecondOrderOptimizer(Optimizer):
         if self._process_group is not None:
             work = _StepWork.zero_filled(candidates, all_grads)
         else:
-            work = _StepWork([p for p, g in zip(candidates, all_grads) if g is not None],
-                             [g for g in all_grads if g is not None])
+            if all(g is not None for g in all_grads):  # every candidate was used
+                work = _StepWork(candidates, list(all_grads))
+            else:
+                work = _StepWork([p for p, g in zip(candidates, all_grads) if g is not None],
+                                 [g for g in all_grads if g is not None])
         work.loss = loss
         if refresh and self._ggn:
             work.outputs, work.targets = outputs, targets
@@ -712,10 +822,14 @@ class SecondOrderOptimizer(Optimizer):
             # The loss was multiplied by the scale, and with it the gradient and every Hessian-vector product.
             work.grads = _unscaled(work.grads, grad_scale)
             work.hessian_products = _unscaled(work.hessian_products, grad_scale)
-        unchecked = {id(p) for group in self.param_groups if not group.get("check_finite", True)
-                     for p in group["params"]}
-        checked = [g for p, g in zip(work.params, work.grads) if id(p) not in unchecked]
-        checked += [t for p, t in zip(work.params, work.hessian_products) if t is not None and id(p) not in unchecked]
+        if all(group.get("check_finite", True) for group in self.param_groups):  # the default: every tensor
+            checked = work.grads + [t for t in work.hessian_products if t is not None]
+        else:
+            unchecked = {id(p) for group in self.param_groups if not group.get("check_finite", True)
+                         for p in group["params"]}
+            checked = [g for p, g in zip(work.params, work.grads) if id(p) not in unchecked]
+            checked += [t for p, t in zip(work.params, work.hessian_products)
+                        if t is not None and id(p) not in unchecked]
         if checked and not _all_finite_on_every_rank(checked, self._sharded):
             self._raise_non_finite(work.params, work.grads, work.hessian_products)
 
@@ -736,41 +850,48 @@ class SecondOrderOptimizer(Optimizer):
 
     # ---------------------------------------------------------------------------------------- stage 4: update
 
-    def _apply_update(self, work: _StepWork, closure, external: dict[int, torch.Tensor]) -> None:
-        """Check the states, set ``p.grad`` to the plain gradient, and run ``_update`` on one entry per group."""
+    def _apply_update(self, work: _StepWork, closure, external: dict[int, torch.Tensor],
+                      hypers: list | None = None) -> None:
+        """Check the states, set ``p.grad`` to the plain gradient, and run ``_update`` on one entry per group
+        (``hypers``: each group's ``_check_group`` values, as ``step`` checked them; asked again where None)."""
         stepping, grads = work.params, work.grads
-        members = self._checked_states({id(p): i for i, p in enumerate(stepping)})
+        members = self._checked_states(stepping)
         # Nothing has been modified up to here: every error above leaves parameters and state as they were.
-        for p, g in zip(stepping, grads):
-            if closure is not None or p.grad is None or p.grad.requires_grad:
+        if closure is not None:
+            for p, g in zip(stepping, grads):
                 p.grad = g
+        else:
+            for p, g in zip(stepping, grads):
+                old = p.grad
+                if old is None or old.requires_grad:
+                    p.grad = g
         diagonals = [external.get(id(p)) for p in stepping] if external else None
         hessian_products, probes, probe_counters = work.hessian_products, work.probes, work.probe_counters
         # Between refreshes (no products, probes or diagonals) the per-parameter curvature lists are all None.
         curvature = any(t is not None for t in hessian_products) or any(t is not None for t in probes) or \
             (diagonals is not None and any(t is not None for t in diagonals))
         entries = []
-        for group, group_members in zip(self.param_groups, members):
-            if not group_members:
+        for g, (group, (params, index, states)) in enumerate(zip(self.param_groups, members)):
+            if not params:
                 continue
-            states = []
-            for p, _, state in group_members:
+            for k, state in enumerate(states):
                 if not state:
+                    p = params[k]
                     state = self.state[p]
                     self._init_state(p, state)
-                states.append(state)
-            index = [i for _, i, _ in group_members]
-            entry = {"group": group, "params": [p for p, _, _ in group_members], "grads": [grads[i] for i in index],
-                     "states": states}
+                    states[k] = state
+            n = len(index)
+            entry = {"group": group, "params": params, "grads": [grads[i] for i in index], "states": states,
+                     "hyper": hypers[g] if hypers is not None else self._check_group(group)}
             if curvature:
                 entry["hessian_products"] = [hessian_products[i] for i in index]
                 entry["probes"] = [probes[i] for i in index]
                 entry["probe_counters"] = [probe_counters.get(id(stepping[i])) if probes[i] is not None else None
                                            for i in index]
-                entry["diagonals"] = [diagonals[i] for i in index] if diagonals is not None else [None] * len(index)
+                entry["diagonals"] = [diagonals[i] for i in index] if diagonals is not None else [None] * n
             else:
                 for key in ("hessian_products", "probes", "probe_counters", "diagonals"):
-                    entry[key] = [None] * len(index)
+                    entry[key] = [None] * n
             entries.append(_local_entry(entry) if self._sharded else entry)
         self._update(entries)
 
@@ -883,6 +1004,9 @@ class SecondOrderOptimizer(Optimizer):
 
     def _check_gradients(self, stepping: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Dense gradients of each parameter's shape and dtype, before anything is written."""
+        strided = torch.strided
+        if all(g.layout is strided and g.shape == p.shape for p, g in zip(stepping, grads)):
+            return  # the usual case, in one pass; the loop below names the first gradient that is not
         for p, g in zip(stepping, grads):
             if g.layout != torch.strided:
                 raise SparseGradientError(f"{self._name} does not support sparse gradients: the gradient of "
@@ -896,30 +1020,61 @@ class SecondOrderOptimizer(Optimizer):
         return StateSpec({**{key: "count" for key in self._count_keys},
                           **{key: "param" for key in self._state_dtype_keys}})
 
-    def _checked_states(self, position: dict[int, int]) -> list[list[tuple[torch.Tensor, int, dict | None]]]:
-        """Per param group, ``(p, i, state)`` of the parameters the step updates (``i = position[id(p)]``; state
-        None where there is none yet), once every existing state has been checked for this class's keys and shapes
-        (one pass: the update gathers its lists from it)."""
+    def _fast_state_check(self) -> tuple[frozenset, tuple[str, ...], tuple[str, ...]] | None:
+        """What the fast pass of :meth:`_checked_states` accepts: (keys, param keys, count keys) of
+        ``_state_spec()``, None when the spec has a kind the fast pass does not know (then every state takes the
+        full check). Derived once per spec (the class's keys; an override of ``_state_spec`` is asked every step)."""
+        if type(self)._state_spec is SecondOrderOptimizer._state_spec:
+            cache_key = (self._count_keys, self._state_dtype_keys)
+            cached = getattr(self, "_fast_state_check_cache", None)
+            if cached is not None and cached[0] == cache_key:
+                return cached[1]
+        else:
+            cache_key = None
         spec = self._state_spec()
-        # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
-        # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
-        # accepts what it accepts and raises with the details otherwise.
         keys = frozenset(spec.required) if not spec.optional else None
         param_keys = tuple(k for k, kind in spec.required.items() if kind == "param")
         count_keys = tuple(k for k, kind in spec.required.items() if kind == "count")
-        if keys is None or len(param_keys) + len(count_keys) != len(keys):
-            keys = None  # a kind the fast pass does not know: every state takes the full check
+        fast = None if keys is None or len(param_keys) + len(count_keys) != len(keys) else (keys, param_keys,
+                                                                                              count_keys)
+        if cache_key is not None:
+            self._fast_state_check_cache = (cache_key, fast)
+        return fast
+
+    def _checked_states(self, stepping: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[int], list]]:
+        """Per param group (aligned with ``param_groups``), ``(params, index, states)`` of the parameters the step
+        updates: ``params[k]`` is ``stepping[index[k]]``, ``states[k]`` its state dict (None where there is none
+        yet), once every existing state has been checked for this class's keys and shapes (one pass: the update
+        gathers its lists from it)."""
+        # The fast pass accepts what this class creates (exactly its keys; state tensors of the parameter's shape in
+        # a floating dtype; counts as one-element float32 tensors); anything else goes to check_param_state, which
+        # accepts what it accepts and raises with the details otherwise.
+        fast = self._fast_state_check()
+        keys, param_keys, count_keys = fast if fast is not None else (None, (), ())
+        groups = self.param_groups
+        # The usual step updates every parameter in param_groups order: positions without a lookup per parameter.
+        everything = [q for group in groups for q in group["params"]]
+        in_order = len(stepping) == len(everything) and all(map(operator.is_, stepping, everything))
+        position = None if in_order else {id(p): i for i, p in enumerate(stepping)}
         tensor_type, float32, state_of = torch.Tensor, torch.float32, self.state
         members = []
-        for g, group in enumerate(self.param_groups):
-            group_members = []
-            members.append(group_members)
-            for j, p in enumerate(group["params"]):
-                i = position.get(id(p))
-                if i is None:
-                    continue
-                state = state_of.get(p)
-                group_members.append((p, i, state))
+        first = 0
+        for g, group in enumerate(groups):
+            group_params = group["params"]
+            if position is None:
+                params = list(group_params)
+                index = list(range(first, first + len(params)))
+                first += len(params)
+            else:
+                params, index = [], []
+                for p in group_params:
+                    i = position.get(id(p))
+                    if i is not None:
+                        params.append(p)
+                        index.append(i)
+            states = [state_of.get(p) for p in params]
+            members.append((params, index, states))
+            for p, state in zip(params, states):
                 if not state:
                     continue
                 if keys is not None and state.keys() == keys:
@@ -937,8 +1092,9 @@ class SecondOrderOptimizer(Optimizer):
                                 break
                     if usual:
                         continue
+                j = next(k for k, q in enumerate(group_params) if q is p)
                 check_param_state(f"{self._name}.step", f"the state of parameter {j} of param group {g}", p,
-                                  state, spec, values=False)
+                                  state, self._state_spec(), values=False)
         return members
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -1007,15 +1163,17 @@ def check_update_period(name: str, update_period) -> None:
         raise ValueError(f"{name}: update_period must be an int >= 1, got {update_period!r}")
 
 
-def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, fused: bool | None) -> str:
+def choose_path(params: Sequence[torch.Tensor], op: str, foreach: bool | None, fused: bool | None, *,
+                devices: set[torch.device] | None = None) -> str:
     """"fused", "foreach" or "single", as optim.AdamW chooses: with neither flag set, fused when the compiled
     kernel exists for every parameter's device, else foreach; ``fused=False, foreach=False`` is the single-tensor
-    loop (the reference implementation of the op)."""
-    from .._library import has_kernel
-
+    loop (the reference implementation of the op). ``devices``: the parameters' devices, where the caller has
+    them."""
     if fused is None and foreach is None:
         # per device, not per parameter: the dispatcher query costs ~10 µs, paid on every step
-        return "fused" if all(has_kernel(op, device) for device in {p.device for p in params}) else "foreach"
+        if devices is None:
+            devices = {p.device for p in params}
+        return "fused" if all(has_kernel(op, device) for device in devices) else "foreach"
     return "fused" if fused else "foreach" if foreach else "single"
 
 

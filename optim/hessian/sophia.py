@@ -12,7 +12,6 @@ from typing import Any, Iterable
 import torch
 
 from .._validate import check_lr, check_nonnegative
-from ..fused._ops import add_to_counts_
 from ._ops import check_sophia_hyperparameters, fused_sophia_, fused_sophia_reference
 from .probes import rademacher_like
 from .second_order import SecondOrderOptimizer, check_betas, check_update_period, choose_path, group_indices, select
@@ -139,13 +138,14 @@ class SophiaH(SecondOrderOptimizer):
                     products.append(diagonal if diagonal is not None else hz)
                     probes.append(None if diagonal is not None else z)
                     counters.append(None if diagonal is not None else counter)
+            # the values step() checked (check_sophia_hyperparameters among them), not checked again
+            hyper = entry["hyper"] if entry.get("hyper") is not None else self._check_group(group)
+            states = entry["states"]
             # one op call rather than one tiny op per parameter (a measurable share of a small step)
-            hyper = self._check_group(group)
-            add_to_counts_([state["step"] for state in entry["states"]], 1.0)
-            sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in entry["states"]],
-                   [s["hessian"] for s in entry["states"]], products, probes, **hyper,
-                   maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                   probe_counters=counters)
+            self._counts.add([state["step"] for state in states], 1.0)
+            _sophia(entry["params"], entry["grads"], [s["exp_avg"] for s in states], [s["hessian"] for s in states],
+                    products, probes, **hyper, maximize=group["maximize"], foreach=group["foreach"],
+                    fused=group["fused"], probe_counters=counters)
 
 
 def sophia(
@@ -182,7 +182,17 @@ def sophia(
     """
     check_sophia_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps,
                                  caller="sophia")
-    path = choose_path(params, "fused_sophia_", foreach, fused)
+    _sophia(params, grads, exp_avgs, hessians, hessian_products, probes, lr=lr, beta1=beta1, beta2=beta2, rho=rho,
+            weight_decay=weight_decay, eps=eps, maximize=maximize, foreach=foreach, fused=fused,
+            probe_counters=probe_counters, regenerate_probes=regenerate_probes)
+
+
+def _sophia(params, grads, exp_avgs, hessians, hessian_products, probes, *, lr, beta1, beta2, rho, weight_decay, eps,
+            maximize, foreach, fused, probe_counters, regenerate_probes=None) -> None:
+    """:func:`sophia` once its hyperparameters are checked (``SophiaH`` checks them in ``_check_group``)."""
+    kinds = {(p.device, p.dtype) for p in params}
+    devices = {device for device, _ in kinds}
+    path = choose_path(params, "fused_sophia_", foreach, fused, devices=devices)
     implementation = {"fused": fused_sophia_, "foreach": _multi_tensor_sophia, "single": fused_sophia_reference}[path]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize)
     counters = probe_counters if probe_counters is not None else [None] * len(params)
@@ -198,12 +208,10 @@ def sophia(
             return "counter"
         return "tensor"
 
-    if params and all(hz is None for hz in hessian_products):
-        device, dtype = params[0].device, params[0].dtype
-        if all(p.dtype is dtype for p in params) and all(p.device == device for p in params):
-            # between refreshes on one device and dtype: the loop below would make one call of all of them
-            implementation(params, grads, exp_avgs, hessians, [], [], **hyper)
-            return
+    if len(kinds) == 1 and all(hz is None for hz in hessian_products):
+        # between refreshes on one device and dtype: the loop below would make one call of all of them
+        implementation(params, grads, exp_avgs, hessians, [], [], **hyper)
+        return
     sources = [probe_source(p, hz, z, c) for p, hz, z, c in zip(params, hessian_products, probes, counters)]
     keys = [(p.device, p.dtype, None if hz is None else hz.dtype, source)
             for p, hz, source in zip(params, hessian_products, sources)]

@@ -57,7 +57,8 @@ _FLOAT_KEYS = ("lr", "momentum", "dampening", "eps")
 
 
 def _check_reorthonormalize_every(value, caller: str) -> None:
-    if value is not None and not (isinstance(value, int) and value >= 0):
+    # a bool is an int to Python: True would mean "every step"
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         raise ValueError(f"{caller}: reorthonormalize_every must be None or an int >= 0 (0 = never), got {value!r}")
 
 

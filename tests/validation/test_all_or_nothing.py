@@ -256,6 +256,13 @@ def test_a_saved_group_without_a_setting_takes_the_default_as_it_was_checked():
 
 
 @pytest.mark.parametrize("info", [i for i in INFOS if i.manifold], ids=[i.name for i in INFOS if i.manifold])
+def test_reorthonormalize_every_refuses_a_bool(info):
+    """Issue 16 sweep: reorthonormalize_every=True was taken as the int 1 (a QR at every step)."""
+    with pytest.raises(ValueError, match="reorthonormalize_every must be None or an int"):
+        info.make(info.params(), reorthonormalize_every=True)
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if i.manifold], ids=[i.name for i in INFOS if i.manifold])
 def test_a_meta_parameter_in_a_constrained_group_is_a_clear_error(info):
     """Issue 16 sweep: RuntimeError "Tensor.item() cannot be called on meta tensors" from the manifold check."""
     w = nn.Parameter(torch.empty(6, 3, device="meta"))

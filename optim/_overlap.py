@@ -13,11 +13,11 @@ tensors and of the written ones: O(k log k) for k tensors.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["check_no_overlap", "list_operands"]
+__all__ = ["check_no_overlap", "check_no_overlap_across_calls", "list_operands"]
 
 Operand = tuple[str, torch.Tensor, bool]  # (name as messages print it, tensor, written by the op)
 
@@ -62,3 +62,23 @@ def check_no_overlap(op: str, operands: Iterable[Operand]) -> None:
             end_all, owner_all = end, k
         if written and (end_written is None or end > end_written):
             end_written, owner_written = end, k
+
+
+
+def check_no_overlap_across_calls(op: str, written: Iterable[torch.Tensor], read: Iterable[torch.Tensor],
+                                  operands: Callable[[], Iterable[Operand]]) -> None:
+    """``check_no_overlap`` over the tensors of several op calls that one step makes (one per param group), before
+    the first call writes: each call checks its own tensors, but not those of the calls before and after it.
+
+    The interval sweep, and the names of ``operands()``, cost ~5 µs per tensor in Python; first, for ~0.2 µs per
+    tensor, the storages: when no ``written`` tensor shares a storage with another argument (the usual case:
+    autograd allocates each gradient, the optimizer each moment) no two can overlap. ``read`` tensors sharing one
+    storage among themselves (DDP's ``gradient_as_bucket_view`` gradients) do not count."""
+    storages: set[int] = set()
+    count = 0
+    for t in written:
+        if t is not None:
+            storages.add(t.untyped_storage().data_ptr())
+            count += 1
+    if len(storages) != count or any(t is not None and t.untyped_storage().data_ptr() in storages for t in read):
+        check_no_overlap(op, operands())

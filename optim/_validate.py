@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = [
-    "CLASS_KEY", "StateSpec", "check_betas", "check_group_params", "check_lr", "check_nonnegative",
+    "CLASS_KEY", "StateSpec", "check_betas", "check_group_params", "check_group_settings", "check_lr", "check_nonnegative",
     "check_param_state", "check_unit_interval", "install_state_dict_hooks", "scalar",
 ]
 
@@ -38,6 +38,10 @@ IDENTIFYING_GROUP_KEYS = {
     "second_moment": "optim.RiemannianAdam", "dampening": "torch.optim.SGD / optim.RiemannianSGD",
     "nesterov": "torch.optim.SGD / optim.RiemannianSGD",
 }
+
+# Param-group settings checked against the parameters when they were added (a point of the Stiefel manifold must
+# be a matrix on it): a state dict may change a group's numbers, not these.
+STRUCTURAL_GROUP_KEYS = ("manifold",)
 
 TORCH_DUPLICATE_MESSAGE = ("optimizer contains a parameter group with duplicate parameters; in future, this will "
                            "cause an error; see github.com/pytorch/pytorch/issues/40967 for more information")
@@ -149,6 +153,33 @@ def check_group_params(param_group: dict[str, Any], caller: str, *,
     return tensors
 
 
+# Settings that choose a code path rather than a number: None (decide per step) or a bool.
+PATH_KEYS = ("foreach", "fused")
+# The on/off settings of the classes (the defaults passed to a constructor are the user's values, so the kind
+# cannot be read from them).
+FLAG_KEYS = ("maximize", "check_finite", "nesterov", "spatial_average")
+
+
+def check_group_settings(group: Mapping[str, Any], defaults: Mapping[str, Any], caller: str, *,
+                         where: str = "the param group") -> None:
+    """The settings every group of a class holds, as the step reads them: every key of ``defaults`` present (a
+    group edited after construction, ``del group["lr"]``, would raise KeyError halfway through a step), a bool
+    for the on/off settings (``FLAG_KEYS``: a string such as ``"no"`` is truthy), and None or a bool for
+    ``foreach``/``fused``. The numbers are the classes' own checks."""
+    missing = [key for key in defaults if key not in group]
+    if missing:
+        raise ValueError(f"{caller}: {where} lacks {missing}; every param group holds {sorted(defaults)} "
+                         f"(add_param_group fills a missing one from the defaults): set group[{missing[0]!r}] "
+                         f"again, e.g. to the default {defaults[missing[0]]!r}")
+    for key in defaults:
+        value = group[key]
+        if key in PATH_KEYS:
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{caller}: {key} must be None, True or False, got {value!r} (in {where})")
+        elif key in FLAG_KEYS and not isinstance(value, bool):
+            raise ValueError(f"{caller}: {key} must be True or False, got {value!r} (in {where})")
+
+
 # ---------------------------------------------------------------------------------------------------------- state
 
 class StateSpec:
@@ -194,9 +225,16 @@ def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[s
                 raise ValueError(f"{caller}: {where}[{key!r}] has shape {tuple(value.shape)} but {param_name} has "
                                  f"shape {tuple(p.shape)}; the state dict was saved for a different model or "
                                  "parameter order")
-            if not (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())):
-                raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a floating-point "
+            # complex exactly when the parameter is (torch's load would drop the imaginary part of a complex
+            # moment of a real parameter with a warning); a meta tensor holds no values to resume from
+            if not (isinstance(value, torch.Tensor) and (value.is_complex() if p.is_complex()
+                                                         else value.is_floating_point())):
+                kind_text = "complex" if p.is_complex() else "real floating-point"
+                raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a {kind_text} "
                                  f"tensor of {param_name}'s shape {tuple(p.shape)}")
+            if value.device.type == "meta" and p.device.type != "meta":
+                raise ValueError(f"{caller}: {where}[{key!r}] is a meta tensor (no values); the checkpoint was "
+                                 "saved without its data: save it from the materialized optimizer")
         elif kind == "matrix":
             want = tuple(p.shape[:-2]) + (1, 1)
             if not (isinstance(value, torch.Tensor) and tuple(value.shape) == want and value.is_floating_point()):
@@ -207,12 +245,15 @@ def check_param_state(caller: str, where: str, p: torch.Tensor, state: Mapping[s
                 and value >= 0
             if isinstance(value, torch.Tensor):
                 ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+                ok = ok and value.device.type != "meta"
                 if ok and values:
                     count = float(value.reshape(()).item())
-                    ok = math.isfinite(count) and count >= 0
+                    ok = math.isfinite(count) and count >= 0 and count == math.floor(count)
+            elif ok and values:
+                ok = value == math.floor(value)
             if not ok:
                 raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a step count (a "
-                                 "finite number >= 0, or a tensor with one such element)")
+                                 "whole number >= 0, or a tensor with one such element)")
         elif kind == "int":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{caller}: {where}[{key!r}] is {_describe(value)}; it must be a Python int >= 0")
@@ -249,6 +290,9 @@ def check_incoming_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapp
                              f"optimizer's group ({caller}.load_state_dict: param group {g} has "
                              f"{len(saved['params'])} parameters saved, {len(group['params'])} here)")
     states = state_dict["state"]
+    if not isinstance(states, Mapping):
+        raise ValueError(f"{caller}.load_state_dict: state_dict['state'] is {type(states).__name__}; it must be a "
+                         "dict from parameter ids to their state (as optimizer.state_dict() gives)")
     for g, saved in enumerate(saved_groups):
         foreign = sorted(key for key in saved if key in IDENTIFYING_GROUP_KEYS and key not in optimizer.defaults)
         if foreign:
@@ -258,7 +302,15 @@ def check_incoming_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapp
                              "another optimizer class; load it into the class that saved it")
     flat = 0
     for g, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        # the group as it will be after loading: _after_load fills a setting the saved group lacks from the
+        # defaults, as add_param_group does for a new group
         merged = {**optimizer.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+        for key in STRUCTURAL_GROUP_KEYS:
+            if key in group and merged.get(key) != group[key]:
+                raise ValueError(f"{caller}.load_state_dict: param group {g} of the state dict has {key}="
+                                 f"{merged.get(key)!r} but its parameters here are in a group with {key}="
+                                 f"{group[key]!r}; {key} fixes what the parameters are (checked when they were "
+                                 "added), so build the optimizer with the groups of the run being resumed")
         try:
             check_group(merged, group["params"])
         except (ValueError, TypeError) as error:
@@ -290,8 +342,19 @@ def _before_load(optimizer, state_dict):
 
 def _after_load(optimizer):
     source = optimizer.__dict__.pop("_state_dict_being_loaded", None)
+    fill_group_defaults(optimizer)  # what _check_state_dict checked
     if source is not None:
         optimizer._after_state_dict_loaded(source)
+
+
+def fill_group_defaults(optimizer: torch.optim.Optimizer) -> None:
+    """A setting a param group lacks takes the default, as ``add_param_group`` does for a new group: torch's load
+    takes the saved groups as they are (an older version's or torch.optim's lack the newer settings), and torch's
+    ``__setstate__`` adds keys to the defaults (``differentiable``) but not to the groups. Called from the load post
+    hook and from ``__setstate__`` (unpickling), so that every group holds every setting the step checks."""
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
 
 
 def install_state_dict_hooks(optimizer: torch.optim.Optimizer) -> None:

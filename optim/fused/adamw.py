@@ -26,8 +26,10 @@ import torch
 from torch.optim import Optimizer
 
 from .._library import has_kernel
-from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_incoming_state_dict,
-                         check_lr, check_nonnegative, check_param_state, install_state_dict_hooks)
+from .._overlap import check_no_overlap_across_calls, list_operands
+from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_group_settings,
+                         check_incoming_state_dict, check_lr, check_nonnegative, check_param_state,
+                         fill_group_defaults, install_state_dict_hooks)
 from ._ops import PARAM_DTYPES, check_adamw_hyperparameters, fused_adamw_, fused_adamw_reference, moment_dtype
 from .distributed import local_tensors
 
@@ -88,7 +90,7 @@ class AdamW(Optimizer):
             raise ValueError("optim.AdamW: fused=True and foreach=True cannot be set together; choose one")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused)
-        _hyperparameters(defaults, "optim.AdamW")
+        _check_group(defaults, defaults)
         super().__init__(params, defaults)
         install_state_dict_hooks(self)
 
@@ -97,7 +99,7 @@ class AdamW(Optimizer):
         hyperparameters), so a group that could not be stepped is never added."""
         check_group_params(param_group, "optim.AdamW", dtype_ok=lambda p: _real_dtype(p) in PARAM_DTYPES,
                            dtypes_text="float64, float32, bfloat16, float16 (and complex)")
-        _hyperparameters({**self.defaults, **param_group}, "optim.AdamW")
+        _check_group({**self.defaults, **param_group}, self.defaults)
         super().add_param_group(param_group)
 
     def reset_moments(self, params: Iterable[torch.Tensor] | None = None) -> None:
@@ -132,10 +134,7 @@ class AdamW(Optimizer):
         for p in legacy.values():
             if self.state.get(p):
                 self.state[p][RESET_KEY] = torch.ones((), dtype=torch.bool)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
+        fill_group_defaults(self)
         install_state_dict_hooks(self)
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> bool:
@@ -170,7 +169,7 @@ class AdamW(Optimizer):
         """Everything the step will touch, before it touches anything: every group's hyperparameters (returned as
         floats), every gradient (dense, the parameter's shape and dtype) and every existing state (its keys, the
         moments' shapes and working dtypes, a one-element float32 ``step`` on the parameter's device)."""
-        hyper = [_hyperparameters(group, "optim.AdamW") for group in self.param_groups]
+        hyper = [_check_group(group, self.defaults, g) for g, group in enumerate(self.param_groups)]
         if torch.compiler.is_compiling():
             # Dynamo creates the state in _init_group while tracing (it special-cases that method), so a check of
             # the state before it would take another path on the trace's restart; the op checks the tensors.
@@ -187,7 +186,9 @@ class AdamW(Optimizer):
     def _checked_state(self, g: int, i: int, p: torch.Tensor, moment_of: dict) -> dict | None:
         """The fast check of parameter i of group g (which has a gradient) and its state, which it returns (None
         before the first step); anything unusual goes to :meth:`_check_parameter`, which raises with the details."""
-        if p.grad.layout is not torch.strided:
+        grad = p.grad
+        # torch's grad setter checks shape and dtype, but grad.set_() or a grad replaced in place does not
+        if grad.layout is not torch.strided or grad.shape != p.shape or grad.dtype is not p.dtype:
             self._check_parameter(g, i, p)
         state = self.state.get(p)
         if state and not _state_looks_right(p, state, moment_of):
@@ -220,7 +221,7 @@ class AdamW(Optimizer):
         them (anything unusual goes to ``_check_parameter``, which raises with the details). Returns None, having
         changed nothing, when a parameter with a gradient has no state yet (the first step): the caller then takes
         ``_check_step`` + ``_init_group``, which create it after the checks."""
-        hyper = [_hyperparameters(group, "optim.AdamW") for group in self.param_groups]
+        hyper = [_check_group(group, self.defaults, g) for g, group in enumerate(self.param_groups)]
         moment_of = {}
         gathered = []
         for g, group in enumerate(self.param_groups):
@@ -261,12 +262,18 @@ class AdamW(Optimizer):
                 self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
                 stepped = [p for p in group["params"] if p.grad is not None]
                 gathered.append((group, h, stepped, params, grads, exp_avgs, exp_avg_sqs, steps))
+        if len(gathered) > 1 and not torch.compiler.is_compiling():
+            _check_groups_apart(gathered)
         for group, h, stepped, params, grads, exp_avgs, exp_avg_sqs, steps in gathered:
-            # Consume the pending resets of the parameters this step touches (the others keep theirs).
-            reset = [self.state[p].pop(RESET_KEY, None) is not None for p in stepped]
+            # The pending resets of the parameters this step touches are consumed once the op has run (the others
+            # keep theirs; an op that raises has written nothing, and the requests stay).
+            reset = [RESET_KEY in self.state[p] for p in stepped]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
                   weight_decay=h["weight_decay"], eps=h["eps"], maximize=group["maximize"],
                   foreach=group["foreach"], fused=group["fused"], reset=reset)
+            for p, restarted in zip(stepped, reset):
+                if restarted:
+                    del self.state[p][RESET_KEY]
         return loss
 
     # ---------------------------------------------------------------------------------- state dicts (torch's hooks)
@@ -274,7 +281,8 @@ class AdamW(Optimizer):
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The load pre hook: the whole incoming state dict is checked before anything is replaced (the class that
         saved it, every group's values, every parameter's state keys, moment shapes and step counts)."""
-        check_incoming_state_dict(self, state_dict, "optim.AdamW", check_group=_check_loaded_group,
+        check_incoming_state_dict(self, state_dict, "optim.AdamW",
+                                  check_group=lambda group, params: _check_group(group, self.defaults),
                                   spec_of=lambda group: STATE_SPEC)
 
     def _after_state_dict_loaded(self, state_dict: dict[str, Any]) -> None:
@@ -314,7 +322,13 @@ def _hyperparameters(group: dict[str, Any], caller: str) -> dict[str, float]:
                 eps=check_nonnegative(group["eps"], "eps", caller))
 
 
-def _check_loaded_group(group: dict[str, Any], params: list[torch.Tensor]) -> None:
+def _check_group(group: dict[str, Any], defaults: dict[str, Any], index: int | None = None) -> dict[str, float]:
+    """Everything a step reads from a param group (or the defaults), in one place for construction,
+    ``add_param_group``, ``load_state_dict`` and every step: the settings (present, bools where bools belong), the
+    options only ``False`` of which is implemented (a group edited or loaded with ``amsgrad=True`` would be stepped
+    without it), and the hyperparameters, returned as Python floats."""
+    where = "the param group" if index is None else f"param group {index}"
+    check_group_settings(group, defaults, "optim.AdamW", where=where)
     for name in ("amsgrad", "capturable", "differentiable"):
         if group.get(name):
             extra = (" (its max_exp_avg_sq would be ignored and the step would differ from the run that saved "
@@ -324,7 +338,7 @@ def _check_loaded_group(group: dict[str, Any], params: list[torch.Tensor]) -> No
     if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
         raise ValueError("decoupled_weight_decay=False (a torch.optim.Adam checkpoint with L2 weight decay); "
                          "optim.AdamW always decouples it: resume with torch.optim.Adam")
-    _hyperparameters(group, "optim.AdamW")
+    return _hyperparameters(group, "optim.AdamW")
 
 
 def _real_dtype(p: torch.Tensor) -> torch.dtype:
@@ -391,6 +405,23 @@ def adamw(
                 for tensors in (exp_avgs, exp_avg_sqs, state_steps):
                     torch._foreach_zero_([tensors[i] for i in restarted])
             step_one_device_and_dtype(*lists, **hyper)
+
+
+def _check_groups_apart(gathered: list[tuple]) -> None:
+    """The op checks the tensors of its own call before it writes, but a step makes one call per group: the tensors
+    of every group are checked together first (the op's rule, ``optim._overlap``), so that a gradient of a later
+    group sharing memory with a parameter of an earlier one (which the op of neither group sees) is refused before
+    the earlier group is stepped, and so is a later group whose own op would refuse it."""
+    lists = [(g, entry[3:]) for g, entry in enumerate(gathered)]  # params, grads, exp_avgs, exp_avg_sqs, steps
+    names = (("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True), ("state_steps", True))
+
+    def operands():
+        return [operand for g, tensors in lists for (name, written), group_tensors in zip(names, tensors)
+                for operand in list_operands(f"param group {g}: {name}", group_tensors, written)]
+    check_no_overlap_across_calls(
+        "optim.AdamW.step",
+        written=[t for _, tensors in lists for (_, written), ts in zip(names, tensors) if written for t in ts],
+        read=[t for _, tensors in lists for t in tensors[1]], operands=operands)
 
 
 def _state_looks_right(p: torch.Tensor, state: dict, moment_of: dict) -> bool:

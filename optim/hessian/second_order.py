@@ -147,9 +147,11 @@ except ImportError:  # pragma: no cover
 from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
 from .._library import has_kernel
-from .._validate import SparseGradientError, StateSpec, check_group_params, check_incoming_state_dict
+from .._overlap import check_no_overlap_across_calls
+from .._validate import (SparseGradientError, StateSpec, check_group_params, check_group_settings,
+                         check_incoming_state_dict)
 from .._validate import check_betas as _check_betas
-from .._validate import check_param_state, install_state_dict_hooks
+from .._validate import check_param_state, fill_group_defaults, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
 from ..fused._ops import add_to_counts_
 from ..fused.distributed import (agree_over_mesh, average_, check_process_group, check_row_sharded, is_dtensor,
@@ -330,7 +332,7 @@ class SecondOrderOptimizer(Optimizer):
         self._hessian_mode = hessian
         self._sharded = sharded
         for group in self.param_groups:
-            self._check_group(group)
+            self._check_whole_group(group)
             for p in group["params"]:
                 if p.dtype not in SECOND_ORDER_PARAM_DTYPES:
                     raise ValueError(f"{self._name}: a parameter of shape {tuple(p.shape)} is {p.dtype}; only "
@@ -371,6 +373,17 @@ class SecondOrderOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _check_whole_group(self, group: dict[str, Any], index: int | None = None) -> dict[str, float]:
+        """Everything a step reads from a group, in one place for construction, ``add_param_group``,
+        ``load_state_dict`` and every step: its settings (all present, bools where bools belong), the probe seed
+        (an int) and the class's hyperparameters (returned as Python floats)."""
+        where = "the param group" if index is None else f"param group {index}"
+        check_group_settings(group, self.__dict__.get("defaults", group), self._name, where=where)
+        seed = group["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{self._name}: seed of {where} must be an int, got {seed!r}")
+        return self._check_group(group)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         """Zero counts (CPU float32 scalars) and zero state tensors shaped like ``p`` in the state dtype."""
@@ -483,7 +496,7 @@ class SecondOrderOptimizer(Optimizer):
         Stages: gather the gradients, take the curvature (Hessian-vector products), reduce (average over the
         process group, unscale, check finiteness), update; only the last writes parameters or state (the backward
         passes of ``hessian="fd"`` write ``p.grad`` and move parameters by ±hz, restored bit for bit)."""
-        # the groups' hyperparameters, checked once per step; the update uses these values
+        # every group's settings and hyperparameters, checked once per step; the update uses these values
         hypers = self._step_hypers()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self._skips_overflowed_step(closure, found_inf):
@@ -501,10 +514,10 @@ class SecondOrderOptimizer(Optimizer):
         return work.loss
 
     def _step_hypers(self) -> list:
-        """``_check_group(group)`` of every param group. A group whose values are all immutable Python scalars (or
-        tuples of them) and are the very objects checked at an earlier step is not checked again: the same objects
-        hold the same values (an LR scheduler's new ``lr`` is a new float, so that group is checked again; a Tensor
-        or a list value is checked at every step)."""
+        """``_check_whole_group(group, index)`` of every param group. A group whose values are all immutable Python
+        scalars (or tuples of them) and are the very objects checked at an earlier step is not checked again: the
+        same objects hold the same values (an LR scheduler's new ``lr`` is a new float, so that group is checked
+        again; a Tensor or a list value is checked at every step)."""
         groups = self.param_groups
         cache = getattr(self, "_hyper_cache", None)
         if cache is None or len(cache) != len(groups):
@@ -517,7 +530,7 @@ class SecondOrderOptimizer(Optimizer):
                     all(map(operator.is_, values, cached[2])) and list(group) == cached[1]:
                 hypers.append(cached[3])
                 continue
-            hyper = self._check_group(group)
+            hyper = self._check_whole_group(group, i)
             hypers.append(hyper)
             immutable = all(_is_immutable_value(v) for k, v in group.items() if k != "params")
             cache[i] = (group, list(group), values, hyper) if immutable else None
@@ -856,6 +869,7 @@ class SecondOrderOptimizer(Optimizer):
         (``hypers``: each group's ``_check_group`` values, as ``step`` checked them; asked again where None)."""
         stepping, grads = work.params, work.grads
         members = self._checked_states(stepping)
+        self._check_apart(work, members, external)
         # Nothing has been modified up to here: every error above leaves parameters and state as they were.
         if closure is not None:
             for p, g in zip(stepping, grads):
@@ -894,6 +908,32 @@ class SecondOrderOptimizer(Optimizer):
                     entry[key] = [None] * n
             entries.append(_local_entry(entry) if self._sharded else entry)
         self._update(entries)
+
+    def _check_apart(self, work: _StepWork, members, external: dict[int, torch.Tensor]) -> None:
+        """The update writes the counts, then runs one op per group, each checking its own tensors: a gradient or
+        curvature tensor sharing memory with a parameter or state tensor (of its group or another) is refused
+        here, before anything is written (``optim._overlap``). FSDP2's DTensors are left to the ops, which check
+        their local shards."""
+        if self._sharded:
+            return
+        states = [(g, j, state) for g, (_, _, group_states) in enumerate(members) for j, state in
+                  enumerate(group_states) if state]
+        written = list(work.params) + [t for _, _, state in states for t in state.values()
+                                       if isinstance(t, torch.Tensor)]
+        read = [t for t in (*work.grads, *work.hessian_products, *work.probes, *external.values())
+                if isinstance(t, torch.Tensor)]
+
+        def operands():
+            named = [(f"the parameter {self._where(p)}", p, True) for p in work.params]
+            named += [(f"the state {key!r} of parameter {j} of param group {g}", t, True) for g, j, state in states
+                      for key, t in state.items() if isinstance(t, torch.Tensor)]
+            named += [(f"the gradient of {self._where(p)}", t, False) for p, t in zip(work.params, work.grads)]
+            named += [(f"a curvature tensor of {self._where(p)}", t, False) for p, ts in
+                      zip(work.params, zip(work.hessian_products, work.probes)) for t in ts
+                      if isinstance(t, torch.Tensor)]
+            named += [("a hessian_diagonal entry", t, False) for t in external.values()]
+            return named
+        check_no_overlap_across_calls(f"{self._name}.step", written, read, operands)
 
     def _only_creates_state(self, due: set[int]) -> bool:
         """A step without a closure at lr = 0 in every group that is due to refresh the curvature from gradients
@@ -1102,7 +1142,7 @@ class SecondOrderOptimizer(Optimizer):
         supported dtype; its hyperparameters), so a group that could not be stepped is never added."""
         check_group_params(param_group, self._name, dtype_ok=lambda p: p.dtype in SECOND_ORDER_PARAM_DTYPES,
                            dtypes_text="float64, float32, bfloat16 and float16")
-        self._check_group({**self.defaults, **param_group})
+        self._check_whole_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------------- state dict (torch's hooks)
@@ -1111,7 +1151,7 @@ class SecondOrderOptimizer(Optimizer):
         """torch's load pre hook: the whole incoming state (the class that saved it, every group's values, every
         parameter's state keys, shapes and counts) is checked before anything is replaced."""
         check_incoming_state_dict(self, state_dict, self._name, check_group=lambda group, params:
-                                  self._check_group(group), spec_of=lambda group: self._state_spec())
+                                  self._check_whole_group(group), spec_of=lambda group: self._state_spec())
 
     def _after_state_dict_loaded(self, state_dict: dict[str, Any]) -> None:
         """torch's load post hook: state tensors back in their working dtype (float32 for bf16/fp16 parameters)
@@ -1134,6 +1174,7 @@ class SecondOrderOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        fill_group_defaults(self)
         install_state_dict_hooks(self)
 
 

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .._finite import all_finite
+from .._overlap import check_no_overlap_across_calls
 from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor, write_whole_
-from ._ops import lowrank_refactorize_
+from ._ops import check_refactorize_args, lowrank_refactorize_
 from .layers import LowRankLinear, low_rank_modules
 
 __all__ = ["RESET_SCOPES", "Refactorizer", "refactorize", "reset_moments"]
@@ -41,11 +42,23 @@ def refactorize(modules: nn.Module | Iterable[nn.Module]) -> int:
     """
     groups: dict[tuple, list[LowRankLinear]] = defaultdict(list)
     sharded: list[LowRankLinear] = []
-    for layer in low_rank_modules(modules):
+    layers_found = low_rank_modules(modules)
+    for layer in layers_found:
         if is_dtensor(layer.B) or is_dtensor(layer.A):
             sharded.append(layer)
         else:
             groups[(tuple(layer.B.shape), tuple(layer.A.shape), layer.B.dtype, layer.B.device)].append(layer)
+    # Each op call checks its own factors before it writes, but one refactorization makes a call per group of
+    # layers: all of them are checked first (the schema, finiteness, factors shared between layers), so that a
+    # bad later layer is refused before an earlier one is rewritten.
+    for layers in groups.values():
+        check_refactorize_args([layer.B for layer in layers], [layer.A for layer in layers])
+    check_factors_finite(layers_found, "refactorize", "no layer was refactorized")
+    plain = [layer for layers in groups.values() for layer in layers]
+    check_no_overlap_across_calls(
+        "refactorize", written=[t for layer in plain for t in (layer.B, layer.A)], read=[],
+        operands=lambda: [(f"the {name} factor of LowRankLinear layer {i}", t, True)
+                          for i, layer in enumerate(plain) for name, t in (("B", layer.B), ("A", layer.A))])
     for layers in groups.values():
         lowrank_refactorize_([layer.B for layer in layers], [layer.A for layer in layers])
     # FSDP2 shards B (m×r) and A (r×n) by rows. One layer at a time: all-gather its factors (the memory FSDP needs
@@ -60,6 +73,17 @@ def refactorize(modules: nn.Module | Iterable[nn.Module]) -> int:
         write_whole_(layer.B, B)
         write_whole_(layer.A, A)
     return len(groups) + len(sharded)
+
+
+def check_factors_finite(layers: list[LowRankLinear], caller: str, consequence: str) -> None:
+    """Raise ``ValueError`` naming the first factor of ``layers`` with a NaN or inf (one reduction when all are
+    finite): a diverged run cannot be refactorized."""
+    factors = [t for layer in layers for t in (layer.B, layer.A)]
+    if factors and not all_finite(factors):
+        bad = next(i for i, t in enumerate(factors) if not bool(torch.isfinite(t).all()))
+        raise ValueError(f"{caller}: the {'B' if bad % 2 == 0 else 'A'} factor of LowRankLinear layer {bad // 2} "
+                         f"holds NaN or inf; {consequence}. The run has diverged: restore a checkpoint or lower the "
+                         "learning rate")
 
 
 @torch.no_grad()
@@ -206,13 +230,8 @@ class Refactorizer:
         """Refactorize every layer and reset the chosen moments now (``step()`` calls this on schedule).
 
         Every factor is checked first: if one holds NaN or inf, no layer is refactorized and no moment reset."""
-        factors = [t for layer in self.modules for t in (layer.B, layer.A)]
-        if not all_finite(factors):
-            bad = next(i for i, t in enumerate(factors) if not bool(torch.isfinite(t).all()))
-            raise ValueError(f"Refactorizer: the {'B' if bad % 2 == 0 else 'A'} factor of LowRankLinear layer "
-                             f"{bad // 2} holds NaN or inf; no layer was refactorized and no moment was reset (the "
-                             "optimizer step that ran before this refactorization was applied). The run has "
-                             "diverged: restore a checkpoint or lower the learning rate")
+        check_factors_finite(self.modules, "Refactorizer", "no layer was refactorized and no moment was reset (the "
+                             "optimizer step that ran before this refactorization was applied)")
         start = time.perf_counter()
         refactorize(self.modules)
         if self.reset == "factors":

@@ -25,8 +25,9 @@ from torch.optim import Optimizer
 
 from .._finite import first_nonfinite
 from .._library import has_kernel
-from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_incoming_state_dict,
-                         check_lr, check_nonnegative, check_param_state, install_state_dict_hooks, scalar)
+from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_group_settings,
+                         check_incoming_state_dict, check_lr, check_nonnegative, check_param_state,
+                         fill_group_defaults, install_state_dict_hooks, scalar)
 from .._validate import check_unit_interval as _unit_interval
 from ..fused.distributed import agree_over_mesh, check_row_sharded, gather_whole, is_dtensor
 from ._ops import CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rsdm_step_, rsdm_step_reference
@@ -56,7 +57,8 @@ _FLOAT_KEYS = ("lr", "momentum", "dampening", "eps")
 
 
 def _check_reorthonormalize_every(value, caller: str) -> None:
-    if value is not None and not (isinstance(value, int) and value >= 0):
+    # a bool is an int to Python: True would mean "every step"
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         raise ValueError(f"{caller}: reorthonormalize_every must be None or an int >= 0 (0 = never), got {value!r}")
 
 
@@ -105,17 +107,31 @@ class _ManifoldOptimizer(Optimizer):
         check_finite = param_group.get("check_finite", self.defaults.get("check_finite", True))
         if not isinstance(check_finite, bool):
             raise ValueError(f"{self._name}: check_finite must be True or False, got {check_finite!r}")
-        self._check_group({**self.defaults, **param_group, "manifold": manifold}, params)
+        self._check_whole_group({**self.defaults, **param_group, "manifold": manifold}, params)
         if manifold is not None:
             check_row_sharded(params, caller=self._name,
                               why="a constrained parameter under FSDP2 is stepped (optim.stiefel.sharded)")
             for i, p in enumerate(params):
+                if p.device.type == "meta":  # no values: whether it is on the manifold cannot be checked
+                    raise ValueError(f"{self._name}: parameter {i} of the group is a meta tensor; a constrained "
+                                     "parameter must be on the manifold when the optimizer is built: materialize "
+                                     "it (model.to_empty(device=...), then optim.stiefel.orthogonal_) first")
                 check_on_manifold(gather_whole(p.detach()), caller=self._name, name=f"parameter {i} of the group")
         param_group.setdefault("manifold", manifold)
         super().add_param_group(param_group)
 
     def _check_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """Hyperparameters of a group (the keys may be missing: defaults are filled in afterwards)."""
+
+    def _check_whole_group(self, group: dict[str, Any], params: list[torch.Tensor], index: int | None = None) -> None:
+        """Everything a step reads from a group, in one place for ``add_param_group``, ``load_state_dict`` and every
+        step: its settings (all present, bools where bools belong), its manifold's name and the class's
+        hyperparameters."""
+        defaults = self.__dict__.get("defaults", group)  # in __init__, before torch's constructor stores them
+        check_group_settings(group, defaults, self._name,
+                             where="the param group" if index is None else f"param group {index}")
+        check_manifold_name(group["manifold"], self._name)
+        self._check_group(group, params)
 
     def _state_spec(self, group: dict[str, Any]) -> StateSpec:
         """The per-parameter state a group's parameters keep (checked at load and at each step)."""
@@ -128,14 +144,14 @@ class _ManifoldOptimizer(Optimizer):
                                   spec_of=self._state_spec)
 
     def _check_loaded_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_manifold_name(group.get("manifold", "stiefel"), self._name)
-        self._check_group(group, params)
+        self._check_whole_group(group, params)
 
     def _after_state_dict_loaded(self, state_dict: dict[str, Any]) -> None:
         """torch's load post hook (nothing to convert: torch's casts keep this state's dtypes)."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        fill_group_defaults(self)
         install_state_dict_hooks(self)
 
     def _check_gradients(self) -> list[dict[str, Any]]:
@@ -144,7 +160,7 @@ class _ManifoldOptimizer(Optimizer):
         as the update reads them (Tensor hyperparameters as floats)."""
         grads, where, work = [], [], []
         for g_index, group in enumerate(self.param_groups):
-            self._check_group({**self.defaults, **group}, group["params"])
+            self._check_whole_group(group, group["params"], g_index)
             work.append(self._float_group(group))
             spec = self._state_spec(group)
             checked = group.get("check_finite", True)  # groups of state dicts saved before the option: on
@@ -305,7 +321,7 @@ class RSDM(_ManifoldOptimizer):
         defaults = dict(lr=lr, rank=rank, sampling=sampling, core=core, momentum=momentum,
                         reorthonormalize_every=reorthonormalize_every, seed=seed, maximize=maximize,
                         manifold=manifold, check_finite=check_finite)
-        self._check_group(defaults, [])
+        self._check_whole_group(defaults, [])
         super().__init__(params, defaults)
         install_state_dict_hooks(self)
 
@@ -482,7 +498,7 @@ class RiemannianSGD(_ManifoldOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, retraction=retraction,
                         reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold,
                         check_finite=check_finite)
-        self._check_group(defaults, [])
+        self._check_whole_group(defaults, [])
         super().__init__(params, defaults)
         install_state_dict_hooks(self)
 
@@ -560,7 +576,7 @@ class RiemannianAdam(_ManifoldOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, retraction=retraction,
                         reorthonormalize_every=reorthonormalize_every, maximize=maximize, manifold=manifold,
                         check_finite=check_finite, second_moment=second_moment)
-        self._check_group(defaults, [])
+        self._check_whole_group(defaults, [])
         super().__init__(params, defaults)
         install_state_dict_hooks(self)
 

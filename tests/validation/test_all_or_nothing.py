@@ -129,6 +129,147 @@ def test_torch_adamw_amsgrad_state_is_refused_not_ignored():
     assert set(opt.state[model.weight]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
+# ------------------------------------------------------------------------------- settings edited after construction
+
+def edited_last_group(info, edit):
+    """A trained optimizer whose last param group (stepped after the first) was edited by ``edit(group)``, with the
+    gradients in place and a snapshot taken: a step that reads the edit late has already stepped group 0."""
+    params = info.params()
+    opt = info.make(params)
+    info.step(opt, params)
+    edit(opt.param_groups[-1])
+    info.set_grads(params)
+    return opt, snapshot(opt)
+
+
+def settings_edits(info):
+    """(label, edit, what the message names) for every setting the step reads that is not a number."""
+    edits = [("maximize='no'", lambda g: g.__setitem__("maximize", "no"), "maximize"),
+             ("del lr", lambda g: g.pop("lr"), "lacks \\['lr'\\]")]
+    if "foreach" in info.cls([torch.nn.Parameter(torch.zeros(1))], **info.kwargs,
+                             **({"manifold": None} if info.manifold else {})).defaults:
+        edits.append(("foreach='x'", lambda g: g.__setitem__("foreach", "x"), "foreach"))
+    if info.manifold:
+        edits.append(("manifold='sphere'", lambda g: g.__setitem__("manifold", "sphere"), "manifold"))
+        edits.append(("check_finite='x'", lambda g: g.__setitem__("check_finite", "x"), "check_finite"))
+    if info.second_order:
+        edits.append(("seed='x'", lambda g: g.__setitem__("seed", "x"), "seed"))
+    if info.name == "AdamW":
+        edits.append(("amsgrad=True", lambda g: g.__setitem__("amsgrad", True), "amsgrad"))
+    return edits
+
+
+@pytest.mark.parametrize("info", INFOS, ids=INFO_IDS)
+def test_a_setting_edited_after_construction_is_refused_before_any_write(info):
+    """Issue 16 sweep: a string where a bool belongs reached the op (RuntimeError after group 0 stepped, or
+    silently truthy), a deleted key raised KeyError after group 0 stepped, an unknown manifold raised from
+    riemannian_gradient after group 0 stepped, amsgrad=True was ignored: the step now checks every setting of every
+    group, as add_param_group does, before it writes."""
+    for label, edit, named in settings_edits(info):
+        opt, before = edited_last_group(info, edit)
+        with pytest.raises(ValueError, match=named):
+            opt.step()
+        assert_same(before, snapshot(opt))
+
+
+@pytest.mark.parametrize("info", INFOS, ids=INFO_IDS)
+def test_a_bool_setting_given_as_a_string_is_refused_at_construction(info):
+    with pytest.raises(ValueError, match="maximize.*must be True or False"):
+        info.make(info.params(), maximize="no")
+
+
+# ------------------------------------------------------------------------------------------- checkpoints (sweep)
+
+def checkpoint_edits(info, p_is_real=True):
+    """(label, edit of a saved state dict, what the message names): malformations the first sweep did not try."""
+    def moments(saved):
+        state = saved["state"][1]
+        return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim()]
+
+    def complex_moment(saved):
+        key = moments(saved)[0]
+        saved["state"][1][key] = saved["state"][1][key].to(torch.complex128)
+
+    def meta_moment(saved):
+        key = moments(saved)[0]
+        saved["state"][1][key] = torch.empty_like(saved["state"][1][key], device="meta")
+
+    edits = [("state is a list", lambda saved: saved.__setitem__("state", []), "must be a dict"),
+             ("complex moment of a real parameter", complex_moment, "must be a real floating-point tensor"),
+             ("meta moment", meta_moment, "meta tensor")]
+    if not info.manifold:  # their step is a Python int (refused as a float already)
+        edits.append(("fractional step", lambda saved: saved["state"][1].__setitem__("step", torch.tensor(2.5)),
+                      "whole number"))
+    return edits
+
+
+@pytest.mark.parametrize("info", INFOS, ids=INFO_IDS)
+def test_a_malformed_checkpoint_of_the_sweep_is_refused_at_load(info):
+    """Issue 16 sweep: a list for 'state' raised AttributeError; a complex moment of a real parameter loaded (torch
+    dropped its imaginary part with a warning); a meta moment raised NotImplementedError from torch's cast, after
+    the hook had recorded the load; a step of 2.5 loaded."""
+    params = info.params()
+    opt = info.make(params)
+    for _ in range(2):
+        info.step(opt, params)
+    for label, edit, named in checkpoint_edits(info):
+        saved = copy.deepcopy(opt.state_dict())
+        edit(saved)
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=named):
+            opt.load_state_dict(saved)
+        assert_same(before, snapshot(opt))
+        assert "_state_dict_being_loaded" not in opt.__dict__, label
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if i.manifold], ids=[i.name for i in INFOS if i.manifold])
+def test_a_checkpoint_may_not_change_the_manifold_of_a_group(info):
+    """Issue 16 sweep: a torch.optim.SGD checkpoint (no momentum, so no state) loaded into RiemannianSGD and left
+    its groups without 'manifold' (KeyError at the next step); a group's manifold is checked against its parameters
+    when they are added, so a checkpoint cannot change it."""
+    params = info.params()
+    opt = info.make(params)
+    info.step(opt, params)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][1]["manifold"] = "stiefel"  # the bias, a vector, as a point of the manifold
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"param group 1 of the state dict has manifold='stiefel'.*manifold=None"):
+        opt.load_state_dict(saved)
+    assert_same(before, snapshot(opt))
+    torch_sgd = torch.optim.SGD([{"params": [nn.Parameter(p.detach().clone())]} for p in params], lr=0.1)
+    with pytest.raises(ValueError, match="manifold|another optimizer class"):  # RSDM has no 'dampening'
+        opt.load_state_dict(torch_sgd.state_dict())
+    assert_same(before, snapshot(opt))
+
+
+def test_a_saved_group_without_a_setting_takes_the_default_as_it_was_checked():
+    """What the load check validated is what the step reads: a setting the saved group lacks (an older version's
+    checkpoint) takes the class's default, as add_param_group does for a new group."""
+    opt, a, b = two_group_adamw()
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["param_groups"][1]["lr"]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[1]["lr"] == opt.defaults["lr"]
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if i.manifold], ids=[i.name for i in INFOS if i.manifold])
+def test_reorthonormalize_every_refuses_a_bool(info):
+    """Issue 16 sweep: reorthonormalize_every=True was taken as the int 1 (a QR at every step)."""
+    with pytest.raises(ValueError, match="reorthonormalize_every must be None or an int"):
+        info.make(info.params(), reorthonormalize_every=True)
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if i.manifold], ids=[i.name for i in INFOS if i.manifold])
+def test_a_meta_parameter_in_a_constrained_group_is_a_clear_error(info):
+    """Issue 16 sweep: RuntimeError "Tensor.item() cannot be called on meta tensors" from the manifold check."""
+    w = nn.Parameter(torch.empty(6, 3, device="meta"))
+    with pytest.raises(ValueError, match="meta tensor.*materialize"):
+        info.cls([{"params": [w], "manifold": "stiefel"}], **info.kwargs)
+
+
 # ------------------------------------------------------------------------------------------------------- stiefel
 
 @pytest.mark.parametrize("shape", [(3, 6), (6, 1)], ids=["transposed", "n-by-1"])
@@ -296,6 +437,26 @@ def test_refactorizer_checks_every_factor_before_refactorizing_any():
         refactorizer.refactorize_now()
     assert torch.equal(model.fc1.B, fc1[0]) and torch.equal(model.fc1.A, fc1[1])
     assert not opt.pending_resets()
+
+
+@pytest.mark.parametrize("bad", ["inf", "shared"], ids=["inf in a later layer", "a factor shared by two layers"])
+def test_refactorize_checks_every_layer_before_rewriting_any(bad):
+    """Issue 16 sweep: ``optim.lowrank.refactorize`` (the public function the Refactorizer calls) makes one op call
+    per group of layers of one shape; with an inf in a later group it rewrote the earlier group, then raised
+    "nothing was changed". Factors shared by two layers of different groups were each rewritten by another call."""
+    from optim.lowrank import refactorize
+
+    model, _ = low_rank_setup()
+    with torch.no_grad():
+        if bad == "inf":
+            model.fc2.A[0, 0] = float("inf")
+        else:  # fc2's B (3x2) made a view of fc1's A (2x6): the two layers' calls would both write that memory
+            model.fc2.B = nn.Parameter(model.fc1.A.detach().t()[:3])
+    layers = [model.fc1.B, model.fc1.A, model.fc2.B, model.fc2.A]
+    before = [t.detach().clone() for t in layers]
+    with pytest.raises(ValueError, match="NaN or inf; no layer was refactorized" if bad == "inf" else "share memory"):
+        refactorize(model)
+    assert all(torch.equal(t, b) for t, b in zip(layers, before))
 
 
 def test_low_rank_adamw_checks_every_parameter_before_converting():

@@ -146,3 +146,69 @@ def test_read_only_tensors_may_share_memory():
         implementation([t.clone() for t in p], [shared, shared], [torch.zeros(4, **F64) for _ in p],
                        [torch.zeros(4, **F64) for _ in p], [torch.zeros(()) for _ in p], lr=1e-3, beta1=0.9,
                        beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
+
+
+# ------------------------------------------------------------------------------- a step of several op calls (sweep)
+
+def stepped(cls, groups, **kwargs):
+    """An optimizer over ``groups`` (lists of parameters) after one step, gradients set again."""
+    opt = cls([{"params": ps} for ps in groups], **kwargs)
+    params = [p for ps in groups for p in ps]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if cls is optim.SophiaH:
+        opt.step(lambda: sum((p ** 2).sum() + (p ** 4).sum() for p in params))
+    else:
+        opt.step()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return opt, params
+
+
+def aliased_gradients():
+    """(label, edit of the parameters' gradients): a gradient sharing memory with a parameter the step writes, in
+    the last group (its op refused it, after the first group's op had written) or across groups (no op saw it)."""
+    return [("a gradient aliasing its own parameter", lambda a, b: setattr(b, "grad", b.detach())),
+            ("a gradient aliasing a parameter of the other group", lambda a, b: setattr(b, "grad", a.detach()))]
+
+
+@pytest.mark.parametrize("cls, kwargs", [(optim.AdamW, {}), (optim.SophiaH, dict(seed=0, update_period=10))],
+                         ids=["AdamW", "SophiaH"])
+@pytest.mark.parametrize("label, alias", aliased_gradients(), ids=["own", "other group"])
+def test_a_gradient_sharing_memory_with_a_written_tensor_is_refused_before_any_group_steps(cls, kwargs, label, alias):
+    """Issue 16 sweep: the op of the second group raised after the first group's op (and SophiaH's step counts)
+    had written; a gradient aliasing another group's parameter was seen by no op and read after it changed."""
+    from ._infos import assert_same, snapshot
+
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    opt, params = stepped(cls, [[a], [b]], **kwargs)
+    alias(a, b)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert_same(before, snapshot(opt))
+
+
+def test_adamw_keeps_a_pending_reset_when_its_step_raises():
+    """The reset flag was popped before the op ran; an op that raised lost the request."""
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    opt, _ = stepped(optim.AdamW, [[a]])
+    opt.reset_moments([a])
+    a.grad = a.detach()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert opt.pending_resets() == [a]
+
+
+def test_adamw_refuses_a_gradient_resized_in_place_before_any_group_steps():
+    """``grad.set_()`` bypasses torch's grad setter; the fast check trusted it and the second group's op raised
+    after the first group stepped."""
+    from ._infos import assert_same, snapshot
+
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    opt, _ = stepped(optim.AdamW, [[a], [b]])
+    b.grad.set_(torch.randn(4))
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"gradient of parameter 0 of param group 1.*\(4,\).*\(5,\)"):
+        opt.step()
+    assert_same(before, snapshot(opt))

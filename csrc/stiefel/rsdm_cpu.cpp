@@ -3,6 +3,7 @@
 // into contiguous buffers, forms A = G_I X_Iᵀ and X_I ← Y X_I with at::mm (BLAS) and computes the r×r core Y with
 // the loops below (the same algorithms as the CUDA kernel), then scatters the rows back.
 #include "rsdm.h"
+#include "../common/cpu_isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +19,12 @@
 #endif
 
 namespace optim {
+
+// The CholeskyQR2 core's triangular loops, stamped out per instruction set (the build is baseline x86-64): at r = 64
+// they were most of the op's time outside BLAS.
+#define OPTIM_ISA_KERNELS "../stiefel/rsdm_cpu_cholqr_kernels.inc"  // relative to csrc/common
+#include "../common/cpu_isa_variants.inc"
+
 namespace {
 
 constexpr int64_t kGrainWork = 1 << 17;
@@ -171,37 +178,36 @@ constexpr double cholqr_max_norm() {
   return sizeof(T) == 8 ? 1e4 : 30.0;
 }
 
-// In place: the upper triangle of gram (r×r, row-major) becomes R with RᵀR = gram; false if a pivot is not > 0.
+// The upper triangle of gram becomes R with RᵀR = gram; false if a pivot is not > 0 (the fastest instruction set).
 template <typename T>
-bool cholesky_upper_in_place(T* gram, int64_t r) {
-  for (int64_t k = 0; k < r; ++k) {
-    T* row_k = gram + k * r;
-    const T pivot = row_k[k];
-    if (!(pivot > T(0)) || !std::isfinite(pivot)) return false;
-    const T d = std::sqrt(pivot), inverse = T(1) / d;
-    row_k[k] = d;
-    for (int64_t j = k + 1; j < r; ++j) row_k[j] *= inverse;
-    for (int64_t i = k + 1; i < r; ++i) {
-      T* row_i = gram + i * r;
-      const T factor = row_k[i];
-      for (int64_t j = i; j < r; ++j) row_i[j] -= factor * row_k[j];
-    }
+bool cholesky_upper(T* gram, int64_t r) {
+#if OPTIM_X86_DISPATCH
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return avx512::cholesky_upper_in_place(gram, r);
+    case CpuIsa::kAvx2:
+      return avx2::cholesky_upper_in_place(gram, r);
+    case CpuIsa::kBaseline:
+      break;
   }
-  return true;
+#endif
+  return baseline::cholesky_upper_in_place(gram, r);
 }
 
-// In place: a (r×r, row-major) becomes a·R⁻¹, R the upper triangle of rfactor (forward substitution per row).
+// qt = Aᵀ becomes (A·R⁻¹)ᵀ (the fastest instruction set).
 template <typename T>
-void solve_upper_right_in_place(T* a, const T* rfactor, int64_t r) {
-  for (int64_t i = 0; i < r; ++i) {
-    T* row = a + i * r;
-    for (int64_t j = 0; j < r; ++j) {
-      const T* r_row = rfactor + j * r;
-      const T q = row[j] / r_row[j];
-      row[j] = q;
-      for (int64_t c = j + 1; c < r; ++c) row[c] -= q * r_row[c];
-    }
+void solve_upper_transposed(T* qt, const T* rfactor, int64_t r) {
+#if OPTIM_X86_DISPATCH
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return avx512::solve_upper_transposed_in_place(qt, rfactor, r);
+    case CpuIsa::kAvx2:
+      return avx2::solve_upper_transposed_in_place(qt, rfactor, r);
+    case CpuIsa::kBaseline:
+      break;
   }
+#endif
+  baseline::solve_upper_transposed_in_place(qt, rfactor, r);
 }
 
 // Y = Q of I + M (diag(R) > 0) into m by CholeskyQR2; false (m unchanged) where it does not apply.
@@ -212,16 +218,19 @@ bool cholqr2_core_in_place(T* m, int64_t r, const at::TensorOptions& options) {
   for (int64_t e = 0; e < rr; ++e) norm2 += static_cast<double>(m[e]) * static_cast<double>(m[e]);
   const double bound = cholqr_max_norm<T>();
   if (!(norm2 <= bound * bound)) return false;
-  std::vector<T> q(rr), gram(rr);
-  for (int64_t e = 0; e < rr; ++e) q[e] = (e / r == e % r ? T(1) : T(0)) + m[e];
-  const at::Tensor q_view = at::from_blob(q.data(), {r, r}, options);
+  // The factor is kept transposed (qt = Qᵀ, Q = I + M first): the solve for Q·R⁻¹ then runs along contiguous rows.
+  std::vector<T> qt(rr), gram(rr);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) qt[i * r + j] = (i == j ? T(1) : T(0)) + m[j * r + i];
+  const at::Tensor qt_view = at::from_blob(qt.data(), {r, r}, options);
   at::Tensor gram_view = at::from_blob(gram.data(), {r, r}, options);
   for (int pass = 0; pass < 2; ++pass) {
-    at::mm_out(gram_view, q_view.t(), q_view);
-    if (!cholesky_upper_in_place(gram.data(), r)) return false;
-    solve_upper_right_in_place(q.data(), gram.data(), r);
+    at::mm_out(gram_view, qt_view, qt_view.t());  // QᵀQ
+    if (!cholesky_upper(gram.data(), r)) return false;
+    solve_upper_transposed(qt.data(), gram.data(), r);
   }
-  std::copy(q.begin(), q.end(), m);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) m[i * r + j] = qt[j * r + i];
   return true;
 }
 

@@ -273,3 +273,45 @@ def test_float32_default_reorthonormalizes_when_the_measured_defect_asks_for_it(
         opt.step()
     assert calls == [1]
     assert float(distance_to_manifold(w)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(300, 20), (20, 300), (256, 256), (3, 512, 128)])
+def test_float32_storage_defect_matches_a_rounded_orthonormal_matrix(shape):
+    """The storage floor the re-orthonormalization limit is kept above: a float64 orthonormal matrix rounded to
+    float32 has ‖X̃ᵀX̃ − I‖_F ≈ 0.6·2⁻²⁴·P/√N."""
+    import optim.stiefel.optimizers as stiefel_optimizers
+    from optim.stiefel import orthogonal_
+
+    x = orthogonal_(torch.empty(shape, dtype=F64), generator=torch.Generator().manual_seed(1)).float()
+    xo = (x.mT if shape[-2] < shape[-1] else x).double()
+    measured = torch.linalg.matrix_norm(xo.mT @ xo - torch.eye(xo.shape[-1], dtype=F64)).max().item()
+    predicted = stiefel_optimizers.float32_storage_defect(max(shape[-2:]), min(shape[-2:]))
+    assert 0.8 * predicted < measured < 1.25 * predicted
+    assert stiefel_optimizers.defect_estimate_limit(x) == max(stiefel_optimizers.DEFECT_ESTIMATE_LIMIT, 2 * predicted)
+
+
+def test_float32_default_does_not_reorthonormalize_below_the_storage_floor(monkeypatch):
+    """A matrix whose float32 storage alone is further off the manifold than DEFECT_ESTIMATE_LIMIT (square matrices
+    beyond ~1700 columns; emulated by lowering the limit) is not re-orthonormalized at every check: the QR cannot
+    lower the defect below that floor."""
+    import optim.stiefel.optimizers as stiefel_optimizers
+    from optim.stiefel import orthogonal_
+
+    calls = []
+    real = stiefel_optimizers._reorthonormalize_
+    monkeypatch.setattr(stiefel_optimizers, "_reorthonormalize_", lambda p: calls.append(1) or real(p))
+    monkeypatch.setattr(stiefel_optimizers, "DEFECT_ESTIMATE_LIMIT", 1e-9)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(orthogonal_(torch.empty(256, 128, dtype=F64), generator=generator).float())
+    opt = optim.RSDM([w], lr=0.0, rank=8, seed=0)
+    for _ in range(3 * stiefel_optimizers.DEFECT_CHECK_EVERY):
+        w.grad = torch.randn(256, 128, generator=generator)
+        opt.step()
+    assert calls == []
+    # Pushed off the manifold by much more than the floor: the next check re-orthonormalizes it.
+    with torch.no_grad():
+        w.mul_(1 + 1e-4)
+    for _ in range(stiefel_optimizers.DEFECT_CHECK_EVERY):
+        w.grad = torch.randn(256, 128, generator=generator)
+        opt.step()
+    assert calls == [1]

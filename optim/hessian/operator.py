@@ -67,6 +67,9 @@ class CapturedState:
     """
 
     def __init__(self, tensors: list[torch.Tensor]):
+        # The captured objects themselves, kept alive: the key holds their ids, which a new tensor (a parameter
+        # assigned in place of a freed one) could otherwise be given, and pass for the old one.
+        self.sources = list(tensors)
         self.tensors = [t.detach() for t in tensors]
         self.copies = [t.clone() for t in self.tensors]
 
@@ -283,7 +286,7 @@ class CurvatureOperator:
 
     def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, ∇L)``: the weighted mean loss (a 0-dim tensor) and its gradient as a flat ``(n,)`` vector."""
-        params = check_params(self.params, where=self._where)
+        params = self._current_params()
         total_loss, total_grad, total_weight = None, None, 0
         for inputs, targets, weight in self._batches():
             loss, grad = loss_and_gradient(self._loss_of(inputs, targets), params, at="the model's parameters")
@@ -302,6 +305,30 @@ class CurvatureOperator:
 
     def _can_keep(self, batch) -> bool:
         return True
+
+    def _current_params(self) -> list[torch.Tensor]:
+        """The in-scope parameters as the model holds them now, detached, looked up by name; ``params`` follows.
+
+        A parameter replaced since the last product (``model.fc.weight = nn.Parameter(...)``, a checkpoint loaded
+        by assignment) is a new tensor: products are taken at it, and the kept state, which captured the old one
+        (its identity is in the key of :meth:`_captured`), is rebuilt. The flat layout is fixed at construction, so
+        a name gone from the model, or a parameter of another shape, dtype or device, is refused: build a new
+        operator for the model as it is now.
+        """
+        where, current, params = self._where, dict(self.model.named_parameters()), []
+        for name, old, shape in zip(self.names, self.params, self._shapes):
+            p = current.get(name)
+            if p is None:
+                raise ValueError(f"{where}: the model no longer has the parameter {name!r} this operator was built "
+                                 "for; build a new operator for the model as it is now")
+            if p.shape != shape or p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(f"{where}: parameter {name!r} is now {p.dtype} {tuple(p.shape)} on {p.device}, but "
+                                 f"the operator was built for {self.dtype} {tuple(shape)} on {self.device} (its flat "
+                                 "vectors have that layout); build a new operator for the model as it is now")
+            params.append(p)
+        if any(p is not old for p, old in zip(params, self.params)):
+            self.params = params
+        return check_params(params, where=where)
 
     def _check_model(self) -> None:
         """Raise ``ValueError`` if the model's current state is one this operator cannot handle (before computing)."""
@@ -353,7 +380,7 @@ class CurvatureOperator:
     @sdpa_curvature()  # every product of every operator (and so the monitor and the estimators) builds here
     def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         where = self._where
-        params = check_params(self.params, where=where)
+        params = self._current_params()
         v, k = check_vectors(params, v, where=where)
         self._check_model()
         if k == 0:  # no probes: an empty block, once the data is known to have rows
@@ -500,7 +527,10 @@ class HessianOperator(CurvatureOperator):
     cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
 
     Attributes:
-        params: the in-scope parameters (the model's own tensors, in ``named_parameters()`` order).
+        params: the in-scope parameters (the model's own tensors, in ``named_parameters()`` order). They are
+            looked up by name at each product: a parameter replaced in the model (``model.fc.weight =
+            nn.Parameter(w)``) is the one differentiated from then on (a kept graph is rebuilt); one gone from the
+            model, or of another shape, dtype or device, raises ``ValueError`` (build a new operator).
         names: their names.
         n: the total number of their elements; ``shape == (n, n)``.
         dtype, device: the parameters' dtype and device (one of each; filter the parameters to get there).
@@ -596,7 +626,7 @@ class HessianOperator(CurvatureOperator):
         k = V.shape[0]
         if k == 0 or self._deciding() or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop"):
             return super().quadratic_forms(V)
-        params = check_params(self.params, where=self._where)
+        params = self._current_params()
         self._check_model()
         state = self._kept_state(params)  # decided, so its build raises no StateNotKept
         if state is None:

@@ -92,3 +92,64 @@ def test_monitor_refuses_a_step_that_gives_no_seed_before_measuring(step):
         monitor.measure(step, batch)
     assert monitor.records == []
     assert monitor.measure(1, batch)["step"] == 1  # seed + 1 = 2**64 - 1: the last seed there is
+
+
+# ----------------------------------------------------------------------------------- curvature operators: freshness
+
+OPERATORS = [optim.HessianOperator, optim.GGNOperator, optim.EmpiricalFisherOperator]
+OPERATOR_IDS = [cls.__name__ for cls in OPERATORS]
+
+
+def bn_problem():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    model[1].running_mean.normal_()
+    batch = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    return model, batch
+
+
+@pytest.mark.parametrize("reuse_graph", [None, True, False])
+@pytest.mark.parametrize("cls", OPERATORS, ids=OPERATOR_IDS)
+def test_a_replaced_parameter_is_differentiated_not_the_old_one(cls, reuse_graph):
+    """The kept graph was proven fresh by the versions and bits of the captured tensors, and the products were
+    taken at the parameter list of the construction: after ``model[0].weight = nn.Parameter(w)`` the operator kept
+    returning the old weight's products."""
+    model, batch = mse_problem()
+    H = cls(model, nn.MSELoss(), batch, reuse_graph=reuse_graph)
+    v = torch.randn(3, H.n, dtype=torch.float64)
+    H @ v  # builds (and with reuse, keeps) the state at the old weight
+    H.quadratic_forms(v)
+    model[0].weight = nn.Parameter(3.0 * torch.randn(4, 3, dtype=torch.float64))
+    fresh = cls(model, nn.MSELoss(), batch)
+    torch.testing.assert_close(H @ v, fresh @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H @ v[0], fresh @ v[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H.quadratic_forms(v), fresh.quadratic_forms(v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H.loss_and_grad()[1], fresh.loss_and_grad()[1], rtol=1e-12, atol=1e-12)
+    assert H.params[0] is model[0].weight
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=OPERATOR_IDS)
+def test_a_replaced_out_of_scope_parameter_or_buffer_rebuilds_the_kept_state(cls):
+    model, batch = bn_problem()
+    H = cls(model, nn.MSELoss(), batch, param_filter=lambda name, p: name.startswith("3."))
+    v = torch.randn(2, H.n, dtype=torch.float64)
+    H @ v
+    model[0].weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))  # held fixed, but not at its old value
+    model[1].running_var = torch.rand(4, dtype=torch.float64) + 0.5  # a buffer replaced
+    fresh = cls(model, nn.MSELoss(), batch, param_filter=lambda name, p: name.startswith("3."))
+    torch.testing.assert_close(H @ v, fresh @ v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=OPERATOR_IDS)
+def test_a_parameter_gone_or_reshaped_is_refused_naming_it(cls):
+    model, batch = mse_problem()
+    H = cls(model, nn.MSELoss(), batch)
+    v = torch.randn(H.n, dtype=torch.float64)
+    H @ v
+    model[2].bias = nn.Parameter(torch.zeros(2))  # float32: not the operator's layout
+    with pytest.raises(ValueError, match=r"parameter '2.bias' is now torch.float32 .*build a new operator"):
+        H @ v
+    del model[2].bias
+    model[2].register_parameter("bias", None)
+    with pytest.raises(ValueError, match=r"no longer has the parameter '2.bias'.*build a new operator"):
+        H @ v

@@ -170,7 +170,7 @@ class CurvatureOperator:
                 + (" and passes param_filter" if param_filter is not None else "")
             )
         params = [p for _, p in selected]
-        check_params(params, where=where)
+        check_params(params, where=where, names=[name for name, _ in selected])
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -328,7 +328,7 @@ class CurvatureOperator:
             params.append(p)
         if any(p is not old for p, old in zip(params, self.params)):
             self.params = params
-        return check_params(params, where=where)
+        return check_params(params, where=where, names=self.names)
 
     def _check_model(self) -> None:
         """Raise ``ValueError`` if the model's current state is one this operator cannot handle (before computing)."""

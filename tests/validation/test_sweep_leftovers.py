@@ -153,3 +153,59 @@ def test_a_parameter_gone_or_reshaped_is_refused_naming_it(cls):
     model[2].register_parameter("bias", None)
     with pytest.raises(ValueError, match=r"no longer has the parameter '2.bias'.*build a new operator"):
         H @ v
+
+
+# ---------------------------------------------------------------------------------------------------------- hvp
+
+def cubic(a, b):
+    return (a ** 3).sum() + (a.sum() * b).sum() + (b ** 2).sum()
+
+
+@pytest.mark.parametrize("mode", ["auto", "rr", "fr", "fd"])
+@pytest.mark.parametrize("k", [None, 0, 1, 5])
+def test_hvp_of_a_parameter_with_no_elements_is_an_empty_product(mode, k):
+    """A 0-element parameter is handled, not refused: its block of H is empty. (The sweep's IndexError came from
+    its own f indexing the empty tensor, raised through the curvature routes' __torch_function__ frame.)"""
+    a = torch.randn(3, dtype=torch.float64)
+    b = torch.randn(0, 2, dtype=torch.float64)
+    lead = () if k is None else (k,)
+    v = [torch.randn(lead + (3,), dtype=torch.float64), torch.randn(lead + (0, 2), dtype=torch.float64)]
+    hv, grad = optim.hvp(cubic, [a, b], v, mode=mode, return_grad=True)
+    assert hv[1].shape == lead + (0, 2) and grad[1].shape == (0, 2)
+    expected = 6 * a * v[0]  # H of Σa³ + 0 (the b terms are empty sums)
+    torch.testing.assert_close(hv[0], expected, rtol=1e-6 if mode == "fd" else 1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=OPERATOR_IDS)
+def test_operators_on_a_model_with_an_empty_parameter(cls):
+    model, batch = mse_problem()
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0, dtype=torch.float64)))
+    H = cls(model, nn.MSELoss(), batch)
+    plain = cls(model, nn.MSELoss(), batch, param_filter=lambda name, p: name != "empty")
+    v = torch.randn(2, plain.n, dtype=torch.float64)
+    assert H.n == plain.n
+    torch.testing.assert_close(H @ v, plain @ v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("params, v, message", [
+    ([torch.randn(3, device="meta")], [torch.ones(3, device="meta")], r"params\[0\] is a meta tensor"),
+    ([torch.randn(3).to_sparse()], [torch.ones(3)], r"params\[0\] is a torch.sparse_coo tensor"),
+    ([torch.randn(3)], [torch.ones(3).to_sparse()], r"v\[0\] is a torch.sparse_coo tensor"),
+])
+def test_hvp_refuses_meta_and_sparse_tensors_clearly(params, v, message):
+    with pytest.raises(ValueError, match=message):
+        optim.hvp(lambda a: (a ** 3).sum(), params, v)
+
+
+def test_hvp_refuses_an_uncallable_f_and_a_non_bool_return_grad():
+    with pytest.raises(TypeError, match="f must be callable"):
+        optim.hvp(3, [torch.randn(3)], [torch.ones(3)])
+    with pytest.raises(TypeError, match="return_grad must be True or False"):
+        optim.hvp(lambda a: (a ** 3).sum(), [torch.randn(3)], [torch.ones(3)], return_grad="yes")
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=OPERATOR_IDS)
+def test_operators_refuse_a_meta_model_at_construction_naming_the_parameter(cls):
+    model = nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match="parameter 'weight' is a meta tensor"):
+        cls(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))

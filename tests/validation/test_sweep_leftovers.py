@@ -209,3 +209,82 @@ def test_operators_refuse_a_meta_model_at_construction_naming_the_parameter(cls)
     model = nn.Linear(3, 2, device="meta")
     with pytest.raises(ValueError, match="parameter 'weight' is a meta tensor"):
         cls(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+
+
+# ------------------------------------------------------------------------------------------------------ lowrank
+
+def module_snapshot(model: nn.Module):
+    return [(name, type(m)) for name, m in model.named_modules()], \
+        {k: v.detach().clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+
+
+def assert_module_unchanged(before, model):
+    structure, tensors = module_snapshot(model)
+    assert structure == before[0]
+    assert tensors.keys() == before[1].keys()
+    for key, value in tensors.items():
+        assert torch.equal(value, before[1][key]), key
+
+
+def two_low_rank_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(optim.LowRankLinear(8, 6, 2), nn.Tanh(), optim.LowRankLinear(6, 5, 2))
+    return model
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda layer: setattr(layer, "B", nn.Parameter(torch.randn(5, 3))), r"B \(5, 3\) and A \(2, 6\).*one rank r"),
+    (lambda layer: setattr(layer, "A", nn.Parameter(torch.randn(2, 7))), r"B \(5, 2\) and A \(2, 7\)"),
+    (lambda layer: setattr(layer, "A", nn.Parameter(torch.randn(2, 6, dtype=torch.float64))),
+     "factor B is torch.float32 on cpu but A is torch.float64"),
+    (lambda layer: setattr(layer, "A", nn.Parameter(torch.randn(2, 6, 1))), "factor A must be a 2-D floating"),
+    (lambda layer: setattr(layer, "bias", nn.Parameter(torch.randn(4))), r"bias must be None or of shape \(5,\)"),
+])
+def test_merge_refuses_factors_that_do_not_fit_before_replacing_any_layer(breakage, message):
+    model = two_low_rank_layers()
+    breakage(model[2])  # the second layer: the first would have been merged before the failure
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=r"merge \(2\): .*" + message):
+        optim.lowrank.merge(model)
+    assert_module_unchanged(before, model)
+    with pytest.raises(ValueError, match="merge: "):
+        optim.lowrank.merge(model[2])
+
+
+def test_merge_refuses_a_non_module():
+    with pytest.raises(TypeError, match="merge: model must be an nn.Module"):
+        optim.lowrank.merge([optim.LowRankLinear(8, 6, 2)])
+
+
+def test_to_low_rank_with_svd_init_refuses_a_meta_model_before_converting_a_layer():
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(8, 8))
+    model.add_module("fc2", nn.Linear(8, 8, device="meta"))
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=r"to_low_rank \(fc2\): the weight is a meta tensor.*init='svd'"):
+        optim.lowrank.to_low_rank(model, 2, init="svd")
+    assert_module_unchanged(before, model)
+    with pytest.raises(ValueError, match="from_linear: the weight is a meta tensor"):
+        optim.LowRankLinear.from_linear(model.fc2, 2, init="svd")
+    optim.lowrank.to_low_rank(model, 2)  # init="random" needs no values
+    assert isinstance(model.fc2, optim.LowRankLinear) and model.fc2.B.device.type == "meta"
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(scale=True), ValueError, "to_low_rank: scale must be a finite number > 0, got True"),
+    (dict(scale=float("nan")), ValueError, "to_low_rank: scale must be a finite number > 0"),
+    (dict(target=3), TypeError, "target must be a non-empty list of name patterns or a predicate, got 3"),
+    (dict(target={"fc1": 1}), TypeError, "target must be a non-empty list of name patterns"),
+])
+def test_to_low_rank_refuses_bad_arguments_before_converting(kwargs, error, message):
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(8, 8))
+    before = module_snapshot(model)
+    with pytest.raises(error, match=message):
+        optim.lowrank.to_low_rank(model, 2, **kwargs)
+    assert_module_unchanged(before, model)
+
+
+def test_low_rank_linear_refuses_a_bool_scale():
+    with pytest.raises(ValueError, match="LowRankLinear: scale must be a finite number > 0, got True"):
+        optim.LowRankLinear(8, 6, 2, scale=True)

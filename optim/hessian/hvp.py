@@ -87,7 +87,7 @@ import math
 import time
 import warnings
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -177,7 +177,7 @@ def hvp(
         raise ValueError(f"hvp: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")
     if not callable(f):
         raise TypeError(f"hvp: f must be callable as f(*params) -> loss, got a {type(f).__name__}")
-    if strict not in (None, True, False):
+    if strict is not None and not isinstance(strict, bool):  # 1 == True: `in (None, True, False)` took it
         raise TypeError(f"hvp: strict must be None, True or False, got {strict!r}")
     if not isinstance(return_grad, bool):
         raise TypeError(f"hvp: return_grad must be True or False, got {return_grad!r}")
@@ -202,6 +202,8 @@ def check_params(params: Tensors, *, where: str, names: Sequence[str] | None = N
     parameter's name from ``names``)."""
     if isinstance(params, torch.Tensor):
         raise ValueError(f"{where}: params must be a list or tuple of tensors, got a single tensor; wrap it as [t]")
+    if not _is_sequence_like(params):
+        raise ValueError(f"{where}: params must be a list or tuple of tensors, got a {type(params).__name__}")
     params = list(params)
     if not params:
         raise ValueError(f"{where}: params is empty; pass at least one tensor to differentiate with respect to")
@@ -216,6 +218,11 @@ def check_params(params: Tensors, *, where: str, names: Sequence[str] | None = N
             )
         _check_dense_with_values(p, name, where)
     return [p.detach() for p in params]
+
+
+def _is_sequence_like(value) -> bool:
+    """A list, a tuple or another iterable of entries (``model.parameters()``); not a string or a mapping."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
 
 
 def _check_dense_with_values(t: torch.Tensor, name: str, where: str) -> None:
@@ -237,6 +244,9 @@ def check_vectors(
             f"{where}: v must be a list of tensors shaped like params (one per param), got a single tensor; "
             "wrap it as [v]"
         )
+    if not _is_sequence_like(v):
+        raise ValueError(f"{where}: v must be a list or tuple of tensors shaped like params, got a "
+                         f"{type(v).__name__}")
     v = list(v)
     if len(v) != len(params):
         raise ValueError(

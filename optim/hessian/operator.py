@@ -35,6 +35,15 @@ def _is_batch(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
 
 
+def _check_batch(batch, index: int, where: str) -> None:
+    if not _is_batch(batch):
+        raise ValueError(
+            f"{where}: data batch {index} is a {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + "; each batch must be an (inputs, targets) pair with targets a tensor"
+        )
+
+
 # Integer dtypes by element size: a tensor's bits, compared as integers, so that NaN matches NaN and -0.0 != 0.0.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -148,7 +157,7 @@ class CurvatureOperator:
                 f"{where}: param_filter must be callable as param_filter(name, param) -> bool, got a "
                 f"{type(param_filter).__name__}"
             )
-        if reuse_graph not in (None, True, False):
+        if reuse_graph is not None and not isinstance(reuse_graph, bool):  # 1 == True: `in` would take it
             raise ValueError(f"{where}: reuse_graph must be None, True or False, got {reuse_graph!r}")
         if _is_batch(data):
             stored = [data]
@@ -182,6 +191,9 @@ class CurvatureOperator:
         if stored is None:
             # A one-shot iterator would be empty at the second product.
             stored = list(data) if iter(data) is data else data
+        if isinstance(stored, (list, tuple)):  # a loader is read at each product; a list can be checked now
+            for index, batch in enumerate(stored):
+                _check_batch(batch, index, where)
         self.names = [name for name, _ in selected]
         self.params = params
         self.model = model
@@ -416,12 +428,7 @@ class CurvatureOperator:
     def _batches(self):
         """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
         for index, batch in enumerate(self._data):
-            if not _is_batch(batch):
-                raise ValueError(
-                    f"{self._where}: data batch {index} is a {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                    + "; each batch must be an (inputs, targets) pair with targets a tensor"
-                )
+            _check_batch(batch, index, self._where)
             inputs, targets = batch
             rows = targets.shape[0] if targets.dim() > 0 else 1
             if rows == 0:

@@ -288,3 +288,30 @@ def test_to_low_rank_refuses_bad_arguments_before_converting(kwargs, error, mess
 def test_low_rank_linear_refuses_a_bool_scale():
     with pytest.raises(ValueError, match="LowRankLinear: scale must be a finite number > 0, got True"):
         optim.LowRankLinear(8, 6, 2, scale=True)
+
+
+# ------------------------------------------------------------------------------------- the same entry points, more
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((3, [torch.ones(3)]), {}, ValueError, "params must be a list or tuple of tensors, got a int"),
+    (([torch.randn(3)], None), {}, ValueError, "v must be a list or tuple of tensors shaped like params"),
+    (([torch.randn(3)], [torch.ones(3)]), dict(strict=1), TypeError, "strict must be None, True or False"),
+])
+def test_hvp_refuses_non_lists_and_an_int_for_a_flag(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        optim.hvp(lambda a: (a ** 3).sum(), *args, **kwargs)
+
+
+def test_hvp_still_takes_one_shot_iterables():
+    a = torch.randn(3, dtype=torch.float64)
+    (hv,) = optim.hvp(lambda x: (x ** 3).sum(), iter([a]), iter([torch.ones(3, dtype=torch.float64)]))
+    torch.testing.assert_close(hv, 6 * a)
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=OPERATOR_IDS)
+def test_operators_refuse_an_int_reuse_graph_and_a_malformed_batch_of_a_list_at_construction(cls):
+    model, batch = mse_problem()
+    with pytest.raises(ValueError, match="reuse_graph must be None, True or False, got 1"):
+        cls(model, nn.MSELoss(), batch, reuse_graph=1)
+    with pytest.raises(ValueError, match="data batch 1 is a tuple of length 1"):
+        cls(model, nn.MSELoss(), [batch, (batch[0],)])

@@ -121,7 +121,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             inputs = inputs.to(self.device)
         rows = targets.shape[0] if targets.dim() > 0 else 1
         self._check_rows(inputs, targets, rows)
-        return self._gradients(inputs, targets, [p.detach() for p in self.params])
+        return self._gradients(inputs, targets, self._current_params())
 
     def _gradients(self, inputs, targets, params) -> torch.Tensor:
         output_of, loss_fn = self._output_of, self.loss_fn

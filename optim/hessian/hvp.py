@@ -87,7 +87,7 @@ import math
 import time
 import warnings
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -168,14 +168,19 @@ def hvp(
         Entries of params that f does not use get zeros.
 
     Raises:
-        ValueError: empty or non-floating params; v of the wrong length, shapes, dtype or device, or a probe
+        ValueError: empty, non-floating, meta or sparse params (a param with no elements is fine: its product is
+            empty); v of the wrong length, shapes, dtype or device, or a probe
             dimension that differs between entries; non-finite values in v; f returning something other than a
             one-element floating tensor, or a non-finite loss; an unknown mode.
     """
     if mode not in MODES:
         raise ValueError(f"hvp: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")
-    if strict not in (None, True, False):
+    if not callable(f):
+        raise TypeError(f"hvp: f must be callable as f(*params) -> loss, got a {type(f).__name__}")
+    if strict is not None and not isinstance(strict, bool):  # 1 == True: `in (None, True, False)` took it
         raise TypeError(f"hvp: strict must be None, True or False, got {strict!r}")
+    if not isinstance(return_grad, bool):
+        raise TypeError(f"hvp: return_grad must be True or False, got {return_grad!r}")
     check_compile(compile, mode, where="hvp")
     params = check_params(params, where="hvp")
     probes, k = check_vectors(params, v, where="hvp")
@@ -192,22 +197,42 @@ def hvp(
 # Input checks (shared with HessianOperator)
 
 
-def check_params(params: Tensors, *, where: str) -> list[torch.Tensor]:
-    """``params`` as a list of detached tensors, or ``ValueError`` naming what is wrong."""
+def check_params(params: Tensors, *, where: str, names: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """``params`` as a list of detached tensors, or ``ValueError`` naming what is wrong (``params[i]``, or the
+    parameter's name from ``names``)."""
     if isinstance(params, torch.Tensor):
         raise ValueError(f"{where}: params must be a list or tuple of tensors, got a single tensor; wrap it as [t]")
+    if not _is_sequence_like(params):
+        raise ValueError(f"{where}: params must be a list or tuple of tensors, got a {type(params).__name__}")
     params = list(params)
     if not params:
         raise ValueError(f"{where}: params is empty; pass at least one tensor to differentiate with respect to")
     for i, p in enumerate(params):
+        name = f"params[{i}]" if names is None else f"parameter {names[i]!r}"
         if not isinstance(p, torch.Tensor):
-            raise ValueError(f"{where}: params[{i}] is a {type(p).__name__}, not a tensor")
+            raise ValueError(f"{where}: {name} is a {type(p).__name__}, not a tensor")
         if not p.dtype.is_floating_point:
             raise ValueError(
-                f"{where}: params[{i}] has dtype {p.dtype}; the Hessian needs floating-point params "
+                f"{where}: {name} has dtype {p.dtype}; the Hessian needs floating-point params "
                 "(convert it with .double() or .float(), or leave it out of params)"
             )
+        _check_dense_with_values(p, name, where)
     return [p.detach() for p in params]
+
+
+def _is_sequence_like(value) -> bool:
+    """A list, a tuple or another iterable of entries (``model.parameters()``); not a string or a mapping."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+
+
+def _check_dense_with_values(t: torch.Tensor, name: str, where: str) -> None:
+    """A strided tensor with values: autograd's products need both (a meta tensor has no values to differentiate
+    at, and failed deep inside the first backward)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{where}: {name} is a meta tensor (shapes only, no values); the Hessian needs the values: "
+                         "materialize it first (e.g. model.to_empty(device=...) and load the weights)")
+    if t.layout != torch.strided:
+        raise ValueError(f"{where}: {name} is a {t.layout} tensor; products need dense tensors (.to_dense())")
 
 
 def check_vectors(
@@ -219,6 +244,9 @@ def check_vectors(
             f"{where}: v must be a list of tensors shaped like params (one per param), got a single tensor; "
             "wrap it as [v]"
         )
+    if not _is_sequence_like(v):
+        raise ValueError(f"{where}: v must be a list or tuple of tensors shaped like params, got a "
+                         f"{type(v).__name__}")
     v = list(v)
     if len(v) != len(params):
         raise ValueError(
@@ -256,6 +284,7 @@ def check_vectors(
                 f"{where}: v[{i}] is {t.dtype} on {t.device} but params[{i}] is {p.dtype} on {p.device}; "
                 "convert v with .to(param)"
             )
+        _check_dense_with_values(t, f"v[{i}]", where)
     if check_finite:
         i = first_nonfinite(v)
         if i is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 from typing import Any, Callable
 
@@ -28,6 +29,51 @@ FIELDS = ("step", "lambda_max", "trace", "trace_std_error", "lr", "stability_lim
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 
+SEED_LIMIT = 1 << 64  # the estimators' seeds are in [0, 2**64)
+
+
+def _check_count(name: str, value: Any, minimum: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"SharpnessMonitor: {name} must be an integer >= {minimum} ({meaning}), got {value!r}")
+
+
+def _rate(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (a bool is not) or a 1-element real tensor, else None."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool and value.device.type != "meta"
+        return float(value.detach().reshape(())) if ok else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _check_lr_from(lr_from: Any) -> None:
+    """None, a learning rate (a finite number >= 0), or an optimizer whose first param group holds one (and a
+    momentum >= 0 if any): what :meth:`SharpnessMonitor.learning_rate_and_limit` reads at each record."""
+    if lr_from is None:
+        return
+    if isinstance(lr_from, torch.optim.Optimizer):
+        groups = lr_from.param_groups
+        if not groups or "lr" not in groups[0]:
+            raise ValueError("SharpnessMonitor: lr_from is an optimizer without a param group holding 'lr'; the "
+                             "stability limit is read from param_groups[0]['lr']")
+        lr, momentum = _rate(groups[0]["lr"]), groups[0].get("momentum", 0.0) or 0.0
+        if lr is None or not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"SharpnessMonitor: lr_from's param_groups[0]['lr'] must be a finite number >= 0, got "
+                             f"{groups[0]['lr']!r}")
+        beta = _rate(momentum)
+        if beta is None or not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"SharpnessMonitor: lr_from's param_groups[0]['momentum'] must be a finite number >= 0 "
+                             f"(the limit is (2 + 2*momentum)/lr), got {momentum!r}")
+        return
+    lr = None if isinstance(lr_from, torch.Tensor) else _rate(lr_from)
+    if lr is None:
+        raise ValueError(f"SharpnessMonitor: lr_from must be an optimizer or a number (the learning rate), got a "
+                         f"{type(lr_from).__name__}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"SharpnessMonitor: lr_from, the learning rate, must be a finite number >= 0, got "
+                         f"{lr_from!r}")
+
 
 class SharpnessMonitor:
     """Measures λ_max and the trace of the Hessian (or GGN, or empirical Fisher) of ``loss_fn(model(inputs), targets)``
@@ -37,14 +83,16 @@ class SharpnessMonitor:
         model: the ``nn.Module`` being trained.
         loss_fn: ``loss_fn(output, target)`` like a PyTorch criterion.
         every: measure when ``step % every == 0``.
-        lr_from: an optimizer (its first param group's ``lr`` and ``momentum``, if any, give the limit) or a float.
+        lr_from: an optimizer (its first param group's ``lr`` and ``momentum``, if any, give the limit) or a number >= 0 (the learning rate).
         probes: Hutchinson probes for the trace (0 skips the trace).
         top_k: eigenvalues to compute (λ_max is the first); ``lanczos_iters`` bounds the Hessian-vector products.
         eval_mode: measure with ``model.eval()`` (deterministic: dropout off, BatchNorm running stats), restoring the
             previous mode afterwards; ``False`` measures in the model's current mode.
         param_filter: ``(name, param) -> bool`` to restrict to a subset of parameters.
-        writer: an optional ``torch.utils.tensorboard.SummaryWriter``; each record is also written there.
-        seed: probes of the measurement at step s use seed ``seed + s`` (reproducible, identical on all ranks).
+        writer: an optional ``torch.utils.tensorboard.SummaryWriter`` (or any object with
+            ``add_scalar(tag, value, step)``); each record is also written there.
+        seed: probes of the measurement at step s use seed ``seed + s`` (reproducible, identical on all ranks); an
+            int in [0, 2**64), the estimators' seed range (``step`` is an int >= 0 that keeps ``seed + step`` in it).
         curvature: the matrix measured: ``"hessian"`` (default, :class:`~optim.hessian.operator.HessianOperator`),
             ``"ggn"`` (the generalized Gauss-Newton ``JᵀH_loss J``, :class:`~optim.hessian.ggn.GGNOperator`,
             positive semi-definite for a convex loss) or ``"fisher"`` (the empirical Fisher ``(1/N) Σ g_i g_iᵀ``,
@@ -78,44 +126,59 @@ class SharpnessMonitor:
         curvature: str = "hessian",
         compile: bool = False,
     ):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"SharpnessMonitor: every must be an integer >= 1, got {every!r}")
-        if not isinstance(probes, int) or probes < 0:
-            raise ValueError(f"SharpnessMonitor: probes must be an integer >= 0, got {probes!r}")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"SharpnessMonitor: top_k must be an integer >= 1, got {top_k!r}")
-        if lanczos_iters < top_k:
-            raise ValueError(f"SharpnessMonitor: lanczos_iters ({lanczos_iters}) must be >= top_k ({top_k})")
-        if curvature not in CURVATURES:
-            raise ValueError(
-                f"SharpnessMonitor: curvature must be one of {', '.join(repr(c) for c in CURVATURES)}, got "
-                f"{curvature!r}"
-            )
+        # Every argument is checked here, before anything is stored: a measurement hundreds of steps into a run is
+        # no place to learn that an argument was wrong.
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"SharpnessMonitor: model must be a torch.nn.Module, got a {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(f"SharpnessMonitor: loss_fn must be callable as loss_fn(output, target), got a "
+                             f"{type(loss_fn).__name__}")
+        _check_count("every", every, 1, "measure when step % every == 0")
+        _check_count("probes", probes, 0, "Hutchinson probes for the trace; 0 skips the trace")
+        _check_count("top_k", top_k, 1, "the eigenvalues to compute")
         if isinstance(lanczos_iters, bool) or not isinstance(lanczos_iters, int):
             raise TypeError(f"SharpnessMonitor: lanczos_iters must be an int >= top_k, got {lanczos_iters!r}")
+        if lanczos_iters < top_k:
+            raise ValueError(f"SharpnessMonitor: lanczos_iters ({lanczos_iters}) must be >= top_k ({top_k})")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol >= 0):
             raise ValueError(f"SharpnessMonitor: tol (the Lanczos convergence tolerance) must be a finite number "
                              f">= 0, got {tol!r}")
-        if trace_method not in TRACE_METHODS:
+        if not isinstance(trace_method, str) or trace_method not in TRACE_METHODS:
             raise ValueError(f"SharpnessMonitor: trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
         if trace_method == "hutch++" and 0 < probes < 3:
             raise ValueError(f"SharpnessMonitor: trace_method='hutch++' needs probes >= 3 (or 0 for no trace), got "
                              f"{probes}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"SharpnessMonitor: seed must be an int >= 0 (measurement s uses seed + s), got "
-                             f"{seed!r}")
-        if lr_from is not None and not isinstance(lr_from, (torch.optim.Optimizer, float, int)):
-            raise ValueError(f"SharpnessMonitor: lr_from must be an optimizer or a number, got {type(lr_from)}")
+        if not isinstance(curvature, str) or curvature not in CURVATURES:
+            raise ValueError(
+                f"SharpnessMonitor: curvature must be one of {', '.join(repr(c) for c in CURVATURES)}, got "
+                f"{curvature!r}"
+            )
+        for name, flag in (("eval_mode", eval_mode), ("compile", compile)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"SharpnessMonitor: {name} must be True or False, got {flag!r}")
+        if compile and curvature != "hessian":
+            raise ValueError(f"SharpnessMonitor: compile=True compiles Hessian products; curvature={curvature!r} has "
+                             "no compiled product (use curvature='hessian', or compile=False)")
+        # seed + step seeds the estimators, which take seeds in [0, 2**64) (spectrum.top_eigenvalues, trace)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"SharpnessMonitor: seed must be an int in [0, 2**64) (measurement s uses seed + s), "
+                             f"got {seed!r}")
+        _check_lr_from(lr_from)
+        if param_filter is not None:
+            if not callable(param_filter):
+                raise ValueError(f"SharpnessMonitor: param_filter must be None or callable as param_filter(name, "
+                                 f"param) -> bool, got a {type(param_filter).__name__}")
+            if not any(p.requires_grad and param_filter(name, p) for name, p in model.named_parameters()):
+                raise ValueError("SharpnessMonitor: param_filter selects no parameter that requires grad; the "
+                                 "measured matrix would have no rows (check the names in model.named_parameters())")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise ValueError(f"SharpnessMonitor: writer must be None or an object with add_scalar(tag, value, step) "
+                             f"(a torch.utils.tensorboard.SummaryWriter), got a {type(writer).__name__}")
         self.model, self.loss_fn = model, loss_fn
         self.every, self.lr_from, self.probes, self.top_k = every, lr_from, probes, top_k
         self.lanczos_iters, self.tol, self.trace_method = lanczos_iters, tol, trace_method
         self.eval_mode, self.param_filter, self.writer, self.seed = eval_mode, param_filter, writer, seed
         self.curvature = curvature
-        if not isinstance(compile, bool):
-            raise ValueError(f"SharpnessMonitor: compile must be True or False, got {compile!r}")
-        if compile and curvature != "hessian":
-            raise ValueError(f"SharpnessMonitor: compile=True compiles Hessian products; curvature={curvature!r} has "
-                             "no compiled product (use curvature='hessian', or compile=False)")
         self.compile = compile
         self.records: list[dict[str, float]] = []
 
@@ -132,9 +195,15 @@ class SharpnessMonitor:
 
     def step(self, step: int, batch: Any) -> dict[str, float] | None:
         """Measure if ``step`` is a multiple of ``every``; returns the new record or None."""
+        self._check_step(step)
         if step % self.every != 0:
             return None
         return self.measure(step, batch)
+
+    def _check_step(self, step: Any) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or self.seed + step >= SEED_LIMIT:
+            raise ValueError(f"SharpnessMonitor: step must be an int >= 0 with seed + step < 2**64 (the probes of "
+                             f"the measurement at step s use seed + s; seed is {self.seed}), got {step!r}")
 
     @property
     def compile_seconds(self) -> float:
@@ -145,6 +214,7 @@ class SharpnessMonitor:
 
     def measure(self, step: int, batch: Any) -> dict[str, float]:
         """Measure now, whatever the step."""
+        self._check_step(step)
         from .fisher import EmpiricalFisherOperator
         from .ggn import GGNOperator
         from .operator import HessianOperator

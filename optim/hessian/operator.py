@@ -35,6 +35,15 @@ def _is_batch(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
 
 
+def _check_batch(batch, index: int, where: str) -> None:
+    if not _is_batch(batch):
+        raise ValueError(
+            f"{where}: data batch {index} is a {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + "; each batch must be an (inputs, targets) pair with targets a tensor"
+        )
+
+
 # Integer dtypes by element size: a tensor's bits, compared as integers, so that NaN matches NaN and -0.0 != 0.0.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -67,6 +76,9 @@ class CapturedState:
     """
 
     def __init__(self, tensors: list[torch.Tensor]):
+        # The captured objects themselves, kept alive: the key holds their ids, which a new tensor (a parameter
+        # assigned in place of a freed one) could otherwise be given, and pass for the old one.
+        self.sources = list(tensors)
         self.tensors = [t.detach() for t in tensors]
         self.copies = [t.clone() for t in self.tensors]
 
@@ -145,7 +157,7 @@ class CurvatureOperator:
                 f"{where}: param_filter must be callable as param_filter(name, param) -> bool, got a "
                 f"{type(param_filter).__name__}"
             )
-        if reuse_graph not in (None, True, False):
+        if reuse_graph is not None and not isinstance(reuse_graph, bool):  # 1 == True: `in` would take it
             raise ValueError(f"{where}: reuse_graph must be None, True or False, got {reuse_graph!r}")
         if _is_batch(data):
             stored = [data]
@@ -167,7 +179,7 @@ class CurvatureOperator:
                 + (" and passes param_filter" if param_filter is not None else "")
             )
         params = [p for _, p in selected]
-        check_params(params, where=where)
+        check_params(params, where=where, names=[name for name, _ in selected])
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -179,6 +191,9 @@ class CurvatureOperator:
         if stored is None:
             # A one-shot iterator would be empty at the second product.
             stored = list(data) if iter(data) is data else data
+        if isinstance(stored, (list, tuple)):  # a loader is read at each product; a list can be checked now
+            for index, batch in enumerate(stored):
+                _check_batch(batch, index, where)
         self.names = [name for name, _ in selected]
         self.params = params
         self.model = model
@@ -283,7 +298,7 @@ class CurvatureOperator:
 
     def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, ∇L)``: the weighted mean loss (a 0-dim tensor) and its gradient as a flat ``(n,)`` vector."""
-        params = check_params(self.params, where=self._where)
+        params = self._current_params()
         total_loss, total_grad, total_weight = None, None, 0
         for inputs, targets, weight in self._batches():
             loss, grad = loss_and_gradient(self._loss_of(inputs, targets), params, at="the model's parameters")
@@ -302,6 +317,30 @@ class CurvatureOperator:
 
     def _can_keep(self, batch) -> bool:
         return True
+
+    def _current_params(self) -> list[torch.Tensor]:
+        """The in-scope parameters as the model holds them now, detached, looked up by name; ``params`` follows.
+
+        A parameter replaced since the last product (``model.fc.weight = nn.Parameter(...)``, a checkpoint loaded
+        by assignment) is a new tensor: products are taken at it, and the kept state, which captured the old one
+        (its identity is in the key of :meth:`_captured`), is rebuilt. The flat layout is fixed at construction, so
+        a name gone from the model, or a parameter of another shape, dtype or device, is refused: build a new
+        operator for the model as it is now.
+        """
+        where, current, params = self._where, dict(self.model.named_parameters()), []
+        for name, old, shape in zip(self.names, self.params, self._shapes):
+            p = current.get(name)
+            if p is None:
+                raise ValueError(f"{where}: the model no longer has the parameter {name!r} this operator was built "
+                                 "for; build a new operator for the model as it is now")
+            if p.shape != shape or p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(f"{where}: parameter {name!r} is now {p.dtype} {tuple(p.shape)} on {p.device}, but "
+                                 f"the operator was built for {self.dtype} {tuple(shape)} on {self.device} (its flat "
+                                 "vectors have that layout); build a new operator for the model as it is now")
+            params.append(p)
+        if any(p is not old for p, old in zip(params, self.params)):
+            self.params = params
+        return check_params(params, where=where, names=self.names)
 
     def _check_model(self) -> None:
         """Raise ``ValueError`` if the model's current state is one this operator cannot handle (before computing)."""
@@ -353,7 +392,7 @@ class CurvatureOperator:
     @sdpa_curvature()  # every product of every operator (and so the monitor and the estimators) builds here
     def _product(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         where = self._where
-        params = check_params(self.params, where=where)
+        params = self._current_params()
         v, k = check_vectors(params, v, where=where)
         self._check_model()
         if k == 0:  # no probes: an empty block, once the data is known to have rows
@@ -389,12 +428,7 @@ class CurvatureOperator:
     def _batches(self):
         """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
         for index, batch in enumerate(self._data):
-            if not _is_batch(batch):
-                raise ValueError(
-                    f"{self._where}: data batch {index} is a {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                    + "; each batch must be an (inputs, targets) pair with targets a tensor"
-                )
+            _check_batch(batch, index, self._where)
             inputs, targets = batch
             rows = targets.shape[0] if targets.dim() > 0 else 1
             if rows == 0:
@@ -500,7 +534,10 @@ class HessianOperator(CurvatureOperator):
     cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
 
     Attributes:
-        params: the in-scope parameters (the model's own tensors, in ``named_parameters()`` order).
+        params: the in-scope parameters (the model's own tensors, in ``named_parameters()`` order). They are
+            looked up by name at each product: a parameter replaced in the model (``model.fc.weight =
+            nn.Parameter(w)``) is the one differentiated from then on (a kept graph is rebuilt); one gone from the
+            model, or of another shape, dtype or device, raises ``ValueError`` (build a new operator).
         names: their names.
         n: the total number of their elements; ``shape == (n, n)``.
         dtype, device: the parameters' dtype and device (one of each; filter the parameters to get there).
@@ -596,7 +633,7 @@ class HessianOperator(CurvatureOperator):
         k = V.shape[0]
         if k == 0 or self._deciding() or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop"):
             return super().quadratic_forms(V)
-        params = check_params(self.params, where=self._where)
+        params = self._current_params()
         self._check_model()
         state = self._kept_state(params)  # decided, so its build raises no StateNotKept
         if state is None:

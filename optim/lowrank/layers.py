@@ -52,8 +52,7 @@ class LowRankLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         _check_rank(rank, out_features, in_features, "LowRankLinear")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"LowRankLinear: scale must be a finite number > 0, got {scale!r}")
+        _check_scale(scale, "LowRankLinear")
         factory = dict(device=device, dtype=dtype)
         self.in_features = in_features
         self.out_features = out_features
@@ -110,6 +109,8 @@ class LowRankLinear(nn.Module):
         if init not in ("random", "svd"):
             raise ValueError(f"init must be 'random' or 'svd', got {init!r}")
         weight = linear_weight(linear)
+        if init == "svd":
+            _check_svd_weight(weight, "LowRankLinear.from_linear")
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, rank, bias=linear.bias is not None, scale=scale,
                     device=weight.device, dtype=weight.dtype)
@@ -136,6 +137,46 @@ def _check_rank(rank, out_features: int, in_features: int, where: str) -> None:
             f"{out_features}x{in_features} weight, got rank={rank}; a factorization of rank >= {smallest} has more "
             "parameters than the dense weight (choose a smaller rank or leave this layer out of target)"
         )
+
+
+def _check_scale(scale, where: str) -> None:
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{where}: scale must be a finite number > 0, got {scale!r}")
+
+
+def _check_svd_weight(weight: torch.Tensor, where: str) -> None:
+    """init="svd" factors the weight's values: a meta weight has none, and NaN or inf cannot be factored."""
+    if weight.device.type == "meta":
+        raise ValueError(f"{where}: the weight is a meta tensor (shapes only, no values), which init='svd' cannot "
+                         "factor. Nothing was converted; load the weights first (model.to_empty(device=...) and "
+                         "load_state_dict) or use init='random'")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{where}: the weight holds NaN or inf, which init='svd' cannot factor. Nothing was "
+                         "converted; fix the weight or use init='random'")
+
+
+def check_factors(layer: "LowRankLinear", where: str) -> None:
+    """The factors and bias of ``layer`` as its forward and ``merge`` read them: B (out_features × r) and A (r ×
+    in_features) of one r, floating point, one dtype and device, and a bias of out_features entries or None. A
+    factor assigned by hand (``layer.B = nn.Parameter(...)``) can break any of these."""
+    B, A, bias = layer.B, layer.A, layer.bias
+    for name, factor in (("B", B), ("A", A)):
+        if not isinstance(factor, torch.Tensor) or factor.dim() != 2 or not factor.is_floating_point():
+            got = f"{factor.dtype} of shape {tuple(factor.shape)}" if isinstance(factor, torch.Tensor) else \
+                type(factor).__name__
+            raise ValueError(f"{where}: factor {name} must be a 2-D floating-point tensor, got {got}")
+    if B.shape[0] != layer.out_features or A.shape[1] != layer.in_features or B.shape[1] != A.shape[0]:
+        raise ValueError(f"{where}: the factors are B {tuple(B.shape)} and A {tuple(A.shape)}; a layer of "
+                         f"out_features={layer.out_features} and in_features={layer.in_features} needs B "
+                         f"({layer.out_features}, r) and A (r, {layer.in_features}) of one rank r (the layer's rank "
+                         f"is {layer.rank}). Nothing was changed; assign factors of matching shapes")
+    if A.dtype != B.dtype or A.device != B.device:
+        raise ValueError(f"{where}: factor B is {B.dtype} on {B.device} but A is {A.dtype} on {A.device}; they must "
+                         "match. Nothing was changed")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (layer.out_features,)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{where}: the bias must be None or of shape ({layer.out_features},), got {got}. Nothing "
+                         "was changed")
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -178,7 +219,7 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
     elif callable(target):
         matched = target
     else:
-        patterns = list(target)
+        patterns = list(target) if isinstance(target, Iterable) and not isinstance(target, (bytes, dict)) else []
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise TypeError(f"to_low_rank: target must be a non-empty list of name patterns or a predicate, got "
                             f"{target!r}")
@@ -223,6 +264,7 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
         raise TypeError(f"to_low_rank: model must be an nn.Module (converted in place), got {type(model).__name__}")
     if init not in ("random", "svd"):
         raise ValueError(f"to_low_rank: init must be 'random' or 'svd', got {init!r}")
+    _check_scale(scale, "to_low_rank")
     targets = find_targets(model, target)
     if not targets:
         described = "the default targets " + ", ".join(DEFAULT_TARGETS) if target is None else f"target={target!r}"
@@ -234,9 +276,8 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
         if not weight.is_floating_point():
             raise ValueError(f"to_low_rank ({name}): the weight is {weight.dtype}; only floating-point layers can be "
                              "factored. Nothing was converted; leave this layer out of target")
-        if init == "svd" and not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"to_low_rank ({name}): the weight holds NaN or inf, which init='svd' cannot factor. "
-                             "Nothing was converted; fix the weight or use init='random'")
+        if init == "svd":
+            _check_svd_weight(weight, f"to_low_rank ({name})")
     # Every new layer is built (init="svd" factors each weight) before the first is swapped in, so a layer that
     # fails leaves the model unchanged.
     replacements = []
@@ -257,11 +298,16 @@ def merge(model: nn.Module) -> nn.Module:
     Returns ``model`` (or a new ``nn.Linear`` when ``model`` itself is a LowRankLinear). The product is computed in
     float32 (float64 for float64 factors) and rounded once to the factors' dtype.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"merge: model must be an nn.Module (converted in place), got {type(model).__name__}")
     if isinstance(model, LowRankLinear):
+        check_factors(model, "merge")
         return _to_linear(model)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
+    for name, module in layers:
+        check_factors(module, f"merge ({name})")
     # every dense layer is built before the first is swapped in: a failure leaves the model unchanged
-    replacements = [(name, _to_linear(module)) for name, module in list(model.named_modules())
-                    if isinstance(module, LowRankLinear)]
+    replacements = [(name, _to_linear(module)) for name, module in layers]
     for name, layer in replacements:
         _replace(model, name, layer)
     return model

@@ -211,25 +211,61 @@ all_finite = define_op(
 
 # --- step counts --------------------------------------------------------------------------------------------------
 #
-# ``optim::add_to_counts_(counts, value)`` adds ``value`` to every element of every tensor of ``counts`` (the
-# optimizers' step counts: one-element float32 tensors on the CPU), as ``torch._foreach_add_(counts, value)`` does, in
-# one op call: on the CPU torch's foreach add of a scalar is a loop of ``add_`` calls, ~4 µs each, which on a small
-# model with 28 parameters was a tenth of the optimizer step. Floating-point tensors on one device; lists may be
-# empty.
+# ``optim::add_to_counts_(counts, value)`` adds ``value`` to every tensor of ``counts`` (the optimizers' step counts:
+# one-element float32 tensors on the CPU), as ``torch._foreach_add_(counts, value)`` does, in one op call: on the CPU
+# torch's foreach add of a scalar is a loop of ``add_`` calls, ~4 µs each, which on a small model with 28 parameters
+# was a tenth of the optimizer step. Floating-point tensors on one device; lists may be empty.
+#
+# A count is refused, before any is written, unless: ``value`` is finite and >= 0 (a count only grows), every tensor
+# has one element, no two tensors share memory (the same count twice would be incremented twice), and
+# ``count + value`` stays within the whole numbers the count's dtype holds exactly (2**24 for float32, 2**53 for
+# float64, 2**11 for float16, 2**8 for bfloat16): past that an increment of 1 is rounded away and the count stops.
+# That last check reads every count: the compiled CPU kernel reads each from memory, the reference takes one
+# reduction over the stacked counts (one host read).
 
 
-def check_add_to_counts_args(counts: Tensors) -> None:
+def check_add_to_counts_args(counts: Tensors, value: float) -> None:
+    """The checks that need no tensor's memory (the fake kernel's): list, value and element counts."""
     check_tensor_list("add_to_counts_", "counts", counts, floating=True)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"add_to_counts_: value must be a finite number >= 0 (a count only grows), got {value}")
+    for i, count in enumerate(counts):
+        if count.numel() != 1:
+            raise ValueError(f"add_to_counts_: counts[{i}] has {count.numel()} elements; every count must be a "
+                             "tensor with one element")
+
+
+def exact_count_bits(dtype: torch.dtype) -> int:
+    """b such that ``dtype`` holds every whole number up to 2**b exactly (std::numeric_limits<T>::digits)."""
+    return 1 - round(math.log2(torch.finfo(dtype).eps))  # eps = 2**(1 - b)
+
+
+def check_count_range(counts: Tensors, value: float) -> None:
+    """ValueError naming the first count that ``+ value`` would take past its dtype's exact whole numbers."""
+    if not counts:
+        return
+    values = torch.stack([c.detach().reshape(()).to(torch.float64) for c in counts])
+    limits = torch.tensor([2.0 ** exact_count_bits(c.dtype) for c in counts], dtype=torch.float64,
+                          device=values.device)
+    over = (values + value) > limits
+    if bool(over.any()):
+        i = int(over.nonzero()[0, 0])
+        bits = exact_count_bits(counts[i].dtype)
+        raise ValueError(f"add_to_counts_: counts[{i}] would pass 2**{bits} with this increment; {counts[i].dtype} "
+                         f"holds whole numbers exactly only up to 2**{bits}, so the count would no longer be exact: "
+                         "keep counts that large in a wider dtype (torch.float64 is exact up to 2**53)")
 
 
 def add_to_counts_reference(counts: Tensors, value: float) -> None:
-    check_add_to_counts_args(counts)
+    check_add_to_counts_args(counts, value)
+    check_no_overlap("add_to_counts_", list_operands("counts", counts, True))
+    check_count_range(counts, value)
     if counts:
         torch._foreach_add_(list(counts), value)
 
 
 def _add_to_counts_fake(counts, value) -> None:
-    check_add_to_counts_args(counts)
+    check_add_to_counts_args(counts, value)
 
 
 add_to_counts_ = define_op(

@@ -13,7 +13,10 @@ after the increment::
 Shapes and dtypes: ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` have one shape; params and grads
 one dtype (float64, float32, bfloat16 or float16); the moments are float32 for bfloat16/float16 params (the update is
 computed in float32 and rounded once into the param) and the param's dtype otherwise; ``state_steps[i]`` is a
-float32 tensor with one element. All tensors of a call live on one device. Lists may be empty.
+float32 tensor with one element. All tensors of a call live on one device. Lists may be empty. A step count that
+is not reset must be >= 0 (the steps taken so far; a negative or NaN one would give wrong or NaN bias corrections):
+checked where the counts live on the CPU, by the reference and the CPU kernel alike; the CUDA kernel does not read
+counts on the GPU (that would synchronize every step), nor then does the reference.
 
 ``reset`` (optional, keyword-only, one bool per tensor) folds a momentum reset into the step: for every i with
 ``reset[i]`` the step runs as if ``exp_avgs[i]``, ``exp_avg_sqs[i]`` and ``state_steps[i]`` were zero before it
@@ -105,6 +108,19 @@ def check_adamw_tensors(
             )
 
 
+def check_step_counts(state_steps: Tensors, reset: Sequence[bool] | None = None) -> None:
+    """ValueError naming the first CPU count, not reset, that is negative or NaN: one reduction over the stacked
+    counts (the CPU kernel reads each from memory)."""
+    index = [i for i, step in enumerate(state_steps) if step.device.type == "cpu" and not (reset and reset[i])]
+    if not index:
+        return
+    bad = ~(torch.stack([state_steps[i].detach().reshape(()) for i in index]) >= 0)
+    if bool(bad.any()):
+        i = index[int(bad.nonzero()[0, 0])]
+        raise ValueError(f"fused_adamw_: state_steps[{i}] is negative or NaN; a step count is the number of steps "
+                         "taken so far and must be >= 0 (pass reset with a True flag to start it again from 0)")
+
+
 def fused_adamw_reference(
     params: Tensors,
     grads: Tensors,
@@ -125,6 +141,7 @@ def fused_adamw_reference(
     check_no_overlap("fused_adamw_", list_operands("params", params, True) + list_operands("grads", grads, False)
                      + list_operands("exp_avgs", exp_avgs, True) + list_operands("exp_avg_sqs", exp_avg_sqs, True)
                      + list_operands("state_steps", state_steps, True))
+    check_step_counts(state_steps, reset)
     flags = [False] * len(params) if reset is None else reset
     for param, grad, exp_avg, exp_avg_sq, step, restart in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                                                 flags):

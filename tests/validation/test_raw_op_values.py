@@ -75,6 +75,10 @@ BAD = {
                                   r"counts\[0\] would pass 2\*\*24"),
     "counts: bfloat16 at 2**8": (lambda: counts_call([torch.tensor(256.0, dtype=torch.bfloat16)]),
                                  r"counts\[0\] would pass 2\*\*8 with this increment; torch.bfloat16"),
+    "adamw: negative step": (lambda: adamw_call([3, -5]),
+                             r"fused_adamw_: state_steps\[1\] is negative or NaN; a step count is the number of "
+                             r"steps taken so far and must be >= 0"),
+    "adamw: NaN step": (lambda: adamw_call([float("nan")]), r"fused_adamw_: state_steps\[0\] is negative or NaN"),
 }
 
 
@@ -113,6 +117,8 @@ GOOD = {
     "counts: float64 past 2**24": lambda: counts_call([torch.tensor(2.0**24, **F64), torch.zeros((1, 1))], 3.0),
     "counts: value 0": lambda: counts_call([torch.tensor(2.0**24)], 0.0),
     "counts: empty list": lambda: counts_call([], 1.0),
+    "adamw: a negative step that is reset": lambda: adamw_call([3, -5], reset=[False, True]),
+    "adamw: step 0": lambda: adamw_call([0, 0]),
 }
 
 

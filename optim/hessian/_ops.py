@@ -264,11 +264,13 @@ def check_sophia_hyperparameters(*, lr: float, beta1: float, beta2: float, rho: 
 
 def check_adahessian_hyperparameters(*, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
                                      hessian_power: float, caller: str = "fused_adahessian_") -> None:
+    """``ValueError`` naming ``caller`` and the first hyperparameter outside its range (eps > 0: the update divides
+    by (√v/√(1 − β2^t_h))ᵏ + eps, which is 0 where v = 0 and k > 0, e.g. before the first refresh)."""
     _check_finite_at_least(caller, "lr", lr, 0.0)
     _check_beta(caller, "beta1", beta1)
     _check_beta(caller, "beta2", beta2)
     _check_finite_at_least(caller, "weight_decay", weight_decay, 0.0)
-    _check_finite_at_least(caller, "eps", eps, 0.0)
+    _check_finite_at_least(caller, "eps", eps, 0.0, strict=True)
     if not (0.0 <= hessian_power <= 1.0):
         raise ValueError(f"{caller}: hessian_power must be in [0, 1], got {hessian_power}")
 
@@ -411,6 +413,9 @@ def _check_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessia
     if step < 1 or hessian_step < 1:
         raise ValueError(f"fused_adahessian_: step and hessian_step are the counts after this step's increment and "
                          f"must be >= 1, got step={step}, hessian_step={hessian_step}")
+    if hessian_step > step:
+        raise ValueError(f"fused_adahessian_: hessian_step={hessian_step} exceeds step={step}; the curvature is "
+                         "refreshed at most once per step, so the refreshes so far cannot outnumber the steps")
     check_second_order_tensors("fused_adahessian_", params, grads,
                                {"exp_avgs": exp_avgs, "exp_hessian_diag_sqs": exp_hessian_diag_sqs},
                                {"hessian_diagonals": hessian_diagonals})

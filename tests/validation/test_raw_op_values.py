@@ -79,6 +79,10 @@ BAD = {
                              r"fused_adamw_: state_steps\[1\] is negative or NaN; a step count is the number of "
                              r"steps taken so far and must be >= 0"),
     "adamw: NaN step": (lambda: adamw_call([float("nan")]), r"fused_adamw_: state_steps\[0\] is negative or NaN"),
+    "adahessian: eps 0": (lambda: adahessian_call(eps=0.0), r"fused_adahessian_: eps must be a finite number > 0"),
+    "adahessian: hessian_step > step": (lambda: adahessian_call(step=2, hessian_step=3),
+                                        r"fused_adahessian_: hessian_step=3 exceeds step=2; the curvature is "
+                                        r"refreshed at most once per step"),
 }
 
 
@@ -119,6 +123,7 @@ GOOD = {
     "counts: empty list": lambda: counts_call([], 1.0),
     "adamw: a negative step that is reset": lambda: adamw_call([3, -5], reset=[False, True]),
     "adamw: step 0": lambda: adamw_call([0, 0]),
+    "adahessian: hessian_step = step": lambda: adahessian_call(step=2, hessian_step=2),
 }
 
 

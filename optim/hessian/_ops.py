@@ -8,7 +8,9 @@ V)::
 
 With ``target`` (the class indices, shape ``logits.shape[:-1]``, int64) a row whose target is ``ignore_index``
 contributes no loss, so its Hessian block is zero: its output row is exactly 0 and its logits are not read (the
-convention of ``F.cross_entropy(..., ignore_index=-100)``, padding and prompt tokens of a causal LM).
+convention of ``F.cross_entropy(..., ignore_index=-100)``, padding and prompt tokens of a causal LM). Every other
+target must be a class index in [0, V), as ``F.cross_entropy`` requires; checked before the product is computed,
+with one host read of the check's result (on CUDA one synchronization per call that passes a target).
 
 For ``F.cross_entropy(z, y, reduction="mean")`` over N rows the Hessian block of row i is (diag(pᵢ) − pᵢpᵢᵀ)/N, so
 ``scale = 1/N``. It is also the Gauss-Newton product of any model with a cross-entropy loss. Computed in float32
@@ -110,9 +112,25 @@ def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, sc
                              f"{target.dtype} on {target.device}")
 
 
+def check_cross_entropy_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """ValueError giving the first (row-major) class index of ``target`` outside [0, classes) that is not
+    ``ignore_index``: what ``F.cross_entropy`` refuses. One pass over the targets and one host read (a sync on CUDA),
+    against the op's N·V; the C++ twin is ``check_cross_entropy_targets`` in csrc/hessian/cross_entropy_hvp.h."""
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"cross_entropy_hvp: target holds class index {value}, outside [0, {classes}) for logits "
+                         f"with {classes} classes; give every row a class index in range, or ignore_index="
+                         f"{ignore_index} for a row without a loss")
+
+
 def cross_entropy_hvp_reference(logits: torch.Tensor, tangent: torch.Tensor, scale: float,
                                 target: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
     check_cross_entropy_hvp_args(logits, tangent, scale, target)
+    if target is not None:
+        check_cross_entropy_targets(target, logits.shape[-1], ignore_index)
     work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z, u = logits.to(work_dtype), tangent.to(work_dtype)
     p = torch.softmax(z, dim=-1)

@@ -83,6 +83,14 @@ BAD = {
     "adahessian: hessian_step > step": (lambda: adahessian_call(step=2, hessian_step=3),
                                         r"fused_adahessian_: hessian_step=3 exceeds step=2; the curvature is "
                                         r"refreshed at most once per step"),
+    "cross entropy: target = classes": (lambda: cross_entropy_call(torch.tensor([0, 4, 5, -100])),
+                                        r"cross_entropy_hvp: target holds class index 5, outside \[0, 5\) for logits "
+                                        r"with 5 classes; give every row a class index in range, or "
+                                        r"ignore_index=-100 for a row without a loss"),
+    "cross entropy: negative target": (lambda: cross_entropy_call(torch.tensor([[1, -100], [-1, 7]])),
+                                       r"target holds class index -1, outside \[0, 5\)"),
+    "cross entropy: -100 not ignored": (lambda: cross_entropy_call(torch.tensor([-100, 2]), ignore_index=-1),
+                                        r"target holds class index -100, outside \[0, 5\).*ignore_index=-1 for"),
 }
 
 
@@ -124,6 +132,10 @@ GOOD = {
     "adamw: a negative step that is reset": lambda: adamw_call([3, -5], reset=[False, True]),
     "adamw: step 0": lambda: adamw_call([0, 0]),
     "adahessian: hessian_step = step": lambda: adahessian_call(step=2, hessian_step=2),
+    "cross entropy: targets in range and ignored": lambda: cross_entropy_call(torch.tensor([0, 4, -100, 2])),
+    "cross entropy: ignore_index -1": lambda: cross_entropy_call(torch.tensor([-1, 3]), ignore_index=-1),
+    "cross entropy: ignore_index inside the classes": lambda: cross_entropy_call(torch.tensor([2, 3]), ignore_index=2),
+    "cross entropy: no rows": lambda: cross_entropy_call(torch.zeros(0, dtype=torch.int64)),
 }
 
 

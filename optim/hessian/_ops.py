@@ -19,7 +19,9 @@ For ``F.cross_entropy(z, y, reduction="mean")`` over N rows the Hessian block of
 ``optim::rademacher_(out, seed, offset)`` fills tensors with Rademacher probes (±1, each with probability 1/2) from
 a counter-based generator. Element j (row-major) of ``out[i]`` gets counter ``offset + numel(out[0..i-1]) + j``, so a
 list of param-shaped tensors holds exactly the values of one flat vector of the same total length, and the value is
-a pure function of (seed, counter): identical on CPU and CUDA, for any thread layout, on every rank.
+a pure function of (seed, counter): identical on CPU and CUDA, for any thread layout, on every rank. The seed is
+any int64: its 64 bits are the generator's seed (two's complement, so −1 is the seed 2⁶⁴ − 1), which lets the
+second-order optimizers pass their per-step probe seeds, hashes that are negative half of the time, unchanged.
 
 The generator is SplitMix64 (Steele, Lea & Flood 2014) used as a counter-based hash (``optim/_counter_hash.py``):
 ``value = +1 if the top bit of hash(seed, counter) is 0 else -1``.

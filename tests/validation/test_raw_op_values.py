@@ -167,5 +167,42 @@ def test_counts_reach_two_to_the_24_exactly_and_stop_there():
         assert float(count) == 2.0**24
 
 
+# --- seeds: any int64 (its 64 bits), negative ones included ------------------------------------------------------------
+
+def test_negative_seeds_are_valid_and_the_kernels_agree_with_the_references():
+    """Seeds are the 64 bits of an int64 (the second-order optimizers pass hashed per-step seeds, negative half of
+    the time): a negative seed draws as its two's-complement bits, the same in the reference and the kernel."""
+    for seed in (-5, -1, -(2**63)):
+        want, got = torch.empty(37, **F64), torch.empty(37, **F64)
+        rademacher_reference([want], seed, 3)
+        torch.ops.optim.rademacher_([got], seed, 3)
+        assert torch.equal(got, want) and set(got.tolist()) == {-1.0, 1.0}
+
+        want, got = torch.empty(4, 3, dtype=torch.int64), torch.empty(4, 3, dtype=torch.int64)
+        rsdm_sample_rows_reference(want, 10, seed, 7)
+        torch.ops.optim.rsdm_sample_rows_(got, 10, seed, 7)
+        assert torch.equal(got, want)
+
+        x = torch.linalg.qr(torch.randn(2, 9, 4, **F64)).Q
+        g = torch.randn_like(x)
+        xs, gs = [x.clone(), x.clone()], [g.clone(), g.clone()]
+        step = dict(rank=3, seed=seed, offset=0, lr=0.1, core="qr", transport=False)
+        rsdm_step_reference(xs[0], gs[0], None, **step)
+        torch.ops.optim.rsdm_step_(xs[1], gs[1], None, **step)
+        torch.testing.assert_close(xs[1], xs[0], rtol=1e-12, atol=1e-12)
+
+        p = [torch.randn(5, **F64), torch.randn(2, 2, **F64)]
+        runs = []
+        for implementation_ in (fused_sophia_reference, torch.ops.optim.fused_sophia_):
+            lists = ([t.clone() for t in p], [t.clone() * 0.5 for t in p], [torch.zeros_like(t) for t in p],
+                     [torch.zeros_like(t) for t in p], [t.clone() + 1 for t in p], [])
+            implementation_(*lists, lr=1e-2, beta1=0.9, beta2=0.99, rho=0.04, weight_decay=0.0, eps=1e-12,
+                            maximize=False, probe_seeds=[seed, seed], probe_offsets=[0, 5])
+            runs.append(lists)
+        for want_list, got_list in zip(*runs):
+            for want_t, got_t in zip(want_list, got_list):
+                torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-14)
+
+
 def test_the_kernels_under_test_are_compiled():
     assert all(optim.has_kernel(op, "cpu") for op in REFERENCES)

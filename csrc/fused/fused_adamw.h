@@ -77,4 +77,16 @@ inline void check_fused_adamw_args(at::TensorList params, at::TensorList grads, 
   check_no_overlap(op, operands);
 }
 
+// check_step_counts in optim/fused/_ops.py: a count that is not reset must be >= 0 (not negative, not NaN). Read
+// only where the counts live on the CPU: reading them on a GPU would synchronize every step (the reference skips
+// them there too).
+inline void check_adamw_step_counts(at::TensorList state_steps, const std::vector<bool>& reset) {
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    if (reset[i] || !state_steps[i].is_cpu()) continue;
+    TORCH_CHECK_VALUE(*state_steps[i].const_data_ptr<float>() >= 0.0f, "fused_adamw_: state_steps[", i,
+                      "] is negative or NaN; a step count is the number of steps taken so far and must be >= 0 ",
+                      "(pass reset with a True flag to start it again from 0)");
+  }
+}
+
 }  // namespace optim

@@ -103,6 +103,7 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const AdamWHyperparameters h{lr, beta1, beta2, weight_decay, eps, maximize};
   const std::vector<bool> reset_flags = adamw_reset_flags(reset, params.size());
   check_fused_adamw_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, h, c10::DeviceType::CPU);
+  check_adamw_step_counts(state_steps, reset_flags);
   if (params.empty()) return;
   ElementwiseOperands operands =
       elementwise_operands({params, grads, exp_avgs, exp_avg_sqs}, {true, false, true, true});

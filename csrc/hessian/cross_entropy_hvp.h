@@ -34,6 +34,18 @@ inline void check_cross_entropy_hvp_args(const at::Tensor& logits, const at::Ten
   }
 }
 
+// check_cross_entropy_targets in optim/hessian/_ops.py, same message: every target that is not ignore_index is a
+// class index in [0, classes), as F.cross_entropy requires. ATen ops on the target's device and one host read of
+// the result (a synchronization on CUDA), against the op's rows x classes.
+inline void check_cross_entropy_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+  if (target.numel() == 0) return;
+  const at::Tensor bad = target.lt(0).logical_or_(target.ge(classes)).logical_and_(target.ne(ignore_index));
+  if (!bad.any().item<bool>()) return;
+  TORCH_CHECK_VALUE(false, "cross_entropy_hvp: target holds class index ", target.masked_select(bad)[0].item<int64_t>(),
+                    ", outside [0, ", classes, ") for logits with ", classes, " classes; give every row a class ",
+                    "index in range, or ignore_index=", ignore_index, " for a row without a loss");
+}
+
 // Whether row `row` is ignored: its target (if any) equals ignore_index, so its output row is zero.
 C10_HOST_DEVICE inline bool cross_entropy_row_ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
   return target != nullptr && target[row] == ignore_index;

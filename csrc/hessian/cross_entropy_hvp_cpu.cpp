@@ -88,6 +88,7 @@ void cross_entropy_hvp_rows<double>(const double* logits, const double* tangent,
 at::Tensor cross_entropy_hvp_cpu(const at::Tensor& logits, const at::Tensor& tangent, double scale,
                                  const c10::optional<at::Tensor>& target, int64_t ignore_index) {
   check_cross_entropy_hvp_args(logits, tangent, scale, target, c10::DeviceType::CPU);
+  if (target.has_value()) check_cross_entropy_targets(*target, logits.size(-1), ignore_index);
   const at::Tensor z = logits.contiguous();
   const at::Tensor u = tangent.contiguous();
   const at::Tensor y = target.has_value() ? target->contiguous() : at::Tensor();

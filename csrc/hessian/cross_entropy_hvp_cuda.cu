@@ -145,6 +145,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_hvp_kernel(const scala
 at::Tensor cross_entropy_hvp_cuda(const at::Tensor& logits, const at::Tensor& tangent, double scale,
                                   const c10::optional<at::Tensor>& target, int64_t ignore_index) {
   check_cross_entropy_hvp_args(logits, tangent, scale, target, c10::DeviceType::CUDA);
+  if (target.has_value()) check_cross_entropy_targets(*target, logits.size(-1), ignore_index);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();
   const at::Tensor u = tangent.contiguous();

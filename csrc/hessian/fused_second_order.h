@@ -239,12 +239,15 @@ inline void check_fused_adahessian_args(at::TensorList params, at::TensorList gr
   check_beta(op, "beta1", h.beta1);
   check_beta(op, "beta2", h.beta2);
   check_range(op, "weight_decay", h.weight_decay, 0.0, false);
-  check_range(op, "eps", h.eps, 0.0, false);
+  check_range(op, "eps", h.eps, 0.0, true);  // the update divides by (sqrt(v)/bc2)^k + eps, 0 where v = 0
   TORCH_CHECK_VALUE(h.hessian_power >= 0.0 && h.hessian_power <= 1.0, op, ": hessian_power must be in [0, 1], got ",
                     h.hessian_power);
   TORCH_CHECK_VALUE(h.step >= 1 && h.hessian_step >= 1, op,
                     ": step and hessian_step are the counts after this step's increment and must be >= 1, got step=",
                     h.step, ", hessian_step=", h.hessian_step);
+  TORCH_CHECK_VALUE(h.hessian_step <= h.step, op, ": hessian_step=", h.hessian_step, " exceeds step=", h.step,
+                    "; the curvature is refreshed at most once per step, so the refreshes so far cannot outnumber ",
+                    "the steps");
   check_second_order_tensors(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_hessian_diag_sqs", exp_hessian_diag_sqs}},
                              {{"hessian_diagonals", hessian_diagonals}}, device_type);
   std::vector<OverlapOperand> operands;

@@ -13,7 +13,10 @@ after the increment::
 Shapes and dtypes: ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` have one shape; params and grads
 one dtype (float64, float32, bfloat16 or float16); the moments are float32 for bfloat16/float16 params (the update is
 computed in float32 and rounded once into the param) and the param's dtype otherwise; ``state_steps[i]`` is a
-float32 tensor with one element. All tensors of a call live on one device. Lists may be empty.
+float32 tensor with one element. All tensors of a call live on one device. Lists may be empty. A step count that
+is not reset must be >= 0 (the steps taken so far; a negative or NaN one would give wrong or NaN bias corrections):
+checked where the counts live on the CPU, by the reference and the CPU kernel alike; the CUDA kernel does not read
+counts on the GPU (that would synchronize every step), nor then does the reference.
 
 ``reset`` (optional, keyword-only, one bool per tensor) folds a momentum reset into the step: for every i with
 ``reset[i]`` the step runs as if ``exp_avgs[i]``, ``exp_avg_sqs[i]`` and ``state_steps[i]`` were zero before it
@@ -105,6 +108,19 @@ def check_adamw_tensors(
             )
 
 
+def check_step_counts(state_steps: Tensors, reset: Sequence[bool] | None = None) -> None:
+    """ValueError naming the first CPU count, not reset, that is negative or NaN: one reduction over the stacked
+    counts (the CPU kernel reads each from memory)."""
+    index = [i for i, step in enumerate(state_steps) if step.device.type == "cpu" and not (reset and reset[i])]
+    if not index:
+        return
+    bad = ~(torch.stack([state_steps[i].detach().reshape(()) for i in index]) >= 0)
+    if bool(bad.any()):
+        i = index[int(bad.nonzero()[0, 0])]
+        raise ValueError(f"fused_adamw_: state_steps[{i}] is negative or NaN; a step count is the number of steps "
+                         "taken so far and must be >= 0 (pass reset with a True flag to start it again from 0)")
+
+
 def fused_adamw_reference(
     params: Tensors,
     grads: Tensors,
@@ -125,6 +141,7 @@ def fused_adamw_reference(
     check_no_overlap("fused_adamw_", list_operands("params", params, True) + list_operands("grads", grads, False)
                      + list_operands("exp_avgs", exp_avgs, True) + list_operands("exp_avg_sqs", exp_avg_sqs, True)
                      + list_operands("state_steps", state_steps, True))
+    check_step_counts(state_steps, reset)
     flags = [False] * len(params) if reset is None else reset
     for param, grad, exp_avg, exp_avg_sq, step, restart in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                                                 flags):
@@ -211,25 +228,61 @@ all_finite = define_op(
 
 # --- step counts --------------------------------------------------------------------------------------------------
 #
-# ``optim::add_to_counts_(counts, value)`` adds ``value`` to every element of every tensor of ``counts`` (the
-# optimizers' step counts: one-element float32 tensors on the CPU), as ``torch._foreach_add_(counts, value)`` does, in
-# one op call: on the CPU torch's foreach add of a scalar is a loop of ``add_`` calls, ~4 µs each, which on a small
-# model with 28 parameters was a tenth of the optimizer step. Floating-point tensors on one device; lists may be
-# empty.
+# ``optim::add_to_counts_(counts, value)`` adds ``value`` to every tensor of ``counts`` (the optimizers' step counts:
+# one-element float32 tensors on the CPU), as ``torch._foreach_add_(counts, value)`` does, in one op call: on the CPU
+# torch's foreach add of a scalar is a loop of ``add_`` calls, ~4 µs each, which on a small model with 28 parameters
+# was a tenth of the optimizer step. Floating-point tensors on one device; lists may be empty.
+#
+# A count is refused, before any is written, unless: ``value`` is finite and >= 0 (a count only grows), every tensor
+# has one element, no two tensors share memory (the same count twice would be incremented twice), and
+# ``count + value`` stays within the whole numbers the count's dtype holds exactly (2**24 for float32, 2**53 for
+# float64, 2**11 for float16, 2**8 for bfloat16): past that an increment of 1 is rounded away and the count stops.
+# That last check reads every count: the compiled CPU kernel reads each from memory, the reference takes one
+# reduction over the stacked counts (one host read).
 
 
-def check_add_to_counts_args(counts: Tensors) -> None:
+def check_add_to_counts_args(counts: Tensors, value: float) -> None:
+    """The checks that need no tensor's memory (the fake kernel's): list, value and element counts."""
     check_tensor_list("add_to_counts_", "counts", counts, floating=True)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"add_to_counts_: value must be a finite number >= 0 (a count only grows), got {value}")
+    for i, count in enumerate(counts):
+        if count.numel() != 1:
+            raise ValueError(f"add_to_counts_: counts[{i}] has {count.numel()} elements; every count must be a "
+                             "tensor with one element")
+
+
+def exact_count_bits(dtype: torch.dtype) -> int:
+    """b such that ``dtype`` holds every whole number up to 2**b exactly (std::numeric_limits<T>::digits)."""
+    return 1 - round(math.log2(torch.finfo(dtype).eps))  # eps = 2**(1 - b)
+
+
+def check_count_range(counts: Tensors, value: float) -> None:
+    """ValueError naming the first count that ``+ value`` would take past its dtype's exact whole numbers."""
+    if not counts:
+        return
+    values = torch.stack([c.detach().reshape(()).to(torch.float64) for c in counts])
+    limits = torch.tensor([2.0 ** exact_count_bits(c.dtype) for c in counts], dtype=torch.float64,
+                          device=values.device)
+    over = (values + value) > limits
+    if bool(over.any()):
+        i = int(over.nonzero()[0, 0])
+        bits = exact_count_bits(counts[i].dtype)
+        raise ValueError(f"add_to_counts_: counts[{i}] would pass 2**{bits} with this increment; {counts[i].dtype} "
+                         f"holds whole numbers exactly only up to 2**{bits}, so the count would no longer be exact: "
+                         "keep counts that large in a wider dtype (torch.float64 is exact up to 2**53)")
 
 
 def add_to_counts_reference(counts: Tensors, value: float) -> None:
-    check_add_to_counts_args(counts)
+    check_add_to_counts_args(counts, value)
+    check_no_overlap("add_to_counts_", list_operands("counts", counts, True))
+    check_count_range(counts, value)
     if counts:
         torch._foreach_add_(list(counts), value)
 
 
 def _add_to_counts_fake(counts, value) -> None:
-    check_add_to_counts_args(counts)
+    check_add_to_counts_args(counts, value)
 
 
 add_to_counts_ = define_op(

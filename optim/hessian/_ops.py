@@ -8,7 +8,9 @@ V)::
 
 With ``target`` (the class indices, shape ``logits.shape[:-1]``, int64) a row whose target is ``ignore_index``
 contributes no loss, so its Hessian block is zero: its output row is exactly 0 and its logits are not read (the
-convention of ``F.cross_entropy(..., ignore_index=-100)``, padding and prompt tokens of a causal LM).
+convention of ``F.cross_entropy(..., ignore_index=-100)``, padding and prompt tokens of a causal LM). Every other
+target must be a class index in [0, V), as ``F.cross_entropy`` requires; checked before the product is computed,
+with one host read of the check's result (on CUDA one synchronization per call that passes a target).
 
 For ``F.cross_entropy(z, y, reduction="mean")`` over N rows the Hessian block of row i is (diag(pᵢ) − pᵢpᵢᵀ)/N, so
 ``scale = 1/N``. It is also the Gauss-Newton product of any model with a cross-entropy loss. Computed in float32
@@ -17,7 +19,9 @@ For ``F.cross_entropy(z, y, reduction="mean")`` over N rows the Hessian block of
 ``optim::rademacher_(out, seed, offset)`` fills tensors with Rademacher probes (±1, each with probability 1/2) from
 a counter-based generator. Element j (row-major) of ``out[i]`` gets counter ``offset + numel(out[0..i-1]) + j``, so a
 list of param-shaped tensors holds exactly the values of one flat vector of the same total length, and the value is
-a pure function of (seed, counter): identical on CPU and CUDA, for any thread layout, on every rank.
+a pure function of (seed, counter): identical on CPU and CUDA, for any thread layout, on every rank. The seed is
+any int64: its 64 bits are the generator's seed (two's complement, so −1 is the seed 2⁶⁴ − 1), which lets the
+second-order optimizers pass their per-step probe seeds, hashes that are negative half of the time, unchanged.
 
 The generator is SplitMix64 (Steele, Lea & Flood 2014) used as a counter-based hash (``optim/_counter_hash.py``):
 ``value = +1 if the top bit of hash(seed, counter) is 0 else -1``.
@@ -110,9 +114,25 @@ def check_cross_entropy_hvp_args(logits: torch.Tensor, tangent: torch.Tensor, sc
                              f"{target.dtype} on {target.device}")
 
 
+def check_cross_entropy_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """ValueError giving the first (row-major) class index of ``target`` outside [0, classes) that is not
+    ``ignore_index``: what ``F.cross_entropy`` refuses. One pass over the targets and one host read (a sync on CUDA),
+    against the op's N·V; the C++ twin is ``check_cross_entropy_targets`` in csrc/hessian/cross_entropy_hvp.h."""
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"cross_entropy_hvp: target holds class index {value}, outside [0, {classes}) for logits "
+                         f"with {classes} classes; give every row a class index in range, or ignore_index="
+                         f"{ignore_index} for a row without a loss")
+
+
 def cross_entropy_hvp_reference(logits: torch.Tensor, tangent: torch.Tensor, scale: float,
                                 target: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
     check_cross_entropy_hvp_args(logits, tangent, scale, target)
+    if target is not None:
+        check_cross_entropy_targets(target, logits.shape[-1], ignore_index)
     work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z, u = logits.to(work_dtype), tangent.to(work_dtype)
     p = torch.softmax(z, dim=-1)
@@ -264,11 +284,13 @@ def check_sophia_hyperparameters(*, lr: float, beta1: float, beta2: float, rho: 
 
 def check_adahessian_hyperparameters(*, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
                                      hessian_power: float, caller: str = "fused_adahessian_") -> None:
+    """``ValueError`` naming ``caller`` and the first hyperparameter outside its range (eps > 0: the update divides
+    by (√v/√(1 − β2^t_h))ᵏ + eps, which is 0 where v = 0 and k > 0, e.g. before the first refresh)."""
     _check_finite_at_least(caller, "lr", lr, 0.0)
     _check_beta(caller, "beta1", beta1)
     _check_beta(caller, "beta2", beta2)
     _check_finite_at_least(caller, "weight_decay", weight_decay, 0.0)
-    _check_finite_at_least(caller, "eps", eps, 0.0)
+    _check_finite_at_least(caller, "eps", eps, 0.0, strict=True)
     if not (0.0 <= hessian_power <= 1.0):
         raise ValueError(f"{caller}: hessian_power must be in [0, 1], got {hessian_power}")
 
@@ -411,6 +433,9 @@ def _check_adahessian_args(params, grads, exp_avgs, exp_hessian_diag_sqs, hessia
     if step < 1 or hessian_step < 1:
         raise ValueError(f"fused_adahessian_: step and hessian_step are the counts after this step's increment and "
                          f"must be >= 1, got step={step}, hessian_step={hessian_step}")
+    if hessian_step > step:
+        raise ValueError(f"fused_adahessian_: hessian_step={hessian_step} exceeds step={step}; the curvature is "
+                         "refreshed at most once per step, so the refreshes so far cannot outnumber the steps")
     check_second_order_tensors("fused_adahessian_", params, grads,
                                {"exp_avgs": exp_avgs, "exp_hessian_diag_sqs": exp_hessian_diag_sqs},
                                {"hessian_diagonals": hessian_diagonals})

@@ -102,7 +102,7 @@ class AdaHessian(SecondOrderOptimizer):
     def _check_group(self, group: dict[str, Any]) -> dict[str, float]:
         """The group's hyperparameters (numbers or 1-element Tensors; torch's messages first where torch has the
         same argument) as Python floats. eps must be > 0: with eps = 0 a parameter whose curvature estimate is 0
-        divides by zero (the op itself allows eps = 0 for callers that guarantee v > 0)."""
+        divides by zero (the op refuses it too)."""
         beta1, beta2 = check_betas("AdaHessian", group["betas"])
         hyper = dict(lr=check_lr(group["lr"], "AdaHessian"), beta1=beta1, beta2=beta2,
                      weight_decay=check_nonnegative(group["weight_decay"], "weight_decay", "AdaHessian"),

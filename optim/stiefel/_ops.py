@@ -46,7 +46,9 @@ the counter-based generator of ``optim::rademacher_`` (SplitMix64)::
                       S ← S ∪ {j if t ∈ S else t}
 
 which draws every r-subset with probability 1/C(n, r) (up to the 2⁻⁵³ bias of the modulo). Sorted output makes the
-set canonical, so CPU, CUDA and the reference return the same tensor bit for bit.
+set canonical, so CPU, CUDA and the reference return the same tensor bit for bit. As in ``rademacher_``, a seed is
+any int64, its 64 bits the generator's seed (−1 is the seed 2⁶⁴ − 1); the optimizers' own ``seed`` settings are
+checked >= 0 where they are given.
 """
 
 from __future__ import annotations

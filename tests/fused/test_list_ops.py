@@ -109,15 +109,16 @@ def test_sparse_tensors_raise(implementation):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("value", [1.0, -3.0, 0.1, 1e30])
+@pytest.mark.parametrize("value", [1.0, 0.0, 0.1, 3.0])
 def test_counts_kernel_matches_reference_bit_for_bit(device, dtype, value):
-    """Step counts (0-d and one-element) and larger tensors of random values, dense, transposed and with gaps."""
+    """Step counts of one element each: 0-d, (1,), (1, 1), and one-element views with gaps into a larger tensor
+    (the values below every dtype's exact range: the op refuses counts it cannot increment exactly)."""
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
-        base = torch.randn(9, 7, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-        counts = [torch.randint(0, 1000, (), generator=generator).to(dtype=dtype, device=device),
-                  torch.full((1,), 7.0, dtype=dtype, device=device), base.clone(), base.clone().t(),
-                  base.clone()[::2, 1:], torch.empty(0, dtype=dtype, device=device)]
+        base = torch.randint(0, 100, (9, 7), generator=generator).to(dtype=dtype, device=device)
+        counts = [torch.randint(0, 100, (), generator=generator).to(dtype=dtype, device=device),
+                  torch.full((1,), 7.0, dtype=dtype, device=device), base[:1, :1].clone(), base.clone()[2, 3:4],
+                  base.clone().t()[4:5, 1:2]]
         want = [c.clone() for c in counts]
         COUNTS_OP(counts, value)
         add_to_counts_reference(want, value)

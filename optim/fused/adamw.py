@@ -330,7 +330,9 @@ def _check_group(group: dict[str, Any], defaults: dict[str, Any], index: int | N
     where = "the param group" if index is None else f"param group {index}"
     check_group_settings(group, defaults, "optim.AdamW", where=where)
     for name in ("amsgrad", "capturable", "differentiable"):
-        if group.get(name):
+        # torch.compile traces every optimizer step with group["capturable"] set to True (dynamo's
+        # OptimizerVariable), whatever the device: only a real group's value means the user asked for it.
+        if group.get(name) and not (name == "capturable" and torch.compiler.is_compiling()):
             extra = (" (its max_exp_avg_sq would be ignored and the step would differ from the run that saved "
                      "it)") if name == "amsgrad" else ""
             raise ValueError(f"{name}=True, which optim.AdamW does not implement{extra}; resume that run with "

@@ -112,6 +112,17 @@ class AdaHessian(SecondOrderOptimizer):
         check_update_period("AdaHessian", group["update_period"])
         return hyper
 
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As every second-order optimizer checks a state dict, and each state's ``hessian_step`` (the refreshes)
+        at most its ``step``: a step would refuse the pair after other groups had moved."""
+        super()._check_state_dict(state_dict)
+        for saved_id, saved in state_dict["state"].items():
+            if isinstance(saved, dict) and "step" in saved and "hessian_step" in saved and \
+                    float(saved["hessian_step"]) > float(saved["step"]):
+                raise ValueError(f"AdaHessian.load_state_dict: the state of parameter {saved_id} has hessian_step "
+                                 f"{float(saved['hessian_step']):g} > step {float(saved['step']):g}; the curvature "
+                                 "is refreshed at most once per step: load a state dict AdaHessian saved")
+
     def _update(self, work: list[dict[str, Any]]) -> None:
         for entry in work:
             group = entry["group"]

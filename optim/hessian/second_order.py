@@ -197,6 +197,10 @@ def select(tensors: Sequence, index: list[int]) -> list:
     return [tensors[i] for i in index]
 
 
+# The step counts are float32 (as torch's optimizers keep them): whole numbers are exact up to 2**24.
+_LAST_COUNTED_STEP = 2**24
+
+
 class _CountMirror:
     """Python floats of the optimizer's count tensors (one-element CPU float32: ``step``, ``hessian_step``), so that
     the refresh schedule and AdaHessian's bias corrections do not read each count from the host on every step (an
@@ -465,7 +469,12 @@ class SecondOrderOptimizer(Optimizer):
                 if id(p) in external:
                     continue
                 state = state_of.get(p)
-                if (int(read(state["step"])) if state else 0) % period == 0:
+                count = int(read(state["step"])) if state else 0
+                if count >= _LAST_COUNTED_STEP:
+                    raise ValueError(f"{self._name}.step: {self._where(p)} has taken {count} steps, as many as its "
+                                     "float32 step count holds exactly (2**24); a further step would not count. "
+                                     "Continue with a new optimizer (fresh state) or torch.optim.AdamW")
+                if count % period == 0:
                     due.add(id(p))
         return due
 

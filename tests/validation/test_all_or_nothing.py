@@ -489,3 +489,38 @@ def test_low_rank_adamw_checks_the_refactorizer_state_before_loading_either_part
     with pytest.raises(ValueError, match="step_count must be an int >= 0"):
         opt.load_state_dict(saved)
     assert_same(before, snapshot(opt))
+
+
+def _two_group_second_order(cls):
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, update_period=1000)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(lambda: (a ** 4).sum() + (b ** 4).sum())
+    return opt, a, b
+
+
+@pytest.mark.parametrize("cls", [optim.SophiaH, optim.AdaHessian])
+def test_second_order_step_refuses_a_count_past_float32_before_any_write(cls):
+    """A float32 step count of 2**24 cannot count one more step: the step refuses it before group 0 moves."""
+    opt, a, b = _two_group_second_order(cls)
+    opt.state[b]["step"].fill_(2.0**24)
+    if cls is optim.AdaHessian:
+        opt.state[b]["hessian_step"].fill_(1.0)
+    before = [a.detach().clone(), b.detach().clone(), opt.state[a]["step"].clone()]
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 .*2\*\*24"):
+        opt.step(lambda: (a ** 4).sum() + (b ** 4).sum())
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert torch.equal(opt.state[a]["step"], before[2])
+
+
+def test_adahessian_load_refuses_more_refreshes_than_steps():
+    opt, a, b = _two_group_second_order(optim.AdaHessian)
+    saved = opt.state_dict()
+    saved["state"][1]["hessian_step"] = torch.tensor(5.0)
+    before = {k: v.clone() for k, v in opt.state[b].items()}
+    with pytest.raises(ValueError, match="hessian_step 5 > step 2"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(opt.state[b][k], v) for k, v in before.items())

@@ -30,6 +30,14 @@ inline RsdmCore parse_rsdm_core(c10::string_view core) {
 // reference (optim/stiefel/_ops.py) and both kernels.
 constexpr int64_t kFloat64RotationMinRank = 129;
 
+// On the CPU also float32 matrices at least half as wide as long (2·P >= N, the orthogonal group among them): there a
+// float32 rotation of r = 64 rows drifts ~6e-6 in 10 steps (about √r·P/N·1e-6 per step), so the default policy ran a
+// float64 QR (N·P², 25 ms at 512×512) every 10 steps; the float64 rotation costs ~0.1–0.3 ms per step at r = 64.
+// Where P < N/2 the float32 drift is P/N times smaller and the QR rarely due. (The CUDA kernel keeps the rank rule.)
+inline bool cpu_rotates_in_float64(int64_t r, int64_t n_rows, int64_t n_cols) {
+  return r >= kFloat64RotationMinRank || 2 * n_cols >= n_rows;
+}
+
 constexpr double kExpNormBound = 0.5;
 template <typename T>
 constexpr int exp_taylor_degree() {

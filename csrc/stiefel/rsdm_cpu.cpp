@@ -145,8 +145,11 @@ void lapack_core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOption
   skew.copy_(y);
 }
 
-// float32 rows at r ≥ kFloat64RotationMinRank: A = G_I X_Iᵀ, M, Y = core(M) and Y·X_I (and Y·G_I) in float64, rounded
-// once into moved (moved_g). The float64 core is torch.linalg's (the same formulas as the reference).
+// float32 rows where cpu_rotates_in_float64: A = G_I X_Iᵀ, M, Y = core(M) and Y·X_I (and Y·G_I) in float64, rounded
+// once into moved (moved_g). The float64 core is the float32 path's (exp: torch.linalg's).
+template <typename T>
+void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& options);
+
 void rotate_rows_in_float64(const at::Tensor& x_rows, const at::Tensor& g_rows, int64_t r, double lr, RsdmCore core,
                             bool transport, at::Tensor& moved, at::Tensor& moved_g) {
   const at::Tensor x64 = x_rows.to(at::kDouble), g64 = g_rows.to(at::kDouble);
@@ -157,7 +160,7 @@ void rotate_rows_in_float64(const at::Tensor& x_rows, const at::Tensor& g_rows, 
     y = at::linalg_matrix_exp(m);
   } else {
     y = m.contiguous();
-    lapack_core_in_place(y.data_ptr<double>(), r, core, y.options());
+    core_in_place(y.data_ptr<double>(), r, core, y.options());  // CholeskyQR2 at 48 <= r <= 128, as in float32
   }
   moved.copy_(at::mm(y, x64));
   if (transport) moved_g.copy_(at::mm(y, g64));
@@ -311,7 +314,7 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
   const int64_t n_rows = flip ? p : n, n_cols = flip ? n : p;
   const int64_t row_stride = flip ? 1 : p, column_stride = flip ? p : 1;
   const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  (void)n_rows;
+  const bool float64_rotation = std::is_same_v<T, float> && cpu_rotates_in_float64(r, n_rows, n_cols);
   // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
   const int64_t work_per_matrix = 2 * r * r * n_cols + 2 * r * r * r + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainWork / work_per_matrix);
@@ -334,7 +337,7 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
           gr[a * n_cols + j] = gs[j * column_stride];
         }
       }
-      if (std::is_same_v<T, float> && r >= kFloat64RotationMinRank) {
+      if (float64_rotation) {
         rotate_rows_in_float64(x_rows, g_rows, r, static_cast<double>(lr), core, transport, moved, moved_g);
         for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
           T* target = pass == 0 ? xb : gb;

@@ -30,7 +30,7 @@ from .._validate import (StateSpec, check_betas, check_grad, check_group_params,
                          fill_group_defaults, install_state_dict_hooks, scalar)
 from .._validate import check_unit_interval as _unit_interval
 from ..fused.distributed import agree_over_mesh, check_row_sharded, gather_whole, is_dtensor
-from ._ops import CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rsdm_step_, rsdm_step_reference
+from ._ops import CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rotates_in_float64, rsdm_step_, rsdm_step_reference
 from .sharded import rsdm_permutation_step_sharded_, whole_matrix_update_
 from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
                        project_to_manifold, retract, riemannian_gradient)
@@ -309,10 +309,11 @@ class RSDM(_ManifoldOptimizer):
     ``reorthonormalize_every`` steps (0 = never) X is replaced by the Q factor (sign-fixed, float64) of itself. The
     default (``None``) keeps the defect ‖XᵀX − I‖_F below 1e-5 in float32: the float32 drift grows with r (a step
     rounds r-term products into r rows; measured over 1000 PCA steps on 64×256, every 100 steps: 1.9e-6 at r = 8,
-    8.3e-6 at r = 32, 2.9e-5 at r = 64, 5.6e-5 at r = 128), so for float32 matrices with r <= 128 the defect is
+    8.3e-6 at r = 32, 2.9e-5 at r = 64, 5.6e-5 at r = 128), so for float32 matrices rotated in float32 the defect is
     estimated every 10 steps (8 Gaussian probes, ~8·N·P multiply-adds, far less than the QR's N·P²) and X is
-    re-orthonormalized when the estimate passes 3e-6; float64 matrices, and float32 ones with r > 128 (whose rotation
-    is computed in float64), every 100 steps. Storing an orthonormal N×P matrix in float32 alone leaves a defect of
+    re-orthonormalized when the estimate passes 3e-6; float64 matrices, and float32 ones whose rotation is computed
+    in float64 (r > 128; with permutation sampling on the CPU also matrices with 2·P >= N, whose float32 rotation
+    drifts ~6e-6 in 10 steps at r = 64), every 100 steps. Storing an orthonormal N×P matrix in float32 alone leaves a defect of
     ≈ 0.6·2⁻²⁴·P/√N (8e-7 at 512×512, 2.3e-6 at 4096×4096): where twice that exceeds 3e-6 the limit is twice that,
     and the defect stays below 6 times it.
 
@@ -403,8 +404,13 @@ class RSDM(_ManifoldOptimizer):
 
     @staticmethod
     def _measures_drift(group, p) -> bool:
-        return group["reorthonormalize_every"] is None and p.dtype == torch.float32 and \
-            group["rank"] < FLOAT64_ROTATION_MIN_RANK
+        """float32 under the default period, where the rotation itself is float32 (see ``rotates_in_float64``)."""
+        if group["reorthonormalize_every"] is not None or p.dtype != torch.float32:
+            return False
+        rows, columns = max(p.shape[-2:]), min(p.shape[-2:])
+        if group["sampling"] == "permutation":
+            return not rotates_in_float64(p.dtype, group["rank"], rows, columns, p.device)
+        return group["rank"] < FLOAT64_ROTATION_MIN_RANK
 
     def _drifted(self, group, p, state) -> bool:
         if not self._measures_drift(group, p):

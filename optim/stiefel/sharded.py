@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .._library import has_kernel
 from ..fused.distributed import gather_whole, is_dtensor, local_rows, write_whole_
-from ._ops import rsdm_sample_rows_, rsdm_step_, rsdm_step_reference
+from ._ops import rotates_in_float64, rsdm_sample_rows_, rsdm_step_, rsdm_step_reference
 
 __all__ = ["rsdm_permutation_step_sharded_", "whole_matrix_update_"]
 
@@ -76,8 +76,12 @@ def rsdm_permutation_step_sharded_(p: torch.Tensor, direction: torch.Tensor, *, 
     d_rows = _gather_rows(direction_local, start, stop, indices, flip, p.shape[0], group)
     n_cols = x_rows.shape[-1]
     # The rows as the first r rows of a tall matrix (at least as many rows as columns, so the op keeps its
-    # orientation), stepped at the indices 0..r-1: the kernel then computes exactly what it computes on the whole.
+    # orientation, and as tall relative to its width as the whole is for the op's float64 rule), stepped at the
+    # indices 0..r-1: the kernel then computes exactly what it computes on the whole.
     height = max(rank, n_cols)
+    if rotates_in_float64(local.dtype, rank, height, n_cols, local.device) != \
+            rotates_in_float64(local.dtype, rank, n_rows, n_cols, local.device):
+        height = max(rank, 2 * n_cols + 1)
     x_tall, d_tall = x_rows.new_zeros(height, n_cols), x_rows.new_zeros(height, n_cols)
     x_tall[:rank], d_tall[:rank] = x_rows, d_rows
     step(x_tall, d_tall, torch.arange(rank, device=local.device), rank=rank, seed=seed, offset=offset, lr=lr,

@@ -402,3 +402,25 @@ def test_tiny_steps_near_convergence_match_reference_and_keep_the_callers_float_
     torch.testing.assert_close(x.double(), want_x, atol=3e-7, rtol=0)
     subnormal = torch.tensor([1e-38], dtype=torch.float32) * torch.tensor([1e-3], dtype=torch.float32)
     assert subnormal.item() != 0.0, "the op changed the caller's floating-point mode (subnormals flushed)"
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("shape", [(120, 80), (80, 120), (3, 64, 64)])
+def test_float32_near_square_rotates_in_float64_on_the_cpu(core, shape):
+    """On the CPU, float32 X with 2·P >= N rotates its rows in float64 at every r, as the reference does: the kernel
+    and the reference agree to float64 rounding of the result, and the drift stays at float32 storage's."""
+    from optim.stiefel._ops import rotates_in_float64
+
+    r = 16
+    assert rotates_in_float64(torch.float32, r, max(shape[-2:]), min(shape[-2:]), torch.device("cpu"))
+    assert not rotates_in_float64(torch.float32, r, 2 * min(shape[-2:]) + 1, min(shape[-2:]), torch.device("cpu"))
+    x = _point(shape, torch.float32, "cpu")
+    x_reference = x.clone()
+    generator = torch.Generator().manual_seed(5)
+    for step in range(20):
+        g = torch.randn(shape, generator=generator)
+        STEP(x, g, None, rank=r, seed=3, offset=step * r, lr=0.3, core=core, transport=False)
+        rsdm_step_reference(x_reference, g, None, rank=r, seed=3, offset=step * r, lr=0.3, core=core,
+                            transport=False)
+    torch.testing.assert_close(x, x_reference, rtol=0, atol=1e-6)
+    assert distance_to_manifold(x).max().item() < 2e-6

@@ -302,16 +302,16 @@ def test_float32_default_does_not_reorthonormalize_below_the_storage_floor(monke
     monkeypatch.setattr(stiefel_optimizers, "_reorthonormalize_", lambda p: calls.append(1) or real(p))
     monkeypatch.setattr(stiefel_optimizers, "DEFECT_ESTIMATE_LIMIT", 1e-9)
     generator = torch.Generator().manual_seed(0)
-    w = torch.nn.Parameter(orthogonal_(torch.empty(256, 128, dtype=F64), generator=generator).float())
+    w = torch.nn.Parameter(orthogonal_(torch.empty(300, 128, dtype=F64), generator=generator).float())
     opt = optim.RSDM([w], lr=0.0, rank=8, seed=0)
     for _ in range(3 * stiefel_optimizers.DEFECT_CHECK_EVERY):
-        w.grad = torch.randn(256, 128, generator=generator)
+        w.grad = torch.randn(300, 128, generator=generator)
         opt.step()
     assert calls == []
     # Pushed off the manifold by much more than the floor: the next check re-orthonormalizes it.
     with torch.no_grad():
         w.mul_(1 + 1e-4)
     for _ in range(stiefel_optimizers.DEFECT_CHECK_EVERY):
-        w.grad = torch.randn(256, 128, generator=generator)
+        w.grad = torch.randn(300, 128, generator=generator)
         opt.step()
     assert calls == [1]

@@ -151,8 +151,9 @@ def _step_cases(device: torch.device, quick: bool, tokens: torch.Tensor) -> list
     return [gpt, llama]
 
 
-def time_steps(case: dict, device: torch.device, quick: bool, pytorch_optimizer) -> tuple[list[dict], str, int]:
-    """The rows of one model's step-time table (see the module docstring), its anchor and its parameter count."""
+def base_model_and_loss(case: dict, device: torch.device):
+    """``(model, loss_of)``: the case's model built from seed 0 on ``device``, and ``loss_of(model)``, the mean
+    next-token cross-entropy of any model of the case on its batch."""
     torch.manual_seed(0)
     base = case["make"]().to(device)
     inputs, targets = case["batch"][:, :-1].to(device), case["batch"][:, 1:].to(device)
@@ -160,6 +161,12 @@ def time_steps(case: dict, device: torch.device, quick: bool, pytorch_optimizer)
     def loss_of(model):
         logits = model(inputs)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return base, loss_of
+
+
+def time_steps(case: dict, device: torch.device, quick: bool, pytorch_optimizer) -> tuple[list[dict], str, int]:
+    """The rows of one model's step-time table (see the module docstring), its anchor and its parameter count."""
+    base, loss_of = base_model_and_loss(case, device)
 
     cases = {}  # name -> (step function, steps per call)
 

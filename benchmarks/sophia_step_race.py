@@ -23,25 +23,18 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import optim
 
 from ._timing import OtherProcessesLoad, device_name, time_interleaved_ms
-from .sophia import ADAHESSIAN_HYPER, NEVER, SOPHIA_HYPER, _torch_adamw, gpt_step_case
+from .sophia import ADAHESSIAN_HYPER, NEVER, SOPHIA_HYPER, _torch_adamw, base_model_and_loss, gpt_step_case
 
 ANCHOR = "torch.optim.AdamW"
 
 
 def race(device: torch.device, quick: bool, repeats: int) -> dict:
     case = gpt_step_case(quick)
-    torch.manual_seed(0)
-    base = case["make"]().to(device)
-    inputs, targets = case["batch"][:, :-1].to(device), case["batch"][:, 1:].to(device)
-
-    def loss_of(model):
-        logits = model(inputs)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    base, loss_of = base_model_and_loss(case, device)
 
     def fresh_model():
         model = case["make"]().to(device)

@@ -188,6 +188,12 @@ def adahessian(
 def _adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, steps, hessian_steps, *, lr, beta1,
                 beta2, weight_decay, eps, hessian_power, maximize, foreach, fused) -> None:
     """:func:`adahessian` once its hyperparameters are checked (``AdaHessian`` checks them in ``_check_group``)."""
+    # The counts of every call below, checked before the first: each call checks only its own.
+    for i, (step, hessian_step) in enumerate(zip(steps, hessian_steps)):
+        if not 1 <= hessian_step <= step:
+            raise ValueError(f"adahessian: steps[{i}]={step} and hessian_steps[{i}]={hessian_step}: the counts after "
+                             "this step's increments must satisfy 1 <= hessian_step <= step (the curvature is "
+                             "refreshed at most once per step)")
     kinds = {(p.device, p.dtype) for p in params}
     path = choose_path(params, "fused_adahessian_", foreach, fused, devices={device for device, _ in kinds})
     implementation = {"fused": fused_adahessian_, "foreach": _multi_tensor_adahessian,

@@ -524,3 +524,20 @@ def test_adahessian_load_refuses_more_refreshes_than_steps():
     with pytest.raises(ValueError, match="hessian_step 5 > step 2"):
         opt.load_state_dict(saved)
     assert all(torch.equal(opt.state[b][k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_functional_adahessian_checks_the_counts_of_every_call_before_the_first(foreach):
+    """Two parameters of different dtypes are two op calls: a bad count pair of the second refuses both."""
+    from optim.hessian.adahessian import adahessian
+
+    torch.manual_seed(0)
+    params = [torch.randn(3, dtype=torch.float64), torch.randn(4, dtype=torch.float32)]
+    grads = [torch.randn_like(p) for p in params]
+    moments = [[torch.rand_like(p) for p in params] for _ in range(2)]
+    before = [t.clone() for t in params + moments[0] + moments[1]]
+    with pytest.raises(ValueError, match=r"hessian_steps\[1\]=4"):
+        adahessian(params, grads, moments[0], moments[1], [None, None], [3, 3], [1, 4], lr=0.1, beta1=0.9,
+                   beta2=0.999, weight_decay=0.0, eps=1e-8, hessian_power=1.0, foreach=foreach,
+                   fused=None if foreach else False)
+    assert all(torch.equal(a, b) for a, b in zip(params + moments[0] + moments[1], before))

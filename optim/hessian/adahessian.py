@@ -223,9 +223,8 @@ def _one_call(hessian_diagonals, steps, hessian_steps) -> bool:
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diagonals, *, lr, beta1, beta2,
                              weight_decay, eps, hessian_power, step, hessian_step, maximize):
-    """The foreach path: the op's step with ``torch._foreach_*`` ops over one device, dtype and pair of counts."""
-    if step < 1 or hessian_step < 1:
-        raise ValueError(f"adahessian: step and hessian_step must be >= 1, got {step} and {hessian_step}")
+    """The foreach path: the op's step with ``torch._foreach_*`` ops over one device, dtype and pair of counts
+    (checked by ``_adahessian``, its only caller)."""
     work_dtype = exp_avgs[0].dtype
     low_precision = params[0].dtype != work_dtype
     work_params = [p.to(work_dtype) for p in params] if low_precision else params

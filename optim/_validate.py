@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = [
-    "CLASS_KEY", "StateSpec", "check_betas", "check_group_params", "check_group_settings", "check_lr", "check_nonnegative",
-    "check_param_state", "check_unit_interval", "install_state_dict_hooks", "scalar",
+    "CLASS_KEY", "StateSpec", "check_betas", "check_group_params", "check_group_settings", "check_lr",
+    "check_nonnegative", "check_param_state", "check_unit_interval", "install_state_dict_hooks", "scalar",
 ]
 
 CLASS_KEY = "optim_class"

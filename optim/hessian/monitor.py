@@ -83,7 +83,8 @@ class SharpnessMonitor:
         model: the ``nn.Module`` being trained.
         loss_fn: ``loss_fn(output, target)`` like a PyTorch criterion.
         every: measure when ``step % every == 0``.
-        lr_from: an optimizer (its first param group's ``lr`` and ``momentum``, if any, give the limit) or a number >= 0 (the learning rate).
+        lr_from: an optimizer (its first param group's ``lr`` and ``momentum``, if any, give the limit) or a number
+            >= 0 (the learning rate).
         probes: Hutchinson probes for the trace (0 skips the trace).
         top_k: eigenvalues to compute (λ_max is the first); ``lanczos_iters`` bounds the Hessian-vector products.
         eval_mode: measure with ``model.eval()`` (deterministic: dropout off, BatchNorm running stats), restoring the

@@ -30,7 +30,8 @@ from .._validate import (StateSpec, check_betas, check_grad, check_group_params,
                          fill_group_defaults, install_state_dict_hooks, scalar)
 from .._validate import check_unit_interval as _unit_interval
 from ..fused.distributed import agree_over_mesh, check_row_sharded, gather_whole, is_dtensor
-from ._ops import CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rotates_in_float64, rsdm_step_, rsdm_step_reference
+from ._ops import (CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rotates_in_float64, rsdm_step_,
+                   rsdm_step_reference)
 from .sharded import rsdm_permutation_step_sharded_, whole_matrix_update_
 from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
                        project_to_manifold, retract, riemannian_gradient)
@@ -313,9 +314,9 @@ class RSDM(_ManifoldOptimizer):
     estimated every 10 steps (8 Gaussian probes, ~8·N·P multiply-adds, far less than the QR's N·P²) and X is
     re-orthonormalized when the estimate passes 3e-6; float64 matrices, and float32 ones whose rotation is computed
     in float64 (r > 128; with permutation sampling on the CPU also matrices with 2·P >= N, whose float32 rotation
-    drifts ~6e-6 in 10 steps at r = 64), every 100 steps. Storing an orthonormal N×P matrix in float32 alone leaves a defect of
-    ≈ 0.6·2⁻²⁴·P/√N (8e-7 at 512×512, 2.3e-6 at 4096×4096): where twice that exceeds 3e-6 the limit is twice that,
-    and the defect stays below 6 times it.
+    drifts ~6e-6 in 10 steps at r = 64), every 100 steps. Storing an orthonormal N×P matrix in float32 alone leaves
+    a defect of ≈ 0.6·2⁻²⁴·P/√N (8e-7 at 512×512, 2.3e-6 at 4096×4096): where twice that exceeds 3e-6 the limit is
+    twice that, and the defect stays below 6 times it.
 
     Args:
         params: parameters or param groups (keys: any argument below, plus ``manifold``).

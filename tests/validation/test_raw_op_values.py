@@ -167,7 +167,7 @@ def test_counts_reach_two_to_the_24_exactly_and_stop_there():
         assert float(count) == 2.0**24
 
 
-# --- seeds: any int64 (its 64 bits), negative ones included ------------------------------------------------------------
+# --- seeds: any int64 (its 64 bits), negative ones included -------------------------------------------------------
 
 def test_negative_seeds_are_valid_and_the_kernels_agree_with_the_references():
     """Seeds are the 64 bits of an int64 (the second-order optimizers pass hashed per-step seeds, negative half of

@@ -34,7 +34,7 @@ from ._ops import (CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rotates_in
                    rsdm_step_reference)
 from .sharded import rsdm_permutation_step_sharded_, whole_matrix_update_
 from .manifold import (MANIFOLDS, RETRACTIONS, check_manifold_name, check_on_manifold, orient, project_tangent,
-                       project_to_manifold, retract, riemannian_gradient)
+                       qr_sign_fixed_near_orthonormal, retract, riemannian_gradient)
 
 __all__ = ["RSDM", "RiemannianAdam", "RiemannianSGD"]
 
@@ -104,8 +104,10 @@ def defect_estimate(x: torch.Tensor, generator: torch.Generator) -> float:
 
 
 def _reorthonormalize_(p: torch.Tensor) -> None:
-    """Replace p by the sign-fixed Q factor of its oriented matrix (QR in float64): removes accumulated drift."""
-    p.copy_(project_to_manifold(p, method="qr"))
+    """Replace p by the sign-fixed Q factor of its oriented matrix (in float64; CholeskyQR, as p is near the
+    manifold, with Householder where it is not): removes accumulated drift."""
+    target = orient(p)
+    target.copy_(qr_sign_fixed_near_orthonormal(target.to(torch.float64)))
 
 
 class _ManifoldOptimizer(Optimizer):

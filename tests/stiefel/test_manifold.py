@@ -177,3 +177,37 @@ def test_bad_manifold_names_and_methods():
         st.retract(x, x, method="svd")
     with pytest.raises(ValueError, match="method must be"):
         st.project_to_manifold(x, method="svd")
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (3, 30, 30), (0, 5, 3)], ids=str)
+def test_near_orthonormal_q_factor_is_the_householder_q_factor(shape):
+    """The re-orthonormalization's CholeskyQR of a drifted iterate gives the sign-fixed Householder Q, to float64
+    rounding; a batch with a matrix far from orthonormal (where CholeskyQR would lose orthogonality) takes
+    Householder itself."""
+    from optim.stiefel.manifold import _qr_sign_fixed, qr_sign_fixed_near_orthonormal
+
+    generator = torch.Generator().manual_seed(5)
+    x = st.orthogonal_(torch.empty(shape, dtype=F64), generator=generator)
+    drifted = x + 1e-3 * torch.randn(shape, dtype=F64, generator=generator)
+    q = qr_sign_fixed_near_orthonormal(drifted)
+    torch.testing.assert_close(q, _qr_sign_fixed(drifted), atol=1e-13, rtol=0)
+    if q.numel():
+        assert st.distance_to_manifold(q).max() < 1e-13
+        far = drifted.clone()
+        far[(0,) * (far.dim() - 2)] *= 1.5  # ‖ZᵀZ − I‖ of that matrix ≈ 1.25·√P
+        assert torch.equal(qr_sign_fixed_near_orthonormal(far), _qr_sign_fixed(far))
+
+
+def test_float32_re_orthonormalization_lands_on_the_float32_rounding_of_the_q_factor():
+    """What RSDM's periodic re-orthonormalization writes into a drifted float32 parameter."""
+    import optim.stiefel.optimizers as stiefel_optimizers
+    from optim.stiefel.manifold import _qr_sign_fixed
+
+    generator = torch.Generator().manual_seed(6)
+    x = st.orthogonal_(torch.empty(16, 64, dtype=F64), generator=generator)  # n < p: orthonormal rows
+    drifted = (x + 1e-5 * torch.randn(16, 64, dtype=F64, generator=generator)).float()
+    expected = _qr_sign_fixed(drifted.double().mT).mT
+    p = drifted.clone()
+    stiefel_optimizers._reorthonormalize_(p)
+    torch.testing.assert_close(p.double(), expected, atol=1.2e-7, rtol=0)
+    assert float(st.distance_to_manifold(p)) < 1e-6

@@ -145,27 +145,6 @@ void lapack_core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOption
   skew.copy_(y);
 }
 
-// float32 rows where cpu_rotates_in_float64: A = G_I X_Iᵀ, M, Y = core(M) and Y·X_I (and Y·G_I) in float64, rounded
-// once into moved (moved_g). The float64 core is the float32 path's (exp: torch.linalg's).
-template <typename T>
-void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& options);
-
-void rotate_rows_in_float64(const at::Tensor& x_rows, const at::Tensor& g_rows, int64_t r, double lr, RsdmCore core,
-                            bool transport, at::Tensor& moved, at::Tensor& moved_g) {
-  const at::Tensor x64 = x_rows.to(at::kDouble), g64 = g_rows.to(at::kDouble);
-  const at::Tensor a = at::mm(g64, x64.t());
-  const at::Tensor m = (a - a.t()) * (-0.5 * lr);
-  at::Tensor y;
-  if (core == RsdmCore::kExp) {
-    y = at::linalg_matrix_exp(m);
-  } else {
-    y = m.contiguous();
-    core_in_place(y.data_ptr<double>(), r, core, y.options());  // CholeskyQR2 at 48 <= r <= 128, as in float32
-  }
-  moved.copy_(at::mm(y, x64));
-  if (transport) moved_g.copy_(at::mm(y, g64));
-}
-
 // Cholesky QR twice (CholeskyQR2, Fukaya et al. 2014) for the QR core at kLapackCoreMinRank <= r <= kCholQRMaxRank:
 // A = I + M has AᵀA = I − M² (M skew), so cond(A) = √(1 + ‖M‖₂²) is close to 1 for the steps RSDM takes, and
 // Q = A·R⁻¹ with R the Cholesky factor of AᵀA is the Q of A's QR with diag(R) > 0 (the factorization is unique),
@@ -306,23 +285,55 @@ void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& opti
   }
 }
 
+// Row a of a gathered buffer from the oriented matrix (element j at src[j·stride]) and back, converting between
+// float32 and float64 where the rotation is float64: contiguous rows (n >= p) are plain vectorizable loops.
+template <typename S, typename D>
+void copy_row_in(const S* src, int64_t stride, int64_t count, D* dst) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<D>(src[j]);
+  } else {
+    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<D>(src[j * stride]);
+  }
+}
+
+template <typename S, typename D>
+void copy_row_out(const S* src, D* dst, int64_t stride, int64_t count) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<D>(src[j]);
+  } else {
+    for (int64_t j = 0; j < count; ++j) dst[j * stride] = static_cast<D>(src[j]);
+  }
+}
+
 template <typename T>
-void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64_t n, int64_t p, int64_t r, T lr,
+void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64_t n, int64_t p, int64_t r, double lr,
                         RsdmCore core, bool transport) {
   // Oriented matrix X̃ (N×P, N >= P): X̃(i, j) = x[i·row_stride + j·column_stride] within one matrix.
   const bool flip = n < p;
   const int64_t n_rows = flip ? p : n, n_cols = flip ? n : p;
   const int64_t row_stride = flip ? 1 : p, column_stride = flip ? p : 1;
   const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::TensorOptions wide = options.dtype(at::kDouble);
+  // float32 rows where cpu_rotates_in_float64: A = G_I X_Iᵀ in float32 (its rounding only moves the direction: M is
+  // exactly skew whatever A is), then M, Y = core(M) and Y·X_I (Y·G_I) in float64, rounded once into the rows; the
+  // float64 core is the float32 path's (exp: torch.linalg's). Same rule in the reference and the CUDA kernel.
   const bool float64_rotation = std::is_same_v<T, float> && cpu_rotates_in_float64(r, n_rows, n_cols);
+  const T lr_t = static_cast<T>(lr);
   // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
   const int64_t work_per_matrix = 2 * r * r * n_cols + 2 * r * r * r + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainWork / work_per_matrix);
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormalsGuard flush_denormals;  // per thread: the floating-point mode is thread-local
     at::Tensor x_rows = at::empty({r, n_cols}, options), g_rows = at::empty({r, n_cols}, options);
-    at::Tensor core_matrix = at::empty({r, r}, options), moved = at::empty({r, n_cols}, options);
-    at::Tensor moved_g = transport ? at::empty({r, n_cols}, options) : at::Tensor();
+    at::Tensor core_matrix = at::empty({r, r}, options);
+    at::Tensor moved = float64_rotation ? at::Tensor() : at::empty({r, n_cols}, options);
+    at::Tensor x64, core64, moved64, g64;
+    if (float64_rotation) {
+      x64 = at::empty({r, n_cols}, wide);
+      core64 = at::empty({r, r}, wide);
+      moved64 = at::empty({r, n_cols}, wide);
+      if (transport) g64 = at::empty({r, n_cols}, wide);
+    }
     T* xr = x_rows.data_ptr<T>();
     T* gr = g_rows.data_ptr<T>();
     for (int64_t b = begin; b < end; ++b) {
@@ -330,32 +341,40 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
       T* gb = g + b * n * p;
       const int64_t* rows = indices + b * r;
       for (int64_t a = 0; a < r; ++a) {
-        const T* xs = xb + rows[a] * row_stride;
-        const T* gs = gb + rows[a] * row_stride;
-        for (int64_t j = 0; j < n_cols; ++j) {
-          xr[a * n_cols + j] = xs[j * column_stride];
-          gr[a * n_cols + j] = gs[j * column_stride];
-        }
-      }
-      if (float64_rotation) {
-        rotate_rows_in_float64(x_rows, g_rows, r, static_cast<double>(lr), core, transport, moved, moved_g);
-        for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
-          T* target = pass == 0 ? xb : gb;
-          const T* source = (pass == 0 ? moved : moved_g).data_ptr<T>();
-          for (int64_t a = 0; a < r; ++a) {
-            T* row = target + rows[a] * row_stride;
-            for (int64_t j = 0; j < n_cols; ++j) row[j * column_stride] = source[a * n_cols + j];
-          }
-        }
-        continue;
+        copy_row_in(xb + rows[a] * row_stride, column_stride, n_cols, xr + a * n_cols);
+        copy_row_in(gb + rows[a] * row_stride, column_stride, n_cols, gr + a * n_cols);
       }
       at::mm_out(core_matrix, g_rows, x_rows.t());
       T* m = core_matrix.data_ptr<T>();
+      if (float64_rotation) {
+        double* m64 = core64.data_ptr<double>();
+        const double step = -0.5 * lr;
+        for (int64_t i = 0; i < r; ++i)
+          for (int64_t j = 0; j < r; ++j)
+            m64[i * r + j] = step * (static_cast<double>(m[i * r + j]) - static_cast<double>(m[j * r + i]));
+        if (core == RsdmCore::kExp) {
+          core64.copy_(at::linalg_matrix_exp(core64));
+        } else {
+          core_in_place(m64, r, core, wide);  // CholeskyQR2 at 48 <= r <= 128, as in float32
+        }
+        for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
+          const T* rows_in = pass == 0 ? xr : gr;
+          at::Tensor& rows64 = pass == 0 ? x64 : g64;
+          double* wide_rows = rows64.data_ptr<double>();
+          for (int64_t e = 0; e < r * n_cols; ++e) wide_rows[e] = static_cast<double>(rows_in[e]);
+          at::mm_out(moved64, core64, rows64);
+          T* target = pass == 0 ? xb : gb;
+          const double* source = moved64.data_ptr<double>();
+          for (int64_t a = 0; a < r; ++a)
+            copy_row_out(source + a * n_cols, target + rows[a] * row_stride, column_stride, n_cols);
+        }
+        continue;
+      }
       // M = −lr·(A − Aᵀ)/2, written pairwise so the upper and lower triangles are read before either is written.
       for (int64_t i = 0; i < r; ++i) {
         m[i * r + i] = T(0);
         for (int64_t j = i + 1; j < r; ++j) {
-          const T value = -lr * T(0.5) * (m[i * r + j] - m[j * r + i]);
+          const T value = -lr_t * T(0.5) * (m[i * r + j] - m[j * r + i]);
           m[i * r + j] = value;
           m[j * r + i] = -value;
         }
@@ -365,10 +384,8 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
         at::mm_out(moved, core_matrix, pass == 0 ? x_rows : g_rows);
         T* target = pass == 0 ? xb : gb;
         const T* source = moved.data_ptr<T>();
-        for (int64_t a = 0; a < r; ++a) {
-          T* row = target + rows[a] * row_stride;
-          for (int64_t j = 0; j < n_cols; ++j) row[j * column_stride] = source[a * n_cols + j];
-        }
+        for (int64_t a = 0; a < r; ++a)
+          copy_row_out(source + a * n_cols, target + rows[a] * row_stride, column_stride, n_cols);
       }
     }
   });
@@ -407,8 +424,7 @@ void rsdm_step_cpu(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>& 
   at::Tensor x_work = x.contiguous(), g_work = g.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rsdm_step_cpu", [&] {
     rsdm_step_matrices<scalar_t>(x_work.data_ptr<scalar_t>(), g_work.data_ptr<scalar_t>(),
-                                 index_work.data_ptr<int64_t>(), batch, n, p, r, static_cast<scalar_t>(lr), core_kind,
-                                 transport);
+                                 index_work.data_ptr<int64_t>(), batch, n, p, r, lr, core_kind, transport);
   });
   if (!x_work.is_same(x)) x.copy_(x_work);
   if (transport && !g_work.is_same(g)) g.copy_(g_work);

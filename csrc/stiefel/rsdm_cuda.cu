@@ -462,11 +462,11 @@ void rsdm_step_cuda(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>&
       const at::Tensor gather = index_work.unsqueeze(-1).expand({batch, r, n_cols});
       const at::Tensor x_rows = xo.gather(1, gather), g_rows = go.gather(1, gather);
       if (std::is_same_v<T, float> && r >= kFloat64RotationMinRank) {
-        // A, Y and the rotated rows in float64, rounded once (see kFloat64RotationMinRank).
-        const at::Tensor x64 = x_rows.to(at::kDouble), g64 = g_rows.to(at::kDouble);
-        const at::Tensor y64 = aten_core(at::bmm(g64, x64.transpose(1, 2)), lr, core_kind);
-        xo.scatter_(1, gather, at::bmm(y64, x64).to(x.scalar_type()));
-        if (transport) go.scatter_(1, gather, at::bmm(y64, g64).to(x.scalar_type()));
+        // Y and the rotated rows in float64, rounded once; A in float32 (see kFloat64RotationMinRank).
+        const at::Tensor a64 = at::bmm(g_rows, x_rows.transpose(1, 2)).to(at::kDouble);
+        const at::Tensor y64 = aten_core(a64, lr, core_kind);
+        xo.scatter_(1, gather, at::bmm(y64, x_rows.to(at::kDouble)).to(x.scalar_type()));
+        if (transport) go.scatter_(1, gather, at::bmm(y64, g_rows.to(at::kDouble)).to(x.scalar_type()));
         return;
       }
       at::Tensor y = at::bmm(g_rows, x_rows.transpose(1, 2)).contiguous();

@@ -29,7 +29,8 @@ With ``indices=None`` each matrix b (row-major over the batch dims) gets the ind
 given, ``rank`` must equal its last size and seed/offset are unused.
 
 Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X with 2·P >= N
-(``rotates_in_float64``): there A, Y and Y·X_I are computed in float64 and rounded once (in float32 throughout, the
+(``rotates_in_float64``): there Y and Y·X_I are computed in float64 and rounded once, from A = G_I X_Iᵀ in float32
+(M is skew whatever A's rounding, which only moves the direction; in float32 throughout, the
 rounding of the r-term products accumulates into a drift off the manifold ~15× faster: ‖XᵀX − I‖_F = 6e-5 after 100
 PCA steps at n = 1000, p = 600, r = 300, against 4e-6). The CPU and CUDA kernels use Gauss–Jordan
 inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is needed),
@@ -63,13 +64,13 @@ from .._overlap import check_no_overlap
 from .._counter_hash import check_counter_range, counter_hash_tensor, logical_shift_right
 
 CORES = ("qr", "cayley", "exp")
-# float32 X with r at least this: A, the core and the rotated rows in float64, rounded once (kFloat64RotationMinRank
+# float32 X with r at least this: the core and the rotated rows in float64, rounded once (kFloat64RotationMinRank
 # in csrc/stiefel/rsdm.h): float32 throughout drifts off the manifold ~15× faster at large r.
 FLOAT64_ROTATION_MIN_RANK = 129
 
 
 def rotates_in_float64(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device) -> bool:
-    """Whether ``rsdm_step_`` computes A, the core and the rotated rows of an oriented N×P (``n_rows`` × ``n_cols``)
+    """Whether ``rsdm_step_`` computes the core and the rotated rows of an oriented N×P (``n_rows`` × ``n_cols``)
     matrix in float64: float32 at r >= FLOAT64_ROTATION_MIN_RANK, and on the CPU also float32 matrices with
     2·P >= N, whose float32 rotation drifts fast enough (~6e-6 in 10 steps at r = 64) to make the default policy run a
     float64 QR every 10 steps (``cpu_rotates_in_float64`` in csrc/stiefel/rsdm.h; the CUDA kernel keeps the rank
@@ -226,9 +227,10 @@ def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor 
     gather = indices.unsqueeze(-1).expand(*batch_shape, indices.shape[-1], n_cols)
     x_rows = torch.gather(xo, -2, gather)
     g_rows = torch.gather(go, -2, gather)
-    if rotates_in_float64(x.dtype, indices.shape[-1], n_rows, n_cols, x.device):
-        x_rows, g_rows = x_rows.double(), g_rows.double()
     a = g_rows @ x_rows.mT
+    if rotates_in_float64(x.dtype, indices.shape[-1], n_rows, n_cols, x.device):
+        # Y and Y·X_I, which set the drift, in float64; A's float32 rounding only moves the direction (M is skew)
+        a, x_rows, g_rows = a.double(), x_rows.double(), g_rows.double()
     m = -lr * 0.5 * (a - a.mT)
     y = _core_reference(m, core)
     xo.scatter_(-2, gather, (y @ x_rows).to(x.dtype))

@@ -25,10 +25,10 @@ inline RsdmCore parse_rsdm_core(c10::string_view core) {
 // kExpNormBound^(d+1)/(d+1)!, i.e. 5e-9 for float (d = 8) and 2e-17 for double (d = 14).
 // float32 X with r above this: the core Y and the rotated rows Y·X_I are computed in float64 and rounded once (A =
 // G_I X_Iᵀ stays float32: M = −lr(A − Aᵀ)/2 is exactly skew whatever A's rounding, so that rounding only moves the
-// direction, never X off the manifold). In float32 throughout, the rounding of the r-term row products and of Y's orthogonality accumulates: at n = 1000,
-// p = 600, r = 300, 100 PCA steps drifted to ‖XᵀX − I‖_F = 6e-5, against 4e-6 with this (a float64 core alone:
-// 5e-5). At r ≤ 128 float32 stays within 1e-5 between the default re-orthonormalizations. Same rule in the
-// reference (optim/stiefel/_ops.py) and both kernels.
+// direction, never X off the manifold). In float32 throughout, the rounding of the r-term row products and of Y's
+// orthogonality accumulates: at n = 1000, p = 600, r = 300, 100 PCA steps drifted to ‖XᵀX − I‖_F = 6e-5, against
+// 4e-6 with this (a float64 core alone: 5e-5). At r ≤ 128 float32 stays within 1e-5 between the default
+// re-orthonormalizations. Same rule in the reference (optim/stiefel/_ops.py) and both kernels.
 constexpr int64_t kFloat64RotationMinRank = 129;
 
 // On the CPU also float32 matrices at least half as wide as long (2·P >= N, the orthogonal group among them): there a

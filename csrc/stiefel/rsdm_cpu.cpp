@@ -148,13 +148,16 @@ void lapack_core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOption
 // Cholesky QR twice (CholeskyQR2, Fukaya et al. 2014) for the QR core at kLapackCoreMinRank <= r <= kCholQRMaxRank:
 // A = I + M has AᵀA = I − M² (M skew), so cond(A) = √(1 + ‖M‖₂²) is close to 1 for the steps RSDM takes, and
 // Q = A·R⁻¹ with R the Cholesky factor of AᵀA is the Q of A's QR with diag(R) > 0 (the factorization is unique),
-// as LAPACK's Householder Q with the sign fix. The second pass re-orthogonalizes Q to rounding level. The Gram
-// matrices go through BLAS, the Cholesky and triangular solves are row-axpy loops the compiler vectorizes: at r = 64
-// in float32 a step's core then costs a fraction of torch.linalg.qr's (~120 µs there, most of it ATen and LAPACK
-// set-up), which is what kept the fused step behind a naive PyTorch one at small shapes. cond(A) is bounded with
-// ‖M‖_F: beyond kCholQRMaxNorm (a Gram condition number the first pass could not resolve in float32), or if a
-// pivot is not positive, the Householder QR runs instead.
+// as LAPACK's Householder Q with the sign fix. The second pass re-orthogonalizes Q to rounding level. In float64 it
+// runs only where ‖M‖_F > kCholQROnePassMaxNorm: below that one pass leaves ‖QᵀQ − I‖_F at Householder's level
+// (4–5e-15 for both at r = 64, ‖M‖_F from 0.01 to 10; a session measurement), and the pass it saves was a tenth of
+// the float64-rotation step at 512×512, r = 64. The Gram matrices go through BLAS, the Cholesky and triangular
+// solves are row-axpy loops the compiler vectorizes: at r = 64 in float32 a step's core then costs a fraction of
+// torch.linalg.qr's (~120 µs there, most of it ATen and LAPACK set-up), which is what kept the fused step behind a
+// naive PyTorch one at small shapes. cond(A) is bounded with ‖M‖_F: beyond cholqr_max_norm (a Gram condition number
+// the first pass could not resolve in float32), or if a pivot is not positive, the Householder QR runs instead.
 constexpr int64_t kCholQRMaxRank = 128;
+constexpr double kCholQROnePassMaxNorm = 10.0;
 template <typename T>
 constexpr double cholqr_max_norm() {
   return sizeof(T) == 8 ? 1e4 : 30.0;
@@ -206,7 +209,8 @@ bool cholqr2_core_in_place(T* m, int64_t r, const at::TensorOptions& options) {
     for (int64_t j = 0; j < r; ++j) qt[i * r + j] = (i == j ? T(1) : T(0)) + m[j * r + i];
   const at::Tensor qt_view = at::from_blob(qt.data(), {r, r}, options);
   at::Tensor gram_view = at::from_blob(gram.data(), {r, r}, options);
-  for (int pass = 0; pass < 2; ++pass) {
+  const int passes = sizeof(T) == 8 && norm2 <= kCholQROnePassMaxNorm * kCholQROnePassMaxNorm ? 1 : 2;
+  for (int pass = 0; pass < passes; ++pass) {
     at::mm_out(gram_view, qt_view, qt_view.t());  // QᵀQ
     if (!cholesky_upper(gram.data(), r)) return false;
     solve_upper_transposed(qt.data(), gram.data(), r);
@@ -285,14 +289,14 @@ void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& opti
   }
 }
 
-// Row a of a gathered buffer from the oriented matrix (element j at src[j·stride]) and back, converting between
-// float32 and float64 where the rotation is float64: contiguous rows (n >= p) are plain vectorizable loops.
-template <typename S, typename D>
-void copy_row_in(const S* src, int64_t stride, int64_t count, D* dst) {
+// Row a of a gathered buffer from the oriented matrix (element j at src[j·stride]) and back (converting float64
+// rows to float32 where the rotation is float64): contiguous rows (n >= p) are plain vectorizable loops.
+template <typename T>
+void copy_row_in(const T* src, int64_t stride, int64_t count, T* dst) {
   if (stride == 1) {
-    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<D>(src[j]);
+    for (int64_t j = 0; j < count; ++j) dst[j] = src[j];
   } else {
-    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<D>(src[j * stride]);
+    for (int64_t j = 0; j < count; ++j) dst[j] = src[j * stride];
   }
 }
 
@@ -302,6 +306,16 @@ void copy_row_out(const S* src, D* dst, int64_t stride, int64_t count) {
     for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<D>(src[j]);
   } else {
     for (int64_t j = 0; j < count; ++j) dst[j * stride] = static_cast<D>(src[j]);
+  }
+}
+
+// A row of base + increment back into the oriented matrix (one rounding of the sum).
+template <typename T>
+void add_row_out(const T* base, const T* increment, T* dst, int64_t stride, int64_t count) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < count; ++j) dst[j] = base[j] + increment[j];
+  } else {
+    for (int64_t j = 0; j < count; ++j) dst[j * stride] = base[j] + increment[j];
   }
 }
 
@@ -315,8 +329,9 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
   const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::TensorOptions wide = options.dtype(at::kDouble);
   // float32 rows where cpu_rotates_in_float64: A = G_I X_Iᵀ in float32 (its rounding only moves the direction: M is
-  // exactly skew whatever A is), then M, Y = core(M) and Y·X_I (Y·G_I) in float64, rounded once into the rows; the
-  // float64 core is the float32 path's (exp: torch.linalg's). Same rule in the reference and the CUDA kernel.
+  // exactly skew whatever A is), then M and Y = core(M) in float64 (the float32 path's core; exp: torch.linalg's),
+  // and the rows move by X_I ← X_I + fl32(Y − I)·X_I (G_I likewise), a float32 product, where ‖Y − I‖_F <=
+  // kIncrementMaxNorm, else by Y·X_I in float64 rounded once (rsdm.h). Same rule in the reference.
   const bool float64_rotation = std::is_same_v<T, float> && cpu_rotates_in_float64(r, n_rows, n_cols);
   const T lr_t = static_cast<T>(lr);
   // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
@@ -326,13 +341,12 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
     const FlushDenormalsGuard flush_denormals;  // per thread: the floating-point mode is thread-local
     at::Tensor x_rows = at::empty({r, n_cols}, options), g_rows = at::empty({r, n_cols}, options);
     at::Tensor core_matrix = at::empty({r, r}, options);
-    at::Tensor moved = float64_rotation ? at::Tensor() : at::empty({r, n_cols}, options);
-    at::Tensor x64, core64, moved64, g64;
+    at::Tensor moved = at::empty({r, n_cols}, options);
+    at::Tensor core64, rows64, moved64;
     if (float64_rotation) {
-      x64 = at::empty({r, n_cols}, wide);
       core64 = at::empty({r, r}, wide);
+      rows64 = at::empty({r, n_cols}, wide);
       moved64 = at::empty({r, n_cols}, wide);
-      if (transport) g64 = at::empty({r, n_cols}, wide);
     }
     T* xr = x_rows.data_ptr<T>();
     T* gr = g_rows.data_ptr<T>();
@@ -357,13 +371,30 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
         } else {
           core_in_place(m64, r, core, wide);  // CholeskyQR2 at 48 <= r <= 128, as in float32
         }
+        const double* y64 = core64.data_ptr<double>();
+        double increment_norm2 = 0;
+        for (int64_t i = 0; i < r; ++i) {
+          for (int64_t j = 0; j < r; ++j) {
+            const double entry = y64[i * r + j] - (i == j ? 1.0 : 0.0);
+            increment_norm2 += entry * entry;
+            m[i * r + j] = static_cast<T>(entry);
+          }
+        }
+        const bool by_increment = increment_norm2 <= kIncrementMaxNorm * kIncrementMaxNorm;
         for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
           const T* rows_in = pass == 0 ? xr : gr;
-          at::Tensor& rows64 = pass == 0 ? x64 : g64;
+          T* target = pass == 0 ? xb : gb;
+          if (by_increment) {
+            at::mm_out(moved, core_matrix, pass == 0 ? x_rows : g_rows);  // fl32(Y − I)·X_I
+            const T* increment = moved.data_ptr<T>();
+            for (int64_t a = 0; a < r; ++a)
+              add_row_out(rows_in + a * n_cols, increment + a * n_cols, target + rows[a] * row_stride,
+                          column_stride, n_cols);
+            continue;
+          }
           double* wide_rows = rows64.data_ptr<double>();
           for (int64_t e = 0; e < r * n_cols; ++e) wide_rows[e] = static_cast<double>(rows_in[e]);
-          at::mm_out(moved64, core64, rows64);
-          T* target = pass == 0 ? xb : gb;
+          at::mm_out(moved64, core64, rows64);  // Y·X_I in float64, rounded once
           const double* source = moved64.data_ptr<double>();
           for (int64_t a = 0; a < r; ++a)
             copy_row_out(source + a * n_cols, target + rows[a] * row_stride, column_stride, n_cols);

@@ -30,9 +30,11 @@ given, ``rank`` must equal its last size and seed/offset are unused.
 
 Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X with 2·P >= N
 (``rotates_in_float64``): there Y and Y·X_I are computed in float64 and rounded once, from A = G_I X_Iᵀ in float32
-(M is skew whatever A's rounding, which only moves the direction; in float32 throughout, the
-rounding of the r-term products accumulates into a drift off the manifold ~15× faster: ‖XᵀX − I‖_F = 6e-5 after 100
-PCA steps at n = 1000, p = 600, r = 300, against 4e-6). The CPU and CUDA kernels use Gauss–Jordan
+(M is skew whatever A's rounding, which only moves the direction); on the CPU a step with ‖Y − I‖_F <= 0.5 moves the
+rows by their increment instead, X_I ← X_I + fl32(Y − I)·X_I, a float32 product of the small Y − I whose rounding is
+‖Y − I‖ times the rows' own (the drift within 10% of the float64 product's). In float32 throughout, the rounding of
+the r-term products accumulates into a drift off the manifold ~15× faster: ‖XᵀX − I‖_F = 6e-5 after 100 PCA steps
+at n = 1000, p = 600, r = 300, against 4e-6. The CPU and CUDA kernels use Gauss–Jordan
 inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is needed),
 scaling-and-squaring with a Taylor polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass for QR
 (which equals the sign-fixed Householder Q in exact arithmetic) for small cores; larger ones (CPU: r >= 48 for QR
@@ -67,6 +69,9 @@ CORES = ("qr", "cayley", "exp")
 # float32 X with r at least this: the core and the rotated rows in float64, rounded once (kFloat64RotationMinRank
 # in csrc/stiefel/rsdm.h): float32 throughout drifts off the manifold ~15× faster at large r.
 FLOAT64_ROTATION_MIN_RANK = 129
+# On the CPU a float64-rotated step with ‖Y − I‖_F at most this moves the rows by X_I + fl32(Y − I)·X_I, a float32
+# product whose rounding is ‖Y − I‖ times the rows' own (kIncrementMaxNorm in csrc/stiefel/rsdm.h).
+INCREMENT_MAX_NORM = 0.5
 
 
 def rotates_in_float64(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device) -> bool:
@@ -229,13 +234,24 @@ def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor 
     g_rows = torch.gather(go, -2, gather)
     a = g_rows @ x_rows.mT
     if rotates_in_float64(x.dtype, indices.shape[-1], n_rows, n_cols, x.device):
-        # Y and Y·X_I, which set the drift, in float64; A's float32 rounding only moves the direction (M is skew)
-        a, x_rows, g_rows = a.double(), x_rows.double(), g_rows.double()
+        # Y in float64 (A's float32 rounding only moves the direction: M is skew), and per matrix the rows moved by
+        # Y·X_I in float64 rounded once, or on the CPU by their float32 increment fl32(Y − I)·X_I for a small step
+        a = a.double()
+        y = _core_reference(-lr * 0.5 * (a - a.mT), core)
+        step = y - torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+        by_increment = (torch.linalg.matrix_norm(step) <= INCREMENT_MAX_NORM)[..., None, None]
+        if x.device.type != "cpu":
+            by_increment = torch.zeros_like(by_increment)
+        increment = step.to(x.dtype)
+        for target, rows in [(xo, x_rows)] + ([(go, g_rows)] if transport else []):
+            target.scatter_(-2, gather, torch.where(by_increment, rows + increment @ rows,
+                                                    (y @ rows.double()).to(x.dtype)))
+        return
     m = -lr * 0.5 * (a - a.mT)
     y = _core_reference(m, core)
-    xo.scatter_(-2, gather, (y @ x_rows).to(x.dtype))
+    xo.scatter_(-2, gather, y @ x_rows)
     if transport:
-        go.scatter_(-2, gather, (y @ g_rows).to(x.dtype))
+        go.scatter_(-2, gather, y @ g_rows)
 
 
 def _rsdm_step_fake(x, g, indices, *, rank, seed, offset, lr, core, transport) -> None:

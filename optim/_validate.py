@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Callable, Mapping
 
 import torch
@@ -178,6 +179,44 @@ def check_group_settings(group: Mapping[str, Any], defaults: Mapping[str, Any], 
                 raise ValueError(f"{caller}: {key} must be None, True or False, got {value!r} (in {where})")
         elif key in FLAG_KEYS and not isinstance(value, bool):
             raise ValueError(f"{caller}: {key} must be True or False, got {value!r} (in {where})")
+
+
+_IMMUTABLE_SCALARS = (float, int, bool, str, type(None))
+
+
+def _is_immutable_value(value) -> bool:
+    """A plain Python scalar, or a tuple of them: a value that the same object always holds."""
+    kind = type(value)
+    return kind in _IMMUTABLE_SCALARS or (kind is tuple and all(type(v) in _IMMUTABLE_SCALARS for v in value))
+
+
+def checked_groups(optimizer: torch.optim.Optimizer, check: Callable[[dict[str, Any], int], Any], *,
+                   shapes: bool = False) -> list:
+    """``check(group, index)`` of every param group of ``optimizer``, in order: what a step uses from each group
+    after validating it. A group whose values (params aside) are all immutable Python scalars or tuples of them,
+    and are the very objects checked at an earlier step, under the same keys, with the same params list object
+    (and with ``shapes``, for a check that compares settings with the parameters' shapes, the same shapes), is
+    not checked again: the same objects hold the same values (an LR scheduler's new ``lr`` is a new float, so
+    that group is checked again; a Tensor or a list value is checked at every step)."""
+    groups = optimizer.param_groups
+    cache = optimizer.__dict__.get("_checked_groups")  # not state: torch's pickling leaves it out
+    if cache is None or len(cache) != len(groups):
+        cache = optimizer.__dict__["_checked_groups"] = [None] * len(groups)
+    results = []
+    for i, group in enumerate(groups):
+        entry = cache[i]
+        values = list(group.values())
+        if entry is not None and entry[0] is group and len(entry[2]) == len(values) and \
+                all(map(operator.is_, values, entry[2])) and list(group) == entry[1] and \
+                (not shapes or [p.shape for p in group["params"]] == entry[3]):
+            results.append(entry[4])
+            continue
+        result = check(group, i)
+        results.append(result)
+        immutable = all(_is_immutable_value(v) for k, v in group.items() if k != "params")
+        watched = [p.shape for p in group["params"]] if shapes else None
+        cache[i] = (group, list(group), values, watched, result) if immutable else None
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------- state

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from .._library import has_kernel
 from .._overlap import check_no_overlap_across_calls, list_operands
+from .._step_wrapper import LeanStepMixin
 from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_group_settings,
                          check_incoming_state_dict, check_lr, check_nonnegative, check_param_state,
                          fill_group_defaults, install_state_dict_hooks)
@@ -42,7 +43,7 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq")
 RESET_KEY = "reset_pending"
 
 
-class AdamW(Optimizer):
+class AdamW(LeanStepMixin, Optimizer):
     r"""AdamW (Loshchilov & Hutter, 2019) with the signature and state of ``torch.optim.AdamW``.
 
     For each parameter p with gradient g (negated if ``maximize``), step count t, moments m and v::

@@ -148,8 +148,9 @@ from .._counter_hash import GOLDEN_GAMMA, UINT64, as_int64, mix64_int
 from .._finite import all_finite
 from .._library import has_kernel
 from .._overlap import check_no_overlap_across_calls
+from .._step_wrapper import LeanStepMixin
 from .._validate import (SparseGradientError, StateSpec, check_group_params, check_group_settings,
-                         check_incoming_state_dict)
+                         check_incoming_state_dict, checked_groups)
 from .._validate import check_betas as _check_betas
 from .._validate import check_param_state, fill_group_defaults, install_state_dict_hooks
 from ._ops import SECOND_ORDER_PARAM_DTYPES, second_order_state_dtype
@@ -170,15 +171,6 @@ __all__ = ["probe_seed"]
 # product by finite differences of two forwards: what works under FSDP2). The GGN modes take a ``loss_fn``.
 HESSIAN_MODES = ("auto", "exact", "fd", "ggn", "ggn-fd")
 GGN_MODES = ("ggn", "ggn-fd")
-
-
-_IMMUTABLE_SCALARS = (float, int, bool, str, type(None))
-
-
-def _is_immutable_value(value) -> bool:
-    """A plain Python scalar, or a tuple of them: a value that the same object always holds."""
-    kind = type(value)
-    return kind in _IMMUTABLE_SCALARS or (kind is tuple and all(type(v) in _IMMUTABLE_SCALARS for v in value))
 
 
 def probe_seed(seed: int, step: int) -> int:
@@ -286,7 +278,7 @@ class _StepWork:
             self.probe_counters[id(self.params[i])] = counter
 
 
-class SecondOrderOptimizer(Optimizer):
+class SecondOrderOptimizer(LeanStepMixin, Optimizer):
     """Base class of :class:`SophiaH` and :class:`AdaHessian`: the closure protocol of the module docstring.
 
     Subclasses define ``_name``, ``_state_dtype_keys``, ``_count_keys``, ``_check_group(group)`` and
@@ -523,27 +515,9 @@ class SecondOrderOptimizer(Optimizer):
         return work.loss
 
     def _step_hypers(self) -> list:
-        """``_check_whole_group(group, index)`` of every param group. A group whose values are all immutable Python
-        scalars (or tuples of them) and are the very objects checked at an earlier step is not checked again: the
-        same objects hold the same values (an LR scheduler's new ``lr`` is a new float, so that group is checked
-        again; a Tensor or a list value is checked at every step)."""
-        groups = self.param_groups
-        cache = getattr(self, "_hyper_cache", None)
-        if cache is None or len(cache) != len(groups):
-            cache = self._hyper_cache = [None] * len(groups)
-        hypers = []
-        for i, group in enumerate(groups):
-            cached = cache[i]
-            values = list(group.values())
-            if cached is not None and cached[0] is group and len(cached[2]) == len(values) and \
-                    all(map(operator.is_, values, cached[2])) and list(group) == cached[1]:
-                hypers.append(cached[3])
-                continue
-            hyper = self._check_whole_group(group, i)
-            hypers.append(hyper)
-            immutable = all(_is_immutable_value(v) for k, v in group.items() if k != "params")
-            cache[i] = (group, list(group), values, hyper) if immutable else None
-        return hypers
+        """``_check_whole_group(group, index)`` of every param group, re-checked only where a value changed
+        (``checked_groups``)."""
+        return checked_groups(self, self._check_whole_group)
 
     def _skips_overflowed_step(self, closure, found_inf) -> bool:
         """GradScaler's overflow flag: True (the gradients' graphs released) when the scaled step overflowed."""

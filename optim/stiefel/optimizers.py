@@ -25,9 +25,10 @@ from torch.optim import Optimizer
 
 from .._finite import first_nonfinite
 from .._library import has_kernel
+from .._step_wrapper import LeanStepMixin
 from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_group_settings,
                          check_incoming_state_dict, check_lr, check_nonnegative, check_param_state,
-                         fill_group_defaults, install_state_dict_hooks, scalar)
+                         checked_groups, fill_group_defaults, install_state_dict_hooks, scalar)
 from .._validate import check_unit_interval as _unit_interval
 from ..fused.distributed import agree_over_mesh, check_row_sharded, gather_whole, is_dtensor
 from ._ops import (CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rotates_in_float64, rsdm_step_,
@@ -110,7 +111,7 @@ def _reorthonormalize_(p: torch.Tensor) -> None:
     target.copy_(qr_sign_fixed_near_orthonormal(target.to(torch.float64)))
 
 
-class _ManifoldOptimizer(Optimizer):
+class _ManifoldOptimizer(LeanStepMixin, Optimizer):
     """Param-group validation, the finite-gradient check and the step loop shared by the three optimizers."""
 
     _name = "optim.stiefel"
@@ -176,10 +177,10 @@ class _ManifoldOptimizer(Optimizer):
         """Everything a step touches, before it touches anything: every group's values, every gradient (dense, the
         parameter's shape and dtype, finite unless check_finite=False) and every existing state. Returns the groups
         as the update reads them (Tensor hyperparameters as floats)."""
-        grads, where, work = [], [], []
+        grads, where = [], []
+        # every group's values (re-checked only where one changed) and the group as the update reads them
+        work = checked_groups(self, self._checked_group, shapes=True)
         for g_index, group in enumerate(self.param_groups):
-            self._check_whole_group(group, group["params"], g_index)
-            work.append(self._float_group(group))
             spec = self._state_spec(group)
             checked = group.get("check_finite", True)  # groups of state dicts saved before the option: on
             for p_index, p in enumerate(group["params"]):
@@ -212,6 +213,10 @@ class _ManifoldOptimizer(Optimizer):
                 "or inf entries; no parameter or state was changed. Skip this step (torch.amp.GradScaler does that "
                 "for you), clip the gradients, or lower the learning rate")
         return work
+
+    def _checked_group(self, group: dict[str, Any], index: int) -> dict[str, Any]:
+        self._check_whole_group(group, group["params"], index)
+        return self._float_group(group)
 
     @staticmethod
     def _float_group(group: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@ can observe it.
 
 ``torch.optim.Optimizer`` wraps every class's ``step`` (``profile_hook_step``) to run the step pre and post hooks
 and to open a ``record_function`` range named ``Optimizer.step#<class>.step``. The range costs two dispatcher calls
-and a RecordFunction object on every step even when no profiler is on: ~15 µs warm, and ~250 µs on a CPU whose
+and a RecordFunction object on every step even when no profiler is on: ~17 µs warm, and ~250 µs on a CPU whose
 caches the forward and backward passes just evicted (measured on one thread of a 2-core Intel Xeon VM; a one-matrix
 RSDM step is ~0.6 ms). :class:`LeanStepMixin` runs torch's own wrapper whenever the range or a hook could be seen:
 a profiler is on (``torch.autograd._profiler_enabled()``: ``torch.profiler.profile``, the autograd profiler,

@@ -198,8 +198,29 @@ def test_near_orthonormal_q_factor_is_the_householder_q_factor(shape):
         assert torch.equal(qr_sign_fixed_near_orthonormal(far), _qr_sign_fixed(far))
 
 
+@pytest.mark.parametrize("dtype, scale, atol", [(torch.float32, 1e-6, 1.2e-7), (F64, 3e-11, 1e-14)])
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (3, 40, 40)], ids=str)
+def test_re_orthonormalization_of_a_slightly_drifted_parameter_lands_on_its_polar_factor(dtype, scale, atol, shape):
+    """Below a defect of 0.3·√ε (float32 1e-4, float64 4.5e-9) the periodic re-orthonormalization is one
+    Newton–Schulz step: the polar factor U·Vᵀ of the drifted matrix (from its float64 SVD) to (3/4)·defect², i.e.
+    to the parameter's rounding."""
+    import optim.stiefel.optimizers as stiefel_optimizers
+
+    generator = torch.Generator().manual_seed(7)
+    x = st.orthogonal_(torch.empty(shape, dtype=F64), generator=generator)
+    drifted = (x + scale * torch.randn(shape, dtype=F64, generator=generator)).to(dtype)
+    defect = float(st.distance_to_manifold(drifted).max())
+    assert 1e-3 * scale < defect <= stiefel_optimizers.polar_step_max_defect(dtype)
+    u, _, vh = torch.linalg.svd(drifted.double(), full_matrices=False)
+    p = drifted.clone()
+    stiefel_optimizers._reorthonormalize_(p)
+    torch.testing.assert_close(p.double(), u @ vh, atol=atol, rtol=0)
+    assert float(st.distance_to_manifold(p).max()) < (1e-6 if dtype == torch.float32 else 1e-14)
+
+
 def test_float32_re_orthonormalization_lands_on_the_float32_rounding_of_the_q_factor():
-    """What RSDM's periodic re-orthonormalization writes into a drifted float32 parameter."""
+    """What RSDM's periodic re-orthonormalization writes into a float32 parameter drifted past a defect of 1e-4
+    (here ~2e-4): the Q factor."""
     import optim.stiefel.optimizers as stiefel_optimizers
     from optim.stiefel.manifold import _qr_sign_fixed
 

@@ -145,7 +145,7 @@ void lapack_core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOption
   skew.copy_(y);
 }
 
-// Cholesky QR twice (CholeskyQR2, Fukaya et al. 2014) for the QR core at kLapackCoreMinRank <= r <= kCholQRMaxRank:
+// Cholesky QR twice (CholeskyQR2, Fukaya et al. 2014) for the QR core at kCholQRMinRank <= r <= kCholQRMaxRank:
 // A = I + M has AᵀA = I − M² (M skew), so cond(A) = √(1 + ‖M‖₂²) is close to 1 for the steps RSDM takes, and
 // Q = A·R⁻¹ with R the Cholesky factor of AᵀA is the Q of A's QR with diag(R) > 0 (the factorization is unique),
 // as LAPACK's Householder Q with the sign fix. The second pass re-orthogonalizes Q to rounding level. In float64 it
@@ -156,6 +156,9 @@ void lapack_core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOption
 // torch.linalg.qr's (~120 µs there, most of it ATen and LAPACK set-up), which is what kept the fused step behind a
 // naive PyTorch one at small shapes. cond(A) is bounded with ‖M‖_F: beyond cholqr_max_norm (a Gram condition number
 // the first pass could not resolve in float32), or if a pivot is not positive, the Householder QR runs instead.
+// Below r = 48 it replaces the Gram–Schmidt loops from r = 24 on, where it is faster (a whole step, one thread:
+// 120×120 at r = 40 125 → 85 µs, 400×60 at r = 40 104 → 81, 256×256 at r = 24 69 → 54; at r = 16 it lost, 33 → 37).
+constexpr int64_t kCholQRMinRank = 24;
 constexpr int64_t kCholQRMaxRank = 128;
 constexpr double kCholQROnePassMaxNorm = 10.0;
 template <typename T>
@@ -224,7 +227,7 @@ bool cholqr2_core_in_place(T* m, int64_t r, const at::TensorOptions& options) {
 template <typename T>
 void core_in_place(T* m, int64_t r, RsdmCore core, const at::TensorOptions& options) {
   const int64_t rr = r * r;
-  if (core == RsdmCore::kQR && r >= kLapackCoreMinRank && r <= kCholQRMaxRank &&
+  if (core == RsdmCore::kQR && r >= kCholQRMinRank && r <= kCholQRMaxRank &&
       cholqr2_core_in_place(m, r, options)) {
     return;
   }

@@ -37,8 +37,9 @@ the r-term products accumulates into a drift off the manifold ~15× faster: ‖X
 at n = 1000, p = 600, r = 300, against 4e-6. The CPU and CUDA kernels use Gauss–Jordan
 inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is needed),
 scaling-and-squaring with a Taylor polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass for QR
-(which equals the sign-fixed Householder Q in exact arithmetic) for small cores; larger ones (CPU: r >= 48 for QR
-and Cayley, where LAPACK's blocked factorizations win; CUDA: r > 128) use ``torch.linalg`` as the reference does.
+(which equals the sign-fixed Householder Q in exact arithmetic) for small cores; the CPU kernel factors the QR core
+by CholeskyQR at 24 <= r <= 128 (the same Q; ``rsdm_cpu.cpp``), and larger cores (CPU: r > 128 for QR, r >= 48 for
+Cayley, where LAPACK's blocked factorizations win; CUDA: r > 128) use ``torch.linalg`` as the reference does.
 
 ``optim::rsdm_sample_rows_(out, n, seed, offset)`` fills int64 ``out`` (..., r) with, per matrix b (row-major over
 the batch dims), r distinct indices of [0, n) in increasing order: Floyd's algorithm (Bentley & Floyd 1987) run on

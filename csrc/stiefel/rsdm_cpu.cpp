@@ -372,7 +372,7 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
         if (core == RsdmCore::kExp) {
           core64.copy_(at::linalg_matrix_exp(core64));
         } else {
-          core_in_place(m64, r, core, wide);  // CholeskyQR2 at 48 <= r <= 128, as in float32
+          core_in_place(m64, r, core, wide);  // the float32 path's core (CholeskyQR at 24 <= r <= 128)
         }
         const double* y64 = core64.data_ptr<double>();
         double increment_norm2 = 0;

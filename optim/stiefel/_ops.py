@@ -240,9 +240,8 @@ def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor 
         a = a.double()
         y = _core_reference(-lr * 0.5 * (a - a.mT), core)
         step = y - torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-        by_increment = (torch.linalg.matrix_norm(step) <= INCREMENT_MAX_NORM)[..., None, None]
-        if x.device.type != "cpu":
-            by_increment = torch.zeros_like(by_increment)
+        small = torch.linalg.matrix_norm(step) <= INCREMENT_MAX_NORM
+        by_increment = small[..., None, None] & (x.device.type == "cpu")
         increment = step.to(x.dtype)
         for target, rows in [(xo, x_rows)] + ([(go, g_rows)] if transport else []):
             target.scatter_(-2, gather, torch.where(by_increment, rows + increment @ rows,

@@ -32,12 +32,17 @@ inline RsdmCore parse_rsdm_core(c10::string_view core) {
 // step moves the rows by its increment instead (kIncrementMaxNorm).
 constexpr int64_t kFloat64RotationMinRank = 129;
 
-// On the CPU, where ‖Y − I‖_F <= kIncrementMaxNorm the float64-rotated rows are X_I + fl32(Y − I)·X_I, a float32
-// product: the rounding of the small Y − I and of its product is ‖Y − I‖ times the rows' own rounding into float32,
-// so the drift stays that of Y·X_I in float64 (a session simulation without re-orthonormalization, ‖XᵀX − I‖_F
-// against the float64 product: +5% at a median ‖Y − I‖_F of 0.41, +19% at 0.73, +42% at 1.23, 6.5× at 8.2), for
-// half the product's cost and no conversion of the rows. Larger steps take the float64 product.
-constexpr double kIncrementMaxNorm = 0.5;
+// On the CPU, where ‖M‖_F <= kIncrementMaxNorm a float64-rotated step moves the rows by X_I + D·X_I, a float32
+// product, D = Y − I in float32: for the QR core from the increment CholeskyQR in float32 (rsdm_cpu.cpp), for Cayley
+// and exp as fl32 of the float64 Y − I. Every rounding is then ‖D‖ times the rows' own rounding into float32
+// instead of ‖Y‖ times it, so the drift stays near the float64 product's: without re-orthonormalization
+// ‖XᵀX − I‖_F, increment core against the float64 product (session simulations): 4.6e-6 vs 3.8e-6 after 100 PCA
+// steps at n = 1000, p = 600, r = 300 (median ‖Y − I‖_F 0.73), 4.7e-6 vs 3.4e-6 after 20 at the paper's n = 2000,
+// p = 1500, r = 700 (median 2.0), against 5.9e-5 and 5.0e-5 in float32 throughout; at a median of 3.9 it was 3.7×
+// the float64 product's, at 8.2 about float32's. At r = 700 (one thread) a float64 Householder core takes 43 ms
+// and Y·X_I in float64 31 ms; the increment's float32 product takes 17 ms, and the whole op at the paper's PCA
+// size went from 92 to 56–59 ms (a naive float32 step's share: ~60 ms).
+constexpr double kIncrementMaxNorm = 2.0;
 
 // On the CPU also float32 matrices at least half as wide as long (2·P >= N, the orthogonal group among them): there a
 // float32 rotation of r = 64 rows drifts ~6e-6 in 10 steps (about √r·P/N·1e-6 per step), so the default policy ran a

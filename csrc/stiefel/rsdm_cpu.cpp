@@ -28,6 +28,8 @@ namespace optim {
 namespace {
 
 constexpr int64_t kGrainWork = 1 << 17;
+// Tile edge of the loops that read an r×r matrix and its transpose (A and Aᵀ for M).
+constexpr int64_t kTransposeTile = 32;
 
 // Flush-to-zero and denormals-are-zero for the current thread while in scope, restored on exit (the caller's
 // floating-point mode is never changed). Near convergence Ω is tiny (~1e-8 in float32): the Gram–Schmidt dots of
@@ -166,20 +168,41 @@ constexpr double cholqr_max_norm() {
   return sizeof(T) == 8 ? 1e4 : 30.0;
 }
 
-// The upper triangle of gram becomes R with RᵀR = gram; false if a pivot is not > 0 (the fastest instruction set).
-template <typename T>
-bool cholesky_upper(T* gram, int64_t r) {
+// Pivots [begin, end) of cholesky_upper_in_place (the fastest instruction set).
+template <bool kIncrement, typename T>
+bool cholesky_panel(T* gram, int64_t r, int64_t begin, int64_t end) {
 #if OPTIM_X86_DISPATCH
   switch (cpu_isa()) {
     case CpuIsa::kAvx512:
-      return avx512::cholesky_upper_in_place(gram, r);
+      return avx512::cholesky_upper_in_place<kIncrement>(gram, r, begin, end);
     case CpuIsa::kAvx2:
-      return avx2::cholesky_upper_in_place(gram, r);
+      return avx2::cholesky_upper_in_place<kIncrement>(gram, r, begin, end);
     case CpuIsa::kBaseline:
       break;
   }
 #endif
-  return baseline::cholesky_upper_in_place(gram, r);
+  return baseline::cholesky_upper_in_place<kIncrement>(gram, r, begin, end);
+}
+
+// Row panels of the Cholesky loops at most this tall; the update of the rows below a panel is one BLAS product.
+constexpr int64_t kCholeskyPanel = 128;
+
+// The upper triangle of gram becomes R with RᵀR = gram, or with kIncrement S with (I + S)ᵀ(I + S) = I + gram (the
+// trailing updates are the same, as they involve off-diagonal entries only); false if a pivot is not > 0. Up to
+// r = kCholeskyPanel one unblocked pass; above, panels of rows with the rows below updated by
+// gram[end:, end:] −= R[begin:end, end:]ᵀ·R[begin:end, end:] (at r = 700 the unblocked loops took ~9 ms).
+template <bool kIncrement = false, typename T>
+bool cholesky_upper(T* gram, int64_t r, const at::TensorOptions& options) {
+  const at::Tensor whole = at::from_blob(gram, {r, r}, options);
+  for (int64_t begin = 0; begin < r; begin += kCholeskyPanel) {
+    const int64_t end = std::min(r, begin + kCholeskyPanel);
+    if (!cholesky_panel<kIncrement>(gram, r, begin, end)) return false;
+    if (end == r) break;
+    const at::Tensor panel = whole.slice(0, begin, end).slice(1, end, r);
+    at::Tensor trailing = whole.slice(0, end, r).slice(1, end, r);
+    trailing.addmm_(panel.t(), panel, /*beta=*/1, /*alpha=*/-1);
+  }
+  return true;
 }
 
 // qt = Aᵀ becomes (A·R⁻¹)ᵀ (the fastest instruction set).
@@ -215,11 +238,57 @@ bool cholqr2_core_in_place(T* m, int64_t r, const at::TensorOptions& options) {
   const int passes = sizeof(T) == 8 && norm2 <= kCholQROnePassMaxNorm * kCholQROnePassMaxNorm ? 1 : 2;
   for (int pass = 0; pass < passes; ++pass) {
     at::mm_out(gram_view, qt_view, qt_view.t());  // QᵀQ
-    if (!cholesky_upper(gram.data(), r)) return false;
+    if (!cholesky_upper(gram.data(), r, options)) return false;
     solve_upper_transposed(qt.data(), gram.data(), r);
   }
   for (int64_t i = 0; i < r; ++i)
     for (int64_t j = 0; j < r; ++j) m[i * r + j] = qt[j * r + i];
+  return true;
+}
+
+// D = Y − I for the QR core, Y = Q of I + M (diag(R) > 0), computed in T without forming I + M or I + MᵀM
+// (CholeskyQR in increments): with R = I + S the Cholesky factor of (I + M)ᵀ(I + M) = I + MᵀM (M skew),
+// Q − I = (M − S)·R⁻¹. S comes from the increment Cholesky of H = MᵀM, and the triangular solve with R formed in T
+// (its diagonal 1 + s rounded) perturbs D only relatively, so every rounding is relative to ‖D‖ and not to
+// ‖Y‖ = √r: in float32 at r = 700, ‖M‖_F = 1.2, ‖(I + D)ᵀ(I + D) − I‖_F is 1.4e-7 against 6.3e-6 for a float32
+// Householder Q and 4.3e-8 for fl32 of the float64 Q − I (a session measurement). That lets a float32 matrix move
+// by X_I + D·X_I in float32 with the drift of a float64 rotation (kIncrementMaxNorm). cond(I + M)² = 1 + ‖M‖₂²,
+// so one pass suffices for the norms it is used at. m (M on entry) becomes D; false (m unchanged) if a pivot fails.
+template <typename T>
+bool qr_increment_core_in_place(T* m, int64_t r, const at::TensorOptions& options) {
+  const int64_t rr = r * r;
+  std::vector<T> h(rr);
+  at::Tensor m_view = at::from_blob(m, {r, r}, options);
+  at::Tensor h_view = at::from_blob(h.data(), {r, r}, options);
+  // H = MᵀM, of which the Cholesky loops read the upper triangle only: above one panel, the product by row panels
+  // H[b:e, b:] = M[:, b:e]ᵀ·M[:, b:] (at r = 700 ~40% fewer multiply-adds than the whole product).
+  for (int64_t begin = 0; begin < r; begin += kCholeskyPanel) {
+    const int64_t end = std::min(r, begin + kCholeskyPanel);
+    at::Tensor block = h_view.slice(0, begin, end).slice(1, begin, r);
+    at::mm_out(block, m_view.slice(1, begin, end).t(), m_view.slice(1, begin, r));
+  }
+  if (!cholesky_upper<true>(h.data(), r, options)) return false;
+  // R = I + S (upper), and the right-hand side M − S.
+  std::vector<T> rfactor(rr, T(0));
+  for (int64_t i = 0; i < r; ++i) {
+    rfactor[i * r + i] = T(1) + h[i * r + i];
+    for (int64_t j = i + 1; j < r; ++j) rfactor[i * r + j] = h[i * r + j];
+  }
+  if (r <= kCholQRMaxRank) {
+    // The row-axpy solve on the transpose: qt = (M − S)ᵀ becomes ((M − S)R⁻¹)ᵀ = Dᵀ.
+    std::vector<T> qt(rr);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j) qt[i * r + j] = m[j * r + i] - (j <= i ? h[j * r + i] : T(0));
+    solve_upper_transposed(qt.data(), rfactor.data(), r);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j) m[i * r + j] = qt[j * r + i];
+    return true;
+  }
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = i; j < r; ++j) m[i * r + j] -= h[i * r + j];
+  // LAPACK's blocked triangular solve: the row loops above are O(r³/2) unblocked.
+  m_view.copy_(at::linalg_solve_triangular(at::from_blob(rfactor.data(), {r, r}, options), m_view, /*upper=*/true,
+                                           /*left=*/false));
   return true;
 }
 
@@ -332,9 +401,10 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
   const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::TensorOptions wide = options.dtype(at::kDouble);
   // float32 rows where cpu_rotates_in_float64: A = G_I X_Iᵀ in float32 (its rounding only moves the direction: M is
-  // exactly skew whatever A is), then M and Y = core(M) in float64 (the float32 path's core; exp: torch.linalg's),
-  // and the rows move by X_I ← X_I + fl32(Y − I)·X_I (G_I likewise), a float32 product, where ‖Y − I‖_F <=
-  // kIncrementMaxNorm, else by Y·X_I in float64 rounded once (rsdm.h). Same rule in the reference.
+  // exactly skew whatever A is) and M in float64. Where ‖M‖_F <= kIncrementMaxNorm the rows move by X_I ← X_I +
+  // D·X_I (G_I likewise), a float32 product, D = Y − I in float32 (QR: the increment core; Cayley, exp: fl32 of the
+  // float64 core's Y − I); else Y = core(M) in float64 (the float32 path's core; exp: torch.linalg's) and Y·X_I in
+  // float64 rounded once (rsdm.h). Same rule in the reference.
   const bool float64_rotation = std::is_same_v<T, float> && cpu_rotates_in_float64(r, n_rows, n_cols);
   const T lr_t = static_cast<T>(lr);
   // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
@@ -366,24 +436,40 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
       if (float64_rotation) {
         double* m64 = core64.data_ptr<double>();
         const double step = -0.5 * lr;
-        for (int64_t i = 0; i < r; ++i)
-          for (int64_t j = 0; j < r; ++j)
-            m64[i * r + j] = step * (static_cast<double>(m[i * r + j]) - static_cast<double>(m[j * r + i]));
-        if (core == RsdmCore::kExp) {
-          core64.copy_(at::linalg_matrix_exp(core64));
-        } else {
-          core_in_place(m64, r, core, wide);  // the float32 path's core (CholeskyQR at 24 <= r <= 128)
-        }
-        const double* y64 = core64.data_ptr<double>();
-        double increment_norm2 = 0;
-        for (int64_t i = 0; i < r; ++i) {
-          for (int64_t j = 0; j < r; ++j) {
-            const double entry = y64[i * r + j] - (i == j ? 1.0 : 0.0);
-            increment_norm2 += entry * entry;
-            m[i * r + j] = static_cast<T>(entry);
+        double m_norm2 = 0;
+        // In square tiles, so that the transposed reads of A stay in cache at large r.
+        for (int64_t i0 = 0; i0 < r; i0 += kTransposeTile) {
+          for (int64_t j0 = 0; j0 < r; j0 += kTransposeTile) {
+            const int64_t i1 = std::min(r, i0 + kTransposeTile), j1 = std::min(r, j0 + kTransposeTile);
+            for (int64_t i = i0; i < i1; ++i) {
+              for (int64_t j = j0; j < j1; ++j) {
+                const double value = step * (static_cast<double>(m[i * r + j]) - static_cast<double>(m[j * r + i]));
+                m64[i * r + j] = value;
+                m_norm2 += value * value;
+              }
+            }
           }
         }
-        const bool by_increment = increment_norm2 <= kIncrementMaxNorm * kIncrementMaxNorm;
+        // Where ‖M‖_F <= kIncrementMaxNorm the rows move by X_I + D·X_I in float32, D = Y − I: for QR D comes
+        // from the float32 increment core, else (or if its Cholesky fails) as fl32 of the float64 Y − I.
+        const bool by_increment = m_norm2 <= kIncrementMaxNorm * kIncrementMaxNorm;
+        bool increment_ready = false;
+        if (by_increment && core == RsdmCore::kQR) {
+          for (int64_t e = 0; e < r * r; ++e) m[e] = static_cast<T>(m64[e]);  // still exactly skew
+          increment_ready = qr_increment_core_in_place(m, r, options);
+        }
+        if (!increment_ready) {
+          if (core == RsdmCore::kExp) {
+            core64.copy_(at::linalg_matrix_exp(core64));
+          } else {
+            core_in_place(m64, r, core, wide);  // the float32 path's core (CholeskyQR at 24 <= r <= 128)
+          }
+          if (by_increment) {
+            const double* y64 = core64.data_ptr<double>();
+            for (int64_t i = 0; i < r; ++i)
+              for (int64_t j = 0; j < r; ++j) m[i * r + j] = static_cast<T>(y64[i * r + j] - (i == j ? 1.0 : 0.0));
+          }
+        }
         for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
           const T* rows_in = pass == 0 ? xr : gr;
           T* target = pass == 0 ? xb : gb;

@@ -30,16 +30,18 @@ given, ``rank`` must equal its last size and seed/offset are unused.
 
 Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X with 2·P >= N
 (``rotates_in_float64``): there Y and Y·X_I are computed in float64 and rounded once, from A = G_I X_Iᵀ in float32
-(M is skew whatever A's rounding, which only moves the direction); on the CPU a step with ‖Y − I‖_F <= 0.5 moves the
-rows by their increment instead, X_I ← X_I + fl32(Y − I)·X_I, a float32 product of the small Y − I whose rounding is
-‖Y − I‖ times the rows' own (the drift within 10% of the float64 product's). In float32 throughout, the rounding of
-the r-term products accumulates into a drift off the manifold ~15× faster: ‖XᵀX − I‖_F = 6e-5 after 100 PCA steps
-at n = 1000, p = 600, r = 300, against 4e-6. The CPU and CUDA kernels use Gauss–Jordan
-inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is needed),
-scaling-and-squaring with a Taylor polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass for QR
-(which equals the sign-fixed Householder Q in exact arithmetic) for small cores; the CPU kernel factors the QR core
-by CholeskyQR at 24 <= r <= 128 (the same Q; ``rsdm_cpu.cpp``), and larger cores (CPU: r > 128 for QR, r >= 48 for
-Cayley, where LAPACK's blocked factorizations win; CUDA: r > 128) use ``torch.linalg`` as the reference does.
+(M is skew whatever A's rounding, which only moves the direction); on the CPU a step with ‖M‖_F <= 2 moves the
+rows by their increment instead, X_I ← X_I + D·X_I, a float32 product with D = Y − I in float32 whose rounding is
+‖D‖ times the rows' own (the drift within ~40% of the float64 product's): for QR D comes from CholeskyQR carried out
+in increments in float32 (``qr_increment_reference``), for Cayley and exp it is fl32 of the float64 Y − I. In
+float32 throughout, the rounding of the r-term products accumulates into a drift off the manifold ~15× faster:
+‖XᵀX − I‖_F = 6e-5 after 100 PCA steps at n = 1000, p = 600, r = 300, against 4e-6. The CPU and CUDA kernels use
+Gauss–Jordan inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is
+needed), scaling-and-squaring with a Taylor polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass
+for QR (which equals the sign-fixed Householder Q in exact arithmetic) for small cores; the CPU kernel factors the
+QR core by CholeskyQR at 24 <= r <= 128 (the same Q; ``rsdm_cpu.cpp``), and larger cores (CPU: r > 128 for QR,
+r >= 48 for Cayley, where LAPACK's blocked factorizations win; CUDA: r > 128) use ``torch.linalg`` as the reference
+does.
 
 ``optim::rsdm_sample_rows_(out, n, seed, offset)`` fills int64 ``out`` (..., r) with, per matrix b (row-major over
 the batch dims), r distinct indices of [0, n) in increasing order: Floyd's algorithm (Bentley & Floyd 1987) run on
@@ -70,9 +72,10 @@ CORES = ("qr", "cayley", "exp")
 # float32 X with r at least this: the core and the rotated rows in float64, rounded once (kFloat64RotationMinRank
 # in csrc/stiefel/rsdm.h): float32 throughout drifts off the manifold ~15× faster at large r.
 FLOAT64_ROTATION_MIN_RANK = 129
-# On the CPU a float64-rotated step with ‖Y − I‖_F at most this moves the rows by X_I + fl32(Y − I)·X_I, a float32
-# product whose rounding is ‖Y − I‖ times the rows' own (kIncrementMaxNorm in csrc/stiefel/rsdm.h).
-INCREMENT_MAX_NORM = 0.5
+# On the CPU a float64-rotated step with ‖M‖_F at most this moves the rows by X_I + D·X_I, a float32 product with
+# D = Y − I in float32 (QR: ``qr_increment_reference``; Cayley, exp: fl32 of the float64 Y − I), whose rounding is
+# ‖D‖ times the rows' own (kIncrementMaxNorm in csrc/stiefel/rsdm.h).
+INCREMENT_MAX_NORM = 2.0
 
 
 def rotates_in_float64(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device) -> bool:
@@ -214,6 +217,28 @@ def _core_reference(m: torch.Tensor, core: str) -> torch.Tensor:
     return q * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2)
 
 
+def qr_increment_reference(m: torch.Tensor) -> torch.Tensor:
+    """D = Q − I for the QR core, Q of I + M with diag(R) > 0, M (..., r, r) skew, computed in m's dtype without
+    forming I + M or its Gram matrix I + MᵀM: with R = I + S the Cholesky factor of I + H, H = MᵀM,
+
+        t_k = H_kk − Σ_{i<k} S_ik²,   S_kk = t_k / (1 + √(1 + t_k)),   S_kj = (H_kj − Σ_{i<k} S_ik S_ij) / √(1 + t_k),
+        D = (M − S)·R⁻¹                                                  (Q − I = (I + M − R)·R⁻¹)
+
+    so that every rounding is relative to ‖D‖ instead of ‖Q‖ = √r (the CPU kernel's increment core)."""
+    r = m.shape[-1]
+    h = (m.mT @ m).clone()
+    s = torch.zeros_like(h)
+    for k in range(r):
+        t = h[..., k, k]
+        root = torch.sqrt(1 + t)
+        s[..., k, k] = t / (1 + root)
+        row = h[..., k, k + 1:] / root.unsqueeze(-1)
+        s[..., k, k + 1:] = row
+        h[..., k + 1:, k + 1:] -= row.unsqueeze(-1) * row.unsqueeze(-2)
+    rfactor = s + torch.eye(r, dtype=m.dtype, device=m.device)
+    return torch.linalg.solve_triangular(rfactor, m - s, upper=True, left=False)
+
+
 def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor | None, *, rank: int, seed: int,
                         offset: int, lr: float, core: str, transport: bool) -> None:
     check_rsdm_step_args(x, g, indices, rank, offset, lr, core)
@@ -235,14 +260,16 @@ def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor 
     g_rows = torch.gather(go, -2, gather)
     a = g_rows @ x_rows.mT
     if rotates_in_float64(x.dtype, indices.shape[-1], n_rows, n_cols, x.device):
-        # Y in float64 (A's float32 rounding only moves the direction: M is skew), and per matrix the rows moved by
-        # Y·X_I in float64 rounded once, or on the CPU by their float32 increment fl32(Y − I)·X_I for a small step
+        # M in float64 (A's float32 rounding only moves the direction: M is skew), and per matrix the rows moved by
+        # Y·X_I in float64 rounded once, or on the CPU for a small step by their float32 increment D·X_I
         a = a.double()
-        y = _core_reference(-lr * 0.5 * (a - a.mT), core)
-        step = y - torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-        small = torch.linalg.matrix_norm(step) <= INCREMENT_MAX_NORM
+        m = -lr * 0.5 * (a - a.mT)
+        y = _core_reference(m, core)
+        small = torch.linalg.matrix_norm(m) <= INCREMENT_MAX_NORM
         by_increment = small[..., None, None] & (x.device.type == "cpu")
-        increment = step.to(x.dtype)
+        increment = (y - torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)).to(x.dtype)
+        if core == "qr" and bool(by_increment.any()):
+            increment = torch.where(by_increment, qr_increment_reference(m.to(x.dtype)), increment)
         for target, rows in [(xo, x_rows)] + ([(go, g_rows)] if transport else []):
             target.scatter_(-2, gather, torch.where(by_increment, rows + increment @ rows,
                                                     (y @ rows.double()).to(x.dtype)))

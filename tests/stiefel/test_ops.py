@@ -216,8 +216,9 @@ def test_given_indices_match_float64_reference(device, dtype, core, shape, r):
 @pytest.mark.parametrize("lr", [0.3, 0.003])
 def test_float32_large_rank_rotates_in_float64(device, core, lr):
     """float32 X at r > 128: Y in float64 from A in float32, and the rows by Y·X_I in float64 rounded once (lr 0.3:
-    ‖Y − I‖_F ~ 8) or, on the CPU, by their float32 increment fl32(Y − I)·X_I (lr 0.003: ‖Y − I‖_F ~ 0.08), as the
-    reference does; the drift stays tiny either way."""
+    ‖M‖_F ~ 8) or, on the CPU, by their float32 increment D·X_I (lr 0.003: ‖M‖_F ~ 0.08; D from the float32
+    increment core for QR, fl32 of the float64 Y − I otherwise), as the reference does; the drift stays tiny either
+    way."""
     from optim.stiefel._ops import FLOAT64_ROTATION_MIN_RANK
 
     r = FLOAT64_ROTATION_MIN_RANK + 21
@@ -426,4 +427,63 @@ def test_float32_near_square_rotates_in_float64_on_the_cpu(core, shape):
         rsdm_step_reference(x_reference, g, None, rank=r, seed=3, offset=step * r, lr=0.3, core=core,
                             transport=False)
     torch.testing.assert_close(x, x_reference, rtol=0, atol=1e-6)
+    assert distance_to_manifold(x).max().item() < 2e-6
+
+
+@pytest.mark.parametrize("r", [5, 40, 150])
+def test_qr_increment_reference_is_the_q_factor_minus_identity(r):
+    """The increment CholeskyQR (Q − I without forming I + M) equals the sign-fixed Householder Q − I in float64, and
+    in float32 it keeps Q's orthogonality at the rounding of Q − I rather than of Q."""
+    from optim.stiefel._ops import _core_reference, qr_increment_reference
+
+    generator = torch.Generator().manual_seed(r)
+    eye = torch.eye(r, dtype=torch.float64)
+    for norm in (0.01, 0.5, 2.0):
+        a = torch.randn(3, r, r, dtype=torch.float64, generator=generator)
+        m = a - a.mT
+        m = m * (norm / torch.linalg.matrix_norm(m))[..., None, None]
+        want = _core_reference(m, "qr") - eye
+        torch.testing.assert_close(qr_increment_reference(m), want, rtol=0, atol=1e-13 * max(1.0, norm))
+        m32 = m.float()
+        d32 = qr_increment_reference(m32).double()
+        q64 = _core_reference(m32.double(), "qr") - eye
+        defect = torch.linalg.matrix_norm((eye + d32).mT @ (eye + d32) - eye)
+        householder32 = _core_reference(m32, "qr").double()
+        householder_defect = torch.linalg.matrix_norm(householder32.mT @ householder32 - eye)
+        # measured: the increment's defect 2–4× that of fl32(Q64 − I), and 5–60× below float32 Householder's
+        assert (defect <= 20 * 6e-8 * norm).all(), (norm, defect)
+        assert (defect < householder_defect).all(), (norm, defect, householder_defect)
+        torch.testing.assert_close(d32, q64, rtol=0, atol=2e-7 * norm)
+
+
+@pytest.mark.parametrize("shape, r", [((120, 80), 16), ((80, 120), 40), ((3, 64, 64), 30), ((400, 200), 150)])
+def test_float32_small_steps_move_by_the_increment_core(shape, r):
+    """On the CPU, float64-rotated float32 steps with ‖M‖_F <= INCREMENT_MAX_NORM and the QR core move the rows by
+    X_I + D·X_I with D from the float32 increment core (the row-loop solve at r <= 128, LAPACK's above), as the
+    reference does; the steps here are scaled to ‖M‖_F = 1.5 so that this path, not the float64 product, is taken."""
+    from optim.stiefel._ops import INCREMENT_MAX_NORM, rotates_in_float64
+
+    n_rows, n_cols = max(shape[-2:]), min(shape[-2:])
+    assert rotates_in_float64(torch.float32, r, n_rows, n_cols, torch.device("cpu"))
+    x = _point(shape, torch.float32, "cpu")
+    x_reference = x.clone()
+    x_float64 = x.double()
+    generator = torch.Generator().manual_seed(6)
+    indices = torch.empty(*shape[:-2], r, dtype=torch.int64)
+    for step in range(10):
+        g = torch.randn(shape, generator=generator)
+        SAMPLE(indices, n_rows, 3, step * r)
+        flip = shape[-2] < shape[-1]
+        xo, go = (x.mT, g.mT) if flip else (x, g)
+        gather = indices.unsqueeze(-1).expand(*indices.shape, n_cols)
+        a = (torch.gather(go, -2, gather) @ torch.gather(xo, -2, gather).mT).double()
+        lr = 1.5 / torch.linalg.matrix_norm(0.5 * (a - a.mT)).max().item()
+        norms = torch.linalg.matrix_norm(lr * 0.5 * (a - a.mT))
+        assert (norms <= INCREMENT_MAX_NORM).all() and (norms > 0.5).all()
+        STEP(x, g, indices, rank=r, seed=0, offset=0, lr=lr, core="qr", transport=False)
+        rsdm_step_reference(x_reference, g, indices, rank=r, seed=0, offset=0, lr=lr, core="qr", transport=False)
+        rsdm_step_reference(x_float64, g.double(), indices, rank=r, seed=0, offset=0, lr=lr, core="qr",
+                            transport=False)
+    torch.testing.assert_close(x, x_reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.double(), x_float64, rtol=0, atol=3e-6)
     assert distance_to_manifold(x).max().item() < 2e-6

@@ -46,10 +46,15 @@ constexpr double kIncrementMaxNorm = 2.0;
 
 // On the CPU also float32 matrices at least half as wide as long (2·P >= N, the orthogonal group among them): there a
 // float32 rotation of r = 64 rows drifts ~6e-6 in 10 steps (about √r·P/N·1e-6 per step), so the default policy ran a
-// float64 QR (N·P², 25 ms at 512×512) every 10 steps; the float64 rotation costs ~0.1–0.3 ms per step at r = 64.
-// Where P < N/2 the float32 drift is P/N times smaller and the QR rarely due. (The CUDA kernel keeps the rank rule.)
+// float64 QR (N·P², 25 ms at 512×512) every 10 steps. And every float32 matrix at r >= kCpuAccurateRotationMinRank:
+// there a small step's increment core (one Cholesky pass) costs no more than the float32 CholeskyQR2 core it replaces
+// (two), and its drift lets the optimizer's default skip the defect estimate (8·N·P work every 10 steps) and most of
+// the re-orthonormalizations it asked for: a 1024×128 loop at r = 64 went from 1.08–1.19× to 0.68–0.82× the naive
+// float32 step's time (session A/B runs). Below that rank the float32 core is Gram–Schmidt loops and the drift small.
+// (The CUDA kernel keeps the rank rule.)
+constexpr int64_t kCpuAccurateRotationMinRank = 24;
 inline bool cpu_rotates_in_float64(int64_t r, int64_t n_rows, int64_t n_cols) {
-  return r >= kFloat64RotationMinRank || 2 * n_cols >= n_rows;
+  return r >= kFloat64RotationMinRank || r >= kCpuAccurateRotationMinRank || 2 * n_cols >= n_rows;
 }
 
 constexpr double kExpNormBound = 0.5;

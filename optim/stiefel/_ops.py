@@ -28,20 +28,19 @@ With ``indices=None`` each matrix b (row-major over the batch dims) gets the ind
 ``rsdm_sample_rows_`` from counters ``offset + b·rank + k``, k < rank; then ``rank`` is r. When ``indices`` is
 given, ``rank`` must equal its last size and seed/offset are unused.
 
-Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X with 2·P >= N
-(``rotates_in_float64``): there Y and Y·X_I are computed in float64 and rounded once, from A = G_I X_Iᵀ in float32
-(M is skew whatever A's rounding, which only moves the direction); on the CPU a step with ‖M‖_F <= 2 moves the
-rows by their increment instead, X_I ← X_I + D·X_I, a float32 product with D = Y − I in float32 whose rounding is
-‖D‖ times the rows' own (the drift within ~40% of the float64 product's): for QR D comes from CholeskyQR carried out
-in increments in float32 (``qr_increment_reference``), for Cayley and exp it is fl32 of the float64 Y − I. In
-float32 throughout, the rounding of the r-term products accumulates into a drift off the manifold ~15× faster:
-‖XᵀX − I‖_F = 6e-5 after 100 PCA steps at n = 1000, p = 600, r = 300, against 4e-6. The CPU and CUDA kernels use
-Gauss–Jordan inversion for Cayley (Y = 2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is
-needed), scaling-and-squaring with a Taylor polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass
-for QR (which equals the sign-fixed Householder Q in exact arithmetic) for small cores; the CPU kernel factors the
-QR core by CholeskyQR at 24 <= r <= 128 (the same Q; ``rsdm_cpu.cpp``), and larger cores (CPU: r > 128 for QR,
-r >= 48 for Cayley, where LAPACK's blocked factorizations win; CUDA: r > 128) use ``torch.linalg`` as the reference
-does.
+Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X at r >= 24 or with 2·P >= N
+(``rotates_in_float64``): there Y and Y·X_I are computed in float64 and rounded once, from A = G_I X_Iᵀ in float32 (M is
+skew whatever A's rounding, which only moves the direction); on the CPU a step with ‖M‖_F <= 2 moves the rows by their
+increment instead, X_I ← X_I + D·X_I, a float32 product with D = Y − I in float32 whose rounding is ‖D‖ times the rows'
+own (the drift within ~40% of the float64 product's): for QR D comes from CholeskyQR carried out in increments in
+float32 (``qr_increment_reference``), for Cayley and exp it is fl32 of the float64 Y − I. In float32 throughout, the
+rounding of the r-term products accumulates into a drift off the manifold ~15× faster: ‖XᵀX − I‖_F = 6e-5 after 100 PCA
+steps at n = 1000, p = 600, r = 300, against 4e-6. The CPU and CUDA kernels use Gauss–Jordan inversion for Cayley (Y =
+2(I − M/2)⁻¹ − I; I − M/2 has identity symmetric part, so no pivoting is needed), scaling-and-squaring with a Taylor
+polynomial for exp, and Gram–Schmidt with one re-orthogonalization pass for QR (which equals the sign-fixed Householder
+Q in exact arithmetic) for small cores; the CPU kernel factors the QR core by CholeskyQR at 24 <= r <= 128 (the same Q;
+``rsdm_cpu.cpp``), and larger cores (CPU: r > 128 for QR, r >= 48 for Cayley, where LAPACK's blocked factorizations win;
+CUDA: r > 128) use ``torch.linalg`` as the reference does.
 
 ``optim::rsdm_sample_rows_(out, n, seed, offset)`` fills int64 ``out`` (..., r) with, per matrix b (row-major over
 the batch dims), r distinct indices of [0, n) in increasing order: Floyd's algorithm (Bentley & Floyd 1987) run on
@@ -76,17 +75,25 @@ FLOAT64_ROTATION_MIN_RANK = 129
 # D = Y − I in float32 (QR: ``qr_increment_reference``; Cayley, exp: fl32 of the float64 Y − I), whose rounding is
 # ‖D‖ times the rows' own (kIncrementMaxNorm in csrc/stiefel/rsdm.h).
 INCREMENT_MAX_NORM = 2.0
+# On the CPU float32 X rotates as above from this rank on, whatever its shape: a small step's increment core costs no
+# more than the float32 core, and the optimizers then skip the float32 defect estimate (kCpuAccurateRotationMinRank).
+CPU_ACCURATE_ROTATION_MIN_RANK = 24
 
 
 def rotates_in_float64(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device) -> bool:
-    """Whether ``rsdm_step_`` computes the core and the rotated rows of an oriented N×P (``n_rows`` × ``n_cols``)
-    matrix in float64: float32 at r >= FLOAT64_ROTATION_MIN_RANK, and on the CPU also float32 matrices with
-    2·P >= N, whose float32 rotation drifts fast enough (~6e-6 in 10 steps at r = 64) to make the default policy run a
-    float64 QR every 10 steps (``cpu_rotates_in_float64`` in csrc/stiefel/rsdm.h; the CUDA kernel keeps the rank
-    rule)."""
+    """Whether ``rsdm_step_`` computes the rotation of an oriented N×P (``n_rows`` × ``n_cols``) matrix in float64
+    (or, on the CPU for a small step, by its float32 increment; module docstring): float32 at
+    r >= FLOAT64_ROTATION_MIN_RANK, and on the CPU also float32 at r >= CPU_ACCURATE_ROTATION_MIN_RANK and float32
+    matrices with 2·P >= N, whose float32 rotation drifts fast enough (~6e-6 in 10 steps at r = 64) to make the
+    default policy run a float64 QR every 10 steps (``cpu_rotates_in_float64`` in csrc/stiefel/rsdm.h; the CUDA
+    kernel keeps the rank rule)."""
     if dtype != torch.float32:
         return False
-    return rank >= FLOAT64_ROTATION_MIN_RANK or (torch.device(device).type == "cpu" and 2 * n_cols >= n_rows)
+    if rank >= FLOAT64_ROTATION_MIN_RANK:
+        return True
+    return torch.device(device).type == "cpu" and (rank >= CPU_ACCURATE_ROTATION_MIN_RANK or 2 * n_cols >= n_rows)
+
+
 STEP_DTYPES = (torch.float32, torch.float64)
 
 

@@ -456,7 +456,21 @@ def test_qr_increment_reference_is_the_q_factor_minus_identity(r):
         torch.testing.assert_close(d32, q64, rtol=0, atol=2e-7 * norm)
 
 
-@pytest.mark.parametrize("shape, r", [((120, 80), 16), ((80, 120), 40), ((3, 64, 64), 30), ((400, 200), 150)])
+def test_which_float32_matrices_rotate_accurately():
+    """CPU: r >= CPU_ACCURATE_ROTATION_MIN_RANK, or 2·P >= N, or r > 128; CUDA: r > 128 only; float64 never."""
+    from optim.stiefel._ops import CPU_ACCURATE_ROTATION_MIN_RANK, FLOAT64_ROTATION_MIN_RANK, rotates_in_float64
+
+    cpu, cuda, low = torch.device("cpu"), torch.device("cuda"), CPU_ACCURATE_ROTATION_MIN_RANK
+    assert rotates_in_float64(torch.float32, low, 1000, 100, cpu)
+    assert not rotates_in_float64(torch.float32, low - 1, 1000, 100, cpu)
+    assert rotates_in_float64(torch.float32, low - 1, 200, 100, cpu)
+    assert not rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK - 1, 1000, 100, cuda)
+    assert rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK, 1000, 100, cuda)
+    assert not rotates_in_float64(torch.float64, FLOAT64_ROTATION_MIN_RANK, 1000, 1000, cpu)
+
+
+@pytest.mark.parametrize("shape, r", [((120, 80), 16), ((80, 120), 40), ((3, 64, 64), 30), ((600, 40), 32),
+                                      ((400, 200), 150)])
 def test_float32_small_steps_move_by_the_increment_core(shape, r):
     """On the CPU, float64-rotated float32 steps with ‖M‖_F <= INCREMENT_MAX_NORM and the QR core move the rows by
     X_I + D·X_I with D from the float32 increment core (the row-loop solve at r <= 128, LAPACK's above), as the

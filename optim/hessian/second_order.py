@@ -924,9 +924,10 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
         no state yet, to create it): the state of every parameter with a gradient is created, nothing else."""
         def zero(lr) -> bool:
             return bool(lr == 0) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr == 0
+        if not all(zero(group["lr"]) for group in self.param_groups):  # first: training steps stop here
+            return False
         with_grad = [p for p in self._all_params() if p.grad is not None]
-        if not with_grad or not all(zero(group["lr"]) for group in self.param_groups) or \
-                not any(id(p) in due for p in with_grad) or any(p.grad.requires_grad for p in with_grad):
+        if not with_grad or not any(id(p) in due for p in with_grad) or any(p.grad.requires_grad for p in with_grad):
             return False
         for p in with_grad:
             if not self.state[p]:

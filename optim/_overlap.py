@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ._library import define_op, has_kernel
+
 __all__ = ["check_no_overlap", "check_no_overlap_across_calls", "list_operands"]
 
 Operand = tuple[str, torch.Tensor, bool]  # (name as messages print it, tensor, written by the op)
@@ -65,20 +67,42 @@ def check_no_overlap(op: str, operands: Iterable[Operand]) -> None:
 
 
 
-def check_no_overlap_across_calls(op: str, written: Iterable[torch.Tensor], read: Iterable[torch.Tensor],
+def shares_storage_reference(written: Sequence[torch.Tensor], read: Sequence[torch.Tensor]) -> bool:
+    """Whether two tensors of ``written``, or one of ``written`` and one of ``read``, share a storage (by the
+    storages' data pointers; tensors of ``read`` sharing one among themselves do not count)."""
+    storages = {t.untyped_storage().data_ptr() for t in written}
+    return len(storages) != len(written) or any(t.untyped_storage().data_ptr() in storages for t in read)
+
+
+def _shares_storage_fake(written, read) -> bool:
+    return True  # no storages to compare: the caller's full check decides
+
+
+# ``optim::shares_storage(written, read) -> bool``: ``shares_storage_reference``, in one call. Its CPU kernel
+# (csrc/common/shares_storage_cpu.cpp) reads each tensor's storage pointer in C++, ~0.05 µs a tensor against ~0.35 µs
+# for ``untyped_storage().data_ptr()`` from Python (which builds a storage object per tensor).
+shares_storage = define_op(
+    "shares_storage(Tensor[] written, Tensor[] read) -> bool",
+    reference=shares_storage_reference,
+    fake=_shares_storage_fake,
+)
+
+
+def check_no_overlap_across_calls(op: str, written: Sequence[torch.Tensor], read: Sequence[torch.Tensor],
                                   operands: Callable[[], Iterable[Operand]]) -> None:
     """``check_no_overlap`` over the tensors of several op calls that one step makes (one per param group), before
     the first call writes: each call checks its own tensors, but not those of the calls before and after it.
 
-    The interval sweep, and the names of ``operands()``, cost ~5 µs per tensor in Python; first, for ~0.2 µs per
-    tensor, the storages: when no ``written`` tensor shares a storage with another argument (the usual case:
-    autograd allocates each gradient, the optimizer each moment) no two can overlap. ``read`` tensors sharing one
-    storage among themselves (DDP's ``gradient_as_bucket_view`` gradients) do not count."""
-    storages: set[int] = set()
-    count = 0
-    for t in written:
-        if t is not None:
-            storages.add(t.untyped_storage().data_ptr())
-            count += 1
-    if len(storages) != count or any(t is not None and t.untyped_storage().data_ptr() in storages for t in read):
+    The interval sweep, and the names of ``operands()``, cost ~5 µs per tensor in Python; first, for well under
+    1 µs per tensor, the storages (``shares_storage``): when no ``written`` tensor shares a storage with another
+    argument (the usual case: autograd allocates each gradient, the optimizer each moment) no two can overlap.
+    ``read`` tensors sharing one storage among themselves (DDP's ``gradient_as_bucket_view`` gradients) do not
+    count. None entries are skipped."""
+    written = [t for t in written if t is not None]
+    read = [t for t in read if t is not None]
+    if has_kernel("shares_storage", "cpu"):
+        shared = shares_storage.default(written, read)  # CPU lists: the kernel; CUDA ones: the reference
+    else:
+        shared = shares_storage_reference(written, read)
+    if shared:
         check_no_overlap(op, operands())

@@ -212,3 +212,41 @@ def test_adamw_refuses_a_gradient_resized_in_place_before_any_group_steps():
     with pytest.raises(ValueError, match=r"gradient of parameter 0 of param group 1.*\(4,\).*\(5,\)"):
         opt.step()
     assert_same(before, snapshot(opt))
+
+
+def _storage_cases():
+    """(written, read) lists: each tensor fresh random (never zeros), some sharing storages through views."""
+    base, other = torch.randn(6, 4, **F64), torch.randn(5, **F64)
+    fresh = [torch.randn(3, **F64) for _ in range(4)]
+    empty = torch.empty(0, **F64)
+    return [
+        ([], []),
+        (fresh[:2], fresh[2:]),
+        (fresh[:2], [fresh[2], fresh[2][1:]]),  # read tensors sharing among themselves do not count
+        ([base[0], base[1]], [other]),  # two written views of one storage
+        ([base, other], [base.T]),  # a read view of a written storage
+        ([other], [base[2:], base[:1]]),
+        ([base[:, 1], fresh[0]], [fresh[1], base[3:, 2:]]),
+        ([fresh[0], empty], [torch.empty(0, **F64)]),  # empty storages compare by their (null) pointers too
+        ([fresh[0].float(), fresh[1].to(torch.bfloat16)], [fresh[0]]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_storage_cases())))
+def test_shares_storage_kernel_matches_reference(case):
+    from optim._overlap import shares_storage, shares_storage_reference
+
+    written, read = _storage_cases()[case]
+    want = shares_storage_reference(written, read)
+    assert shares_storage.default(written, read) == want
+    expected = [False, False, False, True, True, False, True, None, False][case]
+    if expected is not None:
+        assert want == expected
+
+
+def test_shares_storage_has_a_cpu_kernel():
+    from ..conftest import REQUIRE_EXTENSION
+
+    if not REQUIRE_EXTENSION:
+        pytest.skip("OPTIM_REQUIRE_EXTENSION is off: the reference kernel may be what runs")
+    assert optim.has_kernel("shares_storage", "cpu")

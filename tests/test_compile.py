@@ -103,6 +103,9 @@ OP_CASES = {
         dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False, reset=[False, True])),
     "all_finite": lambda: (dict(tensors=[torch.randn(4, 3), torch.randn(5, dtype=torch.float64)]), {}),
     "add_to_counts_": lambda: (dict(counts=[torch.tensor(3.0), torch.tensor([1.0])]), dict(value=1.0)),
+    "shares_storage": lambda: (
+        (lambda base: dict(written=[base[0], torch.randn(3)], read=[base[1:], torch.randn(2)]))(torch.randn(4, 3)),
+        {}),
     "rademacher_": lambda: (
         dict(out=[torch.full((4, 3), float("nan")), torch.full((5,), float("nan"))]), dict(seed=7, offset=11)),
     "cross_entropy_hvp": lambda: (dict(logits=torch.randn(4, 9), tangent=torch.randn(4, 9)), dict(scale=0.25)),

@@ -13,7 +13,7 @@ namespace {
 
 const void* storage_pointer(const at::Tensor& t) { return t.storage().data(); }
 
-bool shares_storage_cpu(at::TensorList written, at::TensorList read) {
+bool any_shared(at::TensorList written, at::TensorList read) {
   std::vector<const void*> storages;
   storages.reserve(written.size());
   for (const at::Tensor& t : written) storages.push_back(storage_pointer(t));
@@ -23,6 +23,10 @@ bool shares_storage_cpu(at::TensorList written, at::TensorList read) {
     if (std::binary_search(storages.begin(), storages.end(), storage_pointer(t))) return true;
   }
   return false;
+}
+
+at::Tensor shares_storage_cpu(at::TensorList written, at::TensorList read) {
+  return at::scalar_tensor(any_shared(written, read), at::TensorOptions().dtype(at::kBool));
 }
 
 }  // namespace

@@ -501,3 +501,22 @@ def test_float32_small_steps_move_by_the_increment_core(shape, r):
     torch.testing.assert_close(x, x_reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(x.double(), x_float64, rtol=0, atol=3e-6)
     assert distance_to_manifold(x).max().item() < 2e-6
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gathered_rows_keep_the_whole_matrix_rounding_rule(device, dtype):
+    """FSDP2's RSDM step runs the op on the r gathered rows inside a matrix of ``gathered_height`` rows: at least r
+    and P tall, and rotating in float64 exactly where the whole N×P matrix does (or its rounding would differ from
+    one process's)."""
+    from optim.stiefel._ops import rotates_in_float64
+    from optim.stiefel.sharded import gathered_height
+
+    device = torch.device(device)
+    for n_rows in (8, 40, 100, 257, 1000):
+        for n_cols in sorted({1, 3, n_rows // 3, n_rows // 2, n_rows // 2 + 1, n_rows}):
+            for rank in sorted({1, 16, 23, 24, 64, 128, 129, 200} & set(range(1, n_rows + 1))):
+                height = gathered_height(dtype, rank, n_rows, n_cols, device)
+                assert height >= max(rank, n_cols)
+                assert rotates_in_float64(dtype, rank, height, n_cols, device) == \
+                    rotates_in_float64(dtype, rank, n_rows, n_cols, device), (rank, n_rows, n_cols, height)

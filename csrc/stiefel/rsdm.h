@@ -50,11 +50,13 @@ constexpr double kIncrementMaxNorm = 2.0;
 // there a small step's increment core (one Cholesky pass) costs no more than the float32 CholeskyQR2 core it replaces
 // (two), and its drift lets the optimizer's default skip the defect estimate (8·N·P work every 10 steps) and most of
 // the re-orthonormalizations it asked for: a 1024×128 loop at r = 64 went from 1.08–1.19× to 0.68–0.82× the naive
-// float32 step's time (session A/B runs). Below that rank the float32 core is Gram–Schmidt loops and the drift small.
-// (The CUDA kernel keeps the rank rule.)
+// float32 step's time (session A/B runs; Cayley 0.65–0.9× its old time). Not for the exp core, whose float64
+// exponential (torch.linalg) made that loop 1.4× slower. Below that rank the float32 core is Gram–Schmidt loops and
+// the drift small. (The CUDA kernel keeps the rank rule.)
 constexpr int64_t kCpuAccurateRotationMinRank = 24;
-inline bool cpu_rotates_in_float64(int64_t r, int64_t n_rows, int64_t n_cols) {
-  return r >= kFloat64RotationMinRank || r >= kCpuAccurateRotationMinRank || 2 * n_cols >= n_rows;
+inline bool cpu_rotates_in_float64(int64_t r, int64_t n_rows, int64_t n_cols, RsdmCore core) {
+  return r >= kFloat64RotationMinRank || 2 * n_cols >= n_rows ||
+         (r >= kCpuAccurateRotationMinRank && core != RsdmCore::kExp);
 }
 
 constexpr double kExpNormBound = 0.5;

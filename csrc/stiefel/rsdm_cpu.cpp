@@ -405,7 +405,7 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
   // D·X_I (G_I likewise), a float32 product, D = Y − I in float32 (QR: the increment core; Cayley, exp: fl32 of the
   // float64 core's Y − I); else Y = core(M) in float64 (the float32 path's core; exp: torch.linalg's) and Y·X_I in
   // float64 rounded once (rsdm.h). Same rule in the reference.
-  const bool float64_rotation = std::is_same_v<T, float> && cpu_rotates_in_float64(r, n_rows, n_cols);
+  const bool float64_rotation = std::is_same_v<T, float> && cpu_rotates_in_float64(r, n_rows, n_cols, core);
   const T lr_t = static_cast<T>(lr);
   // Matrices are spread over threads only in chunks of at least kGrainWork multiply-adds.
   const int64_t work_per_matrix = 2 * r * r * n_cols + 2 * r * r * r + 1;

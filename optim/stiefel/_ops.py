@@ -28,7 +28,7 @@ With ``indices=None`` each matrix b (row-major over the batch dims) gets the ind
 ``rsdm_sample_rows_`` from counters ``offset + b·rank + k``, k < rank; then ``rank`` is r. When ``indices`` is
 given, ``rank`` must equal its last size and seed/offset are unused.
 
-Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X at r >= 24 or with 2·P >= N
+Kernels compute in X's dtype, except for float32 X at r > 128, and on the CPU float32 X with 2·P >= N or at r >= 24
 (``rotates_in_float64``): there Y and Y·X_I are computed in float64 and rounded once, from A = G_I X_Iᵀ in float32 (M is
 skew whatever A's rounding, which only moves the direction); on the CPU a step with ‖M‖_F <= 2 moves the rows by their
 increment instead, X_I ← X_I + D·X_I, a float32 product with D = Y − I in float32 whose rounding is ‖D‖ times the rows'
@@ -75,23 +75,27 @@ FLOAT64_ROTATION_MIN_RANK = 129
 # D = Y − I in float32 (QR: ``qr_increment_reference``; Cayley, exp: fl32 of the float64 Y − I), whose rounding is
 # ‖D‖ times the rows' own (kIncrementMaxNorm in csrc/stiefel/rsdm.h).
 INCREMENT_MAX_NORM = 2.0
-# On the CPU float32 X rotates as above from this rank on, whatever its shape: a small step's increment core costs no
-# more than the float32 core, and the optimizers then skip the float32 defect estimate (kCpuAccurateRotationMinRank).
+# On the CPU float32 X rotates as above from this rank on, whatever its shape (cores qr and cayley): a small step's
+# increment costs no more than the float32 core, and the optimizers then skip the float32 defect estimate
+# (kCpuAccurateRotationMinRank).
 CPU_ACCURATE_ROTATION_MIN_RANK = 24
 
 
-def rotates_in_float64(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device) -> bool:
-    """Whether ``rsdm_step_`` computes the rotation of an oriented N×P (``n_rows`` × ``n_cols``) matrix in float64
-    (or, on the CPU for a small step, by its float32 increment; module docstring): float32 at
-    r >= FLOAT64_ROTATION_MIN_RANK, and on the CPU also float32 at r >= CPU_ACCURATE_ROTATION_MIN_RANK and float32
-    matrices with 2·P >= N, whose float32 rotation drifts fast enough (~6e-6 in 10 steps at r = 64) to make the
-    default policy run a float64 QR every 10 steps (``cpu_rotates_in_float64`` in csrc/stiefel/rsdm.h; the CUDA
-    kernel keeps the rank rule)."""
+def rotates_in_float64(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device, *,
+                       core: str) -> bool:
+    """Whether ``rsdm_step_`` computes the rotation of an oriented N×P (``n_rows`` × ``n_cols``) matrix in
+    float64 (or, on the CPU for a small step, by its float32 increment; module docstring): float32 at
+    r >= FLOAT64_ROTATION_MIN_RANK, and on the CPU also float32 at r >= CPU_ACCURATE_ROTATION_MIN_RANK (cores qr and
+    cayley) and float32 matrices with 2·P >= N, whose float32 rotation drifts fast enough (~6e-6 in 10 steps at
+    r = 64) to make the default policy run a float64 QR every 10 steps (``cpu_rotates_in_float64`` in
+    csrc/stiefel/rsdm.h; the CUDA kernel keeps the rank rule)."""
     if dtype != torch.float32:
         return False
     if rank >= FLOAT64_ROTATION_MIN_RANK:
         return True
-    return torch.device(device).type == "cpu" and (rank >= CPU_ACCURATE_ROTATION_MIN_RANK or 2 * n_cols >= n_rows)
+    if torch.device(device).type != "cpu":
+        return False
+    return 2 * n_cols >= n_rows or (rank >= CPU_ACCURATE_ROTATION_MIN_RANK and core != "exp")
 
 
 STEP_DTYPES = (torch.float32, torch.float64)
@@ -266,7 +270,7 @@ def rsdm_step_reference(x: torch.Tensor, g: torch.Tensor, indices: torch.Tensor 
     x_rows = torch.gather(xo, -2, gather)
     g_rows = torch.gather(go, -2, gather)
     a = g_rows @ x_rows.mT
-    if rotates_in_float64(x.dtype, indices.shape[-1], n_rows, n_cols, x.device):
+    if rotates_in_float64(x.dtype, indices.shape[-1], n_rows, n_cols, x.device, core=core):
         # M in float64 (A's float32 rounding only moves the direction: M is skew), and per matrix the rows moved by
         # Y·X_I in float64 rounded once, or on the CPU for a small step by their float32 increment D·X_I
         a = a.double()

@@ -340,8 +340,9 @@ class RSDM(_ManifoldOptimizer):
     8, 8.3e-6 at r = 32, 2.9e-5 at r = 64, 5.6e-5 at r = 128), so for float32 matrices rotated in float32 the defect is
     estimated every 10 steps (8 Gaussian probes, ~8·N·P multiply-adds, far less than the QR's N·P²) and X is
     re-orthonormalized when the estimate passes 3e-6; float64 matrices, and float32 ones whose rotation is computed in
-    float64 (r > 128; with permutation sampling on the CPU also r >= 24 and matrices with 2·P >= N, whose float32
-    rotation drifts ~6e-6 in 10 steps at r = 64; see ``rotates_in_float64``), every 100 steps. Storing an orthonormal N×P matrix in float32 alone leaves a defect of
+    float64 (r > 128; with permutation sampling on the CPU also r >= 24 for the qr and cayley cores, and matrices
+    with 2·P >= N, whose float32 rotation drifts ~6e-6 in 10 steps at r = 64; see ``rotates_in_float64``), every
+    100 steps. Storing an orthonormal N×P matrix in float32 alone leaves a defect of
     ≈ 0.6·2⁻²⁴·P/√N (8e-7 at 512×512, 2.3e-6 at 4096×4096): where twice that exceeds 3e-6 the limit is twice that, and
     the defect stays below 6 times it.
 
@@ -437,7 +438,7 @@ class RSDM(_ManifoldOptimizer):
             return False
         rows, columns = max(p.shape[-2:]), min(p.shape[-2:])
         if group["sampling"] == "permutation":
-            return not rotates_in_float64(p.dtype, group["rank"], rows, columns, p.device)
+            return not rotates_in_float64(p.dtype, group["rank"], rows, columns, p.device, core=group["core"])
         return group["rank"] < FLOAT64_ROTATION_MIN_RANK
 
     def _drifted(self, group, p, state) -> bool:

@@ -77,7 +77,7 @@ def rsdm_permutation_step_sharded_(p: torch.Tensor, direction: torch.Tensor, *, 
     n_cols = x_rows.shape[-1]
     # The rows as the first r rows of a tall matrix, stepped at the indices 0..r-1: the kernel then computes exactly
     # what it computes on the whole.
-    height = gathered_height(local.dtype, rank, n_rows, n_cols, local.device)
+    height = gathered_height(local.dtype, rank, n_rows, n_cols, local.device, core)
     x_tall, d_tall = x_rows.new_zeros(height, n_cols), x_rows.new_zeros(height, n_cols)
     x_tall[:rank], d_tall[:rank] = x_rows, d_rows
     step(x_tall, d_tall, torch.arange(rank, device=local.device), rank=rank, seed=seed, offset=offset, lr=lr,
@@ -87,13 +87,13 @@ def rsdm_permutation_step_sharded_(p: torch.Tensor, direction: torch.Tensor, *, 
         _scatter_rows_(direction_local, start, stop, indices, flip, d_tall[:rank])
 
 
-def gathered_height(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device) -> int:
+def gathered_height(dtype: torch.dtype, rank: int, n_rows: int, n_cols: int, device: torch.device, core: str) -> int:
     """The height of the matrix that holds the r gathered rows of an oriented ``n_rows`` × ``n_cols`` matrix for
     ``rsdm_step_``: at least r and at least as many rows as columns (so the op keeps its orientation), and with the
     whole matrix's answer to ``rotates_in_float64`` (so the op rounds as on the whole)."""
     height = max(rank, n_cols)
-    if rotates_in_float64(dtype, rank, height, n_cols, device) != rotates_in_float64(dtype, rank, n_rows, n_cols,
-                                                                                      device):
+    if rotates_in_float64(dtype, rank, height, n_cols, device, core=core) != \
+            rotates_in_float64(dtype, rank, n_rows, n_cols, device, core=core):
         height = max(rank, 2 * n_cols + 1)
     return height
 

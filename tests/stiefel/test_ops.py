@@ -416,8 +416,9 @@ def test_float32_near_square_rotates_in_float64_on_the_cpu(core, shape):
     from optim.stiefel._ops import rotates_in_float64
 
     r = 16
-    assert rotates_in_float64(torch.float32, r, max(shape[-2:]), min(shape[-2:]), torch.device("cpu"))
-    assert not rotates_in_float64(torch.float32, r, 2 * min(shape[-2:]) + 1, min(shape[-2:]), torch.device("cpu"))
+    assert rotates_in_float64(torch.float32, r, max(shape[-2:]), min(shape[-2:]), torch.device("cpu"), core=core)
+    assert not rotates_in_float64(torch.float32, r, 2 * min(shape[-2:]) + 1, min(shape[-2:]), torch.device("cpu"),
+                                  core=core)
     x = _point(shape, torch.float32, "cpu")
     x_reference = x.clone()
     generator = torch.Generator().manual_seed(5)
@@ -457,16 +458,19 @@ def test_qr_increment_reference_is_the_q_factor_minus_identity(r):
 
 
 def test_which_float32_matrices_rotate_accurately():
-    """CPU: r >= CPU_ACCURATE_ROTATION_MIN_RANK, or 2·P >= N, or r > 128; CUDA: r > 128 only; float64 never."""
+    """CPU: r >= CPU_ACCURATE_ROTATION_MIN_RANK (qr, cayley), or 2·P >= N, or r > 128; CUDA: r > 128; float64
+    never."""
     from optim.stiefel._ops import CPU_ACCURATE_ROTATION_MIN_RANK, FLOAT64_ROTATION_MIN_RANK, rotates_in_float64
 
     cpu, cuda, low = torch.device("cpu"), torch.device("cuda"), CPU_ACCURATE_ROTATION_MIN_RANK
-    assert rotates_in_float64(torch.float32, low, 1000, 100, cpu)
-    assert not rotates_in_float64(torch.float32, low - 1, 1000, 100, cpu)
-    assert rotates_in_float64(torch.float32, low - 1, 200, 100, cpu)
-    assert not rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK - 1, 1000, 100, cuda)
-    assert rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK, 1000, 100, cuda)
-    assert not rotates_in_float64(torch.float64, FLOAT64_ROTATION_MIN_RANK, 1000, 1000, cpu)
+    for core in CORES:
+        assert rotates_in_float64(torch.float32, low, 1000, 100, cpu, core=core) == (core != "exp")
+        assert not rotates_in_float64(torch.float32, low - 1, 1000, 100, cpu, core=core)
+        assert rotates_in_float64(torch.float32, low - 1, 200, 100, cpu, core=core)
+        assert rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK, 1000, 100, cpu, core=core)
+        assert not rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK - 1, 1000, 100, cuda, core=core)
+        assert rotates_in_float64(torch.float32, FLOAT64_ROTATION_MIN_RANK, 1000, 100, cuda, core=core)
+        assert not rotates_in_float64(torch.float64, FLOAT64_ROTATION_MIN_RANK, 1000, 1000, cpu, core=core)
 
 
 @pytest.mark.parametrize("shape, r", [((120, 80), 16), ((80, 120), 40), ((3, 64, 64), 30), ((600, 40), 32),
@@ -478,7 +482,7 @@ def test_float32_small_steps_move_by_the_increment_core(shape, r):
     from optim.stiefel._ops import INCREMENT_MAX_NORM, rotates_in_float64
 
     n_rows, n_cols = max(shape[-2:]), min(shape[-2:])
-    assert rotates_in_float64(torch.float32, r, n_rows, n_cols, torch.device("cpu"))
+    assert rotates_in_float64(torch.float32, r, n_rows, n_cols, torch.device("cpu"), core="qr")
     x = _point(shape, torch.float32, "cpu")
     x_reference = x.clone()
     x_float64 = x.double()
@@ -505,7 +509,8 @@ def test_float32_small_steps_move_by_the_increment_core(shape, r):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gathered_rows_keep_the_whole_matrix_rounding_rule(device, dtype):
+@pytest.mark.parametrize("core", CORES)
+def test_gathered_rows_keep_the_whole_matrix_rounding_rule(device, dtype, core):
     """FSDP2's RSDM step runs the op on the r gathered rows inside a matrix of ``gathered_height`` rows: at least r
     and P tall, and rotating in float64 exactly where the whole N×P matrix does (or its rounding would differ from
     one process's)."""
@@ -516,7 +521,7 @@ def test_gathered_rows_keep_the_whole_matrix_rounding_rule(device, dtype):
     for n_rows in (8, 40, 100, 257, 1000):
         for n_cols in sorted({1, 3, n_rows // 3, n_rows // 2, n_rows // 2 + 1, n_rows}):
             for rank in sorted({1, 16, 23, 24, 64, 128, 129, 200} & set(range(1, n_rows + 1))):
-                height = gathered_height(dtype, rank, n_rows, n_cols, device)
+                height = gathered_height(dtype, rank, n_rows, n_cols, device, core)
                 assert height >= max(rank, n_cols)
-                assert rotates_in_float64(dtype, rank, height, n_cols, device) == \
-                    rotates_in_float64(dtype, rank, n_rows, n_cols, device), (rank, n_rows, n_cols, height)
+                assert rotates_in_float64(dtype, rank, height, n_cols, device, core=core) == \
+                    rotates_in_float64(dtype, rank, n_rows, n_cols, device, core=core), (rank, n_rows, n_cols, height)

@@ -391,13 +391,38 @@ void add_row_out(const T* base, const T* increment, T* dst, int64_t stride, int6
   }
 }
 
+// Where each matrix of a (batch of) n×p tensor lies in its storage, oriented as X̃ (N×P, N >= P): element (i, j) of
+// matrix b at data[offsets[b] + i·row_stride + j·column_stride]. Read off the tensor's own strides, so that a
+// column-major parameter (e.g. a QR factor, or the transpose of a contiguous one) is stepped in place: its
+// contiguous() copy and the copy back were a third of a 120×120, r = 40 step.
+struct OrientedLayout {
+  std::vector<int64_t> offsets;
+  int64_t row_stride, column_stride;
+};
+
+OrientedLayout oriented_layout(const at::Tensor& t, bool flip) {
+  const int64_t dims = t.dim();
+  const int64_t n = t.size(-2), p = t.size(-1);
+  const int64_t batch = t.numel() / (n * p);
+  OrientedLayout layout{std::vector<int64_t>(batch, 0), flip ? t.stride(-1) : t.stride(-2),
+                        flip ? t.stride(-2) : t.stride(-1)};
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t rest = b, offset = 0;
+    for (int64_t d = dims - 3; d >= 0; --d) {
+      offset += (rest % t.size(d)) * t.stride(d);
+      rest /= t.size(d);
+    }
+    layout.offsets[b] = offset;
+  }
+  return layout;
+}
+
 template <typename T>
-void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64_t n, int64_t p, int64_t r, double lr,
+void rsdm_step_matrices(T* x, const OrientedLayout& x_layout, T* g, const OrientedLayout& g_layout,
+                        const int64_t* indices, int64_t batch, int64_t n, int64_t p, int64_t r, double lr,
                         RsdmCore core, bool transport) {
-  // Oriented matrix X̃ (N×P, N >= P): X̃(i, j) = x[i·row_stride + j·column_stride] within one matrix.
   const bool flip = n < p;
   const int64_t n_rows = flip ? p : n, n_cols = flip ? n : p;
-  const int64_t row_stride = flip ? 1 : p, column_stride = flip ? p : 1;
   const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::TensorOptions wide = options.dtype(at::kDouble);
   // float32 rows where cpu_rotates_in_float64: A = G_I X_Iᵀ in float32 (its rounding only moves the direction: M is
@@ -416,20 +441,17 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
     at::Tensor core_matrix = at::empty({r, r}, options);
     at::Tensor moved = at::empty({r, n_cols}, options);
     at::Tensor core64, rows64, moved64;
-    if (float64_rotation) {
-      core64 = at::empty({r, r}, wide);
-      rows64 = at::empty({r, n_cols}, wide);
-      moved64 = at::empty({r, n_cols}, wide);
-    }
+    // rows64 and moved64 (float64 rows) only when a step is too large for the increment (allocated on first use)
+    if (float64_rotation) core64 = at::empty({r, r}, wide);
     T* xr = x_rows.data_ptr<T>();
     T* gr = g_rows.data_ptr<T>();
     for (int64_t b = begin; b < end; ++b) {
-      T* xb = x + b * n * p;
-      T* gb = g + b * n * p;
+      T* xb = x + x_layout.offsets[b];
+      T* gb = g + g_layout.offsets[b];
       const int64_t* rows = indices + b * r;
       for (int64_t a = 0; a < r; ++a) {
-        copy_row_in(xb + rows[a] * row_stride, column_stride, n_cols, xr + a * n_cols);
-        copy_row_in(gb + rows[a] * row_stride, column_stride, n_cols, gr + a * n_cols);
+        copy_row_in(xb + rows[a] * x_layout.row_stride, x_layout.column_stride, n_cols, xr + a * n_cols);
+        copy_row_in(gb + rows[a] * g_layout.row_stride, g_layout.column_stride, n_cols, gr + a * n_cols);
       }
       at::mm_out(core_matrix, g_rows, x_rows.t());
       T* m = core_matrix.data_ptr<T>();
@@ -473,20 +495,25 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
         for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
           const T* rows_in = pass == 0 ? xr : gr;
           T* target = pass == 0 ? xb : gb;
+        const OrientedLayout& layout = pass == 0 ? x_layout : g_layout;
           if (by_increment) {
             at::mm_out(moved, core_matrix, pass == 0 ? x_rows : g_rows);  // fl32(Y − I)·X_I
             const T* increment = moved.data_ptr<T>();
             for (int64_t a = 0; a < r; ++a)
-              add_row_out(rows_in + a * n_cols, increment + a * n_cols, target + rows[a] * row_stride,
-                          column_stride, n_cols);
+              add_row_out(rows_in + a * n_cols, increment + a * n_cols, target + rows[a] * layout.row_stride,
+                          layout.column_stride, n_cols);
             continue;
+          }
+          if (!rows64.defined()) {
+            rows64 = at::empty({r, n_cols}, wide);
+            moved64 = at::empty({r, n_cols}, wide);
           }
           double* wide_rows = rows64.data_ptr<double>();
           for (int64_t e = 0; e < r * n_cols; ++e) wide_rows[e] = static_cast<double>(rows_in[e]);
           at::mm_out(moved64, core64, rows64);  // Y·X_I in float64, rounded once
           const double* source = moved64.data_ptr<double>();
           for (int64_t a = 0; a < r; ++a)
-            copy_row_out(source + a * n_cols, target + rows[a] * row_stride, column_stride, n_cols);
+            copy_row_out(source + a * n_cols, target + rows[a] * layout.row_stride, layout.column_stride, n_cols);
         }
         continue;
       }
@@ -503,9 +530,10 @@ void rsdm_step_matrices(T* x, T* g, const int64_t* indices, int64_t batch, int64
       for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
         at::mm_out(moved, core_matrix, pass == 0 ? x_rows : g_rows);
         T* target = pass == 0 ? xb : gb;
+        const OrientedLayout& layout = pass == 0 ? x_layout : g_layout;
         const T* source = moved.data_ptr<T>();
         for (int64_t a = 0; a < r; ++a)
-          copy_row_out(source + a * n_cols, target + rows[a] * row_stride, column_stride, n_cols);
+          copy_row_out(source + a * n_cols, target + rows[a] * layout.row_stride, layout.column_stride, n_cols);
       }
     }
   });
@@ -541,9 +569,13 @@ void rsdm_step_cpu(at::Tensor x, at::Tensor g, const std::optional<at::Tensor>& 
     index_work = at::empty({batch, r}, x.options().dtype(at::kLong));
     sample_rows_into(index_work.data_ptr<int64_t>(), batch, std::max(n, p), r, seed, offset);
   }
-  at::Tensor x_work = x.contiguous(), g_work = g.contiguous();
+  // Stepped in place wherever each element has its own memory (any strides); else through a contiguous copy.
+  at::Tensor x_work = x.is_non_overlapping_and_dense() ? x : x.contiguous();
+  at::Tensor g_work = g.is_non_overlapping_and_dense() ? g : g.contiguous();
+  const bool flip = n < p;
+  const OrientedLayout x_layout = oriented_layout(x_work, flip), g_layout = oriented_layout(g_work, flip);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rsdm_step_cpu", [&] {
-    rsdm_step_matrices<scalar_t>(x_work.data_ptr<scalar_t>(), g_work.data_ptr<scalar_t>(),
+    rsdm_step_matrices<scalar_t>(x_work.data_ptr<scalar_t>(), x_layout, g_work.data_ptr<scalar_t>(), g_layout,
                                  index_work.data_ptr<int64_t>(), batch, n, p, r, lr, core_kind, transport);
   });
   if (!x_work.is_same(x)) x.copy_(x_work);

@@ -287,6 +287,58 @@ def test_non_contiguous_inputs(device):
     torch.testing.assert_close(g, want_g, rtol=0, atol=1e-12)
 
 
+def _laid_out(values: torch.Tensor, layout: str):
+    """``values`` (a fresh copy) in one of the memory layouts a parameter can have, inside a NaN-filled buffer:
+    ``column`` (each matrix column-major, as a QR factor), ``batch-last`` (the batch dimension innermost: dense, not
+    contiguous) or ``strided`` (every other column of a wider matrix: not dense)."""
+    shape = values.shape
+    if layout == "column":
+        permuted = (*range(len(shape) - 2), len(shape) - 1, len(shape) - 2)
+        view, buffer = _guarded(values.permute(permuted).contiguous())
+        return view.permute(permuted), buffer
+    if layout == "batch-last":
+        permuted = (*range(1, len(shape)), 0)
+        view, buffer = _guarded(values.permute(permuted).contiguous())
+        return view.permute(len(shape) - 1, *range(len(shape) - 1)), buffer
+    wide, buffer = _guarded(torch.full((*shape[:-1], 2 * shape[-1]), float("nan"), dtype=values.dtype,
+                                       device=values.device))
+    view = wide[..., ::2]
+    view.copy_(values)
+    return view, buffer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["column", "batch-last", "strided"])
+@pytest.mark.parametrize("shape, r", [((120, 120), 40), ((2, 30, 8), 6), ((3, 8, 30), 7), ((50, 20), 30)], ids=str)
+def test_any_memory_layout_is_stepped_in_place(device, dtype, layout, shape, r):
+    """X and G with their own (different) strides: the step equals the reference's on contiguous copies, writes X in
+    place (views of it see the step) and nothing outside the matrices."""
+    if layout == "batch-last" and len(shape) == 2:
+        pytest.skip("a single matrix has no batch dimension")
+    x0 = _point(shape, dtype, device)
+    g0 = torch.randn(shape, dtype=dtype, device=device)
+    g_layout = {"column": "strided", "batch-last": "column", "strided": "column"}[layout]
+    lr = 0.4 / max(1.0, g0.abs().max().item())
+    for core in CORES:
+        for transport in (False, True):
+            x, x_buffer = _laid_out(x0, layout)
+            g, g_buffer = _laid_out(g0, g_layout)
+            pointer = x.data_ptr()
+            want_x, want_g = x0.double().clone(), g0.double().clone()
+            STEP(x, g, None, rank=r, seed=5, offset=3, lr=lr, core=core, transport=transport)
+            rsdm_step_reference(want_x, want_g, None, rank=r, seed=5, offset=3, lr=lr, core=core, transport=transport)
+            assert x.data_ptr() == pointer
+            _assert_guards(x_buffer)
+            _assert_guards(g_buffer)
+            torch.testing.assert_close(x.double(), want_x, rtol=0, atol=TOLERANCE[dtype])
+            assert not torch.equal(x, x0.to(x.dtype)), "the step must move X"
+            if transport:
+                torch.testing.assert_close(g.double(), want_g, rtol=0, atol=TOLERANCE[dtype] * 10)
+            else:
+                assert torch.equal(g, g0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("indices", [False, True])
 def test_opcheck(device, indices):

@@ -200,16 +200,16 @@ def make_pca(device: torch.device, quick: bool) -> GapProblem:
     # --quick: a smaller, better-conditioned spectrum (10·logspace(−1, 0, n)) so that a CPU run ends in seconds.
     n, p, r, low = (120, 60, 40, -1.0) if quick else (2000, 1500, 700, -3.0)
     a, best, x0 = pca_problem(n, p, device, low=low)
-    a64 = a.to(torch.float64)
+    a64, neg_a = a.to(torch.float64), -a
 
     def rows_grad(x, rows):
-        return -(a[rows] @ x)
+        return torch.mm(neg_a.index_select(0, rows), x)
 
     def value(x):
         return -0.5 * torch.trace(x.T @ a64 @ x).item()
 
     # lr = 2/λ_max: the largest step at which RGD-QR is still stable here, used by every method but Adam.
-    return GapProblem("pca", n, p, r, 2.0 / 10.0, x0, best, lambda x: -(a @ x), rows_grad, value,
+    return GapProblem("pca", n, p, r, 2.0 / 10.0, x0, best, lambda x: torch.mm(neg_a, x), rows_grad, value,
                       f"PCA: F = -tr(X^T A X)/2, A = Q diag(10*logspace({low:g}, 0, n)) Q^T",
                       f"10*logspace({low:g}, 0, n)")
 
@@ -251,7 +251,9 @@ def make_procrustes(device: torch.device, quick: bool, seed: int = 1) -> GapProb
 
     # The Riemannian Hessian of −2tr(XᵀC) at X* has eigenvalues (σ_i + σ_j), up to 2σ_max: lr = 1/σ_max.
     return GapProblem("procrustes", n, n, r, 1.0 / sigma[0].item(), x0.to(device, torch.float32), best,
-                      lambda x: 2.0 * (h_f @ x - c_f), lambda x, rows: 2.0 * (h_f[rows] @ x - c_f[rows]), value,
+                      lambda x: torch.addmm(c_f, h_f, x, beta=-2.0, alpha=2.0),
+                      lambda x, rows: torch.addmm(c_f.index_select(0, rows), h_f.index_select(0, rows), x, beta=-2.0,
+                                                  alpha=2.0), value,
                       f"Procrustes on O(n): F = ||AX - B||^2, singular values of A^T A = 10*logspace({low:g}, 0, n), "
                       "B = A X_true + 0.1 N", f"10*logspace({low:g}, 0, n)")
 
@@ -305,7 +307,7 @@ def gap_methods(problem: GapProblem, device: torch.device, geoopt) -> dict:
     g_ours = torch.zeros_like(problem.x0)
 
     def fused_update(x, rows):
-        g_ours[rows] = problem.rows_grad(x, rows)
+        g_ours.index_copy_(0, rows, problem.rows_grad(x, rows))
         optim.stiefel._ops.rsdm_step_(x, g_ours, rows, rank=r, seed=0, offset=0, lr=lr, core="qr", transport=False)
 
     step, x = row_loop(fused_update)
@@ -314,11 +316,11 @@ def gap_methods(problem: GapProblem, device: torch.device, geoopt) -> dict:
     eye = torch.eye(r, device=device)
 
     def naive_update(x, rows):
-        x_rows = x[rows]
+        x_rows = x.index_select(0, rows)
         g_rows = problem.rows_grad(x, rows)
         m = g_rows @ x_rows.T
         q, rr = torch.linalg.qr(eye - (0.5 * lr) * (m - m.T))
-        x[rows] = (q * torch.sign(torch.diagonal(rr)).unsqueeze(0)) @ x_rows
+        x.index_copy_(0, rows, (q * torch.sign(torch.diagonal(rr)).unsqueeze(0)) @ x_rows)
 
     step, x = row_loop(naive_update)
     methods["RSDM-P (naive PyTorch)"] = (step, x, rsdm_check, lr)

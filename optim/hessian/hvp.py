@@ -480,18 +480,22 @@ def _looped_backward(outputs, leaves, directions, keep_graph, out=None):
     reaches) when given or possible; stacked per leaf otherwise."""
     count = directions[0].shape[0]
     views = out if out is not None else _product_views(leaves, count)
+    # Each leaf's k rows as views made once, and one foreach copy per probe: a copy_ per (probe, leaf) cost more
+    # than torch.stack on a small model (1.8 against 1.0 ms for 8 probes of a 0.7M-parameter GPT, one CPU thread).
+    rows = None if views is None else [view.unbind(0) for view in views]
     per_probe = []
     for j in range(count):
         products = torch.autograd.grad(outputs, leaves, [d[j] for d in directions],
                                        retain_graph=keep_graph or j < count - 1, allow_unused=True)
-        if views is None:
+        if rows is None:
             per_probe.append(products)
             continue
-        for view, product in zip(views, products):
+        reached = [(leaf_rows[j], product) for leaf_rows, product in zip(rows, products) if product is not None]
+        if reached:
+            torch._foreach_copy_([target for target, _ in reached], [product for _, product in reached])
+        for leaf_rows, product in zip(rows, products):
             if product is None:
-                view[j].zero_()
-            else:
-                view[j].copy_(product)
+                leaf_rows[j].zero_()
     if views is not None:
         return views
     return [None if per_probe[0][i] is None else torch.stack([probe[i] for probe in per_probe])

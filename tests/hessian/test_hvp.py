@@ -248,6 +248,22 @@ def test_unused_and_linear_params(mode):
 
 
 @pytest.mark.parametrize("mode", ["rr", "fr", "fd", "auto"])
+def test_unused_and_linear_params_with_k_probes(mode):
+    # As above with a block of 3 probes: the rows of leaves no second backward reaches are zeros in the block.
+    a, b, c = (torch.randn(3, dtype=torch.float64) for _ in range(3))
+    va, vb, vc = (torch.randn(3, 3, dtype=torch.float64) for _ in range(3))
+
+    def f(a, b, c):
+        return (a * a).sum() + (3.0 * b).sum()
+
+    hv = hvp(f, [a, b, c], [va, vb, vc], mode=mode)
+    tol = dict(rtol=1e-6, atol=1e-9) if mode == "fd" else dict(rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(hv[0], 2 * va, **tol)
+    torch.testing.assert_close(hv[1], torch.zeros(3, 3, dtype=torch.float64), **tol)
+    torch.testing.assert_close(hv[2], torch.zeros(3, 3, dtype=torch.float64), **tol)
+
+
+@pytest.mark.parametrize("mode", ["rr", "fr", "fd", "auto"])
 def test_zero_probes(mode):
     case, _ = cached_case("mlp")
     hv, grad = hvp(case.f, case.params, random_like(case.params, 0), mode=mode, return_grad=True)

@@ -394,7 +394,7 @@ void add_row_out(const T* base, const T* increment, T* dst, int64_t stride, int6
 // Where each matrix of a (batch of) n×p tensor lies in its storage, oriented as X̃ (N×P, N >= P): element (i, j) of
 // matrix b at data[offsets[b] + i·row_stride + j·column_stride]. Read off the tensor's own strides, so that a
 // column-major parameter (e.g. a QR factor, or the transpose of a contiguous one) is stepped in place: its
-// contiguous() copy and the copy back were a third of a 120×120, r = 40 step.
+// contiguous() copy and the copy back were 29% of a 120×120, r = 40 step (48.6 µs against 34.7 µs without).
 struct OrientedLayout {
   std::vector<int64_t> offsets;
   int64_t row_stride, column_stride;
@@ -495,7 +495,7 @@ void rsdm_step_matrices(T* x, const OrientedLayout& x_layout, T* g, const Orient
         for (int pass = 0; pass < (transport ? 2 : 1); ++pass) {
           const T* rows_in = pass == 0 ? xr : gr;
           T* target = pass == 0 ? xb : gb;
-        const OrientedLayout& layout = pass == 0 ? x_layout : g_layout;
+          const OrientedLayout& layout = pass == 0 ? x_layout : g_layout;
           if (by_increment) {
             at::mm_out(moved, core_matrix, pass == 0 ? x_rows : g_rows);  // fl32(Y − I)·X_I
             const T* increment = moved.data_ptr<T>();

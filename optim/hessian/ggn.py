@@ -34,6 +34,8 @@ on a kept forward is so about 4 GEMMs per linear layer against 3 for a gradient 
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Callable
 
 import torch
@@ -42,8 +44,8 @@ from torch.nn import functional as F
 
 from . import losses
 from ._ops import cross_entropy_hvp
-from .hvp import _check_finite_loss, _scalar_loss, batched_vjp
-from .operator import CurvatureOperator
+from .hvp import _check_finite_loss, _scalar_loss, _signature, batched_vjp, check_compile
+from .operator import CurvatureOperator, model_output
 
 __all__ = ["GGNOperator"]
 
@@ -122,6 +124,14 @@ class GGNOperator(CurvatureOperator):
         loss_fn: ``loss_fn(output, target)`` returning a scalar. Cross-entropy and MSE get closed forms of ``H_b``
             (module docstring); any other criterion is differentiated twice in the outputs by autograd.
         data, param_filter: as for ``HessianOperator``.
+        compile: compute each product with a ``torch.compile``'d function of one probe, ``Jᵀ (H_z (J v))``: ``J v``
+            by forward mode (``torch.func.jvp`` of the outputs), ``H_z`` in closed form, ``Jᵀ w`` by ``vjp``;
+            compiled at the first product for this model and batch shapes and reused by every later product and
+            operator on them (a block of k probes runs it k times). :attr:`compile_seconds` reports the time. It
+            applies to the criteria with a closed form (cross-entropy without class weights, label smoothing or
+            ignored targets, and MSE: see the module docstring); any other criterion or batch is computed eagerly
+            (``output_hessian`` says which ran: ``"compiled"`` or the eager kind). No graph is kept
+            (``reuse_graph`` must not be True); the model needs forward-mode rules (as ``optim.hvp(mode="fr")``).
         reuse_graph: keep each product's forward (the model's activations, the graph of ``Jᵀd`` and, for a
             generic loss, the graph of ``∇_z ℓ``) between products on one-batch ``data``, so a further product is
             two backwards and no forward. ``None`` (default): when no module is in training mode; ``True``: also in
@@ -132,8 +142,8 @@ class GGNOperator(CurvatureOperator):
             first-order backward (``create_graph``), plus a copy of the parameters, buffers and batch.
 
     Attributes:
-        output_hessian: how ``H_b`` was applied at the last build: ``"cross_entropy"``, ``"mse"`` or ``"autograd"``
-            (None before the first product).
+        output_hessian: how ``H_b`` was applied at the last product: ``"cross_entropy"``, ``"mse"`` or
+            ``"autograd"`` (eager), ``"compiled"`` (``compile=True``); None before the first product.
 
     The model is evaluated in its current mode, like HessianOperator (train-mode BatchNorm uses batch statistics
     and its running statistics are left alone; ``model.eval()`` for a deterministic operator).
@@ -147,9 +157,30 @@ class GGNOperator(CurvatureOperator):
         *,
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         reuse_graph: bool | None = None,
+        compile: bool = False,
     ):
-        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph)
+        check_compile(compile, "fr", where=self._where)
+        if compile and reuse_graph is True:
+            raise ValueError(f"{self._where}: compile=True recomputes the forward in the compiled product, so there "
+                             "is no graph to reuse; pass reuse_graph=None or False with it")
+        self.compile = compile
+        super().__init__(model, loss_fn, data, param_filter=param_filter,
+                         reuse_graph=False if compile else reuse_graph)
         self.output_hessian: str | None = None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first calls of compiled GGN products for this model (compilation included)."""
+        return ggn_compile_seconds(self.model)
+
+    def _batch_product(self, inputs, targets, params, v, k, rows):
+        if self.compile:
+            product = compiled_ggn(self.model, model_output(self.model, tuple(self.names), inputs), self.loss_fn,
+                                   targets, params, v, k, (inputs, targets))
+            if product is not None:
+                self.output_hessian = "compiled"
+                return product
+        return super()._batch_product(inputs, targets, params, v, k, rows)
 
     def _build(self, inputs, targets, params, rows) -> _OutputGraph:
         where = self._where
@@ -176,6 +207,105 @@ class GGNOperator(CurvatureOperator):
         if not state.output.requires_grad:
             return [torch.zeros_like(t) for t in v]
         return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True)
+
+
+# The compiled product: one function for every model and criterion, guarded by dynamo on what ``output_fn`` closes
+# over (the model, the batch), compiled at its first call. The compile times are kept per model; nothing here refers
+# to an operator (a SharpnessMonitor builds one per measurement).
+_compiled_ggn_product = None
+_ggn_signatures: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
+_ggn_seconds: "weakref.WeakKeyDictionary[object, float]" = weakref.WeakKeyDictionary()
+
+
+class _NoClosedForm(Exception):
+    """Raised inside the compiled product when the outputs do not fit the criterion's closed form (shapes)."""
+
+
+def compiled_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
+    """``(kind, reduction)`` of the criteria whose ``H_z`` the compiled product applies in closed form (as
+    :class:`_OutputHessian` does), when ``targets`` fit it; None otherwise (the product is then computed eagerly).
+    Differentiating a criterion twice inside the compiled function is avoided: inductor (torch 2.13, CPU, float64)
+    crashed on ``jvp(grad(F.mse_loss))``."""
+    integer = not targets.dtype.is_floating_point and not targets.dtype.is_complex and targets.dtype != torch.bool
+    ce_module = isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and \
+        loss_fn.label_smoothing == 0.0 and loss_fn.reduction in ("mean", "sum")
+    if (loss_fn is F.cross_entropy or ce_module) and integer and targets.dim() == 1:
+        ignore_index = loss_fn.ignore_index if ce_module else -100
+        if not bool((targets == ignore_index).any()):
+            return "cross_entropy", loss_fn.reduction if ce_module else "mean"
+        return None
+    if loss_fn is losses.cross_entropy and integer and targets.numel() > 0:
+        return "cross_entropy_last_dim", "mean"
+    mse_module = isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction in ("mean", "sum")
+    if (loss_fn is F.mse_loss or mse_module) and targets.dtype.is_floating_point:
+        return "mse", loss_fn.reduction if mse_module else "mean"
+    return None
+
+
+def _ggn_product(output_fn, loss_fn, targets, kind, reduction, params, direction):
+    """``(G v, ℓ(z))`` for one probe: ``u = J v`` and ``z`` by ``jvp`` of the outputs, ``w = H_z u`` in closed form,
+    ``Jᵀ w`` by ``vjp`` (the compiler shares the primal forward of the two)."""
+    primals = tuple(params)
+    output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
+    if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
+        raise _NoClosedForm
+    if kind == "cross_entropy":
+        if output.dim() != 2 or targets.shape != output.shape[:1]:
+            raise _NoClosedForm
+        w = cross_entropy_hvp(output, jv, 1.0 / output.shape[0] if reduction == "mean" else 1.0)
+    elif kind == "cross_entropy_last_dim":
+        if output.dim() < 1 or targets.shape != output.shape[:-1]:
+            raise _NoClosedForm
+        w = cross_entropy_hvp(output, jv, 1.0 / targets.numel())
+    else:
+        if targets.shape != output.shape or targets.dtype != output.dtype:
+            raise _NoClosedForm
+        w = (2.0 / output.numel() if reduction == "mean" else 2.0) * jv
+    _, pullback = torch.func.vjp(output_fn, *primals)
+    return pullback(w), _scalar_loss(loss_fn(output, targets))
+
+
+def ggn_compile_seconds(model) -> float:
+    """Seconds the first calls of ``model``'s compiled GGN products took, compilation included (0 if none)."""
+    try:
+        return _ggn_seconds.get(model, 0.0)
+    except TypeError:
+        return 0.0
+
+
+def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_extra) -> list[torch.Tensor] | None:
+    """``G v`` for one probe (``k`` None) or a ``(k, ...)`` block, by the compiled :func:`_ggn_product`; the first
+    call per (model, signature) is timed into :func:`ggn_compile_seconds`. None where the criterion or the outputs
+    have no closed form there (:func:`compiled_output_hessian`): the caller computes the product eagerly."""
+    global _compiled_ggn_product
+    form = compiled_output_hessian(loss_fn, targets)
+    if form is None:
+        return None
+    start = time.perf_counter()
+    if _compiled_ggn_product is None:
+        _compiled_ggn_product = torch.compile(_ggn_product, dynamic=False)
+    signature = (_signature(params), _signature(signature_extra), form)
+    try:
+        seen = _ggn_signatures.setdefault(model, set())
+    except TypeError:  # not weak-referenceable: not timed
+        seen = None
+    first = seen is not None and signature not in seen
+    directions = [list(v)] if k is None else [[t[j] for t in v] for j in range(k)]
+    products = []
+    for direction in directions:
+        try:
+            product, loss = _compiled_ggn_product(output_fn, loss_fn, targets, *form, list(params), direction)
+        except _NoClosedForm:
+            return None
+        if first:
+            seen.add(signature)
+            _ggn_seconds[model] = ggn_compile_seconds(model) + time.perf_counter() - start
+            first = False
+        _check_finite_loss(loss, at="the model's outputs")
+        products.append(product)
+    if k is None:
+        return list(products[0])
+    return [torch.stack([product[i] for product in products]) for i in range(len(params))]
 
 
 def apply_output_hessian(loss_fn, output: torch.Tensor, targets, u: torch.Tensor, where: str) -> torch.Tensor:

@@ -110,3 +110,75 @@ def test_operator_and_monitor_compile_once_per_model_and_follow_parameter_update
         if step == 0:
             after_first = monitor.compile_seconds
     assert monitor.compile_seconds == after_first  # the second measurement compiled nothing
+
+
+def _dense_ggn(model, inputs, targets, loss_fn):
+    """``Jᵀ H_z J`` from the explicit Jacobian of the outputs and Hessian of the criterion in them (float64)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def outputs(flat_params):
+        pieces = [piece.reshape(p.shape) for piece, p in zip(flat_params.split(sizes), params)]
+        return torch.func.functional_call(model, dict(zip(names, pieces)), (inputs,))
+
+    z = outputs(flat)
+    jacobian = torch.autograd.functional.jacobian(outputs, flat).reshape(z.numel(), -1)
+    h_z = torch.autograd.functional.hessian(lambda w: loss_fn(w.reshape(z.shape), targets), z.reshape(-1))
+    return jacobian.T @ h_z @ jacobian
+
+
+def test_ggn_compiled_matches_the_explicit_matrix_for_one_and_k_probes_and_compiles_once():
+    model, inputs, targets = _tiny()
+    mse_targets = torch.randn(7, 3, dtype=torch.float64)
+    cases = [(F.cross_entropy, targets), (nn.CrossEntropyLoss(reduction="sum"), targets), (nn.MSELoss(), mse_targets)]
+    for loss_fn, y in cases:
+        G = optim.GGNOperator(model, loss_fn, (inputs, y), compile=True)
+        dense = _dense_ggn(model, inputs, y, loss_fn)
+        v = torch.randn(3, G.n, dtype=torch.float64)
+        torch.testing.assert_close(G @ v, v @ dense, rtol=1e-10, atol=1e-12)
+        assert G.output_hessian == "compiled"
+        spent = G.compile_seconds
+        assert spent > 0
+        torch.testing.assert_close(G @ v[0], dense @ v[0], rtol=1e-10, atol=1e-12)  # one probe: the same compiled code
+        with torch.no_grad():  # the compiled product reads the current parameters
+            model[2].weight.mul_(0.7)
+        torch.testing.assert_close(G @ v, v @ _dense_ggn(model, inputs, y, loss_fn), rtol=1e-10, atol=1e-12)
+        assert G.compile_seconds == spent
+
+
+def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kept_graph():
+    model, inputs, targets = _tiny()
+
+    def log_sum_exp_loss(z, t):  # no closed form: computed eagerly, by autograd in the outputs
+        return torch.logsumexp(z, dim=1).mean()
+
+    for loss_fn, kind in ((log_sum_exp_loss, "autograd"), (nn.CrossEntropyLoss(ignore_index=1), "autograd")):
+        G = optim.GGNOperator(model, loss_fn, (inputs, targets), compile=True)
+        v = torch.randn(2, G.n, dtype=torch.float64)
+        torch.testing.assert_close(G @ v, v @ _dense_ggn(model, inputs, targets, loss_fn), rtol=1e-10, atol=1e-12)
+        assert G.output_hessian == kind
+    with pytest.raises(ValueError, match="no graph to reuse"):
+        optim.GGNOperator(model, F.cross_entropy, (inputs, targets), compile=True, reuse_graph=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        optim.GGNOperator(model, F.cross_entropy, (inputs, targets), compile="yes")
+    with pytest.raises(ValueError, match="curvature='fisher' has no compiled product"):
+        optim.SharpnessMonitor(model, F.cross_entropy, curvature="fisher", compile=True)
+
+
+def test_ggn_monitor_compiles_once_and_equals_eager():
+    model, inputs, targets = _tiny()
+    monitor = optim.SharpnessMonitor(model, F.cross_entropy, every=1, probes=4, lanczos_iters=12, top_k=1,
+                                     curvature="ggn", compile=True)
+    eager = optim.SharpnessMonitor(model, F.cross_entropy, every=1, probes=4, lanczos_iters=12, top_k=1,
+                                   curvature="ggn")
+    for step in range(2):
+        record = monitor.measure(step, (inputs, targets))
+        reference = eager.measure(step, (inputs, targets))
+        assert record["lambda_max"] == pytest.approx(reference["lambda_max"], rel=1e-8)
+        assert record["trace"] == pytest.approx(reference["trace"], rel=1e-8)
+        if step == 0:
+            after_first = monitor.compile_seconds
+            assert after_first > 0
+    assert monitor.compile_seconds == after_first

@@ -34,8 +34,6 @@ on a kept forward is so about 4 GEMMs per linear layer against 3 for a gradient 
 
 from __future__ import annotations
 
-import time
-import weakref
 from typing import Callable
 
 import torch
@@ -44,7 +42,8 @@ from torch.nn import functional as F
 
 from . import losses
 from ._ops import cross_entropy_hvp
-from .hvp import _check_finite_loss, _scalar_loss, _signature, batched_vjp, check_compile
+from .hvp import (CompileTimes, _check_finite_loss, _scalar_loss, _signature, batched_vjp, check_compile,
+                  compiled, per_probe)
 from .operator import CurvatureOperator, model_output
 
 __all__ = ["GGNOperator"]
@@ -212,9 +211,7 @@ class GGNOperator(CurvatureOperator):
 # The compiled product: one function for every model and criterion, guarded by dynamo on what ``output_fn`` closes
 # over (the model, the batch), compiled at its first call. The compile times are kept per model; nothing here refers
 # to an operator (a SharpnessMonitor builds one per measurement).
-_compiled_ggn_product = None
-_ggn_signatures: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
-_ggn_seconds: "weakref.WeakKeyDictionary[object, float]" = weakref.WeakKeyDictionary()
+_ggn_compile_times = CompileTimes()
 
 
 class _NoClosedForm(Exception):
@@ -267,45 +264,28 @@ def _ggn_product(output_fn, loss_fn, targets, kind, reduction, params, direction
 
 def ggn_compile_seconds(model) -> float:
     """Seconds the first calls of ``model``'s compiled GGN products took, compilation included (0 if none)."""
-    try:
-        return _ggn_seconds.get(model, 0.0)
-    except TypeError:
-        return 0.0
+    return _ggn_compile_times.seconds(model)
 
 
 def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_extra) -> list[torch.Tensor] | None:
     """``G v`` for one probe (``k`` None) or a ``(k, ...)`` block, by the compiled :func:`_ggn_product`; the first
     call per (model, signature) is timed into :func:`ggn_compile_seconds`. None where the criterion or the outputs
     have no closed form there (:func:`compiled_output_hessian`): the caller computes the product eagerly."""
-    global _compiled_ggn_product
     form = compiled_output_hessian(loss_fn, targets)
     if form is None:
         return None
-    start = time.perf_counter()
-    if _compiled_ggn_product is None:
-        _compiled_ggn_product = torch.compile(_ggn_product, dynamic=False)
-    signature = (_signature(params), _signature(signature_extra), form)
-    try:
-        seen = _ggn_signatures.setdefault(model, set())
-    except TypeError:  # not weak-referenceable: not timed
-        seen = None
-    first = seen is not None and signature not in seen
-    directions = [list(v)] if k is None else [[t[j] for t in v] for j in range(k)]
-    products = []
-    for direction in directions:
-        try:
-            product, loss = _compiled_ggn_product(output_fn, loss_fn, targets, *form, list(params), direction)
-        except _NoClosedForm:
-            return None
-        if first:
-            seen.add(signature)
-            _ggn_seconds[model] = ggn_compile_seconds(model) + time.perf_counter() - start
-            first = False
+    mark = _ggn_compile_times.first_call_timer(model, (_signature(params), _signature(signature_extra), form))
+
+    def product_of(direction):
+        product, loss = compiled(_ggn_product)(output_fn, loss_fn, targets, *form, list(params), direction)
+        mark()
         _check_finite_loss(loss, at="the model's outputs")
-        products.append(product)
-    if k is None:
-        return list(products[0])
-    return [torch.stack([product[i] for product in products]) for i in range(len(params))]
+        return product
+
+    try:
+        return per_probe(product_of, v, k)
+    except _NoClosedForm:
+        return None
 
 
 def apply_output_hessian(loss_fn, output: torch.Tensor, targets, u: torch.Tensor, where: str) -> torch.Tensor:

@@ -83,6 +83,7 @@ third derivatives).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -609,11 +610,62 @@ def _hvp_fr(f, params, v, k):
 # ----------------------------------------------------------------------------------------------------------------
 # The compiled forward-over-reverse product
 
-# key (a function, or a model for HessianOperator) -> the signatures compiled for it, and the seconds it took.
-# Nothing here refers to the key's objects (a value holding its key would keep it alive).
-_compiled_signatures: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
-_compile_seconds: "weakref.WeakKeyDictionary[object, float]" = weakref.WeakKeyDictionary()
-_compiled_product = None  # torch.compile(_fr_product), made at the first use
+class CompileTimes:
+    """Per key (a function, or a model for the operators): the signatures compiled for it and the seconds their
+    first calls took. Nothing here refers to the key's objects (a value holding its key would keep it alive); a
+    key that cannot be weakly referenced is not timed."""
+
+    def __init__(self):
+        self._signatures: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
+        self._seconds: "weakref.WeakKeyDictionary[object, float]" = weakref.WeakKeyDictionary()
+
+    def seconds(self, key: object) -> float:
+        try:
+            return self._seconds.get(key, 0.0)
+        except TypeError:
+            return 0.0
+
+    def is_new(self, key: object, signature: tuple) -> bool:
+        try:
+            return signature not in self._signatures.get(key, ())
+        except TypeError:
+            return False
+
+    def add(self, key: object, signature: tuple, seconds: float) -> None:
+        self._signatures.setdefault(key, set()).add(signature)
+        self._seconds[key] = self.seconds(key) + seconds
+
+    def first_call_timer(self, key: object, signature: tuple) -> Callable[[], None]:
+        """Started now; call it after each compiled call: the first, for a (key, signature) not seen yet, adds
+        the seconds since the start (the compilation included)."""
+        start, pending = time.perf_counter(), [self.is_new(key, signature)]
+
+        def mark() -> None:
+            if pending[0]:
+                self.add(key, signature, time.perf_counter() - start)
+                pending[0] = False
+        return mark
+
+
+@functools.cache
+def compiled(function: Callable) -> Callable:
+    """``torch.compile(function)``, made at the first use and shared by every caller."""
+    return torch.compile(function, dynamic=False)
+
+
+def per_probe(product_of: Callable[[list[torch.Tensor]], list[torch.Tensor]], v: list[torch.Tensor],
+              k: int | None) -> list[torch.Tensor]:
+    """``product_of(direction)`` for one probe (``k`` None), or stacked per entry over the k probes of a block:
+    the compiled products run their one-probe function k times (vmapping the tangents inside the compiled function
+    compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU), so one compilation serves Lanczos (one
+    probe) and Hutchinson (blocks) alike."""
+    if k is None:
+        return list(product_of(list(v)))
+    products = [product_of([t[j] for t in v]) for j in range(k)]
+    return [torch.stack([product[i] for product in products]) for i in range(len(v))]
+
+
+_hvp_compile_times = CompileTimes()
 
 
 def check_compile(compile: object, mode: str, *, where: str) -> None:
@@ -629,10 +681,7 @@ def check_compile(compile: object, mode: str, *, where: str) -> None:
 
 def compile_seconds(key: object) -> float:
     """Seconds the first calls of the compiled products of ``key`` took, compilation included (0 if none)."""
-    try:
-        return _compile_seconds.get(key, 0.0)
-    except TypeError:
-        return 0.0
+    return _hvp_compile_times.seconds(key)
 
 
 def _signature(tensors) -> tuple:
@@ -669,35 +718,20 @@ def compiled_hvp(key, f, params, v, k, signature_extra=(), *, need_grad=True):
     Dynamo keeps the compiled code (one cache per process for this function, up to its recompile limit), guarded on
     ``f``'s code and what it closes over; ``signature_extra`` (the batch) completes the signature that is timed.
     """
-    global _compiled_product
-    start = time.perf_counter()
-    if _compiled_product is None:
-        _compiled_product = torch.compile(_fr_product, dynamic=False)
-    signature = (_signature(params), _signature(signature_extra), need_grad)
-    try:
-        seen = _compiled_signatures.setdefault(key, set())
-    except TypeError:  # not weak-referenceable: not timed
-        seen = None
-    first = seen is not None and signature not in seen
-    # A block of k probes runs the one-probe product k times: vmapping the tangents inside the compiled function
-    # compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU, and one compilation then serves Lanczos
-    # (one probe) and Hutchinson (blocks) alike.
-    directions = [list(v)] if k is None else [[t[j] for t in v] for j in range(k)]
-    products, grad = [], None
-    for direction in directions:
+    mark = _hvp_compile_times.first_call_timer(key, (_signature(params), _signature(signature_extra), need_grad))
+    grad = None
+
+    def product_of(direction):
+        nonlocal grad
         # Every probe of a block runs the same compiled variant (returning ∇f or not): one compilation.
-        out = _compiled_product(f, list(params), direction, None, need_grad)
+        out = compiled(_fr_product)(f, list(params), direction, None, need_grad)
         (grad, hv, loss) = out if need_grad else (None, *out)
-        if first:
-            seen.add(signature)
-            _compile_seconds[key] = compile_seconds(key) + time.perf_counter() - start
-            first = False
+        mark()
         _check_finite_loss(loss)
-        products.append(hv)
-    grad = None if grad is None else list(grad)
-    if k is None:
-        return list(products[0]), grad
-    return [torch.stack([product[i] for product in products]) for i in range(len(params))], grad
+        return hv
+
+    products = per_probe(product_of, v, k)
+    return products, None if grad is None else list(grad)
 
 
 def loss_and_gradient(f, points: list[torch.Tensor], *, at: str) -> tuple[torch.Tensor, list[torch.Tensor]]:

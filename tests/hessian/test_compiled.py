@@ -96,12 +96,15 @@ def test_operator_and_monitor_compile_once_per_model_and_follow_parameter_update
         model[0].weight.mul_(1.3)
     torch.testing.assert_close(H @ v, v @ _dense(model, inputs, targets), rtol=1e-10, atol=1e-12)
     assert H.compile_seconds == spent
-    # A monitor builds a new operator at each measurement: the model's compiled product serves all of them.
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, probes=4, lanczos_iters=12,
-                                     top_k=1, compile=True)
-    eager = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, probes=4, lanczos_iters=12,
-                                   top_k=1)
+    _assert_monitor_compiles_once(model, inputs, targets, lr_from=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def _assert_monitor_compiles_once(model, inputs, targets, **options):
+    """A monitor builds a new operator at each measurement: the model's compiled product serves all of them, and
+    the measurements equal the eager monitor's."""
+    settings = dict(every=1, probes=4, lanczos_iters=12, top_k=1, **options)
+    monitor = optim.SharpnessMonitor(model, F.cross_entropy, compile=True, **settings)
+    eager = optim.SharpnessMonitor(model, F.cross_entropy, **settings)
     for step in range(2):
         record = monitor.measure(step, (inputs, targets))
         reference = eager.measure(step, (inputs, targets))
@@ -109,6 +112,7 @@ def test_operator_and_monitor_compile_once_per_model_and_follow_parameter_update
         assert record["trace"] == pytest.approx(reference["trace"], rel=1e-8)
         if step == 0:
             after_first = monitor.compile_seconds
+            assert after_first > 0
     assert monitor.compile_seconds == after_first  # the second measurement compiled nothing
 
 
@@ -169,16 +173,4 @@ def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kep
 
 def test_ggn_monitor_compiles_once_and_equals_eager():
     model, inputs, targets = _tiny()
-    monitor = optim.SharpnessMonitor(model, F.cross_entropy, every=1, probes=4, lanczos_iters=12, top_k=1,
-                                     curvature="ggn", compile=True)
-    eager = optim.SharpnessMonitor(model, F.cross_entropy, every=1, probes=4, lanczos_iters=12, top_k=1,
-                                   curvature="ggn")
-    for step in range(2):
-        record = monitor.measure(step, (inputs, targets))
-        reference = eager.measure(step, (inputs, targets))
-        assert record["lambda_max"] == pytest.approx(reference["lambda_max"], rel=1e-8)
-        assert record["trace"] == pytest.approx(reference["trace"], rel=1e-8)
-        if step == 0:
-            after_first = monitor.compile_seconds
-            assert after_first > 0
-    assert monitor.compile_seconds == after_first
+    _assert_monitor_compiles_once(model, inputs, targets, curvature="ggn")

@@ -72,22 +72,11 @@ class _OutputHessian:
 
     @staticmethod
     def _closed_form(loss_fn, z, targets):
-        integer = not targets.dtype.is_floating_point and not targets.dtype.is_complex and targets.dtype != torch.bool
-        ce_module = isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and \
-            loss_fn.label_smoothing == 0.0 and loss_fn.reduction in ("mean", "sum")
-        if (loss_fn is F.cross_entropy or ce_module) and integer and z.dim() == 2 and targets.shape == z.shape[:1]:
-            ignore_index = loss_fn.ignore_index if ce_module else -100
-            if not bool((targets == ignore_index).any()):
-                mean = not ce_module or loss_fn.reduction == "mean"
-                return "cross_entropy", (1.0 / z.shape[0] if mean else 1.0), z, None
-        if loss_fn is losses.cross_entropy and integer and z.dim() >= 1 and targets.shape == z.shape[:-1] \
-                and targets.numel() > 0:
-            return "cross_entropy", 1.0 / targets.numel(), z, None
-        mse_module = isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction in ("mean", "sum")
-        if (loss_fn is F.mse_loss or mse_module) and targets.shape == z.shape and targets.dtype == z.dtype:
-            mean = not mse_module or loss_fn.reduction == "mean"
-            return "mse", (2.0 / z.numel() if mean else 2.0), z, None
-        return None, None, z, None
+        form = closed_form_output_hessian(loss_fn, targets)
+        scale = None if form is None else output_hessian_scale(*form, z, targets)
+        if scale is None:
+            return None, None, z, None
+        return ("mse" if form[0] == "mse" else "cross_entropy"), scale, z, None
 
     def __call__(self, u: torch.Tensor, k: int | None) -> torch.Tensor:
         if self.kind == "cross_entropy":
@@ -218,11 +207,9 @@ class _NoClosedForm(Exception):
     """Raised inside the compiled product when the outputs do not fit the criterion's closed form (shapes)."""
 
 
-def compiled_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
-    """``(kind, reduction)`` of the criteria whose ``H_z`` the compiled product applies in closed form (as
-    :class:`_OutputHessian` does), when ``targets`` fit it; None otherwise (the product is then computed eagerly).
-    Differentiating a criterion twice inside the compiled function is avoided: inductor (torch 2.13, CPU, float64)
-    crashed on ``jvp(grad(F.mse_loss))``."""
+def closed_form_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
+    """``(kind, reduction)`` of the criteria whose ``H_z`` is applied in closed form (module docstring), when
+    ``targets`` fit it (cross-entropy: integer class indices, none of them ignored); None otherwise."""
     integer = not targets.dtype.is_floating_point and not targets.dtype.is_complex and targets.dtype != torch.bool
     ce_module = isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and \
         loss_fn.label_smoothing == 0.0 and loss_fn.reduction in ("mean", "sum")
@@ -239,25 +226,30 @@ def compiled_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
     return None
 
 
+def output_hessian_scale(kind: str, reduction: str, z: torch.Tensor, targets) -> float | None:
+    """The scale s of the closed form (``s · p ⊙ (u − ⟨p, u⟩)`` per row for cross-entropy, ``s · u`` for MSE) at
+    outputs ``z``, or None when ``z`` does not fit the criterion's shapes."""
+    if kind == "cross_entropy":
+        fits = z.dim() == 2 and targets.shape == z.shape[:1]
+        return (1.0 / z.shape[0] if reduction == "mean" else 1.0) if fits else None
+    if kind == "cross_entropy_last_dim":
+        return 1.0 / targets.numel() if z.dim() >= 1 and targets.shape == z.shape[:-1] else None
+    fits = targets.shape == z.shape and targets.dtype == z.dtype
+    return (2.0 / z.numel() if reduction == "mean" else 2.0) if fits else None
+
+
 def _ggn_product(output_fn, loss_fn, targets, kind, reduction, params, direction):
     """``(G v, ℓ(z))`` for one probe: ``u = J v`` and ``z`` by ``jvp`` of the outputs, ``w = H_z u`` in closed form,
-    ``Jᵀ w`` by ``vjp`` (the compiler shares the primal forward of the two)."""
+    ``Jᵀ w`` by ``vjp`` (the compiler shares the primal forward of the two). The criterion is never differentiated
+    here: inductor (torch 2.13, CPU, float64) crashed on ``jvp(grad(F.mse_loss))``."""
     primals = tuple(params)
     output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
     if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
         raise _NoClosedForm
-    if kind == "cross_entropy":
-        if output.dim() != 2 or targets.shape != output.shape[:1]:
-            raise _NoClosedForm
-        w = cross_entropy_hvp(output, jv, 1.0 / output.shape[0] if reduction == "mean" else 1.0)
-    elif kind == "cross_entropy_last_dim":
-        if output.dim() < 1 or targets.shape != output.shape[:-1]:
-            raise _NoClosedForm
-        w = cross_entropy_hvp(output, jv, 1.0 / targets.numel())
-    else:
-        if targets.shape != output.shape or targets.dtype != output.dtype:
-            raise _NoClosedForm
-        w = (2.0 / output.numel() if reduction == "mean" else 2.0) * jv
+    scale = output_hessian_scale(kind, reduction, output, targets)
+    if scale is None:
+        raise _NoClosedForm
+    w = scale * jv if kind == "mse" else cross_entropy_hvp(output, jv, scale)
     _, pullback = torch.func.vjp(output_fn, *primals)
     return pullback(w), _scalar_loss(loss_fn(output, targets))
 
@@ -270,8 +262,8 @@ def ggn_compile_seconds(model) -> float:
 def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_extra) -> list[torch.Tensor] | None:
     """``G v`` for one probe (``k`` None) or a ``(k, ...)`` block, by the compiled :func:`_ggn_product`; the first
     call per (model, signature) is timed into :func:`ggn_compile_seconds`. None where the criterion or the outputs
-    have no closed form there (:func:`compiled_output_hessian`): the caller computes the product eagerly."""
-    form = compiled_output_hessian(loss_fn, targets)
+    have no closed form there (:func:`closed_form_output_hessian`): the caller computes the product eagerly."""
+    form = closed_form_output_hessian(loss_fn, targets)
     if form is None:
         return None
     mark = _ggn_compile_times.first_call_timer(model, (_signature(params), _signature(signature_extra), form))

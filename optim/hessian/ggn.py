@@ -34,6 +34,7 @@ on a kept forward is so about 4 GEMMs per linear layer against 3 for a gradient 
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -201,6 +202,9 @@ class GGNOperator(CurvatureOperator):
 # over (the model, the batch), compiled at its first call. The compile times are kept per model; nothing here refers
 # to an operator (a SharpnessMonitor builds one per measurement).
 _ggn_compile_times = CompileTimes()
+# model -> the signatures whose outputs did not fit the closed form: their products go eager at once, instead of
+# running the compiled function's forward again only to leave it at every product.
+_ggn_unfit: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
 
 
 class _NoClosedForm(Exception):
@@ -266,7 +270,14 @@ def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_ext
     form = closed_form_output_hessian(loss_fn, targets)
     if form is None:
         return None
-    mark = _ggn_compile_times.first_call_timer(model, (_signature(params), _signature(signature_extra), form))
+    signature = (_signature(params), _signature(signature_extra), form)
+    try:
+        unfit = _ggn_unfit.setdefault(model, set())
+    except TypeError:  # not weak-referenceable: nothing remembered
+        unfit = set()
+    if signature in unfit:
+        return None
+    mark = _ggn_compile_times.first_call_timer(model, signature)
 
     def product_of(direction):
         product, loss = compiled(_ggn_product)(output_fn, loss_fn, targets, *form, list(params), direction)
@@ -277,6 +288,7 @@ def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_ext
     try:
         return per_probe(product_of, v, k)
     except _NoClosedForm:
+        unfit.add(signature)
         return None
 
 

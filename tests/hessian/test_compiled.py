@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import optim
+from optim.hessian import ggn as ggn_module
 from optim.hessian.hvp import compile_seconds
 
 pytestmark = pytest.mark.slow
@@ -152,7 +153,7 @@ def test_ggn_compiled_matches_the_explicit_matrix_for_one_and_k_probes_and_compi
         assert G.compile_seconds == spent
 
 
-def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kept_graph():
+def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kept_graph(monkeypatch):
     model, inputs, targets = _tiny()
 
     def log_sum_exp_loss(z, t):  # no closed form: computed eagerly, by autograd in the outputs
@@ -163,6 +164,21 @@ def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kep
         v = torch.randn(2, G.n, dtype=torch.float64)
         torch.testing.assert_close(G @ v, v @ _dense_ggn(model, inputs, targets, loss_fn), rtol=1e-10, atol=1e-12)
         assert G.output_hessian == kind
+    # Outputs that do not fit the closed form's shapes (a broadcast MSE target): eager, and remembered, so that
+    # later products do not run the compiled forward again before leaving it.
+    wide = torch.randn(7, 1, dtype=torch.float64)
+    G = optim.GGNOperator(model, torch.nn.MSELoss(), (inputs, wide), compile=True)
+    calls = []
+    real = ggn_module.compiled
+    monkeypatch.setattr(ggn_module, "compiled", lambda fn: (calls.append(fn), real(fn))[1])
+    v = torch.randn(2, G.n, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="target size"):
+        dense = _dense_ggn(model, inputs, wide, torch.nn.MSELoss())
+        first = G @ v
+        torch.testing.assert_close(first, v @ dense, rtol=1e-10, atol=1e-12)
+        assert G.output_hessian == "autograd" and len(calls) == 1
+        torch.testing.assert_close(G @ v, first, rtol=0, atol=0)
+    assert len(calls) == 1, "a signature known not to fit must not enter the compiled function again"
     with pytest.raises(ValueError, match="no graph to reuse"):
         optim.GGNOperator(model, F.cross_entropy, (inputs, targets), compile=True, reuse_graph=True)
     with pytest.raises(ValueError, match="compile must be True or False"):

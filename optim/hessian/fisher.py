@@ -20,6 +20,16 @@ semi-definite, of rank at most N.
 
 The per-sample gradients are ``torch.func.vmap`` over ``torch.func.grad`` of ``ℓ_i``, the batch's rows mapped
 (``randomness="different"``: each row its own dropout mask in train mode).
+
+The compiled product (``compile=True``) never forms ``G``. For a model that treats rows independently, row i of the
+batched outputs ``z = f(X)`` is the output of row i alone, so ``g_i = J_iᵀ r_i`` with ``J_i = ∂z_i/∂θ`` and
+``r_i = ∇_{z_i} ℓ_i`` the per-sample gradient in the outputs (``R``: shaped like ``z``). Then::
+
+    G v = (⟨r_i, (J v)_i⟩)_i = w (N,),        Gᵀ w = Σ_i w_i J_iᵀ r_i = Jᵀ (w ⊙ R)
+
+one ``jvp`` of the outputs, ``R`` from the outputs alone (``vmap`` of ``grad`` of the criterion on one-row
+slices, no model pass) and one ``vjp``: the matrix products of a compiled GGN product (about 5/3 of a gradient's),
+and the memory of one training step, not ``N × n``.
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .hvp import _check_finite_loss, _scalar_loss
+from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _scalar_loss, _signature,
+                  in_eval_mode)
 from .operator import CurvatureOperator
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
@@ -66,6 +77,21 @@ class EmpiricalFisherOperator(CurvatureOperator):
             batches, or ``reuse_graph`` off) every product recomputes the per-sample gradients in chunks of
             ``max(1, max_kept_bytes // (n · itemsize))`` rows and accumulates ``G_cᵀ (G_c v)`` chunk by chunk, so
             at most one chunk of ``G`` (at least one row, ``n`` entries) is alive at a time.
+        compile: compute each product with a ``torch.compile``'d function of one probe that never forms ``G``:
+            ``Jᵀ (w ⊙ R)`` with ``w = ⟨r_i, (J v)_i⟩`` (module docstring), ``J v`` by forward mode, ``R`` by
+            ``grad`` of ``loss_fn`` on one-row slices of the outputs, ``Jᵀ`` by ``vjp``; compiled at the first
+            product for this model and batch shapes and reused by every later product and operator on them (a
+            block of k probes runs it k times); :attr:`compile_seconds` reports the time. It needs the model's
+            output to be one floating-point tensor whose dim 0 is the rows (row i the output of row i alone) and
+            forward-mode rules (as ``optim.hvp(mode="fr")``); other outputs, and every product while a module is in
+            training mode (the forward runs twice, so dropout would draw two masks), are computed eagerly
+            (:attr:`last_path` says which ran). No ``G`` is kept (``reuse_graph`` must not be True): on one batch
+            whose ``G`` fits ``max_kept_bytes``, the kept ``G`` (two matrix-vector products per product) is
+            faster for many products; ``compile`` pays for several batches, large ``N · n`` and fresh points.
+
+    Attributes:
+        last_path: how the last product was computed: ``"kept"`` (from the kept ``G``), ``"per-sample"`` (``G``
+            recomputed in chunks), ``"compiled"``; None before the first product.
     """
 
     def __init__(
@@ -77,11 +103,18 @@ class EmpiricalFisherOperator(CurvatureOperator):
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         reuse_graph: bool | None = None,
         max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES,
+        compile: bool = False,
     ):
         if isinstance(max_kept_bytes, bool) or not isinstance(max_kept_bytes, int) or max_kept_bytes < 0:
             raise ValueError(f"{self._where}: max_kept_bytes must be an integer >= 0, got {max_kept_bytes!r}")
         self.max_kept_bytes = max_kept_bytes
-        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph)
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile)
+        self.last_path: str | None = None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first calls of compiled Fisher products for this model (compilation included)."""
+        return fisher_compile_seconds(self.model)
 
     def _row_bytes(self) -> int:
         return self.n * self.params[0].element_size()
@@ -137,9 +170,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         # from recording a graph through the parameters outside the scope.
         with torch.no_grad():
             grads, row_losses = per_row(tuple(params), inputs, targets)
-        if not bool(torch.isfinite(row_losses).all()):
-            bad = int(torch.nonzero(~torch.isfinite(row_losses))[0, 0])
-            _check_finite_loss(row_losses[bad], at=f"row {bad} of the batch")
+        _check_finite_rows(row_losses)
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
     def _build(self, inputs, targets, params, rows):
@@ -148,6 +179,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _apply(self, state, v, k) -> list[torch.Tensor]:
         G, rows = state
+        self.last_path = "kept"
         return self.unflatten(self._fisher_times(G, self._flat(v, k)) / rows)
 
     @staticmethod
@@ -159,6 +191,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         self._check_rows(inputs, targets, rows)
+        if self.compile and in_eval_mode(self.model):
+            product = compiled_fisher(self.model, self._output_of(inputs), self.loss_fn, targets, rows, params, v, k,
+                                      (inputs, targets))
+            if product is not None:
+                self.last_path = "compiled"
+                return [t / rows for t in product]
+        self.last_path = "per-sample"
         V = self._flat(v, k)
         chunk = max(1, self.max_kept_bytes // self._row_bytes())
         total = torch.zeros_like(V)
@@ -168,3 +207,48 @@ class EmpiricalFisherOperator(CurvatureOperator):
             total += self._fisher_times(G, V)
             del G
         return self.unflatten(total / rows)
+
+
+def _check_finite_rows(row_losses: torch.Tensor) -> None:
+    if not bool(torch.isfinite(row_losses).all()):
+        bad = int(torch.nonzero(~torch.isfinite(row_losses))[0, 0])
+        _check_finite_loss(row_losses[bad], at=f"row {bad} of the batch")
+
+
+def _fisher_product(output_fn, loss_fn, targets, rows, params, direction):
+    """``(Gᵀ G v, ℓ)`` for one probe, ``ℓ`` the (N,) per-sample losses (module docstring): ``z`` and ``J v`` by
+    ``jvp`` of the outputs, ``R`` by ``grad`` of the criterion on one-row slices of ``z``, ``Jᵀ (w ⊙ R)`` by
+    ``vjp`` (the compiler shares the primal forward of the two)."""
+    primals = tuple(params)
+    output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
+    if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point or output.dim() == 0 or \
+            output.shape[0] != rows:
+        raise OutputsDoNotFit
+
+    def row_loss(z, y):
+        loss = _scalar_loss(loss_fn(z.unsqueeze(0), y.unsqueeze(0)))
+        return loss, loss
+
+    per_row_output_grads, row_losses = torch.func.vmap(torch.func.grad(row_loss, has_aux=True))(output, targets)
+    w = (per_row_output_grads * jv).reshape(rows, -1).sum(dim=1)
+    cotangent = per_row_output_grads * w.reshape((rows,) + (1,) * (output.dim() - 1))
+    _, pullback = torch.func.vjp(output_fn, *primals)
+    return pullback(cotangent), row_losses
+
+
+# One compiled function for every model and criterion, guarded by dynamo on what ``output_fn`` closes over.
+_compiled_fisher_products = CompiledOutputProducts(_fisher_product)
+
+
+def fisher_compile_seconds(model) -> float:
+    """Seconds the first calls of ``model``'s compiled Fisher products took, compilation included (0 if none)."""
+    return _compiled_fisher_products.seconds(model)
+
+
+def compiled_fisher(model, output_fn, loss_fn, targets, rows, params, v, k, signature_extra):
+    """``Gᵀ G v`` (not divided by the rows) for one probe (``k`` None) or a ``(k, ...)`` block, by the compiled
+    :func:`_fisher_product`; None where the outputs are not one row-aligned floating-point tensor (the caller
+    computes the product eagerly)."""
+    signature = (_signature(params), _signature(signature_extra))
+    return _compiled_fisher_products(model, signature, (output_fn, loss_fn, targets, rows, list(params)), v, k,
+                                     _check_finite_rows)

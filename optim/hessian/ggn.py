@@ -34,7 +34,6 @@ on a kept forward is so about 4 GEMMs per linear layer against 3 for a gradient 
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import torch
@@ -43,8 +42,8 @@ from torch.nn import functional as F
 
 from . import losses
 from ._ops import cross_entropy_hvp
-from .hvp import (CompileTimes, _check_finite_loss, _scalar_loss, _signature, batched_vjp, check_compile,
-                  compiled, per_probe)
+from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _scalar_loss, _signature,
+                  batched_vjp, in_eval_mode)
 from .operator import CurvatureOperator, model_output
 
 __all__ = ["GGNOperator"]
@@ -118,8 +117,10 @@ class GGNOperator(CurvatureOperator):
             compiled at the first product for this model and batch shapes and reused by every later product and
             operator on them (a block of k probes runs it k times). :attr:`compile_seconds` reports the time. It
             applies to the criteria with a closed form (cross-entropy without class weights, label smoothing or
-            ignored targets, and MSE: see the module docstring); any other criterion or batch is computed eagerly
-            (``output_hessian`` says which ran: ``"compiled"`` or the eager kind). No graph is kept
+            ignored targets, and MSE: see the module docstring); any other criterion or batch, and every product
+            while a module is in training mode (the compiled function runs the forward twice, in ``jvp`` and in
+            ``vjp``, so dropout would draw two masks), is computed eagerly (``output_hessian`` says which ran:
+            ``"compiled"`` or the eager kind). No graph is kept
             (``reuse_graph`` must not be True); the model needs forward-mode rules (as ``optim.hvp(mode="fr")``).
         reuse_graph: keep each product's forward (the model's activations, the graph of ``Jᵀd`` and, for a
             generic loss, the graph of ``∇_z ℓ``) between products on one-batch ``data``, so a further product is
@@ -148,13 +149,7 @@ class GGNOperator(CurvatureOperator):
         reuse_graph: bool | None = None,
         compile: bool = False,
     ):
-        check_compile(compile, "fr", where=self._where)
-        if compile and reuse_graph is True:
-            raise ValueError(f"{self._where}: compile=True recomputes the forward in the compiled product, so there "
-                             "is no graph to reuse; pass reuse_graph=None or False with it")
-        self.compile = compile
-        super().__init__(model, loss_fn, data, param_filter=param_filter,
-                         reuse_graph=False if compile else reuse_graph)
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile)
         self.output_hessian: str | None = None
 
     @property
@@ -163,7 +158,7 @@ class GGNOperator(CurvatureOperator):
         return ggn_compile_seconds(self.model)
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
-        if self.compile:
+        if self.compile and in_eval_mode(self.model):
             product = compiled_ggn(self.model, model_output(self.model, tuple(self.names), inputs), self.loss_fn,
                                    targets, params, v, k, (inputs, targets))
             if product is not None:
@@ -196,19 +191,6 @@ class GGNOperator(CurvatureOperator):
         if not state.output.requires_grad:
             return [torch.zeros_like(t) for t in v]
         return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True)
-
-
-# The compiled product: one function for every model and criterion, guarded by dynamo on what ``output_fn`` closes
-# over (the model, the batch), compiled at its first call. The compile times are kept per model; nothing here refers
-# to an operator (a SharpnessMonitor builds one per measurement).
-_ggn_compile_times = CompileTimes()
-# model -> the signatures whose outputs did not fit the closed form: their products go eager at once, instead of
-# running the compiled function's forward again only to leave it at every product.
-_ggn_unfit: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
-
-
-class _NoClosedForm(Exception):
-    """Raised inside the compiled product when the outputs do not fit the criterion's closed form (shapes)."""
 
 
 def closed_form_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
@@ -249,18 +231,23 @@ def _ggn_product(output_fn, loss_fn, targets, kind, reduction, params, direction
     primals = tuple(params)
     output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
     if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
-        raise _NoClosedForm
+        raise OutputsDoNotFit
     scale = output_hessian_scale(kind, reduction, output, targets)
     if scale is None:
-        raise _NoClosedForm
+        raise OutputsDoNotFit
     w = scale * jv if kind == "mse" else cross_entropy_hvp(output, jv, scale)
     _, pullback = torch.func.vjp(output_fn, *primals)
     return pullback(w), _scalar_loss(loss_fn(output, targets))
 
 
+# One compiled function for every model and criterion, guarded by dynamo on what ``output_fn`` closes over (the
+# model, the batch).
+_compiled_ggn_products = CompiledOutputProducts(_ggn_product)
+
+
 def ggn_compile_seconds(model) -> float:
     """Seconds the first calls of ``model``'s compiled GGN products took, compilation included (0 if none)."""
-    return _ggn_compile_times.seconds(model)
+    return _compiled_ggn_products.seconds(model)
 
 
 def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_extra) -> list[torch.Tensor] | None:
@@ -271,25 +258,8 @@ def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_ext
     if form is None:
         return None
     signature = (_signature(params), _signature(signature_extra), form)
-    try:
-        unfit = _ggn_unfit.setdefault(model, set())
-    except TypeError:  # not weak-referenceable: nothing remembered
-        unfit = set()
-    if signature in unfit:
-        return None
-    mark = _ggn_compile_times.first_call_timer(model, signature)
-
-    def product_of(direction):
-        product, loss = compiled(_ggn_product)(output_fn, loss_fn, targets, *form, list(params), direction)
-        mark()
-        _check_finite_loss(loss, at="the model's outputs")
-        return product
-
-    try:
-        return per_probe(product_of, v, k)
-    except _NoClosedForm:
-        unfit.add(signature)
-        return None
+    return _compiled_ggn_products(model, signature, (output_fn, loss_fn, targets, *form, list(params)), v, k,
+                                  lambda loss: _check_finite_loss(loss, at="the model's outputs"))
 
 
 def apply_output_hessian(loss_fn, output: torch.Tensor, targets, u: torch.Tensor, where: str) -> torch.Tensor:

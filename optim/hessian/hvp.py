@@ -665,6 +665,59 @@ def per_probe(product_of: Callable[[list[torch.Tensor]], list[torch.Tensor]], v:
     return [torch.stack([product[i] for product in products]) for i in range(len(v))]
 
 
+class OutputsDoNotFit(Exception):
+    """Raised inside a compiled output-space product when the model's outputs do not fit its formula (shapes,
+    dtype): the caller computes that product eagerly."""
+
+
+class CompiledOutputProducts:
+    """The compiled products of one operator kind whose function differentiates the model's outputs (the GGN's
+    ``Jᵀ H_z J v``, the empirical Fisher's ``Jᵀ R (Rᵀ J v)``): one ``torch.compile``'d ``function(*args,
+    direction) -> (product, loss)`` for every model, its first call per (model, signature) timed, and per model the
+    signatures whose outputs did not fit (:class:`OutputsDoNotFit`), whose later products go eager at once instead
+    of running the compiled forward again only to leave it. Nothing refers to an operator (a SharpnessMonitor
+    builds one per measurement)."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.times = CompileTimes()
+        self._unfit: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
+
+    def seconds(self, model: object) -> float:
+        return self.times.seconds(model)
+
+    def __call__(self, model, signature: tuple, args: tuple, v: list[torch.Tensor], k: int | None,
+                 check_loss: Callable[[torch.Tensor], None]) -> list[torch.Tensor] | None:
+        """``function(*args, direction)``'s products for one probe (``k`` None) or a ``(k, ...)`` block, each loss
+        passed to ``check_loss``; None where the outputs did not fit (the caller computes the product eagerly)."""
+        try:
+            unfit = self._unfit.setdefault(model, set())
+        except TypeError:  # not weak-referenceable: nothing remembered
+            unfit = set()
+        if signature in unfit:
+            return None
+        mark = self.times.first_call_timer(model, signature)
+
+        def product_of(direction):
+            product, loss = compiled(self.function)(*args, direction)
+            mark()
+            check_loss(loss)
+            return product
+
+        try:
+            return per_probe(product_of, v, k)
+        except OutputsDoNotFit:
+            unfit.add(signature)
+            return None
+
+
+def in_eval_mode(model) -> bool:
+    """Whether no module of ``model`` is in training mode. A compiled output-space product evaluates the forward
+    twice (in ``jvp`` and in ``vjp``), so a module that draws random numbers in training mode (dropout) would give J
+    and Jᵀ of two different masks: those products are computed eagerly, on one forward."""
+    return not any(module.training for module in model.modules())
+
+
 _hvp_compile_times = CompileTimes()
 
 

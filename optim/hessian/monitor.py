@@ -100,9 +100,9 @@ class SharpnessMonitor:
             :class:`~optim.hessian.fisher.EmpiricalFisherOperator`). The stability limit 2/η is a statement about
             the Hessian; for the GGN it is the usual proxy (GGN and Hessian agree near a minimum with small
             residuals), for the empirical Fisher only a reference.
-        compile: products through the operator's compiled function (``HessianOperator(compile=True)`` or
-            ``GGNOperator(compile=True)``; not the empirical Fisher), compiled at the first measurement and reused by
-            every later one; ``compile_seconds`` reports the time.
+        compile: products through the operator's compiled function (``compile=True`` of ``HessianOperator``,
+            ``GGNOperator`` or ``EmpiricalFisherOperator``), compiled at the first measurement and reused by every
+            later one; ``compile_seconds`` reports the time.
 
     Call ``monitor.step(step, batch)`` after ``optimizer.step()``; ``batch`` is ``(inputs, targets)`` or an
     iterable of batches (averaged). Records are in ``monitor.records`` (a list of dicts with keys ``FIELDS``).
@@ -157,9 +157,6 @@ class SharpnessMonitor:
         for name, flag in (("eval_mode", eval_mode), ("compile", compile)):
             if not isinstance(flag, bool):
                 raise ValueError(f"SharpnessMonitor: {name} must be True or False, got {flag!r}")
-        if compile and curvature == "fisher":
-            raise ValueError("SharpnessMonitor: compile=True compiles Hessian and GGN products; curvature='fisher' "
-                             "has no compiled product (use curvature='hessian' or 'ggn', or compile=False)")
         # seed + step seeds the estimators, which take seeds in [0, 2**64) (spectrum.top_eigenvalues, trace)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"SharpnessMonitor: seed must be an int in [0, 2**64) (measurement s uses seed + s), "
@@ -209,10 +206,12 @@ class SharpnessMonitor:
     @property
     def compile_seconds(self) -> float:
         """Seconds spent in the first calls of the compiled products (compilation included); 0 without compile."""
+        from .fisher import fisher_compile_seconds
         from .ggn import ggn_compile_seconds
         from .hvp import compile_seconds
 
-        return (ggn_compile_seconds if self.curvature == "ggn" else compile_seconds)(self.model)
+        seconds = {"hessian": compile_seconds, "ggn": ggn_compile_seconds, "fisher": fisher_compile_seconds}
+        return seconds[self.curvature](self.model)
 
     def measure(self, step: int, batch: Any) -> dict[str, float]:
         """Measure now, whatever the step."""

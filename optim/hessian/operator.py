@@ -123,7 +123,7 @@ class CurvatureOperator:
     :class:`~optim.hessian.fisher.EmpiricalFisherOperator`: an ``(n, n)`` symmetric matrix ``C`` of a model's loss on
     ``data``, weighted over batches by row count, applied to vectors of the in-scope parameters.
 
-    It owns the constructor's common arguments (model, loss_fn, data, param_filter, reuse_graph) and their
+    It owns the constructor's common arguments (model, loss_fn, data, param_filter, reuse_graph, compile) and their
     validation, the batches and their weighting (``C = Σ_b (N_b / N) C_b``), the flat layout (:meth:`flatten`,
     :meth:`unflatten`), the vector protocol of :meth:`matvec` ((n,), (k, n), param-shaped lists), ``num_matvecs``,
     :meth:`loss_and_grad`, and the kept per-batch state with its freshness check (:class:`CapturedState`). A
@@ -144,8 +144,13 @@ class CurvatureOperator:
         *,
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         reuse_graph: bool | None = None,
+        compile: bool = False,
     ):
         where = self._where
+        check_compile(compile, "fr", where=where)
+        if compile and reuse_graph is True:
+            raise ValueError(f"{where}: compile=True recomputes the forward in the compiled product, so there is no "
+                             "graph to reuse; pass reuse_graph=None or False with it")
         if not isinstance(model, nn.Module):
             raise ValueError(f"{where}: model must be a torch.nn.Module, got a {type(model).__name__}")
         if not callable(loss_fn):
@@ -205,7 +210,8 @@ class CurvatureOperator:
         self.n = sum(self._numels)
         self.shape = (self.n, self.n)
         self.num_matvecs = 0
-        self.reuse_graph = reuse_graph
+        self.compile = compile
+        self.reuse_graph = False if compile else reuse_graph
         self._graph: KeptGraph | None = None  # the kept state of the one batch
         self._data = stored
 
@@ -573,13 +579,8 @@ class HessianOperator(CurvatureOperator):
                 f"{self._where}: unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}"
             )
         check_compile(compile, mode, where=self._where)
-        if compile and reuse_graph is True:
-            raise ValueError(f"{self._where}: compile=True recomputes the forward in the compiled product, so there "
-                             "is no graph to reuse; pass reuse_graph=None or False with it")
         self.mode = mode
-        self.compile = compile
-        super().__init__(model, loss_fn, data, param_filter=param_filter,
-                         reuse_graph=False if compile else reuse_graph)
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", mode={self.mode!r})"

@@ -1,4 +1,5 @@
-"""``compile=True``: the compiled forward-over-reverse product of hvp, HessianOperator and SharpnessMonitor.
+"""``compile=True``: the compiled products of hvp, HessianOperator, GGNOperator, EmpiricalFisherOperator and
+SharpnessMonitor.
 
 Exact in float64 against the dense Hessian; compiled once per function/model and signature (the second call adds
 no compile time); refused with the modes that cannot be compiled. Each compilation takes seconds: the models are
@@ -7,16 +8,22 @@ tiny and the tests few.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import optim
-from optim.hessian import ggn as ggn_module
 from optim.hessian.hvp import compile_seconds
 
+from .test_ggn import attention_problem, explicit_fisher, mean_squared_error, mlp_problem
+
 pytestmark = pytest.mark.slow
+
+# the module (``optim.hessian.hvp`` as an attribute is the function)
+hvp_module = importlib.import_module("optim.hessian.hvp")
 
 
 def _tiny():
@@ -169,8 +176,8 @@ def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kep
     wide = torch.randn(7, 1, dtype=torch.float64)
     G = optim.GGNOperator(model, torch.nn.MSELoss(), (inputs, wide), compile=True)
     calls = []
-    real = ggn_module.compiled
-    monkeypatch.setattr(ggn_module, "compiled", lambda fn: (calls.append(fn), real(fn))[1])
+    real = hvp_module.compiled
+    monkeypatch.setattr(hvp_module, "compiled", lambda fn: (calls.append(fn), real(fn))[1])
     v = torch.randn(2, G.n, dtype=torch.float64)
     with pytest.warns(UserWarning, match="target size"):
         dense = _dense_ggn(model, inputs, wide, torch.nn.MSELoss())
@@ -183,10 +190,101 @@ def test_ggn_compile_falls_back_to_eager_without_a_closed_form_and_refuses_a_kep
         optim.GGNOperator(model, F.cross_entropy, (inputs, targets), compile=True, reuse_graph=True)
     with pytest.raises(ValueError, match="compile must be True or False"):
         optim.GGNOperator(model, F.cross_entropy, (inputs, targets), compile="yes")
-    with pytest.raises(ValueError, match="curvature='fisher' has no compiled product"):
-        optim.SharpnessMonitor(model, F.cross_entropy, curvature="fisher", compile=True)
 
 
 def test_ggn_monitor_compiles_once_and_equals_eager():
     model, inputs, targets = _tiny()
     _assert_monitor_compiles_once(model, inputs, targets, curvature="ggn")
+
+
+def _dropout_model():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double().train()
+
+
+def test_ggn_compile_in_training_mode_is_eager_on_one_forward():
+    """The compiled function runs the forward twice (jvp, vjp): in training mode dropout would give J and Jᵀ two
+    masks, a product that is not symmetric. Training mode is computed eagerly, one mask per product."""
+    model = _dropout_model()
+    inputs, targets = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    compiled_operator = optim.GGNOperator(model, F.cross_entropy, (inputs, targets), compile=True)
+    eager = optim.GGNOperator(model, F.cross_entropy, (inputs, targets))
+    v, w = torch.randn(2, compiled_operator.n, dtype=torch.float64)
+    torch.manual_seed(5)
+    gv = compiled_operator @ v
+    assert compiled_operator.output_hessian == "cross_entropy"
+    torch.manual_seed(5)
+    torch.testing.assert_close(gv, eager @ v, rtol=0, atol=0)
+    torch.manual_seed(5)
+    gw = compiled_operator @ w
+    torch.testing.assert_close(w @ gv, v @ gw, rtol=1e-12, atol=1e-14)  # one mask: symmetric
+
+
+def test_fisher_compiled_matches_explicit_per_sample_gradients_and_compiles_once():
+    mlp, mlp_inputs, mlp_targets = mlp_problem(rows=5)
+    block, block_inputs, block_targets = attention_problem(rows=3)
+    cases = [(mlp, F.cross_entropy, mlp_inputs, mlp_targets),
+             (mlp, lambda z, y: F.cross_entropy(z, y, reduction="sum") + z.square().mean(), mlp_inputs, mlp_targets),
+             (block, mean_squared_error, block_inputs, block_targets)]
+    for model, loss_fn, inputs, targets in cases:
+        Fi = optim.EmpiricalFisherOperator(model, loss_fn, (inputs, targets), compile=True)
+        expected, _ = explicit_fisher(model, loss_fn, inputs, targets)
+        v = torch.randn(3, Fi.n, dtype=torch.float64)
+        torch.testing.assert_close(Fi @ v, v @ expected, rtol=1e-10, atol=1e-13)
+        assert Fi.last_path == "compiled" and Fi._graph is None
+        spent = Fi.compile_seconds
+        assert spent > 0
+        torch.testing.assert_close(Fi @ v[0], expected @ v[0], rtol=1e-10, atol=1e-13)
+        with torch.no_grad():  # the compiled product reads the current parameters
+            next(model.parameters()).mul_(0.7)
+        torch.testing.assert_close(Fi @ v, v @ explicit_fisher(model, loss_fn, inputs, targets)[0], rtol=1e-10,
+                                   atol=1e-13)
+        assert Fi.compile_seconds == spent
+
+
+class _ColumnsOut(nn.Module):
+    """Outputs (classes, rows): dim 0 is not the rows, so the compiled product cannot read per-row outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)).T
+
+
+def test_fisher_compile_falls_back_to_eager_and_refuses_a_kept_g(monkeypatch):
+    model = _dropout_model()
+    inputs, targets = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    compiled_operator = optim.EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), compile=True)
+    eager = optim.EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), reuse_graph=False)
+    v = torch.randn(2, compiled_operator.n, dtype=torch.float64)
+    torch.manual_seed(6)
+    product = compiled_operator @ v
+    assert compiled_operator.last_path == "per-sample"  # training mode: eager
+    torch.manual_seed(6)
+    torch.testing.assert_close(product, eager @ v, rtol=0, atol=0)
+
+    torch.manual_seed(7)
+    columns = _ColumnsOut().double().eval()
+    loss_fn = lambda z, y: (z.sum(0) - y).square().mean()  # noqa: E731  (z: classes × rows)
+    float_targets = torch.randn(7, dtype=torch.float64)
+    Fi = optim.EmpiricalFisherOperator(columns, loss_fn, (inputs, float_targets), compile=True)
+    calls = []
+    real = hvp_module.compiled
+    monkeypatch.setattr(hvp_module, "compiled", lambda fn: (calls.append(fn), real(fn))[1])
+    v = torch.randn(2, Fi.n, dtype=torch.float64)
+    expected, _ = explicit_fisher(columns, loss_fn, inputs, float_targets)
+    torch.testing.assert_close(Fi @ v, v @ expected, rtol=1e-10, atol=1e-13)
+    assert Fi.last_path == "per-sample" and len(calls) == 1
+    Fi @ v
+    assert len(calls) == 1, "a signature known not to fit must not enter the compiled function again"
+    with pytest.raises(ValueError, match="no graph to reuse"):
+        optim.EmpiricalFisherOperator(columns, loss_fn, (inputs, float_targets), compile=True, reuse_graph=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        optim.EmpiricalFisherOperator(columns, loss_fn, (inputs, float_targets), compile=1)
+
+
+def test_fisher_monitor_compiles_once_and_equals_eager():
+    model, inputs, targets = _tiny()
+    _assert_monitor_compiles_once(model, inputs, targets, curvature="fisher")

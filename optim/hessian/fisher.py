@@ -21,32 +21,55 @@ semi-definite, of rank at most N.
 The per-sample gradients are ``torch.func.vmap`` over ``torch.func.grad`` of ``ℓ_i``, the batch's rows mapped
 (``randomness="different"``: each row its own dropout mask in train mode).
 
-The compiled product (``compile=True``) never forms ``G``. For a model that treats rows independently, row i of the
-batched outputs ``z = f(X)`` is the output of row i alone, so ``g_i = J_iᵀ r_i`` with ``J_i = ∂z_i/∂θ`` and
+A product that does not keep ``G`` never forms it either. For a model that treats rows independently, row i of
+the batched outputs ``z = f(X)`` is the output of row i alone, so ``g_i = J_iᵀ r_i`` with ``J_i = ∂z_i/∂θ`` and
 ``r_i = ∇_{z_i} ℓ_i`` the per-sample gradient in the outputs (``R``: shaped like ``z``). Then::
 
     G v = (⟨r_i, (J v)_i⟩)_i = w (N,),        Gᵀ w = Σ_i w_i J_iᵀ r_i = Jᵀ (w ⊙ R)
 
-one ``jvp`` of the outputs, ``R`` from the outputs alone (``vmap`` of ``grad`` of the criterion on one-row
-slices, no model pass) and one ``vjp``: the matrix products of a compiled GGN product (about 5/3 of a gradient's),
-and the memory of one training step, not ``N × n``.
+one Jacobian-vector product of the outputs, ``R`` from the outputs alone (``vmap`` of ``grad`` of the criterion
+on one-row slices, no model pass) and one vector-Jacobian product: the work of a GGN product (about twice a
+gradient's matrix products eagerly, 5/3 compiled) and the memory of one training step's graph, not ``N × n``,
+where recomputing the per-sample gradients costs up to a gradient per row. Eagerly ``J v`` is the GGN's
+double-backward product (the backward of ``⟨Jᵀd, v⟩`` to ``d``, on the one forward: no forward-mode rules needed,
+one dropout mask); the compiled function (``compile=True``) takes it by ``jvp``.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _scalar_loss, _signature,
-                  in_eval_mode)
+from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _elapsed_s, _scalar_loss,
+                  _signature, batched_vjp, in_eval_mode)
 from .operator import CurvatureOperator
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
 
 DEFAULT_MAX_KEPT_BYTES = 1 << 30  # 1 GiB of per-sample gradients
+# Rows of the per-sample gradients timed on the first unkept product of a batch signature (_measured_product).
+MEASURE_ROWS = 4
+# model -> {(params, batch signature, k): "outputs" or "per-sample"}, the faster unkept product measured there
+_unkept_choices: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _unkept_choice(model, key) -> str | None:
+    try:
+        return _unkept_choices.get(model, {}).get(key)
+    except TypeError:  # not weak-referenceable: nothing remembered
+        return None
+
+
+def _remember_unkept(model, key, choice: str) -> None:
+    try:
+        _unkept_choices.setdefault(model, {})[key] = choice
+    except TypeError:
+        pass
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
@@ -74,9 +97,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
             :class:`~optim.hessian.operator.CapturedState`); :meth:`release_graph` frees it.
         max_kept_bytes: the memory bound of ``G``. Memory choice: ``G`` is kept only when the whole batch's
             ``N_b · n · itemsize`` bytes fit in ``max_kept_bytes`` (default 1 GiB); otherwise (and for several
-            batches, or ``reuse_graph`` off) every product recomputes the per-sample gradients in chunks of
-            ``max(1, max_kept_bytes // (n · itemsize))`` rows and accumulates ``G_cᵀ (G_c v)`` chunk by chunk, so
-            at most one chunk of ``G`` (at least one row, ``n`` entries) is alive at a time.
+            batches, or ``reuse_graph`` off) each product is taken the faster of two ways, as timed on the first
+            product of each batch shape and k (``_measured_product``): on one forward in the outputs (module
+            docstring; when the model returns one floating-point tensor whose dim 0 is the rows), or from the
+            per-sample gradients recomputed in chunks of ``max(1, max_kept_bytes // (n · itemsize))`` rows,
+            accumulating ``G_cᵀ (G_c v)`` chunk by chunk, so that at most one chunk of ``G`` (at least one row,
+            ``n`` entries) is alive at a time. Many light rows (an MLP on a large batch) make ``G`` slow to build
+            and to read: there ``reuse_graph=False`` can beat the kept ``G``.
         compile: compute each product with a ``torch.compile``'d function of one probe that never forms ``G``:
             ``Jᵀ (w ⊙ R)`` with ``w = ⟨r_i, (J v)_i⟩`` (module docstring), ``J v`` by forward mode, ``R`` by
             ``grad`` of ``loss_fn`` on one-row slices of the outputs, ``Jᵀ`` by ``vjp``; compiled at the first
@@ -84,14 +111,15 @@ class EmpiricalFisherOperator(CurvatureOperator):
             block of k probes runs it k times); :attr:`compile_seconds` reports the time. It needs the model's
             output to be one floating-point tensor whose dim 0 is the rows (row i the output of row i alone) and
             forward-mode rules (as ``optim.hvp(mode="fr")``); other outputs, and every product while a module is in
-            training mode (the forward runs twice, so dropout would draw two masks), are computed eagerly
-            (:attr:`last_path` says which ran). No ``G`` is kept (``reuse_graph`` must not be True): on one batch
+            training mode (the forward runs twice, so dropout would draw two masks), are computed eagerly as
+            without it (:attr:`last_path` says which ran). No ``G`` is kept (``reuse_graph`` must not be True): on one batch
             whose ``G`` fits ``max_kept_bytes``, the kept ``G`` (two matrix-vector products per product) is
             faster for many products; ``compile`` pays for several batches, large ``N · n`` and fresh points.
 
     Attributes:
-        last_path: how the last product was computed: ``"kept"`` (from the kept ``G``), ``"per-sample"`` (``G``
-            recomputed in chunks), ``"compiled"``; None before the first product.
+        last_path: how the last product was computed: ``"kept"`` (from the kept ``G``), ``"outputs"`` (eagerly on
+            one forward in the outputs), ``"per-sample"`` (``G`` recomputed in chunks), ``"compiled"``; None
+            before the first product.
     """
 
     def __init__(
@@ -197,6 +225,39 @@ class EmpiricalFisherOperator(CurvatureOperator):
             if product is not None:
                 self.last_path = "compiled"
                 return [t / rows for t in product]
+        key = (_signature(params), _signature((inputs, targets)), k)
+        choice = _unkept_choice(self.model, key)
+        if choice is None:
+            return self._measured_product(inputs, targets, params, v, k, rows, key)
+        if choice == "outputs":
+            product = self._output_space_product(inputs, targets, params, v, k, rows)
+            if product is not None:
+                self.last_path = "outputs"
+                return product
+        return self._per_sample_product(inputs, targets, params, v, k, rows)
+
+    def _measured_product(self, inputs, targets, params, v, k, rows, key):
+        """The first unkept product of a batch signature and k: on one forward in the outputs, timed against the
+        per-sample gradients of its first :data:`MEASURE_ROWS` rows scaled to all of them (their cost is about
+        linear in the rows); the faster is remembered for the model. The per-sample way costs about a gradient plus
+        the writes and reads of ``G``, whatever k; the outputs' about two gradients per probe: few rows of much
+        work each (sequences) favour the first, many light rows the second."""
+        start = time.perf_counter()
+        product = self._output_space_product(inputs, targets, params, v, k, rows)
+        outputs_s = _elapsed_s(self.device, start)
+        if product is None:
+            _remember_unkept(self.model, key, "per-sample")
+            return self._per_sample_product(inputs, targets, params, v, k, rows)
+        sample = min(rows, MEASURE_ROWS)
+        start = time.perf_counter()
+        self._per_sample_product(tree_map(lambda t: t[:sample], inputs), targets[:sample], params, v, k, sample)
+        per_sample_s = _elapsed_s(self.device, start) * rows / sample
+        _remember_unkept(self.model, key, "per-sample" if per_sample_s < outputs_s else "outputs")
+        self.last_path = "outputs"
+        return product
+
+    def _per_sample_product(self, inputs, targets, params, v, k, rows):
+        """``(1/N_b) Σ_c G_cᵀ (G_c v)`` over chunks of rows of the per-sample gradients (``max_kept_bytes``)."""
         self.last_path = "per-sample"
         V = self._flat(v, k)
         chunk = max(1, self.max_kept_bytes // self._row_bytes())
@@ -208,11 +269,56 @@ class EmpiricalFisherOperator(CurvatureOperator):
             del G
         return self.unflatten(total / rows)
 
+    def _output_space_product(self, inputs, targets, params, v, k, rows) -> list[torch.Tensor] | None:
+        """``F_b v = (1/N_b) Jᵀ (w ⊙ R)`` on one forward (module docstring); None where the outputs are not one
+        floating-point tensor whose dim 0 is the rows."""
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            output = self._output_of(inputs)(*leaves)
+        if not _row_aligned(output, rows):
+            return None
+        per_row_output_grads, row_losses = _per_row_output_gradients(self.loss_fn, output.detach(), targets)
+        _check_finite_rows(row_losses)
+        if not output.requires_grad:  # the outputs do not depend on the parameters in scope: J = 0
+            return [torch.zeros_like(t) for t in v]
+        with torch.enable_grad():
+            cotangent = torch.zeros_like(output).requires_grad_(True)
+            transposed = torch.autograd.grad(output, leaves, cotangent, create_graph=True, allow_unused=True)
+        # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J).
+        (jv,) = batched_vjp(list(transposed), [cotangent], v, k, keep_graph=True)
+        products = batched_vjp([output], leaves, [_weighted_rows(per_row_output_grads, jv)], k, keep_graph=False)
+        return [t.div_(rows) for t in products]
+
 
 def _check_finite_rows(row_losses: torch.Tensor) -> None:
     if not bool(torch.isfinite(row_losses).all()):
         bad = int(torch.nonzero(~torch.isfinite(row_losses))[0, 0])
         _check_finite_loss(row_losses[bad], at=f"row {bad} of the batch")
+
+
+def _row_aligned(output, rows: int) -> bool:
+    """Whether ``output`` is one floating-point tensor whose dim 0 is the batch's rows (row i the output of row i
+    alone, for a model that treats rows independently)."""
+    return isinstance(output, torch.Tensor) and output.dtype.is_floating_point and output.dim() > 0 and \
+        output.shape[0] == rows
+
+
+def _per_row_output_gradients(loss_fn, output: torch.Tensor, targets: torch.Tensor):
+    """``(R, ℓ)``: ``R[i] = ∇_{z_i} ℓ_i`` (shaped like ``output``) and the (N,) per-sample losses
+    ``ℓ_i = loss_fn(z_i[None], y_i[None])``, from the outputs alone."""
+    def row_loss(z, y):
+        loss = _scalar_loss(loss_fn(z.unsqueeze(0), y.unsqueeze(0)))
+        return loss, loss
+
+    return torch.func.vmap(torch.func.grad(row_loss, has_aux=True))(output, targets)
+
+
+def _weighted_rows(per_row_output_grads: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
+    """``w ⊙ R`` with ``w_i = ⟨r_i, (J v)_i⟩``: the cotangent of ``Gᵀ G v``; ``jv`` shaped like ``R`` or with a
+    leading k (then so is the result)."""
+    lead = jv.dim() - per_row_output_grads.dim()
+    w = (per_row_output_grads * jv).reshape(jv.shape[:lead + 1] + (-1,)).sum(dim=-1)
+    return per_row_output_grads * w.reshape(w.shape + (1,) * (per_row_output_grads.dim() - 1))
 
 
 def _fisher_product(output_fn, loss_fn, targets, rows, params, direction):
@@ -221,19 +327,11 @@ def _fisher_product(output_fn, loss_fn, targets, rows, params, direction):
     ``vjp`` (the compiler shares the primal forward of the two)."""
     primals = tuple(params)
     output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
-    if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point or output.dim() == 0 or \
-            output.shape[0] != rows:
+    if not _row_aligned(output, rows):
         raise OutputsDoNotFit
-
-    def row_loss(z, y):
-        loss = _scalar_loss(loss_fn(z.unsqueeze(0), y.unsqueeze(0)))
-        return loss, loss
-
-    per_row_output_grads, row_losses = torch.func.vmap(torch.func.grad(row_loss, has_aux=True))(output, targets)
-    w = (per_row_output_grads * jv).reshape(rows, -1).sum(dim=1)
-    cotangent = per_row_output_grads * w.reshape((rows,) + (1,) * (output.dim() - 1))
+    per_row_output_grads, row_losses = _per_row_output_gradients(loss_fn, output, targets)
     _, pullback = torch.func.vjp(output_fn, *primals)
-    return pullback(cotangent), row_losses
+    return pullback(_weighted_rows(per_row_output_grads, jv)), row_losses
 
 
 # One compiled function for every model and criterion, guarded by dynamo on what ``output_fn`` closes over.

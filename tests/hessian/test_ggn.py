@@ -101,6 +101,17 @@ def explicit_fisher(model, loss_fn, inputs, targets):
     return G.T @ G / targets.shape[0], G
 
 
+class RowsLast(nn.Module):
+    """``model(x)`` with the rows moved to the last dim: outputs whose dim 0 is not the rows."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).movedim(0, -1)
+
+
 def dense_of(operator) -> torch.Tensor:
     """The operator's matrix from n products (one (n, n) block of basis vectors)."""
     return operator @ torch.eye(operator.n, dtype=operator.dtype)
@@ -305,9 +316,16 @@ def test_fisher_equals_explicit_per_sample_gradients(problem):
     block = random_flat(Fi, 3)
     assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL
     assert Fi._graph is not None  # G kept: 4 rows × n float64 is far under the bound
-    # Over the bound: recomputed chunk by chunk (one row at a time here), the same matrix.
-    chunked = EmpiricalFisherOperator(model, loss_fn, (inputs, targets), max_kept_bytes=Fi.n * 8)
-    assert relative_error(chunked @ block, block @ expected) <= EXACT_RTOL and chunked._graph is None
+    assert Fi.last_path == "kept"
+    # Over the bound: G is not kept, and the product is taken on one forward in the outputs, the same matrix.
+    unkept = EmpiricalFisherOperator(model, loss_fn, (inputs, targets), max_kept_bytes=Fi.n * 8)
+    assert relative_error(unkept @ block, block @ expected) <= EXACT_RTOL and unkept._graph is None
+    assert unkept.last_path == "outputs"
+    assert relative_error(unkept @ block[0], expected @ block[0]) <= EXACT_RTOL  # one probe
+    # Outputs whose dim 0 is not the rows: the per-sample gradients, recomputed chunk by chunk (a row at a time).
+    columns = EmpiricalFisherOperator(RowsLast(model), lambda z, y: loss_fn(z.movedim(-1, 0), y), (inputs, targets),
+                                      max_kept_bytes=Fi.n * 8)
+    assert relative_error(columns @ block, block @ expected) <= EXACT_RTOL and columns.last_path == "per-sample"
     # The 1/N is always there. Cross-entropy reduces over rows only: "sum" gives the same one-row loss. MSE's
     # "mean" also averages a row's m = 32 elements, so its "sum" scales ℓ_i by m and F by m².
     summed = EmpiricalFisherOperator(model, lambda z, y: loss_fn(z, y, reduction="sum"), (inputs, targets))
@@ -315,6 +333,25 @@ def test_fisher_equals_explicit_per_sample_gradients(problem):
     torch.testing.assert_close(summed @ block, factor * (Fi @ block), rtol=1e-12, atol=1e-15)
     assert not (Fi @ block).requires_grad
     torch.testing.assert_close(dense_of(Fi), G_explicit.T @ G_explicit / targets.shape[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("faster", ["outputs", "per-sample"])
+def test_unkept_fisher_products_take_the_way_measured_faster(faster, monkeypatch):
+    """The first unkept product of a batch shape and k times both ways (the per-sample one on a few rows, scaled);
+    later products take the faster, and both are the explicit Fisher."""
+    import optim.hessian.fisher as fisher_module
+
+    model, inputs, targets = mlp_problem(rows=9)
+    expected, _ = explicit_fisher(model, F.cross_entropy, inputs, targets)
+    times = iter([1.0, 2.0] if faster == "outputs" else [1.0, 0.1])  # outputs', then the sampled rows' seconds
+    monkeypatch.setattr(fisher_module, "_elapsed_s", lambda device, start: next(times))
+    Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), reuse_graph=False)
+    block = random_flat(Fi, 2)
+    assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL and Fi.last_path == "outputs"
+    for _ in range(2):  # remembered: nothing is timed again (the iterator is spent)
+        assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL and Fi.last_path == faster
+    again = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), reuse_graph=False)
+    assert relative_error(again @ block, block @ expected) <= EXACT_RTOL and again.last_path == faster  # per model
 
 
 def test_fisher_of_a_mean_loss_has_the_gradient_as_mean_of_its_rows():

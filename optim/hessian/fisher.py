@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -47,27 +47,29 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _elapsed_s, _scalar_loss,
                   _signature, batched_vjp, in_eval_mode)
-from .operator import CurvatureOperator
+from .operator import CurvatureOperator, StateNotKept
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
 
 DEFAULT_MAX_KEPT_BYTES = 1 << 30  # 1 GiB of per-sample gradients
 # Rows of the per-sample gradients timed on the first unkept product of a batch signature (_measured_product).
 MEASURE_ROWS = 4
-# model -> {(params, batch signature, k): "outputs" or "per-sample"}, the faster unkept product measured there
-_unkept_choices: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+# model -> {("kept", shapes): "G", "forward" or "misaligned" (outputs not row-aligned: only G can be kept);
+# ("unkept", signatures, k): "outputs" or "per-sample"}: the way measured faster on the first build or unkept
+# product there
+_choices: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _unkept_choice(model, key) -> str | None:
+def _remembered(model, key) -> str | None:
     try:
-        return _unkept_choices.get(model, {}).get(key)
+        return _choices.get(model, {}).get(key)
     except TypeError:  # not weak-referenceable: nothing remembered
         return None
 
 
-def _remember_unkept(model, key, choice: str) -> None:
+def _remember(model, key, choice: str) -> None:
     try:
-        _unkept_choices.setdefault(model, {})[key] = choice
+        _choices.setdefault(model, {})[key] = choice
     except TypeError:
         pass
 
@@ -90,35 +92,39 @@ class EmpiricalFisherOperator(CurvatureOperator):
         data: as for ``HessianOperator``; ``inputs`` a tensor (or a tuple/list/dict of tensors) whose dim 0 is the
             rows, ``targets`` a tensor with at least one dimension, of the same number of rows.
         param_filter: as for ``HessianOperator``.
-        reuse_graph: keep ``G`` of one-batch ``data`` between products (a product is then two GEMMs, ``G v`` and
-            ``Gᵀ(G v)``), under HessianOperator's rules: ``None`` (default) when no module is in training mode,
-            ``True`` also in training mode (dropout masks drawn once), ``False`` never; rebuilt whenever a parameter,
-            buffer, batch tensor or mode changed (compared bit for bit:
-            :class:`~optim.hessian.operator.CapturedState`); :meth:`release_graph` frees it.
-        max_kept_bytes: the memory bound of ``G``. Memory choice: ``G`` is kept only when the whole batch's
-            ``N_b · n · itemsize`` bytes fit in ``max_kept_bytes`` (default 1 GiB); otherwise (and for several
-            batches, or ``reuse_graph`` off) each product is taken the faster of two ways, as timed on the first
-            product of each batch shape and k (``_measured_product``): on one forward in the outputs (module
-            docstring; when the model returns one floating-point tensor whose dim 0 is the rows), or from the
-            per-sample gradients recomputed in chunks of ``max(1, max_kept_bytes // (n · itemsize))`` rows,
-            accumulating ``G_cᵀ (G_c v)`` chunk by chunk, so that at most one chunk of ``G`` (at least one row,
-            ``n`` entries) is alive at a time. Many light rows (an MLP on a large batch) make ``G`` slow to build
-            and to read: there ``reuse_graph=False`` can beat the kept ``G``.
+        reuse_graph: keep a state of one-batch ``data`` between products, under HessianOperator's rules:
+            ``None`` (default) when no module is in training mode, ``True`` also in training mode (dropout masks
+            drawn once), ``False`` never; rebuilt whenever a parameter, buffer, batch tensor or mode changed
+            (compared bit for bit: :class:`~optim.hessian.operator.CapturedState`); :meth:`release_graph` frees it.
+            The state is ``G`` (a product is then two matrix-vector products over it, ``G v`` and ``Gᵀ(G v)``) or
+            the forward in the outputs (the model's activations, the graph of ``Jᵀd`` and ``R``: a product is two
+            backwards, as the GGN's on its kept forward), whichever the first build of the batch's shapes measured
+            faster per product (``_measure_kept``; ``G`` estimated from a few rows), remembered per model: ``G``
+            wins for few rows of much work each (sequences), the forward for many light rows, where ``G`` is slow
+            to build and to read. ``G`` only where the outputs are not row-aligned (see ``compile``), the forward
+            only where ``G`` does not fit ``max_kept_bytes``.
+        max_kept_bytes: the memory bound of ``G``: it is kept only when the whole batch's ``N_b · n · itemsize``
+            bytes fit (default 1 GiB). Without a kept state (several batches, ``reuse_graph`` off, or neither way
+            possible) each product is taken the faster of two ways, as timed on the first product of each batch
+            shape and k (``_measured_product``): on one forward in the outputs, or from the per-sample gradients
+            recomputed in chunks of ``max(1, max_kept_bytes // (n · itemsize))`` rows, accumulating
+            ``G_cᵀ (G_c v)`` chunk by chunk, so that at most one chunk of ``G`` (at least one row, ``n`` entries)
+            is alive at a time.
         compile: compute each product with a ``torch.compile``'d function of one probe that never forms ``G``:
             ``Jᵀ (w ⊙ R)`` with ``w = ⟨r_i, (J v)_i⟩`` (module docstring), ``J v`` by forward mode, ``R`` by
             ``grad`` of ``loss_fn`` on one-row slices of the outputs, ``Jᵀ`` by ``vjp``; compiled at the first
             product for this model and batch shapes and reused by every later product and operator on them (a
             block of k probes runs it k times); :attr:`compile_seconds` reports the time. It needs the model's
-            output to be one floating-point tensor whose dim 0 is the rows (row i the output of row i alone) and
-            forward-mode rules (as ``optim.hvp(mode="fr")``); other outputs, and every product while a module is in
-            training mode (the forward runs twice, so dropout would draw two masks), are computed eagerly as
-            without it (:attr:`last_path` says which ran). No ``G`` is kept (``reuse_graph`` must not be True): on one batch
-            whose ``G`` fits ``max_kept_bytes``, the kept ``G`` (two matrix-vector products per product) is
-            faster for many products; ``compile`` pays for several batches, large ``N · n`` and fresh points.
+            output to be one floating-point tensor whose dim 0 is the rows (row i the output of row i alone:
+            "row-aligned") and forward-mode rules (as ``optim.hvp(mode="fr")``); other outputs, and every product
+            while a module is in training mode (the forward runs twice, so dropout would draw two masks), are
+            computed eagerly as without it (:attr:`last_path` says which ran). Nothing is kept (``reuse_graph``
+            must not be True): on one batch the kept state is faster for many products; ``compile`` pays for
+            several batches and fresh points.
 
     Attributes:
-        last_path: how the last product was computed: ``"kept"`` (from the kept ``G``), ``"outputs"`` (eagerly on
-            one forward in the outputs), ``"per-sample"`` (``G`` recomputed in chunks), ``"compiled"``; None
+        last_path: how the last product was computed: ``"kept G"``, ``"kept forward"``, ``"outputs"`` (eagerly
+            on one forward in the outputs), ``"per-sample"`` (``G`` recomputed in chunks), ``"compiled"``; None
             before the first product.
     """
 
@@ -147,10 +153,19 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _row_bytes(self) -> int:
         return self.n * self.params[0].element_size()
 
+    def _fits(self, rows: int) -> bool:
+        return rows * self._row_bytes() <= self.max_kept_bytes
+
     def _can_keep(self, batch) -> bool:
         targets = batch[1]
         rows = targets.shape[0] if targets.dim() > 0 else 1
-        return rows * self._row_bytes() <= self.max_kept_bytes
+        # the forward can be kept whatever the rows, unless the outputs proved not row-aligned
+        return self._fits(rows) or _remembered(self.model, self._kept_key(batch)) != "misaligned"
+
+    def _kept_key(self, batch) -> tuple:
+        """The kept-state choice's key: the parameters' and the batch tensors' shapes and dtypes."""
+        tensors = [*self.params, *(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))]
+        return ("kept",) + tuple((tuple(t.shape), t.dtype) for t in tensors)
 
     def _check_model(self) -> None:
         for name, module in self.model.named_modules():
@@ -202,12 +217,50 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
     def _build(self, inputs, targets, params, rows):
+        """The kept state of one batch: ``G`` (a product is then two matrix-vector products over it) or the
+        forward in the outputs (two backwards), whichever the first build of the batch shape measured faster per
+        product (``_measure_kept``); the forward where ``G`` does not fit ``max_kept_bytes``, ``G`` where the
+        outputs are not row-aligned."""
         self._check_rows(inputs, targets, rows)
+        key = self._kept_key((inputs, targets))
+        choice, fits = _remembered(self.model, key), self._fits(rows)
+        tried = choice not in ("G", "misaligned") or not fits
+        forward = self._forward_state(inputs, targets, params, rows) if tried else None
+        if tried and forward is None:
+            _remember(self.model, key, "misaligned")
+            if not fits:  # neither can be kept: the outputs are not row-aligned and G is too large
+                raise StateNotKept
+        elif forward is not None and (choice == "forward" or not fits or
+                                      self._measure_kept(forward, inputs, targets, params, rows, key)):
+            return forward
+        del forward
         return self._gradients(inputs, targets, params), rows
 
+    def _measure_kept(self, forward, inputs, targets, params, rows, key) -> bool:
+        """Whether a product on the kept ``forward`` beat one on ``G``, estimated from the per-sample gradients of
+        the first :data:`MEASURE_ROWS` rows (its two matrix-vector products read ``G``, so their time is about
+        linear in the rows); remembered for the model and batch shape. A probe of ones, so that no random number
+        is drawn."""
+        probe = [torch.ones_like(p) for p in params]
+        start = time.perf_counter()
+        self._forward_product(forward, probe, None, keep_graph=True)
+        forward_s = _elapsed_s(self.device, start)
+        sample = min(rows, MEASURE_ROWS)
+        G = self._gradients(tree_map(lambda t: t[:sample], inputs), targets[:sample], params)
+        flat = self._flat(probe, None)
+        start = time.perf_counter()
+        self._fisher_times(G, flat)
+        g_s = _elapsed_s(self.device, start) * rows / sample
+        won = forward_s <= g_s
+        _remember(self.model, key, "forward" if won else "G")
+        return won
+
     def _apply(self, state, v, k) -> list[torch.Tensor]:
+        if isinstance(state, _Forward):
+            self.last_path = "kept forward"
+            return self._forward_product(state, v, k, keep_graph=True)
         G, rows = state
-        self.last_path = "kept"
+        self.last_path = "kept G"
         return self.unflatten(self._fisher_times(G, self._flat(v, k)) / rows)
 
     @staticmethod
@@ -225,8 +278,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
             if product is not None:
                 self.last_path = "compiled"
                 return [t / rows for t in product]
-        key = (_signature(params), _signature((inputs, targets)), k)
-        choice = _unkept_choice(self.model, key)
+        key = ("unkept", _signature(params), _signature((inputs, targets)), k)
+        choice = _remembered(self.model, key)
         if choice is None:
             return self._measured_product(inputs, targets, params, v, k, rows, key)
         if choice == "outputs":
@@ -246,13 +299,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         product = self._output_space_product(inputs, targets, params, v, k, rows)
         outputs_s = _elapsed_s(self.device, start)
         if product is None:
-            _remember_unkept(self.model, key, "per-sample")
+            _remember(self.model, key, "per-sample")
             return self._per_sample_product(inputs, targets, params, v, k, rows)
         sample = min(rows, MEASURE_ROWS)
         start = time.perf_counter()
         self._per_sample_product(tree_map(lambda t: t[:sample], inputs), targets[:sample], params, v, k, sample)
         per_sample_s = _elapsed_s(self.device, start) * rows / sample
-        _remember_unkept(self.model, key, "per-sample" if per_sample_s < outputs_s else "outputs")
+        _remember(self.model, key, "per-sample" if per_sample_s < outputs_s else "outputs")
         self.last_path = "outputs"
         return product
 
@@ -272,6 +325,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _output_space_product(self, inputs, targets, params, v, k, rows) -> list[torch.Tensor] | None:
         """``F_b v = (1/N_b) Jᵀ (w ⊙ R)`` on one forward (module docstring); None where the outputs are not one
         floating-point tensor whose dim 0 is the rows."""
+        forward = self._forward_state(inputs, targets, params, rows)
+        return None if forward is None else self._forward_product(forward, v, k, keep_graph=False)
+
+    def _forward_state(self, inputs, targets, params, rows) -> _Forward | None:
+        """One forward for products in the outputs: the outputs z, ``Jᵀd`` as a graph linear in the variable
+        cotangent ``d`` and ``R``; None where z is not one floating-point tensor whose dim 0 is the rows."""
         leaves = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
             output = self._output_of(inputs)(*leaves)
@@ -279,15 +338,33 @@ class EmpiricalFisherOperator(CurvatureOperator):
             return None
         per_row_output_grads, row_losses = _per_row_output_gradients(self.loss_fn, output.detach(), targets)
         _check_finite_rows(row_losses)
-        if not output.requires_grad:  # the outputs do not depend on the parameters in scope: J = 0
+        cotangent = transposed = None
+        if output.requires_grad:
+            with torch.enable_grad():
+                cotangent = torch.zeros_like(output).requires_grad_(True)
+                transposed = torch.autograd.grad(output, leaves, cotangent, create_graph=True, allow_unused=True)
+        return _Forward(leaves, output, cotangent, transposed, per_row_output_grads, rows)
+
+    @staticmethod
+    def _forward_product(forward: _Forward, v, k, *, keep_graph: bool) -> list[torch.Tensor]:
+        if not forward.output.requires_grad:  # the outputs do not depend on the parameters in scope: J = 0
             return [torch.zeros_like(t) for t in v]
-        with torch.enable_grad():
-            cotangent = torch.zeros_like(output).requires_grad_(True)
-            transposed = torch.autograd.grad(output, leaves, cotangent, create_graph=True, allow_unused=True)
         # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J).
-        (jv,) = batched_vjp(list(transposed), [cotangent], v, k, keep_graph=True)
-        products = batched_vjp([output], leaves, [_weighted_rows(per_row_output_grads, jv)], k, keep_graph=False)
-        return [t.div_(rows) for t in products]
+        (jv,) = batched_vjp(list(forward.transposed), [forward.cotangent], v, k, keep_graph=True)
+        products = batched_vjp([forward.output], forward.leaves, [_weighted_rows(forward.per_row_output_grads, jv)],
+                               k, keep_graph=keep_graph)
+        return [t.div_(forward.rows) for t in products]
+
+
+class _Forward(NamedTuple):
+    """One batch's forward for products in the outputs (``_forward_state``)."""
+
+    leaves: list
+    output: torch.Tensor
+    cotangent: torch.Tensor | None
+    transposed: tuple | None
+    per_row_output_grads: torch.Tensor
+    rows: int
 
 
 def _check_finite_rows(row_losses: torch.Tensor) -> None:

@@ -315,10 +315,12 @@ def test_fisher_equals_explicit_per_sample_gradients(problem):
     torch.testing.assert_close(Fi.per_sample_gradients(inputs, targets), G_explicit, rtol=1e-12, atol=1e-14)
     block = random_flat(Fi, 3)
     assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL
-    assert Fi._graph is not None  # G kept: 4 rows × n float64 is far under the bound
-    assert Fi.last_path == "kept"
-    # Over the bound: G is not kept, and the product is taken on one forward in the outputs, the same matrix.
-    unkept = EmpiricalFisherOperator(model, loss_fn, (inputs, targets), max_kept_bytes=Fi.n * 8)
+    assert Fi._graph is not None and Fi.last_path in ("kept G", "kept forward")  # as the first build measured
+    # Over the bound: the forward in the outputs is kept instead of G, the same matrix.
+    small = EmpiricalFisherOperator(model, loss_fn, (inputs, targets), max_kept_bytes=Fi.n * 8)
+    assert relative_error(small @ block, block @ expected) <= EXACT_RTOL and small.last_path == "kept forward"
+    # Nothing kept: the first product is taken on one forward in the outputs (then the faster way, as measured).
+    unkept = EmpiricalFisherOperator(model, loss_fn, (inputs, targets), reuse_graph=False)
     assert relative_error(unkept @ block, block @ expected) <= EXACT_RTOL and unkept._graph is None
     assert unkept.last_path == "outputs"
     assert relative_error(unkept @ block[0], expected @ block[0]) <= EXACT_RTOL  # one probe
@@ -352,6 +354,34 @@ def test_unkept_fisher_products_take_the_way_measured_faster(faster, monkeypatch
         assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL and Fi.last_path == faster
     again = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), reuse_graph=False)
     assert relative_error(again @ block, block @ expected) <= EXACT_RTOL and again.last_path == faster  # per model
+
+
+@pytest.mark.parametrize("faster", ["kept forward", "kept G"])
+def test_the_kept_fisher_state_is_the_one_measured_faster(faster, monkeypatch):
+    """The first build of a batch shape times a product on the kept forward against one on G (estimated from a few
+    rows); the faster is kept and remembered, both exact. G that does not fit max_kept_bytes: the forward."""
+    import optim.hessian.fisher as fisher_module
+
+    model, inputs, targets = attention_problem(rows=6)
+    expected, _ = explicit_fisher(model, F.mse_loss, inputs, targets)
+    times = iter([1.0, 2.0] if faster == "kept forward" else [1.0, 0.1])  # the forward's, then G's sampled rows'
+    monkeypatch.setattr(fisher_module, "_elapsed_s", lambda device, start: next(times))
+    for _ in range(2):  # the second operator is built from the remembered choice (nothing timed: times is spent)
+        Fi = EmpiricalFisherOperator(model, F.mse_loss, (inputs, targets))
+        for k in (None, 3):
+            v = random_flat(Fi, k)
+            assert relative_error(Fi @ v, v @ expected if k else expected @ v) <= EXACT_RTOL
+            assert Fi.last_path == faster and Fi._graph is not None
+    kept = Fi._graph
+    next(model.parameters()).data.add_(0.1)  # no version bump: the kept state is proven stale by its contents
+    v = random_flat(Fi)
+    assert relative_error(Fi @ v, explicit_fisher(model, F.mse_loss, inputs, targets)[0] @ v) <= EXACT_RTOL
+    assert Fi._graph is not kept and Fi.last_path == faster
+    expected, _ = explicit_fisher(model, F.mse_loss, inputs, targets)
+    too_small = EmpiricalFisherOperator(model, F.mse_loss, (inputs, targets), max_kept_bytes=8)
+    block = random_flat(too_small, 2)
+    assert relative_error(too_small @ block, block @ expected) <= EXACT_RTOL
+    assert too_small.last_path == "kept forward"
 
 
 def test_fisher_of_a_mean_loss_has_the_gradient_as_mean_of_its_rows():

@@ -15,7 +15,7 @@ One product ``G_b v`` is three steps, each k-batched for a ``(k, n)`` block:
 1. ``u = J_b v`` (m,): a Jacobian-vector product of the outputs;
 2. ``w = H_b u``: the loss's Hessian in the outputs, by
    * softmax cross-entropy (``F.cross_entropy`` / ``nn.CrossEntropyLoss`` on (N, C) logits and (N,) class indices,
-     without class weights, label smoothing or ignored targets, and ``optim.hessian.cross_entropy`` on (..., V)):
+     and ``optim.hessian.cross_entropy`` on (..., V), without class weights, label smoothing or ignored targets):
      the fused op ``torch.ops.optim.cross_entropy_hvp``, ``s · p ⊙ (u − ⟨p, u⟩)`` per row (p = softmax(z),
      s = 1/rows for a mean, 1 for a sum);
    * squared error (``F.mse_loss`` / ``nn.MSELoss``, targets shaped like the outputs): ``w = c·u``, c = 2/m for a
@@ -205,7 +205,8 @@ def closed_form_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
             return "cross_entropy", loss_fn.reduction if ce_module else "mean"
         return None
     if loss_fn is losses.cross_entropy and integer and targets.numel() > 0:
-        return "cross_entropy_last_dim", "mean"
+        # its default ignore_index: ignored rows would need a zero Hessian and the mean over the kept ones
+        return ("cross_entropy_last_dim", "mean") if not bool((targets == -100).any()) else None
     mse_module = isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction in ("mean", "sum")
     if (loss_fn is F.mse_loss or mse_module) and targets.dtype.is_floating_point:
         return "mse", loss_fn.reduction if mse_module else "mean"

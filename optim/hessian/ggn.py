@@ -225,10 +225,12 @@ def output_hessian_scale(kind: str, reduction: str, z: torch.Tensor, targets) ->
     return (2.0 / z.numel() if reduction == "mean" else 2.0) if fits else None
 
 
-def _ggn_product(output_fn, loss_fn, targets, kind, reduction, params, direction):
-    """``(G v, ℓ(z))`` for one probe: ``u = J v`` and ``z`` by ``jvp`` of the outputs, ``w = H_z u`` in closed form,
-    ``Jᵀ w`` by ``vjp`` (the compiler shares the primal forward of the two). The criterion is never differentiated
-    here: inductor (torch 2.13, CPU, float64) crashed on ``jvp(grad(F.mse_loss))``."""
+def _ggn_product(output_fn, targets, kind, reduction, params, direction):
+    """``(G v, z)`` for one probe: ``u = J v`` and ``z`` by ``jvp`` of the outputs, ``w = H_z u`` in closed form,
+    ``Jᵀ w`` by ``vjp`` (the compiler shares the primal forward of the two). The criterion is not called here: it
+    was never differentiated here because inductor (torch 2.13, CPU, float64) crashed on ``jvp(grad(F.mse_loss))``,
+    and its value (the finite check's) is taken outside, since ``optim.hessian.cross_entropy`` reads its kept-row
+    count on the host, a graph break."""
     primals = tuple(params)
     output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
     if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
@@ -238,7 +240,7 @@ def _ggn_product(output_fn, loss_fn, targets, kind, reduction, params, direction
         raise OutputsDoNotFit
     w = scale * jv if kind == "mse" else cross_entropy_hvp(output, jv, scale)
     _, pullback = torch.func.vjp(output_fn, *primals)
-    return pullback(w), _scalar_loss(loss_fn(output, targets))
+    return pullback(w), output
 
 
 # One compiled function for every model and criterion, guarded by dynamo on what ``output_fn`` closes over (the
@@ -259,8 +261,11 @@ def compiled_ggn(model, output_fn, loss_fn, targets, params, v, k, signature_ext
     if form is None:
         return None
     signature = (_signature(params), _signature(signature_extra), form)
-    return _compiled_ggn_products(model, signature, (output_fn, loss_fn, targets, *form, list(params)), v, k,
-                                  lambda loss: _check_finite_loss(loss, at="the model's outputs"))
+    def check(output):
+        with torch.no_grad():
+            _check_finite_loss(_scalar_loss(loss_fn(output, targets)), at="the model's outputs")
+
+    return _compiled_ggn_products(model, signature, (output_fn, targets, *form, list(params)), v, k, check)
 
 
 def apply_output_hessian(loss_fn, output: torch.Tensor, targets, u: torch.Tensor, where: str) -> torch.Tensor:

@@ -673,7 +673,7 @@ class OutputsDoNotFit(Exception):
 class CompiledOutputProducts:
     """The compiled products of one operator kind whose function differentiates the model's outputs (the GGN's
     ``Jᵀ H_z J v``, the empirical Fisher's ``Jᵀ R (Rᵀ J v)``): one ``torch.compile``'d ``function(*args,
-    direction) -> (product, loss)`` for every model, its first call per (model, signature) timed, and per model the
+    direction) -> (product, aux)`` for every model (``aux``: what shows the loss finite), its first call per (model, signature) timed, and per model the
     signatures whose outputs did not fit (:class:`OutputsDoNotFit`), whose later products go eager at once instead
     of running the compiled forward again only to leave it. Nothing refers to an operator (a SharpnessMonitor
     builds one per measurement)."""
@@ -687,9 +687,10 @@ class CompiledOutputProducts:
         return self.times.seconds(model)
 
     def __call__(self, model, signature: tuple, args: tuple, v: list[torch.Tensor], k: int | None,
-                 check_loss: Callable[[torch.Tensor], None]) -> list[torch.Tensor] | None:
-        """``function(*args, direction)``'s products for one probe (``k`` None) or a ``(k, ...)`` block, each loss
-        passed to ``check_loss``; None where the outputs did not fit (the caller computes the product eagerly)."""
+                 check: Callable[[torch.Tensor], None]) -> list[torch.Tensor] | None:
+        """``function(*args, direction)``'s products for one probe (``k`` None) or a ``(k, ...)`` block, the first
+        probe's ``aux`` passed to ``check`` (every probe's is the same); None where the outputs did not fit (the
+        caller computes the product eagerly)."""
         try:
             unfit = self._unfit.setdefault(model, set())
         except TypeError:  # not weak-referenceable: nothing remembered
@@ -698,10 +699,14 @@ class CompiledOutputProducts:
             return None
         mark = self.times.first_call_timer(model, signature)
 
+        checked = []
+
         def product_of(direction):
-            product, loss = compiled(self.function)(*args, direction)
+            product, aux = compiled(self.function)(*args, direction)
             mark()
-            check_loss(loss)
+            if not checked:
+                check(aux)
+                checked.append(True)
             return product
 
         try:

@@ -106,7 +106,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     Returns the scalar loss, equal to ``F.cross_entropy(logits.reshape(-1, V), target.reshape(-1),
     ignore_index=ignore_index)``. Gradients, double backward, ``torch.func.grad``/``jvp``/``vmap`` work; a third
     derivative does not. With ``reduction="mean"`` the number of kept rows is read once (a host sync on CUDA); a
-    batch whose every row is ignored is refused (``F.cross_entropy`` returns NaN for it).
+    batch whose every row is ignored is refused (``F.cross_entropy`` returns NaN for it). Under ``torch.func.vmap``
+    over the targets (per-sample losses) that count cannot be read, and inside ``torch.compile`` it would break the
+    graph: there the value is ``F.cross_entropy``'s, by torch's ops (an all-ignored sample's mean is then NaN).
     """
     if logits.dim() < 1 or target.shape != logits.shape[:-1]:
         raise ValueError(
@@ -122,6 +124,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     if target.numel() == 0:
         raise ValueError("cross_entropy: empty batch (no rows); the mean over no rows is undefined")
     target = target.long()
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
+        # A target batched by vmap (per-sample losses: the empirical Fisher) cannot be counted on the host, and in
+        # a compiled function the count would break the graph: the same value by torch's own ops, differentiated by
+        # its rules (an all-ignored row's mean is NaN there).
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=ignore_index, reduction=reduction)
     scale = 1.0
     if reduction == "mean":
         kept = int((target != ignore_index).sum())

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 import optim
 from optim.hessian.hvp import compile_seconds
 
-from .test_ggn import attention_problem, explicit_fisher, mean_squared_error, mlp_problem
+from .test_ggn import attention_problem, explicit_fisher, mean_squared_error, mlp_problem, sequence_problem
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +223,9 @@ def test_ggn_compile_in_training_mode_is_eager_on_one_forward():
 def test_fisher_compiled_matches_explicit_per_sample_gradients_and_compiles_once():
     mlp, mlp_inputs, mlp_targets = mlp_problem(rows=5)
     block, block_inputs, block_targets = attention_problem(rows=3)
+    sequence, sequence_inputs, labels = sequence_problem()
     cases = [(mlp, F.cross_entropy, mlp_inputs, mlp_targets),
+             (sequence, optim.hessian.causal_lm_loss, sequence_inputs, labels),
              (mlp, lambda z, y: F.cross_entropy(z, y, reduction="sum") + z.square().mean(), mlp_inputs, mlp_targets),
              (block, mean_squared_error, block_inputs, block_targets)]
     for model, loss_fn, inputs, targets in cases:

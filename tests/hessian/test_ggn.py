@@ -305,9 +305,7 @@ def test_train_mode_is_not_kept_unless_asked(operator_class):
 def test_ggn_of_a_last_dim_cross_entropy_with_ignored_targets_is_exact():
     """``optim.hessian.cross_entropy`` averages over the rows not ignored and gives ignored rows no curvature: not
     the closed form's 1/rows, so those batches take autograd (a closed form once gave 27% relative error here)."""
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double().eval()
-    inputs, targets = torch.randn(3, 7, 4, dtype=torch.float64), torch.randint(0, 5, (3, 7))
-    targets[0, :3] = -100
+    model, inputs, targets = sequence_problem()
     loss_fn = optim.hessian.cross_entropy
     expected = explicit_ggn(model, loss_fn, inputs, targets)[0]
     for compile in (False, True):
@@ -400,6 +398,31 @@ def test_the_kept_fisher_state_is_the_one_measured_faster(faster, monkeypatch):
     block = random_flat(too_small, 2)
     assert relative_error(too_small @ block, block @ expected) <= EXACT_RTOL
     assert too_small.last_path == "kept forward"
+
+
+def sequence_problem():
+    """A per-position model on (B, T, 4) inputs, (B, T) labels with some ignored (-100): a language model's shapes."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double().eval()
+    inputs, labels = torch.randn(3, 7, 4, dtype=torch.float64), torch.randint(0, 5, (3, 7))
+    labels[0, :3] = -100
+    return model, inputs, labels
+
+
+@pytest.mark.parametrize("loss_fn", [optim.hessian.cross_entropy, optim.hessian.causal_lm_loss],
+                         ids=["cross_entropy", "causal_lm_loss"])
+def test_fisher_of_the_language_model_losses_on_every_path(loss_fn):
+    """The package's own language-model losses count their kept labels on the host, which vmap (per-sample
+    losses) cannot: under vmap they take torch's formula. Every way of the product is the explicit Fisher."""
+    model, inputs, labels = sequence_problem()
+    expected, _ = explicit_fisher(model, loss_fn, inputs, labels)
+    block = random_flat(EmpiricalFisherOperator(model, loss_fn, (inputs, labels)), 2)
+    ways = {"kept": dict(), "kept forward": dict(max_kept_bytes=8), "unkept": dict(reuse_graph=False)}
+    for way, options in ways.items():
+        Fi = EmpiricalFisherOperator(model, loss_fn, (inputs, labels), **options)
+        assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL, way
+    columns = EmpiricalFisherOperator(RowsLast(model), lambda z, y: loss_fn(z.movedim(-1, 0), y), (inputs, labels),
+                                      max_kept_bytes=8)
+    assert relative_error(columns @ block, block @ expected) <= EXACT_RTOL and columns.last_path == "per-sample"
 
 
 def test_fisher_of_a_mean_loss_has_the_gradient_as_mean_of_its_rows():

@@ -228,9 +228,8 @@ def output_hessian_scale(kind: str, reduction: str, z: torch.Tensor, targets) ->
 def _ggn_product(output_fn, targets, kind, reduction, params, direction):
     """``(G v, z)`` for one probe: ``u = J v`` and ``z`` by ``jvp`` of the outputs, ``w = H_z u`` in closed form,
     ``Jᵀ w`` by ``vjp`` (the compiler shares the primal forward of the two). The criterion is not called here: it
-    was never differentiated here because inductor (torch 2.13, CPU, float64) crashed on ``jvp(grad(F.mse_loss))``,
-    and its value (the finite check's) is taken outside, since ``optim.hessian.cross_entropy`` reads its kept-row
-    count on the host, a graph break."""
+    is never differentiated here because inductor (torch 2.13, CPU, float64) crashed on ``jvp(grad(F.mse_loss))``,
+    and its value (the finite check's) is taken outside, where no criterion can break the compiled graph."""
     primals = tuple(params)
     output, jv = torch.func.jvp(output_fn, primals, tuple(direction))
     if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:

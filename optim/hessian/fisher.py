@@ -38,15 +38,14 @@ one dropout mask); the compiled function (``compile=True``) takes it by ``jvp``.
 from __future__ import annotations
 
 import time
-import weakref
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _elapsed_s, _scalar_loss,
-                  _signature, batched_vjp, in_eval_mode)
+from .hvp import (CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss, _elapsed_s,
+                  _scalar_loss, _signature, batched_vjp)
 from .operator import CurvatureOperator, StateNotKept
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
@@ -57,21 +56,7 @@ MEASURE_ROWS = 4
 # model -> {("kept", shapes): "G", "forward" or "misaligned" (outputs not row-aligned: only G can be kept);
 # ("unkept", signatures, k): "outputs" or "per-sample"}: the way measured faster on the first build or unkept
 # product there
-_choices: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
-
-
-def _remembered(model, key) -> str | None:
-    try:
-        return _choices.get(model, {}).get(key)
-    except TypeError:  # not weak-referenceable: nothing remembered
-        return None
-
-
-def _remember(model, key, choice: str) -> None:
-    try:
-        _choices.setdefault(model, {})[key] = choice
-    except TypeError:
-        pass
+_ways = Remembered()
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
@@ -160,7 +145,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         targets = batch[1]
         rows = targets.shape[0] if targets.dim() > 0 else 1
         # the forward can be kept whatever the rows, unless the outputs proved not row-aligned
-        return self._fits(rows) or _remembered(self.model, self._kept_key(batch)) != "misaligned"
+        return self._fits(rows) or _ways.get(self.model, self._kept_key(batch)) != "misaligned"
 
     def _kept_key(self, batch) -> tuple:
         """The kept-state choice's key: the parameters' and the batch tensors' shapes and dtypes."""
@@ -223,11 +208,11 @@ class EmpiricalFisherOperator(CurvatureOperator):
         outputs are not row-aligned."""
         self._check_rows(inputs, targets, rows)
         key = self._kept_key((inputs, targets))
-        choice, fits = _remembered(self.model, key), self._fits(rows)
+        choice, fits = _ways.get(self.model, key), self._fits(rows)
         tried = choice not in ("G", "misaligned") or not fits
         forward = self._forward_state(inputs, targets, params, rows) if tried else None
         if tried and forward is None:
-            _remember(self.model, key, "misaligned")
+            _ways.set(self.model, key, "misaligned")
             if not fits:  # neither can be kept: the outputs are not row-aligned and G is too large
                 raise StateNotKept
         elif forward is not None and (choice == "forward" or not fits or
@@ -252,7 +237,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         self._fisher_times(G, flat)
         g_s = _elapsed_s(self.device, start) * rows / sample
         won = forward_s <= g_s
-        _remember(self.model, key, "forward" if won else "G")
+        _ways.set(self.model, key, "forward" if won else "G")
         return won
 
     def _apply(self, state, v, k) -> list[torch.Tensor]:
@@ -272,14 +257,14 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         self._check_rows(inputs, targets, rows)
-        if self.compile and in_eval_mode(self.model):
+        if self.compile:
             product = compiled_fisher(self.model, self._output_of(inputs), self.loss_fn, targets, rows, params, v, k,
                                       (inputs, targets))
             if product is not None:
                 self.last_path = "compiled"
                 return [t / rows for t in product]
         key = ("unkept", _signature(params), _signature((inputs, targets)), k)
-        choice = _remembered(self.model, key)
+        choice = _ways.get(self.model, key)
         if choice is None:
             return self._measured_product(inputs, targets, params, v, k, rows, key)
         if choice == "outputs":
@@ -299,13 +284,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         product = self._output_space_product(inputs, targets, params, v, k, rows)
         outputs_s = _elapsed_s(self.device, start)
         if product is None:
-            _remember(self.model, key, "per-sample")
+            _ways.set(self.model, key, "per-sample")
             return self._per_sample_product(inputs, targets, params, v, k, rows)
         sample = min(rows, MEASURE_ROWS)
         start = time.perf_counter()
         self._per_sample_product(tree_map(lambda t: t[:sample], inputs), targets[:sample], params, v, k, sample)
         per_sample_s = _elapsed_s(self.device, start) * rows / sample
-        _remember(self.model, key, "per-sample" if per_sample_s < outputs_s else "outputs")
+        _ways.set(self.model, key, "per-sample" if per_sample_s < outputs_s else "outputs")
         self.last_path = "outputs"
         return product
 

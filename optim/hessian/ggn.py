@@ -42,8 +42,7 @@ from torch.nn import functional as F
 
 from . import losses
 from ._ops import cross_entropy_hvp
-from .hvp import (CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _scalar_loss, _signature,
-                  batched_vjp, in_eval_mode)
+from .hvp import CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _scalar_loss, _signature, batched_vjp
 from .operator import CurvatureOperator, model_output
 
 __all__ = ["GGNOperator"]
@@ -158,7 +157,7 @@ class GGNOperator(CurvatureOperator):
         return ggn_compile_seconds(self.model)
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
-        if self.compile and in_eval_mode(self.model):
+        if self.compile:
             product = compiled_ggn(self.model, model_output(self.model, tuple(self.names), inputs), self.loss_fn,
                                    targets, params, v, k, (inputs, targets))
             if product is not None:

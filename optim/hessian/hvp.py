@@ -102,14 +102,37 @@ AUTO_ORDER = ("rr", "fr")
 
 Tensors = Sequence[torch.Tensor]
 
-# A weak key: the decision dies with the function object (and with a HessianOperator, which passes itself as key).
-_auto_choice: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+class Remembered:
+    """What was measured or learned, per weakly referenced key (a function, a model, an operator) and sub-key: the
+    entries die with the key's object; a key that is None or cannot be weakly referenced remembers nothing."""
+
+    def __init__(self):
+        self._entries: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+    def get(self, key: object, sub: object = None):
+        try:
+            return self._entries.get(key, {}).get(sub)
+        except TypeError:  # not weak-referenceable or not hashable
+            return None
+
+    def set(self, key: object, sub: object, value) -> None:
+        if key is None:
+            return
+        try:
+            self._entries.setdefault(key, {})[sub] = value
+        except TypeError:  # not weak-referenceable or not hashable: nothing to remember it by
+            pass
+
+
+# The mode "auto" settled on, per function (and per HessianOperator, which passes itself as key).
+_auto_choice = Remembered()
 
 # Errors that mean "this mode cannot differentiate this function", as opposed to bad input (ValueError).
 _MODE_FAILURES = (RuntimeError, NotImplementedError)
 
 # How the k second backwards of a "rr" block run, per key (as _auto_choice) and probe count: "vmap" or "loop".
-_batching_choice: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()
+_batching_choice = Remembered()
 # From this many probes on, the first block of a key measures both ways on its own probes (no extra work) and
 # remembers the faster per probe; smaller blocks take the loop (a vmap of one or two probes only adds overhead).
 MEASURE_MIN_PROBES = 4
@@ -365,20 +388,12 @@ def compute_hvp(
 
 def auto_choice(key: object) -> str | None:
     """The mode ``"auto"`` settled on for ``key`` (a function, or a HessianOperator), or None if not decided yet."""
-    try:
-        return _auto_choice.get(key)
-    except TypeError:
-        return None
+    return _auto_choice.get(key)
 
 
 def remember_auto_choice(key: object, mode: str) -> None:
     """Record ``mode`` as what ``"auto"`` settled on for ``key`` (see :func:`auto_choice`)."""
-    if key is None:
-        return
-    try:
-        _auto_choice[key] = mode
-    except TypeError:  # not weak-referenceable or not hashable: nothing to remember it by
-        pass
+    _auto_choice.set(key, None, mode)
 
 
 def _hvp_auto(f, params, v, k, key, batch_key):
@@ -503,21 +518,9 @@ def _looped_backward(outputs, leaves, directions, keep_graph, out=None):
             for i in range(len(leaves))]
 
 
-def _remember(key, k: int, choice: str) -> None:
-    if key is None:
-        return
-    try:
-        _batching_choice.setdefault(key, {})[k] = choice
-    except TypeError:  # not weak-referenceable or not hashable: nothing to remember it by
-        pass
-
-
 def batching_choice(key, k: int) -> str | None:
     """How blocks of k probes run for ``key``: "vmap", "loop", or None before the first block measured it."""
-    try:
-        return _batching_choice.get(key, {}).get(k)
-    except TypeError:
-        return None
+    return _batching_choice.get(key, k)
 
 
 def _elapsed_s(device: torch.device, start: float) -> float:
@@ -550,7 +553,7 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
         vmap_s = _elapsed_s(device, start)
     except RuntimeError:
         # Only this call is retried: a genuine error re-raises from the loop.
-        _remember(key, k, "loop")
+        _batching_choice.set(key, k, "loop")
         return _looped_backward(outputs, leaves, directions, keep_graph)
     last = 2 * m == k
     views = _product_views(leaves, k)  # the block's rows are written in place: no concatenation of the pieces
@@ -564,7 +567,7 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
                                    out=rows(m, 2 * m)))
     loop_s = _elapsed_s(device, start)
     choice = "vmap" if vmap_s < VMAP_ADVANTAGE * loop_s else "loop"
-    _remember(key, k, choice)
+    _batching_choice.set(key, k, choice)
     if not last:
         rest = [d[2 * m:] for d in directions]
         if choice == "vmap":
@@ -681,7 +684,7 @@ class CompiledOutputProducts:
     def __init__(self, function: Callable):
         self.function = function
         self.times = CompileTimes()
-        self._unfit: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
+        self._unfit = Remembered()  # model -> {signature: True}
 
     def seconds(self, model: object) -> float:
         return self.times.seconds(model)
@@ -689,13 +692,10 @@ class CompiledOutputProducts:
     def __call__(self, model, signature: tuple, args: tuple, v: list[torch.Tensor], k: int | None,
                  check: Callable[[torch.Tensor], None]) -> list[torch.Tensor] | None:
         """``function(*args, direction)``'s products for one probe (``k`` None) or a ``(k, ...)`` block, the first
-        probe's ``aux`` passed to ``check`` (every probe's is the same); None where the outputs did not fit (the
-        caller computes the product eagerly)."""
-        try:
-            unfit = self._unfit.setdefault(model, set())
-        except TypeError:  # not weak-referenceable: nothing remembered
-            unfit = set()
-        if signature in unfit:
+        probe's ``aux`` passed to ``check`` (every probe's is the same); None where the outputs did not fit, and
+        while a module of ``model`` is in training mode (:func:`in_eval_mode`): the caller computes the product
+        eagerly."""
+        if not in_eval_mode(model) or self._unfit.get(model, signature):
             return None
         mark = self.times.first_call_timer(model, signature)
 
@@ -712,7 +712,7 @@ class CompiledOutputProducts:
         try:
             return per_probe(product_of, v, k)
         except OutputsDoNotFit:
-            unfit.add(signature)
+            self._unfit.set(model, signature, True)
             return None
 
 

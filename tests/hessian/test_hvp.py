@@ -514,7 +514,7 @@ def test_a_probe_block_measures_vmap_against_a_loop_once_and_both_are_exact(mode
         else:  # then only the faster way
             assert ways == ["_vmapped_backward" if choice == "vmap" else "_looped_backward"]
     for forced in ("vmap", "loop"):  # each way alone gives the same products
-        hvp_module._batching_choice[f] = {k: forced}
+        hvp_module._batching_choice.set(f, k, forced)
         hv = hvp(f, case.params, v, mode="rr")
         assert relative_error(torch.cat([t.reshape(k, -1) for t in hv], dim=1), expected) <= EXACT_RTOL
     ways.clear()

@@ -111,7 +111,7 @@ def test_quadratic_forms_are_the_diagonal_of_v_h_vt(reuse_graph, monkeypatch):
     H = operator_of(case, reuse_graph=reuse_graph)
     H @ flat_random(H)  # "auto" decides on its first product
     hvp_module = importlib.import_module("optim.hessian.hvp")  # the attribute optim.hessian.hvp is the function
-    hvp_module._remember(case.model, 5, "loop")  # blocks of 5 loop for this model: the dotted path
+    hvp_module._batching_choice.set(case.model, 5, "loop")  # blocks of 5 loop for this model: the dotted path
     blocks, matvec = [], CurvatureOperator.matvec
     monkeypatch.setattr(CurvatureOperator, "matvec", lambda self, v: blocks.append(tuple(v.shape)) or matvec(self, v))
     V = flat_random(H, 5)

@@ -19,6 +19,13 @@ from ._ops import cross_entropy_hvp
 __all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy"]
 
 
+def _countable_on_host(target: torch.Tensor) -> bool:
+    """Whether the kept targets of a mean can be counted on the host (``int(...)``): not for a target batched by vmap
+    (per-sample losses: the empirical Fisher, per-sample gradients), and not inside ``torch.compile``, where the
+    count would break the graph (the ``or`` keeps dynamo from tracing the functorch query)."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target))
+
+
 def _work_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -124,10 +131,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     if target.numel() == 0:
         raise ValueError("cross_entropy: empty batch (no rows); the mean over no rows is undefined")
     target = target.long()
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
-        # A target batched by vmap (per-sample losses: the empirical Fisher) cannot be counted on the host, and in
-        # a compiled function the count would break the graph: the same value by torch's own ops, differentiated by
-        # its rules (an all-ignored row's mean is NaN there).
+    if not _countable_on_host(target):  # the same value by torch's own ops, differentiated by its rules
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=ignore_index, reduction=reduction)
     scale = 1.0
@@ -233,9 +237,7 @@ def functional_cross_entropy(input, target, weight=None, size_average=None, igno
              and input.is_floating_point() and target.dim() == 1 and target.dtype == torch.int64
              and target.shape[0] == input.shape[0] > 0 and weight is None and size_average is None and reduce is None
              and reduction in _REDUCTION_ENUM and label_smoothing == 0.0 and isinstance(ignore_index, int)
-             and not isinstance(ignore_index, bool)
-             # a target batched by vmap (per-sample gradients) cannot be counted on the host
-             and not torch._C._functorch.is_functorch_wrapped_tensor(target))
+             and not isinstance(ignore_index, bool) and _countable_on_host(target))
     kept = int((target != ignore_index).sum()) if fused else 0
     if not kept:
         return torch.nn.functional.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,

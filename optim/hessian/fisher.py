@@ -54,7 +54,7 @@ DEFAULT_MAX_KEPT_BYTES = 1 << 30  # 1 GiB of per-sample gradients
 # Rows of the per-sample gradients timed on the first unkept product of a batch signature (_measured_product).
 MEASURE_ROWS = 4
 # model -> {("kept", shapes): "G", "forward" or "misaligned" (outputs not row-aligned: only G can be kept);
-# ("unkept", signatures, k): "outputs" or "per-sample"}: the way measured faster on the first build or unkept
+# ("unkept", k, shapes): "outputs" or "per-sample"}: the way measured faster on the first build or unkept
 # product there
 _ways = Remembered()
 
@@ -145,12 +145,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         targets = batch[1]
         rows = targets.shape[0] if targets.dim() > 0 else 1
         # the forward can be kept whatever the rows, unless the outputs proved not row-aligned
-        return self._fits(rows) or _ways.get(self.model, self._kept_key(batch)) != "misaligned"
+        return self._fits(rows) or _ways.get(self.model, self._way_key("kept", batch)) != "misaligned"
 
-    def _kept_key(self, batch) -> tuple:
-        """The kept-state choice's key: the parameters' and the batch tensors' shapes and dtypes."""
+    def _way_key(self, kind: str, batch, *extra) -> tuple:
+        """The key of a remembered way (``_ways``): its kind, the parameters' and the batch tensors' shapes and
+        dtypes (not their devices: a batch is moved to the parameters' before a product), and ``extra``."""
         tensors = [*self.params, *(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))]
-        return ("kept",) + tuple((tuple(t.shape), t.dtype) for t in tensors)
+        return (kind, *extra) + tuple((tuple(t.shape), t.dtype) for t in tensors)
 
     def _check_model(self) -> None:
         for name, module in self.model.named_modules():
@@ -207,7 +208,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         product (``_measure_kept``); the forward where ``G`` does not fit ``max_kept_bytes``, ``G`` where the
         outputs are not row-aligned."""
         self._check_rows(inputs, targets, rows)
-        key = self._kept_key((inputs, targets))
+        key = self._way_key("kept", (inputs, targets))
         choice, fits = _ways.get(self.model, key), self._fits(rows)
         tried = choice not in ("G", "misaligned") or not fits
         forward = self._forward_state(inputs, targets, params, rows) if tried else None
@@ -263,7 +264,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             if product is not None:
                 self.last_path = "compiled"
                 return [t / rows for t in product]
-        key = ("unkept", _signature(params), _signature((inputs, targets)), k)
+        key = self._way_key("unkept", (inputs, targets), k)
         choice = _ways.get(self.model, key)
         if choice is None:
             return self._measured_product(inputs, targets, params, v, k, rows, key)

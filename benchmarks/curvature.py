@@ -105,7 +105,8 @@ def run_case(case: Case, device: torch.device, quick: bool, compile: bool) -> di
     for fn, _ in methods.values():
         fn()  # warm; the k-probe blocks measure vmap against the loop, the unkept Fisher its way, on this call
     if peer_fisher is not None:
-        peer_error = float((peer_fisher @ flat1 - fisher @ flat1).norm() / (fisher @ flat1).norm())
+        ours = fisher @ flat1
+        peer_error = float((peer_fisher @ flat1 - ours).norm() / ours.norm())
     timings = time_interleaved_ms({name: fn for name, (fn, _) in methods.items()}, device, warmup=1,
                                   repeats=3 if quick else 5)
     base = timings["gradient"].median_ms

@@ -26,6 +26,17 @@ def _countable_on_host(target: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target))
 
 
+def _scaled_by(grad_loss: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``grad_loss · gradient``, the backward of a scalar loss, without the multiply where ``grad_loss`` is a host
+    1 that needs no gradient (a loss differentiated as it is): the product is then the same bits, and its own
+    backward is one more pass over the (N, C) scores in every second backward (6 of 425 ms per probe on a
+    GPT-2-shaped model with (512, 8192) logits, one CPU thread). On a GPU the value is not read (a host sync)."""
+    if (grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and not grad_loss.requires_grad
+            and _countable_on_host(grad_loss) and grad_loss.item() == 1.0):
+        return gradient
+    return grad_loss * gradient
+
+
 def _work_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -90,7 +101,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         logits, target = ctx.saved_tensors
         gradient = _CrossEntropyGradient.apply(logits, target, ctx.scale, ctx.ignore_index)
-        return grad_loss * gradient, None, None, None
+        return _scaled_by(grad_loss, gradient), None, None, None
 
     @staticmethod
     def jvp(ctx, logits_tangent: torch.Tensor, *unused_tangents):
@@ -182,7 +193,7 @@ class _TorchCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_log_p, grad_total_weight):
         # torch's backward passes grad_loss into nll_loss_backward; the gradient at grad_loss = 1 times grad_loss is
         # the same bits when grad_loss is 1 (a loss differentiated as it is) and within an ulp otherwise.
-        return grad_loss * _TorchCrossEntropy._gradient(ctx), None, None, None, None
+        return _scaled_by(grad_loss, _TorchCrossEntropy._gradient(ctx)), None, None, None, None
 
     @staticmethod
     def jvp(ctx, logits_dot, *unused_tangents):

@@ -203,6 +203,25 @@ def test_routed_cross_entropy_is_torchs_loss_and_gradient_bit_for_bit(device, dt
     assert counted_op, "the fused op did not run in the double backward"
 
 
+@pytest.mark.parametrize("loss_fn", ["routed", "optim"])
+@pytest.mark.parametrize("factor", [1.0, 0.37])
+def test_cross_entropy_backward_scales_by_the_incoming_gradient(loss_fn, factor):
+    """The backward multiplies by the loss's incoming gradient, and leaves the multiply out where that is a host 1:
+    the gradient is then the same tensor, and the second backward makes no extra pass over the scores."""
+    logits = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 6, (7,))
+    target[1] = -100
+    ours = losses.functional_cross_entropy if loss_fn == "routed" else losses.cross_entropy
+    (want_grad,) = torch.autograd.grad(factor * F.cross_entropy(logits, target), logits, create_graph=True)
+    (got_grad,) = torch.autograd.grad(factor * ours(logits, target), logits, create_graph=True)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-14, atol=0)
+    assert (got_grad.grad_fn.name() == "MulBackward0") == (factor != 1.0)
+    u = torch.randn_like(logits)
+    (want_hv,) = torch.autograd.grad(want_grad, logits, u)
+    (got_hv,) = torch.autograd.grad(got_grad, logits, u)
+    torch.testing.assert_close(got_hv, want_hv, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("case", ["weight", "label_smoothing", "class_dim_1", "probabilities", "all_ignored",
                                   "none_reduction"])
 def test_routed_cross_entropy_falls_back_to_torch(case, counted_op):

@@ -232,11 +232,19 @@ class _TorchCrossEntropyGradient(torch.autograd.Function):
         return cross_entropy_hvp(logits, logits_dot, ctx.scale, target, ctx.ignore_index)
 
 
+# Fewer scores than this take torch's own F.cross_entropy inside the curvature routes: the fused route's two
+# autograd Functions cost ~85 µs more per graph than torch's nodes (one CPU thread), which the fused op wins back
+# only over enough scores (k = 1: +87 µs at 128×100, +60 µs at 1024×10, −190 µs at 128×1024; a block of 8 probes
+# breaks even near 20–30k scores). A module attribute, so that tests can take the fused route on small inputs.
+FUSED_MIN_SCORES = 32768
+
+
 def functional_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                              reduction="mean", label_smoothing=0.0):
     """``F.cross_entropy``, its signature and its values (the loss and its gradient bit for bit), with the second
     derivatives of ``optim::cross_entropy_hvp`` where they apply: (N, C) float scores, (N,) class indices, no class
-    weights, no label smoothing, reduction "mean" or "sum", and at least one kept row. Every other call is
+    weights, no label smoothing, reduction "mean" or "sum", at least one kept row, and at least
+    :data:`FUSED_MIN_SCORES` scores (below it torch's double backward is the faster). Every other call is
     ``F.cross_entropy`` itself (NaN for an all-ignored mean included).
 
     The curvature routes send ``F.cross_entropy`` here: PyTorch differentiates ``log_softmax`` twice op by op,
@@ -245,7 +253,7 @@ def functional_cross_entropy(input, target, weight=None, size_average=None, igno
     the number of kept rows is read once (a host sync on CUDA). A third derivative is not available.
     """
     fused = (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dim() == 2
-             and input.is_floating_point() and target.dim() == 1 and target.dtype == torch.int64
+             and input.numel() >= FUSED_MIN_SCORES and input.is_floating_point() and target.dim() == 1 and target.dtype == torch.int64
              and target.shape[0] == input.shape[0] > 0 and weight is None and size_average is None and reduce is None
              and reduction in _REDUCTION_ENUM and label_smoothing == 0.0 and isinstance(ignore_index, int)
              and not isinstance(ignore_index, bool) and _countable_on_host(target))

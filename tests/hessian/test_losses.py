@@ -39,6 +39,7 @@ def counted_op(monkeypatch):
         return op(*args)
 
     monkeypatch.setattr(losses, "cross_entropy_hvp", counting)
+    monkeypatch.setattr(losses, "FUSED_MIN_SCORES", 0)  # the fused route on these tests' small scores
     return calls
 
 
@@ -205,7 +206,7 @@ def test_routed_cross_entropy_is_torchs_loss_and_gradient_bit_for_bit(device, dt
 
 @pytest.mark.parametrize("loss_fn", ["routed", "optim"])
 @pytest.mark.parametrize("factor", [1.0, 0.37])
-def test_cross_entropy_backward_scales_by_the_incoming_gradient(loss_fn, factor):
+def test_cross_entropy_backward_scales_by_the_incoming_gradient(loss_fn, factor, counted_op):
     """The backward multiplies by the loss's incoming gradient, and leaves the multiply out where that is a host 1:
     the gradient is then the same tensor, and the second backward makes no extra pass over the scores."""
     logits = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
@@ -220,6 +221,7 @@ def test_cross_entropy_backward_scales_by_the_incoming_gradient(loss_fn, factor)
     (want_hv,) = torch.autograd.grad(want_grad, logits, u)
     (got_hv,) = torch.autograd.grad(got_grad, logits, u)
     torch.testing.assert_close(got_hv, want_hv, rtol=1e-12, atol=1e-14)
+    assert counted_op, "the fused op did not run in the double backward"
 
 
 @pytest.mark.parametrize("case", ["weight", "label_smoothing", "class_dim_1", "probabilities", "all_ignored",
@@ -247,6 +249,21 @@ def test_routed_cross_entropy_falls_back_to_torch(case, counted_op):
         (grad,) = torch.autograd.grad(got.sum(), args[0], create_graph=True)
         torch.autograd.grad(grad, args[0], torch.randn_like(grad))
     assert not counted_op
+
+
+def test_routed_cross_entropy_takes_torchs_double_backward_below_the_size_it_pays_at(counted_op, monkeypatch):
+    monkeypatch.setattr(losses, "FUSED_MIN_SCORES", 60)
+    for rows, fused in ((5, False), (6, True)):  # 10 classes: 50 and 60 scores
+        counted_op.clear()
+        logits = torch.randn(rows, 10, dtype=torch.float64, requires_grad=True)
+        target = torch.randint(0, 10, (rows,))
+        (grad,) = torch.autograd.grad(losses.functional_cross_entropy(logits, target), logits, create_graph=True)
+        (want,) = torch.autograd.grad(F.cross_entropy(logits, target), logits, create_graph=True)
+        assert torch.equal(grad, want)
+        u = torch.randn_like(logits)
+        torch.testing.assert_close(torch.autograd.grad(grad, logits, u)[0], torch.autograd.grad(want, logits, u)[0],
+                                   rtol=1e-12, atol=1e-14)
+        assert bool(counted_op) == fused
 
 
 def test_hvp_routes_f_cross_entropy_to_the_fused_op_in_every_mode(counted_op):

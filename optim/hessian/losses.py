@@ -253,7 +253,8 @@ def functional_cross_entropy(input, target, weight=None, size_average=None, igno
     the number of kept rows is read once (a host sync on CUDA). A third derivative is not available.
     """
     fused = (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dim() == 2
-             and input.numel() >= FUSED_MIN_SCORES and input.is_floating_point() and target.dim() == 1 and target.dtype == torch.int64
+             and input.numel() >= FUSED_MIN_SCORES and input.is_floating_point() and target.dim() == 1
+             and target.dtype == torch.int64
              and target.shape[0] == input.shape[0] > 0 and weight is None and size_average is None and reduce is None
              and reduction in _REDUCTION_ENUM and label_smoothing == 0.0 and isinstance(ignore_index, int)
              and not isinstance(ignore_index, bool) and _countable_on_host(target))

@@ -3,7 +3,7 @@
 from . import _attention_ops, _ops
 from .adahessian import AdaHessian
 from .attention import scaled_dot_product_attention
-from .routing import sdpa_curvature
+from .routing import curvature_context_fn, sdpa_curvature
 from .fisher import EmpiricalFisherOperator
 from .ggn import GGNOperator
 from .hvp import hvp
@@ -17,5 +17,6 @@ from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOpera
 
 __all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "EmpiricalFisherOperator", "GGNOperator", "HessianOperator",
            "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH", "SpectralDensity", "TraceEstimate",
-           "causal_lm_loss", "cross_entropy", "diagonal", "hvp", "plot_density", "rademacher", "rademacher_like",
-           "scaled_dot_product_attention", "sdpa_curvature", "spectral_density", "top_eigenvalues", "trace"]
+           "causal_lm_loss", "cross_entropy", "curvature_context_fn", "diagonal", "hvp", "plot_density", "rademacher",
+           "rademacher_like", "scaled_dot_product_attention", "sdpa_curvature", "spectral_density", "top_eigenvalues",
+           "trace"]

@@ -22,10 +22,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import CheckpointError
 
 from . import attention, losses
 
-__all__ = ["sdpa_curvature"]
+__all__ = ["curvature_context_fn", "sdpa_curvature"]
 
 # function -> (module, name, needed under torch.compile). Looked up by name at each call, so a test can wrap one.
 _ROUTES = {
@@ -69,4 +70,49 @@ def sdpa_curvature(enabled: bool = True):
         yield
         return
     with _CurvatureRoutes():
-        yield
+        try:
+            yield
+        except CheckpointError as error:
+            error.add_note(_CHECKPOINT_NOTE)
+            raise
+
+
+_CHECKPOINT_NOTE = (
+    "optim: a checkpointed module recomputed its forward inside the backward, where the curvature routes are not "
+    "taken, so the recomputation differs from the routed forward. Pass context_fn=optim.hessian.curvature_context_fn "
+    "to torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (Hugging Face: model.activation_checkpointing_"
+    "enable(activation_checkpointing_kwargs={'use_reentrant': False, 'context_fn': "
+    "optim.hessian.curvature_context_fn}))")
+
+
+def curvature_context_fn():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the recomputation of a
+    checkpointed module takes the curvature routes exactly when its forward took them.
+
+    The backward recomputes a checkpointed forward while the autograd engine runs, and ``torch.autograd.grad`` and
+    ``backward`` run with this thread's torch-function modes popped: without this, a forward routed to the
+    attention ops is recomputed by torch's SDPA (a ``CheckpointError``: its saved tensors differ, and it has no
+    double backward). Outside the routes (a plain training step) the recomputation is torch's, as its forward was.
+    For a Hugging Face model: ``model.activation_checkpointing_enable(activation_checkpointing_kwargs=
+    {"use_reentrant": False, "context_fn": optim.hessian.curvature_context_fn})`` (``gradient_checkpointing_enable``
+    and ``gradient_checkpointing_kwargs`` before transformers 5). A second derivative needs the non-reentrant
+    checkpoint: the reentrant one refuses ``torch.autograd.grad``.
+    """
+    return contextlib.nullcontext(), _RoutesWhen(_routing())
+
+
+class _RoutesWhen:
+    """:func:`sdpa_curvature` as a context manager that can be entered again (a recomputation runs once per
+    backward that reaches it, with the same context)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._entered = []
+
+    def __enter__(self):
+        context = sdpa_curvature(self.enabled)
+        context.__enter__()
+        self._entered.append(context)
+
+    def __exit__(self, *exc_info):
+        return self._entered.pop().__exit__(*exc_info)

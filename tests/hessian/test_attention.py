@@ -382,6 +382,91 @@ def test_sdpa_curvature_routes_scaled_dot_product_attention(monkeypatch):
     assert len(calls) == 2
 
 
+class _AttentionBlock(torch.nn.Module):
+    """x + proj(SDPA(q, k, v)), causal, optionally under a non-reentrant checkpoint with ``context_fn``."""
+
+    def __init__(self, width=8, heads=2, checkpointed=False, context_fn=None):
+        super().__init__()
+        self.qkv, self.proj, self.heads = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width), heads
+        self.checkpointed, self.context_fn = checkpointed, context_fn
+
+    def attend(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = (t.reshape(batch, tokens, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+    def forward(self, x):
+        if not self.checkpointed:
+            return self.attend(x)
+        options = {} if self.context_fn is None else {"context_fn": self.context_fn}
+        return torch.utils.checkpoint.checkpoint(self.attend, x, use_reentrant=False, **options)
+
+
+def _checkpoint_twins(**options):
+    torch.manual_seed(2)
+    plain = _AttentionBlock().double()
+    checkpointed = _AttentionBlock(checkpointed=True, **options).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    return plain, checkpointed, (x, torch.randn(2, 7, 8, dtype=torch.float64))
+
+
+def _mse(output, target):
+    return ((output - target) ** 2).mean()
+
+
+def test_checkpointed_sdpa_module_with_curvature_context_fn_equals_its_plain_twin(monkeypatch):
+    calls = []
+    original = attention_module.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    plain, checkpointed, batch = _checkpoint_twins(context_fn=optim.hessian.curvature_context_fn)
+    ours, theirs = (optim.HessianOperator(model, _mse, batch) for model in (checkpointed, plain))
+    v = torch.randn(3, ours.n, dtype=torch.float64)
+    expected = theirs @ v
+    plain_calls = len(calls)
+    torch.testing.assert_close(ours @ v, expected, rtol=1e-10, atol=1e-12)
+    assert len(calls) - plain_calls > plain_calls  # the checkpointed forward and its recomputations were routed
+    calls.clear()
+    # Outside the routes the forward and its recomputation are torch's SDPA, as without the context_fn.
+    for model in (checkpointed, plain):
+        model.zero_grad()
+        _mse(model(batch[0]), batch[1]).backward()
+    for p, q in zip(checkpointed.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    assert not calls
+
+
+def test_checkpointed_sdpa_module_without_the_context_fn_is_an_error_that_names_it():
+    _, checkpointed, batch = _checkpoint_twins()
+    with pytest.raises(torch.utils.checkpoint.CheckpointError) as raised:
+        optim.HessianOperator(checkpointed, _mse, batch) @ torch.randn(sum(p.numel() for p in checkpointed.parameters()),
+                                                                        dtype=torch.float64)
+    assert any("context_fn=optim.hessian.curvature_context_fn" in note for note in raised.value.__notes__)
+
+
+def test_sophia_refresh_on_an_activation_checkpointed_gpt2_in_training_mode_equals_its_eager_twin():
+    from optim.hessian import causal_lm_loss
+
+    sdpa, eager, (input_ids, labels) = gpt2_twins(n_layer=2)
+    kwargs = {"use_reentrant": False, "context_fn": optim.hessian.curvature_context_fn}
+    if hasattr(sdpa, "activation_checkpointing_enable"):
+        sdpa.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        sdpa.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    states = []
+    for model in (sdpa, eager):
+        model.train()  # Hugging Face checkpoints only in training mode; every dropout of the config is 0
+        opt = optim.SophiaH(model.parameters(), lr=1e-3, update_period=1, seed=11)
+        for _ in range(2):
+            opt.step(lambda model=model: causal_lm_loss(model(input_ids).logits, labels))
+        states.append([opt.state[p]["hessian"].clone() for p in model.parameters()])
+    assert any(bool(h.abs().max() > 0) for h in states[0])
+    for ours, theirs in zip(*states):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
 class _Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

@@ -604,7 +604,7 @@ class HessianOperator(CurvatureOperator):
 
     def _build(self, inputs, targets, params, rows):
         try:
-            return first_order_graph(self._loss_of(inputs, targets), params)
+            return first_order_graph(self._loss_of(inputs, targets), params, gradient_values=False)
         except _MODE_FAILURES as error:
             if self._deciding():
                 raise StateNotKept from error

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 
-from . import attention, losses
+from . import attention, linear, losses
 
 __all__ = ["curvature_context_fn", "sdpa_curvature"]
 
@@ -32,6 +32,7 @@ __all__ = ["curvature_context_fn", "sdpa_curvature"]
 _ROUTES = {
     F.scaled_dot_product_attention: (attention, "scaled_dot_product_attention", True),
     F.cross_entropy: (losses, "functional_cross_entropy", False),
+    F.linear: (linear, "linear", False),  # torch's F.linear but inside linear.gradient_values_unused()
 }
 
 

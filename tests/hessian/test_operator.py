@@ -324,7 +324,7 @@ def test_reused_graph_gives_the_same_products_with_one_build(device, monkeypatch
     case.model.eval()
     builds = []
     build = operator_module.first_order_graph
-    monkeypatch.setattr(operator_module, "first_order_graph", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(operator_module, "first_order_graph", lambda *a, **kw: builds.append(1) or build(*a, **kw))
     H, fresh = operator_of(case, mode="rr"), operator_of(case, mode="rr", reuse_graph=False)
     for v in (flat_random(H), flat_random(H, 3), flat_random(H)):
         product = H @ v
@@ -401,7 +401,7 @@ def _count_builds(monkeypatch):
 
     builds = []
     build = operator_module.first_order_graph
-    monkeypatch.setattr(operator_module, "first_order_graph", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(operator_module, "first_order_graph", lambda *a, **kw: builds.append(1) or build(*a, **kw))
     return builds
 
 

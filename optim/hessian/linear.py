@@ -77,79 +77,113 @@ def linear(input, weight, bias=None):
     :func:`gradient_values_unused` for a leaf weight; ``F.linear`` itself otherwise."""
     if not _routable(input, weight):
         return F.linear(input, weight, bias)
-    return _Linear.apply(input, weight, bias)
+    return _Linear.apply(input, weight, bias, False)
+
+
+def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    """``torch.addmm``; as :func:`linear` for ``input + mat1 @ mat2`` with a leaf ``mat2`` (the weight, stored
+    (in, out): Hugging Face's ``Conv1D`` of GPT-2) and the default ``beta``, ``alpha`` and no ``out``."""
+    if out is not None or beta != 1 or alpha != 1 or not _routable(mat1, mat2) or mat1.dim() != 2:
+        return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha, out=out)
+    return _Linear.apply(mat1, mat2, input, True)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The weight as (out, in): ``F.linear`` stores it so, ``addmm``'s ``mat2`` as (in, out)."""
+    return weight.mT if transposed else weight
+
+
+def _weight_gradient(grad_output, input, transposed: bool) -> torch.Tensor:
+    """``gᵀ x`` in the weight's own layout."""
+    return _rows(input).mT.mm(_rows(grad_output)) if transposed else _rows(grad_output).mT.mm(_rows(input))
+
+
 class _Linear(torch.autograd.Function):
+    """``x Wᵀ + b`` (``F.linear``) or ``b + x W`` (``addmm``, ``transposed``), by torch's own function."""
+
     @staticmethod
-    def forward(input, weight, bias):
-        return F.linear(input, weight, bias)
+    def forward(input, weight, bias, transposed):
+        return torch.addmm(bias, input, weight) if transposed else F.linear(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias = inputs
+        input, weight, bias, transposed = inputs
         ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
+        ctx.transposed = transposed
+        ctx.bias_shape = None if bias is None else bias.shape
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        grad_bias = _rows(grad_output).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        transposed = ctx.transposed
+        grad_bias = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            grad_bias = _rows(grad_output).sum(0)
+            if grad_bias.shape != ctx.bias_shape:  # addmm's input broadcast to the output
+                grad_bias = torch.ops.aten.sum_to_size(grad_output, ctx.bias_shape)
         if not ctx.needs_input_grad[1]:
-            return grad_output.matmul(weight) if ctx.needs_input_grad[0] else None, None, grad_bias
+            grad_input = grad_output.matmul(_out_in(weight, transposed)) if ctx.needs_input_grad[0] else None
+            return grad_input, None, grad_bias, None
         # The first backward builds the gradient's graph (create_graph: grad mode on); the products after it run
         # without a graph and need the real value.
         if not torch.is_grad_enabled():
-            grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
-            return grad_input, _rows(grad_output).mT.mm(_rows(input)), grad_bias
+            grad_input = grad_output.matmul(_out_in(weight, transposed)) if ctx.needs_input_grad[0] else None
+            return grad_input, _weight_gradient(grad_output, input, transposed), grad_bias, None
         if ctx.needs_input_grad[0]:
-            grad_input, grad_weight = _LinearGradients.apply(grad_output, input, weight)
+            grad_input, grad_weight = _LinearGradients.apply(grad_output, input, weight, transposed)
         else:
-            grad_input, grad_weight = None, _PlaceholderWeightGradient.apply(grad_output, input, weight)
-        return grad_input, grad_weight, grad_bias
+            grad_input, grad_weight = None, _PlaceholderWeightGradient.apply(grad_output, input, weight, transposed)
+        return grad_input, grad_weight, grad_bias, None
 
 
 class _PlaceholderWeightGradient(torch.autograd.Function):
     """Zeros shaped like the weight, standing for ``gᵀ x``: its backward is that product's."""
 
     @staticmethod
-    def forward(grad_output, input, weight):
+    def forward(grad_output, input, weight, transposed):
         return torch.zeros_like(weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_output, input, _ = inputs
+        grad_output, input, _, transposed = inputs
         ctx.save_for_backward(grad_output, input)  # the weight only gives the shape: gᵀ x does not read it
+        ctx.transposed = transposed
 
     @staticmethod
     def backward(ctx, u):
         grad_output, input = ctx.saved_tensors
+        u = _out_in(u, ctx.transposed)
         d_grad_output = input.matmul(u.mT) if ctx.needs_input_grad[0] else None
         d_input = grad_output.matmul(u) if ctx.needs_input_grad[1] else None
-        return d_grad_output, d_input, None
+        return d_grad_output, d_input, None, None
 
 
 class _LinearGradients(torch.autograd.Function):
     """``(g W, placeholder for gᵀ x)`` in one node, so that its backward adds both products' share of ``∂g``,
     ``u_x Wᵀ + x u_Wᵀ``, in one accumulating matrix product instead of two results and a sum the size of the
-    layer's output (on an LM head, (tokens, vocabulary))."""
+    layer's output (on an LM head, (tokens, vocabulary)). W is (out, in) here; ``transposed`` as in
+    :class:`_Linear`."""
 
     @staticmethod
-    def forward(grad_output, input, weight):
-        return grad_output.matmul(weight), torch.zeros_like(weight)
+    def forward(grad_output, input, weight, transposed):
+        return grad_output.matmul(_out_in(weight, transposed)), torch.zeros_like(weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_output, input, weight = inputs
+        grad_output, input, weight, transposed = inputs
         ctx.save_for_backward(grad_output, input, weight)
+        ctx.transposed = transposed
 
     @staticmethod
     def backward(ctx, u_input, u_weight):
         grad_output, input, weight = ctx.saved_tensors
+        transposed = ctx.transposed
+        weight = _out_in(weight, transposed)
+        u_weight = None if u_weight is None else _out_in(u_weight, transposed)
         d_grad_output = d_input = d_weight = None
         if u_input is not None:
             rows = _rows(u_input).mm(weight.mT)
@@ -158,10 +192,10 @@ class _LinearGradients(torch.autograd.Function):
                 rows = (torch.addmm if torch.is_grad_enabled() else torch.Tensor.addmm_)(rows, _rows(input),
                                                                                         u_weight.mT)
             d_grad_output = rows.view(grad_output.shape)
-            d_weight = _rows(grad_output).mT.mm(_rows(u_input))
+            d_weight = _weight_gradient(grad_output, u_input, transposed)  # ∂⟨g W, u_x⟩/∂W = gᵀ u_x
         elif u_weight is not None:
             d_grad_output = input.matmul(u_weight.mT)
         if u_weight is not None:
             d_input = grad_output.matmul(u_weight)
         return (d_grad_output if ctx.needs_input_grad[0] else None, d_input if ctx.needs_input_grad[1] else None,
-                d_weight if ctx.needs_input_grad[2] else None)
+                d_weight if ctx.needs_input_grad[2] else None, None)

@@ -32,7 +32,8 @@ __all__ = ["curvature_context_fn", "sdpa_curvature"]
 _ROUTES = {
     F.scaled_dot_product_attention: (attention, "scaled_dot_product_attention", True),
     F.cross_entropy: (losses, "functional_cross_entropy", False),
-    F.linear: (linear, "linear", False),  # torch's F.linear but inside linear.gradient_values_unused()
+    F.linear: (linear, "linear", False),  # torch's own, but inside linear.gradient_values_unused()
+    torch.addmm: (linear, "addmm", False),  # the same (Hugging Face's Conv1D)
 }
 
 

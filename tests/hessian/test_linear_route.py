@@ -61,6 +61,14 @@ def _shapes(case):
             h = torch.tanh(F.linear(w2, w2, b1))
             return F.cross_entropy(F.linear(h, head), target[:6])
         return f, [w1, b1, w2, head]
+    if case == "addmm":  # weights stored (in, out), as Hugging Face's Conv1D; a bias of a row and a full one
+        full_bias = torch.randn(10, 6, dtype=torch.float64)
+
+        def f(w1, b1, w2, head):
+            h = torch.tanh(torch.addmm(b1, x.reshape(10, 4), w1.T.contiguous()))
+            h = torch.tanh(torch.addmm(full_bias * b1, h, w2))
+            return F.cross_entropy(torch.addmm(head[:, 0], h, head.T.contiguous()), target)
+        return f, [w1, b1, w2, head]
     raise AssertionError(case)
 
 
@@ -77,7 +85,7 @@ def _flat(block, k=None):
     return torch.cat([t.reshape(k, -1) if k else t.reshape(-1) for t in block], dim=-1)
 
 
-@pytest.mark.parametrize("case", ["plain", "tied", "derived", "input"])
+@pytest.mark.parametrize("case", ["plain", "tied", "derived", "input", "addmm"])
 @pytest.mark.parametrize("way", ["one", "loop", "vmap"])
 def test_products_without_the_gradient_equal_the_explicit_hessian(case, way, placeholders):
     f, params = _shapes(case)
@@ -94,8 +102,8 @@ def test_products_without_the_gradient_equal_the_explicit_hessian(case, way, pla
         assert hvp_module.batching_choice(f, k) == way  # a vmap that failed would have fallen back to the loop
     if case in ("plain", "tied"):
         assert placeholders, "the route did not apply"
-    if case == "derived":
-        assert len(placeholders) == 1  # only the head's weight is a param itself
+    if case in ("derived", "addmm"):
+        assert len(placeholders) == 1  # only one weight is a param itself (w2; the transposed copies are not)
 
 
 @pytest.mark.parametrize("case", ["plain", "tied"])
@@ -171,3 +179,17 @@ def test_checkpointed_layers_recompute_as_their_forward_ran(context_fn, placehol
     torch.testing.assert_close(_flat(optim.hvp(f, params, v, mode="rr"), 4), _flat(v, 4) @ _dense(f, params),
                                rtol=1e-10, atol=1e-10)
     assert len(placeholders) == 1  # the head's, outside the checkpoint
+
+
+def test_hugging_face_gpt2_conv1d_takes_the_route_and_its_products_are_torchs(placeholders, monkeypatch):
+    from optim.hessian import causal_lm_loss
+
+    from .._models import gpt2_twins
+
+    model, _, batch = gpt2_twins(n_layer=1)
+    operator = optim.HessianOperator(model, causal_lm_loss, batch, reuse_graph=False, mode="rr")
+    V = torch.randn(2, operator.n, dtype=torch.float64)
+    ours = operator @ V
+    assert len(placeholders) >= 4  # the attention's and the MLP's Conv1D weights (the head is tied to the embedding)
+    monkeypatch.setattr(linear_route, "_values_unused", frozenset)  # no leaf is routed: torch's own backward
+    torch.testing.assert_close(ours, operator @ V, rtol=1e-10, atol=1e-12)

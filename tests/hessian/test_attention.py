@@ -440,9 +440,9 @@ def test_checkpointed_sdpa_module_with_curvature_context_fn_equals_its_plain_twi
 
 def test_checkpointed_sdpa_module_without_the_context_fn_is_an_error_that_names_it():
     _, checkpointed, batch = _checkpoint_twins()
+    operator = optim.HessianOperator(checkpointed, _mse, batch)
     with pytest.raises(torch.utils.checkpoint.CheckpointError) as raised:
-        optim.HessianOperator(checkpointed, _mse, batch) @ torch.randn(sum(p.numel() for p in checkpointed.parameters()),
-                                                                        dtype=torch.float64)
+        operator @ torch.randn(operator.n, dtype=torch.float64)
     assert any("context_fn=optim.hessian.curvature_context_fn" in note for note in raised.value.__notes__)
 
 

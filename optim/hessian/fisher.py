@@ -331,14 +331,15 @@ class EmpiricalFisherOperator(CurvatureOperator):
                 transposed = torch.autograd.grad(output, leaves, cotangent, create_graph=True, allow_unused=True)
         return _Forward(leaves, output, cotangent, transposed, per_row_output_grads, rows)
 
-    @staticmethod
-    def _forward_product(forward: _Forward, v, k, *, keep_graph: bool) -> list[torch.Tensor]:
+    def _forward_product(self, forward: _Forward, v, k, *, keep_graph: bool) -> list[torch.Tensor]:
         if not forward.output.requires_grad:  # the outputs do not depend on the parameters in scope: J = 0
             return [torch.zeros_like(t) for t in v]
-        # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J).
-        (jv,) = batched_vjp(list(forward.transposed), [forward.cotangent], v, k, keep_graph=True)
+        # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J). A block's backwards
+        # loop or run vmapped as measured once per model.
+        (jv,) = batched_vjp(list(forward.transposed), [forward.cotangent], v, k, keep_graph=True, key=self.model,
+                            kind="J v")
         products = batched_vjp([forward.output], forward.leaves, [_weighted_rows(forward.per_row_output_grads, jv)],
-                               k, keep_graph=keep_graph)
+                               k, keep_graph=keep_graph, key=self.model, kind="J^T w")
         return [t.div_(forward.rows) for t in products]
 
 

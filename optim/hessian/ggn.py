@@ -77,14 +77,14 @@ class _OutputHessian:
             return None, None, z, None
         return ("mse" if form[0] == "mse" else "cross_entropy"), scale, z, None
 
-    def __call__(self, u: torch.Tensor, k: int | None) -> torch.Tensor:
+    def __call__(self, u: torch.Tensor, k: int | None, key: object = None) -> torch.Tensor:
         if self.kind == "cross_entropy":
             z = self._z if k is None else self._z.expand((k,) + tuple(self._z.shape))  # the op is row-wise
             return cross_entropy_hvp(z, u.contiguous(), self._scale)
         if self.kind == "mse":
             return self._scale * u
         point, gradient = self._graph
-        return batched_vjp([gradient], [point], [u], k, keep_graph=True)[0]
+        return batched_vjp([gradient], [point], [u], k, keep_graph=True, key=key, kind="H_z u")[0]
 
 
 class _OutputGraph:
@@ -185,11 +185,13 @@ class GGNOperator(CurvatureOperator):
 
     def _apply(self, state: _OutputGraph, v, k) -> list[torch.Tensor]:
         # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J).
-        (jv,) = batched_vjp(state.transposed, [state.cotangent], v, k, keep_graph=True)
-        w = state.output_hessian(jv, k)
+        # Each backward of a block loops or runs vmapped as measured once per model (no key: measured every time).
+        (jv,) = batched_vjp(state.transposed, [state.cotangent], v, k, keep_graph=True, key=self.model,
+                            kind="J v")
+        w = state.output_hessian(jv, k, self.model)
         if not state.output.requires_grad:
             return [torch.zeros_like(t) for t in v]
-        return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True)
+        return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True, key=self.model, kind="J^T w")
 
 
 def closed_form_output_hessian(loss_fn, targets) -> tuple[str, str] | None:

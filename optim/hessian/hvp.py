@@ -451,12 +451,14 @@ def second_backward(leaves, grads, v, k, *, keep_graph: bool, key: object = None
     return batched_vjp(grads, leaves, v, k, keep_graph=keep_graph, key=key)
 
 
-def batched_vjp(outputs, inputs, cotangents, k, *, keep_graph: bool, key: object = None) -> list[torch.Tensor]:
+def batched_vjp(outputs, inputs, cotangents, k, *, keep_graph: bool, key: object = None,
+                kind: str | None = None) -> list[torch.Tensor]:
     """``Σ_j cotangents_jᵀ ∂outputs_j/∂inputs_i`` for each input i: one backward per probe.
 
     ``cotangents[j]`` is shaped like ``outputs[j]`` (one probe, ``k`` None) or with a leading k; the k backwards of
-    a block run as :func:`batched_backward` chooses for ``key``. An output that is None or carries no graph
-    contributes nothing; an input no output reaches gets zeros (with the leading k).
+    a block run as :func:`batched_backward` chooses for ``key`` and ``kind`` (which backward of a product this is,
+    when a key's products run several: None for the Hessian's second backward). An output that is None or carries
+    no graph contributes nothing; an input no output reaches gets zeros (with the leading k).
     """
     # An output entry that is None or carries no graph does not depend on the inputs.
     live = [i for i, g in enumerate(outputs) if g is not None and g.requires_grad]
@@ -471,7 +473,7 @@ def batched_vjp(outputs, inputs, cotangents, k, *, keep_graph: bool, key: object
                                            allow_unused=True)
             products = [None if product is None else product.unsqueeze(0) for product in products]
         else:
-            products = batched_backward(outputs, inputs, directions, k, keep_graph, key)
+            products = batched_backward(outputs, inputs, directions, k, keep_graph, key, kind)
     # An input the backward does not reach has a zero column.
     lead = () if k is None else (k,)
     return [
@@ -525,9 +527,10 @@ def _looped_backward(outputs, leaves, directions, keep_graph, out=None):
             for i in range(len(leaves))]
 
 
-def batching_choice(key, k: int) -> str | None:
-    """How blocks of k probes run for ``key``: "vmap", "loop", or None before the first block measured it."""
-    return _batching_choice.get(key, k)
+def batching_choice(key, k: int, kind: str | None = None) -> str | None:
+    """How blocks of k probes run for ``key`` (and ``kind``, see :func:`batched_vjp`): "vmap", "loop", or None
+    before the first block measured it."""
+    return _batching_choice.get(key, k if kind is None else (kind, k))
 
 
 def _elapsed_s(device: torch.device, start: float) -> float:
@@ -536,7 +539,7 @@ def _elapsed_s(device: torch.device, start: float) -> float:
     return time.perf_counter() - start
 
 
-def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None):
+def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None, kind=None):
     """``vᵀ ∂g/∂x`` for the k probes stacked in ``directions``: vmapped, or a loop of k backwards.
 
     Blocks below :data:`MEASURE_MIN_PROBES` take the loop. Otherwise the first block of ``key`` runs
@@ -547,7 +550,8 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
     rule, ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)``
     loop.
     """
-    choice = batching_choice(key, k) if k >= MEASURE_MIN_PROBES else "loop"
+    sub = k if kind is None else (kind, k)
+    choice = batching_choice(key, k, kind) if k >= MEASURE_MIN_PROBES else "loop"
     if choice == "loop":
         return _looped_backward(outputs, leaves, directions, keep_graph)
     try:
@@ -560,7 +564,7 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
         vmap_s = _elapsed_s(device, start)
     except RuntimeError:
         # Only this call is retried: a genuine error re-raises from the loop.
-        _batching_choice.set(key, k, "loop")
+        _batching_choice.set(key, sub, "loop")
         return _looped_backward(outputs, leaves, directions, keep_graph)
     last = 2 * m == k
     views = _product_views(leaves, k)  # the block's rows are written in place: no concatenation of the pieces
@@ -574,7 +578,7 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None)
                                    out=rows(m, 2 * m)))
     loop_s = _elapsed_s(device, start)
     choice = "vmap" if vmap_s < VMAP_ADVANTAGE * loop_s else "loop"
-    _batching_choice.set(key, k, choice)
+    _batching_choice.set(key, sub, choice)
     if not last:
         rest = [d[2 * m:] for d in directions]
         if choice == "vmap":

@@ -147,6 +147,7 @@ def test_kept_and_fresh_forward_agree(problem, loss_fn, kind):
     model, inputs, targets = PROBLEMS[problem]()
     kept, fresh = (GGNOperator(model, loss_fn, (inputs, targets), reuse_graph=r) for r in (None, False))
     block = random_flat(kept, 4)
+    kept @ block  # the first block of 4 measures how its backwards run (vmap or loop) and remembers that
     first = kept @ block
     assert kept._graph is not None and fresh._graph is None
     torch.testing.assert_close(kept @ block, first, rtol=0, atol=0)  # the kept forward, reused
@@ -605,3 +606,27 @@ def test_exported():
     assert "GGNOperator" in optim.__all__ and "EmpiricalFisherOperator" in optim.hessian.__all__
     with pytest.raises(ValueError, match="curvature must be one of 'hessian', 'ggn', 'fisher', got 'gauss'"):
         SharpnessMonitor(nn.Linear(2, 2), F.mse_loss, curvature="gauss")
+
+
+def test_a_blocks_backwards_are_measured_once_per_model_and_then_take_the_faster_way(monkeypatch):
+    import importlib
+
+    hvp_module = importlib.import_module("optim.hessian.hvp")
+    model, inputs, targets = PROBLEMS["mlp"]()
+    ways = []
+    for name in ("_vmapped_backward", "_looped_backward"):
+        original = getattr(hvp_module, name)
+        monkeypatch.setattr(hvp_module, name,
+                            lambda *a, _o=original, _n=name, **kw: ways.append(_n) or _o(*a, **kw))
+    G = GGNOperator(model, torch.nn.functional.cross_entropy, (inputs, targets))
+    block = random_flat(G, 8)
+    G @ block
+    assert ways.count("_vmapped_backward") == 2  # J v and Jᵀ w: half of the block each way, once
+    choices = [hvp_module.batching_choice(model, 8, kind) for kind in ("J v", "J^T w")]
+    assert all(choice in ("vmap", "loop") for choice in choices)
+    ways.clear()
+    fresh = GGNOperator(model, torch.nn.functional.cross_entropy, (inputs, targets), reuse_graph=False)
+    for operator in (G, fresh):  # another operator on the same model reads the same choice
+        operator @ block
+    expected = ["_vmapped_backward" if choice == "vmap" else "_looped_backward" for choice in choices] * 2
+    assert ways == expected

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .hvp import (CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss, _elapsed_s,
-                  _scalar_loss, _signature, batched_vjp)
+from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
+                  _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .operator import CurvatureOperator, StateNotKept
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
@@ -334,12 +334,16 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _forward_product(self, forward: _Forward, v, k, *, keep_graph: bool) -> list[torch.Tensor]:
         if not forward.output.requires_grad:  # the outputs do not depend on the parameters in scope: J = 0
             return [torch.zeros_like(t) for t in v]
+        if k is not None and probes_loop(self.model, k, OUTPUT_SPACE_BACKWARDS):
+            # probe by probe, the graph kept to the last: no (k, *z.shape) block of J v
+            return per_probe(lambda direction: self._forward_product(forward, direction, None,
+                                                                     keep_graph=True), v, k)
         # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J). A block's backwards
         # loop or run vmapped as measured once per model.
         (jv,) = batched_vjp(list(forward.transposed), [forward.cotangent], v, k, keep_graph=True, key=self.model,
-                            kind="J v")
+                            kind=OUTPUT_SPACE_BACKWARDS[0])
         products = batched_vjp([forward.output], forward.leaves, [_weighted_rows(forward.per_row_output_grads, jv)],
-                               k, keep_graph=keep_graph, key=self.model, kind="J^T w")
+                               k, keep_graph=keep_graph, key=self.model, kind=OUTPUT_SPACE_BACKWARDS[1])
         return [t.div_(forward.rows) for t in products]
 
 

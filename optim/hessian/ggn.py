@@ -42,7 +42,8 @@ from torch.nn import functional as F
 
 from . import losses
 from ._ops import cross_entropy_hvp
-from .hvp import CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss, _scalar_loss, _signature, batched_vjp
+from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss,
+                  _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .operator import CurvatureOperator, model_output
 
 __all__ = ["GGNOperator"]
@@ -184,14 +185,21 @@ class GGNOperator(CurvatureOperator):
         return _OutputGraph(leaves, output, cotangent, transposed, output_hessian)
 
     def _apply(self, state: _OutputGraph, v, k) -> list[torch.Tensor]:
+        if not state.output.requires_grad:  # the outputs do not depend on the parameters in scope: J = 0
+            return [torch.zeros_like(t) for t in v]
+        if k is not None and probes_loop(self.model, k, OUTPUT_SPACE_BACKWARDS):
+            # probe by probe: no (k, *z.shape) blocks of J v and H_z J v (k logit tensors each on a language model)
+            return per_probe(lambda direction: self._block_product(state, direction, None), v, k)
+        return self._block_product(state, v, k)
+
+    def _block_product(self, state: _OutputGraph, v, k) -> list[torch.Tensor]:
         # J v: the backward of ⟨Jᵀd, v⟩ to d (Jᵀd is linear in d, so its derivative in d is J).
         # Each backward of a block loops or runs vmapped as measured once per model (no key: measured every time).
         (jv,) = batched_vjp(state.transposed, [state.cotangent], v, k, keep_graph=True, key=self.model,
-                            kind="J v")
+                            kind=OUTPUT_SPACE_BACKWARDS[0])
         w = state.output_hessian(jv, k, self.model)
-        if not state.output.requires_grad:
-            return [torch.zeros_like(t) for t in v]
-        return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True, key=self.model, kind="J^T w")
+        return batched_vjp([state.output], state.leaves, [w], k, keep_graph=True, key=self.model,
+                           kind=OUTPUT_SPACE_BACKWARDS[1])
 
 
 def closed_form_output_hessian(loss_fn, targets) -> tuple[str, str] | None:

@@ -533,6 +533,18 @@ def batching_choice(key, k: int, kind: str | None = None) -> str | None:
     return _batching_choice.get(key, k if kind is None else (kind, k))
 
 
+# The two backwards of an output-space product (GGN, empirical Fisher): J v to the outputs' cotangent, Jᵀ w to the
+# parameters; each remembers its own vmap-or-loop choice per model.
+OUTPUT_SPACE_BACKWARDS = ("J v", "J^T w")
+
+
+def probes_loop(key, k: int, kinds) -> bool:
+    """Whether a block of k probes for ``key`` runs every backward of ``kinds`` as a loop: below
+    :data:`MEASURE_MIN_PROBES`, or as measured. A product made of several backwards can then run probe by probe
+    (:func:`per_probe`) instead of backward by backward over (k, ...) blocks of intermediates."""
+    return k < MEASURE_MIN_PROBES or all(batching_choice(key, k, kind) == "loop" for kind in kinds)
+
+
 def _elapsed_s(device: torch.device, start: float) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -669,14 +681,21 @@ def compiled(function: Callable) -> Callable:
 
 def per_probe(product_of: Callable[[list[torch.Tensor]], list[torch.Tensor]], v: list[torch.Tensor],
               k: int | None) -> list[torch.Tensor]:
-    """``product_of(direction)`` for one probe (``k`` None), or stacked per entry over the k probes of a block:
-    the compiled products run their one-probe function k times (vmapping the tangents inside the compiled function
+    """``product_of(direction)`` for one probe (``k`` None), or per entry over the k probes of a block, written
+    into one ``(k, n)`` block as they come (:func:`_product_views`; stacked where the entries' dtypes or devices
+    differ): the compiled products run their one-probe function k times (vmapping the tangents inside the compiled function
     compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU), so one compilation serves Lanczos (one
     probe) and Hutchinson (blocks) alike."""
     if k is None:
         return list(product_of(list(v)))
-    products = [product_of([t[j] for t in v]) for j in range(k)]
-    return [torch.stack([product[i] for product in products]) for i in range(len(v))]
+    views = _product_views([t[0] for t in v], k) if k else None  # each product is copied into the (k, n) block
+    if views is None:
+        products = [product_of([t[j] for t in v]) for j in range(k)]
+        return [torch.stack([product[i] for product in products]) for i in range(len(v))]
+    rows = [view.unbind(0) for view in views]
+    for j in range(k):
+        torch._foreach_copy_([leaf_rows[j] for leaf_rows in rows], list(product_of([t[j] for t in v])))
+    return views
 
 
 class OutputsDoNotFit(Exception):

@@ -613,20 +613,22 @@ def test_a_blocks_backwards_are_measured_once_per_model_and_then_take_the_faster
 
     hvp_module = importlib.import_module("optim.hessian.hvp")
     model, inputs, targets = PROBLEMS["mlp"]()
+    expected = explicit_ggn(model, F.cross_entropy, inputs, targets)[0]
     ways = []
     for name in ("_vmapped_backward", "_looped_backward"):
         original = getattr(hvp_module, name)
         monkeypatch.setattr(hvp_module, name,
                             lambda *a, _o=original, _n=name, **kw: ways.append(_n) or _o(*a, **kw))
-    G = GGNOperator(model, torch.nn.functional.cross_entropy, (inputs, targets))
+    G = GGNOperator(model, F.cross_entropy, (inputs, targets))
     block = random_flat(G, 8)
-    G @ block
+    assert relative_error(G @ block, block @ expected) <= EXACT_RTOL
     assert ways.count("_vmapped_backward") == 2  # J v and Jᵀ w: half of the block each way, once
-    choices = [hvp_module.batching_choice(model, 8, kind) for kind in ("J v", "J^T w")]
-    assert all(choice in ("vmap", "loop") for choice in choices)
-    ways.clear()
-    fresh = GGNOperator(model, torch.nn.functional.cross_entropy, (inputs, targets), reuse_graph=False)
-    for operator in (G, fresh):  # another operator on the same model reads the same choice
-        operator @ block
-    expected = ["_vmapped_backward" if choice == "vmap" else "_looped_backward" for choice in choices] * 2
-    assert ways == expected
+    assert all(hvp_module.batching_choice(model, 8, kind) in ("vmap", "loop") for kind in ("J v", "J^T w"))
+    fresh = GGNOperator(model, F.cross_entropy, (inputs, targets), reuse_graph=False)
+    for forced, calls in (("vmap", ["_vmapped_backward"] * 2), ("loop", [])):  # a loop goes probe by probe
+        for kind in ("J v", "J^T w"):
+            hvp_module._batching_choice.set(model, (kind, 8), forced)
+        for operator in (G, fresh):  # another operator on the same model reads the same choice
+            ways.clear()
+            assert relative_error(operator @ block, block @ expected) <= EXACT_RTOL
+            assert ways == calls

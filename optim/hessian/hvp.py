@@ -530,7 +530,11 @@ def _looped_backward(outputs, leaves, directions, keep_graph, out=None):
 def batching_choice(key, k: int, kind: str | None = None) -> str | None:
     """How blocks of k probes run for ``key`` (and ``kind``, see :func:`batched_vjp`): "vmap", "loop", or None
     before the first block measured it."""
-    return _batching_choice.get(key, k if kind is None else (kind, k))
+    return _batching_choice.get(key, _choice_key(k, kind))
+
+
+def _choice_key(k: int, kind: str | None):
+    return k if kind is None else (kind, k)
 
 
 # The two backwards of an output-space product (GGN, empirical Fisher): J v to the outputs' cotangent, Jᵀ w to the
@@ -562,8 +566,8 @@ def batched_backward(outputs, leaves, directions, k, keep_graph=False, key=None,
     rule, ``.item()``, data-dependent control flow, a NumPy round-trip in a custom backward) makes ``(key, k)``
     loop.
     """
-    sub = k if kind is None else (kind, k)
-    choice = batching_choice(key, k, kind) if k >= MEASURE_MIN_PROBES else "loop"
+    sub = _choice_key(k, kind)
+    choice = _batching_choice.get(key, sub) if k >= MEASURE_MIN_PROBES else "loop"
     if choice == "loop":
         return _looped_backward(outputs, leaves, directions, keep_graph)
     try:
@@ -683,9 +687,9 @@ def per_probe(product_of: Callable[[list[torch.Tensor]], list[torch.Tensor]], v:
               k: int | None) -> list[torch.Tensor]:
     """``product_of(direction)`` for one probe (``k`` None), or per entry over the k probes of a block, written
     into one ``(k, n)`` block as they come (:func:`_product_views`; stacked where the entries' dtypes or devices
-    differ): the compiled products run their one-probe function k times (vmapping the tangents inside the compiled function
-    compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU), so one compilation serves Lanczos (one
-    probe) and Hutchinson (blocks) alike."""
+    differ): the compiled products run their one-probe function k times (vmapping the tangents inside the compiled
+    function compiled for minutes and past 20 GB on a 7M-parameter GPT on a CPU), so one compilation serves Lanczos
+    (one probe) and Hutchinson (blocks) alike; the GGN and Fisher run their looped blocks so."""
     if k is None:
         return list(product_of(list(v)))
     views = _product_views([t[0] for t in v], k) if k else None  # each product is copied into the (k, n) block

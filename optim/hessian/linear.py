@@ -125,14 +125,12 @@ class _Linear(torch.autograd.Function):
             grad_bias = _rows(grad_output).sum(0)
             if grad_bias.shape != ctx.bias_shape:  # addmm's input broadcast to the output
                 grad_bias = torch.ops.aten.sum_to_size(grad_output, ctx.bias_shape)
-        if not ctx.needs_input_grad[1]:
+        # The first backward builds the gradient's graph (create_graph: grad mode on): there the weight's gradient
+        # is the placeholder. The products after it run without a graph and need the real value.
+        if not (ctx.needs_input_grad[1] and torch.is_grad_enabled()):
             grad_input = grad_output.matmul(_out_in(weight, transposed)) if ctx.needs_input_grad[0] else None
-            return grad_input, None, grad_bias, None
-        # The first backward builds the gradient's graph (create_graph: grad mode on); the products after it run
-        # without a graph and need the real value.
-        if not torch.is_grad_enabled():
-            grad_input = grad_output.matmul(_out_in(weight, transposed)) if ctx.needs_input_grad[0] else None
-            return grad_input, _weight_gradient(grad_output, input, transposed), grad_bias, None
+            grad_weight = _weight_gradient(grad_output, input, transposed) if ctx.needs_input_grad[1] else None
+            return grad_input, grad_weight, grad_bias, None
         if ctx.needs_input_grad[0]:
             grad_input, grad_weight = _LinearGradients.apply(grad_output, input, weight, transposed)
         else:

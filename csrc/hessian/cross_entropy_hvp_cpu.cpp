@@ -1,6 +1,9 @@
 // CPU kernel of optim::cross_entropy_hvp: rows in parallel; per row one pass for max, one for the softmax
-// normalizer and ⟨exp(z − max), u⟩, one to write scale · p ⊙ (u − ⟨p, u⟩); an ignored row is only zeroed.
+// normalizer and ⟨exp(z − max), u⟩, one to write scale · p ⊙ (u − ⟨p, u⟩); an ignored row is only zeroed. The
+// float loops are stamped out per instruction set (cpu_isa.h): the build is baseline x86-64, and with AVX2 or
+// AVX-512 the same loops run vectorized for it.
 #include "cross_entropy_hvp.h"
+#include "../common/cpu_isa.h"
 #include "../common/cpu_math.h"
 
 #include <ATen/Dispatch.h>
@@ -9,53 +12,35 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace optim {
+
+#define OPTIM_ISA_KERNELS "../hessian/cross_entropy_hvp_cpu_kernels.inc"  // relative to csrc/common
+#include "../common/cpu_isa_variants.inc"
+
 namespace {
 
-// Float rows (float, bfloat16, half): the exponentials are computed once into a per-thread buffer of V floats (in
-// cache for any vocabulary), with vectorizable sums in double lanes. Double rows keep libm's exp.
+// Float, bfloat16 and half rows: the per-instruction-set loops of cross_entropy_hvp_cpu_kernels.inc, with the
+// exponentials computed once into a per-thread buffer of V floats (in cache for any vocabulary).
 template <typename scalar_t>
 void cross_entropy_hvp_rows(const scalar_t* logits, const scalar_t* tangent, scalar_t* out, int64_t rows,
                             int64_t classes, double scale, const int64_t* target, int64_t ignore_index) {
+  using Rows = void (*)(const scalar_t*, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t, double,
+                        const int64_t*, int64_t);
+  Rows rows_function = &baseline::cross_entropy_hvp_rows<scalar_t>;
+#if OPTIM_X86_DISPATCH
+  if (cpu_isa() == CpuIsa::kAvx512) rows_function = &avx512::cross_entropy_hvp_rows<scalar_t>;
+  if (cpu_isa() == CpuIsa::kAvx2) rows_function = &avx2::cross_entropy_hvp_rows<scalar_t>;
+#endif
   const int64_t grain = std::max<int64_t>(1, 32768 / classes);
   at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
-    std::vector<float> exps(static_cast<size_t>(classes));
-    float* e = exps.data();
-    for (int64_t row = first; row < last; ++row) {
-      const scalar_t* z = logits + row * classes;
-      const scalar_t* u = tangent + row * classes;
-      scalar_t* y = out + row * classes;
-      if (cross_entropy_row_ignored(target, row, ignore_index)) {
-        std::fill(y, y + classes, static_cast<scalar_t>(0));
-        continue;
-      }
-      float max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : max)
-      for (int64_t j = 0; j < classes; ++j) max = std::max(max, static_cast<float>(z[j]));
-      // A row of -inf logits has no softmax: z - max would be NaN everywhere, as in the reference.
-      // The sums run in double lanes: float lanes over a 50k vocabulary lose ~1e-5 of ⟨p, u⟩, and every entry of
-      // the output carries that error.
-      double normalizer = 0.0;
-      double weighted = 0.0;
-#pragma omp simd reduction(+ : normalizer, weighted)
-      for (int64_t j = 0; j < classes; ++j) {
-        const float ej = exp_nonpositive(static_cast<float>(z[j]) - max);
-        e[j] = ej;
-        normalizer += ej;
-        weighted += static_cast<double>(ej) * static_cast<double>(static_cast<float>(u[j]));
-      }
-      const float mean_tangent = static_cast<float>(weighted / normalizer);  // ⟨p, u⟩
-      const float factor = static_cast<float>(scale / normalizer);
-#pragma omp simd
-      for (int64_t j = 0; j < classes; ++j) {
-        y[j] = static_cast<scalar_t>(factor * e[j] * (static_cast<float>(u[j]) - mean_tangent));
-      }
-    }
+    rows_function(logits, tangent, out, first, last, classes, scale, target, ignore_index);
   });
 }
 
+// Double rows keep libm's exp (no vector exp of ours in double).
 template <>
 void cross_entropy_hvp_rows<double>(const double* logits, const double* tangent, double* out, int64_t rows,
                                     int64_t classes, double scale, const int64_t* target, int64_t ignore_index) {

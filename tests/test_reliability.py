@@ -233,7 +233,9 @@ def live_tensors() -> tuple[int, int]:
         objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for obj in objects:
         count += 1
-        if obj.layout == torch.strided and obj.device.type != "meta":
+        # A functorch wrapper (kept by a torch.compile'd torch.func product's caches) has no storage of its own.
+        if obj.layout == torch.strided and obj.device.type != "meta" \
+                and not torch._C._functorch.is_functorch_wrapped_tensor(obj):
             storage = obj.untyped_storage()
             try:
                 pointer = storage.data_ptr()

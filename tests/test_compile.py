@@ -110,6 +110,10 @@ OP_CASES = {
         dict(out=[torch.full((4, 3), float("nan")), torch.full((5,), float("nan"))]), dict(seed=7, offset=11)),
     "cross_entropy_hvp": lambda: (dict(logits=torch.randn(4, 9), tangent=torch.randn(4, 9)), dict(scale=0.25)),
     "krylov_dots": lambda: (dict(basis=torch.randn(2, 3, 50), w=torch.randn(2, 50)), {}),
+    "layer_norm_double_backward": lambda: (
+        dict(input=torch.randn(4, 6), mean=torch.randn(4), rstd=torch.rand(4) + 0.5, weight=torch.randn(6),
+             grad_out=torch.randn(4, 6), u_input=torch.randn(4, 6), u_weight=torch.randn(6), u_bias=torch.randn(6)),
+        {}),
     "fused_sophia_": lambda: (
         {**_lists(SHAPES, params=torch.randn, grads=torch.randn, exp_avgs=torch.randn, hessians=torch.rand,
                   hessian_products=torch.randn),

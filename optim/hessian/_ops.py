@@ -210,6 +210,79 @@ krylov_dots = define_op(
 )
 
 
+# --- the second backward of layer normalization -------------------------------------------------------------------
+#
+# ``optim::layer_norm_double_backward`` is the backward of layer normalization's backward, row by row over (N, D)
+# rows of D normalized features. With x̂ = (x − μ) r (μ, r the row's mean and reciprocal standard deviation, as
+# ``torch.native_layer_norm`` returns them), γ the weight (1 without one) and g the output gradient, the first
+# backward is  dx = r (ĝ − mean(ĝ) − x̂ mean(ĝ x̂)) with ĝ = γ g,  dγ = Σ_rows g x̂,  dβ = Σ_rows g.  Given the
+# cotangents u of dx, u_γ of dγ and u_β of dβ (None: zero), the op returns the derivatives of
+# S = Σ u dx + Σ u_γ dγ + Σ u_β dβ with respect to g, x and γ (means over a row's D features):
+#
+#     a = mean(ĝ), b = mean(ĝ x̂), ū = mean(u), c = mean(u x̂), e = mean(u ĝ)
+#     w = r (u − ū − c x̂)
+#     ∂g = γ w + u_γ x̂ + u_β                    ∂γ = Σ_rows g w
+#     G  = u_γ g − r (b u + c ĝ)                   (∂S/∂x̂ at fixed r)
+#     ∂x = r (G − mean(G) − x̂ mean(G x̂)) − r² (e − ū a − c b) x̂
+#
+# The first term of ∂x is the normalization's own backward of G, the second the derivative through the r of dx.
+# (The torch autograd double backward of F.layer_norm is the independent oracle of the tests.)
+
+
+def check_layer_norm_double_backward_args(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias) -> None:
+    op = "layer_norm_double_backward"
+    if input.dim() != 2:
+        raise ValueError(f"{op}: input must be (N, D) rows of normalized features, got shape {tuple(input.shape)}")
+    rows, features = input.shape
+    if input.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: input must be float32 or float64, got {input.dtype}")
+    named = {"mean": (mean, (rows,)), "rstd": (rstd, (rows,)), "weight": (weight, (features,)),
+             "grad_out": (grad_out, (rows, features)), "u_input": (u_input, (rows, features)),
+             "u_weight": (u_weight, (features,)), "u_bias": (u_bias, (features,))}
+    for name, (t, shape) in named.items():
+        if t is None:
+            if name in ("mean", "rstd", "grad_out", "u_input"):
+                raise ValueError(f"{op}: {name} is required")
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but input {tuple(input.shape)} needs {shape}")
+        if t.dtype != input.dtype or t.device != input.device:
+            raise ValueError(f"{op}: {name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}")
+
+
+def layer_norm_double_backward_reference(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias):
+    check_layer_norm_double_backward_args(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias)
+    mean, rstd, u = mean.unsqueeze(-1), rstd.unsqueeze(-1), u_input
+    x_hat = (input - mean) * rstd
+    g_hat = grad_out if weight is None else grad_out * weight
+    a, b = g_hat.mean(-1, keepdim=True), (g_hat * x_hat).mean(-1, keepdim=True)
+    u_bar, c, e = u.mean(-1, keepdim=True), (u * x_hat).mean(-1, keepdim=True), (u * g_hat).mean(-1, keepdim=True)
+    w = rstd * (u - u_bar - c * x_hat)
+    d_grad_out = w if weight is None else weight * w
+    big_g = -rstd * (b * u + c * g_hat)
+    if u_weight is not None:
+        d_grad_out = d_grad_out + u_weight * x_hat
+        big_g = big_g + u_weight * grad_out
+    if u_bias is not None:
+        d_grad_out = d_grad_out + u_bias
+    d_input = (rstd * (big_g - big_g.mean(-1, keepdim=True) - x_hat * (big_g * x_hat).mean(-1, keepdim=True))
+               - rstd.square() * (e - u_bar * a - c * b) * x_hat)
+    return d_grad_out, d_input, (grad_out * w).sum(0)
+
+
+def _layer_norm_double_backward_fake(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias):
+    check_layer_norm_double_backward_args(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias)
+    return torch.empty_like(input), torch.empty_like(input), input.new_empty(input.shape[-1])
+
+
+layer_norm_double_backward = define_op(
+    "layer_norm_double_backward(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor grad_out, "
+    "Tensor u_input, Tensor? u_weight, Tensor? u_bias) -> (Tensor, Tensor, Tensor)",
+    reference=layer_norm_double_backward_reference,
+    fake=_layer_norm_double_backward_fake,
+)
+
+
 # --- second-order optimizer steps (Sophia-H, AdaHessian) ----------------------------------------------------------
 #
 # ``optim::fused_sophia_`` is one step of Sophia (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order

@@ -1,18 +1,18 @@
-"""The curvature routes: while curvature is computed, four torch calls run on versions of ours.
+"""The curvature routes: while curvature is computed, five torch calls run on versions of ours.
 
 | PyTorch function | replaced by | why |
 |---|---|---|
 | ``F.scaled_dot_product_attention`` | :func:`.attention.scaled_dot_product_attention` | torch's SDPA kernels have no double backward or forward-mode rule |
 | ``F.cross_entropy`` | :func:`.losses.functional_cross_entropy` | torch differentiates ``log_softmax`` twice op by op (3.3x slower on large scores) |
 | ``F.linear``, ``torch.addmm`` | :func:`.linear.linear`, :func:`.linear.addmm` | a gradient only differentiated again need not compute its weight-gradient values |
+| ``F.layer_norm`` | :func:`.layer_norm.layer_norm` | torch's double backward of layer normalization is ~30 elementwise ops; ours is one fused pass |
 
 Each replacement takes the same arguments; the cross-entropy returns torch's loss and gradient bit for bit (and is
 torch's function for the cases it does not cover, and below :data:`.losses.FUSED_MIN_SCORES` scores), so only
 the second derivatives differ in how they are computed. The linear layers are torch's own except inside
 :func:`.linear.gradient_values_unused` (a product's gradient graph whose values are never read), where a leaf
-weight's gradient is a placeholder that carries the graph.
-(A layer-norm route was measured and left out: its cheaper double backward could not keep torch's first-order
-values bit for bit, and saved about 1% of a GPT-2-shaped second backward on one CPU thread.) ``hvp``, the curvature
+weight's gradient is a placeholder that carries the graph. The layer norm's forward and backward are torch's
+``native_layer_norm`` and ``native_layer_norm_backward``, and only its backward's backward is ours. ``hvp``, the curvature
 operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter
 :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken: the compiler derives and
 fuses the others itself.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 
-from . import attention, linear, losses
+from . import attention, layer_norm, linear, losses
 
 __all__ = ["curvature_context_fn", "sdpa_curvature"]
 
@@ -37,6 +37,7 @@ _ROUTES = {
     F.cross_entropy: (losses, "functional_cross_entropy", False),
     F.linear: (linear, "linear", False),  # torch's own, but inside linear.gradient_values_unused()
     torch.addmm: (linear, "addmm", False),  # the same (Hugging Face's Conv1D)
+    F.layer_norm: (layer_norm, "layer_norm", False),
 }
 
 

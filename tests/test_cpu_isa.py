@@ -1,5 +1,6 @@
 """The CPU kernels with per-instruction-set loops (csrc/common/cpu_isa.h): the update kernels give the same bits with
-every instruction set they dispatch to, and the cross-entropy HVP matches float64 autograd with each.
+every instruction set they dispatch to, and the ops that reduce in vector lanes (the cross-entropy HVP, the layer norm's
+double backward) match their float64 oracles with each.
 
 The extension is built for baseline x86-64 and runs AVX2 or AVX-512 copies of the per-chunk loops where the CPU has
 them, chosen as ATen chooses its CPU capability (``ATEN_CPU_CAPABILITY=default|avx2|avx512`` lowers the choice).
@@ -104,14 +105,23 @@ def test_every_instruction_set_gives_the_same_bits(tmp_path):
                                                f"kernels and {other['capability']}'s")
 
 
-@pytest.mark.skipif(not optim.has_kernel("cross_entropy_hvp", "cpu"), reason="needs the compiled CPU kernels")
+# The ops whose sums are vector reductions with the instruction set's lane count (so their bits differ between the
+# sets; they update no state): their float64 tests, run under each capability. op -> (test file, -k selection).
+REDUCING_OPS = {
+    "cross_entropy_hvp": (os.path.join("hessian", "test_ops.py"), "cross_entropy_hvp"),
+    "layer_norm_double_backward": (os.path.join("hessian", "test_layer_norm_route.py"), "test_op_"),
+}
+
+
+@pytest.mark.parametrize("op", list(REDUCING_OPS))
 @pytest.mark.parametrize("capability", CAPABILITIES)
-def test_cross_entropy_hvp_matches_float64_autograd_with_every_instruction_set(capability):
-    """``cross_entropy_hvp``'s row sums are vector reductions whose lane count is the instruction set's, so its bits
-    differ between the sets (it updates no state): its float64-autograd tests run under each capability instead."""
-    tests = os.path.join(os.path.dirname(__file__), "hessian", "test_ops.py")
+def test_reducing_ops_match_float64_with_every_instruction_set(op, capability):
+    if not optim.has_kernel(op, "cpu"):
+        pytest.skip("needs the compiled CPU kernels")
+    path, selection = REDUCING_OPS[op]
+    tests = os.path.join(os.path.dirname(__file__), path)
     environment = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "2"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", "cross_entropy_hvp"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", selection]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout

@@ -12,9 +12,9 @@ torch's function for the cases it does not cover, and below :data:`.losses.FUSED
 the second derivatives differ in how they are computed. The linear layers are torch's own except inside
 :func:`.linear.gradient_values_unused` (a product's gradient graph whose values are never read), where a leaf
 weight's gradient is a placeholder that carries the graph. The layer norm's forward and backward are torch's
-``native_layer_norm`` and ``native_layer_norm_backward``, and only its backward's backward is ours. ``hvp``, the curvature
-operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter
-:func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken: the compiler derives and
+``native_layer_norm`` and ``native_layer_norm_backward``; only its backward's backward is ours. ``hvp``, the
+curvature operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps
+enter :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken: the compiler derives and
 fuses the others itself.
 """
 

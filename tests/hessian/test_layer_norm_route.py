@@ -240,3 +240,19 @@ def test_route_not_taken_under_functorch_or_forward_ad_nor_for_half_precision(co
     want = torch.func.jvp(torch.func.grad(f), (weight,), (torch.ones(5, dtype=torch.float64),))
     torch.testing.assert_close(jvp, want)
     assert tangent is not None and half.dtype == torch.float16
+
+
+def test_route_on_a_hugging_face_gpt2_gives_the_products_without_it(monkeypatch, counted):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 97, (2, 12))
+    numel = sum(p.numel() for p in model.parameters())
+    block = torch.randn(3, numel, dtype=torch.float64)
+    got = optim.HessianOperator(model, optim.hessian.causal_lm_loss, (ids, ids)) @ block
+    assert counted, "the route was not taken"
+    _without_route(monkeypatch)
+    want = optim.HessianOperator(model, optim.hessian.causal_lm_loss, (ids, ids)) @ block
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

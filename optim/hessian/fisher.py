@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
                   _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
+from .linear import transposed_products_unused
 from .operator import CurvatureOperator, StateNotKept
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
@@ -318,7 +319,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
         """One forward for products in the outputs: the outputs z, ``Jᵀd`` as a graph linear in the variable
         cotangent ``d`` and ``R``; None where z is not one floating-point tensor whose dim 0 is the rows."""
         leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
+        # Jᵀd is only differentiated to d (J v): its linear layers' products are placeholders (linear.py).
+        with torch.enable_grad(), transposed_products_unused(leaves):
             output = self._output_of(inputs)(*leaves)
         if not _row_aligned(output, rows):
             return None

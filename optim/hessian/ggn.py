@@ -44,6 +44,7 @@ from . import losses
 from ._ops import cross_entropy_hvp
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss,
                   _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
+from .linear import transposed_products_unused
 from .operator import CurvatureOperator, model_output
 
 __all__ = ["GGNOperator"]
@@ -169,7 +170,8 @@ class GGNOperator(CurvatureOperator):
     def _build(self, inputs, targets, params, rows) -> _OutputGraph:
         where = self._where
         leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
+        # Jᵀd is only differentiated to d (J v): its linear layers' products are placeholders (linear.py).
+        with torch.enable_grad(), transposed_products_unused(leaves):
             output = self._output_of(inputs)(*leaves)
             if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
                 got = f"dtype {output.dtype}" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"

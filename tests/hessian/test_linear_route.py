@@ -1,4 +1,5 @@
-"""The linear route of the curvature products: weight gradients whose values are never read are placeholders.
+"""The linear route of the curvature products: weight gradients whose values are never read are placeholders (and,
+in the GGN's and the empirical Fisher's transposed graphs, input gradients too).
 
 Every product is checked against the explicit Hessian (``torch.autograd.functional.hessian``) in float64, on models
 where the placeholder's graph is all that matters and on those where a gradient value is read (the route must then
@@ -7,6 +8,7 @@ not apply, or must give the real value).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -193,3 +195,39 @@ def test_hugging_face_gpt2_conv1d_takes_the_route_and_its_products_are_torchs(pl
     assert len(placeholders) >= 4  # the attention's and the MLP's Conv1D weights (the head is tied to the embedding)
     monkeypatch.setattr(linear_route, "_values_unused", frozenset)  # no leaf is routed: torch's own backward
     torch.testing.assert_close(ours, operator @ V, rtol=1e-10, atol=1e-12)
+
+
+# --- the transposed graph of the GGN and the empirical Fisher ---------------------------------------------------
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6, bias=False)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher"])
+@pytest.mark.parametrize("reuse_graph", [True, False])
+@pytest.mark.parametrize("k", [None, 4])
+def test_transposed_placeholders_give_the_ggn_and_fisher_products_without_them(monkeypatch, operator, reuse_graph, k):
+    torch.manual_seed(7)
+    model = _Mlp().double()
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    cls = optim.GGNOperator if operator == "ggn" else optim.EmpiricalFisherOperator
+    numel = sum(p.numel() for p in model.parameters())
+    block = torch.randn(numel if k is None else (k, numel), dtype=torch.float64)
+    calls = []
+    original = linear_route._TransposedPlaceholders.apply
+    monkeypatch.setattr(linear_route._TransposedPlaceholders, "apply",
+                        staticmethod(lambda *a, _o=original: calls.append(1) or _o(*a)))
+    criterion = F.cross_entropy
+    got = cls(model, criterion, batch, reuse_graph=reuse_graph) @ block  # a first product builds the graph
+    module = importlib.import_module(f"optim.hessian.{operator}")
+    monkeypatch.setattr(module, "transposed_products_unused", lambda leaves: contextlib.nullcontext())
+    want = cls(model, criterion, batch, reuse_graph=reuse_graph) @ block
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert calls, "the transposed placeholders were not built"

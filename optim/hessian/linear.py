@@ -46,7 +46,9 @@ def transposed_products_unused(leaves=()):
     differentiated with respect to ``d`` alone (``J v`` as the backward of ``⟨Jᵀd, v⟩`` to d, in the GGN and the
     empirical Fisher): the input gradients ``d W`` are placeholders too, since ``J v`` needs neither value (Jᵀd is
     linear in d), so building the graph costs no matrix product; the backward of a placeholder pair gives
-    ``u_x Wᵀ + x u_Wᵀ`` to the layer's cotangent and nothing to its input or weight."""
+    ``u_x Wᵀ + x u_Wᵀ`` to the layer's cotangent and nothing to its input or weight. The zeros flow on through the
+    rest of that first backward, whose derivative in d does not depend on them (a backward is linear in its
+    cotangent): only a custom ``autograd.Function`` that branches on its gradient's values would see a difference."""
     return _Unused(frozenset(id(t) for t in leaves), cotangent_only=True)
 
 

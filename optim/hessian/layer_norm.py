@@ -25,13 +25,9 @@ from torch.autograd import forward_ad
 
 from .._library import has_kernel
 from . import _ops
-from .linear import _saved_through_hooks
+from .linear import _saved_through_hooks, functorch_wrapped
 
 __all__ = ["layer_norm"]
-
-
-def _wrapped(t) -> bool:
-    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _routable(input, weight, bias) -> bool:
@@ -43,7 +39,8 @@ def _routable(input, weight, bias) -> bool:
     if any(t is not None and (not isinstance(t, torch.Tensor) or t.dtype != input.dtype) for t in (weight, bias)):
         return False
     return (has_kernel("layer_norm_double_backward", input.device) and not _saved_through_hooks()
-            and getattr(forward_ad, "_current_level", -1) < 0 and not any(_wrapped(t) for t in (input, weight, bias)))
+            and getattr(forward_ad, "_current_level", -1) < 0
+            and not any(functorch_wrapped(t) for t in (input, weight, bias)))
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -93,7 +90,8 @@ class _LayerNormGradient(torch.autograd.Function):
     def backward(ctx, u_input, u_weight, u_bias):
         grad_out, input, weight, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        plain = not torch.is_grad_enabled() and not any(_wrapped(t) for t in (grad_out, u_input, u_weight, u_bias))
+        plain = not torch.is_grad_enabled() and not any(functorch_wrapped(t)
+                                                        for t in (grad_out, u_input, u_weight, u_bias))
         # The op has no derivative or batching rule of its own: a graph kept through it, or a vmapped backward,
         # takes the reference, whose torch ops have both. The plain call needs no route (nor the mode's dispatch).
         with torch._C.DisableTorchFunction() if plain else contextlib.nullcontext():

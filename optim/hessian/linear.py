@@ -83,12 +83,16 @@ def _saved_through_hooks() -> bool:
         return False
 
 
+def functorch_wrapped(t) -> bool:
+    """Whether ``t`` is a tensor wrapped by a functorch transform (vmap, grad, jvp): the routes leave those alone."""
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _routable(input, weight) -> bool:
     return (isinstance(weight, torch.Tensor) and id(weight) in _values_unused() and isinstance(input, torch.Tensor)
             and not _saved_through_hooks()
             and weight.requires_grad and weight.grad_fn is None and weight.dim() == 2 and input.dim() >= 1
-            and not torch._C._functorch.is_functorch_wrapped_tensor(input)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(weight))
+            and not functorch_wrapped(input) and not functorch_wrapped(weight))
 
 
 def linear(input, weight, bias=None):
@@ -116,10 +120,12 @@ def _out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.mT if transposed else weight
 
 
-def _cotangent_product(u_input, u_weight, input, weight, shape) -> torch.Tensor:
-    """``u_x Wᵀ + x u_Wᵀ`` (W as (out, in); ``u_weight`` may be None) shaped ``shape``: the share of a layer's
-    output cotangent in ``⟨g W, u_x⟩ + ⟨gᵀ x, u_W⟩``, in one accumulating matrix product instead of two results
-    and a sum the size of the layer's output (on an LM head, (tokens, vocabulary))."""
+def _cotangent_product(u_input, u_weight, input, weight, shape) -> torch.Tensor | None:
+    """``u_x Wᵀ + x u_Wᵀ`` (W as (out, in); either cotangent may be None, both: None) shaped ``shape``: the share
+    of a layer's output cotangent in ``⟨g W, u_x⟩ + ⟨gᵀ x, u_W⟩``, in one accumulating matrix product instead of
+    two results and a sum the size of the layer's output (on an LM head, (tokens, vocabulary))."""
+    if u_input is None:
+        return None if u_weight is None else input.matmul(u_weight.mT)
     rows = _rows(u_input).mm(weight.mT)
     if u_weight is not None:
         # in place only without a graph: a graph would need the product before the addition
@@ -202,12 +208,10 @@ class _LinearGradients(torch.autograd.Function):
         transposed = ctx.transposed
         weight = _out_in(weight, transposed)
         u_weight = None if u_weight is None else _out_in(u_weight, transposed)
-        d_grad_output = d_input = d_weight = None
+        d_input = d_weight = None
+        d_grad_output = _cotangent_product(u_input, u_weight, input, weight, grad_output.shape)
         if u_input is not None:
-            d_grad_output = _cotangent_product(u_input, u_weight, input, weight, grad_output.shape)
             d_weight = _weight_gradient(grad_output, u_input, transposed)  # ∂⟨g W, u_x⟩/∂W = gᵀ u_x
-        elif u_weight is not None:
-            d_grad_output = input.matmul(u_weight.mT)
         if u_weight is not None:
             d_input = grad_output.matmul(u_weight)
         return (d_grad_output if ctx.needs_input_grad[0] else None, d_input if ctx.needs_input_grad[1] else None,
@@ -232,10 +236,4 @@ class _TransposedPlaceholders(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         weight = _out_in(weight, ctx.transposed)
         u_weight = None if u_weight is None else _out_in(u_weight, ctx.transposed)
-        if u_input is not None:
-            d_grad_output = _cotangent_product(u_input, u_weight, input, weight, ctx.shape)
-        elif u_weight is not None:
-            d_grad_output = input.matmul(u_weight.mT)
-        else:
-            d_grad_output = None
-        return d_grad_output, None, None, None
+        return _cotangent_product(u_input, u_weight, input, weight, ctx.shape), None, None, None

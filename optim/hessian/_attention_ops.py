@@ -274,7 +274,7 @@ def sdpa_backward_blocked(grad_out, q, k, v, out, lse, attn_mask=None, is_causal
 
 def _sdpa_backward_fake(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False, scale=1.0):
     _check_backward("sdpa_backward", grad_out, q, k, v, out, lse, attn_mask, scale)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels' are
 
 
 sdpa_backward = define_op(
@@ -323,7 +323,7 @@ def sdpa_forward_jvp_blocked(q, k, v, out, lse, q_dot, k_dot, v_dot, attn_mask=N
 
 def _sdpa_forward_jvp_fake(q, k, v, out, lse, q_dot, k_dot, v_dot, attn_mask=None, is_causal=False, scale=1.0):
     _check_forward_jvp("sdpa_forward_jvp", q, k, v, out, lse, q_dot, k_dot, v_dot, attn_mask, scale)
-    return torch.empty_like(out)
+    return out.new_empty(out.shape)  # contiguous, as the kernels' are
 
 
 sdpa_forward_jvp = define_op(
@@ -387,7 +387,7 @@ def _sdpa_backward_jvp_fake(grad_out, q, k, v, out, lse, grad_out_dot, q_dot, k_
                             is_causal=False, scale=1.0):
     _check_backward_jvp("sdpa_backward_jvp", grad_out, q, k, v, out, lse, grad_out_dot, q_dot, k_dot, v_dot,
                         attn_mask, scale)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels' are
 
 
 sdpa_backward_jvp = define_op(

@@ -267,12 +267,13 @@ def layer_norm_double_backward_reference(input, mean, rstd, weight, grad_out, u_
         d_grad_out = d_grad_out + u_bias
     d_input = (rstd * (big_g - big_g.mean(-1, keepdim=True) - x_hat * (big_g * x_hat).mean(-1, keepdim=True))
                - rstd.square() * (e - u_bar * a - c * b) * x_hat)
-    return d_grad_out, d_input, (grad_out * w).sum(0)
+    # Contiguous whatever the inputs' layout, as the kernel's and the fake's.
+    return d_grad_out.contiguous(), d_input.contiguous(), (grad_out * w).sum(0)
 
 
 def _layer_norm_double_backward_fake(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias):
     check_layer_norm_double_backward_args(input, mean, rstd, weight, grad_out, u_input, u_weight, u_bias)
-    return torch.empty_like(input), torch.empty_like(input), input.new_empty(input.shape[-1])
+    return input.new_empty(input.shape), input.new_empty(input.shape), input.new_empty(input.shape[-1])
 
 
 layer_norm_double_backward = define_op(

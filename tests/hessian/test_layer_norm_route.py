@@ -93,6 +93,11 @@ def test_op_with_no_rows_gives_empty_gradients_and_a_zero_weight_gradient():
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_opcheck(device):
     torch.library.opcheck(OP.default, args=(), kwargs=_inputs(6, 11, dtype=torch.float32, device=device))
+    # Column-major rows: the fake's strides are the kernel's (contiguous) whatever the inputs' layout.
+    columns = {name: t if t is None or t.dim() < 2 else t.t().contiguous().t()
+               for name, t in _inputs(6, 11, dtype=torch.float32, device=device).items()}
+    assert not columns["input"].is_contiguous()
+    torch.library.opcheck(OP.default, args=(), kwargs=columns)
 
 
 @pytest.mark.parametrize("implementation", ["kernel", "reference"])

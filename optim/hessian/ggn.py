@@ -45,7 +45,7 @@ from ._ops import cross_entropy_hvp
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, _check_finite_loss,
                   _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .linear import transposed_products_unused
-from .operator import CurvatureOperator, model_output
+from .operator import CurvatureOperator, model_outputs
 
 __all__ = ["GGNOperator"]
 
@@ -109,7 +109,8 @@ class GGNOperator(CurvatureOperator):
     accept it.
 
     Args:
-        model: an ``nn.Module`` returning one floating-point tensor (the outputs ``z``, any shape).
+        model: an ``nn.Module`` returning one floating-point tensor (the outputs ``z``, any shape), or a Hugging Face
+            output, whose ``.logits`` are ``z`` (``loss_fn`` then receives them, as ``causal_lm_loss`` takes them).
         loss_fn: ``loss_fn(output, target)`` returning a scalar. Cross-entropy and MSE get closed forms of ``H_b``
             (module docstring); any other criterion is differentiated twice in the outputs by autograd.
         data, param_filter: as for ``HessianOperator``.
@@ -160,7 +161,7 @@ class GGNOperator(CurvatureOperator):
 
     def _batch_product(self, inputs, targets, params, v, k, rows):
         if self.compile:
-            product = compiled_ggn(self.model, model_output(self.model, tuple(self.names), inputs), self.loss_fn,
+            product = compiled_ggn(self.model, model_outputs(self.model, tuple(self.names), inputs), self.loss_fn,
                                    targets, params, v, k, (inputs, targets))
             if product is not None:
                 self.output_hessian = "compiled"
@@ -176,7 +177,7 @@ class GGNOperator(CurvatureOperator):
             if not isinstance(output, torch.Tensor) or not output.dtype.is_floating_point:
                 got = f"dtype {output.dtype}" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
                 raise ValueError(f"{where}: the model must return one floating-point tensor (the outputs z of "
-                                 f"J = dz/dθ), got {got}")
+                                 f"J = dz/dθ) or an output with .logits, got {got}")
             output_hessian = _OutputHessian(self.loss_fn, output, targets, where)
             cotangent = torch.zeros_like(output).requires_grad_(True)
             if output.requires_grad:

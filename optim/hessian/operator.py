@@ -448,8 +448,9 @@ class CurvatureOperator:
             raise ValueError(f"{self._where}: data has no batch with at least one row; the average is undefined")
 
     def _output_of(self, inputs) -> Callable[..., object]:
-        """``f(*params)``: the model's output on ``inputs`` with the in-scope parameters replaced by the arguments."""
-        return model_output(self.model, tuple(self.names), inputs)
+        """``z(*params)``: the model's outputs on ``inputs`` (:func:`model_outputs`) with the in-scope parameters
+        replaced by the arguments, for the operators in the outputs."""
+        return model_outputs(self.model, tuple(self.names), inputs)
 
     def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
         """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
@@ -480,6 +481,19 @@ def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[.
         return torch.func.functional_call(model, state, (inputs,))
 
     return output
+
+
+def model_outputs(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[..., object]:
+    """``z(*params)``: :func:`model_output` as the one tensor the GGN and the empirical Fisher differentiate: the
+    ``.logits`` of a Hugging Face output, any other output as it is (for the caller to refuse if not a tensor)."""
+    output = model_output(model, names, inputs)
+
+    def outputs(*params: torch.Tensor):
+        result = output(*params)
+        logits = getattr(result, "logits", None)
+        return logits if isinstance(logits, torch.Tensor) and not isinstance(result, torch.Tensor) else result
+
+    return outputs
 
 
 def model_loss(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:

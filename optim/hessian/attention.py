@@ -17,6 +17,10 @@ takes exists and none stores a (Tq, Tk) matrix:
 Both set ``generate_vmap_rule = True``; the ops have vmap rules (the vmapped dimension folds into the heads), so
 ``torch.func.vmap`` over tangents or cotangents (k probes at once, ``is_grads_batched=True``) runs one call per op.
 
+Inside ``torch.compile`` the attention is :func:`composite_attention`, plain softmax attention of torch ops that the
+compiler differentiates and fuses (T×T scores): dynamo inlines an ``autograd.Function``'s forward and drops its
+``jvp`` (pytorch/pytorch#192985), which gave compiled forward-mode products zero attention tangents.
+
 :func:`~.routing.sdpa_curvature` is a ``TorchFunctionMode`` that sends ``F.scaled_dot_product_attention`` to
 :func:`scaled_dot_product_attention`; ``hvp``, ``HessianOperator``, ``GGNOperator``, ``EmpiricalFisherOperator``
 (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps enter it
@@ -157,5 +161,32 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     ops.check_attention_args(where, query, key, value, attn_mask, scale)
     if attn_mask is not None:
         attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
-    out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
+    if torch.compiler.is_compiling():
+        # Dynamo inlines an autograd.Function's forward and drops its jvp (pytorch/pytorch#192985: zero tangents,
+        # silently), so compiled forward-mode products differentiate the composite instead (T×T scores).
+        out = composite_attention(query, key, value, attn_mask, bool(is_causal), scale)
+    else:
+        out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
     return out.squeeze(1) if dims == 3 else out
+
+
+def composite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                        is_causal: bool, scale: float) -> torch.Tensor:
+    """``softmax(s·Q Kᵀ + M) V`` of plain torch ops, differentiable by autograd and functorch to any order; rows
+    with no allowed key give 0 (as the ops). Shapes as :func:`scaled_dot_product_attention`'s 4-D ones; the
+    scores are (B, Hq, Tq, Tk), in float32 for half-precision inputs."""
+    out_dtype, dtype = q.dtype, ops.work_dtype(q.dtype)
+    groups = q.shape[1] // k.shape[1]
+    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(groups, 1), v.to(dtype).repeat_interleave(groups, 1)
+    scores = scale * q @ k.transpose(-1, -2)
+    allowed = torch.ones(scores.shape, dtype=torch.bool, device=q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(dtype)
+    if is_causal:
+        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    empty = ~allowed.any(-1, keepdim=True)
+    # A row with no allowed key is softmaxed as zeros and then zeroed: no NaN, nor in any derivative.
+    p = torch.softmax(scores.masked_fill(~allowed, -math.inf).masked_fill(empty, 0.0), -1)
+    return (p.masked_fill(~allowed, 0.0) @ v).to(out_dtype)

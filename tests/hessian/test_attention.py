@@ -63,21 +63,9 @@ def make_case(case, dtype=torch.float64, batch=2, dim=5, value_dim=3):
 
 
 def math_attention(q, k, v, mask, causal, scale):
-    """Plain softmax attention, differentiable by autograd to any order (rows with no allowed key give 0)."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = scale * q @ k.transpose(-1, -2)
-    allowed = torch.ones(scores.shape, dtype=torch.bool)
-    if mask is not None and mask.dtype == torch.bool:
-        allowed = allowed & mask
-    elif mask is not None:
-        scores = scores + mask
-    if causal:
-        allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-    scores = scores.masked_fill(~allowed, -math.inf)
-    empty = ~allowed.any(-1, keepdim=True)
-    p = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty | ~allowed, 0.0)
-    return p @ v
+    """Plain softmax attention, differentiable by autograd to any order (rows with no allowed key give 0): the
+    package's composite, which compiled products differentiate."""
+    return attention_module.composite_attention(q, k, v, mask, causal, scale)
 
 
 def tangents(*tensors):
@@ -179,6 +167,11 @@ def test_opcheck(name):
     q, k, v, mask, causal, scale = make_case(CASES[1], batch=1)
     torch.library.opcheck(OPS[name][0].default, args=op_args(name, q, k, v, mask, causal, scale) + (mask,),
                           kwargs={"scale": scale})
+    # (B, T, h, d) in memory, as a model's heads split from one projection: the fake's strides are the kernel's.
+    q, k, v, mask, causal, scale = make_case(CASES[0], batch=2)
+    heads_last = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in op_args(name, q, k, v, mask, causal, scale)]
+    assert not heads_last[0].is_contiguous()
+    torch.library.opcheck(OPS[name][0].default, args=tuple(heads_last), kwargs={"is_causal": causal, "scale": scale})
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -467,16 +460,7 @@ def test_sophia_refresh_on_an_activation_checkpointed_gpt2_in_training_mode_equa
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids).logits
-
-
-@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+@pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])
 def test_gpt2_sdpa_curvature_products_equal_its_eager_twin(operator, monkeypatch):
     from optim.hessian import causal_lm_loss
 
@@ -485,13 +469,45 @@ def test_gpt2_sdpa_curvature_products_equal_its_eager_twin(operator, monkeypatch
     original = attention_module.scaled_dot_product_attention
     monkeypatch.setattr(attention_module, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    if operator == "hessian":
-        ours, theirs = (optim.HessianOperator(model, causal_lm_loss, batch) for model in (sdpa, eager))
-    else:  # GGNOperator needs the model to return the logits as a tensor
-        ours, theirs = (optim.GGNOperator(_Logits(model), causal_lm_loss, batch) for model in (sdpa, eager))
+    # The Hugging Face model as it is: the GGN and the Fisher take its output's .logits as the outputs z.
+    cls = {"hessian": optim.HessianOperator, "ggn": optim.GGNOperator, "fisher": optim.EmpiricalFisherOperator}
+    ours, theirs = (cls[operator](model, causal_lm_loss, batch) for model in (sdpa, eager))
     v = torch.randn(2, ours.n, dtype=torch.float64)
     torch.testing.assert_close(ours @ v, theirs @ v, rtol=1e-10, atol=1e-12)
-    assert len(calls) == 2  # one per layer: the SDPA model's attention went through the op family
+    assert len(calls) >= 2  # one per layer and forward: the SDPA model's attention went through the op family
+
+
+@pytest.mark.parametrize("operator", ["hessian", "fisher"])
+def test_compiled_gpt2_sdpa_products_equal_its_eager_twin(operator):
+    # Dynamo drops an autograd.Function's jvp (pytorch/pytorch#192985): compiled forward-mode products through the
+    # op family gave zero attention tangents (the Fisher 18% off) until the route took the composite there.
+    from optim.hessian import causal_lm_loss
+
+    sdpa, eager, batch = gpt2_twins(n_layer=1)
+    cls = {"hessian": optim.HessianOperator, "fisher": optim.EmpiricalFisherOperator}[operator]
+    compiled, twin = cls(sdpa, causal_lm_loss, batch, compile=True), cls(eager, causal_lm_loss, batch)
+    v = torch.randn(compiled.n, dtype=torch.float64)
+    torch.testing.assert_close(compiled @ v, twin @ v, rtol=1e-9, atol=1e-12)
+    assert compiled.compile_seconds > 0 and (operator != "fisher" or compiled.last_path == "compiled")
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+def test_compiled_derivatives_of_the_attention_equal_the_ops(case):
+    q, k, v, mask, causal, scale = make_case(case)
+    fn = lambda q, k, v: attention(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True)  # noqa: E731
+    dots, d_out = tangents(q, k, v), torch.randn(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
+
+    def derivatives(q, k, v):
+        _, out_dot = torch.func.jvp(fn, (q, k, v), dots)
+        grads = torch.func.vjp(fn, q, k, v)[1](d_out)
+        loss = lambda q, k, v: (fn(q, k, v) * d_out).sum()  # noqa: E731
+        _, hvp = torch.func.jvp(torch.func.grad(loss, argnums=(0, 1, 2)), (q, k, v), dots)
+        return (out_dot, *grads, *hvp)
+
+    for got, expected in zip(torch.compile(derivatives, backend="aot_eager", fullgraph=True)(q, k, v),
+                             derivatives(q, k, v)):
+        assert bool(expected.abs().max() > 0)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_gpt2_sdpa_hvp_in_forward_mode():

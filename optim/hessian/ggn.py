@@ -18,6 +18,9 @@ One product ``G_b v`` is three steps, each k-batched for a ``(k, n)`` block:
      and ``optim.hessian.cross_entropy`` on (..., V), without class weights, label smoothing or ignored targets):
      the fused op ``torch.ops.optim.cross_entropy_hvp``, ``s · p ⊙ (u − ⟨p, u⟩)`` per row (p = softmax(z),
      s = 1/rows for a mean, 1 for a sum);
+   * ``optim.hessian.causal_lm_loss`` (its defaults: no attention mask, ``ignore_index=-100``, a mean): the same
+     form on the positions t < T − 1 whose label at t + 1 is kept, s = 1/K over the K kept pairs, and 0 on the
+     others (the last position and the ignored ones);
    * squared error (``F.mse_loss`` / ``nn.MSELoss``, targets shaped like the outputs): ``w = c·u``, c = 2/m for a
      mean, 2 for a sum;
    * any other ``loss_fn``: autograd, a backward of ``⟨∇_z ℓ, u⟩`` through the graph of ``∇_z ℓ`` (built once per
@@ -77,9 +80,13 @@ class _OutputHessian:
         scale = None if form is None else output_hessian_scale(*form, z, targets)
         if scale is None:
             return None, None, z, None
+        if form[0] == "causal_lm":
+            return "causal_lm", scale, z, targets
         return ("mse" if form[0] == "mse" else "cross_entropy"), scale, z, None
 
     def __call__(self, u: torch.Tensor, k: int | None, key: object = None) -> torch.Tensor:
+        if self.kind == "causal_lm":
+            return causal_lm_output_hessian(self._z, u, self._graph)
         if self.kind == "cross_entropy":
             z = self._z if k is None else self._z.expand((k,) + tuple(self._z.shape))  # the op is row-wise
             return cross_entropy_hvp(z, u.contiguous(), self._scale)
@@ -119,7 +126,7 @@ class GGNOperator(CurvatureOperator):
             compiled at the first product for this model and batch shapes and reused by every later product and
             operator on them (a block of k probes runs it k times). :attr:`compile_seconds` reports the time. It
             applies to the criteria with a closed form (cross-entropy without class weights, label smoothing or
-            ignored targets, and MSE: see the module docstring); any other criterion or batch, and every product
+            ignored targets, ``causal_lm_loss`` with its defaults, and MSE: see the module docstring); any other criterion or batch, and every product
             while a module is in training mode (the compiled function runs the forward twice, in ``jvp`` and in
             ``vjp``, so dropout would draw two masks), is computed eagerly (``output_hessian`` says which ran:
             ``"compiled"`` or the eager kind). No graph is kept
@@ -134,7 +141,7 @@ class GGNOperator(CurvatureOperator):
             first-order backward (``create_graph``), plus a copy of the parameters, buffers and batch.
 
     Attributes:
-        output_hessian: how ``H_b`` was applied at the last product: ``"cross_entropy"``, ``"mse"`` or
+        output_hessian: how ``H_b`` was applied at the last product: ``"cross_entropy"``, ``"causal_lm"``, ``"mse"`` or
             ``"autograd"`` (eager), ``"compiled"`` (``compile=True``); None before the first product.
 
     The model is evaluated in its current mode, like HessianOperator (train-mode BatchNorm uses batch statistics
@@ -219,10 +226,26 @@ def closed_form_output_hessian(loss_fn, targets) -> tuple[str, str] | None:
     if loss_fn is losses.cross_entropy and integer and targets.numel() > 0:
         # its default ignore_index: ignored rows would need a zero Hessian and the mean over the kept ones
         return ("cross_entropy_last_dim", "mean") if not bool((targets == -100).any()) else None
+    if loss_fn is losses.causal_lm_loss and integer and targets.dim() >= 1:
+        return "causal_lm", "mean"
     mse_module = isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction in ("mean", "sum")
     if (loss_fn is F.mse_loss or mse_module) and targets.dtype.is_floating_point:
         return "mse", loss_fn.reduction if mse_module else "mean"
     return None
+
+
+def causal_lm_output_hessian(z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``H_z u`` of ``causal_lm_loss(z, labels)`` (module docstring): z (..., T, V) logits, u shaped like z or with a
+    leading k, labels z.shape[:-1]. The 1/K is a tensor (no host read, so a compiled product needs no graph break);
+    with no kept pair the loss itself is refused before this is used."""
+    lead = u.dim() - z.dim()
+    labels = labels[..., 1:]
+    kept = (labels != -100).sum()
+    logits = z[..., :-1, :]
+    if lead:
+        logits, labels = logits.expand(u.shape[:lead] + logits.shape), labels.expand(u.shape[:lead] + labels.shape)
+    w = cross_entropy_hvp(logits.contiguous(), u[..., :-1, :].contiguous(), 1.0, labels.contiguous(), -100)
+    return F.pad(w / kept, (0, 0, 0, 1))  # the last position predicts nothing
 
 
 def output_hessian_scale(kind: str, reduction: str, z: torch.Tensor, targets) -> float | None:
@@ -231,6 +254,8 @@ def output_hessian_scale(kind: str, reduction: str, z: torch.Tensor, targets) ->
     if kind == "cross_entropy":
         fits = z.dim() == 2 and targets.shape == z.shape[:1]
         return (1.0 / z.shape[0] if reduction == "mean" else 1.0) if fits else None
+    if kind == "causal_lm":  # 1/K is applied by causal_lm_output_hessian, from the labels
+        return 1.0 if z.dim() >= 2 and z.shape[-2] >= 2 and targets.shape == z.shape[:-1] else None
     if kind == "cross_entropy_last_dim":
         return 1.0 / targets.numel() if z.dim() >= 1 and targets.shape == z.shape[:-1] else None
     fits = targets.shape == z.shape and targets.dtype == z.dtype
@@ -249,7 +274,10 @@ def _ggn_product(output_fn, targets, kind, reduction, params, direction):
     scale = output_hessian_scale(kind, reduction, output, targets)
     if scale is None:
         raise OutputsDoNotFit
-    w = scale * jv if kind == "mse" else cross_entropy_hvp(output, jv, scale)
+    if kind == "causal_lm":
+        w = causal_lm_output_hessian(output, jv, targets)
+    else:
+        w = scale * jv if kind == "mse" else cross_entropy_hvp(output, jv, scale)
     _, pullback = torch.func.vjp(output_fn, *primals)
     return pullback(w), output
 

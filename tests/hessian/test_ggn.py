@@ -319,6 +319,25 @@ def test_ggn_of_a_last_dim_cross_entropy_with_ignored_targets_is_exact():
     assert G.output_hessian == "cross_entropy"
 
 
+def test_ggn_of_the_causal_lm_loss_has_its_closed_form_eager_and_compiled():
+    """causal_lm_loss: the softmax form on the shifted, kept pairs over K, zero on the last position and the ignored
+    ones; exact against the explicit Jᵀ H J, eager (kept and unkept) and compiled, with and without ignored labels,
+    and the same product as autograd through a criterion the operator does not recognize."""
+    model, inputs, labels = sequence_problem()
+    loss_fn = optim.hessian.causal_lm_loss
+    for targets in (labels, torch.randint(0, 5, (3, 7))):
+        expected = explicit_ggn(model, loss_fn, inputs, targets)[0]
+        block = random_flat(GGNOperator(model, loss_fn, (inputs, targets)), 3)
+        for options, kind in ((dict(), "causal_lm"), (dict(reuse_graph=False), "causal_lm"),
+                              (dict(compile=True), "compiled")):
+            G = GGNOperator(model, loss_fn, (inputs, targets), **options)
+            assert relative_error(G @ block, block @ expected) <= EXACT_RTOL and G.output_hessian == kind, options
+            assert relative_error(G @ block[0], expected @ block[0]) <= EXACT_RTOL, options
+        autograd = GGNOperator(model, lambda z, y: loss_fn(z, y), (inputs, targets))
+        assert relative_error(autograd @ block, block @ expected) <= EXACT_RTOL
+        assert autograd.output_hessian == "autograd"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Empirical Fisher
 

@@ -59,6 +59,9 @@ MEASURE_ROWS = 4
 # product there
 _ways = Remembered()
 
+# The models whose per-sample gradients could not be vmapped (data-dependent control flow): a loop of rows there.
+_row_by_row = Remembered()
+
 
 class EmpiricalFisherOperator(CurvatureOperator):
     """``F = (1/N) Gᵀ G``, the empirical Fisher of ``loss_fn`` on ``data`` from per-sample gradients ``G`` (N × n).
@@ -71,8 +74,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
     by their row counts, so over several batches ``F`` is the mean over all their rows.
 
     Args:
-        model: an ``nn.Module``; it is called on one-row slices (``x_i[None]``) under ``vmap``, so it must treat
-            rows independently: a BatchNorm module in training mode (batch statistics) is refused with a
+        model: an ``nn.Module``; it is called on one-row slices (``x_i[None]``) under ``vmap`` (one row at a time
+            where vmap cannot follow it: control flow on its inputs' values), so it must treat rows independently: a BatchNorm module in training mode (batch statistics) is refused with a
             ``ValueError`` at the product; call ``model.eval()``. A Hugging Face output's ``.logits`` are the
             outputs ``z`` that ``loss_fn`` receives.
         loss_fn: ``loss_fn(output, target)`` returning a scalar, called on one row's output and target.
@@ -195,12 +198,26 @@ class EmpiricalFisherOperator(CurvatureOperator):
             loss = _scalar_loss(loss_fn(output, y.unsqueeze(0)))
             return loss, loss.detach()
 
-        per_row = torch.func.vmap(torch.func.grad(row_loss, has_aux=True), in_dims=(None, 0, 0),
-                                  randomness="different")
+        row_gradient = torch.func.grad(row_loss, has_aux=True)
+        per_row = torch.func.vmap(row_gradient, in_dims=(None, 0, 0), randomness="different")
         # torch.func.grad differentiates inside whatever the outer grad mode is; no_grad keeps the outer autograd
         # from recording a graph through the parameters outside the scope.
         with torch.no_grad():
-            grads, row_losses = per_row(tuple(params), inputs, targets)
+            grads = None
+            if not _row_by_row.get(self.model):
+                try:
+                    grads, row_losses = per_row(tuple(params), inputs, targets)
+                except RuntimeError as error:
+                    if "vmap" not in str(error):
+                        raise
+                    # A model that branches on its inputs' values (a Hugging Face model's attention mask does)
+                    # cannot be vmapped: its rows go one at a time, from now on.
+                    _row_by_row.set(self.model, None, True)
+            if grads is None:
+                rows = [row_gradient(tuple(params), tree_map(lambda t: t[i], inputs), targets[i])
+                        for i in range(targets.shape[0])]
+                grads = [torch.stack(pieces) for pieces in zip(*(g for g, _ in rows))]
+                row_losses = torch.stack([loss for _, loss in rows])
         _check_finite_rows(row_losses)
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 

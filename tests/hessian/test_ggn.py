@@ -445,6 +445,30 @@ def test_fisher_of_the_language_model_losses_on_every_path(loss_fn):
     assert relative_error(columns @ block, block @ expected) <= EXACT_RTOL and columns.last_path == "per-sample"
 
 
+class Branching(nn.Module):
+    """Branches on its input's values, as a Hugging Face model's attention-mask handling does (``if mask.all()``):
+    vmap refuses it. Rows stay independent: the branch is the same for one row as for the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = mlp_problem()[0]
+
+    def forward(self, x):
+        return self.mlp(x) if bool(torch.isfinite(x).all()) else self.mlp(x.nan_to_num())
+
+
+def test_per_sample_gradients_of_a_model_vmap_cannot_run_go_row_by_row():
+    model, (_, inputs, targets) = Branching(), mlp_problem(rows=6)
+    expected, G_explicit = explicit_fisher(model, F.cross_entropy, inputs, targets)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(model)(inputs)
+    for options in (dict(), dict(reuse_graph=False), dict(max_kept_bytes=8)):
+        Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), **options)
+        block = random_flat(Fi, 2)
+        assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL, options
+    assert relative_error(Fi.per_sample_gradients(inputs, targets), G_explicit) <= EXACT_RTOL
+
+
 def test_fisher_of_a_mean_loss_has_the_gradient_as_mean_of_its_rows():
     model, inputs, targets = mlp_problem(rows=5)
     Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets))

@@ -75,9 +75,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     Args:
         model: an ``nn.Module``; it is called on one-row slices (``x_i[None]``) under ``vmap`` (one row at a time
-            where vmap cannot follow it: control flow on its inputs' values), so it must treat rows independently: a BatchNorm module in training mode (batch statistics) is refused with a
-            ``ValueError`` at the product; call ``model.eval()``. A Hugging Face output's ``.logits`` are the
-            outputs ``z`` that ``loss_fn`` receives.
+            where vmap cannot follow it: control flow on its inputs' values), so it must treat rows independently:
+            a BatchNorm module in training mode (batch statistics) is refused with a ``ValueError`` at the product;
+            call ``model.eval()``. A Hugging Face output's ``.logits`` are the outputs ``z`` that ``loss_fn``
+            receives.
         loss_fn: ``loss_fn(output, target)`` returning a scalar, called on one row's output and target.
         data: as for ``HessianOperator``; ``inputs`` a tensor (or a tuple/list/dict of tensors) whose dim 0 is the
             rows, ``targets`` a tensor with at least one dimension, of the same number of rows.

@@ -126,10 +126,10 @@ class GGNOperator(CurvatureOperator):
             compiled at the first product for this model and batch shapes and reused by every later product and
             operator on them (a block of k probes runs it k times). :attr:`compile_seconds` reports the time. It
             applies to the criteria with a closed form (cross-entropy without class weights, label smoothing or
-            ignored targets, ``causal_lm_loss`` with its defaults, and MSE: see the module docstring); any other criterion or batch, and every product
-            while a module is in training mode (the compiled function runs the forward twice, in ``jvp`` and in
-            ``vjp``, so dropout would draw two masks), is computed eagerly (``output_hessian`` says which ran:
-            ``"compiled"`` or the eager kind). No graph is kept
+            ignored targets, ``causal_lm_loss`` with its defaults, and MSE: see the module docstring); any other
+            criterion or batch, and every product while a module is in training mode (the compiled function runs
+            the forward twice, in ``jvp`` and in ``vjp``, so dropout would draw two masks), is computed eagerly
+            (``output_hessian`` says which ran: ``"compiled"`` or the eager kind). No graph is kept
             (``reuse_graph`` must not be True); the model needs forward-mode rules (as ``optim.hvp(mode="fr")``).
         reuse_graph: keep each product's forward (the model's activations, the graph of ``Jᵀd`` and, for a
             generic loss, the graph of ``∇_z ℓ``) between products on one-batch ``data``, so a further product is

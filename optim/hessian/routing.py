@@ -14,8 +14,8 @@ the second derivatives differ in how they are computed. The linear layers are to
 weight's gradient is a placeholder that carries the graph. The layer norm's forward and backward are torch's
 ``native_layer_norm`` and ``native_layer_norm_backward``; only its backward's backward is ours. ``hvp``, the
 curvature operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps
-enter :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken (to plain softmax attention,
-:func:`.attention.composite_attention`): the compiler derives and fuses the others itself.
+enter :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken (to plain softmax
+attention, :func:`.attention.composite_attention`): the compiler derives and fuses the others itself.
 """
 
 from __future__ import annotations

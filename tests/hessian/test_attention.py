@@ -523,7 +523,8 @@ def test_compiled_gpt2_sdpa_products_equal_its_eager_twin(operator):
 
     sdpa, eager, batch = gpt2_twins(n_layer=1)
     cls = {"hessian": optim.HessianOperator, "ggn": optim.GGNOperator, "fisher": optim.EmpiricalFisherOperator}
-    compiled, twin = cls[operator](sdpa, causal_lm_loss, batch, compile=True), cls[operator](eager, causal_lm_loss, batch)
+    compiled = cls[operator](sdpa, causal_lm_loss, batch, compile=True)
+    twin = cls[operator](eager, causal_lm_loss, batch)
     v = torch.randn(compiled.n, dtype=torch.float64)
     torch.testing.assert_close(compiled @ v, twin @ v, rtol=1e-9, atol=1e-12)
     assert compiled.compile_seconds > 0  # the compiled function ran (it is timed at its first call)

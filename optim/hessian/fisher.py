@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
                   _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .linear import transposed_products_unused
-from .operator import CurvatureOperator, StateNotKept
+from .operator import CurvatureOperator, StateNotKept, batch_inputs
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
 
@@ -184,9 +184,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def per_sample_gradients(self, inputs, targets) -> torch.Tensor:
         """``G`` (rows, n): row i is ``g_i = ∇_θ loss_fn(model(x_i[None]), y_i[None])``, flattened in params order."""
         self._check_model()
-        targets = targets.to(self.device)
-        if isinstance(inputs, torch.Tensor):
-            inputs = inputs.to(self.device)
+        targets, inputs = targets.to(self.device), batch_inputs(inputs, self.device)
         rows = targets.shape[0] if targets.dim() > 0 else 1
         self._check_rows(inputs, targets, rows)
         return self._gradients(inputs, targets, self._current_params())

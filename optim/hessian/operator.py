@@ -14,12 +14,14 @@ over all the rows of the data, whatever the batch sizes; ``N_b`` is the number o
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .krylov import _dot64
 from .routing import sdpa_curvature
@@ -363,7 +365,7 @@ class CurvatureOperator:
         training = tuple(module.training for module in self.model.modules())
         if self.reuse_graph is None and any(training):
             return None
-        leaves = tree_leaves(batch)
+        leaves = tree_leaves(_plain_inputs(batch[0])) + [batch[1]]
         if not all(leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str)) for leaf in leaves):
             return None  # an object in the batch: its contents cannot be checked for changes
         tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b is not None)]
@@ -439,9 +441,7 @@ class CurvatureOperator:
             rows = targets.shape[0] if targets.dim() > 0 else 1
             if rows == 0:
                 continue
-            if isinstance(inputs, torch.Tensor):
-                inputs = inputs.to(self.device, non_blocking=True)
-            yield inputs, targets.to(self.device, non_blocking=True), rows
+            yield batch_inputs(inputs, self.device), targets.to(self.device, non_blocking=True), rows
 
     def _check_some_rows(self, total_weight: int) -> None:
         if total_weight == 0:
@@ -472,13 +472,40 @@ def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
 # These close over the model, the loss and the batch only, never an operator: the compiled product is guarded on
 # what its function closes over, so one compilation serves every operator of the same model and loss (a
 # SharpnessMonitor builds one per measurement), and no cache keeps an operator (and its batch) alive.
+def _plain_inputs(inputs):
+    """A mapping as a dict (a Hugging Face ``BatchEncoding`` is a ``UserDict``, which pytrees do not open)."""
+    return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
+
+
+def batch_inputs(inputs, device: torch.device):
+    """A batch's inputs as the model is called with them: a mapping as a dict, every tensor on ``device``."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), _plain_inputs(inputs))
+
+
+def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the model's call on a batch's inputs: a mapping whose keys all name parameters of
+    ``model.forward`` as keyword arguments (a Hugging Face batch: ``input_ids``, ``attention_mask``), anything else
+    as the one positional argument (a model whose ``forward(batch)`` reads a dict)."""
+    if isinstance(inputs, Mapping) and inputs:
+        try:
+            parameters = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: positional, as before
+            parameters = ()
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if all(isinstance(key, str) and key in named for key in inputs):
+            return (), dict(inputs)
+    return (inputs,), {}
+
+
 def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[..., object]:
-    """``f(*params) = model(inputs)`` with the parameters ``names`` replaced by the arguments."""
+    """``f(*params) = model(inputs)`` (:func:`model_arguments`) with the parameters ``names`` replaced by the
+    arguments."""
+    args, kwargs = model_arguments(model, inputs)
 
     def output(*params: torch.Tensor):
         state = _buffer_copies(model)
         state.update(zip(names, params))
-        return torch.func.functional_call(model, state, (inputs,))
+        return torch.func.functional_call(model, state, args, kwargs)
 
     return output
 
@@ -519,8 +546,9 @@ class HessianOperator(CurvatureOperator):
             module docstring). A list or a ``DataLoader`` is iterated again at every product (a shuffling loader
             changes the order, not the average, unless it drops a last partial batch or augments randomly); a
             one-shot iterator (a generator) is stored as a list on construction. ``inputs`` is passed to the model
-            as its one positional argument; tensors are moved to the parameters' device. Batches with no rows are
-            skipped.
+            as its one positional argument, or, a mapping whose keys all name parameters of ``model.forward``, as
+            keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for a Hugging Face model);
+            its tensors are moved to the parameters' device. Batches with no rows are skipped.
         param_filter: ``param_filter(name, param) -> bool`` picks the parameters in scope among
             ``model.named_parameters()`` that require grad (e.g. one layer, for a per-layer Hessian); the others are
             held fixed at their current values. Default: every parameter that requires grad.

@@ -477,42 +477,43 @@ def test_gpt2_sdpa_curvature_products_equal_its_eager_twin(operator, monkeypatch
     assert len(calls) >= 2  # one per layer and forward: the SDPA model's attention went through the op family
 
 
-class _Padded(torch.nn.Module):
-    """A Hugging Face causal LM called with an attention mask (left padding): its mask handling branches on the
-    mask's values, which vmap cannot follow."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def test_gpt2_sdpa_with_a_padding_mask_matches_torchs_math_attention():
+@pytest.mark.parametrize("container", ["dict", "BatchEncoding"])
+def test_gpt2_sdpa_with_a_padding_mask_matches_torchs_math_attention(container):
+    # A Hugging Face batch as keyword arguments (its keys name parameters of forward), left-padded: the model's mask
+    # handling branches on the mask's values, which vmap cannot follow (the Fisher's rows then go one by one).
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import transformers
 
     from optim.hessian import causal_lm_loss
 
-    sdpa, _, (input_ids, _) = gpt2_twins()
+    model, _, (input_ids, _) = gpt2_twins()
     mask = torch.ones_like(input_ids)
     mask[1, :5] = 0
-    model, batch = _Padded(sdpa), ({"input_ids": input_ids, "attention_mask": mask}, input_ids.masked_fill(mask == 0,
-                                                                                                        -100))
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    labels = input_ids.masked_fill(mask == 0, -100)
+    batch = (inputs if container == "dict" else transformers.BatchEncoding(inputs), labels)
     H = optim.HessianOperator(model, causal_lm_loss, batch)
     v = torch.randn(H.n, dtype=torch.float64)
     params = list(model.parameters())
-    with sdpa_kernel(SDPBackend.MATH):  # torch's composite attention: double-differentiable, T×T
-        g = torch.autograd.grad(causal_lm_loss(model(batch[0]), batch[1]), params, create_graph=True)
-        expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, H.unflatten(v))])
-    torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
-    # The Fisher's per-sample gradients go row by row there; every way agrees.
+
+    def math_product():  # torch's composite attention: double-differentiable, T×T
+        with sdpa_kernel(SDPBackend.MATH):
+            g = torch.autograd.grad(causal_lm_loss(model(**inputs), labels), params, create_graph=True)
+            return torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, H.unflatten(v))])
+
+    torch.testing.assert_close(H @ v, math_product(), rtol=1e-10, atol=1e-12)
+    assert H._graph is not None  # the keyword batch is checked for changes, so its graph is kept
+    mask[0, :3] = 0  # in place: the kept graph is stale and rebuilt
+    torch.testing.assert_close(H @ v, math_product(), rtol=1e-10, atol=1e-12)
     ways = [optim.EmpiricalFisherOperator(model, causal_lm_loss, batch, **options)
             for options in (dict(), dict(reuse_graph=False), dict(max_kept_bytes=8))]
     block = torch.randn(2, H.n, dtype=torch.float64)
     products = [F_ @ block for F_ in ways]
     for product in products[1:]:
         torch.testing.assert_close(product, products[0], rtol=1e-10, atol=1e-12)
+    G = optim.GGNOperator(model, causal_lm_loss, batch)
+    assert G.output_hessian is None and bool(torch.isfinite(G @ block).all()) and G.output_hessian == "causal_lm"
 
 
 @pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])

@@ -448,6 +448,30 @@ def test_a_kept_graph_with_structured_inputs_is_checked_too(monkeypatch):
     assert torch.allclose(H @ v, fresh @ v, rtol=1e-12, atol=1e-12) and len(builds) == 2
 
 
+def test_a_mapping_that_names_forwards_parameters_is_passed_as_keywords():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(2, 4).double()
+            self.head = nn.Linear(4, 2).double()
+
+        def forward(self, x, z=None, *, shift=0.0):
+            return self.head(torch.tanh(self.a(x) + self.b(z) + shift))
+
+    model = TwoInputs().eval()
+    x, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    shift = torch.full((5, 4), 0.3, dtype=torch.float64)
+    targets = torch.randint(0, 2, (5,))
+    H = HessianOperator(model, F.cross_entropy, ({"z": z, "x": x, "shift": shift}, targets))
+    v = flat_random(H)
+    params = list(model.parameters())
+    g = torch.autograd.grad(F.cross_entropy(model(x, z, shift=shift), targets), params, create_graph=True)
+    expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, H.unflatten(v))])
+    assert relative_error(H @ v, expected) <= EXACT_RTOL and H._graph is not None
+    with pytest.raises(TypeError):  # a key that names no parameter: the dict is the one positional argument
+        HessianOperator(model, F.cross_entropy, ({"x": x, "y": z}, targets)) @ v
+
+
 def test_captured_state_compares_bits():
     # Bits are compared, not values: a parameter holding NaN still matches its copy (NaN != NaN as values).
     from optim.hessian.operator import CapturedState

@@ -469,9 +469,6 @@ def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
     return copies
 
 
-# These close over the model, the loss and the batch only, never an operator: the compiled product is guarded on
-# what its function closes over, so one compilation serves every operator of the same model and loss (a
-# SharpnessMonitor builds one per measurement), and no cache keeps an operator (and its batch) alive.
 def _plain_inputs(inputs):
     """A mapping as a dict (a Hugging Face ``BatchEncoding`` is a ``UserDict``, which pytrees do not open)."""
     return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
@@ -497,6 +494,9 @@ def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:
     return (inputs,), {}
 
 
+# These close over the model, the loss and the batch only, never an operator: the compiled product is guarded on
+# what its function closes over, so one compilation serves every operator of the same model and loss (a
+# SharpnessMonitor builds one per measurement), and no cache keeps an operator (and its batch) alive.
 def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[..., object]:
     """``f(*params) = model(inputs)`` (:func:`model_arguments`) with the parameters ``names`` replaced by the
     arguments."""

@@ -58,6 +58,7 @@ class _OutputHessian:
 
     def __init__(self, loss_fn, output: torch.Tensor, targets: torch.Tensor, where: str):
         z = output.detach()
+        self._targets = targets
         self.kind, self._scale, self._z, self._graph = self._closed_form(loss_fn, z, targets)
         if self.kind is None:
             # Any loss: the graph of ∇_z ℓ, differentiated again against each tangent.
@@ -80,13 +81,12 @@ class _OutputHessian:
         scale = None if form is None else output_hessian_scale(*form, z, targets)
         if scale is None:
             return None, None, z, None
-        if form[0] == "causal_lm":
-            return "causal_lm", scale, z, targets
-        return ("mse" if form[0] == "mse" else "cross_entropy"), scale, z, None
+        kind = form[0] if form[0] in ("mse", "causal_lm") else "cross_entropy"
+        return kind, scale, z, None
 
     def __call__(self, u: torch.Tensor, k: int | None, key: object = None) -> torch.Tensor:
         if self.kind == "causal_lm":
-            return causal_lm_output_hessian(self._z, u, self._graph)
+            return causal_lm_output_hessian(self._z, u, self._targets)
         if self.kind == "cross_entropy":
             z = self._z if k is None else self._z.expand((k,) + tuple(self._z.shape))  # the op is row-wise
             return cross_entropy_hvp(z, u.contiguous(), self._scale)

@@ -46,6 +46,9 @@ class LowRankLinear(nn.Module):
         bias: add a learned bias.
         scale: a constant multiplier of the product (not trained); with AdamW it sets the effective learning rate of
             W relative to the factors' (the update of W is about scale·(ΔB·A + B·ΔA)).
+
+    ``dense_type`` is the module ``merge`` rebuilds: ``nn.Linear``, or the Hugging Face ``Conv1D`` class the layer
+    was converted from (``from_linear``), so that a merged GPT-2 loads into ``GPT2LMHeadModel`` again.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, scale: float = 1.0,
@@ -58,6 +61,7 @@ class LowRankLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
         self.scale = float(scale)
+        self.dense_type: type[nn.Module] = nn.Linear
         self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
         if bias:
@@ -114,6 +118,8 @@ class LowRankLinear(nn.Module):
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, rank, bias=linear.bias is not None, scale=scale,
                     device=weight.device, dtype=weight.dtype)
+        if is_conv1d(linear):
+            layer.dense_type = type(linear)
         with torch.no_grad():
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
@@ -252,7 +258,7 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
     """Replace the targeted ``nn.Linear`` modules of ``model`` by ``LowRankLinear`` of the given rank, in place.
 
     GPT-2's ``Conv1D`` layers (Hugging Face) count as linear layers: they become ``LowRankLinear`` too (and
-    ``merge`` turns them into ``nn.Linear``, the same function).
+    ``merge`` turns them back into ``Conv1D``).
 
     Returns ``model``. Default targets: the attention and MLP projections named in ``DEFAULT_TARGETS``; embeddings
     and the output head are never chosen by default (see ``find_targets`` for ``target``). ``init="random"``
@@ -293,35 +299,50 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every ``LowRankLinear`` of ``model`` by an ``nn.Linear`` with weight scale·B·A, in place.
+    """Replace every ``LowRankLinear`` of ``model`` by a dense layer with weight scale·B·A, in place.
 
-    Returns ``model`` (or a new ``nn.Linear`` when ``model`` itself is a LowRankLinear). The product is computed in
+    The dense layer is the layer's ``dense_type``: an ``nn.Linear``, or the Hugging Face ``Conv1D`` it was converted
+    from (weight (in, out), the transpose), so that the merged model's ``state_dict`` is the original architecture's.
+    Returns ``model`` (or the new layer when ``model`` itself is a LowRankLinear). The product is computed in
     float32 (float64 for float64 factors) and rounded once to the factors' dtype.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge: model must be an nn.Module (converted in place), got {type(model).__name__}")
     if isinstance(model, LowRankLinear):
         check_factors(model, "merge")
-        return _to_linear(model)
+        return _to_dense(model)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
     for name, module in layers:
         check_factors(module, f"merge ({name})")
     # every dense layer is built before the first is swapped in: a failure leaves the model unchanged
-    replacements = [(name, _to_linear(module)) for name, module in layers]
+    replacements = [(name, _to_dense(module)) for name, module in layers]
     for name, layer in replacements:
         _replace(model, name, layer)
     return model
 
 
-def _to_linear(layer: LowRankLinear) -> nn.Linear:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.B.device,
-                       dtype=layer.B.dtype)
+def _to_dense(layer: LowRankLinear) -> nn.Module:
+    if layer.dense_type is nn.Linear:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=layer.B.device, dtype=layer.B.dtype)
+    else:  # Conv1D(nf=out_features, nx=in_features), whose bias always exists (zeros when the factors had none)
+        try:
+            dense = layer.dense_type(layer.out_features, layer.in_features).to(device=layer.B.device,
+                                                                               dtype=layer.B.dtype)
+        except (TypeError, ValueError, RuntimeError):
+            dense = None
+        if not is_conv1d(dense) or tuple(dense.weight.shape) != (layer.in_features, layer.out_features):
+            raise ValueError(f"merge: {layer.dense_type.__name__}({layer.out_features}, {layer.in_features}) has no "
+                             f"({layer.in_features}, {layer.out_features}) weight as a Hugging Face Conv1D does; "
+                             "nothing was changed. Set the layer's dense_type = torch.nn.Linear to merge into one")
     with torch.no_grad():
-        linear.weight.copy_(layer.dense_weight())
+        linear_weight(dense).copy_(layer.dense_weight())
         if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-    linear.train(layer.training)
-    return linear
+            dense.bias.copy_(layer.bias)
+        elif dense.bias is not None:
+            dense.bias.zero_()
+    dense.train(layer.training)
+    return dense
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 
 import pytest
 import torch
@@ -168,9 +169,12 @@ def test_gpt2_conv1d_layers_are_linear_targets():
     assert (block.c_proj.in_features, block.c_proj.out_features) == (24, 8)
     torch.testing.assert_close(block.c_attn(x), attn_before, atol=1e-10, rtol=1e-10)  # exact rank 4
     low_rank_out = block(x)
-    merge(block)
-    assert isinstance(block.c_attn, nn.Linear) and isinstance(block.c_proj, nn.Linear)
+    merge(block)  # back to the layers it came from, weights (in, out), so the original state_dict keys fit
+    assert type(block.c_attn) is Conv1D and type(block.c_proj) is Conv1D
+    assert block.c_attn.weight.shape == (8, 24) and block.c_proj.weight.shape == (24, 8)
+    assert block.c_attn.weight.dtype == torch.float64
     torch.testing.assert_close(block(x), low_rank_out, atol=1e-10, rtol=1e-10)
+    GPT2Block(8, 4).load_state_dict(block.state_dict())
     with pytest.raises(ValueError, match="rank"):
         to_low_rank(GPT2Block(8, 4), 8)  # c_proj is 24 -> 8: rank 8 is not below min(m, n)
 
@@ -183,7 +187,24 @@ def test_real_gpt2_converts_when_transformers_is_installed():
     to_low_rank(model, 8)
     names = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
     assert sorted(n.rsplit(".", 1)[-1] for n in names) == ["c_attn", "c_fc", "c_proj", "c_proj"]
-    assert torch.isfinite(model(tokens).logits).all()
+    low_rank_logits = model(tokens).logits
+    assert torch.isfinite(low_rank_logits).all()
+    merge(model)  # a merged GPT-2 is a GPT-2 checkpoint again: save_pretrained / from_pretrained round-trips
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    torch.testing.assert_close(loaded(tokens).logits, low_rank_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_a_dense_type_it_cannot_rebuild_and_changes_nothing():
+    block = to_low_rank(GPT2Block(8, 4), 4)
+    block.c_proj.dense_type = nn.Conv1d  # not a (nf, nx) Conv1D
+    with pytest.raises(ValueError, match="dense_type"):
+        merge(block)
+    assert isinstance(block.c_attn, LowRankLinear) and isinstance(block.c_proj, LowRankLinear)
+    block.c_proj.dense_type = nn.Linear
+    merge(block)
+    assert type(block.c_attn) is Conv1D and type(block.c_proj) is nn.Linear
 
 
 @pytest.mark.parametrize("rank", [0, -1, 16, 17])

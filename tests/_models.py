@@ -18,15 +18,15 @@ class TanhMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def gpt2_twins(dtype=torch.float64, n_layer=2):
+def gpt2_twins(dtype=torch.float64, n_layer=2, dropout=0.0):
     """Two transformers ``GPT2LMHeadModel`` of one small config with the same weights, attention "sdpa" and
-    "eager" (eval mode, ``dtype``), and a batch (input_ids, labels with ignored positions); skips without
-    transformers."""
+    "eager" (eval mode, ``dtype``; every dropout probability ``dropout``), and a batch (input_ids, labels with
+    ignored positions); skips without transformers."""
     import pytest
 
     transformers = pytest.importorskip("transformers")
     config = dict(vocab_size=31, n_positions=24, n_embd=16, n_layer=n_layer, n_head=4, bos_token_id=0, eos_token_id=0,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     torch.manual_seed(3)
     sdpa = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa", **config))
     eager = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="eager", **config))

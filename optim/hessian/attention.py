@@ -124,10 +124,15 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     broadcastable to (B, Hq, Tq, Tk); ``is_causal`` keeps key j ≤ query i (top-left aligned, as torch's);
     ``scale`` defaults to 1/√d; ``enable_gqa`` allows Hkv < Hq (dividing it). Returns (B, Hq, Tq, dv).
 
+    ``dropout_p`` > 0 (a model in training mode: a second-order optimizer's refresh step on a Hugging Face model
+    with attention dropout) drops attention weights as torch's math SDPA does, P ↦ P ⊙ M / (1 − dropout_p) with one
+    Bernoulli mask M per call, through :func:`composite_attention` of torch ops: the curvature of that realization,
+    what eager attention gives, with its T×T weights kept. Curvature studies evaluate in eval mode (dropout 0).
+
     Raises:
-        ValueError: ``dropout_p`` other than 0 (curvature is measured without dropout: evaluate the model in eval
-            mode), inputs that are not 3-D or 4-D, mismatched dtypes, devices or shapes, heads that do not divide,
-            ``attn_mask`` that does not broadcast, or Hkv ≠ Hq without ``enable_gqa``.
+        ValueError: ``dropout_p`` outside [0, 1], inputs that are not 3-D or 4-D, mismatched dtypes, devices or
+            shapes, heads that do not divide, ``attn_mask`` that does not broadcast, or Hkv ≠ Hq without
+            ``enable_gqa``.
         TypeError: an argument that is not a tensor.
     """
     where = "scaled_dot_product_attention"
@@ -136,11 +141,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise TypeError(f"{where}: {name} must be a tensor, got {type(tensor).__name__}")
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"{where}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-    if dropout_p != 0:
-        raise ValueError(
-            f"{where}: dropout_p must be 0, got {dropout_p}: the curvature of a random function is not defined here; "
-            "put the model in eval mode (model.eval()) or set its attention dropout to 0"
-        )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
+        raise ValueError(f"{where}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
     dims = query.dim()
     if dims not in (3, 4):
         raise ValueError(f"{where}: query must be 3-D (batch, tokens, dim) or 4-D (batch, heads, tokens, dim), got "
@@ -161,7 +163,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     ops.check_attention_args(where, query, key, value, attn_mask, scale)
     if attn_mask is not None:
         attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
-    if torch.compiler.is_compiling():
+    if dropout_p > 0:
+        # The mask must be kept for every derivative of this call; the ops would have to re-draw it per tile.
+        out = composite_attention(query, key, value, attn_mask, bool(is_causal), scale, float(dropout_p))
+    elif torch.compiler.is_compiling():
         # Dynamo inlines an autograd.Function's forward and drops its jvp (pytorch/pytorch#192985: zero tangents,
         # silently), so compiled forward-mode products differentiate the composite instead (T×T scores).
         out = composite_attention(query, key, value, attn_mask, bool(is_causal), scale)
@@ -171,10 +176,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def composite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                        is_causal: bool, scale: float) -> torch.Tensor:
-    """``softmax(s·Q Kᵀ + M) V`` of plain torch ops, differentiable by autograd and functorch to any order; rows
-    with no allowed key give 0 (as the ops). Shapes as :func:`scaled_dot_product_attention`'s 4-D ones; the
-    scores are (B, Hq, Tq, Tk), in float32 for half-precision inputs."""
+                        is_causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``dropout(softmax(s·Q Kᵀ + M)) V`` of plain torch ops, differentiable by autograd and functorch to any order;
+    rows with no allowed key give 0 (as the ops). Shapes as :func:`scaled_dot_product_attention`'s 4-D ones; the
+    scores are (B, Hq, Tq, Tk), in float32 for half-precision inputs. ``dropout_p`` > 0 applies ``F.dropout`` to
+    the weights (torch's math SDPA's order)."""
     out_dtype, dtype = q.dtype, ops.work_dtype(q.dtype)
     groups = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(groups, 1), v.to(dtype).repeat_interleave(groups, 1)
@@ -188,5 +194,7 @@ def composite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
         allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
     empty = ~allowed.any(-1, keepdim=True)
     # A row with no allowed key is softmaxed as zeros and then zeroed: no NaN, nor in any derivative.
-    p = torch.softmax(scores.masked_fill(~allowed, -math.inf).masked_fill(empty, 0.0), -1)
-    return (p.masked_fill(~allowed, 0.0) @ v).to(out_dtype)
+    p = torch.softmax(scores.masked_fill(~allowed, -math.inf).masked_fill(empty, 0.0), -1).masked_fill(~allowed, 0.0)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return (p @ v).to(out_dtype)

@@ -510,15 +510,19 @@ def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[.
     return output
 
 
+def output_tensor(result):
+    """The one tensor the GGN and the empirical Fisher differentiate of a model's ``result``: the ``.logits`` of a
+    Hugging Face output, any other result as it is (for the caller to refuse if not a tensor)."""
+    logits = getattr(result, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) and not isinstance(result, torch.Tensor) else result
+
+
 def model_outputs(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[..., object]:
-    """``z(*params)``: :func:`model_output` as the one tensor the GGN and the empirical Fisher differentiate: the
-    ``.logits`` of a Hugging Face output, any other output as it is (for the caller to refuse if not a tensor)."""
+    """``z(*params)``: :func:`model_output` as its :func:`output_tensor`."""
     output = model_output(model, names, inputs)
 
     def outputs(*params: torch.Tensor):
-        result = output(*params)
-        logits = getattr(result, "logits", None)
-        return logits if isinstance(logits, torch.Tensor) and not isinstance(result, torch.Tensor) else result
+        return output_tensor(output(*params))
 
     return outputs
 

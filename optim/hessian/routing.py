@@ -69,8 +69,9 @@ def sdpa_curvature(enabled: bool = True):
     vmappable, in O(T) memory), and ``F.cross_entropy`` on (N, C) scores gets fused second derivatives.
 
     Entered by ``hvp``, the curvature operators and the second-order optimizers' refresh steps; enter it yourself
-    to differentiate an SDPA model twice elsewhere. Nested entries are one entry. ``dropout_p`` must be 0 (a
-    ``ValueError`` otherwise): evaluate the model in eval mode. Also a decorator (``@sdpa_curvature()``).
+    to differentiate an SDPA model twice elsewhere. Nested entries are one entry. With ``dropout_p`` > 0 (training
+    mode) the attention is plain softmax attention with dropout (T×T weights kept): curvature studies evaluate in
+    eval mode. Also a decorator (``@sdpa_curvature()``).
     """
     if not enabled or _routing():
         yield

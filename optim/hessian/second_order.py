@@ -28,10 +28,12 @@ Gauss-Newton curvature (``hessian="ggn"`` or ``"ggn-fd"``, with ``loss_fn``)
     model's outputs z in the parameters; H: the Hessian of ``loss_fn(z, targets)`` in z) instead of the Hessian:
     Sophia-G's curvature (Liu et al. 2023), positive semi-definite for convex criteria, so ``z⊙Gz`` estimates a
     diagonal that Hessian saddles do not make negative. The closure returns ``(outputs, targets)`` instead of the
-    loss, on every step (the loss is ``loss_fn(outputs, targets)``, which ``step`` returns)::
+    loss, on every step (the loss is ``loss_fn(outputs, targets)``, which ``step`` returns); a Hugging Face output's
+    ``.logits`` are the outputs, as for ``GGNOperator``::
 
         opt = optim.SophiaH(model.parameters(), lr=1e-3, hessian="ggn", loss_fn=F.cross_entropy, seed=0)
         loss = opt.step(lambda: (model(x), y))
+        # a causal LM: hessian="ggn", loss_fn=causal_lm_loss and opt.step(lambda: (lm(input_ids=ids), ids))
 
     ``loss_fn`` is any criterion; cross-entropy (``F.cross_entropy``, ``nn.CrossEntropyLoss``,
     ``optim.hessian.cross_entropy``, ``causal_lm_loss``) and squared error get closed forms of H, others are
@@ -159,6 +161,7 @@ from ..fused.distributed import (agree_over_mesh, average_, check_process_group,
                                  local_rows, reject_dtensors, resharding_fsdp_modules)
 from .ggn import apply_output_hessian, ggn_vector_products
 from .hvp import second_backward
+from .operator import output_tensor
 from .routing import sdpa_curvature
 from .probes import rademacher_like
 
@@ -556,17 +559,21 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
         result = closure()
         if not self._ggn:
             return result, None, None
-        pair = isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)
-        if not pair or not result[0].dtype.is_floating_point:
-            if pair:
-                got = f"outputs of dtype {result[0].dtype}"
+        pair = isinstance(result, (tuple, list)) and len(result) == 2
+        outputs = output_tensor(result[0]) if pair else None
+        if not isinstance(outputs, torch.Tensor) or not outputs.dtype.is_floating_point:
+            if isinstance(outputs, torch.Tensor):
+                got = f"outputs of dtype {outputs.dtype}"
+            elif pair:
+                got = f"outputs of type {type(outputs).__name__}"
             else:
                 got = f"a {type(result).__name__}" + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
             raise ValueError(
                 f"{self._name}.step: with hessian={self._hessian_mode!r} the closure must return (outputs, targets), "
-                "the model's floating-point outputs and what loss_fn(outputs, targets) compares them with (the "
-                f"optimizer takes the loss and the Gauss-Newton products from them), got {got}")
-        outputs, targets = result
+                "the model's floating-point outputs (a tensor, or a Hugging Face output with .logits) and what "
+                "loss_fn(outputs, targets) compares them with (the optimizer takes the loss and the Gauss-Newton "
+                f"products from them), got {got}")
+        targets = result[1]
         return self._loss_fn(outputs, targets), outputs, targets
 
     def _gather_from_grads(self, due: set[int], grad_scale, found_inf) -> _StepWork:

@@ -5,11 +5,13 @@ Oracles: the ``*_reference`` functions (every T×T matrix at once), and autograd
 compiled kernel's 64 × 256 tiles), causal and masked, grouped-query (Hkv < Hq).
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import optim
 from optim.hessian import _attention_ops as ops
@@ -325,8 +327,9 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
 
 def test_bad_input_raises_value_error_naming_the_argument():
     q, k, v, mask, causal, scale = make_case(CASES[0])
-    with pytest.raises(ValueError, match="dropout_p must be 0"):
-        attention(q, k, v, dropout_p=0.1)
+    for dropout_p in (-0.1, 1.5, "0.1"):
+        with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\]"):
+            attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
     with pytest.raises(ValueError, match="query must be 3-D"):
         attention(q[0, 0, 0], k, v)
     with pytest.raises(ValueError, match="key has 3 dimensions"):
@@ -366,8 +369,7 @@ def test_sdpa_curvature_routes_scaled_dot_product_attention(monkeypatch):
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     with sdpa_curvature(), sdpa_curvature():  # nested entries are one entry
         got = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        with pytest.raises(ValueError, match="dropout_p"):
-            F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+        F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
     assert len(calls) == 2
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     with sdpa_curvature(enabled=False):
@@ -568,6 +570,52 @@ def test_gpt2_sdpa_hvp_in_forward_mode():
         v = [torch.randn_like(p) for p in params]
         products.append(optim.hvp(loss, list(params), v, mode="fr"))
     _close(*products)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_drops_the_weights_as_torchs_math_attention_does(causal):
+    # One seed, one mask: the same realization as torch's math SDPA, forward and gradients, and twice differentiable
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.rand(11, 11) > 0.3
+    grads = []
+    for routed in (False, True):
+        torch.manual_seed(5)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(sdpa_curvature() if routed else sdpa_kernel(SDPBackend.MATH))
+            out = F.scaled_dot_product_attention(q, k, v, None if causal else mask, dropout_p=0.3, is_causal=causal)
+            grads.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=routed)))
+    for ours, torchs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
+    undropped = attention(q, k, v, None if causal else mask, is_causal=causal)
+    assert not torch.allclose(grads[1][0], undropped)  # some weights were dropped
+    hessian_q = torch.autograd.grad(grads[1][1], q, torch.ones_like(q))[0]
+    assert torch.isfinite(hessian_q).all() and bool(hessian_q.abs().max() > 0)
+
+
+@pytest.mark.parametrize("hessian", ["exact", "ggn", "adahessian"])
+def test_refresh_on_a_gpt2_training_with_dropout_equals_its_eager_twin(hessian):
+    # GPT-2's default config trains with attention dropout 0.1: the refresh's attention drops weights as eager does
+    from optim.hessian import causal_lm_loss
+
+    sdpa, eager, (input_ids, labels) = gpt2_twins(n_layer=1, dropout=0.1)
+    states = []
+    for model in (sdpa, eager):
+        model.train()
+        if hessian == "adahessian":
+            opt, key = optim.AdaHessian(model.parameters(), lr=1e-3, seed=11), "exp_hessian_diag_sq"
+        else:
+            opt, key = optim.SophiaH(model.parameters(), lr=1e-3, update_period=1, seed=11, hessian=hessian,
+                                     loss_fn=causal_lm_loss if hessian == "ggn" else None), "hessian"
+        torch.manual_seed(7)
+        if hessian == "ggn":  # the closure returns the Hugging Face output itself: its .logits are the outputs
+            opt.step(lambda model=model: (model(input_ids), labels))
+        else:
+            opt.step(lambda model=model: causal_lm_loss(model(input_ids).logits, labels))
+        states.append([opt.state[p][key].clone() for p in model.parameters()])
+    assert any(bool(h.abs().max() > 0) for h in states[0])
+    for ours, theirs in zip(*states):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
 
 
 def test_sophia_refresh_on_a_float32_sdpa_model_equals_its_eager_twin():

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
                   _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .linear import transposed_products_unused
-from .operator import CurvatureOperator, StateNotKept, batch_inputs
+from .operator import CurvatureOperator, StateNotKept, as_pair, batch_inputs
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
 
@@ -148,10 +148,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return rows * self._row_bytes() <= self.max_kept_bytes
 
     def _can_keep(self, batch) -> bool:
-        targets = batch[1]
+        inputs, targets = as_pair(batch)
         rows = targets.shape[0] if targets.dim() > 0 else 1
         # the forward can be kept whatever the rows, unless the outputs proved not row-aligned
-        return self._fits(rows) or _ways.get(self.model, self._way_key("kept", batch)) != "misaligned"
+        return self._fits(rows) or _ways.get(self.model, self._way_key("kept", (inputs, targets))) != "misaligned"
 
     def _way_key(self, kind: str, batch, *extra) -> tuple:
         """The key of a remembered way (``_ways``): its kind, the parameters' and the batch tensors' shapes and

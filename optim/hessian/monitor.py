@@ -104,8 +104,8 @@ class SharpnessMonitor:
             ``GGNOperator`` or ``EmpiricalFisherOperator``), compiled at the first measurement and reused by every
             later one; ``compile_seconds`` reports the time.
 
-    Call ``monitor.step(step, batch)`` after ``optimizer.step()``; ``batch`` is ``(inputs, targets)`` or an
-    iterable of batches (averaged). Records are in ``monitor.records`` (a list of dicts with keys ``FIELDS``).
+    Call ``monitor.step(step, batch)`` after ``optimizer.step()``; ``batch`` is ``(inputs, targets)``, a Hugging Face
+    collator's mapping with ``"labels"``, or an iterable of batches (averaged; ``HessianOperator``'s ``data``). Records are in ``monitor.records`` (a list of dicts with keys ``FIELDS``).
     """
 
     def __init__(

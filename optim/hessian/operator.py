@@ -32,9 +32,25 @@ from .hvp import (_MODE_FAILURES, MODES, auto_choice, check_compile, check_param
 __all__ = ["CurvatureOperator", "HessianOperator"]
 
 
+_BATCH_FORMS = ("an (inputs, targets) pair with targets a tensor, or a mapping of the model's keyword inputs with a "
+                "'labels' tensor (a Hugging Face batch: the labels are the targets)")
+
+
 def _is_batch(data) -> bool:
-    """One ``(inputs, targets)`` batch: a 2-tuple or 2-list whose second entry (the targets) is a tensor."""
+    """One batch: a 2-tuple or 2-list whose second entry (the targets) is a tensor, or a mapping with a tensor
+    ``"labels"`` (:func:`as_pair`)."""
+    if isinstance(data, Mapping):
+        return isinstance(data.get("labels"), torch.Tensor)
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+
+
+def as_pair(batch) -> tuple[object, torch.Tensor]:
+    """``(inputs, targets)`` of a batch: the pair itself, or of a Hugging Face batch (a mapping with ``"labels"``,
+    as its collators yield) the other entries and the labels, so the model is called without them and
+    ``loss_fn(outputs, labels)`` gives the loss. Mapping inputs come as a dict (:func:`_plain_inputs`)."""
+    if isinstance(batch, Mapping):
+        return {key: value for key, value in batch.items() if key != "labels"}, batch["labels"]
+    return _plain_inputs(batch[0]), batch[1]
 
 
 def _check_batch(batch, index: int, where: str) -> None:
@@ -42,7 +58,8 @@ def _check_batch(batch, index: int, where: str) -> None:
         raise ValueError(
             f"{where}: data batch {index} is a {type(batch).__name__}"
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-            + "; each batch must be an (inputs, targets) pair with targets a tensor"
+            + (" without a 'labels' tensor" if isinstance(batch, Mapping) else "")
+            + f"; each batch must be {_BATCH_FORMS}"
         )
 
 
@@ -168,12 +185,12 @@ class CurvatureOperator:
             raise ValueError(f"{where}: reuse_graph must be None, True or False, got {reuse_graph!r}")
         if _is_batch(data):
             stored = [data]
-        elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, dict)):
+        elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, Mapping)):
             stored = None
         else:
             raise ValueError(
-                f"{where}: data must be one (inputs, targets) batch or an iterable of such batches, got a "
-                f"{type(data).__name__}"
+                f"{where}: data must be one batch or an iterable of batches, a batch being {_BATCH_FORMS}; got a "
+                f"{type(data).__name__}" + (" without a 'labels' tensor" if isinstance(data, Mapping) else "")
             )
         selected = [
             (name, p)
@@ -365,7 +382,8 @@ class CurvatureOperator:
         training = tuple(module.training for module in self.model.modules())
         if self.reuse_graph is None and any(training):
             return None
-        leaves = tree_leaves(_plain_inputs(batch[0])) + [batch[1]]
+        inputs, targets = as_pair(batch)
+        leaves = tree_leaves(inputs) + [targets]
         if not all(leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str)) for leaf in leaves):
             return None  # an object in the batch: its contents cannot be checked for changes
         tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b is not None)]
@@ -437,7 +455,7 @@ class CurvatureOperator:
         """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
         for index, batch in enumerate(self._data):
             _check_batch(batch, index, self._where)
-            inputs, targets = batch
+            inputs, targets = as_pair(batch)
             rows = targets.shape[0] if targets.dim() > 0 else 1
             if rows == 0:
                 continue
@@ -552,7 +570,9 @@ class HessianOperator(CurvatureOperator):
             one-shot iterator (a generator) is stored as a list on construction. ``inputs`` is passed to the model
             as its one positional argument, or, a mapping whose keys all name parameters of ``model.forward``, as
             keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for a Hugging Face model);
-            its tensors are moved to the parameters' device. Batches with no rows are skipped.
+            its tensors are moved to the parameters' device. A Hugging Face collator's batch, a mapping with a
+            ``"labels"`` tensor (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, a ``BatchEncoding``),
+            is the pair of its other entries and its labels. Batches with no rows are skipped.
         param_filter: ``param_filter(name, param) -> bool`` picks the parameters in scope among
             ``model.named_parameters()`` that require grad (e.g. one layer, for a per-layer Hessian); the others are
             held fixed at their current values. Default: every parameter that requires grad.

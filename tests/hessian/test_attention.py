@@ -519,6 +519,46 @@ def test_gpt2_sdpa_with_a_padding_mask_matches_torchs_math_attention(container):
 
 
 @pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])
+def test_hugging_face_collator_batches_are_their_inputs_and_labels(operator):
+    # A Hugging Face collator yields {"input_ids", "attention_mask", "labels"}: the labels are the targets and the
+    # model is called with the rest, as the (inputs, labels) pair is; one batch, a list, a BatchEncoding, a loader
+    import transformers
+
+    from optim.hessian import causal_lm_loss
+
+    model, _, (input_ids, labels) = gpt2_twins(n_layer=1)
+    mask = torch.ones_like(input_ids)
+    mask[1, 15:] = 0
+    operator_class = {"hessian": optim.HessianOperator, "ggn": optim.GGNOperator,
+                      "fisher": optim.EmpiricalFisherOperator}[operator]
+    pair = ({"input_ids": input_ids, "attention_mask": mask}, labels)
+    collated = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    expected_op = operator_class(model, causal_lm_loss, pair)
+    v = torch.randn(2, expected_op.n, dtype=torch.float64)
+    expected = expected_op @ v
+    for data in (collated, [collated], transformers.BatchEncoding(collated)):
+        torch.testing.assert_close(operator_class(model, causal_lm_loss, data) @ v, expected, rtol=1e-10, atol=1e-12)
+    # several batches average by rows, whichever form they come in
+    halves = [{key: value[i:i + 1] for key, value in collated.items()} for i in range(2)]
+    loader = torch.utils.data.DataLoader([{key: value[i] for key, value in collated.items()} for i in range(2)],
+                                         batch_size=1)
+    pair_halves = [({"input_ids": h["input_ids"], "attention_mask": h["attention_mask"]}, h["labels"]) for h in halves]
+    expected_halves = operator_class(model, causal_lm_loss, pair_halves) @ v
+    for data in (halves, loader):
+        got = operator_class(model, causal_lm_loss, data) @ v
+        torch.testing.assert_close(got, expected_halves, rtol=1e-10, atol=1e-12)
+    kept = operator_class(model, causal_lm_loss, collated)
+    torch.testing.assert_close(kept @ v, expected, rtol=1e-10, atol=1e-12)
+    labels[0, :4] = -100  # in place: a kept state is stale and rebuilt
+    torch.testing.assert_close(kept @ v, operator_class(model, causal_lm_loss, pair) @ v, rtol=1e-10, atol=1e-12)
+    unlabelled = {"input_ids": input_ids, "attention_mask": mask}
+    with pytest.raises(ValueError, match="without a 'labels' tensor"):
+        operator_class(model, causal_lm_loss, unlabelled)
+    with pytest.raises(ValueError, match="data batch 0 is a dict without a 'labels' tensor"):
+        operator_class(model, causal_lm_loss, [unlabelled])
+
+
+@pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])
 def test_compiled_gpt2_sdpa_products_equal_its_eager_twin(operator):
     # Dynamo drops an autograd.Function's jvp (pytorch/pytorch#192985): compiled forward-mode products through the
     # op family gave zero attention tangents (the Fisher 18% off) until the route took the composite there.

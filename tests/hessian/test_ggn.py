@@ -562,7 +562,8 @@ def test_construction_errors(operator_class):
         operator_class(model, F.cross_entropy, batch, param_filter=lambda n, p: False)
     with pytest.raises(ValueError, match=f"{name}: reuse_graph must be None, True or False"):
         operator_class(model, F.cross_entropy, batch, reuse_graph="yes")
-    with pytest.raises(ValueError, match=f"{name}: data must be one \\(inputs, targets\\) batch"):
+    with pytest.raises(ValueError, match=f"{name}: data must be one batch or an iterable of batches, a batch being "
+                                         "an \\(inputs, targets\\) pair"):
         operator_class(model, F.cross_entropy, 3)
     with pytest.raises(TypeError, match="mode"):
         operator_class(model, F.cross_entropy, batch, mode="rr")

@@ -556,7 +556,8 @@ def test_construction_errors():
         HessianOperator(case.model, case.loss_fn, batch, param_filter=lambda name, p: False)
     with pytest.raises(ValueError, match="unknown mode 'exact'"):
         HessianOperator(case.model, case.loss_fn, batch, mode="exact")
-    with pytest.raises(ValueError, match="data must be one \\(inputs, targets\\) batch or an iterable"):
+    with pytest.raises(ValueError, match="data must be one batch or an iterable of batches, a batch being an "
+                                         "\\(inputs, targets\\) pair"):
         HessianOperator(case.model, case.loss_fn, 3)
 
 

@@ -591,7 +591,9 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
                     f"{self._hessian_mode!r}), which needs the model's outputs: pass step(closure) where closure() "
                     "returns (outputs, targets) without calling backward(), or give the diagonal with "
                     "step(hessian_diagonal=...)")
-            if not all(g.requires_grad for p, g in zip(work.params, work.grads) if id(p) in due):
+            # A gradient without a graph beside others with one is constant in the parameters (its Hessian row
+            # is zero), as the closure's autograd.grad returns it; none with a graph means no create_graph=True.
+            if not any(g.requires_grad for p, g in zip(work.params, work.grads) if id(p) in due):
                 raise ValueError(
                     f"{self._name}.step: this step refreshes the Hessian estimate (every update_period steps, "
                     "and at the first step) but no closure was given. Pass step(closure) where closure() "

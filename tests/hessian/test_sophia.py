@@ -341,6 +341,27 @@ def test_closure_variants_agree(name):
                     rtol=1e-5, atol=5e-5 if name == "AdaHessian" else 1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_gradient_constant_in_the_parameters_has_zero_curvature_in_both_protocols(name):
+    # The loss is linear in the last bias: after backward(create_graph=True) its gradient has no graph (its Hessian
+    # row is zero), as the closure's autograd.grad returns it. That step raised "no closure was given".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    ours, theirs = make_opt(name, model.parameters()), make_opt(name, twin.parameters())
+    for _ in range(3):
+        model.zero_grad()
+        (model(x).sum() + model[0].weight.pow(4).sum()).backward(create_graph=True)
+        assert model[2].bias.grad.grad_fn is None and model[0].weight.grad.grad_fn is not None
+        ours.step()
+        theirs.step(lambda: twin(x).sum() + twin[0].weight.pow(4).sum())
+    assert_same(list(model.parameters()), list(twin.parameters()), exact=False, rtol=1e-12, atol=1e-14)
+    key = "hessian" if name == "SophiaH" else "exp_hessian_diag_sq"
+    assert bool(ours.state[model[0].weight][key].abs().max() > 0)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_grad_is_plain_after_step(name):
     model = TinyNet()

@@ -5,8 +5,9 @@ bounds the mean over directions, for SGD); heavy-ball momentum β moves the limi
 "Gradient descent on neural networks typically occurs at the edge of stability"). The monitor records, every
 ``every`` steps, λ_max (Lanczos), the trace (Hutchinson or Hutch++, with its standard error), the learning rate and
 that stability limit, so a run's progressive sharpening and edge-of-stability phase can be read off its curves.
-For adaptive optimizers (Adam, ...) the limit applies to the preconditioned Hessian, not to H: the recorded line is
-then only a reference.
+The limit is the optimizer's (dampening, Nesterov; :mod:`.stability`). For Adam and AdamW it bounds the
+preconditioned Hessian P⁻¹H (P = diag(√v̂ + ε), Cohen et al. 2022), which the monitor then measures instead of H
+(records say ``preconditioned``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import numbers
 import os
 from typing import Any, Callable
 
 import torch
 
+from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit
+
 __all__ = ["SharpnessMonitor"]
 
 CURVATURES = ("hessian", "ggn", "fisher")
 
-FIELDS = ("step", "lambda_max", "trace", "trace_std_error", "lr", "stability_limit", "num_matvecs")
+FIELDS = ("step", "lambda_max", "trace", "trace_std_error", "lr", "stability_limit", "num_matvecs", "preconditioned")
 
 
 TRACE_METHODS = ("hutchinson", "hutch++")
@@ -37,44 +39,6 @@ def _check_count(name: str, value: Any, minimum: int, meaning: str) -> None:
         raise ValueError(f"SharpnessMonitor: {name} must be an integer >= {minimum} ({meaning}), got {value!r}")
 
 
-def _rate(value: Any) -> float | None:
-    """``value`` as a float if it is a real number (a bool is not) or a 1-element real tensor, else None."""
-    if isinstance(value, torch.Tensor):
-        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool and value.device.type != "meta"
-        return float(value.detach().reshape(())) if ok else None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def _check_lr_from(lr_from: Any) -> None:
-    """None, a learning rate (a finite number >= 0), or an optimizer whose first param group holds one (and a
-    momentum >= 0 if any): what :meth:`SharpnessMonitor.learning_rate_and_limit` reads at each record."""
-    if lr_from is None:
-        return
-    if isinstance(lr_from, torch.optim.Optimizer):
-        groups = lr_from.param_groups
-        if not groups or "lr" not in groups[0]:
-            raise ValueError("SharpnessMonitor: lr_from is an optimizer without a param group holding 'lr'; the "
-                             "stability limit is read from param_groups[0]['lr']")
-        lr, momentum = _rate(groups[0]["lr"]), groups[0].get("momentum", 0.0) or 0.0
-        if lr is None or not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"SharpnessMonitor: lr_from's param_groups[0]['lr'] must be a finite number >= 0, got "
-                             f"{groups[0]['lr']!r}")
-        beta = _rate(momentum)
-        if beta is None or not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"SharpnessMonitor: lr_from's param_groups[0]['momentum'] must be a finite number >= 0 "
-                             f"(the limit is (2 + 2*momentum)/lr), got {momentum!r}")
-        return
-    lr = None if isinstance(lr_from, torch.Tensor) else _rate(lr_from)
-    if lr is None:
-        raise ValueError(f"SharpnessMonitor: lr_from must be an optimizer or a number (the learning rate), got a "
-                         f"{type(lr_from).__name__}")
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"SharpnessMonitor: lr_from, the learning rate, must be a finite number >= 0, got "
-                         f"{lr_from!r}")
-
-
 class SharpnessMonitor:
     """Measures λ_max and the trace of the Hessian (or GGN, or empirical Fisher) of ``loss_fn(model(inputs), targets)``
     every ``every`` steps.
@@ -83,8 +47,10 @@ class SharpnessMonitor:
         model: the ``nn.Module`` being trained.
         loss_fn: ``loss_fn(output, target)`` like a PyTorch criterion.
         every: measure when ``step % every == 0``.
-        lr_from: an optimizer (its first param group's ``lr`` and ``momentum``, if any, give the limit) or a number
-            >= 0 (the learning rate).
+        lr_from: an optimizer (its first param group's ``lr`` and momentum settings give the limit: SGD's
+            momentum, dampening and Nesterov; Adam's and AdamW's beta1, whose limit is of the preconditioned
+            matrix P⁻¹H, P = diag(√v̂ + ε) from its state, which is then measured instead of H) or a number >= 0
+            (the learning rate of gradient descent). The table is in :mod:`optim.hessian.stability`.
         probes: Hutchinson probes for the trace (0 skips the trace).
         top_k: eigenvalues to compute (λ_max is the first); ``lanczos_iters`` bounds the Hessian-vector products.
         eval_mode: measure with ``model.eval()`` (deterministic: dropout off, BatchNorm running stats), restoring the
@@ -105,7 +71,9 @@ class SharpnessMonitor:
             later one; ``compile_seconds`` reports the time.
 
     Call ``monitor.step(step, batch)`` after ``optimizer.step()``; ``batch`` is ``(inputs, targets)``, a Hugging Face
-    collator's mapping with ``"labels"``, or an iterable of batches (averaged; ``HessianOperator``'s ``data``). Records are in ``monitor.records`` (a list of dicts with keys ``FIELDS``).
+    collator's mapping with ``"labels"``, or an iterable of batches (averaged; ``HessianOperator``'s ``data``).
+    Records are in ``monitor.records`` (a list of dicts with keys ``FIELDS``; ``preconditioned`` says whether
+    λ_max and the trace are of P⁻¹H).
     """
 
     def __init__(
@@ -161,7 +129,7 @@ class SharpnessMonitor:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"SharpnessMonitor: seed must be an int in [0, 2**64) (measurement s uses seed + s), "
                              f"got {seed!r}")
-        _check_lr_from(lr_from)
+        check_lr_from(lr_from)
         if param_filter is not None:
             if not callable(param_filter):
                 raise ValueError(f"SharpnessMonitor: param_filter must be None or callable as param_filter(name, "
@@ -181,15 +149,9 @@ class SharpnessMonitor:
         self.records: list[dict[str, float]] = []
 
     def learning_rate_and_limit(self) -> tuple[float, float]:
-        """The current lr and the stability limit (2 + 2β)/lr (β = 0 without momentum); NaN without lr_from."""
-        if self.lr_from is None:
-            return math.nan, math.nan
-        if isinstance(self.lr_from, torch.optim.Optimizer):
-            group = self.lr_from.param_groups[0]
-            lr, momentum = float(group["lr"]), float(group.get("momentum", 0.0) or 0.0)
-        else:
-            lr, momentum = float(self.lr_from), 0.0
-        return lr, (2.0 + 2.0 * momentum) / lr if lr > 0 else math.inf
+        """The current lr and the stability limit (:func:`~optim.hessian.stability.learning_rate_and_limit`: 2/lr
+        for gradient descent, (2 + 2β)/lr with heavy-ball momentum, ...); NaN without lr_from."""
+        return learning_rate_and_limit(self.lr_from)
 
     def step(self, step: int, batch: Any) -> dict[str, float] | None:
         """Measure if ``step`` is a multiple of ``every``; returns the new record or None."""
@@ -224,17 +186,22 @@ class SharpnessMonitor:
         operator_class = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}[
             self.curvature]
 
+        preconditioned = is_adam(self.lr_from)
         was_training = self.model.training
         if self.eval_mode:
             self.model.eval()
         try:
             options = {"compile": self.compile} if self.compile else {}
             operator = operator_class(self.model, self.loss_fn, batch, param_filter=self.param_filter, **options)
-            eigenvalues, _ = top_eigenvalues(operator, k=self.top_k, tol=self.tol, max_iter=self.lanczos_iters,
+            measured = operator
+            if preconditioned:  # P^(-1/2) C P^(-1/2): the eigenvalues and trace of P⁻¹C
+                measured = ScaledOperator(operator, adam_preconditioner(self.lr_from, operator.params, operator.names,
+                                                                         operator.dtype, operator.device))
+            eigenvalues, _ = top_eigenvalues(measured, k=self.top_k, tol=self.tol, max_iter=self.lanczos_iters,
                                              seed=self.seed + step)
             trace_estimate = trace_error = math.nan
             if self.probes:
-                estimate = trace(operator, num_probes=self.probes, method=self.trace_method, seed=self.seed + step)
+                estimate = trace(measured, num_probes=self.probes, method=self.trace_method, seed=self.seed + step)
                 trace_estimate, trace_error = estimate.estimate, estimate.std_error
         finally:
             self.model.train(was_training)
@@ -247,6 +214,7 @@ class SharpnessMonitor:
             "lr": lr,
             "stability_limit": limit,
             "num_matvecs": int(operator.num_matvecs),
+            "preconditioned": preconditioned,
         }
         for i in range(1, self.top_k):
             record[f"lambda_{i + 1}"] = float(eigenvalues[i])
@@ -282,9 +250,9 @@ class SharpnessMonitor:
         figure, axis = plt.subplots(figsize=(7, 4))
         axis.plot(steps, [r["lambda_max"] for r in self.records], marker="o", label="λ_max")
         if any(math.isfinite(r["stability_limit"]) for r in self.records):
-            axis.plot(steps, [r["stability_limit"] for r in self.records], linestyle="--", label="(2+2β)/lr")
+            axis.plot(steps, [r["stability_limit"] for r in self.records], linestyle="--", label="stability limit")
         axis.set_xlabel("step")
-        axis.set_ylabel("λ_max")
+        axis.set_ylabel("λ_max(P⁻¹H)" if any(r.get("preconditioned") for r in self.records) else "λ_max")
         if any(math.isfinite(r["trace"]) for r in self.records):
             trace_axis = axis.twinx()
             trace_axis.plot(steps, [r["trace"] for r in self.records], color="tab:green", alpha=0.6, label="trace")

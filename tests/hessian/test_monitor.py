@@ -82,3 +82,113 @@ def test_load_state_dict_rejects_garbage():
     model, _ = small_problem()
     with pytest.raises(ValueError, match="expected"):
         SharpnessMonitor(model, mse).load_state_dict({"records": [1, 2]})
+
+
+# --------------------------------------------------------------------------- the optimizer's stability limit
+
+
+def _diverges(step_fn, curvature: float) -> bool:
+    """Whether a 1-D quadratic f(x) = curvature·x²/2 blows up under ``step_fn(x, g, state) -> x``."""
+    x, state = torch.tensor(1.0, dtype=torch.float64), {}
+    for _ in range(4000):
+        x = step_fn(x, curvature * x, state)
+    return bool(x.abs() > 1.0)
+
+
+def _torch_step(optimizer_class, **settings):
+    """A step of the real torch optimizer on one scalar parameter, as a function of (x, g)."""
+    def step(x, g, state):
+        if "opt" not in state:
+            state["p"] = nn.Parameter(x.clone())
+            state["opt"] = optimizer_class([state["p"]], **settings)
+        state["p"].grad = g.reshape(()).clone()
+        state["opt"].step()
+        return state["p"].detach().clone()
+    return step
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(momentum=0.9), dict(momentum=0.8, dampening=0.5),
+                                      dict(momentum=0.9, nesterov=True), dict(momentum=0.5, nesterov=True)])
+def test_sgd_limit_is_where_torchs_sgd_starts_to_diverge(settings):
+    # The oracle is torch.optim.SGD itself on a quadratic: stable just below the recorded limit, divergent above.
+    model, _ = small_problem()
+    lr = 0.1
+    limit = SharpnessMonitor(model, mse, lr_from=torch.optim.SGD(model.parameters(), lr=lr, **settings)
+                             ).learning_rate_and_limit()[1]
+    assert not _diverges(_torch_step(torch.optim.SGD, lr=lr, **settings), 0.99 * limit)
+    assert _diverges(_torch_step(torch.optim.SGD, lr=lr, **settings), 1.01 * limit)
+
+
+def test_adam_limit_is_where_its_frozen_preconditioned_step_starts_to_diverge():
+    # Adam with its preconditioner frozen at P: m ← β1 m + (1 − β1) g, x ← x − η m / P, diverges once λ/P passes
+    # (2 + 2β1)/(η(1 − β1)).
+    model, _ = small_problem()
+    lr, beta1, P = 0.01, 0.9, 3.0
+    limit = SharpnessMonitor(model, mse, lr_from=torch.optim.Adam(model.parameters(), lr=lr, betas=(beta1, 0.99))
+                             ).learning_rate_and_limit()[1]
+    assert limit == pytest.approx((2 + 2 * beta1) / (lr * (1 - beta1)))
+
+    def frozen_adam(x, g, state):
+        state["m"] = beta1 * state.get("m", 0.0) + (1 - beta1) * g
+        return x - lr * state["m"] / P
+
+    assert not _diverges(frozen_adam, 0.99 * limit * P)
+    assert _diverges(frozen_adam, 1.01 * limit * P)
+
+
+@pytest.mark.parametrize("adam", ["torch.optim.AdamW", "optim.AdamW", "torch.optim.Adam amsgrad"])
+def test_with_adam_the_monitor_measures_the_preconditioned_hessian(adam):
+    import optim
+
+    model, batch = small_problem()
+    first = [p for name, p in model.named_parameters() if name.startswith("0.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("0.")]
+    groups = [{"params": first, "lr": 0.01}, {"params": rest, "lr": 0.004}]  # another lr: P carries η/η_g
+    make = {"torch.optim.AdamW": lambda: torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-3),
+            "optim.AdamW": lambda: optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-3),
+            "torch.optim.Adam amsgrad": lambda: torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-3, amsgrad=True)}
+    optimizer = make[adam]()
+    monitor = SharpnessMonitor(model, mse, lr_from=optimizer, probes=300, lanczos_iters=80, tol=1e-10)
+    with pytest.raises(ValueError, match="exists after its first step"):
+        monitor.measure(0, batch)
+    for _ in range(3):
+        optimizer.zero_grad()
+        mse(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+    record = monitor.measure(3, batch)
+    # P_i = (sqrt(v_i / (1 - beta2^t)) + eps) * (lr_0 / lr_g), read from the state by hand
+    scales = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            second = state["max_exp_avg_sq"] if "max_exp_avg_sq" in state else state["exp_avg_sq"]
+            denominator = (second / (1 - 0.95 ** float(state["step"]))).sqrt() + 1e-3
+            scales.append((denominator * 0.01 / group["lr"]).reciprocal().reshape(-1))
+    inverse_p = torch.cat(scales).double()
+    hessian = exact_hessian(model, batch)
+    root = inverse_p.sqrt()
+    expected = torch.linalg.eigvalsh(root[:, None] * hessian * root[None, :])
+    assert record["preconditioned"] is True
+    assert record["lambda_max"] == pytest.approx(expected[-1].item(), rel=1e-6)
+    assert abs(record["trace"] - (inverse_p * hessian.diagonal()).sum().item()) <= 4 * record["trace_std_error"]
+    assert record["stability_limit"] == pytest.approx((2 + 2 * 0.9) / (0.01 * 0.1))
+    assert not SharpnessMonitor(model, mse, lr_from=0.01).measure(3, batch)["preconditioned"]
+
+
+def test_adam_preconditioner_refuses_what_it_cannot_read():
+    model, batch = small_problem()
+    optimizer = torch.optim.AdamW(list(model.parameters())[:2], lr=0.01)  # the last layer is not in it
+    mse(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="parameter '2.weight' is measured but is not one of lr_from's parameters"):
+        SharpnessMonitor(model, mse, lr_from=optimizer).measure(1, batch)
+    first_layer = SharpnessMonitor(model, mse, lr_from=optimizer, param_filter=lambda name, p: name.startswith("0."))
+    assert first_layer.measure(1, batch)["preconditioned"]
+    two = torch.optim.AdamW([{"params": list(model.parameters())[:2]},
+                             {"params": list(model.parameters())[2:], "betas": (0.5, 0.99)}], lr=0.01)
+    mse(model(batch[0]), batch[1]).backward()
+    two.step()
+    with pytest.raises(ValueError, match="beta1 0.5 but param_groups\\[0\\] has 0.9"):
+        SharpnessMonitor(model, mse, lr_from=two).measure(1, batch)
+    with pytest.raises(ValueError, match="dampening"):
+        SharpnessMonitor(model, mse, lr_from=torch.optim.SGD(model.parameters(), lr=0.1, dampening=1.0))

@@ -5,6 +5,7 @@ Run from the checkout, with the package installed with its ``hf`` extra (transfo
 
     python examples/hf_trainer.py --optimizer adamw      # or sophia | adahessian | lowrank
     python examples/hf_trainer.py --optimizer sophia --steps 60
+    python examples/hf_trainer.py --optimizer adamw --monitor 5   # and the sharpness every 5 steps
 
 The model is a randomly initialized 2-layer LLaMA (hidden size 64, byte-level vocabulary of 256) and the text is
 the docstrings of a few standard-library modules, read as bytes: nothing is downloaded. The script prints the
@@ -25,8 +26,8 @@ The Trainer accepts a ready optimizer and scheduler, ``Trainer(..., optimizers=(
   in ``on_step_end`` (after each optimizer step). The LR ramp is applied inside ``opt.step()`` by optimizer hooks and
   composes with the Trainer's scheduler. One object does the same: ``opt = optim.LowRankAdamW(model, rank=16,
   every=10)`` converts the model and refactorizes inside its own ``step()``, with no callback.
-  (GPT-2's projections are transformers' ``Conv1D``, not ``nn.Linear``; ``to_low_rank`` factors ``nn.Linear``
-  layers only, which is why the model here is a LLaMA.)
+  (GPT-2's projections, transformers' ``Conv1D``, are factored too, and ``optim.lowrank.merge`` turns them back
+  into ``Conv1D`` layers, so a merged model saves and loads as a GPT-2.)
 
 * ``sophia`` / ``adahessian``: ``optim.SophiaH`` and ``optim.AdaHessian`` need a Hessian-vector product on the
   steps that refresh their curvature estimate (every ``update_period`` steps). Their usual protocol is
@@ -45,6 +46,11 @@ The Trainer accepts a ready optimizer and scheduler, ``Trainer(..., optimizers=(
   ``max_grad_norm=0``; see ``optim.hessian.second_order``, *Mixed precision*). The other route, an externally computed diagonal via
   ``opt.set_hessian_diagonal(...)`` from a ``on_pre_optimizer_step`` callback, needs a batch and a loss the
   callback does not get, so it is not shown.
+
+* ``--monitor N``: a ``TrainerCallback`` runs ``optim.SharpnessMonitor`` every N optimizer steps on one held-out
+  batch as the collator yields it (``{"input_ids", "labels"}``: the labels are the targets), with
+  ``lr_from=`` the Trainer's optimizer. With AdamW the monitor measures the preconditioned Hessian P⁻¹H against
+  Adam's limit (2 + 2β1)/(lr(1 − β1)); the records come back in the result and are printed.
 """
 
 from __future__ import annotations
@@ -187,7 +193,17 @@ def _trainer_classes():
                     print(f"step {state.global_step:4d}  train loss {self.losses[-1]:.4f}  "
                           f"lr {logs.get('learning_rate', float('nan')):.3g}", flush=True)
 
-    return HessianTrainer, RefactorizerCallback, LossRecorder
+    class SharpnessCallback(TrainerCallback):
+        """``monitor.step(global_step, batch)`` after every optimizer step (it measures every ``every``-th), in the
+        curvature routes' eval mode; the monitor reads the lr and its limit from ``lr_from``."""
+
+        def __init__(self, monitor, batch):
+            self.monitor, self.batch = monitor, batch
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.monitor.step(state.global_step, self.batch)
+
+    return HessianTrainer, RefactorizerCallback, LossRecorder, SharpnessCallback
 
 
 def curvature_norm(opt) -> float | None:
@@ -210,14 +226,15 @@ def evaluation_loss(model, dataset: ByteWindows) -> float:
 
 
 def main(optimizer: str = "adamw", steps: int = 40, seed: int = 0, batch_size: int = 16,
-         verbose: bool = True) -> dict:
+         verbose: bool = True, monitor_every: int = 0) -> dict:
     """Train for ``steps`` optimizer steps; returns the per-step training losses, the held-out loss before and
-    after, and for ``lowrank`` the refactorizer's count of refactorizations."""
+    after, for ``lowrank`` the refactorizer's count of refactorizations, and with ``monitor_every`` > 0 the
+    sharpness records of every ``monitor_every``-th step."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    HessianTrainer, RefactorizerCallback, LossRecorder = _trainer_classes()
+    HessianTrainer, RefactorizerCallback, LossRecorder, SharpnessCallback = _trainer_classes()
     data = corpus()
     split = int(0.9 * len(data))
     train_set = ByteWindows(data[:split], count=steps * batch_size, seed=seed)
@@ -228,6 +245,13 @@ def main(optimizer: str = "adamw", steps: int = 40, seed: int = 0, batch_size: i
     initial = evaluation_loss(model, held_out)
     recorder = LossRecorder(verbose)
     callbacks = [recorder] + ([RefactorizerCallback(refactorizer)] if refactorizer is not None else [])
+    monitor = None
+    if monitor_every > 0:
+        # 8 held-out windows as the collator stacks them; the optimizer itself gives the lr and the limit
+        batch = {key: torch.stack([held_out[i][key] for i in range(8)]) for key in ("input_ids", "labels")}
+        monitor = optim.SharpnessMonitor(model, optim.hessian.causal_lm_loss, every=monitor_every, lr_from=opt,
+                                         probes=4, lanczos_iters=20, seed=seed)
+        callbacks.append(SharpnessCallback(monitor, batch))
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, logging_steps=1,
@@ -244,7 +268,12 @@ def main(optimizer: str = "adamw", steps: int = 40, seed: int = 0, batch_size: i
               "final_loss": final, "optimizer_steps": trainer.state.global_step,
               "low_rank_layers": sum(isinstance(m, optim.LowRankLinear) for m in model.modules()),
               "refactorizations": refactorizer.refactorizations if refactorizer is not None else None,
-              "curvature_norm": curvature_norm(opt)}
+              "curvature_norm": curvature_norm(opt), "sharpness": monitor.records if monitor is not None else None}
+    if verbose and monitor is not None:
+        for record in monitor.records:
+            matrix = "P⁻¹H" if record["preconditioned"] else "H"
+            print(f"step {record['step']:4d}  λ_max({matrix}) {record['lambda_max']:9.3f}  trace {record['trace']:9.1f}"
+                  f"  stability limit {record['stability_limit']:9.1f}")
     if verbose:
         print(f"{optimizer}: held-out loss {initial:.4f} -> {final:.4f} (ln 256 = {math.log(256):.4f})"
               + (f", {result['refactorizations']} refactorizations" if refactorizer is not None else ""))
@@ -256,8 +285,10 @@ if __name__ == "__main__":
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--monitor", type=int, default=0, metavar="N",
+                        help="measure the sharpness every N optimizer steps (0: never)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     cli = parser.parse_args()
-    outcome = main(cli.optimizer, cli.steps, cli.seed)
+    outcome = main(cli.optimizer, cli.steps, cli.seed, monitor_every=cli.monitor)
     if cli.json:
         print(json.dumps(outcome))

@@ -78,6 +78,18 @@ def test_hf_trainer_example(optimizer):
         assert result["low_rank_layers"] == 0 and result["refactorizations"] is None
 
 
+def test_hf_trainer_example_monitors_the_preconditioned_sharpness():
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    pytest.importorskip("accelerate", reason="needs the hf extra: pip install '.[hf]'")
+    result = load_example("hf_trainer").main("adamw", steps=6, seed=0, batch_size=8, verbose=False, monitor_every=3)
+    records = result["sharpness"]
+    assert [r["step"] for r in records] == [3, 6]
+    for record in records:  # AdamW: P⁻¹H against (2 + 2β1)/(lr(1 − β1)) at the scheduled lr (0 at the end)
+        assert record["preconditioned"] and math.isfinite(record["lambda_max"]) and record["lambda_max"] > 0
+        expected = (2 + 2 * 0.9) / (record["lr"] * 0.1) if record["lr"] > 0 else math.inf
+        assert record["stability_limit"] == pytest.approx(expected)
+
+
 def test_hf_trainer_example_rejects_unknown_optimizer():
     pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
     with pytest.raises(ValueError, match="optimizer must be one of"):
@@ -112,7 +124,7 @@ def test_hf_hessian_trainer_steps_like_the_closure_protocol(optimizer, tmp_path)
     from transformers import TrainingArguments
 
     example = load_example("hf_trainer")
-    HessianTrainer, _, _ = example._trainer_classes()
+    HessianTrainer, _, _, _ = example._trainer_classes()
     batches = []
 
     class RecordingTrainer(HessianTrainer):
@@ -132,7 +144,10 @@ def test_hf_hessian_trainer_steps_like_the_closure_protocol(optimizer, tmp_path)
     RecordingTrainer(model=model, args=args, train_dataset=train_set, optimizers=(opt, scheduler)).train()
     assert len(batches) == steps
     for batch in batches:
-        reference_opt.step(lambda: reference(**batch).loss)
+        # The Trainer's loss: the sum over the shifted labels that count, over their number (not a mean): AdaHessian
+        # divides by |z⊙Hz| + eps, so a last-bit difference in Hz would move the steps of its near-zero entries.
+        counted = (batch["labels"][:, 1:] != -100).sum()
+        reference_opt.step(lambda: reference(**batch, num_items_in_batch=counted).loss)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     for p, q in zip(model.parameters(), reference.parameters()):

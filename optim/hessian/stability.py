@@ -145,8 +145,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch
         correction = 1.0 - beta2 ** float(_rate(step))
         denominator = second.detach().to(device=device, dtype=torch.float64).div(correction).sqrt_().add_(
             float(group["eps"]))
-        # P^(-1/2) = sqrt(η_g / (η (√v̂ + ε))); a group with lr 0 does not move: its rows are 0
-        scale = group_lr / lr if lr > 0 else 0.0
+        # P^(-1/2) = sqrt(η_g / (η (√v̂ + ε))): a group with lr 0 beside a moving one does not move (its rows are
+        # 0); with η = 0 (the end of a schedule) the limit is infinite and P⁻¹H is measured as it is
+        scale = group_lr / lr if lr > 0 else 1.0
         pieces.append(denominator.reciprocal_().mul_(scale).sqrt_().reshape(-1))
     return torch.cat(pieces).to(dtype) if pieces else torch.empty(0, dtype=dtype, device=device)
 

@@ -546,11 +546,12 @@ def model_outputs(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[
 
 
 def model_loss(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:
-    """``f(*params) = loss_fn(model(inputs), targets)`` with the parameters ``names`` replaced by the arguments."""
-    output = model_output(model, names, inputs)
+    """``f(*params) = loss_fn(z, targets)``, z the model's :func:`output_tensor` (a Hugging Face output's
+    ``.logits``, as the GGN and the Fisher take it), with the parameters ``names`` replaced by the arguments."""
+    outputs = model_outputs(model, names, inputs)
 
     def loss(*params: torch.Tensor) -> torch.Tensor:
-        return loss_fn(output(*params), targets)
+        return loss_fn(outputs(*params), targets)
 
     return loss
 
@@ -562,7 +563,8 @@ class HessianOperator(CurvatureOperator):
         model: an ``nn.Module``. Its parameters are read at each product (after an optimizer step, ``H`` is the
             Hessian at the new point); the operator never writes to the model.
         loss_fn: ``loss_fn(output, target)`` returns a scalar, like a PyTorch criterion; use one that averages
-            over the batch.
+            over the batch. A Hugging Face model's output object is passed as its ``.logits`` (as to the GGN and
+            the Fisher), so ``F.cross_entropy`` works on a sequence classifier as it is.
         data: one ``(inputs, targets)`` batch, or an iterable of such batches (a list, a ``DataLoader``): the
             products and :meth:`loss_and_grad` are averages over the batches weighted by their row counts (see the
             module docstring). A list or a ``DataLoader`` is iterated again at every product (a shuffling loader

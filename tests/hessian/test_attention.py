@@ -558,6 +558,37 @@ def test_hugging_face_collator_batches_are_their_inputs_and_labels(operator):
         operator_class(model, causal_lm_loss, [unlabelled])
 
 
+def test_a_hugging_face_classifiers_logits_go_to_the_criterion_of_every_operator():
+    # HessianOperator passed the SequenceClassifierOutput itself to F.cross_entropy (a TypeError) where the GGN and
+    # the Fisher pass its .logits; all three now take the logits, equal to a model that returns them.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=3, max_position_embeddings=16,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).double().eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    input_ids = torch.randint(0, 40, (4, 9))
+    mask = torch.ones_like(input_ids)
+    mask[2, 6:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
+    for operator_class in (optim.HessianOperator, optim.GGNOperator, optim.EmpiricalFisherOperator):
+        ours = operator_class(model, F.cross_entropy, batch)
+        wrapped = operator_class(Logits(model), F.cross_entropy, batch)
+        v = torch.randn(2, ours.n, dtype=torch.float64)
+        torch.testing.assert_close(ours @ v, wrapped @ v, rtol=1e-10, atol=1e-12)
+    monitor = optim.SharpnessMonitor(model, F.cross_entropy, lr_from=0.1, probes=2, lanczos_iters=5)
+    assert math.isfinite(monitor.measure(0, batch)["lambda_max"])
+
+
 @pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])
 def test_compiled_gpt2_sdpa_products_equal_its_eager_twin(operator):
     # Dynamo drops an autograd.Function's jvp (pytorch/pytorch#192985): compiled forward-mode products through the

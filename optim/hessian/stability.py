@@ -16,7 +16,8 @@ stability"; Cohen et al. 2022, "Adaptive gradient methods at the edge of stabili
 (heavy ball: x ← x − η b, b ← βb + (1 − τ)g; Nesterov: x ← x − η(g + βb)). For Adam the preconditioner is frozen
 at its current value, v̂ = v/(1 − β2^t) the bias-corrected second moment Adam divides by (``max_exp_avg_sq`` with
 ``amsgrad``); the first moment's bias correction, which tends to 1, and AdamW's decoupled weight decay (a
-contraction of η·λ per step) are left out, as in Cohen et al. 2022. A parameter whose group has another lr η_g
+contraction of η·λ per step) are left out, as in Cohen et al. 2022, and so are the entries whose v is exactly 0
+(never reached by a gradient, such as embedding rows of unseen tokens: their first gradient resets P there). A parameter whose group has another lr η_g
 steps as if its P were scaled by η/η_g, so P carries that factor too. P⁻¹H is measured as its symmetric similar
 matrix P^(-1/2) H P^(-1/2) (:class:`ScaledOperator`): the same eigenvalues and trace.
 """
@@ -143,12 +144,16 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch
         group_lr = float(_rate(group["lr"]))
         beta2 = float(_rate(group["betas"][1]))
         correction = 1.0 - beta2 ** float(_rate(step))
-        denominator = second.detach().to(device=device, dtype=torch.float64).div(correction).sqrt_().add_(
-            float(group["eps"]))
+        second = second.detach().to(device=device, dtype=torch.float64)
+        denominator = second.div(correction).sqrt_().add_(float(group["eps"]))
         # P^(-1/2) = sqrt(η_g / (η (√v̂ + ε))): a group with lr 0 beside a moving one does not move (its rows are
         # 0); with η = 0 (the end of a schedule) the limit is infinite and P⁻¹H is measured as it is
         scale = group_lr / lr if lr > 0 else 1.0
-        pieces.append(denominator.reciprocal_().mul_(scale).sqrt_().reshape(-1))
+        inverse_root = denominator.reciprocal_().mul_(scale).sqrt_()
+        # v = 0 exactly: no gradient has reached the entry yet (an embedding row of an unseen token). Its first one
+        # resets P there (Adam's first step on it is ±η), so the frozen-P model does not apply: it is left out
+        # rather than weighted by 1/ε, which would make λ_max that of the unseen rows.
+        pieces.append(inverse_root.masked_fill_(second == 0, 0.0).reshape(-1))
     return torch.cat(pieces).to(dtype) if pieces else torch.empty(0, dtype=dtype, device=device)
 
 

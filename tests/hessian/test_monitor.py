@@ -155,15 +155,19 @@ def test_with_adam_the_monitor_measures_the_preconditioned_hessian(adam):
         optimizer.zero_grad()
         mse(model(batch[0]), batch[1]).backward()
         optimizer.step()
+    for key in ("exp_avg_sq", "max_exp_avg_sq"):  # an entry no gradient has reached (v = 0) is left out
+        if key in optimizer.state[first[0]]:
+            optimizer.state[first[0]][key][0, :2] = 0.0
     record = monitor.measure(3, batch)
-    # P_i = (sqrt(v_i / (1 - beta2^t)) + eps) * (lr_0 / lr_g), read from the state by hand
+    # P_i = (sqrt(v_i / (1 - beta2^t)) + eps) * (lr_0 / lr_g), read from the state by hand; 1/P_i = 0 where v_i = 0
     scales = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
             second = state["max_exp_avg_sq"] if "max_exp_avg_sq" in state else state["exp_avg_sq"]
             denominator = (second / (1 - 0.95 ** float(state["step"]))).sqrt() + 1e-3
-            scales.append((denominator * 0.01 / group["lr"]).reciprocal().reshape(-1))
+            inverse = (denominator * 0.01 / group["lr"]).reciprocal().masked_fill(second == 0, 0.0)
+            scales.append(inverse.reshape(-1))
     inverse_p = torch.cat(scales).double()
     hessian = exact_hessian(model, batch)
     root = inverse_p.sqrt()

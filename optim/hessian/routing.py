@@ -1,4 +1,4 @@
-"""The curvature routes: while curvature is computed, five torch calls run on versions of ours.
+"""The curvature routes: while curvature is computed, six torch calls run on versions of ours.
 
 | PyTorch function | replaced by | why |
 |---|---|---|
@@ -6,6 +6,7 @@
 | ``F.cross_entropy`` | :func:`.losses.functional_cross_entropy` | torch differentiates ``log_softmax`` twice op by op (3.3x slower on large scores) |
 | ``F.linear``, ``torch.addmm`` | :func:`.linear.linear`, :func:`.linear.addmm` | a gradient only differentiated again need not compute its weight-gradient values |
 | ``F.layer_norm`` | :func:`.layer_norm.layer_norm` | torch's double backward of layer normalization is ~30 elementwise ops; ours is one fused pass |
+| ``torch._weight_norm`` | :func:`.weight_norm.weight_norm` | the fused weight norm's double backward is wrong (torch 2.13) and it has no forward-mode rule |
 
 Each replacement takes the same arguments; the cross-entropy returns torch's loss and gradient bit for bit (and is
 torch's function for the cases it does not cover, and below :data:`.losses.FUSED_MIN_SCORES` scores), so only
@@ -14,8 +15,9 @@ the second derivatives differ in how they are computed. The linear layers are to
 weight's gradient is a placeholder that carries the graph. The layer norm's forward and backward are torch's
 ``native_layer_norm`` and ``native_layer_norm_backward``; only its backward's backward is ours. ``hvp``, the
 curvature operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps
-enter :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route is taken (to plain softmax
-attention, :func:`.attention.composite_attention`): the compiler derives and fuses the others itself.
+enter :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route (to plain softmax attention,
+:func:`.attention.composite_attention`) and the weight norm's are taken: the compiler derives and fuses the others
+itself.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 
-from . import attention, layer_norm, linear, losses
+from . import attention, layer_norm, linear, losses, weight_norm
 
 __all__ = ["curvature_context_fn", "sdpa_curvature"]
 
@@ -38,6 +40,7 @@ _ROUTES = {
     F.linear: (linear, "linear", False),  # torch's own, but inside linear.gradient_values_unused()
     torch.addmm: (linear, "addmm", False),  # the same (Hugging Face's Conv1D)
     F.layer_norm: (layer_norm, "layer_norm", False),
+    torch._weight_norm: (weight_norm, "weight_norm", True),  # also compiled: the fused op has no forward-mode rule
 }
 
 

@@ -26,6 +26,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 
@@ -79,7 +80,10 @@ def sdpa_curvature(enabled: bool = True):
     if not enabled or _routing():
         yield
         return
-    with _CurvatureRoutes():
+    # A mode does not see the calls nested inside a function it handles: F.multi_head_attention_forward (nn.Multi-
+    # headAttention, nn.TransformerEncoderLayer) calls torch's SDPA there, whose fused kernels have no double
+    # backward. Torch's math backend has one (T×T weights), so those nested calls take it.
+    with _CurvatureRoutes(), sdpa_kernel([SDPBackend.MATH]):
         try:
             yield
         except CheckpointError as error:

@@ -441,6 +441,49 @@ def test_checkpointed_sdpa_module_without_the_context_fn_is_an_error_that_names_
     assert any("context_fn=optim.hessian.curvature_context_fn" in note for note in raised.value.__notes__)
 
 
+class _AttentionClassifier(torch.nn.Module):
+    """torch's own attention module, then mean pooling and a linear head."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.layer = layer
+        if layer == "MultiheadAttention":
+            self.inner = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        else:
+            self.inner = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = self.inner(x, x, x, need_weights=False)[0] if self.layer == "MultiheadAttention" else self.inner(x)
+        return self.head(hidden.mean(1))
+
+
+@pytest.mark.parametrize("layer", ["MultiheadAttention", "TransformerEncoderLayer"])
+def test_torchs_own_attention_modules_take_the_math_backend_inside_the_routes(layer):
+    # F.multi_head_attention_forward calls SDPA inside itself, where the routing mode does not look: the flash CPU
+    # kernel there has no double backward ("derivative ... not implemented") until the routes select the math one.
+    torch.manual_seed(0)
+    model = _AttentionClassifier(layer).double().eval()
+    x, y = torch.randn(3, 5, 8, dtype=torch.float64), torch.randint(0, 3, (3,))
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss(*params):
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, params)), (x,)), y)
+
+    params = [p.detach() for p in model.parameters()]
+    v = [torch.randn_like(p) for p in params]
+    got = torch.cat([h.reshape(-1) for h in optim.hvp(loss, params, v)])
+
+    def gradient(sign, h=1e-5):  # central differences of torch's own gradients
+        shifted = [(p + sign * h * t).requires_grad_() for p, t in zip(params, v)]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(*shifted), shifted)])
+
+    expected = (gradient(1.0) - gradient(-1.0)) / 2e-5
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+    H = optim.HessianOperator(model, F.cross_entropy, (x, y))
+    torch.testing.assert_close(H @ torch.cat([t.reshape(-1) for t in v]), expected, rtol=1e-6, atol=1e-8)
+
+
 def test_sophia_refresh_on_an_activation_checkpointed_gpt2_in_training_mode_equals_its_eager_twin():
     from optim.hessian import causal_lm_loss
 

@@ -201,22 +201,24 @@ class EmpiricalFisherOperator(CurvatureOperator):
         per_row = torch.func.vmap(row_gradient, in_dims=(None, 0, 0), randomness="different")
         # torch.func.grad differentiates inside whatever the outer grad mode is; no_grad keeps the outer autograd
         # from recording a graph through the parameters outside the scope.
+        def by_rows():
+            rows = [row_gradient(tuple(params), tree_map(lambda t: t[i], inputs), targets[i])
+                    for i in range(targets.shape[0])]
+            return [torch.stack(pieces) for pieces in zip(*(g for g, _ in rows))], torch.stack([r for _, r in rows])
+
         with torch.no_grad():
-            grads = None
-            if not _row_by_row.get(self.model):
+            if _row_by_row.get(self.model):
+                grads, row_losses = by_rows()
+            else:
                 try:
                     grads, row_losses = per_row(tuple(params), inputs, targets)
-                except RuntimeError as error:
-                    if "vmap" not in str(error):
-                        raise
-                    # A model that branches on its inputs' values (a Hugging Face model's attention mask does)
-                    # cannot be vmapped: its rows go one at a time, from now on.
+                except RuntimeError:
+                    # Some models cannot be vmapped: one that branches on its inputs' values (a Hugging Face
+                    # model's attention mask), an op without a batching rule that fails on the batched shapes
+                    # (an nn.LSTM: "output with shape [1, 16] doesn't match the broadcast shape"). If one row at a
+                    # time works, the model's rows go that way from now on; if not, its error is the model's.
+                    grads, row_losses = by_rows()
                     _row_by_row.set(self.model, None, True)
-            if grads is None:
-                rows = [row_gradient(tuple(params), tree_map(lambda t: t[i], inputs), targets[i])
-                        for i in range(targets.shape[0])]
-                grads = [torch.stack(pieces) for pieces in zip(*(g for g, _ in rows))]
-                row_losses = torch.stack([loss for _, loss in rows])
         _check_finite_rows(row_losses)
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 

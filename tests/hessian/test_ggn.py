@@ -469,6 +469,48 @@ def test_per_sample_gradients_of_a_model_vmap_cannot_run_go_row_by_row():
     assert relative_error(Fi.per_sample_gradients(inputs, targets), G_explicit) <= EXACT_RTOL
 
 
+class Recurrent(nn.Module):
+    """An nn.LSTM over 4 steps of 5 features, then a head on the last step: vmap over rows fails inside _VF.lstm with
+    a shape error that does not say vmap ("output with shape [1, 28] doesn't match the broadcast shape")."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(5, 7, batch_first=True)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.view(x.shape[0], 1, 5).expand(-1, 4, -1))[0][:, -1])
+
+
+def test_per_sample_gradients_of_an_lstm_go_row_by_row():
+    torch.manual_seed(0)
+    model = Recurrent().double().eval()
+    _, inputs, targets = mlp_problem(rows=5)
+    expected, G_explicit = explicit_fisher(model, F.cross_entropy, inputs, targets)
+    with pytest.raises(RuntimeError):
+        torch.func.vmap(model)(inputs)
+    for options in (dict(), dict(reuse_graph=False), dict(max_kept_bytes=8)):
+        Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets), **options)
+        block = random_flat(Fi, 2)
+        assert relative_error(Fi @ block, block @ expected) <= EXACT_RTOL, options
+    assert relative_error(Fi.per_sample_gradients(inputs, targets), G_explicit) <= EXACT_RTOL
+
+
+def test_a_model_error_is_raised_not_hidden_by_the_row_loop():
+    class Broken(nn.Module):  # fails for any batch size, vmapped or not
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.linear(x) @ torch.ones(4, 2, dtype=x.dtype)
+
+    _, inputs, targets = mlp_problem(rows=4)
+    Fi = EmpiricalFisherOperator(Broken().double(), F.cross_entropy, (inputs, targets), reuse_graph=False)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        Fi.per_sample_gradients(inputs, targets)
+
+
 def test_fisher_of_a_mean_loss_has_the_gradient_as_mean_of_its_rows():
     model, inputs, targets = mlp_problem(rows=5)
     Fi = EmpiricalFisherOperator(model, F.cross_entropy, (inputs, targets))

@@ -82,13 +82,26 @@ def sdpa_curvature(enabled: bool = True):
         return
     # A mode does not see the calls nested inside a function it handles: F.multi_head_attention_forward (nn.Multi-
     # headAttention, nn.TransformerEncoderLayer) calls torch's SDPA there, whose fused kernels have no double
-    # backward. Torch's math backend has one (T×T weights), so those nested calls take it.
-    with _CurvatureRoutes(), sdpa_kernel([SDPBackend.MATH]):
+    # backward. Torch's math backend has one (T×T weights), so those nested calls take it. The modules' inference
+    # fast path (taken where they see no gradient being recorded, as under torch.compile's functional transforms)
+    # has no derivative at all.
+    with _CurvatureRoutes(), sdpa_kernel([SDPBackend.MATH]), _mha_fastpath_off():
         try:
             yield
         except CheckpointError as error:
             error.add_note(_CHECKPOINT_NOTE)
             raise
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off():
+    """``torch.backends.mha.set_fastpath_enabled(False)`` for the block (a process-wide flag, as sdpa_kernel's)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 _CHECKPOINT_NOTE = (

@@ -484,6 +484,19 @@ def test_torchs_own_attention_modules_take_the_math_backend_inside_the_routes(la
     torch.testing.assert_close(H @ torch.cat([t.reshape(-1) for t in v]), expected, rtol=1e-6, atol=1e-8)
 
 
+def test_compiled_ggn_of_a_transformer_encoder_layer_does_not_take_its_fast_path():
+    # Under torch.compile's functional transforms the layer saw no gradient being recorded and took its inference
+    # fast path (aten::_transformer_encoder_layer_fwd, no derivative) until the routes turned that path off.
+    torch.manual_seed(0)
+    model = _AttentionClassifier("TransformerEncoderLayer").double().eval()
+    batch = (torch.randn(3, 5, 8, dtype=torch.float64), torch.randint(0, 3, (3,)))
+    eager = optim.GGNOperator(model, F.cross_entropy, batch)
+    v = torch.randn(2, eager.n, dtype=torch.float64)
+    compiled = optim.GGNOperator(model, F.cross_entropy, batch, compile=True)
+    torch.testing.assert_close(compiled @ v, eager @ v, rtol=1e-10, atol=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the product
+
+
 def test_sophia_refresh_on_an_activation_checkpointed_gpt2_in_training_mode_equals_its_eager_twin():
     from optim.hessian import causal_lm_loss
 

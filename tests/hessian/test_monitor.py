@@ -149,8 +149,11 @@ def test_with_adam_the_monitor_measures_the_preconditioned_hessian(adam):
             "torch.optim.Adam amsgrad": lambda: torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-3, amsgrad=True)}
     optimizer = make[adam]()
     monitor = SharpnessMonitor(model, mse, lr_from=optimizer, probes=300, lanczos_iters=80, tol=1e-10)
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="exists after its first step"):
         monitor.measure(0, batch)
+    assert monitor.records == [] and model.training  # nothing recorded, the mode as it was (training)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     for _ in range(3):
         optimizer.zero_grad()
         mse(model(batch[0]), batch[1]).backward()

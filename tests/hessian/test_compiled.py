@@ -265,7 +265,9 @@ def test_fisher_compile_falls_back_to_eager_and_refuses_a_kept_g(monkeypatch):
     product = compiled_operator @ v
     assert compiled_operator.last_path == "outputs"  # training mode: eager, on one forward
     torch.manual_seed(6)
-    torch.testing.assert_close(product, eager @ v, rtol=0, atol=0)
+    # The same mask and the same product; `eager` takes whichever way the first product timed faster for this
+    # model (one forward, or the per-sample gradients), which agree to rounding, not bit for bit.
+    torch.testing.assert_close(product, eager @ v, rtol=1e-12, atol=1e-15)
 
     torch.manual_seed(7)
     columns = _ColumnsOut().double().eval()

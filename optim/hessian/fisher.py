@@ -199,13 +199,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
         row_gradient = torch.func.grad(row_loss, has_aux=True)
         per_row = torch.func.vmap(row_gradient, in_dims=(None, 0, 0), randomness="different")
-        # torch.func.grad differentiates inside whatever the outer grad mode is; no_grad keeps the outer autograd
-        # from recording a graph through the parameters outside the scope.
         def by_rows():
             rows = [row_gradient(tuple(params), tree_map(lambda t: t[i], inputs), targets[i])
                     for i in range(targets.shape[0])]
             return [torch.stack(pieces) for pieces in zip(*(g for g, _ in rows))], torch.stack([r for _, r in rows])
 
+        # torch.func.grad differentiates inside whatever the outer grad mode is; no_grad keeps the outer autograd
+        # from recording a graph through the parameters outside the scope.
         with torch.no_grad():
             if _row_by_row.get(self.model):
                 grads, row_losses = by_rows()

@@ -128,6 +128,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     with attention dropout) drops attention weights as torch's math SDPA does, P ↦ P ⊙ M / (1 − dropout_p) with one
     Bernoulli mask M per call, through :func:`composite_attention` of torch ops: the curvature of that realization,
     what eager attention gives, with its T×T weights kept. Curvature studies evaluate in eval mode (dropout 0).
+    An additive ``attn_mask`` that is differentiated (a learned bias: T5's relative positions) takes the same
+    composite, so its derivatives are there; a mask that is data takes the ops.
 
     Raises:
         ValueError: ``dropout_p`` outside [0, 1], inputs that are not 3-D or 4-D, mismatched dtypes, devices or
@@ -161,8 +163,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
     ops.check_attention_args(where, query, key, value, attn_mask, scale)
-    if attn_mask is not None:
-        attn_mask = attn_mask.detach()  # masks are data: no derivative flows into them
     if dropout_p > 0:
         # The mask must be kept for every derivative of this call; the ops would have to re-draw it per tile.
         out = composite_attention(query, key, value, attn_mask, bool(is_causal), scale, float(dropout_p))
@@ -170,9 +170,29 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         # Dynamo inlines an autograd.Function's forward and drops its jvp (pytorch/pytorch#192985: zero tangents,
         # silently), so compiled forward-mode products differentiate the composite instead (T×T scores).
         out = composite_attention(query, key, value, attn_mask, bool(is_causal), scale)
+    elif _is_differentiated(attn_mask):
+        # A learned additive bias (T5's relative positions): the ops take masks as data, so the composite gives
+        # its derivatives, with the (Tq, Tk) scores the bias already has.
+        out = composite_attention(query, key, value, attn_mask, bool(is_causal), scale)
     else:
-        out, _ = _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)
+        out, _ = _Attention.apply(query, key, value, None if attn_mask is None else attn_mask.detach(),
+                                  bool(is_causal), scale)
     return out.squeeze(1) if dims == 3 else out
+
+
+def _is_differentiated(mask: torch.Tensor | None) -> bool:
+    """Whether a derivative is taken of a floating ``mask``: it requires grad, carries a forward-mode tangent, or
+    is tracked by a ``torch.func`` grad or jvp level (a bias computed from the parameters in ``jvp(grad(f))``)."""
+    if mask is None or not mask.is_floating_point():
+        return False
+    if mask.requires_grad or torch.autograd.forward_ad.unpack_dual(mask).tangent is not None:
+        return True
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(mask):
+        if functorch.is_gradtrackingtensor(mask):
+            return True
+        mask = functorch.get_unwrapped(mask)
+    return False
 
 
 def composite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,

@@ -459,7 +459,8 @@ class CurvatureOperator:
             rows = targets.shape[0] if targets.dim() > 0 else 1
             if rows == 0:
                 continue
-            yield batch_inputs(inputs, self.device), targets.to(self.device, non_blocking=True), rows
+            targets = targets.to(self.device, non_blocking=True)
+            yield with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets), targets, rows
 
     def _check_some_rows(self, total_weight: int) -> None:
         if total_weight == 0:
@@ -495,6 +496,21 @@ def _plain_inputs(inputs):
 def batch_inputs(inputs, device: torch.device):
     """A batch's inputs as the model is called with them: a mapping as a dict, every tensor on ``device``."""
     return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), _plain_inputs(inputs))
+
+
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def with_decoder_inputs(model: nn.Module, inputs, labels: torch.Tensor):
+    """A Hugging Face encoder-decoder's inputs with the decoder inputs it builds from the labels itself.
+
+    ``model(**batch)`` of a T5 or BART batch without decoder inputs shifts the labels right
+    (``prepare_decoder_input_ids_from_labels``); the operators call the model without the labels, so they build
+    them first. Any other model's inputs, or a batch that has decoder inputs, are returned as they are."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not isinstance(inputs, dict) or not callable(prepare) or any(key in inputs for key in _DECODER_INPUTS):
+        return inputs
+    return {**inputs, "decoder_input_ids": prepare(labels=labels)}
 
 
 def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:

@@ -699,6 +699,47 @@ def test_gpt2_sdpa_hvp_in_forward_mode():
     _close(*products)
 
 
+def test_a_learned_additive_bias_gets_every_derivative_and_a_data_mask_stays_on_the_ops(monkeypatch):
+    # T5 passes its relative position bias, a function of parameters, as the additive mask. The route detached
+    # every mask, so the bias had no gradient and a zero Hessian block, silently. Its derivatives now come from
+    # the composite in every mode; a mask that is data still takes the ops (no T×T matrix kept).
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    primals = (q, k, v, bias)
+
+    def routed(q, k, v, bias):
+        with sdpa_curvature():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+
+    def plain(q, k, v, bias):
+        return math_attention(q, k, v, bias, True, 1 / 2)
+
+    d_out = torch.randn(2, 3, 9, 4, dtype=torch.float64)
+    dots = tangents(*primals)
+    results = []
+    for fn in (routed, plain):
+        leaves = [t.clone().requires_grad_(True) for t in primals]
+        grads = torch.autograd.grad((fn(*leaves) * d_out).sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(grads, leaves, dots)
+        grad = torch.func.grad(lambda *p: (fn(*p) * d_out).sum(), argnums=(0, 1, 2, 3))
+        probes = [torch.stack([t, -2 * t]) for t in dots]
+        over = torch.func.vmap(lambda *u: torch.func.jvp(grad, primals, u)[1])(*probes)
+        results.append((grads, second, torch.func.jvp(fn, primals, dots), over))
+    for ours, expected in zip(*results):
+        _close(ours, expected)
+    assert bool(results[0][0][3].abs().max() > 0) and bool(results[0][1][3].abs().max() > 0)  # the bias's rows
+
+    def no_composite(*args, **kwargs):
+        raise AssertionError("a mask that is data took the T×T composite")
+
+    data_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    expected = torch.autograd.grad((plain(*data_leaves, bias) * d_out).sum(), data_leaves)
+    monkeypatch.setattr(attention_module, "composite_attention", no_composite)
+    _close(torch.autograd.grad((routed(*data_leaves, bias) * d_out).sum(), data_leaves), expected)
+    torch.func.jvp(lambda q: routed(q, k, v, bias), (q,), (dots[0],))  # a tangent on q only: the mask is data
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_drops_the_weights_as_torchs_math_attention_does(causal):
     # One seed, one mask: the same realization as torch's math SDPA, forward and gradients, and twice differentiable

@@ -1,0 +1,128 @@
+"""Curvature of Hugging Face architectures as their users build them: ``attn_implementation="sdpa"``, a collator's
+``{"input_ids", "attention_mask", "labels"}`` batch, the model's logits into the criterion.
+
+The oracle is torch's own double backward of the same model with SDPA on its math backend (twice differentiable).
+Not the model's eager twin: Hugging Face's eager attention takes its softmax in float32 and its RMSNorm upcasts to
+float32, so a float64 model differs from its twin by 1e-8 and from finite differences by 1e-4, whoever computes.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import optim
+from optim.hessian import causal_lm_loss
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 40
+_DECODERS = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 max_position_embeddings=32)
+_ENCODERS = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ARCHITECTURES = {
+    # grouped-query attention, rotary positions, RMSNorm
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(_DECODERS, num_key_value_heads=2)),
+    # a sliding window shorter than the sequence: a banded causal mask
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(_DECODERS, num_key_value_heads=2, sliding_window=3)),
+    # rotary on half of each head, parallel attention and MLP
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(_DECODERS, rotary_pct=0.5)),
+    # learned positions, a ReLU MLP
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                                num_attention_heads=4, max_position_embeddings=32,
+                                                word_embed_proj_dim=16, dropout=0.0)),
+    # one key-value head for all queries
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_DECODERS, num_key_value_heads=1, head_dim=4)),
+    # bidirectional attention with a padding mask
+    "bert": ("BertForSequenceClassification", "BertConfig", _ENCODERS),
+    "vit": ("ViTForImageClassification", "ViTConfig",
+            dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=8,
+                 patch_size=4, num_channels=3, num_labels=3, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    model_class, config_class, config = ARCHITECTURES[name]
+    config_class = getattr(transformers, config_class, None)
+    if config_class is None:
+        pytest.skip(f"this transformers has no {ARCHITECTURES[name][1]}")
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(config_class(attn_implementation="sdpa", **config)).double().eval()
+
+
+def _batch(name: str, rows: int = 3, length: int = 7) -> tuple[dict, object]:
+    """A collator's batch for the model (row 0 right-padded) and the criterion its logits go to."""
+    if name == "vit":
+        return {"pixel_values": torch.randn(rows, 3, 8, 8, dtype=torch.float64),
+                "labels": torch.randint(0, 3, (rows,))}, F.cross_entropy
+    input_ids = torch.randint(3, VOCAB, (rows, length))
+    mask = torch.ones_like(input_ids)
+    mask[0, length - 2:] = 0
+    if name == "bert":
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.randint(0, 3, (rows,))}, F.cross_entropy
+    labels = input_ids.masked_fill(mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, causal_lm_loss
+
+
+def _math_double_backward(model, loss, v: torch.Tensor) -> torch.Tensor:
+    """``H v`` by torch's double backward of ``loss(*params)``, SDPA on its math backend; ``v`` flat."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel([SDPBackend.MATH]):
+        grads = torch.autograd.grad(loss(), params, create_graph=True, allow_unused=True)
+        pieces = torch.split(v, [p.numel() for p in params])
+        dot = sum((g * piece.view_as(g)).sum() for g, piece in zip(grads, pieces) if g is not None)
+        products = torch.autograd.grad(dot, params, allow_unused=True)
+    return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(products, params)])
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_the_hessian_of_a_hugging_face_sdpa_model_is_torchs_math_double_backward(name):
+    model = _model(name)
+    batch, criterion = _batch(name)
+    H = optim.HessianOperator(model, criterion, batch)
+    v = torch.randn(H.n, dtype=torch.float64)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    expected = _math_double_backward(model, lambda: criterion(model(**inputs).logits, batch["labels"]), v)
+    torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
+
+
+def _encoder_decoder(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "t5":
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                       num_decoder_layers=1, num_heads=4, dropout_rate=0.0,
+                                       decoder_start_token_id=0, pad_token_id=0)
+        return transformers.T5ForConditionalGeneration(config).double().eval()
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0,
+                                     attention_dropout=0.0, attn_implementation="sdpa")
+    return transformers.BartForConditionalGeneration(config).double().eval()
+
+
+def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_would_build(name):
+    # model(**batch) of a seq2seq collator's batch (no decoder_input_ids) shifts the labels right itself; the
+    # operators call the model without the labels, and raised the model's "specify input_ids" error until they
+    # built the decoder inputs the same way.
+    model = _encoder_decoder(name)
+    input_ids = torch.randint(3, VOCAB, (3, 7))
+    labels = torch.randint(3, VOCAB, (3, 5))
+    labels[0, 3:] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    H = optim.HessianOperator(model, _sequence_loss, batch)
+    v = torch.randn(2, H.n, dtype=torch.float64)
+    expected = torch.stack([_math_double_backward(model, lambda: model(**batch).loss, row) for row in v])
+    torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
+    decoder_inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"],
+                      "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
+    for operator_class in (optim.GGNOperator, optim.EmpiricalFisherOperator):
+        ours = operator_class(model, _sequence_loss, batch)
+        explicit = operator_class(model, _sequence_loss, (decoder_inputs, labels))
+        torch.testing.assert_close(ours @ v, explicit @ v, rtol=1e-10, atol=1e-12)

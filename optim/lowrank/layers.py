@@ -8,6 +8,7 @@ token instead of 2·m·n.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -17,13 +18,16 @@ from torch import nn
 
 __all__ = ["DEFAULT_TARGETS", "EXCLUDED_NAMES", "LowRankLinear", "merge", "to_low_rank"]
 
-# Attention and MLP projections of the common transformer implementations (matched against the last component of a
-# module's name): LLaMA/Mistral (q/k/v/o_proj, gate/up/down_proj), GPT-2 (c_attn, c_proj, c_fc), BERT (query, key,
-# value), OPT/ViT/CLIP (fc1, fc2; q/k/v/out_proj of their own attention modules).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj",
-                   "c_fc", "query", "key", "value", "fc1", "fc2")
-# Never factored by the default targets: token/position embeddings and the output head.
-EXCLUDED_NAMES = ("lm_head", "embed_out", "output", "head", "classifier", "wte", "wpe", "embed_tokens", "embeddings")
+# By default every linear layer inside the model's repeated blocks is factored (the elements of an nn.ModuleList: a
+# transformer's layers, whatever its projections are called), and, in a model without such a list, the layers of
+# these names (matched against the last component of a module's name): LLaMA/Mistral (q/k/v/o_proj,
+# gate/up/down_proj), GPT-2 (c_attn, c_proj, c_fc), BERT (query, key, value), OPT/ViT/CLIP (fc1, fc2, out_proj).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "c_attn",
+                   "c_proj", "c_fc", "query", "key", "value", "fc1", "fc2")
+# Never factored by the default targets: token/position embeddings, the output head, and a mixture of experts'
+# routers and gates (one output per expert, or one).
+EXCLUDED_NAMES = ("lm_head", "embed_out", "output", "head", "classifier", "score", "wte", "wpe", "embed_tokens",
+                  "embeddings", "gate", "*_gate", "router")
 
 Target = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
 
@@ -206,22 +210,62 @@ def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
+def _block_members(model: nn.Module) -> set[str]:
+    """Qualified names of the modules strictly inside an element of an ``nn.ModuleList``: the layers of a model's
+    repeated blocks (``layers.0.self_attn.q_proj``), not the elements themselves (a list of heads, ``heads.0``)."""
+    names = set()
+    for list_name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for index, block in module.named_children():
+                prefix = f"{list_name}.{index}" if list_name else index
+                names.update(f"{prefix}.{inner}" for inner, _ in block.named_modules() if inner)
+    return names
+
+
+def _weight_read_by_parent(model: nn.Module) -> dict[int, str]:
+    """Linear children whose parent's ``forward`` reads ``self.<child>.weight`` instead of only calling the child,
+    by the parent's class: ``nn.MultiheadAttention``'s ``out_proj`` (passed to ``F.multi_head_attention_forward``),
+    T5's feed-forward ``wo`` (its dtype is read). A ``LowRankLinear`` has no ``weight``, so these stay dense."""
+    readers: dict[type, str] = {}
+    found = {}
+    for parent in model.modules():
+        cls = type(parent)
+        if cls not in readers:
+            try:
+                readers[cls] = inspect.getsource(cls.forward)
+            except (OSError, TypeError):  # no source (a C extension, a lambda): nothing known to be read
+                readers[cls] = ""
+        for child_name, child in parent.named_children():
+            if (isinstance(child, nn.Linear) or is_conv1d(child)) and f"self.{child_name}.weight" in readers[cls]:
+                found[id(child)] = cls.__name__
+    return found
+
+
 def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.Module]]:
     """The ``(qualified name, module)`` pairs of ``model`` that ``to_low_rank`` would replace, in module order.
 
     The modules are ``nn.Linear`` layers, or Hugging Face GPT-2 ``Conv1D`` layers (linear with a transposed weight).
 
-    ``target`` is ``None`` (``DEFAULT_TARGETS``, excluding ``EXCLUDED_NAMES``), a name pattern or a list of them
+    ``target`` is ``None`` (every linear layer inside an element of an ``nn.ModuleList``, a transformer's blocks,
+    and any named in ``DEFAULT_TARGETS``, excluding ``EXCLUDED_NAMES``), a name pattern or a list of them
     (``fnmatch`` patterns matched against the full name, e.g. ``"layers.*.mlp.*"``, or against its last component,
     e.g. ``"q_proj"``), or a predicate ``(name, module) -> bool``. Matched modules that are not ``nn.Linear`` but
     hold a weight (embeddings, convolutions) are an error; matched containers are looked into by their children's
-    own names only. A linear layer whose weight is shared with an embedding (a tied output head) is never replaced.
+    own names only. A linear layer whose weight is shared with an embedding (a tied output head) is never replaced,
+    nor by default a layer whose parent's forward reads its ``weight`` (``nn.MultiheadAttention``'s ``out_proj``,
+    T5's ``wo``; a target that names one is an error).
     """
     if isinstance(target, str):
         target = [target]
     if target is None:
+        blocks = _block_members(model)
+
         def matched(name, module):
-            return _matches(name, DEFAULT_TARGETS) and not _matches(name, EXCLUDED_NAMES)
+            if name in blocks:  # BERT's layer.0.attention.output.dense: a block's own "output"
+                return (isinstance(module, nn.Linear) or is_conv1d(module)) and not _matches(name, EXCLUDED_NAMES)
+            # outside the blocks, anything inside a head is excluded too (RoBERTa's classifier.out_proj)
+            return _matches(name, DEFAULT_TARGETS) and not any(
+                _matches(component, EXCLUDED_NAMES) for component in name.split("."))
     elif callable(target):
         matched = target
     else:
@@ -233,6 +277,7 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
         def matched(name, module):
             return _matches(name, patterns)
     tied = _embedding_weights(model)
+    read_by_parent = _weight_read_by_parent(model)
     found = []
     for name, module in model.named_modules():
         if not name or not matched(name, module):
@@ -240,6 +285,13 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
         if isinstance(module, nn.Linear) or is_conv1d(module):
             if id(module.weight) in tied:
                 continue
+            if id(module) in read_by_parent:
+                if target is None:
+                    continue
+                leaf = name.rsplit(".", 1)[-1]
+                raise ValueError(f"to_low_rank: target matched {name!r}, whose parent ({read_by_parent[id(module)]}) "
+                                 f"reads self.{leaf}.weight in its forward; a LowRankLinear has no dense weight, so "
+                                 "this layer cannot be factored. Narrow target so that it leaves this layer out")
             found.append((name, module))
         elif isinstance(module, LowRankLinear):
             continue
@@ -260,7 +312,7 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
     GPT-2's ``Conv1D`` layers (Hugging Face) count as linear layers: they become ``LowRankLinear`` too (and
     ``merge`` turns them back into ``Conv1D``).
 
-    Returns ``model``. Default targets: the attention and MLP projections named in ``DEFAULT_TARGETS``; embeddings
+    Returns ``model``. Default targets: the linear layers of the model's blocks (``find_targets``); embeddings
     and the output head are never chosen by default (see ``find_targets`` for ``target``). ``init="random"``
     (default, pre-training from scratch) or ``"svd"`` (truncated SVD of the existing weight). Every target is checked
     before any module is replaced: a rank outside [1, min(m, n)) for some layer, or a model without targets, raises
@@ -273,9 +325,14 @@ def to_low_rank(model: nn.Module, rank: int, *, target: Target = None, scale: fl
     _check_scale(scale, "to_low_rank")
     targets = find_targets(model, target)
     if not targets:
-        described = "the default targets " + ", ".join(DEFAULT_TARGETS) if target is None else f"target={target!r}"
-        raise ValueError(f"to_low_rank: no nn.Linear module of {type(model).__name__} matches {described}; pass "
-                         "target= a list of name patterns (see model.named_modules()) or a predicate")
+        described = ("the default targets (linear layers inside an nn.ModuleList of blocks, or named "
+                     + ", ".join(DEFAULT_TARGETS) + ")" if target is None else f"target={target!r}")
+        read = _weight_read_by_parent(model)
+        unfactorable = (f" ({len(read)} linear layers are left out because their parents read their weight: "
+                        f"{', '.join(sorted(set(read.values())))})" if read and target is None else "")
+        raise ValueError(f"to_low_rank: no nn.Linear module of {type(model).__name__} matches {described}"
+                         f"{unfactorable}; pass target= a list of name patterns (see model.named_modules()) or a "
+                         "predicate")
     for name, linear in targets:
         _check_rank(rank, *linear_weight(linear).shape, f"to_low_rank ({name})")
         weight = linear_weight(linear)

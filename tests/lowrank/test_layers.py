@@ -234,3 +234,80 @@ def test_bad_inputs():
 def test_exported():
     assert optim.LowRankLinear is LowRankLinear and optim.to_low_rank is to_low_rank
     assert optim.lowrank.merge is merge
+
+
+class RoutedBlock(nn.Module):
+    """A block whose projections have no conventional names, with a mixture-of-experts router (``gate``)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.wq, self.w1, self.w2 = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.gate = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return x + self.wq(x) + self.w2(torch.relu(self.w1(x))) * torch.softmax(self.gate(x), -1)[..., :1]
+
+
+def test_default_targets_are_every_linear_layer_of_the_blocks_whatever_its_name():
+    # Only the listed names were factored, silently leaving OPT's and BART's out_proj, BERT's dense layers and
+    # every projection of GPT-NeoX/Falcon/T5 dense. A transformer's blocks are an nn.ModuleList: every linear layer
+    # inside one is a target; a router, a head outside the blocks and a list whose elements are the layers are not.
+    model = nn.ModuleDict(dict(blocks=nn.ModuleList(RoutedBlock(6) for _ in range(2)),
+                               heads=nn.ModuleList(nn.Linear(6, 3) for _ in range(2)),
+                               classifier=nn.ModuleDict(dict(out_proj=nn.Linear(6, 6)))))
+    assert [name for name, _ in find_targets(model)] == [f"blocks.{i}.{leaf}" for i in range(2)
+                                                         for leaf in ("wq", "w1", "w2")]
+
+
+def test_layers_whose_parent_reads_their_weight_are_left_dense():
+    # nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward and TransformerEncoderLayer's
+    # eval fast path reads linear1.weight: factored, their forwards raised AttributeError. The default leaves them
+    # out (the error says why nothing is left); a target that names one is refused, the model unchanged.
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2).eval()
+    with pytest.raises(ValueError, match="parents read their weight: MultiheadAttention, TransformerEncoderLayer"):
+        to_low_rank(encoder, 3)
+    with pytest.raises(ValueError, match=r"'layers.0.self_attn.out_proj', whose parent \(MultiheadAttention\) reads "
+                                         r"self.out_proj.weight"):
+        to_low_rank(encoder, 3, target=["linear1", "out_proj"])
+    assert not any(isinstance(m, LowRankLinear) for m in encoder.modules())
+    assert encoder(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+
+
+def _hugging_face_model(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "opt":
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=40, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=32, word_embed_proj_dim=16))
+    if name == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=32))
+    if name == "roberta":
+        return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=40, num_labels=3))
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=4))
+
+
+# the linear layers each model keeps dense: its head, and T5's wo, whose dtype T5's feed-forward reads
+KEPT_DENSE = {"opt": {"lm_head"}, "gpt_neox": {"lm_head"}, "roberta": {"classifier.dense", "classifier.out_proj"},
+              "t5": {"lm_head", "encoder.block.0.layer.1.DenseReluDense.wo",
+                     "decoder.block.0.layer.2.DenseReluDense.wo"}}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT_DENSE))
+def test_hugging_face_models_are_factored_in_every_block_and_merge_back(name):
+    model = _hugging_face_model(name).double().eval()
+    inputs = {"input_ids": torch.randint(3, 40, (2, 6))}
+    if name == "t5":
+        inputs["decoder_input_ids"] = torch.randint(3, 40, (2, 4))
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    to_low_rank(model, 2, init="svd")
+    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert low_rank == linear - KEPT_DENSE[name]
+    factored = model(**inputs).logits
+    merge(model)
+    torch.testing.assert_close(model(**inputs).logits, factored, rtol=1e-10, atol=1e-12)

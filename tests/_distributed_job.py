@@ -588,6 +588,55 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     return messages
 
 
+def run_curvature(rank: int | None, world_size: int) -> dict:
+    """The curvature operators, the estimators and SharpnessMonitor of a DDP model, each rank holding an uneven
+    share of one global batch (3 rows and 5), then one DDP training step. Rank None: the single process, with the
+    shares as a list of batches (weighted by rows: the whole batch's curvature)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    net = TinyMLP().to(DTYPE)
+    x, y = global_batches()[0]
+    shares = [(x[:3], y[:3]), (x[3:], y[3:])]
+    model, data = (net, shares) if rank is None else (DistributedDataParallel(net), shares[rank])
+    n = sum(p.numel() for p in net.parameters())
+    generator = torch.Generator().manual_seed(3)
+    block = torch.randn(3, n, generator=generator, dtype=DTYPE)
+    result = {}
+    for name, operator_class in (("hessian", optim.HessianOperator), ("ggn", optim.GGNOperator),
+                                 ("fisher", optim.EmpiricalFisherOperator)):
+        operator = operator_class(model, F.cross_entropy, data)
+        result[name] = operator @ block
+        result[f"{name}_vector"] = operator @ block[0]
+        result[f"{name}_empty_block"] = operator @ block[:0]
+    H = optim.HessianOperator(model, F.cross_entropy, data)
+    result["loss_and_grad"] = H.loss_and_grad()
+    result["quadratic_forms"] = H.quadratic_forms(block)
+    result["top_eigenvalues"] = optim.top_eigenvalues(H, k=2, tol=1e-10).eigenvalues
+    result["trace"] = optim.trace(H, num_probes=8).estimate
+    result["diagonal"] = optim.diagonal(H, num_probes=4).estimate
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = optim.SharpnessMonitor(model, F.cross_entropy, lr_from=sgd, probes=4, lanczos_iters=20).measure(0, data)
+    result["monitor"] = {key: record[key] for key in ("lambda_max", "trace", "stability_limit")}
+    if rank is not None:
+        # the plain module with an explicit group, this rank's share as two batches of its own
+        halves = [(t[:1], u[:1]) for t, u in [data]] + [(t[1:], u[1:]) for t, u in [data]]
+        result["explicit_group"] = optim.HessianOperator(net, F.cross_entropy, halves,
+                                                         process_group=dist.group.WORLD) @ block
+    # DDP still trains: the operators never ran its forward, so its reducer waits for no backward. DDP averages
+    # the ranks' gradients, so a rank's share of the global mean loss is weighted by world_size · rows / N.
+    for share in (shares if rank is None else [data]):
+        weight = share[1].shape[0] / x.shape[0] * (1 if rank is None else world_size)
+        (F.cross_entropy(model(share[0]), share[1]) * weight).backward()
+    sgd.step()
+    result["params"] = [p.detach().clone() for p in net.parameters()]
+    return result
+
+
+CURVATURE_CASES = {"curvature_ddp": run_curvature}
+
+
 FSDP_CASES = {
     "fsdp_adamw_fused": lambda rank, world: run_fsdp_adamw(rank, world, fused=True),
     "fsdp_adamw_default": lambda rank, world: run_fsdp_adamw(rank, world),
@@ -611,7 +660,7 @@ def main(out_dir: str, host: str, port: int, rank: int, world_size: int) -> None
     CHECKPOINT_DIR.append(os.environ.get("OPTIM_JOB_CHECKPOINTS", out_dir))
     cases = {name: (lambda name=name: run_ddp_case(name, rank, world_size)) for name in DDP_CASES}
     cases.update({name: (lambda run=run: run(rank, world_size))
-                  for name, run in {**FSDP_CASES, **RESHARD_CASES, **HSDP_CASES}.items()})
+                  for name, run in {**CURVATURE_CASES, **FSDP_CASES, **RESHARD_CASES, **HSDP_CASES}.items()})
     chosen = os.environ.get("OPTIM_JOB_CASES")
     if chosen:
         cases = {name: cases[name] for name in chosen.split(",")}

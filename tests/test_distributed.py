@@ -93,7 +93,7 @@ def job_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def results(job_dir) -> dict:
     """The 2-process job, launched once for every case: ``{case: [rank 0 result, rank 1 result]}``."""
-    return launch(job_dir, WORLD_SIZE, (*job.DDP_CASES, *job.FSDP_CASES))
+    return launch(job_dir, WORLD_SIZE, (*job.DDP_CASES, *job.CURVATURE_CASES, *job.FSDP_CASES))
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +367,14 @@ def test_process_group_needs_initialized_distributed():
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="init_process_group"):
             optim.SophiaH([p], process_group=object())
+        model = torch.nn.Linear(3, 2)
+        batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+        for operator_class in (optim.HessianOperator, optim.GGNOperator, optim.EmpiricalFisherOperator):
+            with pytest.raises(ValueError, match=f"{operator_class.__name__}: process_group was given but "
+                                                 "torch.distributed is not initialized"):
+                operator_class(model, torch.nn.functional.cross_entropy, batch, process_group=object())
+        with pytest.raises(ValueError, match="SharpnessMonitor: process_group was given"):
+            optim.SharpnessMonitor(model, torch.nn.functional.cross_entropy, process_group=object())
 
 
 # float32 under FSDP2: the ranks reduce the gradients in another order than one process does, and the steps carry
@@ -418,3 +426,23 @@ def test_hsdp_every_optimizer_matches_single_process(hsdp_results):
     assert len(ranks) == 4
     assert set(ranks[0]["placements"]) == {"(Replicate(), Shard(dim=0))"}
     assert_every_optimizer_matches(ranks, job.run_every_fsdp_optimizer(None, 1), float32=False)
+
+
+def test_curvature_of_a_ddp_model_is_that_of_the_global_batch_on_every_rank(results):
+    # Each rank holds an uneven share (3 rows and 5); the operators of the DDP model all-reduce each product and
+    # the row counts, so every rank gets the curvature of the whole batch: the single process given both shares.
+    ranks = case_results(results, "curvature_ddp")
+    single = job.run_curvature(None, WORLD_SIZE)
+    for key, expected in single.items():
+        for rank, result in enumerate(ranks):
+            got = result[key]
+            if key == "monitor":
+                for field, value in expected.items():
+                    assert got[field] == pytest.approx(value, rel=1e-9), f"rank {rank}: monitor {field}"
+                continue
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, key=key, rank=rank: f"rank {rank}, {key}: {m}")
+    for key in ("hessian", "ggn", "fisher", "top_eigenvalues", "params"):
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)  # one all-reduce, one result
+    for rank, result in enumerate(ranks):  # the plain module with the group given: the same operator
+        torch.testing.assert_close(result["explicit_group"], single["hessian"], rtol=1e-10, atol=1e-12)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["agree_over_mesh", "average_", "check_row_sharded", "gather_whole", "is_dtensor", "local_rows", "local_tensors",
-           "reject_dtensors", "write_whole_"]
+           "reject_dtensors", "sum_", "write_whole_"]
 
 try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor
@@ -186,6 +186,23 @@ def check_process_group(process_group, *, caller: str) -> None:
 
 
 @torch.no_grad()
+def sum_(tensors: Sequence[torch.Tensor], process_group) -> None:
+    """Replace every tensor by its sum over the ranks of ``process_group``, in place: one all-reduce of a flat
+    buffer per (device, dtype); every rank passes tensors of the same shapes, dtypes and devices in one order."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    for index in groups.values():
+        chosen = [tensors[i] for i in index]
+        flat = torch.cat([t.reshape(-1) for t in chosen])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        start = 0
+        for t in chosen:
+            t.copy_(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()
+
+
+@torch.no_grad()
 def average_(tensors: Sequence[torch.Tensor], process_group) -> None:
     """Replace every tensor by its mean over the ranks of ``process_group``, in place.
 
@@ -197,15 +214,6 @@ def average_(tensors: Sequence[torch.Tensor], process_group) -> None:
     world = dist.get_world_size(process_group)
     if world == 1 or not tensors:
         return
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    for index in groups.values():
-        chosen = [tensors[i] for i in index]
-        flat = torch.cat([t.reshape(-1) for t in chosen])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-        flat.div_(world)
-        start = 0
-        for t in chosen:
-            t.copy_(flat[start:start + t.numel()].view_as(t))
-            start += t.numel()
+    sum_(tensors, process_group)
+    for t in tensors:
+        t.div_(world)

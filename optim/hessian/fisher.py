@@ -82,7 +82,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         loss_fn: ``loss_fn(output, target)`` returning a scalar, called on one row's output and target.
         data: as for ``HessianOperator``; ``inputs`` a tensor (or a tuple/list/dict of tensors) whose dim 0 is the
             rows, ``targets`` a tensor with at least one dimension, of the same number of rows.
-        param_filter: as for ``HessianOperator``.
+        param_filter, process_group: as for ``HessianOperator``.
         reuse_graph: keep a state of one-batch ``data`` between products, under HessianOperator's rules:
             ``None`` (default) when no module is in training mode, ``True`` also in training mode (dropout masks
             drawn once), ``False`` never; rebuilt whenever a parameter, buffer, batch tensor or mode changed
@@ -129,11 +129,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         reuse_graph: bool | None = None,
         max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES,
         compile: bool = False,
+        process_group=None,
     ):
         if isinstance(max_kept_bytes, bool) or not isinstance(max_kept_bytes, int) or max_kept_bytes < 0:
             raise ValueError(f"{self._where}: max_kept_bytes must be an integer >= 0, got {max_kept_bytes!r}")
         self.max_kept_bytes = max_kept_bytes
-        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile)
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile,
+                         process_group=process_group)
         self.last_path: str | None = None
 
     @property

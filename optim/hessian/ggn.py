@@ -120,7 +120,7 @@ class GGNOperator(CurvatureOperator):
             output, whose ``.logits`` are ``z`` (``loss_fn`` then receives them, as ``causal_lm_loss`` takes them).
         loss_fn: ``loss_fn(output, target)`` returning a scalar. Cross-entropy and MSE get closed forms of ``H_b``
             (module docstring); any other criterion is differentiated twice in the outputs by autograd.
-        data, param_filter: as for ``HessianOperator``.
+        data, param_filter, process_group: as for ``HessianOperator``.
         compile: compute each product with a ``torch.compile``'d function of one probe, ``Jᵀ (H_z (J v))``: ``J v``
             by forward mode (``torch.func.jvp`` of the outputs), ``H_z`` in closed form, ``Jᵀ w`` by ``vjp``;
             compiled at the first product for this model and batch shapes and reused by every later product and
@@ -157,8 +157,10 @@ class GGNOperator(CurvatureOperator):
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         reuse_graph: bool | None = None,
         compile: bool = False,
+        process_group=None,
     ):
-        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile)
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile,
+                         process_group=process_group)
         self.output_hessian: str | None = None
 
     @property

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..fused.distributed import check_process_group
 from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit
 
 __all__ = ["SharpnessMonitor"]
@@ -66,6 +67,10 @@ class SharpnessMonitor:
             :class:`~optim.hessian.fisher.EmpiricalFisherOperator`). The stability limit 2/η is a statement about
             the Hessian; for the GGN it is the usual proxy (GGN and Hessian agree near a minimum with small
             residuals), for the empirical Fisher only a reference.
+        process_group: data-parallel measurement: ``batch`` is this rank's share and the matrix is that of the
+            batches of every rank (``HessianOperator``'s ``process_group``); every rank calls ``step`` with the same
+            ``step``, and all get the same record. Default: the group of a ``DistributedDataParallel`` model (its
+            ``.module`` is measured, and ``param_filter`` sees its names), else None (this process's batch only).
         compile: products through the operator's compiled function (``compile=True`` of ``HessianOperator``,
             ``GGNOperator`` or ``EmpiricalFisherOperator``), compiled at the first measurement and reused by every
             later one; ``compile_seconds`` reports the time.
@@ -94,6 +99,7 @@ class SharpnessMonitor:
         seed: int = 0,
         curvature: str = "hessian",
         compile: bool = False,
+        process_group=None,
     ):
         # Every argument is checked here, before anything is stored: a measurement hundreds of steps into a run is
         # no place to learn that an argument was wrong.
@@ -130,6 +136,10 @@ class SharpnessMonitor:
             raise ValueError(f"SharpnessMonitor: seed must be an int in [0, 2**64) (measurement s uses seed + s), "
                              f"got {seed!r}")
         check_lr_from(lr_from)
+        check_process_group(process_group, caller="SharpnessMonitor")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            process_group = model.process_group if process_group is None else process_group
+            model = model.module  # the names param_filter sees are the operators' (no "module." prefix)
         if param_filter is not None:
             if not callable(param_filter):
                 raise ValueError(f"SharpnessMonitor: param_filter must be None or callable as param_filter(name, "
@@ -146,6 +156,7 @@ class SharpnessMonitor:
         self.eval_mode, self.param_filter, self.writer, self.seed = eval_mode, param_filter, writer, seed
         self.curvature = curvature
         self.compile = compile
+        self.process_group = process_group
         self.records: list[dict[str, float]] = []
 
     def learning_rate_and_limit(self) -> tuple[float, float]:
@@ -192,7 +203,8 @@ class SharpnessMonitor:
             self.model.eval()
         try:
             options = {"compile": self.compile} if self.compile else {}
-            operator = operator_class(self.model, self.loss_fn, batch, param_filter=self.param_filter, **options)
+            operator = operator_class(self.model, self.loss_fn, batch, param_filter=self.param_filter,
+                                      process_group=self.process_group, **options)
             measured = operator
             if preconditioned:  # P^(-1/2) C P^(-1/2): the eigenvalues and trace of P⁻¹C
                 measured = ScaledOperator(operator, adam_preconditioner(self.lr_from, operator.params, operator.names,

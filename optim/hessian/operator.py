@@ -10,6 +10,11 @@ With a criterion that averages over its batch (``reduction="mean"``, the PyTorch
 over all the rows of the data, whatever the batch sizes; ``N_b`` is the number of rows of the target
 (``targets.shape[0]``; 1 for a 0-dim target). ``H @ v`` costs one Hessian-vector product per batch (see
 :func:`optim.hessian.hvp.hvp` for the modes), evaluated at the model's parameters as they are when it is called.
+
+Data-parallel (a ``DistributedDataParallel`` model, or ``process_group``): each rank holds its own batches and the
+sums over b run over the batches of every rank, ``Σ_b N_b C_b v`` and ``N`` all-reduced at each product, so every
+rank gets the operator of the global data, that of one process given all the ranks' batches as a list (to rounding).
+Every rank must call every product (the estimators do: their probes are the same on every rank for one seed).
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from collections.abc import Mapping
 from typing import Callable, Iterable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
+
+from ..fused.distributed import check_process_group, sum_
 
 from .krylov import _dot64
 from .routing import sdpa_curvature
@@ -164,9 +172,16 @@ class CurvatureOperator:
         param_filter: Callable[[str, torch.Tensor], bool] | None = None,
         reuse_graph: bool | None = None,
         compile: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ):
         where = self._where
         check_compile(compile, "fr", where=where)
+        check_process_group(process_group, caller=where)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # the global batch's curvature, as the model is trained on; DDP's own forward would leave its reducer
+            # waiting for a backward that never comes
+            process_group = model.process_group if process_group is None else process_group
+            model = model.module
         if compile and reuse_graph is True:
             raise ValueError(f"{where}: compile=True recomputes the forward in the compiled product, so there is no "
                              "graph to reuse; pass reuse_graph=None or False with it")
@@ -233,6 +248,7 @@ class CurvatureOperator:
         self.reuse_graph = False if compile else reuse_graph
         self._graph: KeptGraph | None = None  # the kept state of the one batch
         self._data = stored
+        self.process_group = process_group
 
     @property
     def _where(self) -> str:
@@ -333,8 +349,23 @@ class CurvatureOperator:
             else:
                 total_loss, total_grad = total_loss + weight * loss, total_grad.add_(flat, alpha=weight)
             total_weight += weight
+        if self.process_group is not None:
+            total_loss, total_grad = self._over_ranks([total_loss, total_grad], total_weight, [(), (self.n,)])
+            return total_loss, total_grad
         self._check_some_rows(total_weight)
         return total_loss / total_weight, total_grad.div_(total_weight)
+
+    def _over_ranks(self, sums: list[torch.Tensor | None], weight: int, shapes) -> list[torch.Tensor]:
+        """``Σ_ranks sums / Σ_ranks weight`` over ``process_group``: the local weighted sums (None where this rank
+        has no rows: zeros of ``shapes``) all-reduced, divided by the global row count. Raises on every rank when
+        no rank has a row."""
+        sums = [torch.zeros(shape, dtype=self.dtype, device=self.device) if t is None else t
+                for t, shape in zip(sums, shapes)]
+        rows = torch.tensor([float(weight)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(rows, group=self.process_group)
+        self._check_some_rows(int(rows.item()))
+        sum_(sums, self.process_group)
+        return [t.div_(rows.item()) for t in sums]
 
     def release_graph(self) -> None:
         """Free the kept state (its activations or matrix); the next product rebuilds it. See ``reuse_graph``."""
@@ -422,13 +453,19 @@ class CurvatureOperator:
         v, k = check_vectors(params, v, where=where)
         self._check_model()
         if k == 0:  # no probes: an empty block, once the data is known to have rows
-            self._check_some_rows(sum(rows for _, _, rows in self._batches()))
+            rows = sum(rows for _, _, rows in self._batches())
+            if self.process_group is not None:
+                self._over_ranks([], rows, [])
+            self._check_some_rows(rows if self.process_group is None else 1)
             return [t.clone() for t in v]
         try:
             state = self._kept_state(params)
             if state is not None:
                 product = self._apply(state, v, k)
                 self.num_matvecs += 1 if k is None else k
+                if self.process_group is not None:
+                    rows = _rows(as_pair(self._data[0])[1])
+                    return self._over_ranks([t * rows for t in product], rows, [t.shape for t in v])
                 return product
         except StateNotKept:
             self._graph = None
@@ -443,8 +480,12 @@ class CurvatureOperator:
                 for acc, t in zip(total, product):
                     acc.add_(t, alpha=weight)
             total_weight += weight
-        self._check_some_rows(total_weight)
         self.num_matvecs += 1 if k is None else k
+        if self.process_group is not None:
+            if total is not None and total_weight == first_weight:
+                total = [t * first_weight for t in total]
+            return self._over_ranks([None] * len(v) if total is None else total, total_weight, [t.shape for t in v])
+        self._check_some_rows(total_weight)
         # One batch: its product as it is, bit for bit what a kept state gives (w·t/w may round).
         return total if total_weight == first_weight else [t.div_(total_weight) for t in total]
 
@@ -456,7 +497,7 @@ class CurvatureOperator:
         for index, batch in enumerate(self._data):
             _check_batch(batch, index, self._where)
             inputs, targets = as_pair(batch)
-            rows = targets.shape[0] if targets.dim() > 0 else 1
+            rows = _rows(targets)
             if rows == 0:
                 continue
             targets = targets.to(self.device, non_blocking=True)
@@ -474,6 +515,11 @@ class CurvatureOperator:
     def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
         """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
         return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
+
+
+def _rows(targets: torch.Tensor) -> int:
+    """``N_b``, a batch's weight: the rows of its target (1 for a 0-dim target)."""
+    return targets.shape[0] if targets.dim() > 0 else 1
 
 
 def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -614,6 +660,10 @@ class HessianOperator(CurvatureOperator):
             batch shapes, and reused by every later product and by later operators on the same model and loss (a
             :class:`~optim.SharpnessMonitor` builds one per measurement). :attr:`compile_seconds` reports the time.
             ``mode`` must be ``"auto"`` or ``"fr"``; no graph is kept (``reuse_graph`` must not be True).
+        process_group: data-parallel: ``data`` is this rank's share and the operator is that of the data of every
+            rank of the group (module docstring); every rank calls every product. Default: the group of a
+            ``DistributedDataParallel`` model (whose ``.module`` is then differentiated), else None (this process's
+            data only; pass ``model.module`` for a rank's own curvature under DDP).
 
     The model is evaluated in its current mode, as set by ``model.train()`` / ``model.eval()``: in train mode
     dropout draws a new mask at every product (all the probes of one ``(k, n)`` block share a mask) and BatchNorm
@@ -657,6 +707,7 @@ class HessianOperator(CurvatureOperator):
         mode: str = "auto",
         reuse_graph: bool | None = None,
         compile: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ):
         if mode not in MODES:
             raise ValueError(
@@ -664,7 +715,8 @@ class HessianOperator(CurvatureOperator):
             )
         check_compile(compile, mode, where=self._where)
         self.mode = mode
-        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile)
+        super().__init__(model, loss_fn, data, param_filter=param_filter, reuse_graph=reuse_graph, compile=compile,
+                         process_group=process_group)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", mode={self.mode!r})"
@@ -716,7 +768,8 @@ class HessianOperator(CurvatureOperator):
         ``H @ V``. Sums are in float64, piece by piece in ``params`` order, so both ways agree to rounding."""
         self._check_flat(V, (2,))
         k = V.shape[0]
-        if k == 0 or self._deciding() or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop"):
+        if (k == 0 or self._deciding() or self.process_group is not None
+                or (k >= MEASURE_MIN_PROBES and batching_choice(self.model, k) != "loop")):
             return super().quadratic_forms(V)
         params = self._current_params()
         self._check_model()

@@ -6,7 +6,10 @@ Constrained parameters are marked by their param group, no Parameter subclass ne
                       {"params": [b], "manifold": None}], lr=1e-2, rank=64)
 
 ``manifold`` defaults to ``"stiefel"``; groups with ``manifold=None`` get the unconstrained update (SGD with
-momentum for RSDM / RiemannianSGD, Adam for RiemannianAdam). A constrained tensor of shape (..., n, p) is a batch of
+momentum for RSDM / RiemannianSGD, Adam for RiemannianAdam). geoopt's ``ManifoldParameter`` s place themselves, as
+with geoopt's optimizers: ``optim.RiemannianAdam(model.parameters())`` constrains those on ``geoopt.Stiefel`` /
+``EuclideanStiefel`` and steps every other tensor unconstrained (``manifold_groups``; the metric is the embedded
+one whatever geoopt's class says, so trajectories differ from geoopt's canonical ``Stiefel``). A constrained tensor of shape (..., n, p) is a batch of
 matrices with orthonormal columns (n >= p) or rows (n < p, the ``nn.Linear`` layout); it must be on the manifold
 when the optimizer is built (``optim.stiefel.orthogonal_`` initializes one). Every step checks all gradients for
 NaN/inf first (one host sync) and raises without touching any parameter or state.
@@ -130,10 +133,64 @@ def _reorthonormalize_(p: torch.Tensor) -> None:
     target.copy_(qr_sign_fixed_near_orthonormal(wide))
 
 
+# geoopt's manifolds by class name (geoopt.Stiefel is CanonicalStiefel): the Stiefel ones, and the unconstrained one
+_GEOOPT_STIEFEL = ("CanonicalStiefel", "EuclideanStiefel", "EuclideanStiefelExact")
+_NO_MANIFOLD = object()  # a tensor geoopt marks with nothing
+
+
+def _geoopt_manifold(p: torch.Tensor, caller: str, index: int):
+    """The group ``manifold`` a geoopt ``ManifoldParameter`` belongs to (``"stiefel"``, or None for
+    ``geoopt.Euclidean``), or ``_NO_MANIFOLD`` for any other tensor."""
+    manifold = getattr(p, "manifold", None)
+    if manifold is None or not type(manifold).__module__.startswith("geoopt"):
+        return _NO_MANIFOLD
+    name = type(manifold).__name__
+    if name in _GEOOPT_STIEFEL:
+        return "stiefel"
+    if name == "Euclidean":
+        return None
+    raise ValueError(f"{caller}: parameter {index} is a geoopt ManifoldParameter on {name}; these optimizers "
+                     "handle the Stiefel manifold (geoopt.Stiefel, geoopt.EuclideanStiefel), Grassmann (a group "
+                     "with manifold='grassmann') and unconstrained tensors: use geoopt's optimizer for it")
+
+
+def manifold_groups(params, caller: str):
+    """``params`` as torch's constructor takes them, with geoopt's ``ManifoldParameter`` s placed as geoopt's own
+    optimizers place them: a group (or the plain list) without a ``"manifold"`` key that holds any is split by
+    manifold, its Stiefel tensors constrained and every other tensor unconstrained (``manifold=None``), the
+    group's other settings kept. Anything without geoopt tensors is returned as it is."""
+    if isinstance(params, torch.Tensor):  # torch's own error names the mistake
+        return params
+    params = list(params)
+    plain = not params or not isinstance(params[0], dict)
+    split, changed = [], False
+    for group in ([{"params": params}] if plain else params):
+        tensors = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(group, dict) or "manifold" in group or tensors is None:
+            split.append(group)
+            continue
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        kinds = [_geoopt_manifold(p, caller, i) for i, p in enumerate(tensors)]
+        if all(kind is _NO_MANIFOLD for kind in kinds):
+            split.append(group)
+            continue
+        changed = True
+        by_manifold: dict[str | None, list[torch.Tensor]] = {}
+        for p, kind in zip(tensors, kinds):
+            by_manifold.setdefault(None if kind is _NO_MANIFOLD else kind, []).append(p)
+        split.extend({**group, "params": members, "manifold": manifold} for manifold, members in by_manifold.items())
+    if not changed:
+        return params
+    return split
+
+
 class _ManifoldOptimizer(LeanStepMixin, Optimizer):
     """Param-group validation, the finite-gradient check and the step loop shared by the three optimizers."""
 
     _name = "optim.stiefel"
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        super().__init__(manifold_groups(params, self._name), defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after checking the whole group: its manifold, hyperparameters and every

@@ -223,3 +223,70 @@ def test_check_finite_false_skips_the_check_per_group(make):
         opt.step()
     with pytest.raises(ValueError, match="check_finite must be True or False"):
         make([_point((8, 3))], check_finite="no")
+
+
+class _GeooptLike:
+    """Stands for a geoopt manifold when geoopt is not installed: the optimizers recognize geoopt's manifolds by
+    their class's module and name."""
+
+
+def _marked(tensor: torch.Tensor, manifold: str) -> torch.nn.Parameter:
+    cls = type(manifold, (_GeooptLike,), {"__module__": "geoopt.manifolds.stiefel"})
+    param = torch.nn.Parameter(tensor)
+    param.manifold = cls()
+    return param
+
+
+def _geoopt_model(marker):
+    torch.manual_seed(0)
+    return {"W": marker(orthogonal_(torch.empty(8, 4, dtype=F64)), "stiefel"),
+            "U": marker(orthogonal_(torch.empty(2, 6, 3, dtype=F64)), "euclidean_stiefel"),
+            "b": torch.nn.Parameter(torch.randn(3, 4, dtype=F64)),
+            "e": marker(torch.randn(5, dtype=F64), "euclidean")}
+
+
+def _real_geoopt(tensor, manifold):
+    geoopt = pytest.importorskip("geoopt")
+    cls = {"stiefel": geoopt.Stiefel, "euclidean_stiefel": geoopt.EuclideanStiefel, "euclidean": geoopt.Euclidean}
+    instance = cls[manifold]()
+    return geoopt.ManifoldParameter(tensor, manifold=instance)
+
+
+def _fake_geoopt(tensor, manifold):
+    names = {"stiefel": "CanonicalStiefel", "euclidean_stiefel": "EuclideanStiefel", "euclidean": "Euclidean"}
+    return _marked(tensor, names[manifold])
+
+
+@pytest.mark.parametrize("marker", [_fake_geoopt, _real_geoopt], ids=["geoopt-like", "geoopt"])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam", "rsdm"])
+def test_geoopt_manifold_parameters_place_themselves_as_with_geoopts_optimizers(name, marker):
+    # RiemannianAdam(model.parameters()) of a geoopt model constrained every tensor, and raised on its biases;
+    # geoopt's own optimizers constrain the ManifoldParameters on a Stiefel manifold and step the rest freely.
+    make = (lambda params, **kw: optim.RSDM(params, lr=0.05, rank=2, seed=0, **kw)) if name == "rsdm" \
+        else OPTIMIZERS[name]
+    tensors = _geoopt_model(marker)
+    twins = {key: torch.nn.Parameter(t.detach().clone()) for key, t in tensors.items()}
+    ours = make(list(tensors.values()))
+    assert [g["manifold"] for g in ours.param_groups] == ["stiefel", None]
+    explicit = make([{"params": [twins["W"], twins["U"]], "manifold": "stiefel"},
+                     {"params": [twins["b"], twins["e"]], "manifold": None}])
+    target = {key: torch.randn_like(t) for key, t in tensors.items()}
+    for _ in range(3):
+        for opt, params in ((ours, tensors), (explicit, twins)):
+            opt.zero_grad()
+            sum(((params[key] - target[key]) ** 2).sum() for key in params).backward()
+            opt.step()
+    for key in tensors:
+        torch.testing.assert_close(tensors[key], twins[key], rtol=0, atol=0)
+    assert distance_to_manifold(tensors["W"].detach()) < 1e-12
+    # a group of its own keeps its settings when it is split; one that names its manifold is left alone
+    groups = make([{"params": list(_geoopt_model(marker).values()), "lr": 0.01}]).param_groups
+    assert [(g["manifold"], g["lr"], len(g["params"])) for g in groups] == [("stiefel", 0.01, 2), (None, 0.01, 2)]
+    with pytest.raises(ValueError, match="not on the Stiefel manifold"):
+        make([{"params": list(_geoopt_model(marker).values()), "manifold": "stiefel"}])
+
+
+def test_a_geoopt_manifold_these_optimizers_do_not_handle_is_named():
+    sphere = _marked(torch.randn(4, dtype=F64), "Sphere")
+    with pytest.raises(ValueError, match="parameter 1 is a geoopt ManifoldParameter on Sphere"):
+        optim.RiemannianAdam([torch.nn.Parameter(torch.randn(3, dtype=F64)), sphere])

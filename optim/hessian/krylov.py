@@ -218,13 +218,27 @@ def lanczos(
 # ------------------------------------------------------------------------------------------------------------------
 
 
+WHICH = ("largest", "smallest", "magnitude")
+
+
+def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the k wanted Ritz values of ascending ``theta``: the largest (descending), the smallest
+    (ascending, the most negative first) or those of largest magnitude (by |θ|, descending)."""
+    m = theta.numel()
+    if which == "largest":
+        return torch.arange(m - 1, m - 1 - k, -1)
+    if which == "smallest":
+        return torch.arange(k)
+    return torch.argsort(theta.abs(), descending=True, stable=True)[:k]
+
+
 def _ritz(
-    alphas: Tensor, betas: Tensor, k: int, tol: float, eps: float
+    alphas: Tensor, betas: Tensor, k: int, tol: float, eps: float, which: str = "largest"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-    """Eigen-decomposition of T_m, the indices of its top k Ritz values, their residuals / bounds and convergence."""
-    m = alphas.numel()
+    """Eigen-decomposition of T_m, the indices of its k wanted Ritz values, their residuals / bounds and
+    convergence."""
     theta, S = torch.linalg.eigh(_tridiagonal(alphas, betas))
-    top = torch.arange(m - 1, m - 1 - k, -1)
+    top = _wanted(theta, k, which)
     residuals = (betas[-1] * S[-1, top]).abs()
     # tol·|θ| cannot be met below the rounding level of H@v (~eps·‖H‖), e.g. for an eigenvalue at 0.
     bounds = torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
@@ -232,12 +246,13 @@ def _ritz(
 
 
 def lanczos_top(
-    apply: Product, draw: Draw, k: int, tol: float, max_iter: int
+    apply: Product, draw: Draw, k: int, tol: float, max_iter: int, which: str = "largest"
 ) -> tuple[Tensor, Tensor]:
-    """The top k Ritz pairs (values (k,) float64 CPU, descending; unit vectors (k, n)) of one Lanczos run from draw().
+    """The k wanted Ritz pairs (values (k,) float64 CPU in ``_wanted``'s order; unit vectors (k, n)) of one Lanczos
+    run from draw(): the largest, the smallest or the largest in magnitude (``which``).
 
-    The run restarts from draw() on an invariant Krylov space and stops once every top-k residual |β_m s_i[m−1]| is
-    ≤ tol·|θ_i| (or the rounding level), at m = n or after min(max_iter, n) products (with a RuntimeWarning).
+    The run restarts from draw() on an invariant Krylov space and stops once every wanted residual |β_m s_i[m−1]|
+    is ≤ tol·|θ_i| (or the rounding level), at m = n or after min(max_iter, n) products (with a RuntimeWarning).
     """
     q = draw()
     n = q.shape[-1]
@@ -248,7 +263,8 @@ def lanczos_top(
         m = alphas.shape[1]
         # eigh of the m×m tridiagonal costs O(m³): checking every step is free for m < 100; beyond, every m/20
         # steps keeps the checks small next to the H@v products.
-        return m >= k and (m < 100 or m % max(1, m // 20) == 0) and _ritz(alphas[0], betas[0], k, tol, eps)[-1]
+        return m >= k and (m < 100 or m % max(1, m // 20) == 0) and _ritz(alphas[0], betas[0], k, tol, eps,
+                                                                              which)[-1]
 
     run = lanczos(
         apply,
@@ -259,7 +275,7 @@ def lanczos_top(
         restart=draw,
     )
     m = run.steps
-    theta, S, top, ratio, ok = _ritz(run.alphas[0], run.betas[0], k, tol, eps)
+    theta, S, top, ratio, ok = _ritz(run.alphas[0], run.betas[0], k, tol, eps, which)
     if not ok and m < n:
         warnings.warn(
             f"top_eigenvalues: Lanczos did not converge within max_iter={max_iter} H@v products (largest residual "

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._finite import all_finite
-from .krylov import _dot64, lanczos_quadrature, lanczos_top, power_top
+from .krylov import WHICH, _dot64, lanczos_quadrature, lanczos_top, power_top
 from .plotting import plot_density
 from .probes import rademacher
 
@@ -275,14 +275,19 @@ class Eigenpairs(NamedTuple):
 
 
 def top_eigenvalues(
-    H, k: int = 1, *, method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100, seed: int = 0
+    H, k: int = 1, *, method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    which: str = "largest",
 ) -> Eigenpairs:
-    """The k largest (algebraic) eigenvalues of a symmetric H and their eigenvectors.
+    """The k largest (algebraic) eigenvalues of a symmetric H and their eigenvectors, or with ``which`` the k
+    smallest or the k largest in magnitude.
 
     Args:
         H: a :class:`LinearOperator` (shape (n, n)) or a symmetric (n, n) tensor.
         k: how many eigenpairs, 1 ≤ k ≤ n.
         method: ``"lanczos"`` or ``"power"``.
+        which: ``"largest"`` (λ₁ ≥ λ₂ ≥ …, returned in that order), ``"smallest"`` (the most negative first:
+            the negative curvature of a saddle) or ``"magnitude"`` (largest |λ| first; Lanczos only). Power
+            iteration finds the smallest as the largest of −H.
         tol: convergence tolerance, > 0 (see below).
         max_iter: the most H@v products either method may use, ≥ k.
         seed: seeds the Gaussian start vectors.
@@ -327,9 +332,21 @@ def top_eigenvalues(
     if max_iter < k:
         raise ValueError(f"max_iter must be >= k = {k} (each eigenpair needs at least one H@v product), got {max_iter}")
     seed = _check_seed(seed)
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(repr(w) for w in WHICH)}, got {which!r}")
+    if which == "magnitude" and method == "power":
+        raise ValueError("which='magnitude' needs method='lanczos' (power iteration's shift and deflation find "
+                         "the largest algebraic eigenvalues); use which='largest' and 'smallest' and compare")
     generator = torch.Generator().manual_seed(seed)
-    solver = lanczos_top if method == "lanczos" else power_top
-    values, vectors = solver(functools.partial(_apply, H), lambda: _gaussian(generator, (1, n), H), k, tol, max_iter)
+    apply = functools.partial(_apply, H)
+    draw = lambda: _gaussian(generator, (1, n), H)  # noqa: E731
+    if method == "lanczos":
+        values, vectors = lanczos_top(apply, draw, k, tol, max_iter, which)
+    elif which == "smallest":  # the largest of −H, negated back
+        values, vectors = power_top(lambda *args: -apply(*args), draw, k, tol, max_iter)
+        values = -values
+    else:
+        values, vectors = power_top(apply, draw, k, tol, max_iter)
     # Sign convention: the largest-magnitude entry of each eigenvector is positive.
     index = vectors.abs().argmax(dim=1, keepdim=True)
     signs = torch.where(vectors.gather(1, index) < 0, -1.0, 1.0).to(vectors.dtype)

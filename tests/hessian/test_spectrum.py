@@ -137,6 +137,37 @@ def test_largest_algebraic_not_largest_magnitude(method):
     check_eigenpairs(A, result, 3, rtol=1e-6, residual_rtol=1e-4)
 
 
+@pytest.mark.parametrize("which, method", [("smallest", "lanczos"), ("smallest", "power"),
+                                           ("magnitude", "lanczos")])
+def test_smallest_and_largest_in_magnitude(which, method):
+    # The negative curvature of a saddle: the smallest λ (of the mirrored spectrum: -50, -20, -10 well separated, as
+    # power iteration needs), and the largest |λ| (-80, 50, 20)
+    A = symmetric([-x for x in SPECTRUM] if which == "smallest" else NEGATIVE_DOMINANT)
+    exact = torch.linalg.eigvalsh(A)
+    expected = exact[:3] if which == "smallest" else exact[torch.argsort(exact.abs(), descending=True)[:3]]
+    tol = 1e-8 if method == "lanczos" else 1e-13
+    values, vectors = top_eigenvalues(A, 3, which=which, method=method, tol=tol, max_iter=4000)
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=0)  # in that order
+    for value, vector in zip(values, vectors):
+        residual = torch.linalg.vector_norm(A @ vector - value * vector)
+        assert residual <= 1e-4 * abs(value), f"‖Hv − λv‖ = {residual:.3g} for λ = {value:.6g}"
+        assert vector[vector.abs().argmax()] > 0
+
+
+def test_smallest_eigenvalues_of_a_model_hessian_match_the_explicit_matrix():
+    import optim
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 4, dtype=F64), torch.randint(0, 3, (20,))
+    H = optim.HessianOperator(model, torch.nn.functional.cross_entropy, (x, y))
+    explicit = torch.stack([H @ row for row in torch.eye(H.n, dtype=F64)])
+    exact = torch.linalg.eigvalsh((explicit + explicit.T) / 2)
+    assert exact[0] < 0  # away from a minimum: negative curvature to find
+    torch.testing.assert_close(top_eigenvalues(H, 2, which="smallest", tol=1e-10, max_iter=H.n).eigenvalues,
+                               exact[:2], rtol=1e-7, atol=1e-12)
+
+
 def test_power_does_not_stop_on_an_oscillating_iterate():
     # λ_max = −λ_min: the power iterate alternates between the two eigenvectors and its Rayleigh quotient is
     # constant, which a quotient-only test would accept as converged to a wrong value.
@@ -427,6 +458,8 @@ def test_matrix_operator_rejects_a_wrong_vector_shape(A):
         (lambda A: top_eigenvalues(A, tol=float("nan")), ValueError, "tol must be"),
         (lambda A: top_eigenvalues(A, 3, max_iter=2), ValueError, "max_iter must be >= k = 3"),
         (lambda A: top_eigenvalues(A, seed=-1), ValueError, "seed must be in"),
+        (lambda A: top_eigenvalues(A, which="LA"), ValueError, "which must be one of 'largest', 'smallest'"),
+        (lambda A: top_eigenvalues(A, which="magnitude", method="power"), ValueError, "needs method='lanczos'"),
         (lambda A: trace(A, num_probes=0), ValueError, "num_probes must be >= 1"),
         (lambda A: trace(A, num_probes=2, method="hutch++"), ValueError, "num_probes must be >= 3"),
         (lambda A: trace(A, method="xtrace"), ValueError, "method must be 'hutchinson' or 'hutch\\+\\+'"),

@@ -155,3 +155,53 @@ def test_hf_hessian_trainer_steps_like_the_closure_protocol(optimizer, tmp_path)
             torch.testing.assert_close(value, reference_opt.state[q][key], rtol=1e-5, atol=1e-8)
     # No gradient keeps the second-order graph alive after training (the reference cycle create_graph warns of).
     assert all(p.grad is None or not p.grad.requires_grad for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("optimizer", ["sophia", "adahessian"])
+def test_lightning_automatic_optimization_with_a_create_graph_backward_steps_like_the_closure_protocol(optimizer):
+    # Lightning's automatic closure runs training_step and the module's backward hook, then returns the loss;
+    # with the hook passing create_graph=True the optimizer takes Hz through the graph p.grad carries. That closure
+    # was refused on refresh steps ("the closure called backward()") until it was read as backward(create_graph).
+    require_lightning()
+    try:
+        import lightning as L
+    except ImportError:
+        import pytorch_lightning as L
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    import optim
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 5, generator=generator), torch.randint(0, 3, (48,), generator=generator)
+    make_optimizer = {"sophia": lambda p: optim.SophiaH(p, lr=1e-2, update_period=2, seed=0),
+                      "adahessian": lambda p: optim.AdaHessian(p, lr=1e-2, seed=0)}[optimizer]
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+        def training_step(self, batch, index):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def backward(self, loss, *args, **kwargs):
+            loss.backward(create_graph=True)
+
+        def configure_optimizers(self):
+            return make_optimizer(self.parameters())
+
+    module = Module()
+    reference = copy.deepcopy(module.net)
+    reference_opt = make_optimizer(reference.parameters())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(module, loader)
+    for batch_x, batch_y in loader:
+        reference_opt.step(lambda: F.cross_entropy(reference(batch_x), batch_y))
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -14,11 +14,14 @@ The closure protocol (``step(closure)``)
     * On steps that do **not** refresh, a closure that calls ``loss.backward()`` itself (the usual torch.optim
       closure), or no closure at all after ``loss.backward()``: the optimizer then uses ``p.grad`` like a first-order
       optimizer. It tells the two kinds of closure apart by whether ``p.grad`` changed during the call. On a
-      refresh step such a closure is an error (the graph it freed is the one the Hessian-vector product needs).
+      refresh step such a closure is an error (the graph it freed is the one the Hessian-vector product needs)
+      unless it called ``loss.backward(create_graph=True)``, as below.
     * ``loss.backward(create_graph=True)`` followed by ``step()`` without a closure (the protocol of other Hessian
-      optimizers): on a refresh step the Hessian-vector product is taken through the graph the gradients carry,
-      and ``p.grad`` is then replaced by a detached copy, which breaks the reference cycle
-      parameter → grad → graph → parameter that otherwise leaks memory.
+      optimizers), or inside the closure (Lightning's automatic optimization with the module's ``backward`` hook
+      passing ``create_graph=True``): on a refresh step the Hessian-vector product is taken through the graph the
+      gradients carry, and ``p.grad`` is then replaced by a detached copy, which breaks the reference cycle
+      parameter → grad → graph → parameter that otherwise leaks memory. The closure runs inside the curvature
+      routes on refresh steps, so an SDPA model needs nothing more.
     * An externally computed Hessian diagonal, ``step(closure, hessian_diagonal=...)`` or
       :meth:`set_hessian_diagonal` before the step: it replaces the Hutchinson estimate for the parameters it
       covers (no Hessian-vector product is computed for them) and counts as a refresh for them.
@@ -626,12 +629,24 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
                 break
         if did_backward:
             stepping = [p for p in candidates if p.grad is not None]
+            work = _StepWork(stepping, [p.grad for p in stepping], loss=loss)
             if due and any(id(p) in due for p in stepping):
-                raise ValueError(
-                    f"{self._name}.step: the closure called backward(), but this step refreshes the Hessian "
-                    "estimate and needs the graph of the loss. Return the loss from the closure without calling "
-                    "backward() (the optimizer differentiates it), at least on refresh steps")
-            return _StepWork(stepping, [p.grad for p in stepping], loss=loss)
+                # backward(create_graph=True) in the closure (Lightning's automatic optimization with its backward
+                # hook overridden, AdaHessian's original loop) leaves the graph in p.grad, as without a closure
+                with_graph = any(g.requires_grad for p, g in zip(work.params, work.grads) if id(p) in due)
+                if self._ggn or not with_graph:
+                    raise ValueError(
+                        f"{self._name}.step: the closure called backward(), but this step refreshes the "
+                        + ("Gauss-Newton estimate, which differentiates the outputs: return (outputs, targets) "
+                           "from the closure without calling backward()" if self._ggn else
+                           "Hessian estimate and needs the graph of the loss. Return the loss from the closure "
+                           "without calling backward() (the optimizer differentiates it), or call "
+                           "loss.backward(create_graph=True) in it") + ", at least on refresh steps")
+                if self._process_group is not None:  # DDP cannot have averaged gradients that carry a graph
+                    work = _StepWork.zero_filled(candidates, [p.grad for p in candidates])
+                    work.loss = loss
+                work.graph_grads = work.grads
+            return work
         if not candidates:  # every parameter is frozen: nothing to step, as in torch.optim
             return _StepWork([], [], loss=loss)
         self._check_loss(loss)

@@ -319,12 +319,23 @@ def test_closure_variants_agree(name):
             return loss
         return closure
 
-    for variant in ("backward closure", "no closure", "create_graph"):
+    def create_graph_closure(m, o, batch):  # Lightning's automatic optimization, backward(create_graph=True)
+        def closure():
+            o.zero_grad()
+            loss = loss_closure(m, batch)()
+            loss.backward(create_graph=True)
+            return loss
+        return closure
+
+    for variant in ("backward closure", "no closure", "create_graph", "create_graph closure"):
         m = copy.deepcopy(model)
         o = make_opt(name, m.parameters())
         for t, batch in enumerate(batches):
             refresh = t % 2 == 0
-            if variant == "create_graph":
+            if variant == "create_graph closure":
+                o.step(create_graph_closure(m, o, batch))
+                assert all(p.grad is None or p.grad.grad_fn is None for p in m.parameters())
+            elif variant == "create_graph":
                 o.zero_grad()
                 loss_closure(m, batch)().backward(create_graph=True)
                 o.step()

@@ -535,6 +535,12 @@ def fsdp_errors(rank: int, world_size: int) -> dict:
     messages["adahessian"] = message_of(lambda: optim.AdaHessian(mlp.parameters(), seed=0, hessian="exact"))
     messages["sophia_ggn"] = message_of(lambda: optim.SophiaH(mlp.parameters(), seed=0, hessian="ggn",
                                                               loss_fn=F.cross_entropy))
+    # The curvature operators gave zero products on FSDP2 shards (the functional call bypasses the unsharding)
+    batch = local_part(global_batches()[0], rank, world_size)
+    for name, operator_class in (("hessian_operator", optim.HessianOperator), ("ggn_operator", optim.GGNOperator),
+                                 ("fisher_operator", optim.EmpiricalFisherOperator)):
+        messages[name] = message_of(lambda operator_class=operator_class: operator_class(mlp, F.cross_entropy, batch))
+    messages["sharpness_monitor"] = message_of(lambda: optim.SharpnessMonitor(mlp, F.cross_entropy))
     # A constrained matrix sharded by columns (tensor parallelism's Shard(1)) is refused: the methods gather rows.
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -610,6 +616,10 @@ def run_curvature(rank: int | None, world_size: int) -> dict:
         result[name] = operator @ block
         result[f"{name}_vector"] = operator @ block[0]
         result[f"{name}_empty_block"] = operator @ block[:0]
+    # a rank whose share is empty adds nothing (and raises nowhere: the rows are counted over the group)
+    whole = [(x, y)] if rank is None else [(x, y) if rank == 0 else (x[:0], y[:0])]
+    for name, operator_class in (("hessian", optim.HessianOperator), ("fisher", optim.EmpiricalFisherOperator)):
+        result[f"{name}_one_share_empty"] = operator_class(model, F.cross_entropy, whole) @ block
     H = optim.HessianOperator(model, F.cross_entropy, data)
     result["loss_and_grad"] = H.loss_and_grad()
     result["quadratic_forms"] = H.quadratic_forms(block)

@@ -203,6 +203,10 @@ def test_fsdp2_second_order_with_finite_differences_matches_single_process(resul
     ("rsdm", "sharded by rows"),
     ("riemannian_adam", "sharded by rows"),
     ("refactorizer", "sharded by rows"),
+    ("hessian_operator", "unsharded copy"),
+    ("ggn_operator", "unsharded copy"),
+    ("fisher_operator", "unsharded copy"),
+    ("sharpness_monitor", "unsharded copy"),
 ])
 def test_fsdp2_unsupported_optimizers_raise(results, name, words):
     """What cannot work on FSDP2's shards is refused at construction: a second-order graph (no double backward

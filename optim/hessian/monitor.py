@@ -140,6 +140,9 @@ class SharpnessMonitor:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             process_group = model.process_group if process_group is None else process_group
             model = model.module  # the names param_filter sees are the operators' (no "module." prefix)
+        from .operator import reject_sharded
+
+        reject_sharded(list(model.named_parameters()), "SharpnessMonitor")
         if param_filter is not None:
             if not callable(param_filter):
                 raise ValueError(f"SharpnessMonitor: param_filter must be None or callable as param_filter(name, "

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from ..fused.distributed import check_process_group, sum_
+from ..fused.distributed import check_process_group, is_dtensor, sum_
 
 from .krylov import _dot64
 from .routing import sdpa_curvature
@@ -219,6 +219,7 @@ class CurvatureOperator:
             )
         params = [p for _, p in selected]
         check_params(params, where=where, names=[name for name, _ in selected])
+        reject_sharded(selected, where)
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -440,6 +441,8 @@ class CurvatureOperator:
         if graph is None or graph.key != key or not graph.captured.unchanged():
             self._graph = graph = None  # free the old state before building the new one
             batches = list(self._batches())
+            if not batches and self.process_group is not None:
+                return None  # this rank's share is empty: the other ranks' rows make the product
             self._check_some_rows(len(batches))
             inputs, targets, rows = batches[0]
             state = self._build(inputs, targets, params, rows)
@@ -515,6 +518,19 @@ class CurvatureOperator:
     def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
         """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
         return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
+
+
+def reject_sharded(named_params, where: str) -> None:
+    """``ValueError`` for a DTensor parameter among ``(name, param)`` pairs: FSDP2 unshards in its forward hooks,
+    which a functional call of the module bypasses, so every product would be wrong (it was zero)."""
+    sharded = [name for name, p in named_params if is_dtensor(p)]
+    if sharded:
+        raise ValueError(
+            f"{where}: parameter {sharded[0]!r} is a DTensor (the model is sharded by FSDP2's fully_shard), and the "
+            "curvature operators differentiate whole parameters through a functional call the sharding does not "
+            "take part in. Measure an unsharded copy (its full state dict, e.g. torch.distributed.checkpoint."
+            "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) with "
+            "process_group= to share the data, or the model under DDP")
 
 
 def _rows(targets: torch.Tensor) -> int:

@@ -85,12 +85,30 @@ def sdpa_curvature(enabled: bool = True):
     # backward. Torch's math backend has one (T×T weights), so those nested calls take it. The modules' inference
     # fast path (taken where they see no gradient being recorded, as under torch.compile's functional transforms)
     # has no derivative at all.
-    with _CurvatureRoutes(), sdpa_kernel([SDPBackend.MATH]), _mha_fastpath_off():
-        try:
-            yield
-        except CheckpointError as error:
-            error.add_note(_CHECKPOINT_NOTE)
-            raise
+    with _CurvatureRoutes(), sdpa_kernel([SDPBackend.MATH]), _mha_fastpath_off(), checkpoint_note():
+        yield
+
+
+@contextlib.contextmanager
+def checkpoint_note():
+    """Notes on what to pass to activation checkpointing, added to the errors it raises in the block: a
+    ``CheckpointError`` (a recomputation outside the routes, without ``curvature_context_fn``) and the reentrant
+    checkpoint's refusal of ``torch.autograd.grad``. The optimizers' refresh steps differentiate outside the
+    routes' block, so they enter this one around their gradients."""
+    try:
+        yield
+    except CheckpointError as error:
+        _add_note_once(error, _CHECKPOINT_NOTE)
+        raise
+    except RuntimeError as error:
+        if "use_reentrant=True" in str(error):
+            _add_note_once(error, _REENTRANT_NOTE)
+        raise
+
+
+def _add_note_once(error: BaseException, note: str) -> None:
+    if note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
 
 
 @contextlib.contextmanager
@@ -109,6 +127,11 @@ _CHECKPOINT_NOTE = (
     "taken, so the recomputation differs from the routed forward. Pass context_fn=optim.hessian.curvature_context_fn "
     "to torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (Hugging Face: model.activation_checkpointing_"
     "enable(activation_checkpointing_kwargs={'use_reentrant': False, 'context_fn': "
+    "optim.hessian.curvature_context_fn}))")
+_REENTRANT_NOTE = (
+    "optim: curvature differentiates the gradient again, which the reentrant checkpoint cannot: use "
+    "use_reentrant=False with context_fn=optim.hessian.curvature_context_fn (Hugging Face: "
+    "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False, 'context_fn': "
     "optim.hessian.curvature_context_fn}))")
 
 

@@ -165,7 +165,7 @@ from ..fused.distributed import (agree_over_mesh, average_, check_process_group,
 from .ggn import apply_output_hessian, ggn_vector_products
 from .hvp import second_backward
 from .operator import output_tensor
-from .routing import sdpa_curvature
+from .routing import checkpoint_note, sdpa_curvature
 from .probes import rademacher_like
 
 __all__ = ["probe_seed"]
@@ -514,8 +514,9 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
         due = self._due_for_refresh(external)
         if closure is None and found_inf is None and self._only_creates_state(due):
             return None
-        work = self._gather(closure, due, grad_scale, found_inf)
-        self._curvature(work, closure, due)
+        with checkpoint_note():  # the gradients of a refresh are differentiated outside the routes' block
+            work = self._gather(closure, due, grad_scale, found_inf)
+            self._curvature(work, closure, due)
         self._reduce(work, grad_scale)
         self._apply_update(work, closure, external, hypers)
         return work.loss
@@ -659,6 +660,14 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
             if refresh:
                 self._raise_if_compiled(error)
             raise
+        if self._process_group is None and all(g is None for g in all_grads):
+            # loss.backward() would have reached them inside the checkpoint's own backward; autograd.grad cannot
+            raise ValueError(
+                f"{self._name}.step: the closure's loss requires grad but none of the optimizer's parameters is in "
+                "its graph, so nothing would step. A reentrant activation checkpoint (torch.utils.checkpoint with "
+                "use_reentrant=True) hides the parameters inside it from torch.autograd.grad: use "
+                "use_reentrant=False (with context_fn=optim.hessian.curvature_context_fn), or compute the loss "
+                "from these parameters")
         if self._process_group is not None:
             work = _StepWork.zero_filled(candidates, all_grads)
         else:

@@ -441,6 +441,45 @@ def test_checkpointed_sdpa_module_without_the_context_fn_is_an_error_that_names_
     assert any("context_fn=optim.hessian.curvature_context_fn" in note for note in raised.value.__notes__)
 
 
+class _ReentrantBlock(_AttentionBlock):
+    """The attention under a reentrant checkpoint, its input a function of the parameters (a transformer's hidden
+    states: the checkpoint is in the outer graph), or not (``detached``: the parameters inside are hidden from
+    ``torch.autograd.grad``; only ``backward()`` reaches them)."""
+
+    def __init__(self, detached=False):
+        super().__init__()
+        self.detached = detached
+
+    def forward(self, x):
+        hidden = x.detach().requires_grad_() if self.detached else self.proj(x)
+        return torch.utils.checkpoint.checkpoint(self.attend, hidden, use_reentrant=True)
+
+
+@pytest.mark.parametrize("optimizer", ["SophiaH", "AdaHessian"])
+def test_a_refresh_through_a_checkpoint_without_the_context_fn_says_what_to_pass(optimizer):
+    # The refresh differentiates outside the routes' block, so the note that names curvature_context_fn was
+    # missing there (torch's bare "a different number of tensors was saved"), and the reentrant checkpoint's refusal
+    # of autograd.grad said nothing of use_reentrant=False with it. Nothing is stepped.
+    _, checkpointed, (x, target) = _checkpoint_twins()
+    torch.manual_seed(2)
+    reentrant = _ReentrantBlock().double()
+    for model, error, words in ((checkpointed, torch.utils.checkpoint.CheckpointError, "context_fn=optim.hessian."
+                                 "curvature_context_fn"), (reentrant, RuntimeError, "use_reentrant=False with "
+                                                                                    "context_fn")):
+        opt = getattr(optim, optimizer)(model.parameters(), lr=1e-2, seed=0)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(error) as raised:
+            opt.step(lambda: _mse(model(x), target))
+        assert sum(words in note for note in raised.value.__notes__) == 1
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.state
+    # every parameter hidden inside the checkpoint: autograd.grad found none, and the steps silently did nothing
+    torch.manual_seed(2)
+    hidden = _ReentrantBlock(detached=True).double()
+    opt = getattr(optim, optimizer)(hidden.parameters(), lr=1e-2, seed=0)
+    with pytest.raises(ValueError, match="none of the optimizer's parameters is in its graph.*use_reentrant=False"):
+        opt.step(lambda: _mse(hidden(x), target))
+
+
 class _AttentionClassifier(torch.nn.Module):
     """torch's own attention module, then mean pooling and a linear head."""
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import optim
+from optim.hessian import attention as attention_module
 from optim.hessian import causal_lm_loss
 
 transformers = pytest.importorskip("transformers")
@@ -77,15 +78,26 @@ def _math_double_backward(model, loss, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(products, params)])
 
 
+def _count_composite(monkeypatch) -> list:
+    """Record each call of the T×T composite attention (a learned bias takes it; a data mask must not)."""
+    calls = []
+    composite = attention_module.composite_attention
+    monkeypatch.setattr(attention_module, "composite_attention",
+                        lambda *args, **kwargs: calls.append(1) or composite(*args, **kwargs))
+    return calls
+
+
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_the_hessian_of_a_hugging_face_sdpa_model_is_torchs_math_double_backward(name):
+def test_the_hessian_of_a_hugging_face_sdpa_model_is_torchs_math_double_backward(name, monkeypatch):
     model = _model(name)
     batch, criterion = _batch(name)
     H = optim.HessianOperator(model, criterion, batch)
     v = torch.randn(H.n, dtype=torch.float64)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     expected = _math_double_backward(model, lambda: criterion(model(**inputs).logits, batch["labels"]), v)
+    composite = _count_composite(monkeypatch)
     torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
+    assert not composite  # the padding and causal masks are data: the O(T) ops, never the T×T composite
 
 
 def _encoder_decoder(name: str) -> torch.nn.Module:
@@ -107,7 +119,7 @@ def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_would_build(name):
+def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_would_build(name, monkeypatch):
     # model(**batch) of a seq2seq collator's batch (no decoder_input_ids) shifts the labels right itself; the
     # operators call the model without the labels, and raised the model's "specify input_ids" error until they
     # built the decoder inputs the same way.
@@ -119,7 +131,9 @@ def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_wo
     H = optim.HessianOperator(model, _sequence_loss, batch)
     v = torch.randn(2, H.n, dtype=torch.float64)
     expected = torch.stack([_math_double_backward(model, lambda: model(**batch).loss, row) for row in v])
+    composite = _count_composite(monkeypatch)
     torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
+    assert bool(composite) == (name == "t5")  # T5's relative position bias is learned: its derivatives are needed
     decoder_inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"],
                       "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
     for operator_class in (optim.GGNOperator, optim.EmpiricalFisherOperator):

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 
 from ..fused.distributed import check_process_group
-from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit
+from .stability import (ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit,
+                        unwrap_optimizer)
 
 __all__ = ["SharpnessMonitor"]
 
@@ -51,7 +52,9 @@ class SharpnessMonitor:
         lr_from: an optimizer (its first param group's ``lr`` and momentum settings give the limit: SGD's
             momentum, dampening and Nesterov; Adam's and AdamW's beta1, whose limit is of the preconditioned
             matrix P⁻¹H, P = diag(√v̂ + ε) from its state, which is then measured instead of H) or a number >= 0
-            (the learning rate of gradient descent). The table is in :mod:`optim.hessian.stability`.
+            (the learning rate of gradient descent). The table is in :mod:`optim.hessian.stability`. A framework's
+            wrapper (Accelerate's ``AcceleratedOptimizer``, what the Hugging Face Trainer passes its callbacks) is
+            read as the optimizer it wraps.
         probes: Hutchinson probes for the trace (0 skips the trace).
         top_k: eigenvalues to compute (λ_max is the first); ``lanczos_iters`` bounds the Hessian-vector products.
         eval_mode: measure with ``model.eval()`` (deterministic: dropout off, BatchNorm running stats), restoring the
@@ -135,6 +138,7 @@ class SharpnessMonitor:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"SharpnessMonitor: seed must be an int in [0, 2**64) (measurement s uses seed + s), "
                              f"got {seed!r}")
+        lr_from = unwrap_optimizer(lr_from)  # the HF Trainer's callbacks get Accelerate's wrapper
         check_lr_from(lr_from)
         check_process_group(process_group, caller="SharpnessMonitor")
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):

@@ -182,6 +182,28 @@ def test_with_adam_the_monitor_measures_the_preconditioned_hessian(adam):
     assert not SharpnessMonitor(model, mse, lr_from=0.01).measure(3, batch)["preconditioned"]
 
 
+def test_a_frameworks_optimizer_wrapper_is_read_as_the_optimizer_it_wraps():
+    # The Hugging Face Trainer hands its callbacks Accelerate's AcceleratedOptimizer: Adam went undetected behind it
+    # (the limit 2/lr and raw λ_max instead of P⁻¹H against Adam's), and Nesterov's limit was heavy ball's.
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        model, batch = small_problem()
+        for make in (lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.95)),
+                     lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True)):
+            optimizer = make(model.parameters())
+            optimizer.zero_grad()
+            mse(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+            wrapped = accelerator.prepare_optimizer(optimizer)
+            records = [SharpnessMonitor(model, mse, lr_from=o, probes=0, lanczos_iters=40,
+                                        tol=1e-10).measure(1, batch) for o in (optimizer, wrapped)]
+            assert records[1] == records[0]
+            assert records[0]["preconditioned"] == isinstance(optimizer, torch.optim.AdamW)
+    finally:  # Accelerate's process state is a singleton: leave none for the Trainer tests to find
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_adam_preconditioner_refuses_what_it_cannot_read():
     model, batch = small_problem()
     optimizer = torch.optim.AdamW(list(model.parameters())[:2], lr=0.01)  # the last layer is not in it

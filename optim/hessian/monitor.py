@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+from .._wrappers import unwrap_optimizer
 from ..fused.distributed import check_process_group
-from .stability import (ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit,
-                        unwrap_optimizer)
+from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit
 
 __all__ = ["SharpnessMonitor"]
 

@@ -30,8 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["ScaledOperator", "adam_preconditioner", "check_lr_from", "is_adam", "learning_rate_and_limit",
-           "unwrap_optimizer"]
+__all__ = ["ScaledOperator", "adam_preconditioner", "check_lr_from", "is_adam", "learning_rate_and_limit"]
 
 
 def _rate(value: Any) -> float | None:
@@ -42,22 +41,6 @@ def _rate(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)
-
-
-def unwrap_optimizer(lr_from: Any) -> Any:
-    """The optimizer inside a framework's wrapper (Accelerate's ``AcceleratedOptimizer``, which the Hugging Face
-    Trainer hands its callbacks; DeepSpeed's; any ``torch.optim.Optimizer`` holding the real one as ``.optimizer``
-    or ``._optimizer``), so that its type gives the limit; anything else as it is. The wrappers share the inner
-    optimizer's param groups, so its lr follows the schedule either way."""
-    seen = set()
-    while isinstance(lr_from, torch.optim.Optimizer) and id(lr_from) not in seen:
-        seen.add(id(lr_from))
-        inner = next((getattr(lr_from, name) for name in ("optimizer", "_optimizer")
-                      if isinstance(getattr(lr_from, name, None), torch.optim.Optimizer)), None)
-        if inner is None or inner is lr_from:
-            break
-        lr_from = inner
-    return lr_from
 
 
 def is_adam(optimizer: Any) -> bool:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._finite import all_finite
 from .._overlap import check_no_overlap_across_calls
+from .._wrappers import unwrap_optimizer
 from ..fused.distributed import check_row_sharded, gather_whole, is_dtensor, write_whole_
 from ._ops import check_refactorize_args, lowrank_refactorize_
 from .layers import LowRankLinear, low_rank_modules
@@ -158,6 +159,8 @@ class Refactorizer:
                  every: int = 200, reset: str = "factors", recovery_steps: int = 10, recovery_start: float = 1e-3):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Refactorizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        # Accelerate's wrapper keeps no step hooks of its own: the recovery hooks go on the optimizer it steps
+        optimizer = unwrap_optimizer(optimizer)
         _check_settings(every, reset, recovery_steps, recovery_start)
         other = optimizer.__dict__.get("_optim_refactorizer")
         if other is not None and other() is not None and other()._hooks:

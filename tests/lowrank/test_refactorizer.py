@@ -200,6 +200,29 @@ def test_fused_reset_matches_in_place_reset_with_torch_adamw(path):
     assert ours.state[ours_model.head.weight]["step"].item() == 8
 
 
+@pytest.mark.parametrize("make", [lambda p: optim.AdamW(p, lr=1e-2), lambda p: torch.optim.AdamW(p, lr=1e-2)],
+                         ids=["optim.AdamW", "torch.optim.AdamW"])
+def test_an_accelerate_wrapped_optimizer_refactorizes_as_the_optimizer_it_wraps(make):
+    # accelerator.prepare(optimizer) returns an AcceleratedOptimizer, which keeps no step hooks of its own: the
+    # Refactorizer raised AttributeError there; its hooks go on the wrapped optimizer, which the wrapper steps.
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        plain_model = low_rank_mlp(dtype=torch.float64)
+        wrapped_model = copy.deepcopy(plain_model)
+        plain = make(plain_model.parameters())
+        wrapped = accelerator.prepare_optimizer(make(wrapped_model.parameters()))
+        data = batches(8, dtype=torch.float64)
+        for model, optimizer in ((plain_model, plain), (wrapped_model, wrapped)):
+            refactorizer = Refactorizer(model, optimizer, every=3, recovery_steps=2)
+            train(model, optimizer, data, refactorizer)
+            assert refactorizer.refactorizations == 2
+        for a, b in zip(plain_model.parameters(), wrapped_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:  # Accelerate's process state is a singleton: leave none for the Trainer tests to find
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_adamw_reset_moments_is_deferred_and_validated():
     model = low_rank_mlp()
     optimizer = optim.AdamW(model.parameters(), lr=1e-2)

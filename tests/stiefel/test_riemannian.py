@@ -284,6 +284,15 @@ def test_geoopt_manifold_parameters_place_themselves_as_with_geoopts_optimizers(
     assert [(g["manifold"], g["lr"], len(g["params"])) for g in groups] == [("stiefel", 0.01, 2), (None, 0.01, 2)]
     with pytest.raises(ValueError, match="not on the Stiefel manifold"):
         make([{"params": list(_geoopt_model(marker).values()), "manifold": "stiefel"}])
+    # add_param_group (progressive unfreezing) places a geoopt group too; a mixed one must be given as two
+    later = _geoopt_model(marker)
+    ours.add_param_group({"params": [later["W"], later["U"]]})
+    ours.add_param_group({"params": [later["e"]]})
+    assert [g["manifold"] for g in ours.param_groups] == ["stiefel", None, "stiefel", None]
+    with pytest.raises(ValueError, match="mixes geoopt ManifoldParameters .* add them as two"):
+        ours.add_param_group({"params": [marker(orthogonal_(torch.empty(5, 2, dtype=F64)), "stiefel"),
+                                         torch.nn.Parameter(torch.randn(2, dtype=F64))]})
+    assert len(ours.param_groups) == 4
 
 
 def test_a_geoopt_manifold_these_optimizers_do_not_handle_is_named():

@@ -169,17 +169,18 @@ def manifold_groups(params, caller: str):
         if not isinstance(group, dict) or "manifold" in group or tensors is None:
             split.append(group)
             continue
+        # read once: a group's params may be a generator (model.parameters()), which the group must keep as a list
         tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         kinds = [_geoopt_manifold(p, caller, i) for i, p in enumerate(tensors)]
         if all(kind is _NO_MANIFOLD for kind in kinds):
-            split.append(group)
+            split.append({**group, "params": tensors})
             continue
         changed = True
         by_manifold: dict[str | None, list[torch.Tensor]] = {}
         for p, kind in zip(tensors, kinds):
             by_manifold.setdefault(None if kind is _NO_MANIFOLD else kind, []).append(p)
         split.extend({**group, "params": members, "manifold": manifold} for manifold, members in by_manifold.items())
-    if not changed:
+    if plain and not changed:
         return params
     return split
 

@@ -295,6 +295,19 @@ def test_geoopt_manifold_parameters_place_themselves_as_with_geoopts_optimizers(
     assert len(ours.param_groups) == 4
 
 
+@pytest.mark.parametrize("cls", [optim.RiemannianSGD, optim.RiemannianAdam, optim.RSDM])
+def test_a_group_of_a_generator_keeps_its_parameters(cls):
+    # Looking for geoopt tensors read the group's generator (model.parameters()); the group then had none.
+    W = torch.nn.Parameter(orthogonal_(torch.empty(6, 3, dtype=F64)))
+    b = torch.nn.Parameter(torch.randn(3, dtype=F64))
+    options = {"lr": 0.1, "rank": 2} if cls is optim.RSDM else {"lr": 0.1}
+    opt = cls([{"params": (p for p in [W])}, {"params": (p for p in [b]), "manifold": None}], **options)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    assert opt.param_groups[0]["params"][0] is W
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(orthogonal_(torch.empty(4, 2, dtype=F64)))])})
+    assert len(opt.param_groups[2]["params"]) == 1
+
+
 def test_a_geoopt_manifold_these_optimizers_do_not_handle_is_named():
     sphere = _marked(torch.randn(4, dtype=F64), "Sphere")
     with pytest.raises(ValueError, match="parameter 1 is a geoopt ManifoldParameter on Sphere"):

@@ -20,8 +20,8 @@ class LowRankAdamW(AdamW):
     r"""Low-rank pre-training in one object: factor the model, step it with the fused AdamW, refactorize on schedule.
 
     What it does to ``model`` (in place, in ``__init__``): with ``rank`` given, ``optim.to_low_rank(model, rank,
-    target=target, scale=scale, init=init)`` replaces the targeted ``nn.Linear`` layers (by default the attention and
-    MLP projections) with ``LowRankLinear`` layers W = scale·B·A; with ``rank=None`` the model must already hold
+    target=target, scale=scale, init=init)`` replaces the targeted ``nn.Linear`` layers (by default every linear layer
+    of the model's blocks: ``find_targets``) with ``LowRankLinear`` layers W = scale·B·A; with ``rank=None`` the model must already hold
     ``LowRankLinear`` layers. Then it optimizes every parameter of the model (``model.parameters()`` after the
     conversion: factors, embeddings, head, norms) with ``optim.AdamW(lr, betas, eps, weight_decay, ...)`` and, after
     each ``step()``, lets an ``optim.Refactorizer(model, self, every=..., reset=..., recovery_steps=...,

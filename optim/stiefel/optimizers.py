@@ -173,7 +173,8 @@ def manifold_groups(params, caller: str):
         tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         kinds = [_geoopt_manifold(p, caller, i) for i, p in enumerate(tensors)]
         if all(kind is _NO_MANIFOLD for kind in kinds):
-            split.append({**group, "params": tensors})
+            group["params"] = tensors  # in place, as torch's add_param_group stores the caller's dict
+            split.append(group)
             continue
         changed = True
         by_manifold: dict[str | None, list[torch.Tensor]] = {}

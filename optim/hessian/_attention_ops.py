@@ -428,11 +428,21 @@ def _fold_mask(mask, dim, size, full4):
     return mask.transpose(0, 1).reshape(full4[0], size * full4[1], *full4[2:])
 
 
+_TAIL_DEFAULTS = (None, False, 1.0)  # attn_mask, is_causal, scale: _TAIL's defaults
+
+
 def _register_vmap(name, op, tensor_count, out_count):
-    def rule(info, in_dims, *args):
+    def rule(info, in_dims, *args, **kwargs):
         size = info.batch_size
         tensors = args[:tensor_count]
-        mask, is_causal, scale = args[tensor_count:]
+        # The dispatcher leaves out trailing arguments equal to their defaults (no mask, not causal, scale 1.0:
+        # Whisper scales its queries itself), or passes them by name.
+        tail = list(args[tensor_count:]) + list(_TAIL_DEFAULTS[len(args) - tensor_count:])
+        for index, key in enumerate(("attn_mask", "is_causal", "scale")):
+            if key in kwargs:
+                tail[index] = kwargs[key]
+        mask, is_causal, scale = tail
+        in_dims = tuple(in_dims) + (None,) * (tensor_count + 1 - len(in_dims))
         offset = 1 if name.startswith("sdpa_backward") else 0  # the backward ops take grad_out first
         q, k = tensors[offset], tensors[offset + 1]
         q_dim, k_dim = in_dims[offset], in_dims[offset + 1]

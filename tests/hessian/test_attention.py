@@ -199,6 +199,34 @@ def test_op_vmap_over_a_leading_dimension(case, name):
             torch.testing.assert_close(g[j], e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_op_vmap_with_every_trailing_argument_at_its_default(name):
+    # No mask, not causal, scale 1.0 (Whisper scales its queries itself): the dispatcher leaves those arguments
+    # out, and the vmap rule, which unpacked exactly three, raised inside the Fisher's per-sample vmap.
+    q, k, v, _, _, _ = make_case(CASES[0], batch=1)
+    args = list(op_args(name, q, k, v, None, False, 1.0))
+    stacked = torch.stack([args[-1], torch.randn_like(args[-1])])
+    in_dims = (None,) * (len(args) - 1) + (0,)
+    got = torch.func.vmap(lambda *xs: OPS[name][0](*xs), in_dims=in_dims)(*args[:-1], stacked)
+    got = got if isinstance(got, tuple) else (got,)
+    for j in range(2):
+        expected = OPS[name][2](*args[:-1], stacked[j], None, False, 1.0)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g[j], e, rtol=1e-12, atol=1e-12)
+    # and through the route, as a per-sample gradient takes it
+    primal = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+
+    def per_sample(x):
+        with sdpa_curvature():
+            return F.scaled_dot_product_attention(x, x, x, scale=1.0).square().sum()
+
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(per_sample))(primal),
+                               torch.func.vmap(torch.func.grad(lambda x: math_attention(x, x, x, None, False,
+                                                                                        1.0).square().sum()))(primal),
+                               rtol=1e-11, atol=1e-12)
+
+
 def _largest_allocation(fn) -> int:
     """The largest single CPU allocation (bytes) made while ``fn`` runs, as the profiler records it."""
     threads = torch.get_num_threads()

@@ -566,13 +566,24 @@ _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 def with_decoder_inputs(model: nn.Module, inputs, labels: torch.Tensor):
     """A Hugging Face encoder-decoder's inputs with the decoder inputs it builds from the labels itself.
 
-    ``model(**batch)`` of a T5 or BART batch without decoder inputs shifts the labels right
-    (``prepare_decoder_input_ids_from_labels``); the operators call the model without the labels, so they build
-    them first. Any other model's inputs, or a batch that has decoder inputs, are returned as they are."""
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if not isinstance(inputs, dict) or not callable(prepare) or any(key in inputs for key in _DECODER_INPUTS):
+    ``model(**batch)`` of a T5, BART or Whisper batch without decoder inputs shifts the labels right
+    (``prepare_decoder_input_ids_from_labels``, or for an encoder-decoder without it the labels after its
+    ``config.decoder_start_token_id``, -100 as ``pad_token_id``); the operators call the model without the labels,
+    so they build them first. Any other model's inputs, or a batch that has decoder inputs, are returned as they
+    are."""
+    if not isinstance(inputs, dict) or any(key in inputs for key in _DECODER_INPUTS):
         return inputs
-    return {**inputs, "decoder_input_ids": prepare(labels=labels)}
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return {**inputs, "decoder_input_ids": prepare(labels=labels)}
+    config = getattr(model, "config", None)
+    start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+    if getattr(config, "is_encoder_decoder", False) and isinstance(start, int) and isinstance(pad, int):
+        # what Whisper's forward does without the method: the labels shifted right after the start token, the
+        # ignored positions as padding
+        shifted = torch.cat([labels.new_full((*labels.shape[:-1], 1), start), labels[..., :-1]], dim=-1)
+        return {**inputs, "decoder_input_ids": shifted.masked_fill(shifted == -100, pad)}
+    return inputs
 
 
 def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:

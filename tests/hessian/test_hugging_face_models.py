@@ -107,6 +107,14 @@ def _encoder_decoder(name: str) -> torch.nn.Module:
                                        num_decoder_layers=1, num_heads=4, dropout_rate=0.0,
                                        decoder_start_token_id=0, pad_token_id=0)
         return transformers.T5ForConditionalGeneration(config).double().eval()
+    if name == "whisper":  # no prepare_decoder_input_ids_from_labels: its forward shifts the labels itself
+        config = transformers.WhisperConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                            decoder_ffn_dim=32, num_mel_bins=7, max_source_positions=8,
+                                            max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                            decoder_start_token_id=1, suppress_tokens=None,
+                                            begin_suppress_tokens=None, attn_implementation="sdpa")
+        return transformers.WhisperForConditionalGeneration(config).double().eval()
     config = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
                                      decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0,
@@ -118,7 +126,7 @@ def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-@pytest.mark.parametrize("name", ["t5", "bart"])
+@pytest.mark.parametrize("name", ["t5", "bart", "whisper"])
 def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_would_build(name, monkeypatch):
     # model(**batch) of a seq2seq collator's batch (no decoder_input_ids) shifts the labels right itself; the
     # operators call the model without the labels, and raised the model's "specify input_ids" error until they
@@ -127,15 +135,24 @@ def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_wo
     input_ids = torch.randint(3, VOCAB, (3, 7))
     labels = torch.randint(3, VOCAB, (3, 5))
     labels[0, 3:] = -100
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    if name == "whisper":  # log-mel features (batch, mel bins, frames): twice the source positions
+        encoder_inputs = {"input_features": torch.randn(3, 7, 16, dtype=torch.float64)}
+    else:
+        encoder_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    batch = {**encoder_inputs, "labels": labels}
     H = optim.HessianOperator(model, _sequence_loss, batch)
     v = torch.randn(2, H.n, dtype=torch.float64)
     expected = torch.stack([_math_double_backward(model, lambda: model(**batch).loss, row) for row in v])
     composite = _count_composite(monkeypatch)
     torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
     assert bool(composite) == (name == "t5")  # T5's relative position bias is learned: its derivatives are needed
-    decoder_inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"],
-                      "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
+    if name == "whisper":
+        from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+        shifted = shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+    else:
+        shifted = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    decoder_inputs = {**encoder_inputs, "decoder_input_ids": shifted}
     for operator_class in (optim.GGNOperator, optim.EmpiricalFisherOperator):
         ours = operator_class(model, _sequence_loss, batch)
         explicit = operator_class(model, _sequence_loss, (decoder_inputs, labels))

@@ -59,7 +59,9 @@ MEASURE_ROWS = 4
 # product there
 _ways = Remembered()
 
-# The models whose per-sample gradients could not be vmapped (data-dependent control flow): a loop of rows there.
+# The models whose per-sample gradients could not be vmapped (data-dependent control flow): a loop of rows there,
+# "functorch" (torch.func.grad per row) or "autograd" (torch.autograd.grad per row, for a model with an
+# autograd.Function that functorch refuses: BLOOM's GeLU has no setup_context).
 _row_by_row = Remembered()
 
 
@@ -201,26 +203,41 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
         row_gradient = torch.func.grad(row_loss, has_aux=True)
         per_row = torch.func.vmap(row_gradient, in_dims=(None, 0, 0), randomness="different")
-        def by_rows():
-            rows = [row_gradient(tuple(params), tree_map(lambda t: t[i], inputs), targets[i])
+
+        def autograd_row(ps, x, y):
+            leaves = [p.detach().requires_grad_() for p in ps]
+            with torch.enable_grad():
+                loss, value = row_loss(leaves, x, y)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            return [torch.zeros_like(p) if g is None else g for p, g in zip(ps, grads)], value
+
+        def by_rows(gradient):
+            rows = [gradient(tuple(params), tree_map(lambda t: t[i], inputs), targets[i])
                     for i in range(targets.shape[0])]
             return [torch.stack(pieces) for pieces in zip(*(g for g, _ in rows))], torch.stack([r for _, r in rows])
 
         # torch.func.grad differentiates inside whatever the outer grad mode is; no_grad keeps the outer autograd
         # from recording a graph through the parameters outside the scope.
         with torch.no_grad():
-            if _row_by_row.get(self.model):
-                grads, row_losses = by_rows()
+            way = _row_by_row.get(self.model)
+            if way is not None:
+                grads, row_losses = by_rows(autograd_row if way == "autograd" else row_gradient)
             else:
                 try:
                     grads, row_losses = per_row(tuple(params), inputs, targets)
                 except RuntimeError:
                     # Some models cannot be vmapped: one that branches on its inputs' values (a Hugging Face
                     # model's attention mask), an op without a batching rule that fails on the batched shapes
-                    # (an nn.LSTM: "output with shape [1, 16] doesn't match the broadcast shape"). If one row at a
-                    # time works, the model's rows go that way from now on; if not, its error is the model's.
-                    grads, row_losses = by_rows()
-                    _row_by_row.set(self.model, None, True)
+                    # (an nn.LSTM: "output with shape [1, 16] doesn't match the broadcast shape"), or one with
+                    # an autograd.Function functorch refuses. If one row at a time works (by torch.func, else by
+                    # autograd), the model's rows go that way from now on; if not, its error is the model's.
+                    try:
+                        grads, row_losses = by_rows(row_gradient)
+                        way = "functorch"
+                    except RuntimeError:
+                        grads, row_losses = by_rows(autograd_row)
+                        way = "autograd"
+                    _row_by_row.set(self.model, None, way)
         _check_finite_rows(row_losses)
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 

@@ -35,6 +35,9 @@ ARCHITECTURES = {
                                                 word_embed_proj_dim=16, dropout=0.0)),
     # one key-value head for all queries
     "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_DECODERS, num_key_value_heads=1, head_dim=4)),
+    # ALiBi position biases (data, not learned) and a GeLU written as an old-style autograd.Function
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=4,
+                                                      attn_implementation="eager")),  # it has no SDPA path
     # bidirectional attention with a padding mask
     "bert": ("BertForSequenceClassification", "BertConfig", _ENCODERS),
     "vit": ("ViTForImageClassification", "ViTConfig",
@@ -50,7 +53,8 @@ def _model(name: str) -> torch.nn.Module:
     if config_class is None:
         pytest.skip(f"this transformers has no {ARCHITECTURES[name][1]}")
     torch.manual_seed(0)
-    return getattr(transformers, model_class)(config_class(attn_implementation="sdpa", **config)).double().eval()
+    config = {"attn_implementation": "sdpa", **config}
+    return getattr(transformers, model_class)(config_class(**config)).double().eval()
 
 
 def _batch(name: str, rows: int = 3, length: int = 7) -> tuple[dict, object]:
@@ -98,6 +102,19 @@ def test_the_hessian_of_a_hugging_face_sdpa_model_is_torchs_math_double_backward
     composite = _count_composite(monkeypatch)
     torch.testing.assert_close(H @ v, expected, rtol=1e-10, atol=1e-12)
     assert not composite  # the padding and causal masks are data: the O(T) ops, never the T×T composite
+    fisher = optim.EmpiricalFisherOperator(model, criterion, batch)  # per-sample gradients, however they can go
+    rows = []
+    for i in range(batch["labels"].shape[0]):
+        one = {key: value[i:i + 1] for key, value in batch.items()}
+        loss = lambda one=one: criterion(model(**{k: t for k, t in one.items() if k != "labels"}).logits,
+                                         one["labels"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        with sdpa_kernel([SDPBackend.MATH]):
+            grads = torch.autograd.grad(loss(), params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(grads, params)]))
+    G = torch.stack(rows)
+    torch.testing.assert_close(fisher @ v, G.T @ (G @ v) / G.shape[0], rtol=1e-7, atol=1e-12)
 
 
 def _encoder_decoder(name: str) -> torch.nn.Module:

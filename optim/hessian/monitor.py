@@ -21,7 +21,6 @@ from typing import Any, Callable
 import torch
 
 from .._wrappers import unwrap_optimizer
-from ..fused.distributed import check_process_group
 from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit
 
 __all__ = ["SharpnessMonitor"]
@@ -140,12 +139,10 @@ class SharpnessMonitor:
                              f"got {seed!r}")
         lr_from = unwrap_optimizer(lr_from)  # the HF Trainer's callbacks get Accelerate's wrapper
         check_lr_from(lr_from)
-        check_process_group(process_group, caller="SharpnessMonitor")
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            process_group = model.process_group if process_group is None else process_group
-            model = model.module  # the names param_filter sees are the operators' (no "module." prefix)
-        from .operator import reject_sharded
+        from .operator import data_parallel, reject_sharded
 
+        # unwrapped here, so that param_filter sees the names the operators do (no "module." prefix)
+        model, process_group = data_parallel(model, process_group, "SharpnessMonitor")
         reject_sharded(list(model.named_parameters()), "SharpnessMonitor")
         if param_filter is not None:
             if not callable(param_filter):

@@ -176,12 +176,7 @@ class CurvatureOperator:
     ):
         where = self._where
         check_compile(compile, "fr", where=where)
-        check_process_group(process_group, caller=where)
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            # the global batch's curvature, as the model is trained on; DDP's own forward would leave its reducer
-            # waiting for a backward that never comes
-            process_group = model.process_group if process_group is None else process_group
-            model = model.module
+        model, process_group = data_parallel(model, process_group, where)
         if compile and reuse_graph is True:
             raise ValueError(f"{where}: compile=True recomputes the forward in the compiled product, so there is no "
                              "graph to reuse; pass reuse_graph=None or False with it")
@@ -518,6 +513,16 @@ class CurvatureOperator:
     def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
         """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
         return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
+
+
+def data_parallel(model, process_group, where: str):
+    """``(model, process_group)`` to measure: a ``DistributedDataParallel`` model's ``.module`` with its group
+    (unless one is given), the global batch's curvature, as it is trained on (DDP's own forward would leave its
+    reducer waiting for a backward that never comes); anything else as given. The group is checked here."""
+    check_process_group(process_group, caller=where)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module, model.process_group if process_group is None else process_group
+    return model, process_group
 
 
 def reject_sharded(named_params, where: str) -> None:

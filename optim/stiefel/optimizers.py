@@ -199,15 +199,14 @@ class _ManifoldOptimizer(LeanStepMixin, Optimizer):
         parameter (a Tensor listed once, floating point, on the manifold for constrained groups)."""
         params = check_group_params(param_group, self._name, dtype_ok=lambda p: p.is_floating_point(),
                                     dtypes_text="floating-point")
+        manifold = param_group.get("manifold", self.defaults.get("manifold", "stiefel"))
         if "manifold" not in param_group:  # geoopt tensors added later place themselves too, one kind per group
             placed = manifold_groups([{**param_group, "params": params}], self._name)
             if len(placed) > 1:
                 raise ValueError(f"{self._name}: the param group mixes geoopt ManifoldParameters on a Stiefel "
                                  "manifold with unconstrained tensors; add_param_group adds one group: add them as "
                                  "two, or give the group a 'manifold'")
-            if "manifold" in placed[0]:
-                param_group["manifold"] = placed[0]["manifold"]
-        manifold = param_group.get("manifold", self.defaults.get("manifold", "stiefel"))
+            manifold = placed[0].get("manifold", manifold)
         check_manifold_name(manifold, self._name)
         check_finite = param_group.get("check_finite", self.defaults.get("check_finite", True))
         if not isinstance(check_finite, bool):

@@ -293,6 +293,10 @@ def test_geoopt_manifold_parameters_place_themselves_as_with_geoopts_optimizers(
         ours.add_param_group({"params": [marker(orthogonal_(torch.empty(5, 2, dtype=F64)), "stiefel"),
                                          torch.nn.Parameter(torch.randn(2, dtype=F64))]})
     assert len(ours.param_groups) == 4
+    off = {"params": [marker(torch.randn(5, 2, dtype=F64), "stiefel")]}  # not on the manifold: refused as it is
+    with pytest.raises(ValueError, match="not on the Stiefel manifold"):
+        ours.add_param_group(off)
+    assert "manifold" not in off and len(ours.param_groups) == 4
 
 
 @pytest.mark.parametrize("cls", [optim.RiemannianSGD, optim.RiemannianAdam, optim.RSDM])

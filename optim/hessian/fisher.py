@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
                   _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .linear import transposed_products_unused
-from .operator import CurvatureOperator, StateNotKept, as_pair, batch_inputs
+from .operator import CurvatureOperator, StateNotKept, as_pair, batch_inputs, batch_rows
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
 
@@ -153,7 +153,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _can_keep(self, batch) -> bool:
         inputs, targets = as_pair(batch)
-        rows = targets.shape[0] if targets.dim() > 0 else 1
+        rows = batch_rows(targets)
         # the forward can be kept whatever the rows, unless the outputs proved not row-aligned
         return self._fits(rows) or _ways.get(self.model, self._way_key("kept", (inputs, targets))) != "misaligned"
 
@@ -189,7 +189,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         """``G`` (rows, n): row i is ``g_i = ∇_θ loss_fn(model(x_i[None]), y_i[None])``, flattened in params order."""
         self._check_model()
         targets, inputs = targets.to(self.device), batch_inputs(inputs, self.device)
-        rows = targets.shape[0] if targets.dim() > 0 else 1
+        rows = batch_rows(targets)
         self._check_rows(inputs, targets, rows)
         return self._gradients(inputs, targets, self._current_params())
 

@@ -462,7 +462,7 @@ class CurvatureOperator:
                 product = self._apply(state, v, k)
                 self.num_matvecs += 1 if k is None else k
                 if self.process_group is not None:
-                    rows = _rows(as_pair(self._data[0])[1])
+                    rows = batch_rows(as_pair(self._data[0])[1])
                     return self._over_ranks([t * rows for t in product], rows, [t.shape for t in v])
                 return product
         except StateNotKept:
@@ -495,7 +495,7 @@ class CurvatureOperator:
         for index, batch in enumerate(self._data):
             _check_batch(batch, index, self._where)
             inputs, targets = as_pair(batch)
-            rows = _rows(targets)
+            rows = batch_rows(targets)
             if rows == 0:
                 continue
             targets = targets.to(self.device, non_blocking=True)
@@ -538,7 +538,7 @@ def reject_sharded(named_params, where: str) -> None:
             "process_group= to share the data, or the model under DDP")
 
 
-def _rows(targets: torch.Tensor) -> int:
+def batch_rows(targets: torch.Tensor) -> int:
     """``N_b``, a batch's weight: the rows of its target (1 for a 0-dim target)."""
     return targets.shape[0] if targets.dim() > 0 else 1
 

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from ..fused.distributed import check_process_group, is_dtensor, sum_
 
 from .krylov import _dot64
-from .routing import sdpa_curvature
+from .routing import refuse_reentrant_checkpoints, sdpa_curvature
 from .hvp import (_MODE_FAILURES, MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds,
                   MEASURE_MIN_PROBES, batched_vjp, batching_choice, compiled_hvp, compute_hvp, first_order_graph,
                   loss_and_gradient, remember_auto_choice, second_backward)
@@ -617,7 +617,8 @@ def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[.
     def output(*params: torch.Tensor):
         state = _buffer_copies(model)
         state.update(zip(names, params))
-        return torch.func.functional_call(model, state, args, kwargs)
+        with refuse_reentrant_checkpoints(model, names, params):
+            return torch.func.functional_call(model, state, args, kwargs)
 
     return output
 

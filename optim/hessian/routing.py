@@ -23,12 +23,15 @@ itself.
 from __future__ import annotations
 
 import contextlib
+import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import CheckpointError
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from . import attention, layer_norm, linear, losses, weight_norm
 
@@ -166,3 +169,66 @@ class _RoutesWhen:
 
     def __exit__(self, *exc_info):
         return self._entered.pop().__exit__(*exc_info)
+
+
+class _ReentrantCheckpointWatch(TorchFunctionMode):
+    """Records which of the given tensors a reentrant checkpoint's forward uses.
+
+    ``torch.utils.checkpoint`` with ``use_reentrant=True`` runs its function under ``no_grad`` and differentiates it
+    again only in its own backward, which ``loss.backward()`` reaches through the checkpoint's inputs. The
+    curvature operators differentiate with ``torch.autograd.grad`` towards the parameters in scope: a parameter used
+    only inside such a checkpoint is not in the graph, and when no input of the checkpoint is differentiated either
+    (the parameters before it are out of scope) its gradient, and so every product, silently reads zero.
+    """
+
+    def __init__(self, tensors: dict[int, str]):
+        super().__init__()
+        self._tensors = tensors
+        self.hidden: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled() and _inside_reentrant_checkpoint():
+            for leaf in tree_leaves((args, kwargs)):
+                name = self._tensors.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if name is not None and name not in self.hidden:
+                    self.hidden.append(name)
+        return func(*args, **kwargs)
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _REENTRANT_FORWARD:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_REENTRANT_FORWARD = CheckpointFunction.forward.__code__
+_WATCHED = weakref.WeakKeyDictionary()  # model -> the (names, training) whose forward was watched and passed
+
+
+@contextlib.contextmanager
+def refuse_reentrant_checkpoints(model: torch.nn.Module, names: tuple[str, ...], params):
+    """Raise ``ValueError`` after the block (a forward of ``model`` with ``params`` as its parameters ``names``) if
+    a reentrant checkpoint used any of them. Watched once per model, scope and train/eval mode, outside
+    ``torch.compile``: a model's checkpointing changes with those, not from one batch to the next."""
+    key = (names, model.training)
+    if torch.compiler.is_compiling() or key in _WATCHED.get(model, ()):
+        yield
+        return
+    watch = _ReentrantCheckpointWatch({id(p): name for name, p in zip(names, params)})
+    with watch:
+        yield
+    if watch.hidden:
+        shown = ", ".join(repr(name) for name in watch.hidden[:4]) + (", ..." if len(watch.hidden) > 4 else "")
+        raise ValueError(
+            f"optim: the parameters {shown} are used inside a reentrant activation checkpoint "
+            "(torch.utils.checkpoint with use_reentrant=True, which is also its default when use_reentrant is not "
+            "passed): it hides them from torch.autograd.grad, so their curvature would read zero. Use "
+            "use_reentrant=False with context_fn=optim.hessian.curvature_context_fn (Hugging Face: "
+            "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False, "
+            "'context_fn': optim.hessian.curvature_context_fn})), or measure in eval mode if the model checkpoints "
+            "only in training")
+    _WATCHED.setdefault(model, set()).add(key)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import optim
 from optim.hessian.hvp import fd_rtol
 from optim.hessian.operator import HessianOperator
 
@@ -611,3 +612,52 @@ def test_non_finite_loss():
         H @ flat_random(H)
     with pytest.raises(ValueError, match="non-finite loss"):
         H.loss_and_grad()
+
+
+class _CheckpointedBlock(nn.Module):
+    """``head(block(stem(x)))`` with the block under ``torch.utils.checkpoint`` (``reentrant`` None: not)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Linear(4, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 2)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.reentrant is not None:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.head(h)
+
+
+def test_parameters_hidden_in_a_reentrant_checkpoint_are_refused_not_zero():
+    # With the stem out of scope nothing the reentrant checkpoint takes is differentiated, so autograd.grad never
+    # ran its backward and every product of the block's parameters read exactly zero (loss.backward() reaches them).
+    torch.manual_seed(0)
+    plain = _CheckpointedBlock(None).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    not_stem = lambda name, p: not name.startswith("stem.")  # noqa: E731
+    head_only = lambda name, p: name.startswith("head.")  # noqa: E731
+    for cls in (HessianOperator, optim.GGNOperator, optim.EmpiricalFisherOperator):
+        reference = {flt: cls(plain, F.mse_loss, (x, y), param_filter=flt) for flt in (not_stem, head_only)}
+        v = {flt: torch.randn(op.n, dtype=torch.float64) for flt, op in reference.items()}
+        for reentrant in (True, False):
+            model = _CheckpointedBlock(reentrant).double()
+            model.load_state_dict(plain.state_dict())
+            operator = cls(model, F.mse_loss, (x, y), param_filter=not_stem)
+            if reentrant:
+                with pytest.raises(ValueError, match=r"'block\.0\.weight', 'block\.0\.bias' are used inside a "
+                                                     r"reentrant activation checkpoint.*use_reentrant=False"):
+                    operator @ v[not_stem]
+            else:
+                torch.testing.assert_close(operator @ v[not_stem], reference[not_stem] @ v[not_stem],
+                                           rtol=1e-12, atol=1e-14)
+            # parameters outside the checkpoint are measured as ever, reentrant or not
+            operator = cls(model, F.mse_loss, (x, y), param_filter=head_only)
+            torch.testing.assert_close(operator @ v[head_only], reference[head_only] @ v[head_only],
+                                       rtol=1e-12, atol=1e-14)
+    model = _CheckpointedBlock(True).double()
+    monitor = optim.SharpnessMonitor(model, F.mse_loss, every=1, lr_from=0.1, param_filter=not_stem)
+    with pytest.raises(ValueError, match="reentrant activation checkpoint"):
+        monitor.step(0, (x, y))

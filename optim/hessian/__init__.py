@@ -7,7 +7,7 @@ from .routing import curvature_context_fn, sdpa_curvature
 from .fisher import EmpiricalFisherOperator
 from .ggn import GGNOperator
 from .hvp import hvp
-from .losses import causal_lm_loss, cross_entropy
+from .losses import causal_lm_loss, cross_entropy, model_loss
 from .monitor import SharpnessMonitor
 from .operator import HessianOperator
 from .probes import rademacher, rademacher_like
@@ -17,6 +17,6 @@ from .spectrum import (DiagonalEstimate, Eigenpairs, LinearOperator, MatrixOpera
 
 __all__ = ["AdaHessian", "DiagonalEstimate", "Eigenpairs", "EmpiricalFisherOperator", "GGNOperator", "HessianOperator",
            "LinearOperator", "MatrixOperator", "SharpnessMonitor", "SophiaH", "SpectralDensity", "TraceEstimate",
-           "causal_lm_loss", "cross_entropy", "curvature_context_fn", "diagonal", "hvp", "plot_density", "rademacher",
-           "rademacher_like", "scaled_dot_product_attention", "sdpa_curvature", "spectral_density", "top_eigenvalues",
-           "trace"]
+           "causal_lm_loss", "cross_entropy", "curvature_context_fn", "diagonal", "hvp", "model_loss", "plot_density",
+           "rademacher", "rademacher_like", "scaled_dot_product_attention", "sdpa_curvature", "spectral_density",
+           "top_eigenvalues", "trace"]

@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
                   _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .linear import transposed_products_unused
+from .losses import model_loss
 from .operator import CurvatureOperator, StateNotKept, as_pair, batch_inputs, batch_rows
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
@@ -81,7 +82,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
             a BatchNorm module in training mode (batch statistics) is refused with a ``ValueError`` at the product;
             call ``model.eval()``. A Hugging Face output's ``.logits`` are the outputs ``z`` that ``loss_fn``
             receives.
-        loss_fn: ``loss_fn(output, target)`` returning a scalar, called on one row's output and target.
+        loss_fn: ``loss_fn(output, target)`` returning a scalar, called on one row's output and target;
+            :func:`optim.hessian.model_loss`: the model's own loss on the row (products take ``G``).
         data: as for ``HessianOperator``; ``inputs`` a tensor (or a tuple/list/dict of tensors) whose dim 0 is the
             rows, ``targets`` a tensor with at least one dimension, of the same number of rows.
         param_filter, process_group: as for ``HessianOperator``.
@@ -194,11 +196,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return self._gradients(inputs, targets, self._current_params())
 
     def _gradients(self, inputs, targets, params) -> torch.Tensor:
-        output_of, loss_fn = self._output_of, self.loss_fn
+        loss_of = self._loss_of
 
         def row_loss(ps, x, y):
-            output = output_of(tree_map(lambda t: t.unsqueeze(0), x))(*ps)
-            loss = _scalar_loss(loss_fn(output, y.unsqueeze(0)))
+            loss = _scalar_loss(loss_of(tree_map(lambda t: t.unsqueeze(0), x), y.unsqueeze(0))(*ps))
             return loss, loss.detach()
 
         row_gradient = torch.func.grad(row_loss, has_aux=True)
@@ -355,7 +356,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _forward_state(self, inputs, targets, params, rows) -> _Forward | None:
         """One forward for products in the outputs: the outputs z, ``Jᵀd`` as a graph linear in the variable
-        cotangent ``d`` and ``R``; None where z is not one floating-point tensor whose dim 0 is the rows."""
+        cotangent ``d`` and ``R``; None where z is not one floating-point tensor whose dim 0 is the rows, or where
+        the loss is the model's own (``model_loss``: not a function of z to take R from)."""
+        if self.loss_fn is model_loss:
+            return None
         leaves = [p.detach().requires_grad_(True) for p in params]
         # Jᵀd is only differentiated to d (J v): its linear layers' products are placeholders (linear.py).
         with torch.enable_grad(), transposed_products_unused(leaves):

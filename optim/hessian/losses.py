@@ -16,7 +16,7 @@ import torch
 
 from ._ops import cross_entropy_hvp
 
-__all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy"]
+__all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy", "model_loss"]
 
 
 def _countable_on_host(target: torch.Tensor) -> bool:
@@ -316,3 +316,26 @@ def causal_lm_loss(logits, labels: torch.Tensor, *, attention_mask: torch.Tensor
                              f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask!r}")
         labels = labels.masked_fill(attention_mask == 0, ignore_index)
     return cross_entropy(logits[..., :-1, :], labels[..., 1:], reduction=reduction, ignore_index=ignore_index)
+
+
+def model_loss(output, labels=None) -> torch.Tensor:
+    """The loss the model computes itself: ``output.loss`` of a model called with ``labels`` (Hugging Face).
+
+    As the ``loss_fn`` of ``HessianOperator``, ``EmpiricalFisherOperator`` or ``SharpnessMonitor`` it makes them
+    call the model with ``labels=`` the batch's labels (its targets) and differentiate the loss it returns: what
+    ``model(**batch).loss`` is and a ``Trainer`` optimizes, whatever the task (the shifted next-token loss, a
+    masked LM's, a seq2seq's, a classifier's) and with the model's extra terms (a mixture of experts' router loss
+    with ``output_router_logits=True``). For the empirical Fisher a row's loss is the model's loss on that row
+    alone. The Gauss-Newton matrix needs the loss as a function of the outputs, so ``GGNOperator`` takes a
+    criterion instead (:func:`causal_lm_loss`, ``F.cross_entropy``). Hugging Face's language-model losses take
+    their cross-entropy in float32 (``logits.float()``) even in a float64 model, so their curvature has float32's
+    precision; :func:`causal_lm_loss` keeps the model's. ``labels`` is not read here.
+    """
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            "model_loss: the model's output has no scalar .loss (got "
+            f"{type(loss).__name__ if loss is None or not isinstance(loss, torch.Tensor) else tuple(loss.shape)}); "
+            "it is the loss a Hugging Face model returns when called with labels (return_dict=True): pass a "
+            "criterion loss_fn(output, target) for other models")
+    return loss

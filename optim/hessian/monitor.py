@@ -26,6 +26,7 @@ from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_ad
 __all__ = ["SharpnessMonitor"]
 
 CURVATURES = ("hessian", "ggn", "fisher")
+_OPERATORS = {"hessian": "HessianOperator", "ggn": "GGNOperator", "fisher": "EmpiricalFisherOperator"}
 
 FIELDS = ("step", "lambda_max", "trace", "trace_std_error", "lr", "stability_limit", "num_matvecs", "preconditioned")
 
@@ -46,7 +47,8 @@ class SharpnessMonitor:
 
     Args:
         model: the ``nn.Module`` being trained.
-        loss_fn: ``loss_fn(output, target)`` like a PyTorch criterion.
+        loss_fn: ``loss_fn(output, target)`` like a PyTorch criterion, or :func:`optim.hessian.model_loss` (the
+            loss the model returns when called with the batch's labels; not with ``curvature="ggn"``).
         every: measure when ``step % every == 0``.
         lr_from: an optimizer (its first param group's ``lr`` and momentum settings give the limit: SGD's
             momentum, dampening and Nesterov; Adam's and AdamW's beta1, whose limit is of the preconditioned
@@ -139,10 +141,13 @@ class SharpnessMonitor:
                              f"got {seed!r}")
         lr_from = unwrap_optimizer(lr_from)  # the HF Trainer's callbacks get Accelerate's wrapper
         check_lr_from(lr_from)
-        from .operator import data_parallel, reject_sharded
+        from .losses import model_loss
+        from .operator import check_model_loss, data_parallel, reject_sharded
 
         # unwrapped here, so that param_filter sees the names the operators do (no "module." prefix)
         model, process_group = data_parallel(model, process_group, "SharpnessMonitor")
+        if loss_fn is model_loss:
+            check_model_loss(model, "SharpnessMonitor", _OPERATORS[curvature], compile)
         reject_sharded(list(model.named_parameters()), "SharpnessMonitor")
         if param_filter is not None:
             if not callable(param_filter):

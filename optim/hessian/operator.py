@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ..fused.distributed import check_process_group, is_dtensor, sum_
 
+from . import losses
 from .krylov import _dot64
 from .routing import refuse_reentrant_checkpoints, sdpa_curvature
 from .hvp import (_MODE_FAILURES, MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds,
@@ -186,6 +187,8 @@ class CurvatureOperator:
             raise ValueError(
                 f"{where}: loss_fn must be callable as loss_fn(output, target), got a {type(loss_fn).__name__}"
             )
+        if loss_fn is losses.model_loss:
+            check_model_loss(model, where, type(self).__name__, compile)
         if param_filter is not None and not callable(param_filter):
             raise ValueError(
                 f"{where}: param_filter must be callable as param_filter(name, param) -> bool, got a "
@@ -512,7 +515,7 @@ class CurvatureOperator:
 
     def _loss_of(self, inputs, targets) -> Callable[..., torch.Tensor]:
         """``f(*params)``: the loss of this batch with the in-scope parameters replaced by the arguments."""
-        return model_loss(self.model, self.loss_fn, tuple(self.names), inputs, targets)
+        return loss_of_parameters(self.model, self.loss_fn, tuple(self.names), inputs, targets)
 
 
 def data_parallel(model, process_group, where: str):
@@ -523,6 +526,27 @@ def data_parallel(model, process_group, where: str):
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module, model.process_group if process_group is None else process_group
     return model, process_group
+
+
+def check_model_loss(model: nn.Module, where: str, operator: str, compile: bool) -> None:
+    """Raise ``ValueError`` unless ``operator`` (a class name) can take ``loss_fn=model_loss`` on ``model``: the
+    model's forward must take ``labels``; the GGN, and the Fisher's compiled product, need the loss as a function
+    of the model's outputs."""
+    if operator == "GGNOperator" or (operator == "EmpiricalFisherOperator" and compile):
+        raise ValueError(
+            f"{where}: loss_fn=optim.hessian.model_loss is the loss the model computes, not a function of its outputs, "
+            f"which {'the Gauss-Newton matrix' if operator == 'GGNOperator' else 'the compiled Fisher product'} "
+            "needs: pass the criterion (optim.hessian.causal_lm_loss for a causal LM, F.cross_entropy, ...)"
+            + ("" if operator == "GGNOperator" else ", or compile=False"))
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the call will tell
+        return
+    if not any(p.name == "labels" or p.kind is p.VAR_KEYWORD for p in parameters):
+        raise ValueError(
+            f"{where}: loss_fn=optim.hessian.model_loss differentiates the loss the model returns when called with "
+            f"labels=..., but {type(model).__name__}.forward takes no labels: pass a criterion "
+            "loss_fn(output, target)")
 
 
 def reject_sharded(named_params, where: str) -> None:
@@ -609,10 +633,12 @@ def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:
 # These close over the model, the loss and the batch only, never an operator: the compiled product is guarded on
 # what its function closes over, so one compilation serves every operator of the same model and loss (a
 # SharpnessMonitor builds one per measurement), and no cache keeps an operator (and its batch) alive.
-def model_output(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[..., object]:
-    """``f(*params) = model(inputs)`` (:func:`model_arguments`) with the parameters ``names`` replaced by the
-    arguments."""
+def model_output(model: nn.Module, names: tuple[str, ...], inputs, labels=None) -> Callable[..., object]:
+    """``f(*params) = model(inputs)`` (:func:`model_arguments`; with ``labels=labels`` when given) with the
+    parameters ``names`` replaced by the arguments."""
     args, kwargs = model_arguments(model, inputs)
+    if labels is not None:
+        kwargs["labels"] = labels
 
     def output(*params: torch.Tensor):
         state = _buffer_copies(model)
@@ -640,9 +666,13 @@ def model_outputs(model: nn.Module, names: tuple[str, ...], inputs) -> Callable[
     return outputs
 
 
-def model_loss(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:
+def loss_of_parameters(model: nn.Module, loss_fn: Callable, names: tuple[str, ...], inputs, targets) -> Callable:
     """``f(*params) = loss_fn(z, targets)``, z the model's :func:`output_tensor` (a Hugging Face output's
-    ``.logits``, as the GGN and the Fisher take it), with the parameters ``names`` replaced by the arguments."""
+    ``.logits``, as the GGN and the Fisher take it), with the parameters ``names`` replaced by the arguments; for
+    ``loss_fn`` :func:`~optim.hessian.losses.model_loss`, the ``.loss`` of the model called with ``labels=targets``."""
+    if loss_fn is losses.model_loss:
+        output = model_output(model, names, inputs, labels=targets)
+        return lambda *params: losses.model_loss(output(*params))
     outputs = model_outputs(model, names, inputs)
 
     def loss(*params: torch.Tensor) -> torch.Tensor:
@@ -660,6 +690,8 @@ class HessianOperator(CurvatureOperator):
         loss_fn: ``loss_fn(output, target)`` returns a scalar, like a PyTorch criterion; use one that averages
             over the batch. A Hugging Face model's output object is passed as its ``.logits`` (as to the GGN and
             the Fisher), so ``F.cross_entropy`` works on a sequence classifier as it is.
+            :func:`optim.hessian.model_loss` takes the loss the model returns itself (``model(**batch).loss``:
+            the model is called with ``labels=`` the targets).
         data: one ``(inputs, targets)`` batch, or an iterable of such batches (a list, a ``DataLoader``): the
             products and :meth:`loss_and_grad` are averages over the batches weighted by their row counts (see the
             module docstring). A list or a ``DataLoader`` is iterated again at every product (a shuffling loader

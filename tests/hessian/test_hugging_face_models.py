@@ -174,3 +174,58 @@ def test_an_encoder_decoder_batch_of_labels_gets_the_decoder_inputs_the_model_wo
         ours = operator_class(model, _sequence_loss, batch)
         explicit = operator_class(model, _sequence_loss, (decoder_inputs, labels))
         torch.testing.assert_close(ours @ v, explicit @ v, rtol=1e-10, atol=1e-12)
+
+
+def _mixtral_with_router_loss() -> torch.nn.Module:
+    if not hasattr(transformers, "MixtralConfig"):
+        pytest.skip("this transformers has no MixtralConfig")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(**_DECODERS, num_key_value_heads=2, num_local_experts=3,
+                                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5,
+                                        attn_implementation="sdpa", experts_implementation="eager")
+    return transformers.MixtralForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES) + ["mixtral"])
+def test_model_loss_measures_the_loss_the_model_returns(name):
+    # model(**batch).loss is what a Trainer optimizes: for a mixture of experts with output_router_logits it adds
+    # the router's load-balancing term, which no criterion of the logits has.
+    model = _mixtral_with_router_loss() if name == "mixtral" else _model(name)
+    batch, criterion = _batch("llama" if name == "mixtral" else name)
+    H = optim.HessianOperator(model, optim.hessian.model_loss, batch)
+    v = torch.randn(2, H.n, dtype=torch.float64)
+    expected = torch.stack([_math_double_backward(model, lambda: model(**batch).loss, row) for row in v])
+    torch.testing.assert_close(H @ v, expected, rtol=1e-9, atol=1e-12)
+    of_logits = optim.HessianOperator(model, criterion, batch) @ v
+    if name == "mixtral":
+        assert not torch.allclose(of_logits, expected, rtol=1e-3)
+    fisher = optim.EmpiricalFisherOperator(model, optim.hessian.model_loss, batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(batch["labels"].shape[0]):
+        with sdpa_kernel([SDPBackend.MATH]):
+            grads = torch.autograd.grad(model(**{key: t[i:i + 1] for key, t in batch.items()}).loss, params,
+                                        allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(grads, params)]))
+    G = torch.stack(rows)
+    torch.testing.assert_close(fisher @ v, (v @ G.T) @ G / G.shape[0], rtol=1e-7, atol=1e-12)
+    record = optim.SharpnessMonitor(model, optim.hessian.model_loss, every=1, lr_from=0.1, probes=2).step(0, batch)
+    assert record["lambda_max"] > 0 and record["trace"] == record["trace"]
+
+
+def test_model_loss_is_refused_where_it_cannot_serve():
+    model = _model("llama")
+    batch, _ = _batch("llama")
+    for make in (lambda: optim.GGNOperator(model, optim.hessian.model_loss, batch),
+                 lambda: optim.SharpnessMonitor(model, optim.hessian.model_loss, curvature="ggn")):
+        with pytest.raises(ValueError, match="not a function of its outputs, which the Gauss-Newton matrix needs"):
+            make()
+    with pytest.raises(ValueError, match="the compiled Fisher product needs.*or compile=False"):
+        optim.EmpiricalFisherOperator(model, optim.hessian.model_loss, batch, compile=True)
+    plain = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="Linear.forward takes no labels: pass a criterion"):
+        optim.HessianOperator(plain, optim.hessian.model_loss, (torch.randn(4, 3), torch.randn(4, 2)))
+    without_labels = {key: value for key, value in batch.items() if key != "labels"}
+    with pytest.raises(ValueError, match="has no scalar .loss"):
+        optim.hessian.model_loss(model(**without_labels), None)

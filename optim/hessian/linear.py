@@ -9,7 +9,8 @@ backward through ``∇_W`` needs only ``g`` and ``x`` (``∂⟨∇_W, u⟩/∂g 
 value) returns a node whose first backward gives ``∇_W`` as a zero placeholder with that graph. Every later
 backward (the products themselves, with ``create_graph=False``) computes the real ``gᵀ x``, so the products are
 exact. The forward is torch's ``F.linear``; ``∇_x`` and ``∇_b`` are computed as torch does, by matrix product
-and sum. Not inside a checkpointed region (see :func:`_saved_through_hooks`), nor under functorch transforms: so
+and sum. Not inside a checkpointed region (see :func:`_saved_through_hooks`), nor under autocast (torch's
+F.linear casts there), nor under functorch transforms: so
 the Functions here take ``ctx`` in ``forward`` (functorch would need ``setup_context``, whose ``apply`` binds the
 arguments through ``inspect.signature``, ~25 µs a call: 5% of a small MLP's product).
 
@@ -89,8 +90,10 @@ def functorch_wrapped(t) -> bool:
 
 
 def _routable(input, weight) -> bool:
+    # Not under autocast: F.linear there casts its arguments to the autocast dtype, which the Functions here (whose
+    # backwards mix the saved full-precision tensors with the low-precision cotangents) would have to redo.
     return (isinstance(weight, torch.Tensor) and id(weight) in _values_unused() and isinstance(input, torch.Tensor)
-            and not _saved_through_hooks()
+            and not _saved_through_hooks() and not torch.is_autocast_enabled(input.device.type)
             and weight.requires_grad and weight.grad_fn is None and weight.dim() == 2 and input.dim() >= 1
             and not functorch_wrapped(input) and not functorch_wrapped(weight))
 

@@ -231,3 +231,29 @@ def test_transposed_placeholders_give_the_ggn_and_fisher_products_without_them(m
     want = cls(model, criterion, batch, reuse_graph=reuse_graph) @ block
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert calls, "the transposed placeholders were not built"
+
+
+def test_under_autocast_the_products_are_torchs_own(placeholders):
+    # Under autocast F.linear casts to bfloat16 and its gradients come back in it; the route's Functions mixed those
+    # with the float32 tensors they had saved, and hvp(mode="rr") raised "self and mat2 must have the same dtype".
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    x, target = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    params = list(model.parameters())
+    probe = [torch.randn_like(p) for p in params]
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss(*ps):
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), target)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(loss(*params), params, create_graph=True)
+        expected = torch.autograd.grad(grads, params, probe)
+        ours = optim.hvp(loss, params, probe, mode="rr")
+        operator = optim.HessianOperator(model, F.cross_entropy, (x, target), mode="rr")
+        kept = operator @ operator.flatten(probe)
+    assert not placeholders
+    for a, b in zip(ours, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(kept, operator.flatten(list(expected)), rtol=0, atol=0)

@@ -16,6 +16,8 @@ Environment switches read at import time:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
 import warnings
@@ -46,7 +48,58 @@ def define_op(schema: str, *, reference: Callable, fake: Callable) -> torch._ops
     LIBRARY.define(schema)
     LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
-    return getattr(getattr(torch.ops, NAMESPACE), name)
+    op = getattr(getattr(torch.ops, NAMESPACE), name)
+    for autocast_key in _AUTOCAST_KEYS:
+        _run_outside_autocast(op, name, autocast_key)
+    return op
+
+
+_AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
+_AUTOCAST_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCUDA)
+
+
+def outside_autocast():
+    """A block whose ATen calls run in their inputs' dtypes whatever autocast region it is in: an optimizer's
+    update math (an RSDM rotation, a retraction), which a step inside the autocast region of a training step
+    (Lightning's manual optimization) would otherwise compute in bfloat16. Nothing under ``torch.compile``."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._ExcludeDispatchKeyGuard(
+        _AUTOCAST_KEYSET)
+
+
+def without_autocast(function: Callable) -> Callable:
+    """``function`` run in :func:`outside_autocast`: for the backward and JVP rules of the package's autograd
+    Functions, whose forwards run outside autocast, as torch runs a backward in the dtypes its forward used
+    (the engine would otherwise apply the autocast region of the ``backward()`` call to their matrix products)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with outside_autocast():
+            return function(*args, **kwargs)
+
+    return run
+
+
+def autocast_state() -> tuple:
+    """Whether autocast is on, and its dtype, for each device type the package runs on (a kept graph's key)."""
+    return tuple((torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+                 for device_type in ("cpu", "cuda"))
+
+
+def _run_outside_autocast(op, name: str, autocast_key: str) -> None:
+    """Register ``op``'s kernel for ``autocast_key``: the op runs with autocast off, in its inputs' dtypes.
+
+    Autocast reaches every ATen call inside a kernel (C++ or reference) that runs while it is on: the matrix
+    products of a refactorization or an attention backward came out in bfloat16 and met the kernel's float32
+    tensors ("expected scalar type Float but found BFloat16"), and an update would lose its precision silently.
+    The ops decide their own precision (bf16/fp16 parameters keep float32 state, attention accumulates in
+    float32), so autocast stops at their boundary, as it does at an optimizer step outside the autocast region.
+    """
+    def kernel(keyset, *args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYSET):
+            return op(*args, **kwargs)
+
+    LIBRARY.impl(name, kernel, autocast_key, with_keyset=True)
 
 
 _load_error: BaseException | None = None

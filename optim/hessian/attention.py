@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._library import without_autocast
 from . import _attention_ops as ops
 
 __all__ = ["scaled_dot_product_attention"]
@@ -64,6 +65,7 @@ class _Attention(torch.autograd.Function):
         ctx.is_causal, ctx.scale = is_causal, scale
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         if grad_out is None:
@@ -73,6 +75,7 @@ class _Attention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
     @staticmethod
+    @without_autocast
     def jvp(ctx, q_dot, k_dot, v_dot, mask_dot, is_causal_dot, scale_dot):
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         out_dot = ops.sdpa_forward_jvp(q, k, v, out, lse, _zeros_if_none(q_dot, q), _zeros_if_none(k_dot, k),
@@ -95,6 +98,7 @@ class _AttentionBackward(torch.autograd.Function):
         ctx.is_causal, ctx.scale = is_causal, scale
 
     @staticmethod
+    @without_autocast
     def backward(ctx, u_q, u_k, u_v):
         grad_out, q, k, v, out, lse, attn_mask = ctx.saved_tensors
         u_q, u_k, u_v = _zeros_if_none(u_q, q), _zeros_if_none(u_k, k), _zeros_if_none(u_v, v)
@@ -105,6 +109,7 @@ class _AttentionBackward(torch.autograd.Function):
         return grad_grad_out, grad_q, grad_k, grad_v, None, None, None, None, None
 
     @staticmethod
+    @without_autocast
     def jvp(ctx, grad_out_dot, q_dot, k_dot, v_dot, out_dot, lse_dot, mask_dot, is_causal_dot, scale_dot):
         grad_out, q, k, v, out, lse, attn_mask = ctx.saved_tensors
         # out_dot and lse_dot are the tangents of functions of (q, k, v); the op derives them itself.
@@ -143,6 +148,15 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise TypeError(f"{where}: {name} must be a tensor, got {type(tensor).__name__}")
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"{where}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    autocast_dtype = _autocast_dtype(query.device.type)
+    if autocast_dtype is not None:
+        # torch's SDPA is on autocast's lower-precision list: its floating arguments (float64 excepted) are cast to
+        # the autocast dtype, which also reconciles a query and key that rotary positions made float32 while the
+        # value stayed bfloat16 (a Hugging Face LLaMA under autocast).
+        query, key, value, attn_mask = (t.to(autocast_dtype) if t is not None and t.is_floating_point()
+                                        and t.dtype != torch.float64 else t for t in (query, key, value, attn_mask))
+        with torch.autocast(query.device.type, enabled=False):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
         raise ValueError(f"{where}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
     dims = query.dim()
@@ -178,6 +192,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         out, _ = _Attention.apply(query, key, value, None if attn_mask is None else attn_mask.detach(),
                                   bool(is_causal), scale)
     return out.squeeze(1) if dims == 3 else out
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type``, None where it is off (or has no autocast)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:  # a device type without autocast (meta)
+        return None
 
 
 def _is_differentiated(mask: torch.Tensor | None) -> bool:

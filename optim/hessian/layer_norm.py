@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from .._library import has_kernel
+from .._library import has_kernel, without_autocast
 from . import _ops
 from .linear import _saved_through_hooks, functorch_wrapped
 
@@ -63,6 +63,7 @@ class _LayerNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         input, weight, bias, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -87,6 +88,7 @@ class _LayerNormGradient(torch.autograd.Function):
         return tuple(g if m else None for g, m in zip(grads, mask))
 
     @staticmethod
+    @without_autocast
     def backward(ctx, u_input, u_weight, u_bias):
         grad_out, input, weight, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -9,8 +9,7 @@ backward through ``∇_W`` needs only ``g`` and ``x`` (``∂⟨∇_W, u⟩/∂g 
 value) returns a node whose first backward gives ``∇_W`` as a zero placeholder with that graph. Every later
 backward (the products themselves, with ``create_graph=False``) computes the real ``gᵀ x``, so the products are
 exact. The forward is torch's ``F.linear``; ``∇_x`` and ``∇_b`` are computed as torch does, by matrix product
-and sum. Not inside a checkpointed region (see :func:`_saved_through_hooks`), nor under autocast (torch's
-F.linear casts there), nor under functorch transforms: so
+and sum. Not inside a checkpointed region (see :func:`_saved_through_hooks`), nor under functorch transforms: so
 the Functions here take ``ctx`` in ``forward`` (functorch would need ``setup_context``, whose ``apply`` binds the
 arguments through ``inspect.signature``, ~25 µs a call: 5% of a small MLP's product).
 
@@ -29,6 +28,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+from .._library import without_autocast
 
 __all__ = ["gradient_values_unused", "linear", "transposed_products_unused"]
 
@@ -90,10 +91,8 @@ def functorch_wrapped(t) -> bool:
 
 
 def _routable(input, weight) -> bool:
-    # Not under autocast: F.linear there casts its arguments to the autocast dtype, which the Functions here (whose
-    # backwards mix the saved full-precision tensors with the low-precision cotangents) would have to redo.
     return (isinstance(weight, torch.Tensor) and id(weight) in _values_unused() and isinstance(input, torch.Tensor)
-            and not _saved_through_hooks() and not torch.is_autocast_enabled(input.device.type)
+            and not _saved_through_hooks()
             and weight.requires_grad and weight.grad_fn is None and weight.dim() == 2 and input.dim() >= 1
             and not functorch_wrapped(input) and not functorch_wrapped(weight))
 
@@ -153,6 +152,7 @@ class _Linear(torch.autograd.Function):
         return torch.addmm(bias, input, weight) if transposed else F.linear(input, weight, bias)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         transposed = ctx.transposed
@@ -187,6 +187,7 @@ class _PlaceholderWeightGradient(torch.autograd.Function):
         return torch.zeros_like(weight)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, u):
         grad_output, input = ctx.saved_tensors
         u = _out_in(u, ctx.transposed)
@@ -206,6 +207,7 @@ class _LinearGradients(torch.autograd.Function):
         return grad_output.matmul(_out_in(weight, transposed)), torch.zeros_like(weight)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, u_input, u_weight):
         grad_output, input, weight = ctx.saved_tensors
         transposed = ctx.transposed
@@ -235,6 +237,7 @@ class _TransposedPlaceholders(torch.autograd.Function):
         return torch.zeros_like(input), torch.zeros_like(weight)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, u_input, u_weight):
         input, weight = ctx.saved_tensors
         weight = _out_in(weight, ctx.transposed)

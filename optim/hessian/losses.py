@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .._library import without_autocast
 from ._ops import cross_entropy_hvp
 
 __all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy", "model_loss"]
@@ -67,11 +68,13 @@ class _CrossEntropyGradient(torch.autograd.Function):
         ctx.scale, ctx.ignore_index = scale, ignore_index
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_gradient: torch.Tensor):
         logits, target = ctx.saved_tensors
         return cross_entropy_hvp(logits, grad_gradient, ctx.scale, target, ctx.ignore_index), None, None, None
 
     @staticmethod
+    @without_autocast
     def jvp(ctx, logits_tangent: torch.Tensor, *unused_tangents):
         logits, target = ctx.saved_tensors
         return cross_entropy_hvp(logits, logits_tangent, ctx.scale, target, ctx.ignore_index)
@@ -98,12 +101,14 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.scale, ctx.ignore_index = scale, ignore_index
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss: torch.Tensor):
         logits, target = ctx.saved_tensors
         gradient = _CrossEntropyGradient.apply(logits, target, ctx.scale, ctx.ignore_index)
         return _scaled_by(grad_loss, gradient), None, None, None
 
     @staticmethod
+    @without_autocast
     def jvp(ctx, logits_tangent: torch.Tensor, *unused_tangents):
         logits, target = ctx.saved_tensors
         return (_CrossEntropyGradient.apply(logits, target, ctx.scale, ctx.ignore_index) * logits_tangent).sum()
@@ -190,12 +195,14 @@ class _TorchCrossEntropy(torch.autograd.Function):
                                                 ctx.ignore_index)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss, grad_log_p, grad_total_weight):
         # torch's backward passes grad_loss into nll_loss_backward; the gradient at grad_loss = 1 times grad_loss is
         # the same bits when grad_loss is 1 (a loss differentiated as it is) and within an ulp otherwise.
         return _scaled_by(grad_loss, _TorchCrossEntropy._gradient(ctx)), None, None, None, None
 
     @staticmethod
+    @without_autocast
     def jvp(ctx, logits_dot, *unused_tangents):
         return (_TorchCrossEntropy._gradient(ctx) * logits_dot).sum(), None, None
 
@@ -222,11 +229,13 @@ class _TorchCrossEntropyGradient(torch.autograd.Function):
         ctx.scale, ctx.ignore_index = scale, ignore_index
 
     @staticmethod
+    @without_autocast
     def backward(ctx, u):
         logits, target = ctx.saved_tensors
         return cross_entropy_hvp(logits, u, ctx.scale, target, ctx.ignore_index), None, None, None, None, None, None
 
     @staticmethod
+    @without_autocast
     def jvp(ctx, logits_dot, *unused_tangents):
         logits, target = ctx.saved_tensors
         return cross_entropy_hvp(logits, logits_dot, ctx.scale, target, ctx.ignore_index)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from .._library import autocast_state
 from ..fused.distributed import check_process_group, is_dtensor, sum_
 
 from . import losses
@@ -412,6 +413,7 @@ class CurvatureOperator:
         training = tuple(module.training for module in self.model.modules())
         if self.reuse_graph is None and any(training):
             return None
+        modes = (training, autocast_state())  # a graph built in or out of an autocast region serves only there
         inputs, targets = as_pair(batch)
         leaves = tree_leaves(inputs) + [targets]
         if not all(leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str)) for leaf in leaves):
@@ -420,7 +422,7 @@ class CurvatureOperator:
         tensors += [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         layout = tuple((id(t), t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors)
         scalars = tuple(leaf for leaf in leaves if not isinstance(leaf, torch.Tensor))
-        return (training, layout, scalars), tensors
+        return (modes, layout, scalars), tensors
 
     def _batch_product(self, inputs, targets, params, v, k, rows) -> list[torch.Tensor]:
         """``C_b v`` on one batch without keeping anything (default: build the state, apply it, drop it)."""

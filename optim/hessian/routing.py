@@ -17,7 +17,9 @@ weight's gradient is a placeholder that carries the graph. The layer norm's forw
 curvature operators (and with them ``SharpnessMonitor`` and the estimators) and the SophiaH/AdaHessian refresh steps
 enter :func:`sdpa_curvature` themselves. Inside ``torch.compile`` only the SDPA route (to plain softmax attention,
 :func:`.attention.composite_attention`) and the weight norm's are taken: the compiler derives and fuses the others
-itself.
+itself. Under autocast too, so that torch casts those calls as autocast says; the SDPA route casts its arguments as
+torch's SDPA does there (to the autocast dtype), and the routes' backward and JVP rules run in their forwards'
+dtypes (:func:`optim._library.without_autocast`).
 """
 
 from __future__ import annotations
@@ -54,10 +56,18 @@ class _CurvatureRoutes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is None or (not route[2] and torch.compiler.is_compiling()):
+        if route is None or (not route[2] and (torch.compiler.is_compiling() or _in_autocast(args))):
             return func(*args, **kwargs)
         module, name, _ = route
         return getattr(module, name)(*args, **kwargs)
+
+
+def _in_autocast(args) -> bool:
+    """Whether autocast is on for the device of the call's first argument. The optional routes then leave the call
+    to torch, which casts it as autocast says (to bfloat16 for a linear layer; to float32 for a layer norm or a
+    cross-entropy on CUDA), where ours would compute in the dtypes they are given."""
+    first = args[0] if args else None
+    return isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)
 
 
 def _routing() -> bool:

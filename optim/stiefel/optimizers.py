@@ -27,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._finite import first_nonfinite
-from .._library import has_kernel
+from .._library import has_kernel, outside_autocast
 from .._step_wrapper import LeanStepMixin
 from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_group_settings,
                          check_incoming_state_dict, check_lr, check_nonnegative, check_param_state,
@@ -324,7 +324,12 @@ class _ManifoldOptimizer(LeanStepMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._check_gradients()  # everything is validated before anything changes
+        with outside_autocast():  # the update in the parameters' precision, in or out of an autocast region
+            self._update(self._check_gradients())  # everything is validated before anything changes
+        return loss
+
+    def _update(self, work) -> None:
+        """Steps every parameter with a gradient of the checked groups ``work``."""
         for group in work:
             for p in group["params"]:
                 if p.grad is None:
@@ -343,7 +348,6 @@ class _ManifoldOptimizer(LeanStepMixin, Optimizer):
                     every = self._reorthonormalize_period(group, p)
                     if every and state["step"] % every == 0 and self._drifted(group, p, state):
                         whole_matrix_update_(p, {}, lambda x, _: _reorthonormalize_(x))
-        return loss
 
     def _reorthonormalize_period(self, group, p) -> int:
         return group["reorthonormalize_every"] or 0

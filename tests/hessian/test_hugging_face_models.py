@@ -229,3 +229,22 @@ def test_model_loss_is_refused_where_it_cannot_serve():
     without_labels = {key: value for key, value in batch.items() if key != "labels"}
     with pytest.raises(ValueError, match="has no scalar .loss"):
         optim.hessian.model_loss(model(**without_labels), None)
+
+
+def test_a_hugging_face_model_under_autocast_has_the_curvature_torch_gives_there():
+    # LLaMA's rotary positions leave its queries and keys float32 under autocast while the values are bfloat16;
+    # torch's SDPA casts all three to bfloat16 there, the attention route refused them ("value is torch.bfloat16
+    # but query is torch.float32"). And a graph kept outside the region served products inside it.
+    model = _model("llama").float()
+    batch, criterion = _batch("llama")
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    H = optim.HessianOperator(model, criterion, batch)
+    v = torch.randn(H.n)
+    outside = H @ v
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = H @ v
+        fresh = optim.HessianOperator(model, criterion, batch) @ v
+        expected = _math_double_backward(model, lambda: criterion(model(**inputs).logits, batch["labels"]), v)
+    torch.testing.assert_close(inside, fresh, rtol=0, atol=0)
+    assert (inside - expected).norm() <= 1e-2 * expected.norm()  # bfloat16 products, rounded apart
+    assert (inside - outside).norm() <= 2e-2 * outside.norm() and not torch.equal(inside, outside)

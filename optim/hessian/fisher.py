@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _check_finite_loss,
+from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered,
                   _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
 from .linear import transposed_products_unused
 from .losses import model_loss
@@ -405,7 +405,11 @@ class _Forward(NamedTuple):
 def _check_finite_rows(row_losses: torch.Tensor) -> None:
     if not bool(torch.isfinite(row_losses).all()):
         bad = int(torch.nonzero(~torch.isfinite(row_losses))[0, 0])
-        _check_finite_loss(row_losses[bad], at=f"row {bad} of the batch")
+        raise ValueError(
+            f"EmpiricalFisherOperator: a non-finite loss ({float(row_losses[bad])}) of row {bad} of the batch alone, "
+            "so its per-sample gradient is undefined. A row with nothing to predict (every label -100, or a causal LM row "
+            "whose only label is at its first position) has the mean loss 0/0: leave such rows out of the batch; "
+            "otherwise check the inputs and parameters for nan/inf, or the loss for log(0) and overflow")
 
 
 def _row_aligned(output, rows: int) -> bool:

@@ -705,6 +705,13 @@ def test_fisher_refuses_what_has_no_per_sample_gradient():
     with pytest.raises(ValueError, match="targets must have a row dimension"):
         scalar @ random_flat(Fi)
     assert_unchanged(model, before)
+    # a sequence row with nothing to predict: its mean loss is 0/0 (the message spoke of "the Hessian")
+    sequences, seq_inputs, labels = sequence_problem()
+    labels[1] = -100
+    for options in (dict(), dict(reuse_graph=False), dict(max_kept_bytes=8)):
+        empty_row = EmpiricalFisherOperator(sequences, optim.hessian.cross_entropy, (seq_inputs, labels), **options)
+        with pytest.raises(ValueError, match=r"non-finite loss \(nan\) of row 1 of the batch alone.*every label -100"):
+            empty_row @ random_flat(empty_row)
 
 
 def test_exported():

@@ -407,8 +407,8 @@ def _check_finite_rows(row_losses: torch.Tensor) -> None:
         bad = int(torch.nonzero(~torch.isfinite(row_losses))[0, 0])
         raise ValueError(
             f"EmpiricalFisherOperator: a non-finite loss ({float(row_losses[bad])}) of row {bad} of the batch alone, "
-            "so its per-sample gradient is undefined. A row with nothing to predict (every label -100, or a causal LM row "
-            "whose only label is at its first position) has the mean loss 0/0: leave such rows out of the batch; "
+            "so its per-sample gradient is undefined. A row with nothing to predict (every label -100, or a causal LM "
+            "row whose only label is at its first position) has the mean loss 0/0: leave such rows out of the batch; "
             "otherwise check the inputs and parameters for nan/inf, or the loss for log(0) and overflow")
 
 

@@ -206,6 +206,17 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
+def _computes_otherwise(module: nn.Module) -> str | None:
+    """Why a linear layer computes something other than ``x Wᵀ + b`` of its own weight (None if it does not): a
+    subclass with its own ``forward`` (a scaled or quantized layer), or a parametrized weight (``orthogonal``,
+    ``weight_norm``: the weight is a function of other tensors)."""
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        return f"a {type(module).__name__} whose forward is its own"
+    if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+        return "whose weight is parametrized (torch.nn.utils.parametrize)"
+    return None
+
+
 def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
@@ -253,7 +264,8 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
     hold a weight (embeddings, convolutions) are an error; matched containers are looked into by their children's
     own names only. A linear layer whose weight is shared with an embedding (a tied output head) is never replaced,
     nor by default a layer whose parent's forward reads its ``weight`` (``nn.MultiheadAttention``'s ``out_proj``,
-    T5's ``wo``; a target that names one is an error).
+    T5's ``wo``) or that computes something else than ``x Wᵀ + b`` (an ``nn.Linear`` subclass with its own
+    ``forward``, a parametrized weight); a target that names one of those is an error.
     """
     if isinstance(target, str):
         target = [target]
@@ -292,6 +304,13 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
                 raise ValueError(f"to_low_rank: target matched {name!r}, whose parent ({read_by_parent[id(module)]}) "
                                  f"reads self.{leaf}.weight in its forward; a LowRankLinear has no dense weight, so "
                                  "this layer cannot be factored. Narrow target so that it leaves this layer out")
+            computes = _computes_otherwise(module)
+            if computes is not None:
+                if target is None:
+                    continue
+                raise ValueError(f"to_low_rank: target matched {name!r}, {computes}; a LowRankLinear computes "
+                                 "x (scale·B·A)ᵀ + b only, so factoring it would change the model. Narrow target so "
+                                 "that it leaves this layer out")
             found.append((name, module))
         elif isinstance(module, LowRankLinear):
             continue

@@ -273,6 +273,45 @@ def test_layers_whose_parent_reads_their_weight_are_left_dense():
     assert encoder(torch.randn(2, 5, 16)).shape == (2, 5, 16)
 
 
+class _ScaledLinear(nn.Linear):
+    """A linear layer with its own forward: ``2 · (x Wᵀ + b)``."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(_ScaledLinear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                                                  nn.Linear(8, 8)) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_linear_layers_that_compute_something_else_are_left_dense():
+    # An nn.Linear subclass with its own forward (a scaled or quantized layer) and a parametrized weight
+    # (orthogonal, weight_norm) were factored like plain layers: the scale, the parametrization, silently gone.
+    torch.manual_seed(0)
+    model = _Blocks()
+    torch.nn.utils.parametrizations.orthogonal(model.layers[0][2])
+    x = torch.randn(3, 8)
+    expected = model(x)
+    assert [name for name, _ in find_targets(model)] == ["layers.0.4", "layers.1.2", "layers.1.4"]
+    for target, why in ((["layers.0.0"], r"a _ScaledLinear whose forward is its own"),
+                        (["layers.0.2"], r"whose weight is parametrized \(torch.nn.utils.parametrize\)")):
+        with pytest.raises(ValueError, match=rf"'{target[0]}', {why}; .*Narrow target"):
+            to_low_rank(model, 4, target=target)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    to_low_rank(model, 4)
+    assert type(model.layers[0][0]) is _ScaledLinear and type(model.layers[1][0]) is _ScaledLinear
+    assert torch.nn.utils.parametrize.is_parametrized(model.layers[0][2], "weight")
+    assert all(isinstance(model.layers[i][j], LowRankLinear) for i, j in ((0, 4), (1, 2), (1, 4)))
+
+
 def _hugging_face_model(name):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -165,6 +165,7 @@ from ..fused.distributed import (agree_over_mesh, average_, check_process_group,
 from .ggn import apply_output_hessian, ggn_vector_products
 from .hvp import second_backward
 from .operator import output_tensor
+from .losses import model_loss
 from .routing import checkpoint_note, sdpa_curvature
 from .probes import rademacher_like
 
@@ -309,6 +310,11 @@ class SecondOrderOptimizer(LeanStepMixin, Optimizer):
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"{self._name}: loss_fn must be callable as loss_fn(outputs, targets), got "
                              f"{type(loss_fn).__name__}")
+        if loss_fn is model_loss:
+            raise ValueError(f"{self._name}: loss_fn=optim.hessian.model_loss is the loss the model computes, not a "
+                             "function of its outputs, which the Gauss-Newton curvature needs: pass the criterion "
+                             "(optim.hessian.causal_lm_loss for a causal LM, F.cross_entropy, ...), or use "
+                             "hessian='auto' with a closure that returns the model's loss")
         # not in defaults: state dicts hold plain values only
         self._loss_fn, self._process_group = loss_fn, process_group
         drawn_seed = defaults.get("seed") is None

@@ -221,6 +221,9 @@ def test_model_loss_is_refused_where_it_cannot_serve():
                  lambda: optim.SharpnessMonitor(model, optim.hessian.model_loss, curvature="ggn")):
         with pytest.raises(ValueError, match="not a function of its outputs, which the Gauss-Newton matrix needs"):
             make()
+    for optimizer, hessian in (("SophiaH", "ggn"), ("AdaHessian", "ggn-fd")):
+        with pytest.raises(ValueError, match="not a function of its outputs, which the Gauss-Newton curvature needs"):
+            getattr(optim, optimizer)(model.parameters(), hessian=hessian, loss_fn=optim.hessian.model_loss)
     with pytest.raises(ValueError, match="the compiled Fisher product needs.*or compile=False"):
         optim.EmpiricalFisherOperator(model, optim.hessian.model_loss, batch, compile=True)
     plain = torch.nn.Linear(3, 2)

@@ -113,6 +113,9 @@ class AdamW(LeanStepMixin, Optimizer):
         state. A parameter without state yet is skipped: its first step starts from zero anyway. Unknown
         parameters raise ``ValueError``.
         """
+        if isinstance(params, torch.Tensor):  # iterating it would give its rows
+            raise ValueError(f"optim.AdamW.reset_moments: params must be an iterable of parameters, got a single "
+                             f"tensor of shape {tuple(params.shape)}; wrap it as [param]")
         owned = {id(p) for group in self.param_groups for p in group["params"]}
         chosen = [p for group in self.param_groups for p in group["params"]] if params is None else list(params)
         for p in chosen:

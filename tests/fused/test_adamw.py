@@ -679,3 +679,18 @@ def test_an_unpickled_optimizer_from_before_the_reset_flag_keeps_its_pending_res
     saved["optim_class"] = "optim.SomethingElse"
     with pytest.raises(ValueError, match="saved by optim.SomethingElse"):
         restored.load_state_dict(saved)
+
+
+def test_reset_moments_refuses_what_is_not_a_list_of_its_parameters():
+    # a single tensor was iterated as its rows, and the error named a 0-d tensor "not a parameter"
+    p, stranger = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    opt = optim.AdamW([p], lr=1e-2)
+    p.grad = torch.randn(4)
+    opt.step()
+    for bad, words in ((p, r"a single tensor of shape \(4,\); wrap it as \[param\]"),
+                       ([p, stranger], r"a tensor of shape \(3,\) is not a parameter of this optimizer")):
+        with pytest.raises(ValueError, match=words):
+            opt.reset_moments(bad)
+        assert not opt.pending_resets()
+    opt.reset_moments([p])
+    assert opt.pending_resets() == [p]

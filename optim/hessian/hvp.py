@@ -95,7 +95,7 @@ import torch
 
 from .._finite import first_nonfinite
 from .linear import gradient_values_unused
-from .routing import sdpa_curvature
+from .routing import refuse_reentrant_checkpoints, sdpa_curvature
 
 __all__ = ["hvp", "fd_rtol", "compile_seconds", "MODES", "AUTO_ORDER"]
 
@@ -213,7 +213,8 @@ def hvp(
     if compile and k != 0:
         hv, grad = compiled_hvp(f, f, params, probes, k, need_grad=return_grad)
     else:
-        hv, grad = compute_hvp(f, params, probes, k, mode=mode, need_grad=return_grad, auto_key=f, strict=strict)
+        hv, grad = compute_hvp(_watched(f), params, probes, k, mode=mode, need_grad=return_grad, auto_key=f,
+                               strict=strict)
     if isinstance(v, tuple):
         hv = tuple(hv)
     return (hv, grad) if return_grad else hv
@@ -346,6 +347,17 @@ def _check_finite_loss(loss: torch.Tensor, at: str = "params") -> None:
             f"f returned a non-finite loss ({float(loss.detach())}) at {at}; the Hessian is undefined there "
             "(check the inputs and params for nan/inf, or the loss for log(0) and overflow)"
         )
+
+
+def _watched(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``f`` with its arguments refused where a reentrant checkpoint hides them (:mod:`.routing`)."""
+
+    def call(*params):
+        names = tuple(f"params[{i}]" for i in range(len(params)))
+        with refuse_reentrant_checkpoints(f, (len(params),), names, params):
+            return f(*params)
+
+    return call
 
 
 # ----------------------------------------------------------------------------------------------------------------

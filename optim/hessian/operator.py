@@ -645,7 +645,7 @@ def model_output(model: nn.Module, names: tuple[str, ...], inputs, labels=None) 
     def output(*params: torch.Tensor):
         state = _buffer_copies(model)
         state.update(zip(names, params))
-        with refuse_reentrant_checkpoints(model, names, params):
+        with refuse_reentrant_checkpoints(model, (names, model.training), names, params):
             return torch.func.functional_call(model, state, args, kwargs)
 
     return output

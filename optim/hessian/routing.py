@@ -216,16 +216,16 @@ def _inside_reentrant_checkpoint() -> bool:
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
-_WATCHED = weakref.WeakKeyDictionary()  # model -> the (names, training) whose forward was watched and passed
+_WATCHED = weakref.WeakKeyDictionary()  # owner -> the keys whose forward was watched and passed
 
 
 @contextlib.contextmanager
-def refuse_reentrant_checkpoints(model: torch.nn.Module, names: tuple[str, ...], params):
-    """Raise ``ValueError`` after the block (a forward of ``model`` with ``params`` as its parameters ``names``) if
-    a reentrant checkpoint used any of them. Watched once per model, scope and train/eval mode, outside
-    ``torch.compile``: a model's checkpointing changes with those, not from one batch to the next."""
-    key = (names, model.training)
-    if torch.compiler.is_compiling() or key in _WATCHED.get(model, ()):
+def refuse_reentrant_checkpoints(owner, key: tuple, names: tuple[str, ...], params):
+    """Raise ``ValueError`` after the block (a forward with ``params`` as the tensors ``names``) if a reentrant
+    checkpoint used any of them. Watched once per ``owner`` (a model, or ``hvp``'s function) and ``key`` (the
+    scope and train/eval mode), outside ``torch.compile``: a model's checkpointing changes with those, not from one
+    batch to the next."""
+    if torch.compiler.is_compiling() or key in _WATCHED.get(owner, ()):
         yield
         return
     watch = _ReentrantCheckpointWatch({id(p): name for name, p in zip(names, params)})
@@ -241,4 +241,4 @@ def refuse_reentrant_checkpoints(model: torch.nn.Module, names: tuple[str, ...],
             "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False, "
             "'context_fn': optim.hessian.curvature_context_fn})), or measure in eval mode if the model checkpoints "
             "only in training")
-    _WATCHED.setdefault(model, set()).add(key)
+    _WATCHED.setdefault(owner, set()).add(key)

@@ -658,6 +658,15 @@ def test_parameters_hidden_in_a_reentrant_checkpoint_are_refused_not_zero():
             torch.testing.assert_close(operator @ v[head_only], reference[head_only] @ v[head_only],
                                        rtol=1e-12, atol=1e-14)
     model = _CheckpointedBlock(True).double()
+    names = [name for name, _ in model.named_parameters() if not_stem(name, None)]
+    params = [p for name, p in model.named_parameters() if not_stem(name, None)]
+
+    def loss(*ps):
+        return F.mse_loss(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+    for mode in ("rr", "fd"):
+        with pytest.raises(ValueError, match=r"'params\[0\]', 'params\[1\]' are used inside a reentrant"):
+            optim.hvp(loss, params, [torch.randn_like(p) for p in params], mode=mode)
     monitor = optim.SharpnessMonitor(model, F.mse_loss, every=1, lr_from=0.1, param_filter=not_stem)
     with pytest.raises(ValueError, match="reentrant activation checkpoint"):
         monitor.step(0, (x, y))

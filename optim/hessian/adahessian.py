@@ -54,7 +54,9 @@ class AdaHessian(SecondOrderOptimizer):
     Args:
         params: iterable of parameters or of param-group dicts.
         lr: learning rate (>= 0; a float or a 1-element Tensor). betas: (β1, β2) in [0, 1). eps: > 0 (added to the
-            denominator; 0 would divide by zero where the curvature estimate is 0).
+            denominator; 0 would divide by zero where the curvature estimate is 0). The step of an entry is up to
+            lr·|m|/eps where its estimate is 0, which a product computed under bfloat16 autocast gives wherever it
+            cancels (measured: a first step 25× that of float32 on an MLP); raise eps there, or refresh in float32.
         weight_decay: decoupled weight decay λ >= 0.
         hessian_power: k in [0, 1].
         update_period: refresh the curvature every this many steps (int >= 1).

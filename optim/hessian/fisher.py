@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered,
-                  _elapsed_s, _scalar_loss, _signature, batched_vjp, per_probe, probes_loop)
+from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _elapsed_s,
+                  _scalar_loss, _signature, batched_vjp, differentiable, per_probe, probes_loop)
 from .linear import transposed_products_unused
 from .losses import model_loss
 from .operator import CurvatureOperator, StateNotKept, as_pair, batch_inputs, batch_rows
@@ -187,6 +187,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
                 raise ValueError(f"{where}: an input tensor of shape {tuple(leaf.shape)} does not have the targets' "
                                  f"{rows} rows on dim 0; per-sample losses slice both along dim 0")
 
+    @differentiable
     def per_sample_gradients(self, inputs, targets) -> torch.Tensor:
         """``G`` (rows, n): row i is ``g_i = ∇_θ loss_fn(model(x_i[None]), y_i[None])``, flattened in params order."""
         self._check_model()

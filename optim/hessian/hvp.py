@@ -160,6 +160,26 @@ def fd_rtol(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps ** (2.0 / 3.0)
 
 
+def differentiable(function: Callable) -> Callable:
+    """``function`` run with gradients on and outside inference mode, whatever its caller's mode: a curvature
+    product differentiates, also inside an evaluation loop's ``torch.no_grad()`` or Lightning's validation under
+    ``torch.inference_mode()`` (where the Gauss-Newton and Fisher products raised "Inference tensors cannot be saved
+    for backward" and the Hessian's rr mode failed over to fr)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return function(*args, **kwargs)
+
+    return run
+
+
+def normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where it was made in inference mode (autograd cannot save it for a backward)."""
+    return t.clone() if t.is_inference() else t
+
+
+@differentiable
 @sdpa_curvature()  # SDPA models: F.scaled_dot_product_attention has no double backward or forward-mode rule
 def hvp(
     f: Callable[..., torch.Tensor],

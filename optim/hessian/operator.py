@@ -36,8 +36,8 @@ from . import losses
 from .krylov import _dot64
 from .routing import refuse_reentrant_checkpoints, sdpa_curvature
 from .hvp import (_MODE_FAILURES, MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds,
-                  MEASURE_MIN_PROBES, batched_vjp, batching_choice, compiled_hvp, compute_hvp, first_order_graph,
-                  loss_and_gradient, remember_auto_choice, second_backward)
+                  MEASURE_MIN_PROBES, batched_vjp, batching_choice, compiled_hvp, compute_hvp, differentiable,
+                  first_order_graph, loss_and_gradient, normal_tensor, remember_auto_choice, second_backward)
 
 __all__ = ["CurvatureOperator", "HessianOperator"]
 
@@ -294,6 +294,7 @@ class CurvatureOperator:
     # ------------------------------------------------------------------------------------------------------------
     # Products
 
+    @differentiable
     def matvec(self, v):
         """``C v`` for a flat vector ``(n,)``, a block ``(k, n)`` of row vectors, or a param-shaped list."""
         where = self._where
@@ -321,6 +322,7 @@ class CurvatureOperator:
                 f"{self.device}; convert v with .to(dtype=H.dtype, device=H.device)"
             )
 
+    @differentiable
     def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
         """``(k,)`` float64: ``v_iᵀ C v_i`` for the rows of a ``(k, n)`` block (what a Hutchinson trace needs).
 
@@ -337,6 +339,7 @@ class CurvatureOperator:
         # vᵀC = (Cv)ᵀ: C is symmetric, and a (k, n) block times C is its rows times C.
         return self.matvec(v)
 
+    @differentiable
     def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, ∇L)``: the weighted mean loss (a 0-dim tensor) and its gradient as a flat ``(n,)`` vector."""
         params = self._current_params()
@@ -503,7 +506,7 @@ class CurvatureOperator:
             rows = batch_rows(targets)
             if rows == 0:
                 continue
-            targets = targets.to(self.device, non_blocking=True)
+            targets = normal_tensor(targets.to(self.device, non_blocking=True))
             yield with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets), targets, rows
 
     def _check_some_rows(self, total_weight: int) -> None:
@@ -588,7 +591,8 @@ def _plain_inputs(inputs):
 
 def batch_inputs(inputs, device: torch.device):
     """A batch's inputs as the model is called with them: a mapping as a dict, every tensor on ``device``."""
-    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), _plain_inputs(inputs))
+    return tree_map_only(torch.Tensor, lambda t: normal_tensor(t.to(device, non_blocking=True)),
+                         _plain_inputs(inputs))
 
 
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
@@ -827,6 +831,7 @@ class HessianOperator(CurvatureOperator):
             remember_auto_choice(self, "rr")
         return product
 
+    @differentiable
     @sdpa_curvature()
     def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
         """``(k,)`` float64 ``v_iᵀ H v_i`` for the rows of a ``(k, n)`` block. On a kept graph whose blocks loop

@@ -670,3 +670,41 @@ def test_parameters_hidden_in_a_reentrant_checkpoint_are_refused_not_zero():
     monitor = optim.SharpnessMonitor(model, F.mse_loss, every=1, lr_from=0.1, param_filter=not_stem)
     with pytest.raises(ValueError, match="reentrant activation checkpoint"):
         monitor.step(0, (x, y))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_products_are_the_same_in_no_grad_and_inference_mode(context):
+    # Lightning runs validation under torch.inference_mode(): there the GGN and Fisher products raised "Inference
+    # tensors cannot be saved for backward", loss_and_grad "element 0 of tensors does not require grad", and the
+    # Hessian's auto mode failed over to fr for good. The batch and the probes are made inside the mode too.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    names = [name for name, _ in model.named_parameters()]
+    x, y, v = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(2, sum(p.numel() for p in model.parameters()))
+
+    def loss(*ps):
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+    def measure(make_inputs):
+        x_, y_, v_ = make_inputs()
+        results = []
+        for cls in (HessianOperator, optim.GGNOperator, optim.EmpiricalFisherOperator):
+            for reuse in (None, False):
+                operator = cls(model, F.cross_entropy, (x_, y_), reuse_graph=reuse)
+                results += [operator @ v_, operator.quadratic_forms(v_), *operator.loss_and_grad()]
+        results += list(optim.hvp(loss, list(model.parameters()), HessianOperator(model, F.cross_entropy, (x_, y_))
+                                  .unflatten(v_[0])))
+        results.append(optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=0.1, probes=2)
+                       .step(0, (x_, y_))["lambda_max"])
+        return results
+
+    expected = measure(lambda: (x, y, v))
+    with context():
+        got = measure(lambda: (x.clone(), y.clone(), v.clone()))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):  # to rounding: the Fisher's kept state is whichever way its build timed faster
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-6, atol=1e-7)
+    with context():
+        H = HessianOperator(model, F.cross_entropy, (x, y))
+        H @ v
+    assert H.resolved_mode == "rr"

@@ -205,3 +205,47 @@ def test_lightning_automatic_optimization_with_a_create_graph_backward_steps_lik
         reference_opt.step(lambda: F.cross_entropy(reference(batch_x), batch_y))
     for p, q in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_lightning_validation_measures_the_sharpness_under_its_inference_mode():
+    # Lightning runs validation_step under torch.inference_mode(): the monitor's GGN raised there ("Inference
+    # tensors cannot be saved for backward"). Measured in the hook, the records are those measured outside.
+    require_lightning()
+    try:
+        import lightning as L
+    except ImportError:
+        import pytorch_lightning as L
+
+    import torch
+    import torch.nn.functional as F
+
+    import optim
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    records = {curvature: [] for curvature in optim.hessian.monitor.CURVATURES}
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+        def validation_step(self, batch, index):
+            assert torch.is_inference_mode_enabled()
+            for curvature, measured in records.items():
+                monitor = optim.SharpnessMonitor(self.net, F.cross_entropy, lr_from=0.1, probes=2,
+                                                 curvature=curvature)
+                measured.append(monitor.measure(index, batch))
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu").validate(module, loader)
+    for curvature, measured in records.items():
+        assert len(measured) == 2
+        for index, (batch_x, batch_y) in enumerate(loader):
+            expected = optim.SharpnessMonitor(module.net, F.cross_entropy, lr_from=0.1, probes=2,
+                                              curvature=curvature).measure(index, (batch_x, batch_y))
+            for key in ("lambda_max", "trace"):
+                assert abs(measured[index][key] - expected[key]) <= 1e-5 * abs(expected[key]), (curvature, key)

@@ -251,3 +251,20 @@ def test_a_hugging_face_model_under_autocast_has_the_curvature_torch_gives_there
     torch.testing.assert_close(inside, fresh, rtol=0, atol=0)
     assert (inside - expected).norm() <= 1e-2 * expected.norm()  # bfloat16 products, rounded apart
     assert (inside - outside).norm() <= 2e-2 * outside.norm() and not torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart", "whisper"])
+def test_model_loss_of_an_encoder_decoder_is_its_own_loss(name):
+    model = _encoder_decoder(name)
+    input_ids = torch.randint(3, VOCAB, (3, 7))
+    labels = torch.randint(3, VOCAB, (3, 5))
+    labels[0, 3:] = -100
+    if name == "whisper":
+        encoder_inputs = {"input_features": torch.randn(3, 7, 16, dtype=torch.float64)}
+    else:
+        encoder_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    batch = {**encoder_inputs, "labels": labels}
+    H = optim.HessianOperator(model, optim.hessian.model_loss, batch)
+    v = torch.randn(H.n, dtype=torch.float64)
+    torch.testing.assert_close(H @ v, _math_double_backward(model, lambda: model(**batch).loss, v), rtol=1e-10,
+                               atol=1e-12)

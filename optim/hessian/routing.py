@@ -56,18 +56,18 @@ class _CurvatureRoutes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is None or (not route[2] and (torch.compiler.is_compiling() or _in_autocast(args))):
+        if route is None or (not route[2] and (torch.compiler.is_compiling() or _in_autocast(args, kwargs))):
             return func(*args, **kwargs)
         module, name, _ = route
         return getattr(module, name)(*args, **kwargs)
 
 
-def _in_autocast(args) -> bool:
-    """Whether autocast is on for the device of the call's first argument. The optional routes then leave the call
-    to torch, which casts it as autocast says (to bfloat16 for a linear layer; to float32 for a layer norm or a
+def _in_autocast(args, kwargs) -> bool:
+    """Whether autocast is on for the device of the call's first tensor. The optional routes then leave the call to
+    torch, which casts it as autocast says (to bfloat16 for a linear layer; to float32 for a layer norm or a
     cross-entropy on CUDA), where ours would compute in the dtypes they are given."""
-    first = args[0] if args else None
-    return isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    return first is not None and torch.is_autocast_enabled(first.device.type)
 
 
 def _routing() -> bool:

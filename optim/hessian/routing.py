@@ -219,13 +219,28 @@ _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
 _WATCHED = weakref.WeakKeyDictionary()  # owner -> the keys whose forward was watched and passed
 
 
+def _cache_owner(owner, key: tuple):
+    """A bound method is a new object at every attribute access: its instance owns the cache entry instead."""
+    function = getattr(owner, "__func__", None)
+    return (owner.__self__, (function, *key)) if function is not None and hasattr(owner, "__self__") else (owner, key)
+
+
+def _watched_keys(owner) -> set:
+    """The keys watched for ``owner`` (a fresh set, never stored, for an owner without weak references)."""
+    try:
+        return _WATCHED.setdefault(owner, set())
+    except TypeError:
+        return set()
+
+
 @contextlib.contextmanager
 def refuse_reentrant_checkpoints(owner, key: tuple, names: tuple[str, ...], params):
     """Raise ``ValueError`` after the block (a forward with ``params`` as the tensors ``names``) if a reentrant
     checkpoint used any of them. Watched once per ``owner`` (a model, or ``hvp``'s function) and ``key`` (the
     scope and train/eval mode), outside ``torch.compile``: a model's checkpointing changes with those, not from one
     batch to the next."""
-    if torch.compiler.is_compiling() or key in _WATCHED.get(owner, ()):
+    owner, key = _cache_owner(owner, key)
+    if torch.compiler.is_compiling() or key in _watched_keys(owner):
         yield
         return
     watch = _ReentrantCheckpointWatch({id(p): name for name, p in zip(names, params)})
@@ -241,4 +256,4 @@ def refuse_reentrant_checkpoints(owner, key: tuple, names: tuple[str, ...], para
             "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False, "
             "'context_fn': optim.hessian.curvature_context_fn})), or measure in eval mode if the model checkpoints "
             "only in training")
-    _WATCHED.setdefault(owner, set()).add(key)
+    _watched_keys(owner).add(key)

@@ -626,3 +626,27 @@ def test_one_element_loss_is_accepted():
     _, params = _simple()
     hv = hvp(lambda a, b: (a * a).sum().reshape(1, 1) + b.sum(), params, random_like(params), mode="rr")
     assert [t.shape for t in hv] == [p.shape for p in params]
+
+
+def test_f_may_be_any_callable_a_slotted_object_or_a_bound_method():
+    # hvp remembers per f that its first call was checked for reentrant checkpoints: an f without weak references
+    # must still work, and a bound method (a new object at each attribute access) is remembered by its instance.
+    from optim.hessian import routing
+
+    class Slotted:
+        __slots__ = ()
+
+        def __call__(self, w):
+            return (w ** 3).sum()
+
+    class Holder:
+        def loss(self, w):
+            return (w ** 3).sum()
+
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, dtype=torch.float64)
+    expected = 6 * w.detach() * v
+    holder = Holder()
+    for f in (Slotted(), holder.loss, holder.loss):
+        torch.testing.assert_close(hvp(f, [w], [v])[0], expected)
+    assert [key[0] for key in routing._WATCHED[holder]] == [Holder.loss]

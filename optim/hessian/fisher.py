@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .._library import without_autocast
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _elapsed_s,
                   _scalar_loss, _signature, batched_vjp, differentiable, per_probe, probes_loop)
 from .linear import transposed_products_unused
@@ -291,6 +292,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return self.unflatten(self._fisher_times(G, self._flat(v, k)) / rows)
 
     @staticmethod
+    @without_autocast  # G's products in its own dtype (under autocast they came out bfloat16)
     def _fisher_times(G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """``Gᵀ(G V)`` for V (n,) or rows (k, n)."""
         if V.dim() == 1:

@@ -27,8 +27,10 @@ rank it runs on. Gaussian vectors (Lanczos and power-iteration start vectors) ar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .._finite import all_finite
+from .._library import outside_autocast
 from .krylov import WHICH, _dot64, lanczos_quadrature, lanczos_top, power_top
 from .plotting import plot_density
 from .probes import rademacher
@@ -140,9 +143,10 @@ class MatrixOperator:
         if not isinstance(v, Tensor) or v.ndim not in (1, 2) or v.shape[-1] != n:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(f"MatrixOperator @ v: v must have shape ({n},) or (k, {n}), got {shape}")
-        if v.ndim == 1:
-            return self.matrix @ v
-        return (self.matrix @ v.mT).mT
+        with outside_autocast():  # an explicit matrix, not a model: its products in its own dtype
+            if v.ndim == 1:
+                return self.matrix @ v
+            return (self.matrix @ v.mT).mT
 
     def __repr__(self) -> str:
         n = self.matrix.shape[0]
@@ -173,9 +177,50 @@ def _check_shape_and_dtype(name: str, shape: tuple, dtype: torch.dtype) -> None:
         raise ValueError(f"{name} must have a real floating-point dtype, got {dtype}")
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_callers = threading.local()
+
+
+def _own_precision(estimator):
+    """``estimator`` with its own arithmetic (Krylov bases, sketches, quadratures) outside the caller's autocast
+    region and the products of H inside it: a model's forward runs as the caller asked, the estimate is computed
+    in H's dtype (under bfloat16 autocast a product and the float32 basis met in one op, which refused them)."""
+
+    @functools.wraps(estimator)
+    def run(*args, **kwargs):
+        settings = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+        if not any(enabled for _, enabled, _ in settings):
+            return estimator(*args, **kwargs)
+        stack = getattr(_callers, "stack", None)
+        if stack is None:
+            stack = _callers.stack = []
+        stack.append(settings)
+        try:
+            with contextlib.ExitStack() as off:
+                for device, _, _ in settings:
+                    off.enter_context(torch.autocast(device, enabled=False))
+                return estimator(*args, **kwargs)
+        finally:
+            stack.pop()
+
+    return run
+
+
+def _callers_autocast() -> contextlib.AbstractContextManager:
+    """The autocast settings of the estimator's caller (:func:`_own_precision`), for a product of H."""
+    stack = getattr(_callers, "stack", None)
+    if not stack:
+        return contextlib.nullcontext()
+    context = contextlib.ExitStack()
+    for device, enabled, dtype in stack[-1]:
+        context.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+    return context
+
+
 def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
     """``H @ V`` with its shape and finiteness checked; ``what`` names the probe or iteration for the error."""
-    out = H @ V
+    with _callers_autocast():
+        out = H @ V
     if not isinstance(out, Tensor) or out.shape != V.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise RuntimeError(
@@ -193,7 +238,8 @@ def _quadratic_forms(H: LinearOperator, V: Tensor, what: str) -> Tensor:
     forms = getattr(H, "quadratic_forms", None)
     if forms is None:
         return _dot64(V, _apply(H, V, what))
-    values = forms(V)
+    with _callers_autocast():
+        values = forms(V)
     if not isinstance(values, Tensor) or values.shape != V.shape[:1]:
         got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise RuntimeError(f"H.quadratic_forms returned {got} for a block of shape {tuple(V.shape)} ({what}); "
@@ -274,6 +320,7 @@ class Eigenpairs(NamedTuple):
     eigenvectors: Tensor
 
 
+@_own_precision
 def top_eigenvalues(
     H, k: int = 1, *, method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
     which: str = "largest",
@@ -375,6 +422,7 @@ def _mean_and_std_error(values: Tensor) -> tuple[float, float]:
     return mean, (values.std(correction=1) / math.sqrt(values.numel())).item()
 
 
+@_own_precision
 def trace(
     H, *, num_probes: int = 100, method: str = "hutchinson", seed: int = 0, batch_size: int | None = None
 ) -> TraceEstimate:
@@ -443,6 +491,7 @@ class DiagonalEstimate(NamedTuple):
     std_error: Tensor | list[Tensor]
 
 
+@_own_precision
 def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None = None) -> DiagonalEstimate:
     """Hutchinson's estimate of diag(H) (Bekas, Kokiopoulou & Saad 2007): diag(H) = E[z ⊙ Hz] for Rademacher z.
 
@@ -520,6 +569,7 @@ class SpectralDensity:
         return (self.weights * self.nodes).sum(dim=1).mean().item()
 
 
+@_own_precision
 def spectral_density(
     H,
     *,

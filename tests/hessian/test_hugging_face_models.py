@@ -251,6 +251,13 @@ def test_a_hugging_face_model_under_autocast_has_the_curvature_torch_gives_there
     torch.testing.assert_close(inside, fresh, rtol=0, atol=0)
     assert (inside - expected).norm() <= 1e-2 * expected.norm()  # bfloat16 products, rounded apart
     assert (inside - outside).norm() <= 2e-2 * outside.norm() and not torch.equal(inside, outside)
+    # the Fisher's kept G products came out bfloat16 there ("v[0] is torch.bfloat16 ... convert v")
+    for operator_class in (optim.GGNOperator, optim.EmpiricalFisherOperator):
+        for reuse_graph in (None, False):
+            plain = operator_class(model, criterion, batch, reuse_graph=reuse_graph) @ v
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixed = operator_class(model, criterion, batch, reuse_graph=reuse_graph) @ v
+            assert mixed.dtype == torch.float32 and (mixed - plain).norm() <= 2e-2 * plain.norm()
 
 
 @pytest.mark.parametrize("name", ["t5", "bart", "whisper"])

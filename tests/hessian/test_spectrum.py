@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import optim
 from optim.hessian.spectrum import (
     DiagonalEstimate,
     Eigenpairs,
@@ -528,3 +529,43 @@ def test_estimators_on_device(device):
         rtol=1e-8,
         atol=1e-10,
     )
+
+
+class _RecordingOperator:
+    """A float32 matrix whose products record whether the caller's autocast was on while they ran."""
+
+    def __init__(self, matrix):
+        self.matrix, self.shape, self.dtype, self.device = matrix, tuple(matrix.shape), matrix.dtype, matrix.device
+        self.autocast = []
+
+    def __matmul__(self, v):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        with torch.autocast("cpu", enabled=False):
+            return v @ self.matrix
+
+
+@pytest.mark.parametrize("estimate", ["top", "power", "smallest", "trace", "hutch++", "diagonal", "density"])
+def test_estimators_in_an_autocast_region_compute_as_outside_it_with_the_products_inside_it(estimate):
+    # Under bfloat16 autocast the estimators' own products of the float32 basis came out bfloat16 and met it in
+    # krylov_dots ("w is torch.bfloat16 but basis is torch.float32"). Their arithmetic now runs outside the
+    # region; H's products inside it, as the caller asked (a model's forward under autocast).
+    torch.manual_seed(0)
+    A = torch.randn(40, 40)
+    A = A @ A.T / 40 - 0.3 * torch.eye(40)
+    run = {
+        "top": lambda H: optim.top_eigenvalues(H, k=2, tol=1e-6, max_iter=40).eigenvalues,
+        "power": lambda H: optim.top_eigenvalues(H, k=1, method="power", tol=1e-6, max_iter=300).eigenvalues,
+        "smallest": lambda H: optim.top_eigenvalues(H, k=1, which="smallest", tol=1e-6, max_iter=40).eigenvalues,
+        "trace": lambda H: torch.tensor(optim.trace(H, num_probes=12, seed=0).estimate),
+        "hutch++": lambda H: torch.tensor(optim.trace(H, num_probes=12, method="hutch++", seed=0).estimate),
+        "diagonal": lambda H: optim.diagonal(H, num_probes=12, seed=0).estimate,
+        "density": lambda H: optim.spectral_density(H, num_runs=2, lanczos_steps=12, seed=0).density,
+    }[estimate]
+    expected = run(optim.hessian.MatrixOperator(A))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(optim.hessian.MatrixOperator(A))
+        recording = _RecordingOperator(A)
+        recorded = run(recording)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    torch.testing.assert_close(recorded, expected, rtol=1e-5, atol=1e-5)
+    assert recording.autocast and all(recording.autocast)

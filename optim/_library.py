@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import operator
 import os
 import warnings
 from typing import Callable
@@ -54,9 +55,10 @@ def define_op(schema: str, *, reference: Callable, fake: Callable) -> torch._ops
     return op
 
 
-_AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
-_AUTOCAST_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
-    torch._C.DispatchKey.AutocastCUDA)
+AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_KEYS = tuple("Autocast" + torch._C._dispatch_key_for_device(device) for device in AUTOCAST_DEVICES)
+_AUTOCAST_KEYSET = functools.reduce(operator.or_, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+                                                   for key in _AUTOCAST_KEYS))
 
 
 def outside_autocast():
@@ -80,10 +82,11 @@ def without_autocast(function: Callable) -> Callable:
     return run
 
 
-def autocast_state() -> tuple:
-    """Whether autocast is on, and its dtype, for each device type the package runs on (a kept graph's key)."""
-    return tuple((torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-                 for device_type in ("cpu", "cuda"))
+def autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
+    """``(device type, on, dtype)`` of autocast for each device type the package runs on (a kept graph's key; what
+    an estimator restores around a product)."""
+    return tuple((device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+                 for device_type in AUTOCAST_DEVICES)
 
 
 def _run_outside_autocast(op, name: str, autocast_key: str) -> None:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._finite import all_finite
-from .._library import outside_autocast
+from .._library import autocast_state, outside_autocast
 from .krylov import WHICH, _dot64, lanczos_quadrature, lanczos_top, power_top
 from .plotting import plot_density
 from .probes import rademacher
@@ -177,7 +177,6 @@ def _check_shape_and_dtype(name: str, shape: tuple, dtype: torch.dtype) -> None:
         raise ValueError(f"{name} must have a real floating-point dtype, got {dtype}")
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
 _callers = threading.local()
 
 
@@ -188,7 +187,7 @@ def _own_precision(estimator):
 
     @functools.wraps(estimator)
     def run(*args, **kwargs):
-        settings = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+        settings = autocast_state()
         if not any(enabled for _, enabled, _ in settings):
             return estimator(*args, **kwargs)
         stack = getattr(_callers, "stack", None)

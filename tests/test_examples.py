@@ -37,11 +37,13 @@ def load_example(name: str):
     return module
 
 
-def require_lightning() -> None:
+def require_lightning():
+    """The Lightning package (``lightning``, else ``pytorch_lightning``); the test skips without either."""
     try:
-        import lightning  # noqa: F401
+        import lightning
     except ImportError:
-        pytest.importorskip("pytorch_lightning", reason="needs the lightning extra: pip install '.[lightning]'")
+        return pytest.importorskip("pytorch_lightning", reason="needs the lightning extra: pip install '.[lightning]'")
+    return lightning
 
 
 def check_losses(result: dict, steps: int, margin: float) -> None:
@@ -163,11 +165,7 @@ def test_lightning_automatic_optimization_with_a_create_graph_backward_steps_lik
     # Lightning's automatic closure runs training_step and the module's backward hook, then returns the loss;
     # with the hook passing create_graph=True the optimizer takes Hz through the graph p.grad carries. That closure
     # was refused on refresh steps ("the closure called backward()") until it was read as backward(create_graph).
-    require_lightning()
-    try:
-        import lightning as L
-    except ImportError:
-        import pytorch_lightning as L
+    L = require_lightning()
     import copy
 
     import torch
@@ -210,11 +208,7 @@ def test_lightning_automatic_optimization_with_a_create_graph_backward_steps_lik
 def test_lightning_validation_measures_the_sharpness_under_its_inference_mode():
     # Lightning runs validation_step under torch.inference_mode(): the monitor's GGN raised there ("Inference
     # tensors cannot be saved for backward"). Measured in the hook, the records are those measured outside.
-    require_lightning()
-    try:
-        import lightning as L
-    except ImportError:
-        import pytorch_lightning as L
+    L = require_lightning()
 
     import torch
     import torch.nn.functional as F

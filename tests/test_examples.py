@@ -114,6 +114,49 @@ def test_lightning_example(optimizer):
         assert result["stiefel_distance"] > 1e-2  # unconstrained: W leaves the manifold it started on
 
 
+def test_hf_trainer_resumes_the_low_rank_run_from_its_checkpoint(tmp_path):
+    """The Trainer checkpoints the optimizer, not the callback that steps the Refactorizer: the optimizer's state
+    dict carries the refactorizer's schedule, so a run resumed mid-ramp from ``checkpoint-3`` refactorizes on the
+    same steps and ends where the uninterrupted run does (it refactorized 2 of 3 times before the fix)."""
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    pytest.importorskip("accelerate", reason="needs the hf extra: pip install '.[hf]'")
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    example = load_example("hf_trainer")
+    _, RefactorizerCallback, _, _ = example._trainer_classes()
+    steps, batch_size = 6, 4  # refactorizations after steps 2, 4, 6; the checkpoint after 3 is inside a ramp
+    train_set = example.ByteWindows(example.corpus(), count=steps * batch_size, seed=0)
+
+    class StopAfter(TrainerCallback):
+        def __init__(self, last):
+            self.last = last
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= self.last:
+                control.should_training_stop = True
+
+    def train(output_dir, stop_after=steps, resume=None):
+        model = example.tiny_llama(seed=0)
+        opt, scheduler, refactorizer = example.build_optimizer("lowrank", model, steps, seed=0)
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+                                 report_to=[], use_cpu=True, save_strategy="steps", save_steps=3, disable_tqdm=True,
+                                 seed=0, data_seed=0, logging_steps=steps, max_grad_norm=1.0)
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, optimizers=(opt, scheduler),
+                          callbacks=[RefactorizerCallback(refactorizer), StopAfter(stop_after)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, refactorizer
+
+    straight, straight_refactorizer = train(tmp_path / "straight")
+    train(tmp_path / "interrupted", stop_after=3)
+    checkpoint = tmp_path / "interrupted" / "checkpoint-3"
+    resumed, resumed_refactorizer = train(tmp_path / "interrupted", resume=str(checkpoint))
+    assert straight_refactorizer.refactorizations == resumed_refactorizer.refactorizations == 3
+    assert resumed_refactorizer.step_count == steps
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("optimizer", ["sophia", "adahessian"])
 def test_hf_hessian_trainer_steps_like_the_closure_protocol(optimizer, tmp_path):
     """HessianTrainer's steps (backward(create_graph=True) on refresh steps, then the Trainer's plain step()) give

@@ -10,7 +10,7 @@ from torch import nn
 from ..fused._ops import PARAM_DTYPES
 from ..fused.adamw import AdamW, _real_dtype
 from .layers import Target, low_rank_modules, to_low_rank
-from .refactorizer import Refactorizer
+from .refactorizer import Refactorizer, saved_refactorizer_state
 from .refactorizer import _check_settings as check_refactorizer_settings
 
 __all__ = ["LowRankAdamW"]
@@ -70,26 +70,9 @@ class LowRankAdamW(AdamW):
         self._refactorizer_hook = self.register_step_post_hook(lambda optimizer, args, kwargs:
                                                                self.refactorizer.step())
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        refactorizer_state = self.refactorizer.state_dict()
-        state["refactorizer"] = refactorizer_state
-        # Also inside the first param group: torch.distributed.checkpoint's get/set_state_dict keep only "state" and
-        # "param_groups" of an optimizer's state dict (and carry every key of a group).
-        if state["param_groups"]:
-            state["param_groups"][0] = {**state["param_groups"][0], "refactorizer": refactorizer_state}
-        return state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        groups = [dict(group) for group in state_dict.get("param_groups", ())]
-        in_groups = [group.pop("refactorizer") for group in groups if "refactorizer" in group]
-        if "param_groups" in state_dict:
-            state_dict["param_groups"] = groups
-        refactorizer_state = state_dict.pop("refactorizer", in_groups[0] if in_groups else None)
-        if refactorizer_state is None:
+        # The refactorizer's own hooks take its entry out of the dict, check it and load it with the optimizer's.
+        if saved_refactorizer_state(state_dict) is None:
             raise ValueError("LowRankAdamW.load_state_dict: the state dict has no 'refactorizer' entry; it was not "
                              "saved by LowRankAdamW (load a plain optim.AdamW state dict into optim.AdamW)")
-        self.refactorizer.check_state_dict(refactorizer_state)  # both parts are checked before either is loaded
         super().load_state_dict(state_dict)
-        self.refactorizer.load_state_dict(refactorizer_state)

@@ -144,7 +144,10 @@ class Refactorizer:
     Works with ``optim.AdamW`` (the reset is the fused kernel's reset flag on the next step) and in place with any
     optimizer whose per-parameter state is tensors of the parameter's shape plus ``step`` (``torch.optim.AdamW``,
     Adam, SGD with momentum, ...). ``state_dict()`` / ``load_state_dict()`` carry the step count and the pending
-    resets, so a resumed run refactorizes on the same steps and continues bit for bit.
+    resets, so a resumed run refactorizes on the same steps and continues bit for bit. The optimizer's own
+    ``state_dict()`` holds that state too (under ``"refactorizer"``), and its ``load_state_dict()`` restores it: a
+    framework that checkpoints only the optimizer (the Hugging Face Trainer with a callback calling ``step()``,
+    Lightning, ``torch.distributed.checkpoint``) resumes the schedule with it.
 
     Args:
         model_or_modules: a model, or an iterable of modules, holding ``LowRankLinear`` layers.
@@ -189,8 +192,16 @@ class Refactorizer:
                              "parameters of the optimizer, so their moments cannot be reset; build the optimizer "
                              "after optim.to_low_rank(...) from model.parameters()")
         self._saved_lrs: list[Any] | None = None
+        self._state_being_loaded: dict[str, Any] | None = None
+        # The checkpoint hooks put this refactorizer's state into optimizer.state_dict() and take it back out of
+        # load_state_dict(): frameworks that checkpoint only the optimizer (the HF Trainer, Lightning) then resume
+        # the schedule too. The load pre hook goes first, before an optimizer's own checks see the extra entry.
         self._hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
-                       optimizer.register_step_post_hook(self._after_optimizer_step)]
+                       optimizer.register_step_post_hook(self._after_optimizer_step),
+                       optimizer.register_state_dict_post_hook(self._add_to_optimizer_state_dict),
+                       optimizer.register_load_state_dict_pre_hook(self._take_from_optimizer_state_dict,
+                                                                   prepend=True),
+                       optimizer.register_load_state_dict_post_hook(self._load_taken_state)]
         optimizer.__dict__["_optim_refactorizer"] = weakref.ref(self)
         # A step that raises skips the post hook: restore the scheduled lr there too, so that neither the param
         # groups nor the next checkpoint keep the ramp's scaled value.
@@ -279,6 +290,34 @@ class Refactorizer:
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 
+    def _add_to_optimizer_state_dict(self, optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state = self.state_dict()
+        state_dict["refactorizer"] = state
+        # Also inside the first param group: torch.distributed.checkpoint's get/set_state_dict keep only "state" and
+        # "param_groups" of an optimizer's state dict (and carry every key of a group).
+        if state_dict.get("param_groups"):
+            state_dict["param_groups"] = [{**state_dict["param_groups"][0], "refactorizer": state},
+                                          *state_dict["param_groups"][1:]]
+        return state_dict
+
+    def _take_from_optimizer_state_dict(self, optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Remove this refactorizer's entries (top level and param groups; the caller's dict is not changed) and
+        check them before the optimizer loads anything; a dict without them leaves the refactorizer as it is."""
+        state = saved_refactorizer_state(state_dict)
+        if "param_groups" in state_dict:
+            state_dict["param_groups"] = [{key: value for key, value in group.items() if key != "refactorizer"}
+                                          for group in state_dict["param_groups"]]
+        state_dict.pop("refactorizer", None)
+        if state is not None:
+            self.check_state_dict(state)
+        self._state_being_loaded = state
+        return state_dict
+
+    def _load_taken_state(self, optimizer) -> None:
+        state, self._state_being_loaded = self._state_being_loaded, None
+        if state is not None:
+            self.load_state_dict(state)  # after the optimizer's state: legacy pending resets apply to it
+
     def _optimizer_params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -346,6 +385,17 @@ class Refactorizer:
         return (f"Refactorizer(layers={len(self.modules)}, every={self.every}, reset={self.reset!r}, "
                 f"recovery_steps={self.recovery_steps}, recovery_start={self.recovery_start:g}, "
                 f"step_count={self.step_count})")
+
+
+def saved_refactorizer_state(state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """The refactorizer state an optimizer's state dict carries (top level, or in a param group after
+    torch.distributed.checkpoint), or None."""
+    if "refactorizer" in state_dict:
+        return state_dict["refactorizer"]
+    for group in state_dict.get("param_groups", ()):
+        if isinstance(group, dict) and "refactorizer" in group:
+            return group["refactorizer"]
+    return None
 
 
 def _check_settings(every, reset, recovery_steps, recovery_start) -> None:

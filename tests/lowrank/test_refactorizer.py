@@ -242,8 +242,9 @@ def test_adamw_reset_moments_is_deferred_and_validated():
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-def run_with_checkpoint(tmp_path, make, steps, checkpoint_at):
-    """Train ``steps`` steps straight, and again with a save/load into fresh objects after ``checkpoint_at``."""
+def run_with_checkpoint(tmp_path, make, steps, checkpoint_at, optimizer_only=False):
+    """Train ``steps`` steps straight, and again with a save/load into fresh objects after ``checkpoint_at``;
+    ``optimizer_only``: the checkpoint holds the model and the optimizer, as the HF Trainer and Lightning save."""
     data = batches(steps)
     model, optimizer, refactorizer = make()
     train(model, optimizer, data, refactorizer)
@@ -253,11 +254,11 @@ def run_with_checkpoint(tmp_path, make, steps, checkpoint_at):
     train(model, optimizer, data[:checkpoint_at], refactorizer)
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "refactorizer": refactorizer.state_dict() if refactorizer else None}, path)
+                "refactorizer": refactorizer.state_dict() if refactorizer and not optimizer_only else None}, path)
     model, optimizer, refactorizer = make(seed=99)  # different initial weights: everything must come from the file
     checkpoint = torch.load(path, weights_only=True)
     model.load_state_dict(checkpoint["model"])
-    if refactorizer is not None:
+    if checkpoint["refactorizer"] is not None:
         refactorizer.load_state_dict(checkpoint["refactorizer"])  # before the optimizer: order does not matter
     optimizer.load_state_dict(checkpoint["optimizer"])
     train(model, optimizer, data[checkpoint_at:], refactorizer)
@@ -285,10 +286,58 @@ def make_low_rank_adamw(seed=0):
     make_adamw_refactorizer(torch.optim.AdamW, "all"),
     make_low_rank_adamw,
 ], ids=["optim.AdamW", "torch.optim.AdamW", "LowRankAdamW"])
-def test_resume_mid_cycle_is_bit_identical(tmp_path, make, checkpoint_at):
-    straight, resumed = run_with_checkpoint(tmp_path, make, 11, checkpoint_at)
+@pytest.mark.parametrize("optimizer_only", [False, True], ids=["both", "optimizer-only"])
+def test_resume_mid_cycle_is_bit_identical(tmp_path, make, checkpoint_at, optimizer_only):
+    straight, resumed = run_with_checkpoint(tmp_path, make, 11, checkpoint_at, optimizer_only)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer_class", [optim.AdamW, torch.optim.AdamW])
+def test_the_optimizer_state_dict_carries_the_refactorizer_and_a_bad_one_changes_nothing(optimizer_class):
+    """Frameworks that checkpoint only the optimizer resume the schedule: its state dict holds the refactorizer's
+    state (top level and, for torch.distributed.checkpoint, in the first group), and its load restores it after
+    checking it; the caller's dict is left as it was, and the groups keep no copy."""
+    model = low_rank_mlp()
+    optimizer = optimizer_class(model.parameters(), lr=1e-2)
+    refactorizer = Refactorizer(model, optimizer, every=4, recovery_steps=2)
+    train(model, optimizer, batches(5), refactorizer)
+    saved = optimizer.state_dict()
+    assert saved["refactorizer"] == refactorizer.state_dict() == saved["param_groups"][0]["refactorizer"]
+    assert "refactorizer" not in optimizer.param_groups[0]
+
+    fresh = low_rank_mlp(seed=3)
+    resumed = optimizer_class(fresh.parameters(), lr=1e-2)
+    resumed_refactorizer = Refactorizer(fresh, resumed, every=4, recovery_steps=2)
+    before = copy.deepcopy(saved)
+    resumed.load_state_dict(saved)
+    assert resumed_refactorizer.step_count == 5 and resumed_refactorizer.refactorizations == 1
+    assert resumed_refactorizer.lr_factor() == refactorizer.lr_factor() != 1.0
+    assert all("refactorizer" not in group for group in resumed.param_groups)
+    assert saved.keys() == before.keys() and saved["param_groups"][0]["refactorizer"] == before["refactorizer"]
+
+    # Only in a group (what set_state_dict of torch.distributed.checkpoint passes on) loads as well.
+    in_group = {key: value for key, value in saved.items() if key != "refactorizer"}
+    model_a = low_rank_mlp()
+    other = Refactorizer(model_a, optimizer_class(model_a.parameters()), every=4, recovery_steps=2)
+    other.optimizer.load_state_dict(in_group)
+    assert other.step_count == 5
+
+    # Settings that differ are refused before the optimizer loads anything.
+    model_b = low_rank_mlp(seed=5)
+    untouched = optimizer_class(model_b.parameters(), lr=1e-2)
+    strict = Refactorizer(model_b, untouched, every=7)
+    with pytest.raises(ValueError, match="every=4"):
+        untouched.load_state_dict(saved)
+    assert strict.step_count == 0 and len(untouched.state) == 0
+
+    # A state dict saved without a refactorizer leaves this one as it is (its state may come from its own file).
+    plain = optimizer_class(fresh.parameters(), lr=1e-2).state_dict()
+    resumed.load_state_dict(plain)
+    assert resumed_refactorizer.step_count == 5
+    # After remove() the optimizer's state dict no longer carries it.
+    resumed_refactorizer.remove()
+    assert "refactorizer" not in resumed.state_dict()
 
 
 # ------------------------------------------------------------------------------------------------ LowRankAdamW

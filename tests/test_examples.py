@@ -286,3 +286,59 @@ def test_lightning_validation_measures_the_sharpness_under_its_inference_mode():
                                               curvature=curvature).measure(index, (batch_x, batch_y))
             for key in ("lambda_max", "trace"):
                 assert abs(measured[index][key] - expected[key]) <= 1e-5 * abs(expected[key]), (curvature, key)
+
+
+@pytest.mark.parametrize("setup", ["refactorizer", "low_rank_adamw"])
+def test_lightning_resumes_the_low_rank_run_from_a_mid_training_checkpoint(tmp_path, setup):
+    """Lightning checkpoints the optimizer; the refactorizer's schedule travels in its state dict. The refactorizer
+    counts in ``optimizer_step`` (after the step and before ModelCheckpoint's ``on_train_batch_end``, which runs
+    ahead of the module's own hook), or LowRankAdamW counts inside its step: resumed from step 3 of 6, the run
+    refactorizes on the same steps and ends bit for bit where the uninterrupted one does."""
+    L = require_lightning()
+    import torch
+    import torch.nn.functional as F
+
+    import optim
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=generator), torch.randn(96, 4, generator=generator)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+            # Converted here, not in configure_optimizers: Lightning restores the weights before it builds optimizers
+            optim.to_low_rank(self.net, 3, target=["0", "2"])
+
+        def training_step(self, batch, index):
+            return F.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            if setup == "low_rank_adamw":
+                opt = optim.LowRankAdamW(self.net, lr=1e-2, rank=None, every=2, recovery_steps=2)
+                self.refactorizer = opt.refactorizer
+                return opt
+            opt = optim.AdamW(self.parameters(), lr=1e-2)
+            self.refactorizer = optim.Refactorizer(self.net, opt, every=2, recovery_steps=2)
+            return opt
+
+        def optimizer_step(self, *args, **kwargs):
+            super().optimizer_step(*args, **kwargs)
+            if setup == "refactorizer":
+                self.refactorizer.step()
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+    settings = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    straight = Module()
+    L.Trainer(max_steps=6, enable_checkpointing=False, **settings).fit(straight, loader())
+    saving = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    L.Trainer(max_steps=6, callbacks=[saving], **settings).fit(Module(), loader())
+    [checkpoint] = [path for path in tmp_path.iterdir() if "step=3" in path.name]
+    resumed = Module()
+    L.Trainer(max_steps=6, enable_checkpointing=False, **settings).fit(resumed, loader(), ckpt_path=str(checkpoint))
+    assert straight.refactorizer.refactorizations == resumed.refactorizer.refactorizations == 3
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name

@@ -72,7 +72,8 @@ def outside_autocast():
 def without_autocast(function: Callable) -> Callable:
     """``function`` run in :func:`outside_autocast`: for the backward and JVP rules of the package's autograd
     Functions, whose forwards run outside autocast, as torch runs a backward in the dtypes its forward used
-    (the engine would otherwise apply the autocast region of the ``backward()`` call to their matrix products)."""
+    (the engine would otherwise apply the autocast region of the ``backward()`` call to their matrix products),
+    and for the public manifold functions, whose points must stay orthonormal to their own dtype's precision."""
 
     @functools.wraps(function)
     def run(*args, **kwargs):

@@ -98,6 +98,36 @@ def test_an_op_in_an_autocast_region_computes_as_outside_it(name, dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_manifold_functions_in_an_autocast_region_compute_as_outside_it(dtype):
+    # A retraction or a projection called from a training step: autocast made their products bfloat16 (a tangent
+    # off by 7e-3), and the polar factor of a float32 point came back as a bfloat16 matrix.
+    S = optim.stiefel
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(40, 10), (3, 12, 30)]:  # tall; a batch of wide matrices
+        x = S.orthogonal_(torch.empty(shape), generator=generator)
+        y = S.orthogonal_(torch.empty(shape), generator=generator)
+        z = torch.randn(shape, generator=generator)
+        xi = 0.05 * S.project_tangent(x, z)
+        calls = {
+            "distance_to_manifold": lambda: S.distance_to_manifold(x + 0.1 * z),
+            "project_tangent": lambda: S.project_tangent(x, z),
+            "riemannian_gradient canonical": lambda: S.riemannian_gradient(x, z, metric="canonical"),
+            "riemannian_gradient grassmann": lambda: S.riemannian_gradient(x, z, manifold="grassmann"),
+            "project_to_manifold polar": lambda: S.project_to_manifold(x + 0.1 * z),
+            "project_to_manifold qr": lambda: S.project_to_manifold(x + 0.1 * z, method="qr"),
+            "grassmann_distance": lambda: S.grassmann_distance(x, y),
+            "polar_newton_schulz": lambda: S.polar_newton_schulz(x + xi),
+            **{f"retract {method}": (lambda method=method: S.retract(x, xi, method=method))
+               for method in ("qr", "polar", "cayley")},
+        }
+        for name, call in calls.items():
+            outside = call()
+            with torch.autocast("cpu", dtype=dtype):
+                inside = call()
+            assert inside.dtype == outside.dtype and torch.equal(inside, outside), (name, shape)
+
+
 def test_an_optimizer_step_in_an_autocast_region_steps_as_outside_it():
     # Lightning's manual optimization steps inside the training step's autocast region: RSDM's orthogonal sampling
     # rotated in bfloat16 there (orthogonality defect 3e-6 against 4e-7), and LowRankAdamW's refactorization raised.

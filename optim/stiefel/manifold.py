@@ -16,6 +16,10 @@ Retractions R_X(ξ) for a tangent ξ (``retract``): ``"qr"`` = Q factor of X + �
 ``"polar"`` = the polar factor (X + ξ)(I + ξᵀξ)^{-1/2} by a coupled Newton–Schulz iteration, ``"cayley"`` = the
 Cayley transform (I − W/2)⁻¹(I + W/2)X with W = P ξXᵀ − XξᵀP, P = I − ½XXᵀ (Wen & Yin 2013), evaluated through
 the Sherman–Morrison–Woodbury identity in O(Np²) instead of an N×N solve.
+
+Precision. Each function computes in its inputs' dtype, also inside a ``torch.autocast`` region (a retraction
+called from a training step): autocast would round the products to bfloat16 and leave the points orthonormal to
+bfloat16's 4e-3 only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import warnings
 from typing import Callable
 
 import torch
+
+from .._library import without_autocast
 
 __all__ = [
     "MANIFOLDS",
@@ -128,6 +134,7 @@ def orthogonal_(tensor: torch.Tensor, *, generator: torch.Generator | None = Non
     return tensor
 
 
+@without_autocast
 def distance_to_manifold(x: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """‖X̃ᵀX̃ − I‖_F per matrix (shape ``x.shape[:-2]``), X̃ the oriented matrix; computed in ``dtype`` (float64).
 
@@ -175,6 +182,7 @@ def check_manifold_name(manifold, caller: str) -> None:
                          f"{manifold!r}")
 
 
+@without_autocast
 def project_tangent(x: torch.Tensor, z: torch.Tensor, *, manifold: str = "stiefel") -> torch.Tensor:
     """Orthogonal projection of an ambient matrix ``z`` onto the tangent (Stiefel) or horizontal (Grassmann) space
     at ``x``: Z − X sym(X̃ᵀZ̃) resp. Z − X X̃ᵀZ̃ (oriented matrices), for the Euclidean metric."""
@@ -188,6 +196,7 @@ def project_tangent(x: torch.Tensor, z: torch.Tensor, *, manifold: str = "stiefe
     return out if x.shape[-2] >= x.shape[-1] else out.mT
 
 
+@without_autocast
 def riemannian_gradient(x: torch.Tensor, grad: torch.Tensor, *, manifold: str = "stiefel",
                         metric: str = "euclidean") -> torch.Tensor:
     """Riemannian gradient at ``x`` of a function whose Euclidean gradient is ``grad`` (same shape as ``x``).
@@ -205,6 +214,7 @@ def riemannian_gradient(x: torch.Tensor, grad: torch.Tensor, *, manifold: str = 
     return project_tangent(x, grad, manifold=manifold)
 
 
+@without_autocast
 def project_to_manifold(x: torch.Tensor, *, method: str = "polar") -> torch.Tensor:
     """The nearest point of St(n, p) (``"polar"``: U Vᵀ from the SVD, in float64) or the sign-fixed QR factor."""
     _check_matrix(x, "project_to_manifold")
@@ -232,6 +242,7 @@ def riemannian_gradient_norm(x: torch.Tensor, grad: torch.Tensor | Callable[[tor
     return torch.linalg.matrix_norm(riemannian_gradient(x_bar, g.to(torch.float64), manifold=manifold))
 
 
+@without_autocast
 def grassmann_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Geodesic distance on Gr(n, p) between span(X̃) and span(Ỹ): ‖θ‖₂, θ the principal angles (float64)."""
     xo, yo = orient(x).to(torch.float64), orient(y).to(torch.float64)
@@ -241,11 +252,13 @@ def grassmann_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # --- retractions --------------------------------------------------------------------------------------------------
 
+@without_autocast
 def qr_retraction(x: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """Q factor (diag(R) > 0) of X̃ + ξ̃; oriented inputs (..., N, P)."""
     return _qr_sign_fixed(x + xi)
 
 
+@without_autocast
 def polar_newton_schulz(z: torch.Tensor, *, max_iters: int = NEWTON_SCHULZ_MAX_ITERS,
                         tol: float | None = None) -> torch.Tensor:
     r"""Polar factor Z (ZᵀZ)^{-1/2} of full-column-rank z (..., N, P), N >= P, by coupled Newton–Schulz.
@@ -256,7 +269,12 @@ def polar_newton_schulz(z: torch.Tensor, *, max_iters: int = NEWTON_SCHULZ_MAX_I
     at most ``max_iters`` iterations, stopping when ‖I − Z_kY_k‖_F <= ``tol`` (1e-6 fp32, 1e-13 fp64; checked every
     third iteration, one host sync each). If it has not converged (very long steps, κ(ZᵀZ) large), the matrices that
     failed are recomputed exactly with an eigendecomposition in float64 and a ``RuntimeWarning`` says so.
+
+    A wide z (N < P, full row rank) gets (ZZᵀ)^{-1/2} Z, computed on the oriented matrix as everywhere in this
+    module (its Gram matrix ZᵀZ would be singular).
     """
+    if z.shape[-2] < z.shape[-1]:
+        return polar_newton_schulz(z.mT, max_iters=max_iters, tol=tol).mT
     tol = NEWTON_SCHULZ_TOL.get(z.dtype, 1e-6) if tol is None else tol
     gram = z.mT @ z
     scale = gram.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # ‖·‖_∞ >= λ_max for a symmetric matrix
@@ -286,6 +304,7 @@ def polar_newton_schulz(z: torch.Tensor, *, max_iters: int = NEWTON_SCHULZ_MAX_I
     return z @ inverse_sqrt
 
 
+@without_autocast
 def cayley_retraction(x: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """(I − W/2)⁻¹(I + W/2) X with W = U Vᵀ, U = [Pξ, X], V = [X, −Pξ], P = I − ½XXᵀ; oriented inputs (..., N, P).
 
@@ -300,6 +319,7 @@ def cayley_retraction(x: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     return b + 0.5 * u @ torch.linalg.solve(core, v.mT @ b)
 
 
+@without_autocast
 def retract(x: torch.Tensor, xi: torch.Tensor, *, method: str = "qr") -> torch.Tensor:
     """R_X(ξ) for a point ``x`` and a tangent vector ``xi`` (both (..., n, p), caller's orientation)."""
     if method not in RETRACTIONS:

@@ -112,6 +112,11 @@ def test_polar_newton_schulz_matches_svd_and_falls_back_when_it_cannot_converge(
     z = torch.randn(50, 6, dtype=F64)
     z = z / torch.linalg.matrix_norm(z, ord=2) + st.orthogonal_(torch.empty(50, 6, dtype=F64))
     torch.testing.assert_close(st.polar_newton_schulz(z), st.project_to_manifold(z), atol=1e-11, rtol=0)
+    # a wide matrix (and a batch of them) in the caller's orientation: its ZᵀZ is singular (NaN before)
+    wide = z.mT.reshape(2, 3, 50)
+    polar = st.polar_newton_schulz(wide)
+    assert polar.shape == wide.shape
+    torch.testing.assert_close(polar, st.project_to_manifold(wide), atol=1e-11, rtol=0)
     # a Gram matrix with condition number 1e12 needs more iterations than allowed: exact fallback, with a warning
     ill = st.orthogonal_(torch.empty(20, 3, dtype=F64)) * torch.tensor([1.0, 1e-3, 1e-6], dtype=F64)
     with pytest.warns(RuntimeWarning, match="Newton"):

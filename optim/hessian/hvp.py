@@ -95,7 +95,7 @@ import torch
 
 from .._finite import first_nonfinite
 from .linear import gradient_values_unused
-from .routing import refuse_reentrant_checkpoints, sdpa_curvature
+from .routing import sdpa_curvature, watch_first_forward
 
 __all__ = ["hvp", "fd_rtol", "compile_seconds", "MODES", "AUTO_ORDER"]
 
@@ -374,7 +374,7 @@ def _watched(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 
     def call(*params):
         names = tuple(f"params[{i}]" for i in range(len(params)))
-        with refuse_reentrant_checkpoints(f, (len(params),), names, params):
+        with watch_first_forward(f, (len(params),), names, params):
             return f(*params)
 
     return call

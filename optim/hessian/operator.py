@@ -34,7 +34,7 @@ from ..fused.distributed import check_process_group, is_dtensor, sum_
 
 from . import losses
 from .krylov import _dot64
-from .routing import refuse_reentrant_checkpoints, sdpa_curvature
+from .routing import random_draws, sdpa_curvature, watch_first_forward
 from .hvp import (_MODE_FAILURES, MODES, auto_choice, check_compile, check_params, check_vectors, compile_seconds,
                   MEASURE_MIN_PROBES, batched_vjp, batching_choice, compiled_hvp, compute_hvp, differentiable,
                   first_order_graph, loss_and_gradient, normal_tensor, remember_auto_choice, second_backward)
@@ -244,6 +244,7 @@ class CurvatureOperator:
         self.n = sum(self._numels)
         self.shape = (self.n, self.n)
         self.num_matvecs = 0
+        self.random_draws: tuple[str, ...] = ()
         self.compile = compile
         self.reuse_graph = False if compile else reuse_graph
         self._graph: KeptGraph | None = None  # the kept state of the one batch
@@ -469,6 +470,7 @@ class CurvatureOperator:
             if state is not None:
                 product = self._apply(state, v, k)
                 self.num_matvecs += 1 if k is None else k
+                self.random_draws = ()  # the kept graph's one draw serves every product
                 if self.process_group is not None:
                     rows = batch_rows(as_pair(self._data[0])[1])
                     return self._over_ranks([t * rows for t in product], rows, [t.shape for t in v])
@@ -487,6 +489,7 @@ class CurvatureOperator:
                     acc.add_(t, alpha=weight)
             total_weight += weight
         self.num_matvecs += 1 if k is None else k
+        self.random_draws = random_draws(self.model, (tuple(self.names), self.model.training))
         if self.process_group is not None:
             if total is not None and total_weight == first_weight:
                 total = [t * first_weight for t in total]
@@ -649,7 +652,7 @@ def model_output(model: nn.Module, names: tuple[str, ...], inputs, labels=None) 
     def output(*params: torch.Tensor):
         state = _buffer_copies(model)
         state.update(zip(names, params))
-        with refuse_reentrant_checkpoints(model, (names, model.training), names, params):
+        with watch_first_forward(model, (names, model.training), names, params):
             return torch.func.functional_call(model, state, args, kwargs)
 
     return output
@@ -739,8 +742,9 @@ class HessianOperator(CurvatureOperator):
     The model is evaluated in its current mode, as set by ``model.train()`` / ``model.eval()``: in train mode
     dropout draws a new mask at every product (all the probes of one ``(k, n)`` block share a mask) and BatchNorm
     normalizes with the statistics of each batch, which is the Hessian of the training loss but a random operator
-    with dropout. Call ``model.eval()`` for a deterministic, symmetric Hessian (dropout off, BatchNorm with its
-    running statistics). In train mode the operator hands the model copies of the buffers of its training-mode
+    with dropout (:attr:`random_draws` names what drew; the eigenvalue and density estimators refuse it, the trace
+    and diagonal average over the draws). Call ``model.eval()`` for a deterministic, symmetric Hessian (dropout off,
+    BatchNorm with its running statistics). In train mode the operator hands the model copies of the buffers of its training-mode
     modules, so products do not update BatchNorm's running statistics (nor its batch counter); ``mode="fr"``
     cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
 
@@ -754,6 +758,11 @@ class HessianOperator(CurvatureOperator):
         dtype, device: the parameters' dtype and device (one of each; filter the parameters to get there).
         num_matvecs: the number of Hessian-vector products done so far, each probe counting one, each over all of
             ``data`` (so a ``(k, n)`` block adds k). Reset it freely.
+        random_draws: the random functions (``dropout(p=0.1)``, ``scaled_dot_product_attention(dropout_p=0.1)``,
+            ``randn``, ...) the model's forward called in the last product, when that product ran it afresh (no
+            kept graph): each product then applies another matrix. Empty otherwise. :func:`~optim.top_eigenvalues`
+            and :func:`~optim.spectral_density`, which need one matrix, refuse such an operator; Hutchinson's
+            :func:`~optim.trace` and :func:`~optim.diagonal` average over the draws as over the probes.
 
     Vectors: ``H @ v`` (or ``H.matvec(v)``, or ``v @ H``, the same since H is symmetric) takes
 

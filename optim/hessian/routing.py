@@ -181,20 +181,25 @@ class _RoutesWhen:
         return self._entered.pop().__exit__(*exc_info)
 
 
-class _ReentrantCheckpointWatch(TorchFunctionMode):
-    """Records which of the given tensors a reentrant checkpoint's forward uses.
+class _FirstForwardWatch(TorchFunctionMode):
+    """Records which of the given tensors a reentrant checkpoint's forward uses, and which random functions the
+    forward calls.
 
     ``torch.utils.checkpoint`` with ``use_reentrant=True`` runs its function under ``no_grad`` and differentiates it
     again only in its own backward, which ``loss.backward()`` reaches through the checkpoint's inputs. The
     curvature operators differentiate with ``torch.autograd.grad`` towards the parameters in scope: a parameter used
     only inside such a checkpoint is not in the graph, and when no input of the checkpoint is differentiated either
     (the parameters before it are out of scope) its gradient, and so every product, silently reads zero.
+
+    A forward that draws random numbers (dropout in training mode, attention dropout, noise) is another function at
+    every call: each product of an operator that runs it afresh sees another matrix.
     """
 
     def __init__(self, tensors: dict[int, str]):
         super().__init__()
         self._tensors = tensors
         self.hidden: list[str] = []
+        self.random: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -203,7 +208,45 @@ class _ReentrantCheckpointWatch(TorchFunctionMode):
                 name = self._tensors.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
                 if name is not None and name not in self.hidden:
                     self.hidden.append(name)
+        name = _random_call(func, args, kwargs)
+        if name is not None and name not in self.random:
+            self.random.append(name)
         return func(*args, **kwargs)
+
+
+def _argument(args, kwargs, index: int, name: str, default):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+# Functions that draw random numbers whenever they are called, and those that do only with their dropout
+# probability (argument position, name, default) above 0 and their training flag (position, name, default) set.
+_ALWAYS_RANDOM = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
+                  torch.randperm, torch.normal, torch.poisson, torch.bernoulli, torch.multinomial,
+                  torch.Tensor.bernoulli, torch.Tensor.bernoulli_, torch.Tensor.uniform_, torch.Tensor.normal_,
+                  torch.Tensor.random_, torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
+                  torch.Tensor.log_normal_, torch.Tensor.multinomial}
+_RANDOM_WHEN = {
+    **{f: ((1, "p", 0.5), (2, "training", True)) for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                                                           F.alpha_dropout, F.feature_alpha_dropout)},
+    torch.dropout: ((1, "p", 0.5), (2, "train", True)),
+    torch.nn.functional.rrelu: ((None, None, 1.0), (3, "training", False)),
+    F.scaled_dot_product_attention: ((4, "dropout_p", 0.0), (None, None, True)),
+}
+
+
+def _random_call(func, args, kwargs) -> str | None:
+    """The name of ``func`` if this call draws random numbers, else None."""
+    if func in _ALWAYS_RANDOM:
+        return getattr(func, "__name__", repr(func))
+    rule = _RANDOM_WHEN.get(func)
+    if rule is None:
+        return None
+    (p_index, p_name, p_default), (t_index, t_name, t_default) = rule
+    p = p_default if p_name is None else _argument(args, kwargs, p_index, p_name, p_default)
+    training = t_default if t_name is None else _argument(args, kwargs, t_index, t_name, t_default)
+    if not training or not isinstance(p, (int, float)) or p <= 0:
+        return None
+    return f"{func.__name__}({p_name or 'p'}={p:g})" if p_name else func.__name__
 
 
 def _inside_reentrant_checkpoint() -> bool:
@@ -216,7 +259,7 @@ def _inside_reentrant_checkpoint() -> bool:
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
-_WATCHED = weakref.WeakKeyDictionary()  # owner -> the keys whose forward was watched and passed
+_WATCHED = weakref.WeakKeyDictionary()  # owner -> {key: the random functions} for the forwards watched and passed
 
 
 def _cache_owner(owner, key: tuple):
@@ -225,25 +268,33 @@ def _cache_owner(owner, key: tuple):
     return (owner.__self__, (function, *key)) if function is not None and hasattr(owner, "__self__") else (owner, key)
 
 
-def _watched_keys(owner) -> set:
-    """The keys watched for ``owner`` (a fresh set, never stored, for an owner without weak references)."""
+def _watched_keys(owner) -> dict:
+    """The keys watched for ``owner`` and the random functions their forward called (a fresh dict, never stored,
+    for an owner without weak references)."""
     try:
-        return _WATCHED.setdefault(owner, set())
+        return _WATCHED.setdefault(owner, {})
     except TypeError:
-        return set()
+        return {}
+
+
+def random_draws(owner, key: tuple) -> tuple[str, ...]:
+    """The random functions the watched forward of ``owner`` and ``key`` called (:func:`watch_first_forward`);
+    empty when it called none or was not watched (under ``torch.compile``)."""
+    owner, key = _cache_owner(owner, key)
+    return _watched_keys(owner).get(key, ())
 
 
 @contextlib.contextmanager
-def refuse_reentrant_checkpoints(owner, key: tuple, names: tuple[str, ...], params):
+def watch_first_forward(owner, key: tuple, names: tuple[str, ...], params):
     """Raise ``ValueError`` after the block (a forward with ``params`` as the tensors ``names``) if a reentrant
-    checkpoint used any of them. Watched once per ``owner`` (a model, or ``hvp``'s function) and ``key`` (the
-    scope and train/eval mode), outside ``torch.compile``: a model's checkpointing changes with those, not from one
-    batch to the next."""
+    checkpoint used any of them, and record the random functions it called (:func:`random_draws`). Watched once per
+    ``owner`` (a model, or ``hvp``'s function) and ``key`` (the scope and train/eval mode), outside
+    ``torch.compile``: a model's checkpointing and dropout change with those, not from one batch to the next."""
     owner, key = _cache_owner(owner, key)
     if torch.compiler.is_compiling() or key in _watched_keys(owner):
         yield
         return
-    watch = _ReentrantCheckpointWatch({id(p): name for name, p in zip(names, params)})
+    watch = _FirstForwardWatch({id(p): name for name, p in zip(names, params)})
     with watch:
         yield
     if watch.hidden:
@@ -256,4 +307,4 @@ def refuse_reentrant_checkpoints(owner, key: tuple, names: tuple[str, ...], para
             "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False, "
             "'context_fn': optim.hessian.curvature_context_fn})), or measure in eval mode if the model checkpoints "
             "only in training")
-    _watched_keys(owner).add(key)
+    _watched_keys(owner)[key] = tuple(watch.random)

@@ -216,10 +216,13 @@ def _callers_autocast() -> contextlib.AbstractContextManager:
     return context
 
 
-def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
-    """``H @ V`` with its shape and finiteness checked; ``what`` names the probe or iteration for the error."""
+def _apply(H: LinearOperator, V: Tensor, what: str, *, one_matrix: bool = False) -> Tensor:
+    """``H @ V`` with its shape and finiteness checked; ``what`` names the probe or iteration for the error.
+    ``one_matrix``: the estimator needs every product to apply the same matrix (Lanczos, power iteration)."""
     with _callers_autocast():
         out = H @ V
+    if one_matrix:
+        _check_one_matrix(H)
     if not isinstance(out, Tensor) or out.shape != V.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise RuntimeError(
@@ -229,6 +232,19 @@ def _apply(H: LinearOperator, V: Tensor, what: str) -> Tensor:
     if not all_finite([out]):
         raise RuntimeError(f"H @ v produced NaN or inf at {what}: {_NONFINITE_HINT}")
     return out
+
+
+def _check_one_matrix(H: LinearOperator) -> None:
+    """Refuse an operator whose last product drew random numbers afresh (a curvature operator of a model with
+    dropout in training mode): a Krylov method on another matrix at every product returns no eigenvalue of any."""
+    draws = getattr(H, "random_draws", ())
+    if draws:
+        raise ValueError(
+            f"H applies another matrix at every product: the model's forward calls {', '.join(draws)}, which draw "
+            "random numbers in training mode (dropout), so Lanczos and power iteration would return no eigenvalue "
+            "of any one Hessian. Call model.eval() (or build the operator with reuse_graph=True to keep one draw "
+            "for every product; SharpnessMonitor: eval_mode=True). trace and diagonal accept it (they average over "
+            "the draws)")
 
 
 def _quadratic_forms(H: LinearOperator, V: Tensor, what: str) -> Tensor:
@@ -384,7 +400,7 @@ def top_eigenvalues(
         raise ValueError("which='magnitude' needs method='lanczos' (power iteration's shift and deflation find "
                          "the largest algebraic eigenvalues); use which='largest' and 'smallest' and compare")
     generator = torch.Generator().manual_seed(seed)
-    apply = functools.partial(_apply, H)
+    apply = functools.partial(_apply, H, one_matrix=True)
     draw = lambda: _gaussian(generator, (1, n), H)  # noqa: E731
     if method == "lanczos":
         values, vectors = lanczos_top(apply, draw, k, tol, max_iter, which)
@@ -628,7 +644,7 @@ def spectral_density(
         runs = _rows(start, Z)
 
         def apply(V: Tensor, what: str) -> Tensor:
-            return _apply(H, V, f"spectral_density {what} of runs {runs}")
+            return _apply(H, V, f"spectral_density {what} of runs {runs}", one_matrix=True)
 
         for theta, tau in lanczos_quadrature(apply, Z / math.sqrt(n), m):  # a Rademacher vector has norm √n
             pad = m - theta.numel()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -708,3 +711,90 @@ def test_products_are_the_same_in_no_grad_and_inference_mode(context):
         H = HessianOperator(model, F.cross_entropy, (x, y))
         H @ v
     assert H.resolved_mode == "rr"
+
+
+class _NoisyNet(nn.Module):
+    """Random in training mode only through the functions ``draw`` names (nothing but the layers otherwise)."""
+
+    def __init__(self, draw: str, batch_norm: bool = False):
+        super().__init__()
+        self.draw = draw
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.dropout = nn.Dropout(0.3)
+        self.norm = nn.BatchNorm1d(12) if batch_norm else nn.Identity()
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.fc1(x)))
+        if self.draw == "module":
+            h = self.dropout(h)
+        elif self.draw == "functional":
+            h = F.dropout(h, 0.2, training=self.training)
+        elif self.draw == "noise" and self.training:
+            h = h + 0.1 * torch.randn_like(h)
+        elif self.draw == "sdpa":
+            q = h.view(x.shape[0], 1, 3, 4)
+            h = F.scaled_dot_product_attention(q, q, q, dropout_p=0.25 if self.training else 0.0).reshape(h.shape)
+        elif self.draw == "off":  # dropout with training=False, or p = 0: deterministic
+            h = nn.functional.dropout(F.dropout(h, 0.5, training=False), 0.0)
+        return self.fc2(h)
+
+
+@pytest.mark.filterwarnings("ignore:top_eigenvalues. Lanczos did not converge")
+@pytest.mark.parametrize("draw, named", [("module", "dropout(p=0.3)"), ("functional", "dropout(p=0.2)"),
+                                         ("noise", "randn_like"),
+                                         ("sdpa", "scaled_dot_product_attention(dropout_p=0.25)")])
+@pytest.mark.parametrize("operator", [optim.HessianOperator, optim.GGNOperator, optim.EmpiricalFisherOperator])
+def test_eigenvalues_of_a_random_operator_are_refused_not_made_up(draw, named, operator):
+    # In training mode with dropout every product ran a new forward with a new mask: top_eigenvalues returned
+    # 0.985 and 0.823 for a model whose Hessian has 0.925 and 0.727 (eval mode), and repeated products differed
+    # by 0.74. Lanczos, power iteration and SLQ now refuse the operator; Hutchinson averages over the masks.
+    torch.manual_seed(0)
+    model = _NoisyNet(draw).double().train()
+    batch = (torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,)))
+    before = [p.detach().clone() for p in model.parameters()]
+    H = operator(model, F.cross_entropy, batch)
+    for estimate in (lambda: optim.top_eigenvalues(H, k=1, max_iter=8),
+                     lambda: optim.top_eigenvalues(H, k=1, max_iter=8, method="power"),
+                     lambda: optim.spectral_density(H, num_runs=2, lanczos_steps=4)):
+        with pytest.raises(ValueError, match=r"another matrix at every product.*" + re.escape(named)
+                           + r".*model\.eval\(\)"):
+            estimate()
+    assert H.random_draws == (named,)
+    assert model.training and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert math.isfinite(optim.trace(H, num_probes=2).estimate)
+    # one draw kept for every product: a fixed (random) matrix, symmetric
+    kept = operator(model, F.cross_entropy, batch, reuse_graph=True)
+    u, v = torch.randn(2, kept.n, dtype=torch.float64)
+    torch.testing.assert_close(u @ (kept @ v), v @ (kept @ u), rtol=1e-10, atol=1e-12)
+    optim.top_eigenvalues(kept, k=1, max_iter=8, tol=1e-2)
+    assert kept.random_draws == ()
+    model.eval()
+    assert math.isfinite(float(optim.top_eigenvalues(operator(model, F.cross_entropy, batch), k=1,
+                                                     max_iter=8, tol=1e-2).eigenvalues[0]))
+
+
+@pytest.mark.parametrize("draw", ["none", "off"])
+def test_a_deterministic_training_mode_forward_keeps_its_eigenvalues(draw):
+    # BatchNorm with the batch's statistics, dropout with p = 0 or training=False: one matrix, nothing refused.
+    torch.manual_seed(0)
+    model = _NoisyNet(draw, batch_norm=True).double().train()
+    batch = (torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,)))
+    H = optim.HessianOperator(model, F.cross_entropy, batch)
+    values = optim.top_eigenvalues(H, k=2, tol=1e-8).eigenvalues
+    dense = H @ torch.eye(H.n, dtype=torch.float64)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(dense)[-2:].flip(0), rtol=1e-6, atol=1e-9)
+    assert H.random_draws == ()
+
+
+def test_the_monitor_outside_eval_mode_refuses_a_model_with_dropout():
+    torch.manual_seed(0)
+    model = _NoisyNet("module").double().train()
+    batch = (torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,)))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, eval_mode=False, probes=2,
+                                     lanczos_iters=20, seed=0)
+    with pytest.raises(ValueError, match="eval_mode=True"):
+        monitor.step(0, batch)
+    assert monitor.records == [] and model.training
+    default = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, probes=2, lanczos_iters=20, seed=0)
+    assert math.isfinite(default.step(0, batch)["lambda_max"]) and model.training

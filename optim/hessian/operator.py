@@ -744,8 +744,8 @@ class HessianOperator(CurvatureOperator):
     normalizes with the statistics of each batch, which is the Hessian of the training loss but a random operator
     with dropout (:attr:`random_draws` names what drew; the eigenvalue and density estimators refuse it, the trace
     and diagonal average over the draws). Call ``model.eval()`` for a deterministic, symmetric Hessian (dropout off,
-    BatchNorm with its running statistics). In train mode the operator hands the model copies of the buffers of its training-mode
-    modules, so products do not update BatchNorm's running statistics (nor its batch counter); ``mode="fr"``
+    BatchNorm with its running statistics). In train mode the operator hands the model copies of the buffers of its
+    training-mode modules, so products do not update BatchNorm's running statistics (nor its batch counter); ``mode="fr"``
     cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
 
     Attributes:

@@ -555,7 +555,8 @@ def diagonal(H, *, num_probes: int = 100, seed: int = 0, batch_size: int | None 
 
 @dataclass(frozen=True)
 class SpectralDensity:
-    """The result of :func:`spectral_density`; unpacks as ``grid, density = spectral_density(H)``.
+    """The result of :func:`spectral_density`; unpacks as ``grid, density = spectral_density(H)`` (and indexes as
+    that pair).
 
     Attributes:
         grid: (G,) float64 CPU tensor, increasing.
@@ -577,6 +578,13 @@ class SpectralDensity:
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.grid, self.density))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        """``result[0]`` is the grid and ``result[1]`` the density, as the pair it unpacks to."""
+        return (self.grid, self.density)[index]
 
     @property
     def mean(self) -> float:

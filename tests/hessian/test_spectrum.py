@@ -308,7 +308,8 @@ def test_slq_density_integrates_to_one_and_has_the_right_mean(A):
     runs = 50
     result = spectral_density(A, num_runs=runs, lanczos_steps=60)
     assert isinstance(result, SpectralDensity)
-    grid, density = result  # unpacks as a pair
+    grid, density = result  # unpacks as a pair, and indexes as one
+    assert len(result) == 2 and result[0] is grid and result[1] is density and result[-1] is density
     assert grid.shape == density.shape == (1000,) and bool((density >= 0).all())
     assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-3)
     assert result.nodes.shape == result.weights.shape == (runs, 60)

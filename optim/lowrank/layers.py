@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -221,6 +222,16 @@ def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``id(weight) -> names`` of the weights that two or more distinct linear modules hold (layers tied to each
+    other, not a module reused in several places): factoring each on its own would untie them."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():  # a module reached twice is listed once
+        if isinstance(module, nn.Linear) or is_conv1d(module):
+            holders[id(module.weight)].append(name)
+    return {key: names for key, names in holders.items() if len(names) > 1}
+
+
 def _block_members(model: nn.Module) -> set[str]:
     """Qualified names of the modules strictly inside an element of an ``nn.ModuleList``: the layers of a model's
     repeated blocks (``layers.0.self_attn.q_proj``), not the elements themselves (a list of heads, ``heads.0``)."""
@@ -263,9 +274,10 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
     e.g. ``"q_proj"``), or a predicate ``(name, module) -> bool``. Matched modules that are not ``nn.Linear`` but
     hold a weight (embeddings, convolutions) are an error; matched containers are looked into by their children's
     own names only. A linear layer whose weight is shared with an embedding (a tied output head) is never replaced,
-    nor by default a layer whose parent's forward reads its ``weight`` (``nn.MultiheadAttention``'s ``out_proj``,
-    T5's ``wo``) or that computes something else than ``x Wᵀ + b`` (an ``nn.Linear`` subclass with its own
-    ``forward``, a parametrized weight); a target that names one of those is an error.
+    nor by default a layer whose weight another linear layer holds too (tied layers), a layer whose parent's
+    forward reads its ``weight`` (``nn.MultiheadAttention``'s ``out_proj``, T5's ``wo``) or one that computes
+    something else than ``x Wᵀ + b`` (an ``nn.Linear`` subclass with its own ``forward``, a parametrized weight);
+    a target that names one of those is an error.
     """
     if isinstance(target, str):
         target = [target]
@@ -289,6 +301,7 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
         def matched(name, module):
             return _matches(name, patterns)
     tied = _embedding_weights(model)
+    shared = _shared_weights(model)
     read_by_parent = _weight_read_by_parent(model)
     found = []
     for name, module in model.named_modules():
@@ -297,6 +310,13 @@ def find_targets(model: nn.Module, target: Target = None) -> list[tuple[str, nn.
         if isinstance(module, nn.Linear) or is_conv1d(module):
             if id(module.weight) in tied:
                 continue
+            if id(module.weight) in shared:
+                if target is None:
+                    continue
+                others = [other for other in shared[id(module.weight)] if other != name]
+                raise ValueError(f"to_low_rank: target matched {name!r}, whose weight is also the weight of "
+                                 f"{', '.join(repr(o) for o in others)} (tied layers); factoring each layer on its own "
+                                 "would untie them and change the model. Narrow target so that it leaves them out")
             if id(module) in read_by_parent:
                 if target is None:
                     continue
@@ -422,9 +442,14 @@ def _to_dense(layer: LowRankLinear) -> nn.Module:
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    """Put ``module`` wherever the module at ``name`` is: a module reused in several places (one layer applied
+    twice) is one layer, and ``named_modules`` lists only its first place."""
+    old = model.get_submodule(name)
+    for parent in model.modules():
+        # _modules, not named_children(), which also lists a child held under two names once
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, child_name, module)
 
 
 def low_rank_modules(model_or_modules: nn.Module | Iterable[nn.Module]) -> list[LowRankLinear]:

@@ -312,6 +312,29 @@ def test_linear_layers_that_compute_something_else_are_left_dense():
     assert all(isinstance(model.layers[i][j], LowRankLinear) for i, j in ((0, 4), (1, 2), (1, 4)))
 
 
+def test_tied_linear_layers_are_left_dense():
+    # Two linear layers holding one weight (a decoder tied to an encoder, layers shared across blocks) were each
+    # factored on its own: two independent pairs of factors, the tie silently gone. A module reused in several
+    # places is one layer, and is factored once.
+    torch.manual_seed(0)
+    first, second, third = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = nn.Sequential(nn.ModuleList([nn.Sequential(first, nn.Tanh(), second, third, nn.Tanh(), third)]))
+    model.forward = lambda x: model[0][0](x)
+    assert [name for name, _ in find_targets(model)] == ["0.0.3"]
+    with pytest.raises(ValueError, match=r"'0.0.0', whose weight is also the weight of '0.0.2' \(tied layers\)"):
+        to_low_rank(model, 2, target=["0.0.*"])
+    assert model[0][0][2] is second and second.weight is first.weight
+    to_low_rank(model, 2)
+    block = model[0][0]
+    assert block[0] is first and block[2] is second and isinstance(block[3], LowRankLinear) and block[5] is block[3]
+    x = torch.randn(4, 8)
+    expected = model(x)
+    optim.lowrank.merge(model)
+    assert type(block[3]) is nn.Linear and block[5] is block[3]
+    torch.testing.assert_close(model(x), expected)
+
+
 def _hugging_face_model(name):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -130,6 +130,18 @@ def group_tensors(param_group: dict[str, Any]) -> list[Any]:
     return [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
 
 
+def param_label(param_group: dict[str, Any], i: int) -> str:
+    """``parameter i``, with its name when the group was given named parameters (``model.named_parameters()``)."""
+    entries = param_group.get("params")
+    entry = entries[i] if isinstance(entries, list) and i < len(entries) else None
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
+        return f"parameter {i} ({entry[0]!r})"
+    names = param_group.get("param_names")
+    if isinstance(names, list) and i < len(names) and isinstance(names[i], str):
+        return f"parameter {i} ({names[i]!r})"
+    return f"parameter {i}"
+
+
 def check_group_params(param_group: dict[str, Any], caller: str, *,
                        dtype_ok: Callable[[torch.Tensor], bool] | None = None,
                        dtypes_text: str = "") -> list[torch.Tensor]:

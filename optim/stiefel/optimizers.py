@@ -31,7 +31,7 @@ from .._library import has_kernel, outside_autocast
 from .._step_wrapper import LeanStepMixin
 from .._validate import (StateSpec, check_betas, check_grad, check_group_params, check_group_settings,
                          check_incoming_state_dict, check_lr, check_nonnegative, check_param_state,
-                         checked_groups, fill_group_defaults, install_state_dict_hooks, scalar)
+                         checked_groups, fill_group_defaults, install_state_dict_hooks, param_label, scalar)
 from .._validate import check_unit_interval as _unit_interval
 from ..fused.distributed import agree_over_mesh, check_row_sharded, gather_whole, is_dtensor
 from ._ops import (CORES, FLOAT64_ROTATION_MIN_RANK, _core_reference, rotates_in_float64, rsdm_step_,
@@ -216,11 +216,12 @@ class _ManifoldOptimizer(LeanStepMixin, Optimizer):
             check_row_sharded(params, caller=self._name,
                               why="a constrained parameter under FSDP2 is stepped (optim.stiefel.sharded)")
             for i, p in enumerate(params):
+                label = param_label(param_group, i)
                 if p.device.type == "meta":  # no values: whether it is on the manifold cannot be checked
-                    raise ValueError(f"{self._name}: parameter {i} of the group is a meta tensor; a constrained "
+                    raise ValueError(f"{self._name}: {label} of the group is a meta tensor; a constrained "
                                      "parameter must be on the manifold when the optimizer is built: materialize "
                                      "it (model.to_empty(device=...), then optim.stiefel.orthogonal_) first")
-                check_on_manifold(gather_whole(p.detach()), caller=self._name, name=f"parameter {i} of the group")
+                check_on_manifold(gather_whole(p.detach()), caller=self._name, name=f"{label} of the group")
         param_group.setdefault("manifold", manifold)
         super().add_param_group(param_group)
 

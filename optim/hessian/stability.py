@@ -12,7 +12,8 @@ stability"; Cohen et al. 2022, "Adaptive gradient methods at the edge of stabili
 | ``torch.optim.Adam``/``AdamW``, ``optim.AdamW``: betas (β1, β2), eps ε | P⁻¹H, P = diag(√v̂ + ε) | (2 + 2β1) / (η(1 − β1)) |
 | any other optimizer with ``lr`` (and ``momentum``) | H | (2 + 2β)/η, a reference only |
 
-η, β, τ are those of ``param_groups[0]``. The SGD rows come from the recurrence's characteristic polynomial at −1
+η, β, τ are those of ``param_groups[0]``; η is the lr the next step takes, the group's times the recovery factor
+of an ``optim.Refactorizer`` on the optimizer while its LR ramp runs (it scales every group's lr inside the step). The SGD rows come from the recurrence's characteristic polynomial at −1
 (heavy ball: x ← x − η b, b ← βb + (1 − τ)g; Nesterov: x ← x − η(g + βb)). For Adam the preconditioner is frozen
 at its current value, v̂ = v/(1 − β2^t) the bias-corrected second moment Adam divides by (``max_exp_avg_sq`` with
 ``amsgrad``); the first moment's bias correction, which tends to 1, and AdamW's decoupled weight decay (a
@@ -29,6 +30,8 @@ import numbers
 from typing import Any, Sequence
 
 import torch
+
+from ..lowrank.refactorizer import recovery_factor
 
 __all__ = ["ScaledOperator", "adam_preconditioner", "check_lr_from", "is_adam", "learning_rate_and_limit"]
 
@@ -108,7 +111,7 @@ def learning_rate_and_limit(lr_from: Any) -> tuple[float, float]:
     if lr_from is None:
         return math.nan, math.nan
     if isinstance(lr_from, torch.optim.Optimizer):
-        lr = float(_rate(lr_from.param_groups[0]["lr"]))
+        lr = float(_rate(lr_from.param_groups[0]["lr"])) * recovery_factor(lr_from)
         numerator, factor = _limit_settings(lr_from)
     else:
         lr, numerator, factor = float(lr_from), 2.0, 1.0

@@ -387,6 +387,14 @@ class Refactorizer:
                 f"step_count={self.step_count})")
 
 
+def recovery_factor(optimizer: torch.optim.Optimizer) -> float:
+    """The factor an attached :class:`Refactorizer` multiplies the next step's learning rate by (1.0 without one, or
+    outside its ramps): what that step's lr is, for a stability limit."""
+    owner = unwrap_optimizer(optimizer).__dict__.get("_optim_refactorizer")
+    refactorizer = owner() if owner is not None else None
+    return refactorizer.lr_factor() if refactorizer is not None and refactorizer._hooks else 1.0
+
+
 def saved_refactorizer_state(state_dict: dict[str, Any]) -> dict[str, Any] | None:
     """The refactorizer state an optimizer's state dict carries (top level, or in a param group after
     torch.distributed.checkpoint), or None."""

@@ -221,3 +221,32 @@ def test_adam_preconditioner_refuses_what_it_cannot_read():
         SharpnessMonitor(model, mse, lr_from=two).measure(1, batch)
     with pytest.raises(ValueError, match="dampening"):
         SharpnessMonitor(model, mse, lr_from=torch.optim.SGD(model.parameters(), lr=0.1, dampening=1.0))
+
+
+def test_the_limit_follows_a_refactorizers_lr_ramp():
+    # After a refactorization the Refactorizer scales the lr of the next recovery_steps steps inside step() (the
+    # group keeps the scheduled value): the monitor read the scheduled lr, a limit 1000x too low on the ramp's
+    # first step. It now takes the lr the next step takes.
+    import optim
+
+    torch.manual_seed(0)
+    model = optim.to_low_rank(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).double(), 2,
+                              target=["0"])
+    batch = (torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    refactorizer = optim.Refactorizer(model, sgd, every=2, recovery_steps=4, recovery_start=0.01, reset="none")
+    monitor = SharpnessMonitor(model, mse, lr_from=sgd, probes=0, lanczos_iters=10)
+    seen = []
+    sgd.register_step_pre_hook(lambda optimizer, args, kwargs: seen.append(optimizer.param_groups[0]["lr"]))
+    limits = []
+    for _ in range(5):
+        limits.append(monitor.learning_rate_and_limit())  # what the next step will use
+        sgd.zero_grad()
+        mse(model(batch[0]), batch[1]).backward()
+        sgd.step()
+        refactorizer.step()
+    assert seen == pytest.approx([0.1, 0.1, 0.001, 0.02575, 0.001])  # refactorized after steps 2 and 4
+    assert [lr for lr, _ in limits] == pytest.approx(seen)
+    assert [limit for _, limit in limits] == pytest.approx([2 / lr for lr in seen])
+    refactorizer.remove()
+    assert monitor.learning_rate_and_limit() == pytest.approx((0.1, 20.0))

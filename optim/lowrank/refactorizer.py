@@ -93,11 +93,14 @@ def reset_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
 
     * ``optim.AdamW`` (and anything with a ``reset_moments(params)`` method): the reset is folded into the next
       step, whose fused kernel treats exp_avg, exp_avg_sq and step as zero (no pass of its own).
-    * any other optimizer (``torch.optim.AdamW``, Adam, SGD with momentum, ...): in place, now. For each parameter,
-      every tensor in ``optimizer.state[p]`` with the parameter's shape is zeroed (``exp_avg``, ``exp_avg_sq``,
-      ``max_exp_avg_sq``, ``momentum_buffer``, ...) and ``step`` is set to 0 (a tensor is zeroed in place, a number
-      replaced), so bias corrections restart at t = 1. State of other shapes (factored second moments such as
-      Adafactor's, scalars other than ``step``) is left alone: such optimizers are not "exp_avg-like".
+    * any other optimizer (``torch.optim.AdamW``, Adam, SGD with momentum, ``optim.SophiaH``, ...): in place, now.
+      For each parameter, every tensor in ``optimizer.state[p]`` with the parameter's shape is zeroed (``exp_avg``,
+      ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ...), and so is a per-matrix moment of shape
+      ``p.shape[:-2] + (1, 1)`` (``optim.RiemannianAdam(second_moment="matrix")``); ``step`` and the package's
+      other step counts (``optim.AdaHessian``'s ``hessian_step``) are set to 0 (a tensor is zeroed in place, a
+      number replaced), so bias corrections restart at t = 1. State of other shapes (factored second moments such
+      as Adafactor's, which its bias correction at t = 1 discards) and other scalars (RSDM's sampling counters)
+      are left alone.
     """
     owned = [p for group in optimizer.param_groups for p in group["params"]]
     chosen = owned if params is None else list(params)
@@ -109,17 +112,19 @@ def reset_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
     if callable(deferred):
         deferred(chosen)
         return
+    counts = {"step", *getattr(optimizer, "_count_keys", ())}
     for p in chosen:
         state = optimizer.state.get(p)
         if not state:
             continue
+        moment_shapes = {tuple(p.shape)} | ({tuple(p.shape[:-2]) + (1, 1)} if p.dim() >= 2 else set())
         for key, value in state.items():
-            if key == "step":
+            if key in counts:
                 if isinstance(value, torch.Tensor):
                     value.zero_()
                 else:
                     state[key] = 0
-            elif isinstance(value, torch.Tensor) and value.shape == p.shape:
+            elif isinstance(value, torch.Tensor) and tuple(value.shape) in moment_shapes:
                 value.zero_()
 
 

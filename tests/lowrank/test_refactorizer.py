@@ -502,3 +502,32 @@ def test_old_format_refactorizer_state_dict_loads_its_pending_resets():
         bad = optimizer.state_dict()
         bad["state"][0]["reset_pending"] = torch.tensor(0.5)
         optimizer.load_state_dict(bad)
+
+
+def test_in_place_reset_restarts_every_count_and_per_matrix_moment():
+    # AdaHessian keeps a second count, hessian_step: the reset zeroed step but not it, and the next step refused the
+    # state (hessian_step > step). RiemannianAdam(second_moment="matrix") keeps one second moment per matrix, of
+    # shape (1, 1): left stale, it divided the restarted first moment by an old v at t = 1.
+    torch.manual_seed(0)
+    model = low_rank_mlp()
+    x, y = batches(1)[0]
+    optimizer = optim.AdaHessian(model.parameters(), lr=1e-2, seed=0)
+    refactorizer = Refactorizer(model, optimizer, every=2, recovery_steps=1)
+    for _ in range(5):
+        optimizer.step(lambda: F.mse_loss(model(x), y))
+        refactorizer.step()
+    state = optimizer.state[model.fc1.B]  # reset after steps 2 and 4, then one step
+    assert float(state["step"]) == float(state["hessian_step"]) == 1.0
+    assert float(optimizer.state[model.head.weight]["step"]) == 5.0  # not a factor: kept
+
+    w = optim.stiefel.orthogonal_(torch.empty(12, 4, dtype=torch.float64))
+    w = nn.Parameter(w)
+    adam = optim.RiemannianAdam([{"params": [w], "second_moment": "matrix"}], lr=1e-2)
+    for _ in range(2):
+        adam.zero_grad()
+        (w * torch.arange(48.0, dtype=torch.float64).view(12, 4)).sum().backward()
+        adam.step()
+    assert adam.state[w]["exp_avg_sq"].shape == (1, 1) and float(adam.state[w]["exp_avg_sq"]) > 0
+    reset_moments(adam, [w])
+    assert adam.state[w]["step"] == 0
+    assert float(adam.state[w]["exp_avg_sq"]) == 0 and float(adam.state[w]["exp_avg"].abs().sum()) == 0

@@ -489,7 +489,7 @@ class CurvatureOperator:
                     acc.add_(t, alpha=weight)
             total_weight += weight
         self.num_matvecs += 1 if k is None else k
-        self.random_draws = random_draws(self.model, (tuple(self.names), self.model.training))
+        self.random_draws = random_draws(self.model, forward_key(self.model, tuple(self.names)))
         if self.process_group is not None:
             if total is not None and total_weight == first_weight:
                 total = [t * first_weight for t in total]
@@ -639,6 +639,12 @@ def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:
     return (inputs,), {}
 
 
+def forward_key(model: nn.Module, names: tuple[str, ...]) -> tuple:
+    """What a model's forward is watched once for: the scope and every module's train/eval mode (dropout turned
+    off in one module, ``model.dropout.eval()``, is another forward)."""
+    return names, tuple(module.training for module in model.modules())
+
+
 # These close over the model, the loss and the batch only, never an operator: the compiled product is guarded on
 # what its function closes over, so one compilation serves every operator of the same model and loss (a
 # SharpnessMonitor builds one per measurement), and no cache keeps an operator (and its batch) alive.
@@ -652,7 +658,7 @@ def model_output(model: nn.Module, names: tuple[str, ...], inputs, labels=None) 
     def output(*params: torch.Tensor):
         state = _buffer_copies(model)
         state.update(zip(names, params))
-        with watch_first_forward(model, (names, model.training), names, params):
+        with watch_first_forward(model, forward_key(model, names), names, params):
             return torch.func.functional_call(model, state, args, kwargs)
 
     return output

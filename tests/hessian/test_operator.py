@@ -798,3 +798,15 @@ def test_the_monitor_outside_eval_mode_refuses_a_model_with_dropout():
     assert monitor.records == [] and model.training
     default = optim.SharpnessMonitor(model, F.cross_entropy, every=1, lr_from=sgd, probes=2, lanczos_iters=20, seed=0)
     assert math.isfinite(default.step(0, batch)["lambda_max"]) and model.training
+
+
+def test_dropout_turned_off_in_its_module_alone_is_one_matrix_again():
+    torch.manual_seed(0)
+    model = _NoisyNet("module").double().train()
+    batch = (torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,)))
+    H = optim.HessianOperator(model, F.cross_entropy, batch)
+    with pytest.raises(ValueError, match="another matrix"):
+        optim.top_eigenvalues(H, k=1, max_iter=4)
+    model.dropout.eval()  # the rest stays in training mode
+    optim.top_eigenvalues(H, k=1, max_iter=8, tol=1e-2)
+    assert H.random_draws == ()

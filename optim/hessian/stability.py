@@ -18,7 +18,9 @@ of an ``optim.Refactorizer`` on the optimizer while its LR ramp runs (it scales 
 at its current value, v̂ = v/(1 − β2^t) the bias-corrected second moment Adam divides by (``max_exp_avg_sq`` with
 ``amsgrad``); the first moment's bias correction, which tends to 1, and AdamW's decoupled weight decay (a
 contraction of η·λ per step) are left out, as in Cohen et al. 2022, and so are the entries whose v is exactly 0
-(never reached by a gradient, such as embedding rows of unseen tokens: their first gradient resets P there). A parameter whose group has another lr η_g
+(never reached by a gradient, such as embedding rows of unseen tokens: their first gradient resets P there), and
+with them the moments reset since the last step (an ``optim.Refactorizer``'s reset, in place or pending in
+``optim.AdamW``). A parameter whose group has another lr η_g
 steps as if its P were scaled by η/η_g, so P carries that factor too. P⁻¹H is measured as its symmetric similar
 matrix P^(-1/2) H P^(-1/2) (:class:`ScaledOperator`): the same eigenvalues and trace.
 """
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..fused.adamw import RESET_KEY
 from ..lowrank.refactorizer import recovery_factor
 
 __all__ = ["ScaledOperator", "adam_preconditioner", "check_lr_from", "is_adam", "learning_rate_and_limit"]
@@ -144,6 +147,12 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch
             raise ValueError(f"SharpnessMonitor: lr_from has no {key!r} for parameter {name!r} yet: Adam's "
                              "preconditioner exists after its first step, so call monitor.step(...) after "
                              "optimizer.step()")
+        pending = state.get(RESET_KEY)
+        if isinstance(pending, torch.Tensor) and bool(pending):
+            # optim.AdamW restarts these moments inside its next step (a Refactorizer's reset): left out, as the
+            # zeroed moments of an in-place reset are (v = 0 below)
+            pieces.append(torch.zeros(p.numel(), dtype=torch.float64, device=device))
+            continue
         group_lr = float(_rate(group["lr"]))
         beta2 = float(_rate(group["betas"][1]))
         correction = 1.0 - beta2 ** float(_rate(step))

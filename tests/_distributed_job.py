@@ -620,6 +620,13 @@ def run_curvature(rank: int | None, world_size: int) -> dict:
     whole = [(x, y)] if rank is None else [(x, y) if rank == 0 else (x[:0], y[:0])]
     for name, operator_class in (("hessian", optim.HessianOperator), ("fisher", optim.EmpiricalFisherOperator)):
         result[f"{name}_one_share_empty"] = operator_class(model, F.cross_entropy, whole) @ block
+    # targets ignored (-100) in one share: each rank's weight is its counted targets, so the ranks' operator is
+    # that of the whole batch as one batch, the mean over all its counted targets
+    ignored = y.clone()
+    ignored[4:6] = -100
+    counted = (x, ignored) if rank is None else [(x[:3], ignored[:3]), (x[3:], ignored[3:])][rank]
+    for name, operator_class in (("hessian", optim.HessianOperator), ("ggn", optim.GGNOperator)):
+        result[f"{name}_ignored_targets"] = operator_class(model, F.cross_entropy, counted) @ block
     H = optim.HessianOperator(model, F.cross_entropy, data)
     result["loss_and_grad"] = H.loss_and_grad()
     result["quadratic_forms"] = H.quadratic_forms(block)

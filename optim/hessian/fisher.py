@@ -151,6 +151,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _row_bytes(self) -> int:
         return self.n * self.params[0].element_size()
 
+    def _batch_weight(self, targets: torch.Tensor) -> int:
+        # F averages g_i g_iᵀ over rows, each row's loss its own mean: a batch weighs its rows
+        return batch_rows(targets)
+
     def _fits(self, rows: int) -> bool:
         return rows * self._row_bytes() <= self.max_kept_bytes
 

@@ -5,8 +5,9 @@ For a model ``f(x; θ)`` with outputs ``z = f(X_b; θ)`` (any shape, m entries i
 
     ∇²ℓ_b(θ) = J_bᵀ H_b J_b + Σ_j (∂ℓ/∂z_j) ∇²_θ z_j,        H_b = ∇²_z ℓ(z, Y_b)   (m × m)
 
-The first term is the GGN, ``G_b = J_bᵀ H_b J_b``; the operator is its batch average weighted by row counts, as
-:class:`~optim.hessian.operator.HessianOperator`'s (``G = Σ_b (N_b / N) G_b``). It is symmetric, and positive
+The first term is the GGN, ``G_b = J_bᵀ H_b J_b``; the operator is its batch average weighted as
+:class:`~optim.hessian.operator.HessianOperator`'s (``G = Σ_b (N_b / N) G_b``, N_b the batch's counted targets or
+rows). It is symmetric, and positive
 semi-definite whenever the loss is convex in the outputs (``H_b ⪰ 0``: cross-entropy, squared error), which the
 Hessian is not. For softmax cross-entropy it equals the Fisher information of the model's predictive distribution.
 

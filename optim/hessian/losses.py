@@ -17,7 +17,7 @@ import torch
 from .._library import without_autocast
 from ._ops import cross_entropy_hvp
 
-__all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy", "model_loss"]
+__all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy", "loss_terms", "model_loss"]
 
 
 def _countable_on_host(target: torch.Tensor) -> bool:
@@ -348,3 +348,28 @@ def model_loss(output, labels=None) -> torch.Tensor:
             "it is the loss a Hugging Face model returns when called with labels (return_dict=True): pass a "
             "criterion loss_fn(output, target) for other models")
     return loss
+
+
+def loss_terms(loss_fn, targets: torch.Tensor) -> float | None:
+    """The number of terms ``loss_fn``'s mean divides by on a batch with ``targets``, for the criteria whose mean
+    runs over counted targets rather than rows: the kept pairs of :func:`causal_lm_loss` (labels at t + 1 not -100),
+    the targets that are not -100 of :func:`cross_entropy`, ``F.cross_entropy`` and ``nn.CrossEntropyLoss`` (its
+    ``ignore_index``; with class weights, their sum over the kept targets, the mean's denominator) on class
+    indices. None for any other criterion (a wrapper, a sum, probabilities as targets, ``model_loss``): there the
+    batch's weight is its row count."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex \
+            or targets.dtype == torch.bool:
+        return None
+    if loss_fn is causal_lm_loss:
+        return float((targets[..., 1:] != -100).sum()) if targets.dim() >= 1 else None
+    if loss_fn is cross_entropy or loss_fn is F.cross_entropy or loss_fn is functional_cross_entropy:
+        return float((targets != -100).sum())
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean":
+        kept = targets[targets != loss_fn.ignore_index]
+        if loss_fn.weight is None:
+            return float(kept.numel())
+        return float(loss_fn.weight.detach().to(torch.float64)[kept.to(loss_fn.weight.device)].sum())
+    return None

@@ -1,15 +1,21 @@
 """The Hessian of a model's loss on a data set, as a linear operator on its parameters.
 
 For a model with parameters ``θ`` (the in-scope subset, flattened: ``θ ∈ ℝⁿ``), a criterion ``ℓ`` and batches
-``(X_b, Y_b)`` with ``N_b`` rows each, the operator is the Hessian of the size-weighted mean of the batch losses::
+``(X_b, Y_b)`` of weight ``N_b`` each, the operator is the Hessian of the size-weighted mean of the batch losses::
 
     L(θ) = Σ_b (N_b / N) · ℓ(model(X_b; θ), Y_b),        N = Σ_b N_b,
     H    = ∇²L(θ) = Σ_b (N_b / N) · ∇²ℓ_b(θ)              (n × n, symmetric, never materialized)
 
 With a criterion that averages over its batch (``reduction="mean"``, the PyTorch default) ``L`` is the mean loss
-over all the rows of the data, whatever the batch sizes; ``N_b`` is the number of rows of the target
-(``targets.shape[0]``; 1 for a 0-dim target). ``H @ v`` costs one Hessian-vector product per batch (see
-:func:`optim.hessian.hvp.hvp` for the modes), evaluated at the model's parameters as they are when it is called.
+over all the data, whatever the batch sizes: ``N_b`` is what the criterion's mean divides by. For
+:func:`~optim.hessian.losses.causal_lm_loss`, :func:`~optim.hessian.losses.cross_entropy`, ``F.cross_entropy`` and
+``nn.CrossEntropyLoss`` on class indices that is the targets they count (padding and other ignored targets left
+out; class weights summed), so batches with padding or of other lengths give the mean over all counted tokens,
+the operator of the same data as one batch (:func:`~optim.hessian.losses.loss_terms`); for any other criterion
+(a wrapper of these, ``model_loss``) it is the number of rows of the target (``targets.shape[0]``; 1 for a 0-dim
+target). A batch of weight 0 (every target ignored) is left out. ``H @ v`` costs one Hessian-vector product per
+batch (see :func:`optim.hessian.hvp.hvp` for the modes), evaluated at the model's parameters as they are when it
+is called.
 
 Data-parallel (a ``DistributedDataParallel`` model, or ``process_group``): each rank holds its own batches and the
 sums over b run over the batches of every rank, ``Σ_b N_b C_b v`` and ``N`` all-reduced at each product, so every
@@ -150,7 +156,7 @@ def _the_block_viewed(tensors: list[torch.Tensor], k: int) -> torch.Tensor | Non
 class CurvatureOperator:
     """The shared machinery of :class:`HessianOperator`, :class:`~optim.hessian.ggn.GGNOperator` and
     :class:`~optim.hessian.fisher.EmpiricalFisherOperator`: an ``(n, n)`` symmetric matrix ``C`` of a model's loss on
-    ``data``, weighted over batches by row count, applied to vectors of the in-scope parameters.
+    ``data``, weighted over batches as the module docstring says, applied to vectors of the in-scope parameters.
 
     It owns the constructor's common arguments (model, loss_fn, data, param_filter, reuse_graph, compile) and their
     validation, the batches and their weighting (``C = Σ_b (N_b / N) C_b``), the flat layout (:meth:`flatten`,
@@ -367,7 +373,7 @@ class CurvatureOperator:
                 for t, shape in zip(sums, shapes)]
         rows = torch.tensor([float(weight)], dtype=torch.float64, device=self.device)
         dist.all_reduce(rows, group=self.process_group)
-        self._check_some_rows(int(rows.item()))
+        self._check_some_rows(rows.item())
         sum_(sums, self.process_group)
         return [t.div_(rows.item()) for t in sums]
 
@@ -472,7 +478,7 @@ class CurvatureOperator:
                 self.num_matvecs += 1 if k is None else k
                 self.random_draws = ()  # the kept graph's one draw serves every product
                 if self.process_group is not None:
-                    rows = batch_rows(as_pair(self._data[0])[1])
+                    rows = self._batch_weight(as_pair(self._data[0])[1])
                     return self._over_ranks([t * rows for t in product], rows, [t.shape for t in v])
                 return product
         except StateNotKept:
@@ -506,15 +512,22 @@ class CurvatureOperator:
         for index, batch in enumerate(self._data):
             _check_batch(batch, index, self._where)
             inputs, targets = as_pair(batch)
-            rows = batch_rows(targets)
+            rows = self._batch_weight(targets)
             if rows == 0:
                 continue
             targets = normal_tensor(targets.to(self.device, non_blocking=True))
             yield with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets), targets, rows
 
-    def _check_some_rows(self, total_weight: int) -> None:
+    def _batch_weight(self, targets: torch.Tensor) -> float:
+        """``N_b``: the terms the criterion averages over (:func:`~optim.hessian.losses.loss_terms`: the counted
+        tokens of a causal-LM or cross-entropy loss with ignored targets), else the rows of ``targets``."""
+        terms = losses.loss_terms(self.loss_fn, targets)
+        return batch_rows(targets) if terms is None else terms
+
+    def _check_some_rows(self, total_weight: float) -> None:
         if total_weight == 0:
-            raise ValueError(f"{self._where}: data has no batch with at least one row; the average is undefined")
+            raise ValueError(f"{self._where}: data has no batch with at least one row (one target that is not "
+                             "ignored, for a cross-entropy or causal-LM loss); the average is undefined")
 
     def _output_of(self, inputs) -> Callable[..., object]:
         """``z(*params)``: the model's outputs on ``inputs`` (:func:`model_outputs`) with the in-scope parameters

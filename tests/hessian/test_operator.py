@@ -810,3 +810,64 @@ def test_dropout_turned_off_in_its_module_alone_is_one_matrix_again():
     model.dropout.eval()  # the rest stays in training mode
     optim.top_eigenvalues(H, k=1, max_iter=8, tol=1e-2)
     assert H.random_draws == ()
+
+
+class _TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embedding(ids)))
+
+
+@pytest.mark.parametrize("operator", [optim.HessianOperator, optim.GGNOperator])
+def test_batches_weigh_the_targets_their_loss_counts(operator):
+    # A causal-LM or cross-entropy loss averages over the targets it counts, not over rows: batches with padding
+    # (-100), or of other lengths, weighted by rows gave an operator 11% away from that of the same data as one
+    # batch (the mean over all its counted tokens). Each batch now weighs what its mean divides by.
+    torch.manual_seed(0)
+    model = _TinyLM().double()
+    first = torch.randint(0, 11, (3, 6))
+    second = torch.randint(0, 11, (2, 6))
+    first_labels = first.clone()
+    first_labels[:, 4:] = -100  # right padding
+    third = torch.randint(0, 11, (2, 6))
+    third_labels = torch.full_like(third, -100)  # nothing to predict: weight 0, left out (its mean is 0/0)
+    split = [(first, first_labels), (second, second.clone()), (third, third_labels)]
+    whole = [(torch.cat([first, second]), torch.cat([first_labels, second]))]
+    v = None
+    for loss_fn in (optim.hessian.causal_lm_loss, optim.hessian.cross_entropy):
+        A, B = operator(model, loss_fn, split), operator(model, loss_fn, whole)
+        v = torch.randn(A.n, dtype=torch.float64) if v is None else v
+        torch.testing.assert_close(A @ v, B @ v, rtol=1e-10, atol=1e-12)
+        loss, grad = A.loss_and_grad()
+        expected_loss, expected_grad = B.loss_and_grad()
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    # torch's criterion, its module with class weights (the mean divides by the kept targets' weights)
+    linear = nn.Linear(5, 11).double()
+    x, y = torch.randn(11, 5, dtype=torch.float64), torch.randint(0, 11, (11,))
+    y[:3] = -100
+    weighted = nn.CrossEntropyLoss(weight=torch.rand(11, dtype=torch.float64) + 0.5)
+    for loss_fn in (F.cross_entropy, weighted):
+        A = operator(linear, loss_fn, [(x[:7], y[:7]), (x[7:], y[7:])])
+        B = operator(linear, loss_fn, [(x, y)])
+        u = torch.randn(A.n, dtype=torch.float64)
+        torch.testing.assert_close(A @ u, B @ u, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one target that is not ignored"):
+        operator(model, optim.hessian.causal_lm_loss, [(third, third_labels)]) @ v
+
+
+def test_loss_terms_of_the_criteria_it_knows():
+    from optim.hessian.losses import loss_terms
+
+    labels = torch.tensor([[1, 2, -100, 3], [-100, 4, 5, -100]])
+    assert loss_terms(optim.hessian.causal_lm_loss, labels) == 4.0  # labels at t + 1: 2, 3, 4, 5
+    assert loss_terms(optim.hessian.cross_entropy, labels) == 5.0
+    assert loss_terms(F.cross_entropy, labels) == 5.0
+    assert loss_terms(nn.CrossEntropyLoss(ignore_index=2), labels) == 7.0
+    assert loss_terms(nn.CrossEntropyLoss(reduction="sum"), labels) is None
+    assert loss_terms(lambda z, t: F.cross_entropy(z, t), labels) is None  # unknown: the batch weighs its rows
+    assert loss_terms(F.cross_entropy, torch.rand(2, 4)) is None  # probabilities
+    assert loss_terms(optim.hessian.model_loss, labels) is None

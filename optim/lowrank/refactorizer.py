@@ -131,7 +131,8 @@ def reset_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
 class Refactorizer:
     r"""Refactorize the low-rank layers, reset the moments and ramp the LR back, every ``every`` optimizer steps.
 
-    Call ``step()`` once after every ``optimizer.step()``. After the every-th, 2·every-th, ... call it
+    Call ``step()`` once after every ``optimizer.step()`` (a call after a step the optimizer did not take, one a
+    ``GradScaler`` skipped, is not counted). After the every-th, 2·every-th, ... step it
 
     * refactorizes every ``LowRankLinear`` of ``model_or_modules`` (B ← Q_B U √Σ, A ← √Σ Vᵀ Q_Aᵀ; B·A unchanged;
       see ``optim/lowrank/_ops.py``),
@@ -197,6 +198,7 @@ class Refactorizer:
                              "parameters of the optimizer, so their moments cannot be reset; build the optimizer "
                              "after optim.to_low_rank(...) from model.parameters()")
         self._saved_lrs: list[Any] | None = None
+        self._stepped = False  # an optimizer step ran since the last step() (set by the step post hook)
         self._state_being_loaded: dict[str, Any] | None = None
         # The checkpoint hooks put this refactorizer's state into optimizer.state_dict() and take it back out of
         # load_state_dict(): frameworks that checkpoint only the optimizer (the HF Trainer, Lightning) then resume
@@ -237,7 +239,14 @@ class Refactorizer:
         return self.recovery_start + (1.0 - self.recovery_start) * since / self.recovery_steps
 
     def step(self) -> bool:
-        """Count one optimizer step; refactorize and reset after every ``every``-th. Returns whether it acted."""
+        """Count one optimizer step; refactorize and reset after every ``every``-th. Returns whether it acted.
+
+        Only a step the optimizer took counts: a call with no ``optimizer.step()`` since the last one (a
+        ``GradScaler`` that skipped a step whose gradients overflowed, as the Hugging Face Trainer's callbacks
+        still see it) changes nothing, so the schedule and the LR ramp follow the steps taken."""
+        if self._hooks and not self._stepped:
+            return False
+        self._stepped = False
         self.step_count += 1
         if self.step_count % self.every:
             return False
@@ -274,6 +283,7 @@ class Refactorizer:
                 group["lr"] = group["lr"] * factor
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
         if self._saved_lrs is not None:
             self._restore_lrs()
 

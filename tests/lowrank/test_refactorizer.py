@@ -531,3 +531,33 @@ def test_in_place_reset_restarts_every_count_and_per_matrix_moment():
     reset_moments(adam, [w])
     assert adam.state[w]["step"] == 0
     assert float(adam.state[w]["exp_avg_sq"]) == 0 and float(adam.state[w]["exp_avg"].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("optimizer_class", [optim.AdamW, torch.optim.AdamW])
+def test_a_step_the_grad_scaler_skips_is_not_counted(optimizer_class):
+    # With float16 a GradScaler skips the steps whose gradients overflowed (several at the start of training,
+    # while it calibrates), and the HF Trainer's on_step_end still runs: a Refactorizer counted them, so it
+    # refactorized early and advanced its LR ramp over steps that were never taken.
+    model = low_rank_mlp()
+    optimizer = optimizer_class(model.parameters(), lr=1e-2)
+    refactorizer = Refactorizer(model, optimizer, every=3, recovery_steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    taken = []
+    for index, (x, y) in enumerate(batches(8)):
+        optimizer.zero_grad()
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        if index in (1, 4, 5):
+            model.fc1.A.grad[0, 0] = float("inf")  # an overflow: the scaler skips this step
+        before = optimizer.state[model.head.weight].get("step")
+        before = None if before is None else float(before)
+        scaler.step(optimizer)
+        scaler.update()
+        after = float(optimizer.state[model.head.weight]["step"]) if optimizer.state[model.head.weight] else None
+        taken.append(after != before)
+        refactorizer.step()
+    assert taken == [True, False, True, True, False, False, True, True]
+    assert refactorizer.step_count == 5 and refactorizer.refactorizations == 1  # after the 3rd step taken
+    # without its hooks (remove()), step() counts every call again
+    refactorizer.remove()
+    refactorizer.step()
+    assert refactorizer.step_count == 6 and refactorizer.refactorizations == 2

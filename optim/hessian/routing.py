@@ -226,8 +226,8 @@ _ALWAYS_RANDOM = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, to
                   torch.Tensor.random_, torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
                   torch.Tensor.log_normal_, torch.Tensor.multinomial}
 _RANDOM_WHEN = {
-    **{f: ((1, "p", 0.5), (2, "training", True)) for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                                                           F.alpha_dropout, F.feature_alpha_dropout)},
+    **{f: ((1, "p", 0.5), (2, "training", True)) for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)},
+    **{f: ((1, "p", 0.5), (2, "training", False)) for f in (F.alpha_dropout, F.feature_alpha_dropout)},
     torch.dropout: ((1, "p", 0.5), (2, "train", True)),
     torch.nn.functional.rrelu: ((None, None, 1.0), (3, "training", False)),
     F.scaled_dot_product_attention: ((4, "dropout_p", 0.0), (None, None, True)),

@@ -871,3 +871,21 @@ def test_loss_terms_of_the_criteria_it_knows():
     assert loss_terms(lambda z, t: F.cross_entropy(z, t), labels) is None  # unknown: the batch weighs its rows
     assert loss_terms(F.cross_entropy, torch.rand(2, 4)) is None  # probabilities
     assert loss_terms(optim.hessian.model_loss, labels) is None
+
+
+def test_the_random_calls_follow_each_functions_training_default():
+    from optim.hessian.routing import _random_call
+
+    x = torch.ones(3)
+    assert _random_call(F.dropout, (x,), {}) == "dropout(p=0.5)"  # training=True by default
+    assert _random_call(F.dropout, (x, 0.0), {}) is None
+    assert _random_call(F.dropout, (x, 0.3), {"training": False}) is None
+    assert _random_call(F.alpha_dropout, (x, 0.5), {}) is None  # training=False by default
+    assert _random_call(F.alpha_dropout, (x, 0.5, True), {}) == "alpha_dropout(p=0.5)"
+    assert _random_call(F.rrelu, (x,), {}) is None and _random_call(F.rrelu, (x,), {"training": True}) == "rrelu"
+    assert _random_call(F.scaled_dot_product_attention, (x, x, x), {"dropout_p": 0.1}) == \
+        "scaled_dot_product_attention(dropout_p=0.1)"
+    assert _random_call(F.scaled_dot_product_attention, (x, x, x, None, 0.0), {}) is None
+    assert _random_call(torch.randn_like, (x,), {}) == "randn_like"
+    assert _random_call(torch.Tensor.uniform_, (x,), {}) == "uniform_"
+    assert _random_call(torch.tanh, (x,), {}) is None

@@ -437,6 +437,10 @@ def _to_dense(layer: LowRankLinear) -> nn.Module:
             dense.bias.copy_(layer.bias)
         elif dense.bias is not None:
             dense.bias.zero_()
+    # a frozen layer stays frozen: the weight trains if either factor did, the bias as it did
+    linear_weight(dense).requires_grad_(layer.B.requires_grad or layer.A.requires_grad)
+    if dense.bias is not None and layer.bias is not None:
+        dense.bias.requires_grad_(layer.bias.requires_grad)
     dense.train(layer.training)
     return dense
 

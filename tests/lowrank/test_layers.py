@@ -312,6 +312,20 @@ def test_linear_layers_that_compute_something_else_are_left_dense():
     assert all(isinstance(model.layers[i][j], LowRankLinear) for i, j in ((0, 4), (1, 2), (1, 4)))
 
 
+def test_merge_keeps_a_frozen_layer_frozen():
+    # merge built every dense layer trainable: a frozen low-rank layer (fine-tuning the others) became trainable
+    model = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))]))
+    to_low_rank(model, 2)
+    frozen, half, trained = model[0][0]
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    half.A.requires_grad_(False)
+    merge(model)
+    assert [(name, p.requires_grad) for name, p in model.named_parameters()] == [
+        ("0.0.0.weight", False), ("0.0.0.bias", False), ("0.0.1.weight", True), ("0.0.1.bias", True),
+        ("0.0.2.weight", True), ("0.0.2.bias", True)]
+
+
 def test_tied_linear_layers_are_left_dense():
     # Two linear layers holding one weight (a decoder tied to an encoder, layers shared across blocks) were each
     # factored on its own: two independent pairs of factors, the tie silently gone. A module reused in several

@@ -134,6 +134,11 @@ class LowRankLinear(nn.Module):
                 root = (S[:rank] / layer.scale).sqrt()
                 layer.B.copy_(U[:, :rank] * root)
                 layer.A.copy_(root[:, None] * Vh[:rank])
+        # a frozen layer's factors are frozen too (fine-tuning some layers of a converted model)
+        layer.B.requires_grad_(weight.requires_grad)
+        layer.A.requires_grad_(weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
         layer.train(linear.training)
         return layer
 

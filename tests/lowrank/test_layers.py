@@ -312,10 +312,13 @@ def test_linear_layers_that_compute_something_else_are_left_dense():
     assert all(isinstance(model.layers[i][j], LowRankLinear) for i, j in ((0, 4), (1, 2), (1, 4)))
 
 
-def test_merge_keeps_a_frozen_layer_frozen():
-    # merge built every dense layer trainable: a frozen low-rank layer (fine-tuning the others) became trainable
+def test_conversion_and_merge_keep_a_frozen_layer_frozen():
+    # to_low_rank and merge built every new layer trainable: a frozen layer (fine-tuning the others) became one
     model = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))]))
+    model[0][0][0].weight.requires_grad_(False)
     to_low_rank(model, 2)
+    first = model[0][0][0]
+    assert not first.B.requires_grad and not first.A.requires_grad and first.bias.requires_grad
     frozen, half, trained = model[0][0]
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -7,9 +7,9 @@ For a model ``f(x; θ)`` with outputs ``z = f(X_b; θ)`` (any shape, m entries i
 
 The first term is the GGN, ``G_b = J_bᵀ H_b J_b``; the operator is its batch average weighted as
 :class:`~optim.hessian.operator.HessianOperator`'s (``G = Σ_b (N_b / N) G_b``, N_b the batch's counted targets or
-rows). It is symmetric, and positive
-semi-definite whenever the loss is convex in the outputs (``H_b ⪰ 0``: cross-entropy, squared error), which the
-Hessian is not. For softmax cross-entropy it equals the Fisher information of the model's predictive distribution.
+rows). It is symmetric, and positive semi-definite whenever the loss is convex in the outputs (``H_b ⪰ 0``:
+cross-entropy, squared error), which the Hessian is not. For softmax cross-entropy it equals the Fisher
+information of the model's predictive distribution.
 
 One product ``G_b v`` is three steps, each k-batched for a ``(k, n)`` block:
 

@@ -508,15 +508,15 @@ class CurvatureOperator:
     # The model and the loss as functions of the in-scope parameters
 
     def _batches(self):
-        """``(inputs, targets, rows)`` for every batch of ``data`` with at least one row."""
+        """``(inputs, targets, weight)`` for every batch of ``data`` of weight > 0 (:meth:`_batch_weight`)."""
         for index, batch in enumerate(self._data):
             _check_batch(batch, index, self._where)
             inputs, targets = as_pair(batch)
-            rows = self._batch_weight(targets)
-            if rows == 0:
+            weight = self._batch_weight(targets)
+            if weight == 0:
                 continue
             targets = normal_tensor(targets.to(self.device, non_blocking=True))
-            yield with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets), targets, rows
+            yield with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets), targets, weight
 
     def _batch_weight(self, targets: torch.Tensor) -> float:
         """``N_b``: the terms the criterion averages over (:func:`~optim.hessian.losses.loss_terms`: the counted
@@ -764,8 +764,8 @@ class HessianOperator(CurvatureOperator):
     with dropout (:attr:`random_draws` names what drew; the eigenvalue and density estimators refuse it, the trace
     and diagonal average over the draws). Call ``model.eval()`` for a deterministic, symmetric Hessian (dropout off,
     BatchNorm with its running statistics). In train mode the operator hands the model copies of the buffers of its
-    training-mode modules, so products do not update BatchNorm's running statistics (nor its batch counter); ``mode="fr"``
-    cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
+    training-mode modules, so products do not update BatchNorm's running statistics (nor its batch counter);
+    ``mode="fr"`` cannot differentiate through that in-place update, ``"rr"`` (which ``"auto"`` picks) can.
 
     Attributes:
         params: the in-scope parameters (the model's own tensors, in ``named_parameters()`` order). They are

@@ -13,15 +13,16 @@ stability"; Cohen et al. 2022, "Adaptive gradient methods at the edge of stabili
 | any other optimizer with ``lr`` (and ``momentum``) | H | (2 + 2β)/η, a reference only |
 
 η, β, τ are those of ``param_groups[0]``; η is the lr the next step takes, the group's times the recovery factor
-of an ``optim.Refactorizer`` on the optimizer while its LR ramp runs (it scales every group's lr inside the step). The SGD rows come from the recurrence's characteristic polynomial at −1
-(heavy ball: x ← x − η b, b ← βb + (1 − τ)g; Nesterov: x ← x − η(g + βb)). For Adam the preconditioner is frozen
+of an ``optim.Refactorizer`` on the optimizer while its LR ramp runs (it scales every group's lr inside the step).
+The SGD rows come from the recurrence's characteristic polynomial at −1 (heavy ball: x ← x − η b,
+b ← βb + (1 − τ)g; Nesterov: x ← x − η(g + βb)). For Adam the preconditioner is frozen
 at its current value, v̂ = v/(1 − β2^t) the bias-corrected second moment Adam divides by (``max_exp_avg_sq`` with
 ``amsgrad``); the first moment's bias correction, which tends to 1, and AdamW's decoupled weight decay (a
 contraction of η·λ per step) are left out, as in Cohen et al. 2022, and so are the entries whose v is exactly 0
 (never reached by a gradient, such as embedding rows of unseen tokens: their first gradient resets P there), and
 with them the moments reset since the last step (an ``optim.Refactorizer``'s reset, in place or pending in
-``optim.AdamW``). A parameter whose group has another lr η_g
-steps as if its P were scaled by η/η_g, so P carries that factor too. P⁻¹H is measured as its symmetric similar
+``optim.AdamW``). A parameter whose group has another lr η_g steps as if its P were scaled by η/η_g, so P
+carries that factor too. P⁻¹H is measured as its symmetric similar
 matrix P^(-1/2) H P^(-1/2) (:class:`ScaledOperator`): the same eigenvalues and trace.
 """
 

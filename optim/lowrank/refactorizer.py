@@ -283,7 +283,9 @@ class Refactorizer:
                 group["lr"] = group["lr"] * factor
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self._stepped = True
+        # An optimizer that takes GradScaler's overflow flag (SophiaH, AdaHessian) is called on a skipped step too
+        found_inf = getattr(optimizer, "found_inf", None)
+        self._stepped = not (isinstance(found_inf, torch.Tensor) and bool(found_inf))
         if self._saved_lrs is not None:
             self._restore_lrs()
 

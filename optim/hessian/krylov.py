@@ -26,6 +26,10 @@ Its two users:
 * stochastic Lanczos quadrature (:func:`lanczos_quadrature`, B = runs): per run, T = U Θ Uᵀ gives the Gauss nodes
   θ_j and weights τ_j = U[0, j]² of the spectral measure of H at q₀, i.e. q₀ᵀ f(H) q₀ ≈ Σ_j τ_j f(θ_j).
 
+Block Lanczos (:func:`block_lanczos_top`) is the same recurrence on a block of b orthonormal vectors (one (b, n)
+product per step, T block tridiagonal), for top-k pairs of an H whose wanted eigenvalues may be repeated: a
+single vector's Krylov space holds one copy of each.
+
 Power iteration (:func:`power_top`): v ← P(H + sI)P v / ‖·‖ per eigenpair, P deflating the pairs already found.
 
 Numerics: vectors stay in the start block's dtype; dot products and norms (sums over n) are accumulated in float64;
@@ -287,6 +291,126 @@ def lanczos_top(
     vectors = coefficients @ run.basis[0, :m]
     vectors = _normalize(vectors)
     return theta[top], vectors
+
+
+def _block_project_out(basis: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """W (b, n) minus its projection on the orthonormal rows of ``basis`` (M, n), and the float64 coefficients
+    ``C[r, i] = basis[i] · W[r]`` (b, M) it removed: one ``optim::krylov_dots`` (basis broadcast over the rows of W,
+    not copied) and one GEMM; a second pass (DGKS, as :func:`_orthogonalize`) where a row lost most of its norm."""
+    if basis.shape[0] == 0:
+        return W, W.new_zeros(W.shape[0], 0, dtype=torch.float64)
+    before = _norm64(W)
+    rows = basis.unsqueeze(0).expand(W.shape[0], *basis.shape)
+    C = krylov_dots(rows, W)
+    W = torch.addmm(W, C.to(W.dtype), basis, alpha=-1)
+    if not bool((_norm64(W) >= _DGKS_ETA * before).all()):
+        again = krylov_dots(rows, W)
+        W = torch.addmm(W, again.to(W.dtype), basis, alpha=-1)
+        C = C + again
+    return W, C
+
+
+def _orthonormal_block(basis: Tensor, M: int, W: Tensor, draw: Draw, floor: float) -> tuple[int, Tensor, Tensor]:
+    """The next block of a block Lanczos from W (b, n): b' rows orthonormal to ``basis[:M]`` and to each other,
+    written to ``basis[M : M + b']`` (which must have room for b rows, or for all of Rⁿ), the float64 coefficients
+    C (b, M) of W on ``basis[:M]`` and L (b, b') with ``W = C·basis[:M] + L·basis[M : M + b']``.
+
+    Row by row, classical Gram-Schmidt (with the DGKS second pass) against every row written so far, as one
+    contiguous slice of ``basis``. A row whose remainder is at most ``floor`` (W rank-deficient: an invariant
+    subspace, or a repeated direction) is replaced by a fresh direction draw() orthogonal to everything, its L
+    column then having a zero diagonal. No row once the basis spans Rⁿ (M + b' = n, or a fresh direction ≈ 0),
+    so b' ≤ b."""
+    b, n = W.shape
+    written = M
+    C = torch.zeros(b, M, dtype=torch.float64)
+    L = torch.zeros(b, b, dtype=torch.float64)
+    for r in range(b):
+        w, c = _block_project_out(basis[:written], W[r : r + 1])
+        C[r], L[r, : written - M] = c[0, :M], c[0, M:]
+        if written == n:
+            continue  # the basis is all of Rⁿ: the remainder is rounding
+        norm = _norm64(w).item()
+        if norm > floor:
+            L[r, written - M] = norm
+        else:
+            w, _ = _block_project_out(basis[:written], draw())
+            norm = _norm64(w).item()
+            if norm <= math.sqrt(torch.finfo(W.dtype).eps):
+                continue
+        basis[written] = w[0] / norm
+        written += 1
+    return written - M, C, L[:, : written - M]
+
+
+def _room(basis: Tensor, T: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """``basis`` (and T, padded with zeros) grown by doubling to at least ``rows`` rows."""
+    if rows <= basis.shape[0]:
+        return basis, T
+    size = max(2 * basis.shape[0], rows)
+    grown = torch.empty(size, basis.shape[1], dtype=basis.dtype, device=basis.device)
+    grown[: basis.shape[0]] = basis
+    return grown, torch.nn.functional.pad(T, (0, size - T.shape[0], 0, size - T.shape[0]))
+
+
+def block_lanczos_top(
+    apply: Product, draw: Draw, k: int, tol: float, max_iter: int, which: str, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`lanczos_top` with a block of ``block_size`` = b vectors: each step applies H to b orthonormal rows at
+    once (one (b, n) product), so an eigenvalue repeated up to b times is found with all its copies (a single
+    vector's Krylov space holds one copy of each, and rounding reveals the others only slowly, if the run lasts;
+    the k wanted values are right whatever the multiplicities when b ≥ k).
+
+    The recurrence: Q₀ (b, n) orthonormal Gaussian rows; W = H Q_j is orthogonalized against the whole basis
+    (full reorthogonalization, float64 dots): its coefficients on Q_j are A_j = Q_j H Q_jᵀ, and its remainder is
+    L Q_{j+1} (Gram-Schmidt; a rank-deficient row restarts from a fresh Gaussian direction). T = Q H Qᵀ is block
+    tridiagonal with diagonal blocks A_j and sub-diagonal blocks Lᵀ; a Ritz pair (θ, Qᵀs) of T has residual
+    ‖Lᵀ s_last‖, s_last the entries of s on the last block. Stops when the k wanted residuals are ≤ tol·|θ| (or
+    the rounding level), when the basis spans Rⁿ, or when the next block would pass ``max_iter`` products (with
+    a RuntimeWarning).
+    """
+    first = draw()
+    n = first.shape[-1]
+    dtype, device = first.dtype, first.device
+    eps = torch.finfo(dtype).eps
+    start = torch.cat([first] + [draw() for _ in range(block_size - 1)])
+    # rows written so far: basis[:count + b]; basis and T grow by doubling, so an early stop does not pay for
+    # max_iter rows
+    basis = torch.empty(min(n, max(2 * k + 20, 32) + block_size), n, dtype=dtype, device=device)
+    T = torch.zeros(basis.shape[0], basis.shape[0], dtype=torch.float64)
+    b, _, _ = _orthonormal_block(basis, 0, start, draw, math.sqrt(eps))
+    count, products, scale = 0, 0, 0.0
+    ok, theta, S, top, ratio = False, None, None, None, None
+    while b and products + b <= max_iter:
+        lo = count
+        count += b
+        W = apply(basis[lo:count], f"block Lanczos iteration {products // block_size}")
+        products += b
+        # the rounding level of a remainder: eps × ‖H‖, estimated by the largest ‖H q‖ so far
+        scale = max(scale, _norm64(W).max().item())
+        basis, T = _room(basis, T, min(n, count + b))
+        b, C, L = _orthonormal_block(basis, count, W, draw, max(10.0, math.sqrt(n)) * eps * scale)
+        A = C[:, lo:count]
+        T[lo:count, lo:count] = (A + A.T) / 2
+        T[count : count + b, lo:count] = L.T
+        T[lo:count, count : count + b] = L
+        if count >= k:
+            theta, S = torch.linalg.eigh(T[:count, :count])
+            top = _wanted(theta, k, which)
+            residuals = torch.linalg.vector_norm(L.T @ S[lo:count, top], dim=0)
+            bounds = torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
+            ratio = residuals / bounds
+            ok = bool((residuals <= bounds).all())
+            if ok or count == n:
+                break
+    if not ok and count < n:
+        warnings.warn(
+            f"top_eigenvalues: block Lanczos did not converge within max_iter={max_iter} H@v products (largest "
+            f"residual is {ratio.max().item():.3g} x tol*|eigenvalue| with tol={tol:g}); increase max_iter or tol",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    coefficients = S[:, top].T.to(device=device, dtype=dtype)  # (k, count)
+    return theta[top], _normalize(coefficients @ basis[:count])
 
 
 # ------------------------------------------------------------------------------------------------------------------

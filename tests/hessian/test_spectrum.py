@@ -199,6 +199,71 @@ def test_k_equal_n_gives_the_whole_spectrum():
     torch.testing.assert_close(values, torch.linalg.eigvalsh(A).flip(0), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("block_size", [2, 3, 5])
+def test_block_lanczos_top3(A, block_size):
+    op = CountingOperator(A)
+    check_eigenpairs(A, top_eigenvalues(op, 3, block_size=block_size), 3, rtol=1e-6, residual_rtol=1e-6)
+    assert set(op.calls) == {(block_size, 150)}  # one (b, n) product per step
+    assert sum(rows for rows, _ in op.calls) <= 100  # max_iter counts vectors
+
+
+@pytest.mark.parametrize("which", ["smallest", "magnitude"])
+def test_block_lanczos_smallest_and_largest_in_magnitude(which):
+    A = symmetric([-x for x in SPECTRUM] if which == "smallest" else NEGATIVE_DOMINANT)
+    exact = torch.linalg.eigvalsh(A)
+    expected = exact[:3] if which == "smallest" else exact[torch.argsort(exact.abs(), descending=True)[:3]]
+    values, vectors = top_eigenvalues(A, 3, which=which, tol=1e-8, max_iter=600, block_size=2)
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=0)
+    for value, vector in zip(values, vectors):
+        assert torch.linalg.vector_norm(A @ vector - value * vector) <= 1e-4 * abs(value)
+
+
+def test_block_lanczos_finds_every_copy_of_a_zero_eigenvalue_of_a_model_hessian():
+    # The Hessian of a linear softmax classifier is singular (adding one vector to every row of the weights, or one
+    # number to every bias, leaves the softmax as it is): 0 is a repeated eigenvalue, and a single vector's Krylov
+    # space, which holds one copy of it, gives the next positive eigenvalue as the second smallest.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2).double()
+    x, y = torch.randn(16, 2, dtype=F64), torch.randint(0, 2, (16,))
+    H = optim.HessianOperator(model, torch.nn.functional.cross_entropy, (x, y))
+    explicit = torch.stack([H @ row for row in torch.eye(H.n, dtype=F64)])
+    exact = torch.linalg.eigvalsh((explicit + explicit.T) / 2)
+    assert exact[1].abs() < 1e-12 < exact[3]  # 0 three times, then positive eigenvalues
+    single = top_eigenvalues(H, 2, which="smallest").eigenvalues
+    assert single[1] > 0.1  # the documented limit of one vector, which block_size lifts
+    values, vectors = top_eigenvalues(H, 2, which="smallest", block_size=2)
+    torch.testing.assert_close(values, exact[:2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(vectors @ vectors.T, torch.eye(2, dtype=F64), rtol=0, atol=1e-10)
+
+
+def test_block_lanczos_restarts_on_a_rank_deficient_block():
+    # Rank 2 with a block of 3: H Q₀ has rank 2, so a row of every block is rebuilt from a fresh direction.
+    A = symmetric([5.0, 3.0] + [0.0] * 48)
+    for block_size in (2, 3):
+        values, vectors = top_eigenvalues(A, 4, block_size=block_size)
+        torch.testing.assert_close(values, torch.tensor([5.0, 3.0, 0.0, 0.0], dtype=F64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(vectors @ vectors.T, torch.eye(4, dtype=F64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 4, 5])
+def test_block_lanczos_k_equal_n_gives_the_whole_spectrum(block_size):
+    # n = 5 is no multiple of 2, 3 or 4: the last block is cut to the rows left in Rⁿ
+    A = symmetric([3.0, 1.0, -0.5, -2.0, 0.25], seed=3)
+    values, _ = top_eigenvalues(A, 5, block_size=block_size)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(A).flip(0), rtol=1e-10, atol=1e-12)
+
+
+def test_block_lanczos_float32_and_warns_without_convergence(A):
+    A32 = symmetric(SPECTRUM, dtype=torch.float32)
+    values, vectors = top_eigenvalues(A32, 3, block_size=3)
+    assert values.dtype == vectors.dtype == torch.float32
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(A).flip(0)[:3].float(), rtol=1e-5, atol=0)
+    op = CountingOperator(A)
+    with pytest.warns(RuntimeWarning, match="block Lanczos did not converge within max_iter=7"):
+        values, _ = top_eigenvalues(op, 3, max_iter=7, block_size=3)
+    assert values.shape == (3,) and sum(rows for rows, _ in op.calls) == 6
+
+
 @pytest.mark.parametrize("method", ["lanczos", "power"])
 def test_not_converging_warns(A, method):
     with pytest.warns(RuntimeWarning, match="did not converge within max_iter=4"):
@@ -462,6 +527,11 @@ def test_matrix_operator_rejects_a_wrong_vector_shape(A):
         (lambda A: top_eigenvalues(A, seed=-1), ValueError, "seed must be in"),
         (lambda A: top_eigenvalues(A, which="LA"), ValueError, "which must be one of 'largest', 'smallest'"),
         (lambda A: top_eigenvalues(A, which="magnitude", method="power"), ValueError, "needs method='lanczos'"),
+        (lambda A: top_eigenvalues(A, block_size=0), ValueError, "block_size must be >= 1"),
+        (lambda A: top_eigenvalues(A, block_size=2.0), TypeError, "block_size must be an int"),
+        (lambda A: top_eigenvalues(A, block_size=151), ValueError, "block_size must be <= n = 150"),
+        (lambda A: top_eigenvalues(A, block_size=2, method="power"), ValueError, "block_size=2 needs method="),
+        (lambda A: top_eigenvalues(A, 3, block_size=2, max_iter=3), ValueError, "in blocks of block_size=2 reach 2 vectors, fewer than k=3"),
         (lambda A: trace(A, num_probes=0), ValueError, "num_probes must be >= 1"),
         (lambda A: trace(A, num_probes=2, method="hutch++"), ValueError, "num_probes must be >= 3"),
         (lambda A: trace(A, method="xtrace"), ValueError, "method must be 'hutchinson' or 'hutch\\+\\+'"),
@@ -489,10 +559,11 @@ def test_bad_arguments(A, call, error, match):
         (lambda op: trace(op, num_probes=64, method="hutch++"), r"Hutch\+\+ basis vectors 0\.\.20"),
         (lambda op: diagonal(op, num_probes=64), r"diagonal probes 32\.\.63"),
         (lambda op: top_eigenvalues(op, 3), r"Lanczos iteration 1\b"),
+        (lambda op: top_eigenvalues(op, 3, block_size=2), r"block Lanczos iteration 1\b"),
         (lambda op: top_eigenvalues(op, 3, method="power"), r"power iteration 1 of eigenpair 0"),
         (lambda op: spectral_density(op, num_runs=2), r"spectral_density Lanczos iteration 1 of runs 0\.\.1"),
     ],
-    ids=["hutchinson", "hutch++", "diagonal", "lanczos", "power", "slq"],
+    ids=["hutchinson", "hutch++", "diagonal", "lanczos", "block-lanczos", "power", "slq"],
 )
 def test_non_finite_products_name_the_probe(A, call, match):
     with pytest.raises(RuntimeError, match=match) as info:
@@ -520,6 +591,9 @@ def test_estimators_on_device(device):
     values, vectors = top_eigenvalues(A, 3)
     assert values.device.type == vectors.device.type == device
     torch.testing.assert_close(values.cpu(), torch.linalg.eigvalsh(A.cpu()).flip(0)[:3], rtol=1e-6, atol=0)
+    block = top_eigenvalues(A, 3, block_size=2)  # krylov_dots over a basis broadcast along the block's rows
+    assert block.eigenvalues.device.type == device
+    torch.testing.assert_close(block.eigenvalues.cpu(), values.cpu(), rtol=1e-6, atol=0)
     # Probes are device-independent, so the estimates equal the CPU ones up to rounding.
     cpu = symmetric(SPECTRUM)
     assert trace(A, num_probes=20).estimate == pytest.approx(trace(cpu, num_probes=20).estimate, rel=1e-10)

@@ -5,9 +5,10 @@ bounds the mean over directions, for SGD); heavy-ball momentum β moves the limi
 "Gradient descent on neural networks typically occurs at the edge of stability"). The monitor records, every
 ``every`` steps, λ_max (Lanczos), the trace (Hutchinson or Hutch++, with its standard error), the learning rate and
 that stability limit, so a run's progressive sharpening and edge-of-stability phase can be read off its curves.
-The limit is the optimizer's (dampening, Nesterov; :mod:`.stability`). For Adam and AdamW it bounds the
-preconditioned Hessian P⁻¹H (P = diag(√v̂ + ε), Cohen et al. 2022), which the monitor then measures instead of H
-(records say ``preconditioned``).
+The limit is the optimizer's (dampening, Nesterov; :mod:`.stability`). For an adaptive method (Adam, AdamW,
+NAdam, RAdam, Adamax, RMSprop, Adagrad, AdaHessian, SophiaH) it bounds the preconditioned Hessian P⁻¹H (P the
+diagonal the method divides by, Adam's diag(√v̂ + ε); Cohen et al. 2022), which the monitor then measures instead
+of H (records say ``preconditioned``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from .._wrappers import unwrap_optimizer
-from .stability import ScaledOperator, adam_preconditioner, check_lr_from, is_adam, learning_rate_and_limit
+from .stability import ScaledOperator, check_lr_from, is_preconditioned, learning_rate_and_limit, preconditioner
 
 __all__ = ["SharpnessMonitor"]
 
@@ -51,9 +52,11 @@ class SharpnessMonitor:
             loss the model returns when called with the batch's labels; not with ``curvature="ggn"``).
         every: measure when ``step % every == 0``.
         lr_from: an optimizer (its first param group's ``lr`` and momentum settings give the limit: SGD's
-            momentum, dampening and Nesterov; Adam's and AdamW's beta1, whose limit is of the preconditioned
-            matrix P⁻¹H, P = diag(√v̂ + ε) from its state, which is then measured instead of H) or a number >= 0
-            (the learning rate of gradient descent). The table is in :mod:`optim.hessian.stability`. A framework's
+            momentum, dampening and Nesterov; for an adaptive method, Adam, AdamW, NAdam, RAdam, Adamax,
+            RMSprop, Adagrad (torch's), ``optim.AdamW``, ``optim.AdaHessian`` and ``optim.SophiaH``, the limit is
+            of the preconditioned matrix P⁻¹H, P the diagonal it divides the gradient by, read from its state
+            (Adam's √v̂ + ε), which is then measured instead of H) or a number >= 0 (the learning rate of gradient
+            descent). The table is in :mod:`optim.hessian.stability`. A framework's
             wrapper (Accelerate's ``AcceleratedOptimizer``, what the Hugging Face Trainer passes its callbacks) is
             read as the optimizer it wraps; an ``optim.Refactorizer``'s LR ramp on it counts (the lr of the next
             step).
@@ -207,7 +210,7 @@ class SharpnessMonitor:
         operator_class = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}[
             self.curvature]
 
-        preconditioned = is_adam(self.lr_from)
+        preconditioned = is_preconditioned(self.lr_from)
         was_training = self.model.training
         if self.eval_mode:
             self.model.eval()
@@ -217,8 +220,8 @@ class SharpnessMonitor:
                                       process_group=self.process_group, **options)
             measured = operator
             if preconditioned:  # P^(-1/2) C P^(-1/2): the eigenvalues and trace of P⁻¹C
-                measured = ScaledOperator(operator, adam_preconditioner(self.lr_from, operator.params, operator.names,
-                                                                         operator.dtype, operator.device))
+                measured = ScaledOperator(operator, preconditioner(self.lr_from, operator.params, operator.names,
+                                                                   operator.dtype, operator.device))
             eigenvalues, _ = top_eigenvalues(measured, k=self.top_k, tol=self.tol, max_iter=self.lanczos_iters,
                                              seed=self.seed + step)
             trace_estimate = trace_error = math.nan

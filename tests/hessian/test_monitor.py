@@ -136,6 +136,166 @@ def test_adam_limit_is_where_its_frozen_preconditioned_step_starts_to_diverge():
     assert _diverges(frozen_adam, 1.01 * limit * P)
 
 
+# torch's adaptive optimizers with their P frozen at ε: eps = 1 dwarfs √v of the tiny gradients of x₀ = 1e-8 (and
+# Adamax's u = max(β2 u, |g| + ε) stays ε), so the real optimizer is the frozen recurrence the limit is about.
+# 200 steps on a zero gradient first bring the step-dependent factors to the values of the steps that follow
+# (NAdam's Π of the μ, RAdam's rectification and bias corrections); momentum_decay = 0 keeps NAdam's μ constant.
+ADAPTIVE = {
+    "RMSprop": (torch.optim.RMSprop, dict()),
+    "RMSprop momentum": (torch.optim.RMSprop, dict(momentum=0.9)),
+    "RMSprop centered": (torch.optim.RMSprop, dict(momentum=0.5, centered=True)),
+    "Adagrad": (torch.optim.Adagrad, dict()),
+    "Adamax": (torch.optim.Adamax, dict(betas=(0.8, 0.99))),
+    "NAdam": (torch.optim.NAdam, dict(betas=(0.9, 0.99), momentum_decay=0.0)),
+    "RAdam": (torch.optim.RAdam, dict(betas=(0.9, 0.9))),
+}
+
+
+@pytest.mark.parametrize("name", list(ADAPTIVE))
+def test_adaptive_limit_is_where_the_real_optimizer_with_a_frozen_preconditioner_starts_to_diverge(name):
+    from optim.hessian.stability import learning_rate_and_limit
+
+    optimizer_class, settings = ADAPTIVE[name]
+    lr, x0 = 0.01, 1e-8
+
+    def diverges(curvature):
+        p = nn.Parameter(torch.tensor(x0, dtype=torch.float64))
+        optimizer = optimizer_class([p], lr=lr, eps=1.0, **settings)
+        for _ in range(200):
+            p.grad = torch.zeros_like(p)
+            optimizer.step()
+        if curvature is None:
+            return learning_rate_and_limit(optimizer)[1]
+        largest = 0.0
+        for _ in range(4000):
+            p.grad = curvature * p.detach().clone()
+            optimizer.step()
+            largest = max(largest, abs(p.item()))
+        # past the limit |x| grows until √v reaches ε and P grows with it (for good, in Adagrad's sum): the peak,
+        # not the end, tells
+        return largest > 100 * x0
+
+    limit = diverges(None)  # P = ε = 1: λ(P⁻¹H) is the curvature
+    assert not diverges(0.99 * limit)
+    assert diverges(1.01 * limit)
+
+
+def _inverse_p(name, group, state):
+    """1/P of the stability table for one parameter, read from the optimizer's state by hand (torch's update
+    formulas); 0 where the entry is left out."""
+    eps = group.get("eps", 0.0)
+    if name in ("NAdam", "RAdam"):
+        beta1, beta2 = group["betas"]
+        v, step = state["exp_avg_sq"], float(state["step"])
+        if name == "NAdam":
+            return ((v / (1 - beta2 ** step)).sqrt() + eps).reciprocal().masked_fill(v == 0, 0.0)
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = rho_inf - 2 * (step + 1) * beta2 ** (step + 1) / (1 - beta2 ** (step + 1))
+        if rho <= 5:  # the next step is unrectified: x ← x − η m̂
+            return torch.ones_like(v)
+        return (math.sqrt(1 - beta2 ** step) / (v.sqrt() + eps)).masked_fill(v == 0, 0.0)
+    if name == "Adamax":
+        return state["exp_inf"].reciprocal().masked_fill(state["exp_avg"] == 0, 0.0)
+    if name.startswith("RMSprop"):
+        v = state["square_avg"]
+        centered = v - state["grad_avg"] ** 2 if group["centered"] else v
+        return (centered.sqrt() + eps).reciprocal().masked_fill(v == 0, 0.0)
+    if name == "Adagrad":
+        return (state["sum"].sqrt() + eps).reciprocal().masked_fill(state["sum"] == 0, 0.0)
+    if name == "AdaHessian":
+        v, refreshes = state["exp_hessian_diag_sq"], float(state["hessian_step"])
+        p = (v / (1 - group["betas"][1] ** refreshes)).sqrt() ** group["hessian_power"] + eps
+        return p.reciprocal().masked_fill(v == 0, 0.0)
+    p = (group["rho"] * state["hessian"]).clamp(min=eps)  # SophiaH: its clipped entries are left out
+    return p.reciprocal().masked_fill(state["exp_avg"].abs() >= p, 0.0)
+
+
+MEASURED = {
+    "RMSprop centered": lambda groups: torch.optim.RMSprop(groups, momentum=0.5, centered=True, eps=1e-3),
+    "Adagrad": lambda groups: torch.optim.Adagrad(groups, lr_decay=0.1, eps=1e-3),
+    "Adamax": lambda groups: torch.optim.Adamax(groups, betas=(0.9, 0.95), eps=1e-3),
+    "NAdam": lambda groups: torch.optim.NAdam(groups, betas=(0.9, 0.95), eps=1e-3),
+    "RAdam": lambda groups: torch.optim.RAdam(groups, betas=(0.9, 0.9), eps=1e-3),
+    "AdaHessian": lambda groups: __import__("optim").AdaHessian(groups, betas=(0.9, 0.95), eps=1e-3,
+                                                                 hessian_power=0.5, seed=0),
+    "SophiaH": lambda groups: __import__("optim").SophiaH(groups, betas=(0.9, 0.95), rho=0.5, update_period=2,
+                                                           seed=0),
+}
+
+
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_with_an_adaptive_optimizer_the_monitor_measures_its_preconditioned_hessian(name):
+    # λ_max and the trace of P^(-1/2) H P^(-1/2), P read by hand from the state; P carries the ratio of each
+    # parameter's step size (its group's lr, Adagrad's decayed lr, RAdam's rectification) to param_groups[0]'s.
+    from optim.hessian.stability import learning_rate_and_limit
+
+    torch.manual_seed(0)
+    model, batch = small_problem()
+    first = [p for name_, p in model.named_parameters() if name_.startswith("0.")]
+    rest = [p for name_, p in model.named_parameters() if not name_.startswith("0.")]
+    optimizer = MEASURED[name]([{"params": first, "lr": 0.01}, {"params": rest, "lr": 0.004}])
+    second_order = name in ("AdaHessian", "SophiaH")
+    monitor = SharpnessMonitor(model, mse, lr_from=optimizer, probes=300, lanczos_iters=80, tol=1e-10)
+    with pytest.raises(ValueError, match="exists after its first"):
+        monitor.measure(0, batch)
+    for _ in range(10):
+        optimizer.zero_grad()
+        if second_order:
+            optimizer.step(lambda: mse(model(batch[0]), batch[1]))
+        else:
+            mse(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+    state = {p: {key: value.clone() for key, value in optimizer.state[p].items()} for p in model.parameters()}
+    record = monitor.measure(10, batch)
+    for p in model.parameters():  # the optimizer's state is read, never written
+        assert all(torch.equal(value, state[p][key]) for key, value in optimizer.state[p].items())
+    lr, limit = learning_rate_and_limit(optimizer)
+    group0_state = optimizer.state[first[0]]
+    rate0 = _step_rate_by_hand(name, optimizer.param_groups[0], group0_state)
+    scales = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            ratio = group["lr"] * _step_rate_by_hand(name, group, state) / (lr * rate0)
+            scales.append((_inverse_p(name, group, state) * ratio).reshape(-1))
+    inverse_p = torch.cat(scales).double()
+    if name == "SophiaH":
+        assert 0 < int((inverse_p == 0).sum()) < inverse_p.numel()  # some entries clipped, some not
+    root = inverse_p.sqrt()
+    expected = torch.linalg.eigvalsh(root[:, None] * exact_hessian(model, batch) * root[None, :])
+    assert record["preconditioned"] is True
+    assert record["lambda_max"] == pytest.approx(expected[-1].item(), rel=1e-6)
+    assert abs(record["trace"] - (inverse_p * exact_hessian(model, batch).diagonal()).sum().item()) <= \
+        4 * record["trace_std_error"]
+    assert record["stability_limit"] == pytest.approx(limit)
+    numerator = {"RMSprop centered": 2 + 2 * 0.5, "Adagrad": 2.0, "NAdam": 2.0}.get(name, 2 + 2 * 0.9)
+    assert limit == pytest.approx(numerator / (0.01 * rate0))
+
+
+def _step_rate_by_hand(name, group, state):
+    """The factor η is multiplied by in the limit's denominator: 1 − β1 for Adam's momentum, Adagrad's lr decay
+    of the next step, NAdam's (a(1 + β1) + b(1 − β1))/(1 + β1), RAdam's (1 − β1) times its rectification."""
+    step = float(state["step"])
+    if name.startswith("RMSprop"):
+        return 1.0
+    if name == "Adagrad":
+        return 1 / (1 + step * group["lr_decay"])
+    beta1 = group["betas"][0]
+    if name == "NAdam":
+        mu = lambda t: beta1 * (1 - 0.5 * 0.96 ** (t * group["momentum_decay"]))  # noqa: E731
+        product = float(state["mu_product"]) * mu(step + 1)
+        a = (1 - mu(step + 1)) / (1 - product)
+        b = mu(step + 2) / (1 - product * mu(step + 2))
+        return (a * (1 + beta1) + b * (1 - beta1)) / (1 + beta1)
+    if name == "RAdam":
+        beta2 = group["betas"][1]
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = rho_inf - 2 * (step + 1) * beta2 ** (step + 1) / (1 - beta2 ** (step + 1))
+        rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) if rho > 5 else 1
+        return (1 - beta1) * rect
+    return 1 - beta1
+
+
 @pytest.mark.parametrize("adam", ["torch.optim.AdamW", "optim.AdamW", "torch.optim.Adam amsgrad"])
 def test_with_adam_the_monitor_measures_the_preconditioned_hessian(adam):
     import optim

@@ -639,17 +639,31 @@ def with_decoder_inputs(model: nn.Module, inputs, labels: torch.Tensor):
 
 def model_arguments(model: nn.Module, inputs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of the model's call on a batch's inputs: a mapping whose keys all name parameters of
-    ``model.forward`` as keyword arguments (a Hugging Face batch: ``input_ids``, ``attention_mask``), anything else
-    as the one positional argument (a model whose ``forward(batch)`` reads a dict)."""
+    ``model.forward`` as keyword arguments (a Hugging Face batch: ``input_ids``, ``attention_mask``), a tuple or
+    list as the positional arguments when ``forward`` cannot take it as one but can take its elements
+    (``forward(self, x, mask)`` with inputs ``(x, mask)``), anything else as the one positional argument (a model
+    whose ``forward(batch)`` reads a dict)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read: positional, as before
+        return (inputs,), {}
     if isinstance(inputs, Mapping) and inputs:
-        try:
-            parameters = inspect.signature(model.forward).parameters.values()
-        except (TypeError, ValueError):  # no signature to read: positional, as before
-            parameters = ()
+        parameters = signature.parameters.values()
         named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if all(isinstance(key, str) and key in named for key in inputs):
             return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)) and len(inputs) > 1 and not _binds(signature, inputs) \
+            and _binds(signature, *inputs):
+        return tuple(inputs), {}
     return (inputs,), {}
+
+
+def _binds(signature: inspect.Signature, *args) -> bool:
+    try:
+        signature.bind(*args)
+    except TypeError:
+        return False
+    return True
 
 
 def forward_key(model: nn.Module, names: tuple[str, ...]) -> tuple:
@@ -725,8 +739,9 @@ class HessianOperator(CurvatureOperator):
             module docstring). A list or a ``DataLoader`` is iterated again at every product (a shuffling loader
             changes the order, not the average, unless it drops a last partial batch or augments randomly); a
             one-shot iterator (a generator) is stored as a list on construction. ``inputs`` is passed to the model
-            as its one positional argument, or, a mapping whose keys all name parameters of ``model.forward``, as
-            keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for a Hugging Face model);
+            as its one positional argument, or, a tuple whose elements ``model.forward`` takes (and not the tuple
+            itself), as its positional arguments, or, a mapping whose keys all name parameters of
+            ``model.forward``, as keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for a Hugging Face model);
             its tensors are moved to the parameters' device. A Hugging Face collator's batch, a mapping with a
             ``"labels"`` tensor (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, a ``BatchEncoding``),
             is the pair of its other entries and its labels. Batches with no rows are skipped.

@@ -476,6 +476,47 @@ def test_a_mapping_that_names_forwards_parameters_is_passed_as_keywords():
         HessianOperator(model, F.cross_entropy, ({"x": x, "y": z}, targets)) @ v
 
 
+def test_a_tuple_of_inputs_is_the_positional_arguments_of_a_forward_that_takes_several():
+    # forward(self, x, z) with inputs (x, z): the tuple was the one positional argument, and the call raised
+    # "missing 1 required positional argument: 'z'". A forward that can take the tuple as one argument still gets it.
+    from optim import EmpiricalFisherOperator, GGNOperator
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(2, 4).double()
+            self.head = nn.Linear(4, 2).double()
+
+        def forward(self, x, z):
+            return self.head(torch.tanh(self.a(x) + self.b(z)))
+
+    class PairInput(TwoInputs):
+        def forward(self, pair):
+            return super().forward(*pair)
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    targets = torch.randint(0, 2, (5,))
+    params = list(model.parameters())
+    g = torch.autograd.grad(F.cross_entropy(model(x, z), targets), params, create_graph=True)
+    for inputs in ((x, z), [x, z]):
+        H = HessianOperator(model, F.cross_entropy, (inputs, targets))
+        v = flat_random(H)
+        expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, H.unflatten(v),
+                                                                         retain_graph=True)])
+        assert relative_error(H @ v, expected) <= EXACT_RTOL
+        keywords = {"x": x, "z": z}
+        for operator in (GGNOperator, EmpiricalFisherOperator):
+            torch.testing.assert_close(operator(model, F.cross_entropy, (inputs, targets)) @ v,
+                                       operator(model, F.cross_entropy, (keywords, targets)) @ v, rtol=1e-12,
+                                       atol=1e-14)
+    pair = PairInput()
+    pair.load_state_dict(model.state_dict())
+    torch.testing.assert_close(HessianOperator(pair.eval(), F.cross_entropy, ((x, z), targets)) @ v, H @ v,
+                               rtol=1e-12, atol=1e-14)
+
+
 def test_captured_state_compares_bits():
     # Bits are compared, not values: a parameter holding NaN still matches its copy (NaN != NaN as values).
     from optim.hessian.operator import CapturedState

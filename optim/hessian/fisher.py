@@ -48,7 +48,7 @@ from .._library import without_autocast
 from .hvp import (OUTPUT_SPACE_BACKWARDS, CompiledOutputProducts, OutputsDoNotFit, Remembered, _elapsed_s,
                   _scalar_loss, _signature, batched_vjp, differentiable, per_probe, probes_loop)
 from .linear import transposed_products_unused
-from .losses import model_loss
+from .losses import model_loss, row_terms
 from .operator import CurvatureOperator, StateNotKept, as_pair, batch_inputs, batch_rows
 
 __all__ = ["EmpiricalFisherOperator", "DEFAULT_MAX_KEPT_BYTES"]
@@ -152,8 +152,20 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return self.n * self.params[0].element_size()
 
     def _batch_weight(self, targets: torch.Tensor) -> int:
-        # F averages g_i g_iᵀ over rows, each row's loss its own mean: a batch weighs its rows
-        return batch_rows(targets)
+        # F averages g_i g_iᵀ over rows, each row's loss its own mean: a batch weighs its rows, but for the rows
+        # with nothing to predict
+        terms = row_terms(self.loss_fn, targets)
+        return batch_rows(targets) if terms is None else int((terms > 0).sum())
+
+    def _measured_rows(self, inputs, targets):
+        # A row whose targets are all ignored (a prompt-only sequence, all its labels -100) has the one-row loss
+        # 0/0 and no part in the batch's loss, nor in its Hessian or GGN: it is left out of F as well.
+        terms = row_terms(self.loss_fn, targets)
+        if terms is None or bool((terms > 0).all()):
+            return inputs, targets
+        self._check_rows(inputs, targets, batch_rows(targets))
+        kept = (terms > 0).to(targets.device)
+        return tree_map(lambda t: t[kept.to(t.device)] if isinstance(t, torch.Tensor) else t, inputs), targets[kept]
 
     def _fits(self, rows: int) -> bool:
         return rows * self._row_bytes() <= self.max_kept_bytes
@@ -415,7 +427,8 @@ def _check_finite_rows(row_losses: torch.Tensor) -> None:
         raise ValueError(
             f"EmpiricalFisherOperator: a non-finite loss ({float(row_losses[bad])}) of row {bad} of the batch alone, "
             "so its per-sample gradient is undefined. A row with nothing to predict (every label -100, or a causal LM "
-            "row whose only label is at its first position) has the mean loss 0/0: leave such rows out of the batch; "
+            "row whose only label is at its first position) has the mean loss 0/0: leave such rows out of the batch (the operator leaves them out itself for "
+            "causal_lm_loss, F.cross_entropy, nn.CrossEntropyLoss and optim.hessian.cross_entropy as loss_fn); "
             "otherwise check the inputs and parameters for nan/inf, or the loss for log(0) and overflow")
 
 

@@ -17,7 +17,7 @@ import torch
 from .._library import without_autocast
 from ._ops import cross_entropy_hvp
 
-__all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy", "loss_terms", "model_loss"]
+__all__ = ["causal_lm_loss", "cross_entropy", "functional_cross_entropy", "loss_terms", "model_loss", "row_terms"]
 
 
 def _countable_on_host(target: torch.Tensor) -> bool:
@@ -350,13 +350,13 @@ def model_loss(output, labels=None) -> torch.Tensor:
     return loss
 
 
-def loss_terms(loss_fn, targets: torch.Tensor) -> float | None:
-    """The number of terms ``loss_fn``'s mean divides by on a batch with ``targets``, for the criteria whose mean
-    runs over counted targets rather than rows: the kept pairs of :func:`causal_lm_loss` (labels at t + 1 not -100),
-    the targets that are not -100 of :func:`cross_entropy`, ``F.cross_entropy`` and ``nn.CrossEntropyLoss`` (its
-    ``ignore_index``; with class weights, their sum over the kept targets, the mean's denominator) on class
-    indices. None for any other criterion (a wrapper, a sum, probabilities as targets, ``model_loss``): there the
-    batch's weight is its row count."""
+def _counted(loss_fn, targets: torch.Tensor) -> torch.Tensor | None:
+    """The weight each target has in ``loss_fn``'s mean (shaped like the targets it reads), for the criteria whose
+    mean runs over counted targets rather than rows: 1 for the kept pairs of :func:`causal_lm_loss` (labels at
+    t + 1 not -100) and for the targets that are not -100 of :func:`cross_entropy`, ``F.cross_entropy`` and
+    ``nn.CrossEntropyLoss`` (its ``ignore_index``; with class weights, the weight of each kept target, whose sum
+    is the mean's denominator) on class indices, 0 for the others. None for any other criterion (a wrapper, a
+    sum, probabilities as targets, ``model_loss``)."""
     from torch import nn
     import torch.nn.functional as F
 
@@ -364,12 +364,30 @@ def loss_terms(loss_fn, targets: torch.Tensor) -> float | None:
             or targets.dtype == torch.bool:
         return None
     if loss_fn is causal_lm_loss:
-        return float((targets[..., 1:] != -100).sum()) if targets.dim() >= 1 else None
+        return (targets[..., 1:] != -100).to(torch.float64) if targets.dim() >= 1 else None
     if loss_fn is cross_entropy or loss_fn is F.cross_entropy or loss_fn is functional_cross_entropy:
-        return float((targets != -100).sum())
+        return (targets != -100).to(torch.float64)
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean":
-        kept = targets[targets != loss_fn.ignore_index]
+        kept = targets != loss_fn.ignore_index
         if loss_fn.weight is None:
-            return float(kept.numel())
-        return float(loss_fn.weight.detach().to(torch.float64)[kept.to(loss_fn.weight.device)].sum())
+            return kept.to(torch.float64)
+        weight = loss_fn.weight.detach().to(device=targets.device, dtype=torch.float64)
+        return torch.where(kept, weight[targets.masked_fill(~kept, 0)], 0.0)
     return None
+
+
+def loss_terms(loss_fn, targets: torch.Tensor) -> float | None:
+    """The number of terms ``loss_fn``'s mean divides by on a batch with ``targets`` (:func:`_counted`'s sum: the
+    counted targets of a causal-LM or cross-entropy loss, or their class weights); None for other criteria, where
+    the batch's weight is its row count."""
+    counted = _counted(loss_fn, targets)
+    return None if counted is None else float(counted.sum())
+
+
+def row_terms(loss_fn, targets: torch.Tensor) -> torch.Tensor | None:
+    """(N,) float64: the terms of each row (dim 0) of ``targets`` in ``loss_fn``'s mean (:func:`_counted`), None
+    for other criteria or targets without rows. A row of 0 has a one-row loss 0/0: nothing to predict in it."""
+    counted = _counted(loss_fn, targets)
+    if counted is None or targets.dim() < (2 if loss_fn is causal_lm_loss else 1):
+        return None
+    return counted.flatten(1).sum(1) if counted.dim() > 1 else counted

@@ -516,7 +516,13 @@ class CurvatureOperator:
             if weight == 0:
                 continue
             targets = normal_tensor(targets.to(self.device, non_blocking=True))
-            yield with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets), targets, weight
+            yield *self._measured_rows(with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets),
+                                       targets), weight
+
+    def _measured_rows(self, inputs, targets):
+        """The rows of a batch the operator measures: all of them (the empirical Fisher leaves out the rows with
+        nothing to predict)."""
+        return inputs, targets
 
     def _batch_weight(self, targets: torch.Tensor) -> float:
         """``N_b``: the terms the criterion averages over (:func:`~optim.hessian.losses.loss_terms`: the counted

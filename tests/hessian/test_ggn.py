@@ -705,13 +705,48 @@ def test_fisher_refuses_what_has_no_per_sample_gradient():
     with pytest.raises(ValueError, match="targets must have a row dimension"):
         scalar @ random_flat(Fi)
     assert_unchanged(model, before)
-    # a sequence row with nothing to predict: its mean loss is 0/0 (the message spoke of "the Hessian")
+    # a sequence row with nothing to predict: its mean loss is 0/0 (the message spoke of "the Hessian"); a criterion
+    # the operator cannot read (a wrapper) leaves it to the caller
     sequences, seq_inputs, labels = sequence_problem()
     labels[1] = -100
     for options in (dict(), dict(reuse_graph=False), dict(max_kept_bytes=8)):
-        empty_row = EmpiricalFisherOperator(sequences, optim.hessian.cross_entropy, (seq_inputs, labels), **options)
+        empty_row = EmpiricalFisherOperator(sequences, lambda z, y: optim.hessian.cross_entropy(z, y),
+                                            (seq_inputs, labels), **options)
         with pytest.raises(ValueError, match=r"non-finite loss \(nan\) of row 1 of the batch alone.*every label -100"):
             empty_row @ random_flat(empty_row)
+
+
+class ClassesOnDim1(nn.Module):
+    def forward(self, z):
+        return z.transpose(1, 2)
+
+
+@pytest.mark.parametrize("criterion", ["optim cross_entropy", "F.cross_entropy", "nn.CrossEntropyLoss weights",
+                                       "causal_lm_loss"])
+def test_fisher_leaves_out_the_rows_with_nothing_to_predict(criterion):
+    # A row whose labels are all ignored (a prompt-only sequence) has no part in the batch's loss, nor in its Hessian
+    # or GGN; its one-row loss was 0/0 and the Fisher refused the batch. It is now left out: F is that of the other
+    # rows, whichever way the product takes, over one batch or several.
+    sequences, seq_inputs, labels = sequence_problem()
+    loss_fn = {"optim cross_entropy": optim.hessian.cross_entropy, "F.cross_entropy": F.cross_entropy,
+               "nn.CrossEntropyLoss weights": nn.CrossEntropyLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5),
+               "causal_lm_loss": optim.hessian.causal_lm_loss}[criterion]
+    if criterion in ("F.cross_entropy", "nn.CrossEntropyLoss weights"):  # on (N, C, T) scores
+        sequences = nn.Sequential(sequences, ClassesOnDim1())
+    labels[1] = -100
+    if criterion == "causal_lm_loss":
+        labels[2, 1:] = -100  # only its first label, which predicts nothing
+    kept = [i for i in range(labels.shape[0]) if i not in (1, 2)] if criterion == "causal_lm_loss" else \
+        [i for i in range(labels.shape[0]) if i != 1]
+    expected = EmpiricalFisherOperator(sequences, loss_fn, (seq_inputs[kept], labels[kept]))
+    v = random_flat(expected)
+    reference = expected @ v
+    for options in (dict(), dict(reuse_graph=False), dict(max_kept_bytes=8)):
+        fisher = EmpiricalFisherOperator(sequences, loss_fn, (seq_inputs, labels), **options)
+        torch.testing.assert_close(fisher @ v, reference, rtol=1e-10, atol=1e-14)
+    halves = [(seq_inputs[:2], labels[:2]), (seq_inputs[2:], labels[2:])]
+    torch.testing.assert_close(EmpiricalFisherOperator(sequences, loss_fn, halves) @ v, reference, rtol=1e-10,
+                               atol=1e-14)
 
 
 def test_exported():

@@ -79,12 +79,13 @@ def _eigenthings():
 
 def _curvlinops_hessian(case: Case):
     """A maker of curvlinops 3's ``HessianLinearOperator`` on the case's batch (its vmapped forward-over-reverse
-    product), or None when curvlinops is not installed."""
+    product), or None when curvlinops is not installed (or does not import: installed with ``--no-deps`` and
+    without the packages it imports, which the README lists)."""
     from .hvp import curvlinops_operators
 
-    import importlib.util
-
-    if importlib.util.find_spec("curvlinops") is None:
+    try:
+        import curvlinops  # noqa: F401
+    except ImportError:
         return None
     return lambda: curvlinops_operators(case)[0]
 

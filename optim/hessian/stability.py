@@ -9,8 +9,8 @@ value, the step is a fixed linear recurrence on P⁻¹H, so the limit is one for
 | ``lr_from`` | matrix | P | limit |
 |---|---|---|---|
 | a number η (gradient descent) | H | | 2/η |
-| ``torch.optim.SGD``, momentum β, dampening τ | H | | (2 + 2β) / (η(1 − τ)) |
-| ``torch.optim.SGD``, Nesterov momentum β | H | | (2 + 2β) / (η(1 + 2β)) |
+| ``torch.optim.SGD``, ``optim.RiemannianSGD``, momentum β, dampening τ | H | | (2 + 2β) / (η(1 − τ)) |
+| the same, Nesterov momentum β | H | | (2 + 2β) / (η(1 + 2β)) |
 | ``torch.optim.Adam``/``AdamW``, ``optim.AdamW``, betas (β1, β2) | P⁻¹H | √v̂ + ε | (2 + 2β1) / (η(1 − β1)) |
 | ``torch.optim.NAdam`` | P⁻¹H | √v̂ + ε | 2(1 + β1) / (η(a(1 + β1) + b(1 − β1))) |
 | ``torch.optim.RAdam`` (rectified steps) | P⁻¹H | (√v + ε)/√(1 − β2ᵗ) | (2 + 2β1) / (η r (1 − β1)) |
@@ -182,8 +182,10 @@ def _limit_settings(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
         momentum = _momentum(kind, group)
         numerator = 2.0 + 2.0 * momentum if kind != "nadam" else 2.0
         return numerator, _step_rate(kind, group, _first_state(optimizer))
+    from ..stiefel.optimizers import RiemannianSGD
+
     beta = _check_setting(group, "momentum", 0.0, None, "the limit is (2 + 2*momentum)/lr")
-    if isinstance(optimizer, torch.optim.SGD):
+    if isinstance(optimizer, (torch.optim.SGD, RiemannianSGD)):  # the same momentum, dampening and Nesterov
         if group.get("nesterov", False):
             return 2.0 + 2.0 * beta, 1.0 + 2.0 * beta
         dampening = _check_setting(group, "dampening", 0.0, 1.0, "the limit is (2 + 2*momentum)/(lr*(1 - dampening))")

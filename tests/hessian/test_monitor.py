@@ -109,14 +109,23 @@ def _torch_step(optimizer_class, **settings):
 
 @pytest.mark.parametrize("settings", [dict(), dict(momentum=0.9), dict(momentum=0.8, dampening=0.5),
                                       dict(momentum=0.9, nesterov=True), dict(momentum=0.5, nesterov=True)])
-def test_sgd_limit_is_where_torchs_sgd_starts_to_diverge(settings):
-    # The oracle is torch.optim.SGD itself on a quadratic: stable just below the recorded limit, divergent above.
+@pytest.mark.parametrize("sgd", ["torch.optim.SGD", "optim.RiemannianSGD"])
+def test_sgd_limit_is_where_torchs_sgd_starts_to_diverge(settings, sgd):
+    # The oracle is the optimizer itself on a quadratic: stable just below the recorded limit, divergent above.
+    # optim.RiemannianSGD on an unconstrained group is SGD's recurrence (its limit was heavy ball's, 2 + 2β over η).
+    import optim
+
+    if sgd == "torch.optim.SGD":
+        make = torch.optim.SGD
+    else:
+        def make(params, **options):
+            return optim.RiemannianSGD([{"params": list(params), "manifold": None}], **options)
     model, _ = small_problem()
     lr = 0.1
-    limit = SharpnessMonitor(model, mse, lr_from=torch.optim.SGD(model.parameters(), lr=lr, **settings)
+    limit = SharpnessMonitor(model, mse, lr_from=make(model.parameters(), lr=lr, **settings)
                              ).learning_rate_and_limit()[1]
-    assert not _diverges(_torch_step(torch.optim.SGD, lr=lr, **settings), 0.99 * limit)
-    assert _diverges(_torch_step(torch.optim.SGD, lr=lr, **settings), 1.01 * limit)
+    assert not _diverges(_torch_step(make, lr=lr, **settings), 0.99 * limit)
+    assert _diverges(_torch_step(make, lr=lr, **settings), 1.01 * limit)
 
 
 def test_adam_limit_is_where_its_frozen_preconditioned_step_starts_to_diverge():

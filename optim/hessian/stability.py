@@ -21,23 +21,23 @@ value, the step is a fixed linear recurrence on P⁻¹H, so the limit is one for
 | ``optim.SophiaH`` (unclipped entries) | P⁻¹H | max(ρh, ε) | (2 + 2β1) / (η(1 − β1)) |
 | any other optimizer with ``lr`` (and ``momentum``) | H | | (2 + 2β)/η, a reference only |
 
-η, β, τ are those of ``param_groups[0]``; η is the lr the next step takes, the group's times the recovery factor
-of an ``optim.Refactorizer`` on the optimizer while its LR ramp runs (it scales every group's lr inside the step).
-The SGD rows come from the recurrence's characteristic polynomial at −1 (heavy ball: x ← x − η b,
-b ← βb + (1 − τ)g; Nesterov: x ← x − η(g + βb)). The adaptive rows likewise, with g = Hx and P frozen: Adam's
-first moment m ← β1 m + (1 − β1) g is heavy ball with dampening β1 on P⁻¹H, RMSprop's momentum buffer heavy ball
-without. NAdam's step η(a g + b m)/P takes a = (1 − μ_{t+1})/(1 − Π_{t+1}) and b = μ_{t+2}/(1 − Π_{t+1}μ_{t+2})
-(μ its momentum schedule, Π the product of the μ so far) of the next step t + 1; RAdam's the rectification r of
-the next step (its first steps, while ρ_t ≤ 5, are unrectified SGD with Adam's momentum: P = 1 and r = 1 there);
-Adagrad's the decayed lr η/(1 + tδ) of the next step (t steps taken). v̂ = v/(1 − β2^t) is the bias-corrected second moment
-(``max_exp_avg_sq`` with ``amsgrad``; AdaHessian's counts its curvature refreshes); the first moment's bias
-correction, which tends to 1, and decoupled weight decay (a contraction of η·λ per step) are left out, as in Cohen
-et al. 2022. Left out too (their entries of P⁻¹ are 0) are the entries no gradient has reached (v exactly 0, such
-as embedding rows of unseen tokens: their first gradient resets P there), the moments reset since the last step
-(an ``optim.Refactorizer``'s reset, in place or pending in ``optim.AdamW``), and SophiaH's clipped entries, which
-move by ±η whatever H is. A parameter whose group (or whose own step count) gives it another step size steps as
-if its P were scaled by the ratio, so P carries that factor too. P⁻¹H is measured as its symmetric similar matrix
-P^(-1/2) H P^(-1/2) (:class:`ScaledOperator`): the same eigenvalues and trace.
+η, β, τ are those of ``param_groups[0]``; η is the lr the next step takes, the group's times the recovery factor of
+an ``optim.Refactorizer`` on the optimizer while its LR ramp runs (it scales every group's lr inside the step). The
+SGD rows come from the recurrence's characteristic polynomial at −1 (heavy ball: x ← x − η b, b ← βb + (1 − τ)g;
+Nesterov: x ← x − η(g + βb)). The adaptive rows likewise, with g = Hx and P frozen: Adam's first moment m ← β1 m +
+(1 − β1) g is heavy ball with dampening β1 on P⁻¹H, RMSprop's momentum buffer heavy ball without. NAdam's step η(a g
++ b m)/P takes a = (1 − μ_{t+1})/(1 − Π_{t+1}) and b = μ_{t+2}/(1 − Π_{t+1}μ_{t+2}) (μ its momentum schedule, Π the
+product of the μ so far) of the next step t + 1; RAdam's the rectification r of the next step (its first steps,
+while ρ_t ≤ 5, are unrectified SGD with Adam's momentum: P = 1 and r = 1 there); Adagrad's the decayed lr η/(1 + tδ)
+of the next step (t steps taken). v̂ = v/(1 − β2^t) is the bias-corrected second moment (``max_exp_avg_sq`` with
+``amsgrad``; AdaHessian's counts its curvature refreshes); the first moment's bias correction, which tends to 1, and
+decoupled weight decay (a contraction of η·λ per step) are left out, as in Cohen et al. 2022. Left out too (their
+entries of P⁻¹ are 0) are the entries no gradient has reached (v exactly 0, such as embedding rows of unseen tokens,
+or whole parameters without state, an unused head: their first gradient resets P there), the moments reset since the
+last step (an ``optim.Refactorizer``'s reset, in place or pending in ``optim.AdamW``), and SophiaH's clipped
+entries, which move by ±η whatever H is. A parameter whose group (or whose own step count) gives it another step
+size steps as if its P were scaled by the ratio, so P carries that factor too. P⁻¹H is measured as its symmetric
+similar matrix P^(-1/2) H P^(-1/2) (:class:`ScaledOperator`): the same eigenvalues and trace.
 """
 
 from __future__ import annotations
@@ -261,9 +261,9 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
                    dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The flat (n,) diagonal of P^(-1/2) over ``params`` (in order) for an adaptive ``optimizer`` of the table,
     P_i carrying the ratio of parameter i's step size to param_groups[0]'s (``(η_g·rate_i)/(η·rate_0)``): see the
-    module docstring. Raises ValueError naming the parameter when it is not in ``optimizer`` or has no
-    preconditioner yet (before its first step), or when its group's β1 (RMSprop: momentum) is not
-    param_groups[0]'s (no single limit then)."""
+    module docstring. Raises ValueError naming the parameter when it is not in ``optimizer``, when there is no
+    preconditioner yet (before the optimizer's first step; a parameter no gradient has reached since is left out),
+    or when its group's β1 (RMSprop: momentum) is not param_groups[0]'s (no single limit then)."""
     kind = _adaptive_kind(optimizer)
     owner = type(optimizer).__name__
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -285,11 +285,15 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
                              f"is one number for one {setting}: restrict the measurement to one group with "
                              "param_filter")
         state = optimizer.state.get(p, {})
-        stepped = stepped or bool(_count(state, "step"))
+        # Adagrad's state exists from the start, with step 0 and no gradient in it
+        stepped = stepped or (bool(state) and (kind != "adagrad" or bool(_count(state, "step"))))
         pending = state.get(RESET_KEY)
-        if isinstance(pending, torch.Tensor) and bool(pending):
-            # optim.AdamW restarts these moments inside its next step (a Refactorizer's reset): left out, as the
-            # zeroed moments of an in-place reset are (v = 0 below)
+        if not state or (isinstance(pending, torch.Tensor) and bool(pending)):
+            # No state: no gradient has reached the parameter (an unused head, an expert never routed to); its first
+            # one starts P there, as for an entry with v = 0. Before the optimizer's first step nothing has state:
+            # that is refused below.
+            # A pending reset: optim.AdamW restarts these moments inside its next step (a Refactorizer's reset).
+            # Both are left out, as the zeroed moments of an in-place reset are (v = 0 below).
             pieces.append(torch.zeros(p.numel(), dtype=torch.float64, device=device))
             continue
         denominator, left_out = _denominator(kind, group, state, name, owner, device)
@@ -303,7 +307,7 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
         if left_out is not None:
             inverse_root.masked_fill_(left_out, 0.0)
         pieces.append(inverse_root.reshape(-1))
-    if names and not stepped:  # Adagrad's state exists from the start, with step 0 and no gradient in it
+    if names and not stepped:
         _state_tensor({}, "step", names[0], owner)
     return torch.cat(pieces).to(dtype) if pieces else torch.empty(0, dtype=dtype, device=device)
 

@@ -281,6 +281,41 @@ def test_with_an_adaptive_optimizer_the_monitor_measures_its_preconditioned_hess
     assert limit == pytest.approx(numerator / (0.01 * rate0))
 
 
+@pytest.mark.parametrize("name", ["Adam", "optim.AdamW"] + list(MEASURED))
+def test_a_parameter_no_gradient_has_reached_is_left_out_of_the_preconditioner(name):
+    # An unused head (or an expert never routed to) has no optimizer state: the monitor refused every measurement
+    # ("no 'exp_avg_sq' for parameter 'unused.weight' yet"). It is left out, as entries with v = 0 are: the record
+    # is that of the measurement without it.
+    import optim
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = small_problem()[0], nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model, (_, batch) = WithUnused(), small_problem()
+    make = {"Adam": lambda groups: torch.optim.Adam(groups, lr=0.01),
+            "optim.AdamW": lambda groups: optim.AdamW(groups, lr=0.01), **MEASURED}[name]
+    optimizer = make([{"params": list(model.parameters()), "lr": 0.01}])
+    for _ in range(3):
+        optimizer.zero_grad()
+        if name in ("AdaHessian", "SophiaH"):
+            optimizer.step(lambda: mse(model(batch[0]), batch[1]))
+        else:
+            mse(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+    assert not optimizer.state.get(model.unused.weight) or name == "Adagrad"
+    options = dict(probes=0, lanczos_iters=80, tol=1e-10)  # (the trace's probes would differ with n)
+    record = SharpnessMonitor(model, mse, lr_from=optimizer, **options).measure(3, batch)
+    used = SharpnessMonitor(model, mse, lr_from=optimizer, param_filter=lambda n, p: n.startswith("net."),
+                            **options).measure(3, batch)
+    assert record["preconditioned"] and record["lambda_max"] == pytest.approx(used["lambda_max"], rel=1e-8)
+
+
 def _step_rate_by_hand(name, group, state):
     """The factor η is multiplied by in the limit's denominator: 1 − β1 for Adam's momentum, Adagrad's lr decay
     of the next step, NAdam's (a(1 + β1) + b(1 − β1))/(1 + β1), RAdam's (1 − β1) times its rectification."""

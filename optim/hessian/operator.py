@@ -747,8 +747,8 @@ class HessianOperator(CurvatureOperator):
             one-shot iterator (a generator) is stored as a list on construction. ``inputs`` is passed to the model
             as its one positional argument, or, a tuple whose elements ``model.forward`` takes (and not the tuple
             itself), as its positional arguments, or, a mapping whose keys all name parameters of
-            ``model.forward``, as keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for a Hugging Face model);
-            its tensors are moved to the parameters' device. A Hugging Face collator's batch, a mapping with a
+            ``model.forward``, as keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for
+            a Hugging Face model); its tensors are moved to the parameters' device. A Hugging Face collator's batch, a mapping with a
             ``"labels"`` tensor (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, a ``BatchEncoding``),
             is the pair of its other entries and its labels. Batches with no rows are skipped.
         param_filter: ``param_filter(name, param) -> bool`` picks the parameters in scope among

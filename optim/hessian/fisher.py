@@ -429,7 +429,8 @@ def _check_finite_rows(row_losses: torch.Tensor) -> None:
             "so its per-sample gradient is undefined. A row with nothing to predict (every label -100, or a causal LM "
             "row whose only label is at its first position) has the mean loss 0/0: leave such rows out of the batch "
             "(the operator leaves them out itself for causal_lm_loss, F.cross_entropy, nn.CrossEntropyLoss and "
-            "optim.hessian.cross_entropy as loss_fn); otherwise check the inputs and parameters for nan/inf, or the loss for log(0) and overflow")
+            "optim.hessian.cross_entropy as loss_fn); otherwise check the inputs and parameters for nan/inf, or the "
+            "loss for log(0) and overflow")
 
 
 def _row_aligned(output, rows: int) -> bool:

@@ -748,9 +748,10 @@ class HessianOperator(CurvatureOperator):
             as its one positional argument, or, a tuple whose elements ``model.forward`` takes (and not the tuple
             itself), as its positional arguments, or, a mapping whose keys all name parameters of
             ``model.forward``, as keyword arguments (``({"input_ids": ids, "attention_mask": mask}, labels)`` for
-            a Hugging Face model); its tensors are moved to the parameters' device. A Hugging Face collator's batch, a mapping with a
-            ``"labels"`` tensor (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, a ``BatchEncoding``),
-            is the pair of its other entries and its labels. Batches with no rows are skipped.
+            a Hugging Face model); its tensors are moved to the parameters' device. A Hugging Face collator's
+            batch, a mapping with a ``"labels"`` tensor (``{"input_ids": ..., "attention_mask": ..., "labels":
+            ...}``, a ``BatchEncoding``), is the pair of its other entries and its labels. Batches with no rows are
+            skipped.
         param_filter: ``param_filter(name, param) -> bool`` picks the parameters in scope among
             ``model.named_parameters()`` that require grad (e.g. one layer, for a per-layer Hessian); the others are
             held fixed at their current values. Default: every parameter that requires grad.

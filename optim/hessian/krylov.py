@@ -86,19 +86,27 @@ def _orthogonalize(basis: Tensor, w: Tensor) -> Tensor:
     an error proportional to the loss of orthogonality, which matters only when the pass removed most of w; a
     second pass ("twice is enough", Giraud et al. 2005) runs when ‖w‖ fell below 1/√2 of its value in some row.
     """
+    return _orthogonalize_with_coefficients(basis, w)[0]
+
+
+def _orthogonalize_with_coefficients(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_orthogonalize`, and the float64 coefficients (B, m) of w on the basis rows it removed (both passes
+    summed): block Lanczos reads T's entries from them."""
     if basis.shape[1] == 0:
-        return w
+        return w, torch.zeros(w.shape[0], 0, dtype=torch.float64, device=w.device)
     before = _norm64(w)
-    w = _project_out(basis, w)
+    w, c = _project_out(basis, w)
     if not bool((_norm64(w) >= _DGKS_ETA * before).all()):
-        w = _project_out(basis, w)
-    return w
+        w, again = _project_out(basis, w)
+        c = c + again
+    return w, c
 
 
-def _project_out(basis: Tensor, w: Tensor) -> Tensor:
-    """One classical Gram-Schmidt pass: w − cᵀ·basis with c = basis·w in float64, the update as one baddbmm."""
-    c = _basis_dots64(basis, w).to(w.dtype)
-    return torch.baddbmm(w.unsqueeze(1), c.unsqueeze(1), basis, alpha=-1).squeeze(1)
+def _project_out(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """One classical Gram-Schmidt pass: w − cᵀ·basis with c = basis·w in float64 (also returned), the update as one
+    baddbmm."""
+    c = _basis_dots64(basis, w)
+    return torch.baddbmm(w.unsqueeze(1), c.to(w.dtype).unsqueeze(1), basis, alpha=-1).squeeze(1), c
 
 
 # DGKS threshold: reorthogonalize again when one pass kept less than 1/√2 of ‖w‖.
@@ -244,9 +252,14 @@ def _ritz(
     theta, S = torch.linalg.eigh(_tridiagonal(alphas, betas))
     top = _wanted(theta, k, which)
     residuals = (betas[-1] * S[-1, top]).abs()
-    # tol·|θ| cannot be met below the rounding level of H@v (~eps·‖H‖), e.g. for an eigenvalue at 0.
-    bounds = torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
+    bounds = _residual_bounds(theta, top, tol, eps)
     return theta, S, top, residuals / bounds, bool((residuals <= bounds).all())
+
+
+def _residual_bounds(theta: Tensor, top: Tensor, tol: float, eps: float) -> Tensor:
+    """The residual each wanted Ritz value θ must reach: tol·|θ|, which cannot be met below the rounding level of
+    H@v (~eps·‖H‖), e.g. for an eigenvalue at 0."""
+    return torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
 
 
 def lanczos_top(
@@ -293,23 +306,6 @@ def lanczos_top(
     return theta[top], vectors
 
 
-def _block_project_out(basis: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-    """W (b, n) minus its projection on the orthonormal rows of ``basis`` (M, n), and the float64 coefficients
-    ``C[r, i] = basis[i] · W[r]`` (b, M) it removed: one ``optim::krylov_dots`` (basis broadcast over the rows of W,
-    not copied) and one GEMM; a second pass (DGKS, as :func:`_orthogonalize`) where a row lost most of its norm."""
-    if basis.shape[0] == 0:
-        return W, W.new_zeros(W.shape[0], 0, dtype=torch.float64)
-    before = _norm64(W)
-    rows = basis.unsqueeze(0).expand(W.shape[0], *basis.shape)
-    C = krylov_dots(rows, W)
-    W = torch.addmm(W, C.to(W.dtype), basis, alpha=-1)
-    if not bool((_norm64(W) >= _DGKS_ETA * before).all()):
-        again = krylov_dots(rows, W)
-        W = torch.addmm(W, again.to(W.dtype), basis, alpha=-1)
-        C = C + again
-    return W, C
-
-
 def _orthonormal_block(basis: Tensor, M: int, W: Tensor, draw: Draw, floor: float) -> tuple[int, Tensor, Tensor]:
     """The next block of a block Lanczos from W (b, n): b' rows orthonormal to ``basis[:M]`` and to each other,
     written to ``basis[M : M + b']`` (which must have room for b rows, or for all of Rⁿ), the float64 coefficients
@@ -325,15 +321,15 @@ def _orthonormal_block(basis: Tensor, M: int, W: Tensor, draw: Draw, floor: floa
     C = torch.zeros(b, M, dtype=torch.float64)
     L = torch.zeros(b, b, dtype=torch.float64)
     for r in range(b):
-        w, c = _block_project_out(basis[:written], W[r : r + 1])
-        C[r], L[r, : written - M] = c[0, :M], c[0, M:]
+        w, c = _orthogonalize_with_coefficients(basis[:written].unsqueeze(0), W[r : r + 1])
+        C[r], L[r, : written - M] = c[0, :M].cpu(), c[0, M:].cpu()
         if written == n:
             continue  # the basis is all of Rⁿ: the remainder is rounding
         norm = _norm64(w).item()
         if norm > floor:
             L[r, written - M] = norm
         else:
-            w, _ = _block_project_out(basis[:written], draw())
+            w = _orthogonalize(basis[:written].unsqueeze(0), draw())
             norm = _norm64(w).item()
             if norm <= math.sqrt(torch.finfo(W.dtype).eps):
                 continue
@@ -397,7 +393,7 @@ def block_lanczos_top(
             theta, S = torch.linalg.eigh(T[:count, :count])
             top = _wanted(theta, k, which)
             residuals = torch.linalg.vector_norm(L.T @ S[lo:count, top], dim=0)
-            bounds = torch.clamp(tol * theta[top].abs(), min=10 * eps * theta.abs().max().item())
+            bounds = _residual_bounds(theta, top, tol, eps)
             ratio = residuals / bounds
             ok = bool((residuals <= bounds).all())
             if ok or count == n:

@@ -157,12 +157,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         terms = row_terms(self.loss_fn, targets)
         return batch_rows(targets) if terms is None else int((terms > 0).sum())
 
-    def _measured_rows(self, inputs, targets):
+    def _measured_rows(self, inputs, targets, weight: int):
         # A row whose targets are all ignored (a prompt-only sequence, all its labels -100) has the one-row loss
-        # 0/0 and no part in the batch's loss, nor in its Hessian or GGN: it is left out of F as well.
-        terms = row_terms(self.loss_fn, targets)
-        if terms is None or bool((terms > 0).all()):
+        # 0/0 and no part in the batch's loss, nor in its Hessian or GGN: it is left out of F as well. The weight
+        # counts the other rows, so a batch without such rows is known from it.
+        if weight == batch_rows(targets):
             return inputs, targets
+        terms = row_terms(self.loss_fn, targets)
         self._check_rows(inputs, targets, batch_rows(targets))
         kept = (terms > 0).to(targets.device)
         return tree_map(lambda t: t[kept.to(t.device)] if isinstance(t, torch.Tensor) else t, inputs), targets[kept]

@@ -56,10 +56,9 @@ class SharpnessMonitor:
             RMSprop, Adagrad (torch's), ``optim.AdamW``, ``optim.AdaHessian`` and ``optim.SophiaH``, the limit is
             of the preconditioned matrix P⁻¹H, P the diagonal it divides the gradient by, read from its state
             (Adam's √v̂ + ε), which is then measured instead of H) or a number >= 0 (the learning rate of gradient
-            descent). The table is in :mod:`optim.hessian.stability`. A framework's
-            wrapper (Accelerate's ``AcceleratedOptimizer``, what the Hugging Face Trainer passes its callbacks) is
-            read as the optimizer it wraps; an ``optim.Refactorizer``'s LR ramp on it counts (the lr of the next
-            step).
+            descent). The table is in :mod:`optim.hessian.stability`. A framework's wrapper (Accelerate's
+            ``AcceleratedOptimizer``, what the Hugging Face Trainer passes its callbacks) is read as the optimizer it
+            wraps; an ``optim.Refactorizer``'s LR ramp on it counts (the lr of the next step).
         probes: Hutchinson probes for the trace (0 skips the trace).
         top_k: eigenvalues to compute (λ_max is the first); ``lanczos_iters`` bounds the Hessian-vector products.
         eval_mode: measure with ``model.eval()`` (deterministic: dropout off, BatchNorm running stats), restoring the

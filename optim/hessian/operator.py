@@ -517,11 +517,11 @@ class CurvatureOperator:
                 continue
             targets = normal_tensor(targets.to(self.device, non_blocking=True))
             yield *self._measured_rows(with_decoder_inputs(self.model, batch_inputs(inputs, self.device), targets),
-                                       targets), weight
+                                       targets, weight), weight
 
-    def _measured_rows(self, inputs, targets):
-        """The rows of a batch the operator measures: all of them (the empirical Fisher leaves out the rows with
-        nothing to predict)."""
+    def _measured_rows(self, inputs, targets, weight: float):
+        """The rows of a batch (of ``weight``, :meth:`_batch_weight`) the operator measures: all of them (the
+        empirical Fisher leaves out the rows with nothing to predict)."""
         return inputs, targets
 
     def _batch_weight(self, targets: torch.Tensor) -> float:
